@@ -1,0 +1,256 @@
+"""Pieces shared by the denoising pipelines: prompt encoding, noise, the loop, decoding.
+
+Each helper reproduces the corresponding step of diffusers' reference pipelines operation for
+operation (same tokenisation, same order of random draws from one CPU generator, same guidance
+formula), which is what lets the pipelines match diffusers to float precision.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import PIL.Image
+import torch
+
+from engine.components import Components
+
+
+class Cancelled(RuntimeError):
+    """The caller asked to stop; raised between denoising steps."""
+
+
+@dataclass
+class RunControl:
+    """Hooks a caller passes into a pipeline run."""
+
+    on_step: Callable[[int, int], None] | None = None
+    """Called with (steps done, total steps) after every UNet step."""
+    is_cancelled: Callable[[], bool] | None = None
+    """Polled before every UNet step; True stops the run with ``Cancelled``."""
+
+    def step_done(self, done: int, total: int) -> None:
+        if self.on_step is not None:
+            self.on_step(done, total)
+
+    def check(self) -> None:
+        if self.is_cancelled is not None and self.is_cancelled():
+            raise Cancelled("cancelled")
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray
+    """float32 [N, H, W, 3] in [0, 1] (diffusers' ``output_type="np"``)."""
+    seed: int
+    steps: int
+    """UNet evaluations run (one per scheduler timestep; a CFG pair counts once)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage: encode_text, encode_image, denoise, decode, total."""
+
+    def to_uint8(self) -> np.ndarray:
+        return to_uint8(self.images)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    # Same rounding as diffusers' numpy_to_pil: (x * 255).round()
+    return (images * 255).round().astype(np.uint8)
+
+
+class StageTimer:
+    """Wall-clock per stage, synchronising the device so GPU work is attributed correctly."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.timings: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                timer._sync()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer._sync()
+                timer.timings[name] = timer.timings.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Stage()
+
+    def finish(self) -> dict[str, float]:
+        self._sync()
+        self.timings["total"] = time.perf_counter() - self._start
+        return self.timings
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """One CPU generator per request: the noise is the same on every device and runtime."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def check_size(width: int, height: int, multiple: int) -> None:
+    if width % multiple or height % multiple:
+        raise ValueError(f"width and height must be multiples of {multiple}, got {width}x{height}")
+
+
+# -- text -----------------------------------------------------------------------------------------
+
+def tokenize(components: Components, index: int, texts: list[str], max_length: int | None = None) -> torch.Tensor:
+    tok = components.tokenizer(index)
+    return tok(
+        texts,
+        padding="max_length",
+        max_length=max_length or tok.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+@dataclass
+class PromptEmbeds:
+    """Conditioning for the UNet, already arranged as [uncond × N, cond × N] under CFG."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+def encode_prompt_sd15(components: Components, prompt: str, negative_prompt: str | None,
+                       num_images: int, guidance: bool) -> PromptEmbeds:
+    """CLIP last hidden state of the prompt (and of the negative prompt or "" under CFG)."""
+    cond = components.text_encoder(0, tokenize(components, 0, [prompt])).last_hidden_state
+    embeds = cond.repeat_interleave(num_images, dim=0)
+    if guidance:
+        ids = tokenize(components, 0, [negative_prompt or ""], max_length=cond.shape[1])
+        uncond = components.text_encoder(0, ids).last_hidden_state
+        embeds = torch.cat([uncond.repeat_interleave(num_images, dim=0), embeds])
+    return PromptEmbeds(hidden=embeds)
+
+
+def encode_prompt_sdxl(components: Components, prompt: str, negative_prompt: str | None,
+                       num_images: int, guidance: bool) -> PromptEmbeds:
+    """Both encoders' penultimate hidden states concatenated, plus the second encoder's pooled embeds.
+
+    With no negative prompt and ``force_zeros_for_empty_prompt`` (SDXL's default), the
+    unconditional embeddings are zeros rather than the encoding of "".
+    """
+
+    def encode(text: str, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = [], None
+        for i in range(components.config.num_text_encoders):
+            out = components.text_encoder(i, tokenize(components, i, [text], max_length))
+            hidden.append(out.penultimate_hidden_state)
+            pooled = out.pooled  # the last encoder's projection is the pooled conditioning
+        return torch.cat(hidden, dim=-1), pooled
+
+    hidden, pooled = encode(prompt)
+    hidden, pooled = hidden.repeat_interleave(num_images, 0), pooled.repeat_interleave(num_images, 0)
+    if guidance:
+        if negative_prompt is None and components.config.force_zeros_for_empty_prompt:
+            neg_hidden, neg_pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+        else:
+            neg_hidden, neg_pooled = encode(negative_prompt or "", max_length=hidden.shape[1])
+            neg_hidden = neg_hidden.repeat_interleave(num_images, 0)
+            neg_pooled = neg_pooled.repeat_interleave(num_images, 0)
+        hidden, pooled = torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled])
+    return PromptEmbeds(hidden=hidden, pooled=pooled)
+
+
+def sdxl_time_ids(components: Components, width: int, height: int, batch: int) -> torch.Tensor:
+    """SDXL micro-conditioning: (original size, crop top-left, target size), no crop."""
+    ids = [height, width, 0, 0, height, width]
+    cfg = components.config
+    if cfg.addition_time_embed_dim is None:
+        raise ValueError("checkpoint UNet has no addition_time_embed_dim; not an SDXL checkpoint")
+    return torch.tensor([ids], dtype=torch.float32).repeat(batch, 1)
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+def image_to_tensor(image: PIL.Image.Image | np.ndarray, width: int, height: int) -> torch.Tensor:
+    """RGB uint8 image -> [1, 3, H, W] float in [-1, 1], resized to (width, height) if needed."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ValueError(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
+        image = PIL.Image.fromarray(image)
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), PIL.Image.Resampling.LANCZOS)
+    array = np.asarray(image).astype(np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def sample_latent_dist(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw from the VAE posterior N(mean, exp(logvar)) as diffusers' DiagonalGaussianDistribution does."""
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+    return mean + std * randn(tuple(mean.shape), generator).to(mean.device)
+
+
+def decode_latents(components: Components, latents: torch.Tensor) -> np.ndarray:
+    cfg = components.config
+    if cfg.vae_latents_mean is not None and cfg.vae_latents_std is not None:
+        c = cfg.latent_channels
+        mean = torch.tensor(cfg.vae_latents_mean).view(1, c, 1, 1).to(latents)
+        std = torch.tensor(cfg.vae_latents_std).view(1, c, 1, 1).to(latents)
+        latents = latents * std / cfg.vae_scaling_factor + mean
+    else:
+        latents = latents / cfg.vae_scaling_factor
+    image = components.vae_decode(latents)
+    image = (image * 0.5 + 0.5).clamp(0, 1)
+    return image.cpu().permute(0, 2, 3, 1).float().numpy()
+
+
+# -- denoising -------------------------------------------------------------------------------------
+
+def step_kwargs(scheduler, generator: torch.Generator, eta: float = 0.0) -> dict:
+    """``eta`` and ``generator`` only for schedulers whose ``step`` accepts them (as diffusers does)."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def denoise(
+    components: Components,
+    scheduler,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeds: PromptEmbeds,
+    guidance_scale: float,
+    generator: torch.Generator,
+    control: RunControl,
+    time_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The denoising loop: scale input, UNet, classifier-free guidance, scheduler step."""
+    guidance = guidance_scale > 1.0
+    extra = step_kwargs(scheduler, generator)
+    total = len(timesteps)
+    for i, t in enumerate(timesteps):
+        control.check()
+        model_input = torch.cat([latents] * 2) if guidance else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        t_batch = t.to(torch.float32).expand(model_input.shape[0])
+        noise_pred = components.unet(model_input, t_batch, embeds.hidden, embeds.pooled, time_ids)
+        if guidance:
+            # Classifier-free guidance, eq. (6) of Ho & Salimans 2022.
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + guidance_scale * (cond - uncond)
+        latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+        control.step_done(i + 1, total)
+    return latents

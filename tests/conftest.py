@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random-weight checkpoints built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def diffserve_home(tmp_path_factory) -> Path:
+    """A DIFFSERVE_HOME for the session; CLI subprocesses started by tests inherit it."""
+    home = tmp_path_factory.mktemp("diffserve-home")
+    os.environ["DIFFSERVE_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(diffserve_home) -> dict[str, Path]:
+    from engine.tiny import build_demo_checkpoints
+
+    return build_demo_checkpoints(diffserve_home / "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def sd15_dir(tiny_checkpoints) -> Path:
+    return tiny_checkpoints["sd1.5-scifi"]
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tiny_checkpoints) -> Path:
+    return tiny_checkpoints["segmind-vega"]
+
+
+@pytest.fixture(scope="session")
+def sd15(sd15_dir):
+    from engine.runtime_torch import TorchComponents
+
+    return TorchComponents(sd15_dir)
+
+
+@pytest.fixture(scope="session")
+def sdxl(sdxl_dir):
+    from engine.runtime_torch import TorchComponents
+
+    return TorchComponents(sdxl_dir)
+
+
+@pytest.fixture(scope="session")
+def input_image():
+    """A deterministic 64x64 RGB test picture."""
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    y, x = np.mgrid[0:64, 0:64]
+    base = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1)
+    return (base + rng.randint(0, 32, size=(64, 64, 3))).clip(0, 255).astype(np.uint8)

@@ -1,0 +1,46 @@
+"""`diffserve generate` and `diffserve demo` as a user runs them (real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import PIL.Image
+
+
+def diffserve(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DIFFSERVE_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_generate_writes_images_and_reports_the_seed(tmp_path, tiny_checkpoints, diffserve_home):
+    params = {"prompt": "a city", "samples": 2, "seed": 42, "img_width": 512, "img_height": 512}
+    proc = diffserve("generate", "--slug", "sd1.5-scifi", "--params", json.dumps(params), "--out", str(tmp_path),
+                     home=diffserve_home)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["seed"] == 42 and len(report["images"]) == 2
+    for path in report["images"]:
+        with PIL.Image.open(path) as im:
+            assert im.format == "JPEG" and im.size == (512, 512)
+
+
+def test_generate_rejects_bad_parameters_naming_them(tmp_path, diffserve_home):
+    proc = diffserve("generate", "--slug", "sd1.5-scifi", "--params", '{"prompt": "x", "samples": 9}',
+                     "--out", str(tmp_path), home=diffserve_home)
+    assert proc.returncode == 2
+    assert "samples" in proc.stderr and not list(tmp_path.iterdir())
+
+
+def test_demo_writes_one_image_per_implemented_slug(tiny_checkpoints, diffserve_home):
+    from engine.catalog import implemented_slugs
+
+    proc = diffserve("demo", home=diffserve_home)
+    assert proc.returncode == 0, proc.stderr
+    written = sorted((diffserve_home / "demo-outputs").iterdir())
+    for slug in implemented_slugs():
+        assert any(p.name.startswith(slug + "-") for p in written), slug
