@@ -77,6 +77,49 @@ class Components(Protocol):
         """Images in about [-1, 1] from unscaled latents."""
 
 
+class NamedTensorComponents:
+    """``Components`` over any runtime that maps (component, named inputs) -> named outputs.
+
+    Subclasses implement ``run_component`` for one runtime (torch modules, ONNX Runtime,
+    TensorRT, Triton BLS); tensor names are those of ``engine.descriptors``. Tokenizers are
+    loaded from the checkpoint directory, which every runtime keeps for its configs.
+    """
+
+    def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu"):
+        self.checkpoint = Path(checkpoint)
+        self.config: ModelConfig = read_model_config(self.checkpoint)
+        self.device = torch.device(device)
+        self._tokenizers: dict[int, Any] = {}
+
+    def run_component(self, component: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def tokenizer(self, index: int) -> Any:
+        if index not in self._tokenizers:
+            from transformers import CLIPTokenizer
+
+            sub = "tokenizer" if index == 0 else f"tokenizer_{index + 1}"
+            self._tokenizers[index] = CLIPTokenizer.from_pretrained(self.checkpoint / sub)
+        return self._tokenizers[index]
+
+    def text_encoder(self, index: int, input_ids: torch.Tensor) -> TextEncoderOutput:
+        name = "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
+        out = self.run_component(name, {"input_ids": input_ids})
+        return TextEncoderOutput(out["last_hidden_state"], out["penultimate_hidden_state"], out["pooled"])
+
+    def unet(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+        if text_embeds is not None:
+            inputs.update(text_embeds=text_embeds, time_ids=time_ids)
+        return self.run_component("unet", inputs)["noise_pred"]
+
+    def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
+        return self.run_component("vae_encoder", {"image": image})["moments"]
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.run_component("vae_decoder", {"latents": latents})["image"]
+
+
 def _load_json(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

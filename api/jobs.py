@@ -1,0 +1,571 @@
+"""Persistent store for asynchronous (v2) generation jobs, backed by SQLite.
+
+This module owns the lifecycle of queued jobs so that they survive an API
+restart: creation, FIFO claiming by runners, progress, completion (including
+writing output files under the data directory), failure, cancellation,
+crash recovery at start-up, and expiry/purging of finished jobs together with
+their files.
+
+Concurrency model: one ``sqlite3`` connection per store, shared by all
+threads and serialised by a lock; WAL journaling plus ``BEGIN IMMEDIATE`` for
+every read-modify-write so that several stores (threads or processes) on the
+same file never claim the same job.  Timestamps are REAL epoch seconds from
+an injectable clock.  Output paths in :class:`Job.outputs` are relative to the
+data directory (the directory holding the database file), so the data
+directory can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "InvalidJobTransition",
+    "Job",
+    "JobStatus",
+    "JobStore",
+    "owner_from_api_key",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+CANCELLED_BY_CLIENT: Final = "cancelled by client"
+_EXT_RE: Final = re.compile(r"^[A-Za-z0-9]{1,10}$")
+_JOB_DIR_RE: Final = re.compile(r"^[0-9a-f]{32}$")
+
+
+class JobStatus(str, Enum):
+    QUEUED = "QUEUED"
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED)
+
+
+class InvalidJobTransition(RuntimeError):
+    """A state change was asked of a job that is not in a state allowing it."""
+
+
+@dataclass
+class Job:
+    id: str
+    slug: str
+    params: dict[str, Any]
+    status: JobStatus
+    error: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress_step: int | None = None
+    progress_total: int | None = None
+    seed: int | None = None
+    owner: str | None = None
+    outputs: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 0
+    cancel_requested: bool = False
+    expires_at: float | None = None
+    want_base64: bool = False
+    output_format: str = "jpeg"
+
+
+def owner_from_api_key(api_key: str) -> str:
+    """A stable, non-reversible owner id for an API key (never store the key itself)."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+_SCHEMA_V1: Final = """
+CREATE TABLE jobs (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+    id               TEXT    NOT NULL UNIQUE,
+    slug             TEXT    NOT NULL,
+    params           TEXT    NOT NULL,
+    status           TEXT    NOT NULL
+                     CHECK (status IN ('QUEUED', 'PROCESSING', 'COMPLETED', 'FAILED')),
+    error            TEXT,
+    created_at       REAL    NOT NULL,
+    started_at       REAL,
+    finished_at      REAL,
+    progress_step    INTEGER,
+    progress_total   INTEGER,
+    seed             INTEGER,
+    owner            TEXT,
+    outputs          TEXT    NOT NULL DEFAULT '[]',
+    metrics          TEXT    NOT NULL DEFAULT '{}',
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    expires_at       REAL,
+    want_base64      INTEGER NOT NULL DEFAULT 0,
+    output_format    TEXT    NOT NULL DEFAULT 'jpeg'
+);
+CREATE INDEX jobs_status_seq ON jobs (status, seq);
+CREATE INDEX jobs_expires_at ON jobs (expires_at) WHERE expires_at IS NOT NULL;
+"""
+
+# Index i upgrades user_version i to i + 1.
+_MIGRATIONS: Final[tuple[str, ...]] = (_SCHEMA_V1,)
+
+_COLUMNS: Final = (
+    "id, slug, params, status, error, created_at, started_at, finished_at, progress_step, "
+    "progress_total, seed, owner, outputs, metrics, attempts, cancel_requested, expires_at, "
+    "want_base64, output_format"
+)
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        slug=row["slug"],
+        params=json.loads(row["params"]),
+        status=JobStatus(row["status"]),
+        error=row["error"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        progress_step=row["progress_step"],
+        progress_total=row["progress_total"],
+        seed=row["seed"],
+        owner=row["owner"],
+        outputs=json.loads(row["outputs"]),
+        metrics=json.loads(row["metrics"]),
+        attempts=row["attempts"],
+        cancel_requested=bool(row["cancel_requested"]),
+        expires_at=row["expires_at"],
+        want_base64=bool(row["want_base64"]),
+        output_format=row["output_format"],
+    )
+
+
+class JobStore:
+    """Thread-safe persistent job queue; see the module docstring for the model."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        outputs_dir: Path,
+        retention_s: float = 3600.0,
+        max_attempts: int = 2,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = 10.0,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.path = Path(path).resolve()
+        self.data_dir = self.path.parent
+        self.outputs_dir = Path(outputs_dir).resolve()
+        # Stored output paths are relative to the data dir; that only works
+        # if the outputs live inside it.
+        if not self.outputs_dir.is_relative_to(self.data_dir):
+            raise ValueError(f"outputs_dir {self.outputs_dir} must be inside the data dir {self.data_dir}")
+        self.retention_s = float(retention_s)
+        self.max_attempts = max_attempts
+        self._clock = clock
+        self._lock = threading.RLock()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are issued explicitly, so the
+        # sqlite3 module never opens a deferred one behind our back (a
+        # deferred read-then-write transaction can fail with SQLITE_BUSY
+        # instead of waiting).
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            str(self.path),
+            timeout=busy_timeout_s,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across application crashes in WAL mode; only an
+        # OS crash/power loss can drop the last transactions.
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    # -- infrastructure ----------------------------------------------------
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("JobStore is closed")
+        return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A locked ``BEGIN IMMEDIATE`` transaction: takes the write lock up front."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                # Also covers a failed COMMIT, which would otherwise leave the
+                # shared connection stuck inside a transaction.
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has job schema version {version}, newer than this code ({SCHEMA_VERSION})"
+                )
+            for target in range(version, SCHEMA_VERSION):
+                logger.info("migrating job store %s to schema version %d", self.path, target + 1)
+                for statement in _MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            if version != SCHEMA_VERSION:
+                # PRAGMA takes no bound parameters; the value is our constant.
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _fetch(self, db: sqlite3.Connection, job_id: str) -> Job | None:
+        row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _row_to_job(row) if row is not None else None
+
+    def _expired(self, job: Job, now: float) -> bool:
+        return job.expires_at is not None and job.expires_at < now
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- paths ---------------------------------------------------------------
+
+    def resolve_output(self, relative: str) -> Path:
+        """Absolute path of an entry of :attr:`Job.outputs` (guarded against traversal)."""
+        candidate = (self.data_dir / relative).resolve()
+        if not candidate.is_relative_to(self.outputs_dir):
+            raise ValueError(f"output path {relative!r} escapes the outputs directory")
+        return candidate
+
+    def _job_dir(self, job_id: str) -> Path:
+        return self.outputs_dir / job_id
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def create(
+        self,
+        slug: str,
+        params: dict[str, Any],
+        *,
+        owner: str | None = None,
+        output_format: str = "jpeg",
+        want_base64: bool = False,
+    ) -> Job:
+        """Insert a new QUEUED job and return it."""
+        job = Job(
+            id=uuid.uuid4().hex,
+            slug=slug,
+            params=params,
+            status=JobStatus.QUEUED,
+            created_at=self._clock(),
+            owner=owner,
+            want_base64=want_base64,
+            output_format=output_format,
+        )
+        # Serialise before taking the write lock so bad params fail cheaply.
+        params_json = json.dumps(params)
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO jobs (id, slug, params, status, created_at, owner, want_base64, output_format) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, slug, params_json, job.status.value, job.created_at, owner, int(want_base64), output_format),
+            )
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        """The job, or None if unknown or expired (expired rows await purge)."""
+        with self._lock:
+            job = self._fetch(self._db, job_id)
+        if job is None or self._expired(job, self._clock()):
+            return None
+        return job
+
+    def claim_next(self) -> Job | None:
+        """Atomically move the oldest QUEUED job to PROCESSING and return it."""
+        now = self._clock()
+        with self._write() as db:
+            row = db.execute(
+                "SELECT seq FROM jobs WHERE status = 'QUEUED' ORDER BY seq LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET status = 'PROCESSING', attempts = attempts + 1, started_at = ?, "
+                "progress_step = NULL, progress_total = NULL WHERE seq = ?",
+                (now, row["seq"]),
+            )
+            claimed = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE seq = ?", (row["seq"],)).fetchone()
+        return _row_to_job(claimed)
+
+    def set_progress(self, job_id: str, step: int, total: int | None) -> bool:
+        """Record progress of a PROCESSING job; False if it is not processing."""
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET progress_step = ?, progress_total = ? WHERE id = ? AND status = 'PROCESSING'",
+                (step, total, job_id),
+            )
+            return cur.rowcount == 1
+
+    def complete(
+        self,
+        job_id: str,
+        outputs: list[bytes],
+        ext: str,
+        metrics: dict[str, Any],
+        seed: int | None,
+    ) -> Job:
+        """Write the outputs to ``outputs_dir/<id>/<i>.<ext>`` and mark the job COMPLETED.
+
+        Raises KeyError for an unknown job and InvalidJobTransition if the
+        job is not PROCESSING (e.g. it was failed or recovered meanwhile);
+        files written for a refused completion are removed again.
+        """
+        if not _EXT_RE.match(ext):
+            raise ValueError(f"invalid output extension {ext!r}")
+        metrics_json = json.dumps(metrics)
+        with self._lock:
+            existing = self._fetch(self._db, job_id)
+        if existing is None:
+            raise KeyError(job_id)
+        if existing.status is not JobStatus.PROCESSING:
+            raise InvalidJobTransition(f"job {job_id} is {existing.status.value}, not PROCESSING")
+
+        # Files go in before the row flips to COMPLETED so a reader never
+        # sees a completed job whose files are missing.
+        job_dir = self._job_dir(job_id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        relative: list[str] = []
+        for index, payload in enumerate(outputs):
+            target = job_dir / f"{index}.{ext}"
+            tmp = target.with_name(f".{target.name}.tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+            relative.append(target.relative_to(self.data_dir).as_posix())
+
+        now = self._clock()
+        try:
+            with self._write() as db:
+                cur = db.execute(
+                    "UPDATE jobs SET status = 'COMPLETED', finished_at = ?, expires_at = ?, outputs = ?, "
+                    "metrics = ?, seed = ?, error = NULL WHERE id = ? AND status = 'PROCESSING'",
+                    (now, now + self.retention_s, json.dumps(relative), metrics_json, seed, job_id),
+                )
+                if cur.rowcount != 1:
+                    current = self._fetch(db, job_id)
+                    state = current.status.value if current else "gone"
+                    raise InvalidJobTransition(f"job {job_id} is {state}, not PROCESSING")
+                done = self._fetch(db, job_id)
+        except BaseException:
+            # Keep the files if some other completion of this job won the race.
+            with self._lock:
+                current = self._fetch(self._db, job_id)
+            if current is None or current.status is not JobStatus.COMPLETED:
+                shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        assert done is not None
+        return done
+
+    def fail(self, job_id: str, error: str, metrics: dict[str, Any] | None = None) -> Job:
+        """Mark a QUEUED or PROCESSING job FAILED; terminal jobs are returned unchanged.
+
+        Raises KeyError for an unknown job.
+        """
+        now = self._clock()
+        with self._write() as db:
+            job = self._fetch(db, job_id)
+            if job is None:
+                raise KeyError(job_id)
+            if job.status.terminal:
+                # A runner racing a client cancel must not overwrite the outcome.
+                logger.debug("fail(%s) ignored: job already %s", job_id, job.status.value)
+                return job
+            db.execute(
+                "UPDATE jobs SET status = 'FAILED', error = ?, finished_at = ?, expires_at = ?, "
+                "metrics = COALESCE(?, metrics) WHERE id = ?",
+                (error, now, now + self.retention_s, json.dumps(metrics) if metrics is not None else None, job_id),
+            )
+            failed = self._fetch(db, job_id)
+        assert failed is not None
+        return failed
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Cancel a job: QUEUED fails at once, PROCESSING gets a flag the runner polls.
+
+        Terminal jobs are returned unchanged; unknown/expired jobs give None.
+        """
+        now = self._clock()
+        with self._write() as db:
+            job = self._fetch(db, job_id)
+            if job is None or self._expired(job, now):
+                return None
+            if job.status is JobStatus.QUEUED:
+                db.execute(
+                    "UPDATE jobs SET status = 'FAILED', error = ?, cancel_requested = 1, finished_at = ?, "
+                    "expires_at = ? WHERE id = ?",
+                    (CANCELLED_BY_CLIENT, now, now + self.retention_s, job_id),
+                )
+            elif job.status is JobStatus.PROCESSING:
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            else:
+                return job
+            updated = self._fetch(db, job_id)
+        return updated
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row["cancel_requested"]) if row is not None else False
+
+    def recover(self) -> dict[str, int]:
+        """Repair jobs left PROCESSING by a dead process; call once at start-up.
+
+        Each such job is requeued (keeping its original queue position) if it
+        has had fewer than ``max_attempts`` attempts, failed with a reason
+        otherwise, and failed as cancelled if a cancel was pending.  This
+        assumes no other live process is running jobs from the same file.
+        Returns counts: ``requeued``, ``failed``, ``cancelled``, ``queued``.
+        """
+        now = self._clock()
+        counts = {"requeued": 0, "failed": 0, "cancelled": 0, "queued": 0}
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT id, attempts, cancel_requested FROM jobs WHERE status = 'PROCESSING' ORDER BY seq"
+            ).fetchall()
+            for row in rows:
+                if row["cancel_requested"]:
+                    db.execute(
+                        "UPDATE jobs SET status = 'FAILED', error = ?, finished_at = ?, expires_at = ? WHERE id = ?",
+                        (CANCELLED_BY_CLIENT, now, now + self.retention_s, row["id"]),
+                    )
+                    counts["cancelled"] += 1
+                elif row["attempts"] < self.max_attempts:
+                    db.execute(
+                        "UPDATE jobs SET status = 'QUEUED', started_at = NULL, progress_step = NULL, "
+                        "progress_total = NULL WHERE id = ?",
+                        (row["id"],),
+                    )
+                    counts["requeued"] += 1
+                else:
+                    reason = f"interrupted by a server restart after {row['attempts']} attempts"
+                    db.execute(
+                        "UPDATE jobs SET status = 'FAILED', error = ?, finished_at = ?, expires_at = ? WHERE id = ?",
+                        (reason, now, now + self.retention_s, row["id"]),
+                    )
+                    counts["failed"] += 1
+            counts["queued"] = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'QUEUED'").fetchone()[0]
+        # Partial output dirs of requeued/failed jobs are stale; a retry
+        # rewrites them and failed jobs have no outputs.
+        for row in rows:
+            shutil.rmtree(self._job_dir(row["id"]), ignore_errors=True)
+        if any(counts[k] for k in ("requeued", "failed", "cancelled")):
+            logger.warning("job store recovery: %s", counts)
+        return counts
+
+    def purge_expired(self) -> int:
+        """Delete expired jobs and their output directories; returns rows deleted.
+
+        Also removes output directories that belong to no job (left by a crash
+        between writing files and deleting rows).
+        """
+        now = self._clock()
+        with self._write() as db:
+            ids = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM jobs WHERE expires_at IS NOT NULL AND expires_at < ?", (now,)
+                ).fetchall()
+            ]
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+        # Rows go first: a crash here leaves orphan files (swept below on the
+        # next run), never rows pointing at missing files.
+        for job_id in ids:
+            shutil.rmtree(self._job_dir(job_id), ignore_errors=True)
+        self._sweep_orphans()
+        if ids:
+            logger.info("purged %d expired jobs", len(ids))
+        return len(ids)
+
+    def _sweep_orphans(self) -> None:
+        try:
+            entries = [p for p in self.outputs_dir.iterdir() if p.is_dir() and _JOB_DIR_RE.match(p.name)]
+        except FileNotFoundError:
+            return
+        if not entries:
+            return
+        with self._lock:
+            known = {
+                r["id"]
+                for r in self._db.execute(
+                    f"SELECT id FROM jobs WHERE id IN ({','.join('?' * len(entries))})",
+                    [p.name for p in entries],
+                ).fetchall()
+            }
+        for entry in entries:
+            # Rows are inserted before any file is written, so a directory
+            # with no row is garbage, never a job in flight.
+            if entry.name not in known:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # -- queries -------------------------------------------------------------
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'QUEUED'").fetchone()[0]
+
+    def count_by_status(self) -> dict[str, int]:
+        """Counts of live (unexpired) jobs per status; every status is present."""
+        now = self._clock()
+        counts = {status.value: 0 for status in JobStatus}
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT status, COUNT(*) AS n FROM jobs WHERE expires_at IS NULL OR expires_at >= ? GROUP BY status",
+                (now,),
+            ).fetchall()
+        for row in rows:
+            counts[row["status"]] = row["n"]
+        return counts
+
+    def position(self, job_id: str) -> int | None:
+        """0-based place in the queue of a QUEUED job, else None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT (SELECT COUNT(*) FROM jobs q WHERE q.status = 'QUEUED' AND q.seq < j.seq) "
+                "FROM jobs j WHERE j.id = ? AND j.status = 'QUEUED'",
+                (job_id,),
+            ).fetchone()
+        return int(row[0]) if row is not None else None

@@ -1,0 +1,755 @@
+"""Start, supervise and stop a real Triton Inference Server process for diffserve.
+
+This module owns everything between "a model repository on disk" and "a Triton server answering
+on HTTP/gRPC": locating the ``tritonserver`` binary shipped inside the ``nvidia-pytriton`` wheel,
+building a private backend directory with the python-backend stub that matches the running
+interpreter, preparing the process environment (library path, Python import path), choosing
+ports, spawning the server in its own process group, streaming its output to a log file and to
+the ``diffserve.triton`` logger, waiting for readiness and shutting it down (SIGTERM, then SIGKILL
+of the whole group). It never modifies site-packages; all generated files live in a temporary
+work directory that is removed by :meth:`TritonServer.stop`.
+
+How the python-backend stub gets the right interpreter (verified with nvidia-pytriton 0.7.0,
+Triton 2.51, CPython 3.11):
+
+* The stub links ``libpython3.X.so.1.0``; ``sysconfig LIBDIR`` is put first in
+  ``LD_LIBRARY_PATH`` so it loads the running interpreter's libpython and not a system copy of a
+  different patch release (which fails on stdlib C extensions with ``undefined symbol:
+  _PyModule_Add``). The wheel's ``nvidia_pytriton.libs`` follows it.
+* The stub initialises Python in *isolated* mode (``sys.flags.isolated == 1``), so
+  ``PYTHONPATH`` is ignored inside model.py files. Python instead locates its prefix by
+  searching ``python3`` on ``PATH``; we therefore put a private, venv-like directory first on
+  ``PATH`` (``bin/python3`` -> the running interpreter, ``pyvenv.cfg``, and a ``.pth`` hook in its
+  site-packages) that adds the running environment's site-packages (with their ``.pth`` files,
+  so editable installs work), the project root and :attr:`TritonServerConfig.extra_pythonpath`.
+  ``PYTHONPATH`` is still exported for subprocesses that models may spawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import collections
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+__all__ = [
+    "TritonDistribution",
+    "TritonLaunchError",
+    "TritonServer",
+    "TritonServerConfig",
+    "build_arg_parser",
+    "find_free_port",
+    "find_libpython",
+    "main_cli",
+]
+
+LOGGER = logging.getLogger(__name__)
+#: Logger receiving every line the server process writes to stdout/stderr.
+SERVER_LOGGER = logging.getLogger("diffserve.triton")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MODEL_CONTROL_MODES = ("none", "explicit")
+_TAIL_LINES = 40
+_LOG_LINE_RE = re.compile(r"^([IWE])\d{4} ")
+# Messages Triton prints as errors/warnings on every CPU-only host; logged at WARNING at most and
+# left out of the "errors reported by the server" section of launch errors.
+_HARMLESS_ON_CPU = (
+    "Failed to initialize NVML",
+    "DCGM",
+    "CudaDriverHelper has not been initialized",
+    "Unable to allocate pinned system memory",
+    "CUDA driver version is insufficient",
+)
+
+
+# Servers still running at interpreter exit are stopped (Triton runs in its own session, so it
+# would otherwise outlive a Python process that forgot to call stop()).
+_LIVE_SERVERS: set[TritonServer] = set()
+
+
+@atexit.register
+def _stop_live_servers() -> None:
+    for server in list(_LIVE_SERVERS):
+        with contextlib.suppress(Exception):
+            server.stop(timeout=10)
+
+
+class TritonLaunchError(RuntimeError):
+    """Triton could not be started (missing pieces, early exit, readiness timeout)."""
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on ``host`` right now (the OS picks it).
+
+    There is an unavoidable race between this check and the server binding the port; if another
+    process grabs it first, Triton exits and :meth:`TritonServer.start` raises with the log.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _running_python_version() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+@dataclass(frozen=True)
+class TritonDistribution:
+    """Paths of the Triton server shipped inside the ``nvidia-pytriton`` wheel."""
+
+    root: Path  #: the ``pytriton`` package directory
+    binary: Path  #: ``tritonserver/bin/tritonserver``
+    python_backend_dir: Path  #: ``libtriton_python.so`` and ``triton_python_backend_utils.py``
+    stubs_dir: Path  #: ``<X.Y>/triton_python_backend_stub`` per Python version
+    libs_dir: Path  #: ``nvidia_pytriton.libs`` (vendored shared libraries)
+
+    @classmethod
+    def locate(cls, pytriton_root: Path | None = None) -> TritonDistribution:
+        """Find the distribution in the installed ``pytriton`` package (or ``pytriton_root``)."""
+        if pytriton_root is None:
+            import importlib.util
+
+            spec = importlib.util.find_spec("pytriton")
+            if spec is None or not spec.submodule_search_locations:
+                raise TritonLaunchError(
+                    "the 'pytriton' package is not installed in this environment "
+                    f"({sys.prefix}); install it with: pip install nvidia-pytriton==0.7.0"
+                )
+            pytriton_root = Path(next(iter(spec.submodule_search_locations)))
+        root = Path(pytriton_root)
+        server_dir = root / "tritonserver"
+        dist = cls(
+            root=root,
+            binary=server_dir / "bin" / "tritonserver",
+            python_backend_dir=server_dir / "backends" / "python",
+            stubs_dir=server_dir / "python_backend_stubs",
+            libs_dir=root.parent / "nvidia_pytriton.libs",
+        )
+        if not dist.binary.is_file():
+            raise TritonLaunchError(
+                f"tritonserver binary not found at {dist.binary}; the nvidia-pytriton wheel "
+                "(manylinux, x86_64/aarch64) ships it - reinstall it with: "
+                "pip install --force-reinstall nvidia-pytriton==0.7.0"
+            )
+        if not os.access(dist.binary, os.X_OK):
+            raise TritonLaunchError(f"tritonserver binary {dist.binary} is not executable")
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            if not (dist.python_backend_dir / name).is_file():
+                raise TritonLaunchError(
+                    f"python backend file {name} missing in {dist.python_backend_dir}; "
+                    "the nvidia-pytriton installation is incomplete, reinstall it"
+                )
+        if not dist.libs_dir.is_dir():
+            LOGGER.warning("nvidia_pytriton.libs not found at %s; relying on RPATH", dist.libs_dir)
+        return dist
+
+    def available_stub_versions(self) -> list[str]:
+        """Python versions (``"3.11"``) for which the wheel ships a python-backend stub."""
+        if not self.stubs_dir.is_dir():
+            return []
+        found = [p.parent.name for p in self.stubs_dir.glob("*/triton_python_backend_stub")]
+        return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit()))
+
+    def stub_for(self, python_version: str) -> Path:
+        """The stub for ``python_version`` (``"3.11"``); raises :class:`TritonLaunchError`."""
+        stub = self.stubs_dir / python_version / "triton_python_backend_stub"
+        if not stub.is_file():
+            available = ", ".join(self.available_stub_versions()) or "none"
+            raise TritonLaunchError(
+                f"nvidia-pytriton has no python-backend stub for Python {python_version} "
+                f"(looked for {stub}; available: {available}). Run diffserve with one of the "
+                "available Python versions or install an nvidia-pytriton release that supports "
+                f"Python {python_version}."
+            )
+        return stub
+
+
+def find_libpython(config_vars: Mapping[str, object] | None = None) -> Path:
+    """Path of the running interpreter's shared libpython (what the stub must load).
+
+    ``config_vars`` defaults to :func:`sysconfig.get_config_vars` and can be injected for tests.
+    Raises :class:`TritonLaunchError` for statically linked interpreters or a missing library.
+    """
+    cfg = sysconfig.get_config_vars() if config_vars is None else config_vars
+    if not cfg.get("Py_ENABLE_SHARED"):
+        raise TritonLaunchError(
+            f"this Python ({sys.executable}) is statically linked (Py_ENABLE_SHARED=0), but "
+            "Triton's python-backend stub needs a shared libpython of the same version. Use a "
+            "Python built with --enable-shared (pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared, "
+            "distribution and conda Pythons are shared) for the diffserve virtualenv."
+        )
+    libdir = cfg.get("LIBDIR")
+    soname = cfg.get("INSTSONAME") or cfg.get("LDLIBRARY")
+    if not libdir or not soname:
+        raise TritonLaunchError(
+            f"cannot locate libpython: sysconfig LIBDIR={libdir!r} INSTSONAME={soname!r}"
+        )
+    path = Path(str(libdir)) / str(soname)
+    if not path.exists():
+        raise TritonLaunchError(
+            f"libpython not found at {path} (sysconfig LIBDIR/INSTSONAME); the python-backend "
+            "stub would load a different libpython and fail. Reinstall Python with its shared "
+            "library or point diffserve at an interpreter whose LIBDIR contains it."
+        )
+    return path
+
+
+@dataclass
+class TritonServerConfig:
+    """How to run Triton.
+
+    ``model_control_mode="none"`` loads every model of the repository at start-up, and a model
+    that fails to load makes Triton exit, so :meth:`TritonServer.start` raises
+    :class:`TritonLaunchError` carrying the model's error (strict loading). With
+    ``"explicit"``, only ``load_models`` are loaded at start-up; an empty list loads nothing
+    (Triton's semantics: load later through the repository API) and ``["*"]`` loads all.
+    Ports left at ``None`` are picked free when the :class:`TritonServer` is created. All URLs are
+    ``host:port`` strings as the ``tritonclient`` packages expect them.
+    ``python_version`` and ``pytriton_root`` override what is detected (mainly for tests).
+    """
+
+    repository: Path
+    http_port: int | None = None
+    grpc_port: int | None = None
+    metrics_port: int | None = None
+    host: str = "127.0.0.1"
+    log_verbose: int = 0
+    model_control_mode: str = "none"
+    load_models: list[str] = field(default_factory=list)
+    #: importable from model.py files; the project root is always added.
+    extra_pythonpath: list[Path] = field(default_factory=list)
+    #: server stdout/stderr are appended here (and always streamed to "diffserve.triton").
+    log_file: Path | None = None
+    startup_timeout_s: float = 120.0
+    #: Triton's auto-complete starts an extra stub per python model (~1.5 s each); off by
+    #: default since diffserve writes complete config.pbtxt files.
+    auto_complete_config: bool = False
+    #: appended verbatim to the tritonserver command line (last occurrence wins in Triton).
+    extra_args: list[str] = field(default_factory=list)
+    python_version: str | None = None
+    pytriton_root: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.repository = Path(self.repository)
+        if self.model_control_mode not in MODEL_CONTROL_MODES:
+            raise ValueError(
+                f"model_control_mode must be one of {MODEL_CONTROL_MODES}, "
+                f"got {self.model_control_mode!r}"
+            )
+        if self.load_models and self.model_control_mode != "explicit":
+            raise ValueError("load_models requires model_control_mode='explicit'")
+        self.extra_pythonpath = [Path(p) for p in self.extra_pythonpath]
+        if self.log_file is not None:
+            self.log_file = Path(self.log_file)
+        if self.startup_timeout_s <= 0:
+            raise ValueError("startup_timeout_s must be positive")
+
+
+def _connect_host(host: str) -> str:
+    """Address clients use to reach a server bound to ``host``."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]"
+    return host
+
+
+def _pth_hook_source(front: Sequence[str], site_dirs: Sequence[str]) -> str:
+    return (
+        '"""Generated by diffserve api.triton_server: import paths for Triton python models."""\n'
+        "import os, site, sys\n\n"
+        f"FRONT = {list(front)!r}\n"
+        f"SITE_DIRS = {list(site_dirs)!r}\n\n"
+        "_here = os.path.dirname(os.path.abspath(__file__))\n"
+        "_at = sys.path.index(_here) if _here in sys.path else len(sys.path)\n"
+        "sys.path[_at:_at] = [p for p in FRONT if p not in sys.path]\n"
+        "for _d in SITE_DIRS:\n"
+        "    if os.path.isdir(_d):\n"
+        "        site.addsitedir(_d)\n"
+    )
+
+
+class TritonServer:
+    """One ``tritonserver`` process; use as a context manager or call start()/stop()."""
+
+    def __init__(self, config: TritonServerConfig) -> None:
+        self.config = config
+        host = config.host
+        used: set[int] = set()
+
+        def pick(port: int | None) -> int:
+            if port is not None:
+                used.add(port)
+                return port
+            for _ in range(20):
+                candidate = find_free_port("127.0.0.1" if host in ("", "0.0.0.0", "::") else host)
+                if candidate not in used:
+                    used.add(candidate)
+                    return candidate
+            raise TritonLaunchError(f"could not find free ports on {host}")
+
+        self.http_port = pick(config.http_port)
+        self.grpc_port = pick(config.grpc_port)
+        self.metrics_port = pick(config.metrics_port)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._workdir: Path | None = None
+        self._shm_prefix = ""
+        self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        self._errors: collections.deque[str] = collections.deque(maxlen=10)
+        self._lock = threading.Lock()
+        self._returncode: int | None = None
+
+    # ------------------------------------------------------------------ URLs / state
+    @property
+    def http_url(self) -> str:
+        return f"{_connect_host(self.config.host)}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{_connect_host(self.config.host)}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{_connect_host(self.config.host)}:{self.metrics_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def is_alive(self) -> bool:
+        """True while the server process runs."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def is_ready(self) -> bool:
+        """True when the process runs and ``/v2/health/ready`` answers 200."""
+        if not self.is_alive():
+            return False
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(f"http://{self.http_url}/v2/health/ready", timeout=2.0) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def log_tail(self) -> list[str]:
+        """The last lines the server printed (up to 40)."""
+        with self._lock:
+            return list(self._tail)
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> None:
+        """Spawn the server and block until it is ready (or raise :class:`TritonLaunchError`)."""
+        if self.is_alive():
+            raise TritonLaunchError(f"Triton is already running (pid {self.pid})")
+        if self._proc is not None:  # died on its own since the last start: reap and clean up
+            self.stop()
+        cfg = self.config
+        repository = cfg.repository.resolve()
+        if not repository.is_dir():
+            raise TritonLaunchError(f"model repository {repository} is not a directory")
+
+        dist = TritonDistribution.locate(cfg.pytriton_root)
+        running = _running_python_version()
+        version = cfg.python_version or running
+        stub = dist.stub_for(version)
+        if version != running:
+            raise TritonLaunchError(
+                f"python_version={version} differs from the running interpreter ({running}); the "
+                "stub must match the interpreter whose libpython and site-packages it uses"
+            )
+        libpython = find_libpython()
+
+        self._reset_state()
+        self._workdir = Path(tempfile.mkdtemp(prefix="diffserve-triton-"))
+        try:
+            backend_dir = self._prepare_backends(dist, stub)
+            shim_bin = self._prepare_python_shim(version)
+            env = self._environment(dist, libpython, shim_bin)
+            cmd = self._command(dist, repository, backend_dir)
+        except OSError as exc:
+            self._cleanup_files()
+            raise TritonLaunchError(f"cannot prepare Triton work directory: {exc}") from exc
+
+        LOGGER.info(
+            "starting Triton: repository=%s http=%s grpc=%s metrics=%s",
+            repository, self.http_url, self.grpc_url, self.metrics_url,
+        )
+        LOGGER.debug("command: %s", " ".join(cmd))
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # own process group: stop() can kill stubs too
+            )
+        except OSError as exc:
+            self._cleanup_files()
+            raise TritonLaunchError(f"cannot execute {dist.binary}: {exc}") from exc
+        self._reader = threading.Thread(
+            target=self._pump_output, args=(self._proc,), name="triton-log", daemon=True
+        )
+        self._reader.start()
+        _LIVE_SERVERS.add(self)
+        try:
+            self.wait_ready(cfg.startup_timeout_s)
+        except BaseException:
+            self.stop(timeout=10)
+            raise
+        LOGGER.info("Triton ready (pid %d) at http=%s grpc=%s", self._proc.pid, self.http_url,
+                    self.grpc_url)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Poll readiness; raise :class:`TritonLaunchError` if the server dies or times out."""
+        if self._proc is None:
+            raise TritonLaunchError("Triton has not been started")
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                self._drain_reader()
+                raise TritonLaunchError(
+                    self._failure_message(f"Triton exited during start-up with code {code}")
+                )
+            if self.is_ready():
+                return
+            if time.monotonic() >= deadline:
+                raise TritonLaunchError(
+                    self._failure_message(
+                        f"Triton did not become ready within {timeout:g} s "
+                        f"(http://{self.http_url}/v2/health/ready); slow model initialisation "
+                        "needs a larger startup_timeout_s"
+                    )
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    # ------------------------------------------------------------------ stop
+    def stop(self, timeout: float = 30) -> int:
+        """Stop the server (SIGTERM, wait ``timeout``, SIGKILL the group); return its exit code.
+
+        Idempotent: later calls return the same code; returns 0 when never started.
+        """
+        proc = self._proc
+        if proc is None:
+            self._cleanup_files()
+            return self._returncode if self._returncode is not None else 0
+        if proc.poll() is None:
+            LOGGER.info("stopping Triton (pid %d)", proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                LOGGER.warning("Triton did not exit within %.0f s; killing its process group", timeout)
+                self._kill_group(proc.pid)
+                proc.wait()
+        # Python-backend stubs live in the server's process group; make sure none survive.
+        self._kill_group(proc.pid)
+        self._drain_reader()
+        self._returncode = proc.returncode
+        self._proc = None
+        _LIVE_SERVERS.discard(self)
+        self._cleanup_files()
+        LOGGER.info("Triton stopped with exit code %s", self._returncode)
+        return self._returncode
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ internals
+    def _reset_state(self) -> None:
+        with self._lock:
+            self._tail.clear()
+            self._errors.clear()
+        self._returncode = None
+        self._shm_prefix = f"diffserve_{os.getpid()}_{secrets.token_hex(4)}_"
+
+    def _prepare_backends(self, dist: TritonDistribution, stub: Path) -> Path:
+        """``<work>/backends/python/`` with symlinks to the wheel's files and the right stub."""
+        assert self._workdir is not None
+        backend_root = self._workdir / "backends"
+        python_dir = backend_root / "python"
+        python_dir.mkdir(parents=True)
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            (python_dir / name).symlink_to(dist.python_backend_dir / name)
+        # A symlink keeps the stub's RPATH ($ORIGIN/../../../../nvidia_pytriton.libs) valid.
+        (python_dir / "triton_python_backend_stub").symlink_to(stub)
+        return backend_root
+
+    def _prepare_python_shim(self, version: str) -> Path:
+        """Venv-like dir whose ``bin/python3`` the isolated stub finds on PATH (see docstring)."""
+        assert self._workdir is not None
+        shim = self._workdir / "python"
+        bin_dir = shim / "bin"
+        site_dir = shim / "lib" / f"python{version}" / "site-packages"
+        bin_dir.mkdir(parents=True)
+        site_dir.mkdir(parents=True)
+        real_exe = Path(os.path.realpath(sys.executable))
+        base_exe = Path(os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable))
+        for name in ("python3", "python", f"python{version}"):
+            (bin_dir / name).symlink_to(real_exe)
+        (shim / "pyvenv.cfg").write_text(
+            f"home = {base_exe.parent}\n"
+            "include-system-site-packages = false\n"
+            f"version = {'.'.join(map(str, sys.version_info[:3]))}\n",
+            encoding="utf-8",
+        )
+        front = [str(p) for p in self._pythonpath_front()]
+        (site_dir / "_diffserve_triton_paths.py").write_text(
+            _pth_hook_source(front, self._site_dirs()), encoding="utf-8"
+        )
+        (site_dir / "_diffserve_triton_paths.pth").write_text(
+            "import _diffserve_triton_paths\n", encoding="utf-8"
+        )
+        return bin_dir
+
+    def _pythonpath_front(self) -> list[Path]:
+        paths = [p.resolve() for p in self.config.extra_pythonpath] + [PROJECT_ROOT]
+        paths += [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        return list(dict.fromkeys(paths))
+
+    @staticmethod
+    def _site_dirs() -> list[str]:
+        import site
+
+        dirs = list(site.getsitepackages())
+        if site.ENABLE_USER_SITE:
+            dirs.append(site.getusersitepackages())
+        return list(dict.fromkeys(dirs))
+
+    def _environment(
+        self, dist: TritonDistribution, libpython: Path, shim_bin: Path
+    ) -> dict[str, str]:
+        env = dict(os.environ)
+        ld = [str(libpython.parent), str(dist.libs_dir)]
+        ld += [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(dict.fromkeys(ld))
+        py = [str(p) for p in self._pythonpath_front()] + self._site_dirs()
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(py))
+        env["PATH"] = os.pathsep.join([str(shim_bin), env.get("PATH", os.defpath)])
+        env.pop("PYTHONHOME", None)
+        return env
+
+    def _command(self, dist: TritonDistribution, repository: Path, backend_dir: Path) -> list[str]:
+        cfg = self.config
+        cmd = [
+            str(dist.binary),
+            f"--model-repository={repository}",
+            f"--backend-directory={backend_dir}",
+            f"--http-address={cfg.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={cfg.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={cfg.host}",
+            f"--metrics-port={self.metrics_port}",
+            f"--log-verbose={cfg.log_verbose}",
+            f"--model-control-mode={cfg.model_control_mode}",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+        ]
+        if not cfg.auto_complete_config:
+            cmd.append("--disable-auto-complete-config")
+        cmd += [f"--load-model={name}" for name in cfg.load_models]
+        cmd += list(cfg.extra_args)
+        return cmd
+
+    def _pump_output(self, proc: subprocess.Popen[bytes]) -> None:
+        """Background thread: server output -> tail buffer, log file and logger."""
+        log_fh = None
+        if self.config.log_file is not None:
+            try:
+                self.config.log_file.parent.mkdir(parents=True, exist_ok=True)
+                log_fh = open(self.config.log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            except OSError as exc:
+                LOGGER.warning("cannot open Triton log file %s: %s", self.config.log_file, exc)
+        level = logging.INFO
+        assert proc.stdout is not None
+        try:
+            for raw in iter(proc.stdout.readline, b""):
+                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                if log_fh is not None:
+                    log_fh.write(line + "\n")
+                match = _LOG_LINE_RE.match(line)
+                harmless = any(s in line for s in _HARMLESS_ON_CPU)
+                if match:
+                    level = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR}[match[1]]
+                    if harmless:
+                        level = min(level, logging.WARNING)
+                with self._lock:
+                    self._tail.append(line)
+                    if (match and match[1] == "E" or line.startswith("error:")) and not harmless:
+                        self._errors.append(line)
+                SERVER_LOGGER.log(level, "%s", line)
+        except (OSError, ValueError) as exc:  # pipe closed under us
+            LOGGER.debug("Triton output reader stopped: %s", exc)
+        finally:
+            if log_fh is not None:
+                log_fh.close()
+
+    def _drain_reader(self, timeout: float = 5.0) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout)
+
+    def _failure_message(self, headline: str) -> str:
+        with self._lock:
+            errors = list(self._errors)
+            tail = list(self._tail)
+        parts = [headline + "."]
+        if errors:
+            # Triton escapes newlines inside messages (model tracebacks); unfold them.
+            unfolded = [e.replace("\\n", "\n    ").rstrip() for e in errors]
+            parts.append("Errors reported by the server:\n  " + "\n  ".join(unfolded))
+        if tail:
+            parts.append(f"Last {len(tail)} log lines:\n" + "\n".join(tail))
+        if self.config.log_file is not None:
+            parts.append(f"Full log: {self.config.log_file}")
+        return "\n".join(parts)
+
+    @staticmethod
+    def _kill_group(pgid: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+    def _cleanup_files(self) -> None:
+        if self._shm_prefix:
+            shm = Path("/dev/shm")
+            if shm.is_dir():
+                for region in shm.glob(self._shm_prefix + "*"):
+                    with contextlib.suppress(OSError):
+                        region.unlink()
+                        LOGGER.debug("removed leftover shared memory region %s", region)
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+
+# ---------------------------------------------------------------------- CLI
+def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Options of ``diffserve triton``; pass a sub-parser to attach them to it."""
+    if parser is None:
+        parser = argparse.ArgumentParser(
+            prog="diffserve triton", description="Run Triton on a diffserve model repository."
+        )
+    parser.add_argument("--repository", type=Path, required=True, help="model repository")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--http-port", type=int, default=None, help="default: a free port")
+    parser.add_argument("--grpc-port", type=int, default=None, help="default: a free port")
+    parser.add_argument("--metrics-port", type=int, default=None, help="default: a free port")
+    parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--log-file", type=Path, default=None)
+    parser.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default="none")
+    parser.add_argument("--load-model", action="append", default=[], dest="load_models",
+                        help="with --model-control-mode explicit; repeatable, '*' for all")
+    parser.add_argument("--pythonpath", action="append", type=Path, default=[],
+                        help="extra import path for model.py files; repeatable")
+    parser.add_argument("--startup-timeout", type=float, default=120.0)
+    parser.add_argument("extra_args", nargs="*", help="after --: passed to tritonserver")
+    return parser
+
+
+def main_cli(args: list[str] | None = None) -> int:
+    """``diffserve triton``: start, print the URLs, block until Ctrl-C/SIGTERM, stop cleanly.
+
+    Returns 0 after a requested stop, 1 when the server died on its own, 2 when it could not
+    start (the reason is logged).
+    """
+    ns = build_arg_parser().parse_args(args)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = TritonServerConfig(
+            repository=ns.repository,
+            http_port=ns.http_port,
+            grpc_port=ns.grpc_port,
+            metrics_port=ns.metrics_port,
+            host=ns.host,
+            log_verbose=ns.log_verbose,
+            model_control_mode=ns.model_control_mode,
+            load_models=ns.load_models,
+            extra_pythonpath=ns.pythonpath,
+            log_file=ns.log_file,
+            startup_timeout_s=ns.startup_timeout,
+            extra_args=ns.extra_args,
+        )
+    except ValueError as exc:
+        LOGGER.error("%s", exc)
+        return 2
+
+    stop_requested = threading.Event()
+    started = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if not started:  # abort a (possibly long) start-up; start() cleans up on the way out
+            raise KeyboardInterrupt(f"signal {signum}")
+        stop_requested.set()
+
+    previous: dict[int, object] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    server = TritonServer(config)
+    try:
+        try:
+            server.start()
+        except TritonLaunchError as exc:
+            LOGGER.error("%s", exc)
+            return 2
+        except KeyboardInterrupt:
+            LOGGER.warning("start-up interrupted")
+            return 130
+        started = True
+        sys.stdout.write(
+            f"Triton ready\n  http:    {server.http_url}\n  grpc:    {server.grpc_url}\n"
+            f"  metrics: {server.metrics_url}\nPress Ctrl-C to stop.\n"
+        )
+        sys.stdout.flush()
+        died = False
+        while not stop_requested.wait(1.0):
+            if not server.is_alive():
+                died = True
+                LOGGER.error("Triton exited unexpectedly:\n%s", "\n".join(server.log_tail()))
+                break
+        server.stop()
+        return 1 if died else 0
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main_cli())

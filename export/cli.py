@@ -1,0 +1,98 @@
+"""``diffserve export`` and ``diffserve triton``: build a model repository, run Triton on it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def default_demo_repository() -> Path:
+    from api.cli import home_dir
+
+    return home_dir() / "demo_repository"
+
+
+def build_demo_repository(repository: Path | None = None, **options) -> "RepositoryReport":  # noqa: F821
+    """Tiny checkpoints for every implemented slug, exported into a repository (seconds, cached)."""
+    from api.cli import demo_checkpoints
+    from export.repository import RepositoryOptions, build_repository, demo_deployments
+
+    repo = repository or default_demo_repository()
+    return build_repository(repo, demo_deployments(demo_checkpoints()), RepositoryOptions(**options))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import ExportError
+    from export.repository import Deployment, RepositoryOptions, build_repository
+
+    options = dict(runtime=args.runtime, modes=tuple(args.modes.split(",")), precision=args.precision,
+                   device=args.device, pipeline_instances=args.pipeline_instances,
+                   component_instances=args.component_instances, fused_runtime=args.fused_runtime,
+                   force=args.force)
+    try:
+        if args.demo:
+            report = build_demo_repository(Path(args.repository) if args.repository else None, **options)
+        else:
+            if not args.model:
+                print("give --demo or at least one --model SLUG=CHECKPOINT_DIR[:KEY]", file=sys.stderr)
+                return 2
+            deployments = []
+            for item in args.model:
+                slug, _, rest = item.partition("=")
+                path, _, key = rest.partition(":")
+                if not path:
+                    print(f"--model {item!r}: expected SLUG=CHECKPOINT_DIR[:KEY]", file=sys.stderr)
+                    return 2
+                deployments.append(Deployment(slug=slug, checkpoint=Path(path), key=key))
+            report = build_repository(Path(args.repository or "model_repository"), deployments,
+                                      RepositoryOptions(**options))
+    except (ExportError, ValueError, KeyError, FileNotFoundError) as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"repository": str(report.repository), "pipelines": report.pipelines,
+                      "components": report.components}, indent=2, default=str))
+    return 0
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from api.triton_server import main_cli
+
+    repo = args.repository
+    if args.demo:
+        repo = str(build_demo_repository().repository)
+    if not repo:
+        print("give --repository DIR or --demo", file=sys.stderr)
+        return 2
+    return main_cli(["--repository", repo, *args.triton_args])
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    exp = sub.add_parser("export", help="export checkpoints to ONNX/TensorRT and write a Triton model repository")
+    exp.add_argument("--demo", action="store_true", help="tiny demo checkpoints for every implemented slug")
+    exp.add_argument("--model", action="append", metavar="SLUG=DIR[:KEY]",
+                     help="serve SLUG from the local diffusers checkpoint DIR (repeatable); slugs sharing a "
+                          "KEY share component models")
+    exp.add_argument("--repository", help="output repository (default: model_repository/, or the demo one)")
+    exp.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "tensorrt", "torch"],
+                     help="what the component models run")
+    exp.add_argument("--modes", default="bls,fused",
+                     help="pipeline modes, comma separated; the first is served under the slug's own name")
+    exp.add_argument("--fused-runtime", default="onnxruntime", choices=["onnxruntime", "torch"])
+    exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    exp.add_argument("--device", default="cpu", help="cpu or cuda (instance kind and torch device)")
+    exp.add_argument("--pipeline-instances", type=int, default=2)
+    exp.add_argument("--component-instances", type=int, default=1)
+    exp.add_argument("--force", action="store_true", help="re-export even when artifacts are up to date")
+    exp.set_defaults(func=cmd_export)
+
+    tri = sub.add_parser("triton", help="run tritonserver (from the nvidia-pytriton wheel) on a model repository")
+    tri.add_argument("--repository", help="model repository directory")
+    tri.add_argument("--demo", action="store_true", help="build (if needed) and serve the demo repository")
+    tri.add_argument("triton_args", nargs=argparse.REMAINDER,
+                     help="further launcher options, e.g. --grpc-port 8001 (see `python -m api.triton_server -h`)")
+    tri.set_defaults(func=cmd_triton)

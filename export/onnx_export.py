@@ -1,0 +1,209 @@
+"""Export checkpoint components to ONNX (and TensorRT plans where TensorRT and a GPU exist).
+
+Each component is traced from the same wrapper module the torch runtime runs
+(``engine.runtime_torch``), with input/output names and dynamic axes from its descriptor
+(``engine.descriptors``). Artifact paths are a pure function of (component, precision,
+toolkit versions); a sidecar JSON records the source fingerprint, so re-running export skips
+what is up to date.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.descriptors import ComponentDescriptor
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+PRECISIONS = ("fp32", "fp16")
+# Checkpoint sub-directory holding each component's weights, for the up-to-date fingerprint.
+SOURCE_DIRS = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
+               "vae_encoder": "vae", "vae_decoder": "vae"}
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def onnx_toolkit() -> str:
+    import onnx
+
+    return f"onnx{onnx.__version__}-opset{OPSET}-torch{torch.__version__.split('+')[0]}"
+
+
+def tensorrt_toolkit() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return None
+    return f"trt{tensorrt.__version__}"
+
+
+def artifact_path(root: Path, component: str, precision: str, toolkit: str, suffix: str = "onnx") -> Path:
+    """Where an exported artifact lives: a pure function of (component, precision, toolkit)."""
+    return Path(root) / component / f"{precision}-{toolkit}" / f"model.{suffix}"
+
+
+def source_fingerprint(checkpoint: Path, desc: ComponentDescriptor, precision: str) -> str:
+    """Hash of the component's files (name, size, mtime) and its descriptor."""
+    h = hashlib.sha256()
+    src = Path(checkpoint) / SOURCE_DIRS[desc.component]
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(src)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    h.update(repr(desc).encode())
+    h.update(precision.encode())
+    return h.hexdigest()
+
+
+def _is_current(path: Path, fingerprint: str) -> bool:
+    meta = path.with_suffix(".json")
+    return path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint
+
+
+def example_inputs(desc: ComponentDescriptor, which: str = "opt", seed: int = 0,
+                   batch: int | None = None) -> dict[str, torch.Tensor]:
+    """Random inputs of a profile's shapes; token ids stay inside a small vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for spec in desc.inputs:
+        shape = list(desc.shape(spec, which))
+        if batch is not None and spec.dims and spec.dims[0] == "batch":
+            shape[0] = batch
+        if spec.dtype == "int64":
+            out[spec.name] = torch.randint(0, 256, shape, generator=g, dtype=torch.int64)
+        elif spec.name == "timestep":
+            out[spec.name] = torch.randint(1, 1000, shape, generator=g).float()
+        else:
+            out[spec.name] = torch.randn(shape, generator=g)
+    return out
+
+
+@dataclass
+class ExportResult:
+    component: str
+    path: Path
+    skipped: bool
+    seconds: float
+    max_abs_diff: float | None = None
+
+
+def export_component(module: torch.nn.Module, desc: ComponentDescriptor, checkpoint: Path, out_root: Path,
+                     precision: str = "fp32", *, verify: bool = True, force: bool = False) -> ExportResult:
+    """Trace ``module`` to ONNX under ``out_root``; skip when the artifact is up to date."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    path = artifact_path(out_root, desc.component, precision, onnx_toolkit())
+    fingerprint = source_fingerprint(checkpoint, desc, precision)
+    if not force and _is_current(path, fingerprint):
+        logger.info("%s is up to date: %s", desc.component, path)
+        return ExportResult(desc.component, path, skipped=True, seconds=0.0)
+
+    t0 = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    device = torch.device("cuda" if precision == "fp16" and torch.cuda.is_available() else "cpu")
+    module = module.to(device, dtype).eval()
+    # Trace with batch 2 so no size-1 broadcast is baked into the graph.
+    inputs = example_inputs(desc, "opt", batch=min(2, desc.max_batch))
+    args = tuple(t.to(device, dtype if t.is_floating_point() and name != "timestep" else t.dtype)
+                 for name, t in inputs.items())
+    tmp = path.with_suffix(".tmp.onnx")
+    with torch.inference_mode():
+        torch.onnx.export(
+            module, args, str(tmp),
+            input_names=list(desc.input_names),
+            output_names=list(desc.output_names),
+            dynamic_axes=desc.dynamic_axes(),
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    _finalize_onnx(tmp, path)
+    result = ExportResult(desc.component, path, skipped=False, seconds=time.perf_counter() - t0)
+    if verify:
+        result.max_abs_diff = compare_with_torch(module, desc, path, dtype, device)
+        logger.info("%s exported in %.1fs, max |onnx - torch| = %.2e", desc.component, result.seconds,
+                    result.max_abs_diff)
+    path.with_suffix(".json").write_text(json.dumps({
+        "component": desc.component, "precision": precision, "toolkit": onnx_toolkit(),
+        "fingerprint": fingerprint, "checkpoint": str(checkpoint), "max_abs_diff": result.max_abs_diff,
+        "inputs": list(desc.input_names), "outputs": list(desc.output_names),
+    }, indent=2))
+    return result
+
+
+def _finalize_onnx(tmp: Path, path: Path) -> None:
+    """Move the traced model into place; weights over ~2 GB (protobuf's limit) go to one external file."""
+    import onnx
+
+    model = onnx.load(str(tmp), load_external_data=True)
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > 1_800_000_000
+    for f in tmp.parent.iterdir():  # the directory belongs to this one artifact: drop stale files
+        f.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=path.name + ".data" if large else None)
+
+
+def compare_with_torch(module: torch.nn.Module, desc: ComponentDescriptor, path: Path,
+                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> float:
+    """Max-abs-diff between ONNX Runtime and torch on fresh random inputs at the profile's min shapes."""
+    from engine.runtime_onnx import OnnxSession
+
+    session = OnnxSession(path)
+    inputs = example_inputs(desc, "min", seed=1)
+    with torch.inference_mode():
+        args = [t.to(device, dtype if t.is_floating_point() and n != "timestep" else t.dtype)
+                for n, t in inputs.items()]
+        ref = module(*args)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    got = session.run({k: v.numpy() for k, v in inputs.items()})
+    return max(float(np.abs(got[name].astype(np.float32) - r.float().cpu().numpy()).max())
+               for name, r in zip(desc.output_names, ref))
+
+
+def build_tensorrt_engine(onnx_path: Path, desc: ComponentDescriptor, out_root: Path, precision: str,
+                          force: bool = False) -> Path:
+    """Build a TensorRT plan from the ONNX file with the descriptor's min/opt/max profile."""
+    toolkit = tensorrt_toolkit()
+    if toolkit is None:
+        raise ExportError("TensorRT is unavailable: the `tensorrt` package is not installed "
+                          "(pip install 'diffserve[tensorrt]' on a machine with an NVIDIA GPU)")
+    if not torch.cuda.is_available():
+        raise ExportError("TensorRT is unavailable: no CUDA GPU is visible on this machine")
+    import tensorrt as trt
+
+    plan = artifact_path(out_root, desc.component, precision, toolkit, suffix="plan")
+    fingerprint = hashlib.sha256(onnx_path.read_bytes()[:1 << 20] + repr(desc).encode()).hexdigest()
+    if not force and _is_current(plan, fingerprint):
+        return plan
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for spec in desc.inputs:
+        profile.set_shape(spec.name, *(desc.shape(spec, w) for w in ("min", "opt", "max")))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT failed to build {desc.component}")
+    plan.write_bytes(bytes(serialized))
+    plan.with_suffix(".json").write_text(json.dumps({"fingerprint": fingerprint, "onnx": str(onnx_path)}))
+    return plan

@@ -1,0 +1,269 @@
+"""Build a Triton model repository from local diffusers checkpoints.
+
+For each checkpoint: one python-backend component model per network it serves
+(``<key>_text_encoder``, ``<key>_unet``, ...), with the exported artifact in its version
+directory and dynamic batching. For each slug: a decoupled pipeline model named as the slug
+(Triton accepts ``.`` and ``-`` in model names) in the first requested mode, plus
+``<slug>__<mode>`` for each further mode. Every ``config.pbtxt`` is generated from the
+catalog and the component descriptors. ``repository.json`` records what was built, for the
+server launcher and the API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.catalog import get_model
+from engine.components import read_model_config
+from engine.descriptors import ComponentDescriptor, component_descriptors, needed_components
+from export.onnx_export import (
+    ExportError, build_tensorrt_engine, export_component, tensorrt_toolkit,
+)
+
+logger = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository" / "templates"
+RUNTIMES = ("onnxruntime", "tensorrt", "torch")
+MODES = ("bls", "fused")
+MANIFEST = "repository.json"
+_TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
+                 "uint8": "TYPE_UINT8", "bytes": "TYPE_STRING"}
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One served slug and the local checkpoint directory that serves it."""
+
+    slug: str
+    checkpoint: Path
+    key: str = ""
+    """Prefix of the component model names; slugs sharing a checkpoint share a key (and models)."""
+
+    def __post_init__(self) -> None:
+        get_model(self.slug)  # unknown slugs fail here
+        if not self.key:
+            object.__setattr__(self, "key", re.sub(r"[^A-Za-z0-9_]", "_", self.slug))
+
+
+@dataclass
+class RepositoryOptions:
+    runtime: str = "onnxruntime"
+    modes: tuple[str, ...] = ("bls", "fused")
+    precision: str = "fp32"
+    device: str = "cpu"
+    pipeline_instances: int = 2
+    component_instances: int = 1
+    max_queue_delay_us: int = 2000
+    fused_runtime: str = "onnxruntime"
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
+        if self.fused_runtime not in ("onnxruntime", "torch"):
+            raise ValueError("fused_runtime must be onnxruntime or torch")
+
+
+@dataclass
+class RepositoryReport:
+    repository: Path
+    pipelines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """pipeline model name -> {slug, mode, depends_on}"""
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """component model name -> {component, runtime, artifact, skipped, seconds, max_abs_diff}"""
+
+    def default_model(self, slug: str) -> str:
+        for name, info in self.pipelines.items():
+            if info["slug"] == slug and info["default"]:
+                return name
+        raise KeyError(slug)
+
+
+# -- config.pbtxt ----------------------------------------------------------------------------------
+
+def _pbtxt(value: Any, indent: int = 0) -> str:
+    """Protobuf text format for nested dicts/lists of scalars (what config.pbtxt needs)."""
+    pad = "  " * indent
+    lines = []
+    for key, val in value.items():
+        items = val if isinstance(val, list) and val and isinstance(val[0], dict) else [val]
+        for item in items:
+            if isinstance(item, dict):
+                lines.append(f"{pad}{key} {{\n{_pbtxt(item, indent + 1)}{pad}}}")
+            else:
+                lines.append(f"{pad}{key}: {_scalar(item)}")
+    return "\n".join(lines) + "\n"
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_scalar(x) for x in v) + "]"
+    if isinstance(v, str) and (v.startswith("TYPE_") or v.startswith("KIND_")):
+        return v
+    if isinstance(v, str):
+        return json.dumps(v)
+    return str(v)
+
+
+def _parameters(params: dict[str, str]) -> list[dict]:
+    return [{"key": k, "value": {"string_value": str(v)}} for k, v in params.items()]
+
+
+def component_config(name: str, desc: ComponentDescriptor, params: dict[str, str], opts: RepositoryOptions) -> str:
+    def tensors(specs):
+        out = []
+        for t in specs:
+            dims = [d if isinstance(d, int) else -1 for d in t.dims[1:]] or [1]  # batch axis is implicit
+            out.append({"name": t.name, "data_type": _TRITON_TYPES[t.dtype], "dims": dims})
+        return out
+
+    warmup_inputs = []
+    for t in desc.inputs:
+        dims = list(desc.shape(t, "opt")[1:]) or [1]
+        warmup_inputs.append({"key": t.name, "value": {"data_type": _TRITON_TYPES[t.dtype], "dims": dims,
+                                                       "zero_data": True}})
+    config = {
+        "name": name,
+        "backend": "python",
+        "max_batch_size": desc.max_batch,
+        "input": tensors(desc.inputs),
+        "output": tensors(desc.outputs),
+        "dynamic_batching": {"max_queue_delay_microseconds": opts.max_queue_delay_us},
+        "instance_group": [{"count": opts.component_instances, "kind": _kind(opts.device)}],
+        "parameters": _parameters(params),
+        "model_warmup": [{"name": "zeros", "batch_size": 1, "inputs": warmup_inputs}],
+    }
+    return _pbtxt(config)
+
+
+def pipeline_config(name: str, slug: str, params: dict[str, str], opts: RepositoryOptions) -> str:
+    spec = get_model(slug)
+    inputs = [{"name": "REQUEST", "data_type": "TYPE_STRING", "dims": [1]}]
+    inputs += [{"name": p, "data_type": "TYPE_UINT8", "dims": [-1, -1, 3], "optional": True}
+               for p in spec.image_params]
+    outputs = [
+        {"name": "IMAGES", "data_type": "TYPE_UINT8", "dims": [-1, -1, -1, 3]},
+        {"name": "IMAGES_FLOAT", "data_type": "TYPE_FP32", "dims": [-1, -1, -1, 3]},
+        {"name": "SEED", "data_type": "TYPE_INT64", "dims": [1]},
+        {"name": "INFO", "data_type": "TYPE_STRING", "dims": [1]},
+        {"name": "PROGRESS", "data_type": "TYPE_INT32", "dims": [2]},
+    ]
+    config = {
+        "name": name,
+        "backend": "python",
+        "max_batch_size": 0,
+        "model_transaction_policy": {"decoupled": True},
+        "input": inputs,
+        "output": outputs,
+        "instance_group": [{"count": opts.pipeline_instances, "kind": "KIND_CPU"}],
+        "parameters": _parameters(params),
+    }
+    return _pbtxt(config)
+
+
+def _kind(device: str) -> str:
+    return "KIND_GPU" if device.startswith("cuda") else "KIND_CPU"
+
+
+def _install_model(model_dir: Path, template: str, config: str) -> None:
+    version = model_dir / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(TEMPLATES / template / "model.py", version / "model.py")
+    (model_dir / "config.pbtxt").write_text(config, encoding="utf-8")
+
+
+# -- build -----------------------------------------------------------------------------------------
+
+def build_repository(repository: str | Path, deployments: list[Deployment],
+                     opts: RepositoryOptions | None = None) -> RepositoryReport:
+    """Export every needed component and write all model directories and configs."""
+    from engine.runtime_torch import load_component_modules
+
+    opts = opts or RepositoryOptions()
+    repo = Path(repository).resolve()
+    repo.mkdir(parents=True, exist_ok=True)
+    report = RepositoryReport(repository=repo)
+    if opts.runtime == "tensorrt" and tensorrt_toolkit() is None:
+        raise ExportError("TensorRT is unavailable here (no `tensorrt` package); use --runtime onnxruntime")
+
+    by_key: dict[str, list[Deployment]] = {}
+    for d in deployments:
+        by_key.setdefault(d.key, []).append(d)
+
+    for key, group in by_key.items():
+        checkpoints = {d.checkpoint.resolve() for d in group}
+        if len(checkpoints) != 1:
+            raise ValueError(f"deployments with key {key!r} point at different checkpoints: {checkpoints}")
+        checkpoint = checkpoints.pop()
+        config = read_model_config(checkpoint)
+        specs = [get_model(d.slug) for d in group]
+        descs = component_descriptors(config, specs)
+        names = needed_components(config, specs)
+        modules = None
+        model_names: dict[str, str] = {}
+        artifacts: dict[str, str] = {}
+        for component in names:
+            model_name = f"{key}_{component}"
+            model_names[component] = model_name
+            version = repo / model_name / "1"
+            params = {"component": component, "runtime": opts.runtime, "checkpoint": str(checkpoint),
+                      "precision": opts.precision, "device": opts.device}
+            info: dict[str, Any] = {"component": component, "runtime": opts.runtime}
+            needs_onnx = opts.runtime != "torch" or ("fused" in opts.modes and opts.fused_runtime == "onnxruntime")
+            if needs_onnx:
+                if modules is None:
+                    modules = load_component_modules(checkpoint, components=names)
+                result = export_component(modules[component], descs[component], checkpoint, version,
+                                          opts.precision, force=opts.force)
+                artifacts[component] = str(result.path)
+                info.update(artifact=str(result.path.relative_to(version)), skipped=result.skipped,
+                            seconds=round(result.seconds, 3), max_abs_diff=result.max_abs_diff)
+                params["artifact"] = info["artifact"]
+                if opts.runtime == "tensorrt":
+                    plan = build_tensorrt_engine(result.path, descs[component], version, opts.precision, opts.force)
+                    params["artifact"] = info["artifact"] = str(plan.relative_to(version))
+            _install_model(repo / model_name, "component",
+                           component_config(model_name, descs[component], params, opts))
+            report.components[model_name] = info
+
+        for d in group:
+            for i, mode in enumerate(opts.modes):
+                name = d.slug if i == 0 else f"{d.slug}__{mode}"
+                params = {"slug": d.slug, "mode": mode, "checkpoint": str(checkpoint),
+                          "components": json.dumps(model_names), "fused_runtime": opts.fused_runtime,
+                          "artifacts": json.dumps(artifacts), "precision": opts.precision, "device": opts.device}
+                _install_model(repo / name, "pipeline", pipeline_config(name, d.slug, params, opts))
+                report.pipelines[name] = {"slug": d.slug, "mode": mode, "default": i == 0,
+                                          "depends_on": sorted(model_names.values()) if mode == "bls" else []}
+
+    manifest = {"pipelines": report.pipelines, "components": report.components,
+                "options": {k: v for k, v in asdict(opts).items() if k != "force"}}
+    (repo / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    logger.info("model repository ready in %s: %s", repo, ", ".join(report.pipelines))
+    return report
+
+
+def read_manifest(repository: str | Path) -> dict[str, Any]:
+    path = Path(repository) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{repository} has no {MANIFEST}; build it with `diffserve export`")
+    return json.loads(path.read_text())
+
+
+def demo_deployments(checkpoints: dict[str, Path]) -> list[Deployment]:
+    """Tiny checkpoints keyed by family, so the two SD1.5 slugs share component models."""
+    out = []
+    for slug, path in checkpoints.items():
+        out.append(Deployment(slug=slug, checkpoint=Path(path), key=f"tiny_{get_model(slug).family}"))
+    return out

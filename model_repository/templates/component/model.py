@@ -1,0 +1,96 @@
+"""Triton python-backend model for one network component (text encoder, UNet, VAE encoder/decoder).
+
+Runs the component with ONNX Runtime, TensorRT or torch, as the ``runtime`` parameter of its
+``config.pbtxt`` says. Dynamic batching hands ``execute`` several requests at once — e.g. UNet
+steps of concurrent pipeline requests — which are concatenated along the batch axis when their
+other dimensions agree, run as one batch, and split back into one response per request.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+logger = logging.getLogger("diffserve.component")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+        self.name = self.config["name"]
+        self.component = params["component"]
+        self.input_names = [i["name"] for i in self.config["input"]]
+        self.output_names = [o["name"] for o in self.config["output"]]
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        runtime = params["runtime"]
+        if runtime == "onnxruntime":
+            from engine.runtime_onnx import OnnxSession
+
+            session = OnnxSession(version_dir / params["artifact"])
+            self._run = session.run
+        elif runtime == "tensorrt":
+            from engine.runtime_trt import TrtSession
+
+            self._run = TrtSession(version_dir / params["artifact"]).run
+        elif runtime == "torch":
+            self._run = self._torch_runner(params)
+        else:
+            raise pb_utils.TritonModelException(f"{self.name}: unknown runtime {runtime!r}")
+        logger.info("%s: %s ready (%s)", self.name, self.component, runtime)
+
+    def _torch_runner(self, params):
+        import torch
+
+        from engine.runtime_torch import DTYPES, load_component_modules
+
+        device = torch.device(params.get("device", "cpu"))
+        dtype = DTYPES[params.get("precision", "fp32")]
+        module = load_component_modules(params["checkpoint"], dtype, [self.component])[self.component].to(device)
+
+        @torch.inference_mode()
+        def run(feeds):
+            args = [torch.from_numpy(feeds[n]).to(device, dtype if feeds[n].dtype == np.float32 and n != "timestep"
+                                                  else None) if n in feeds else None for n in self.input_names]
+            outs = module(*args)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, outs)}
+
+        return run
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        groups = {}
+        for i, request in enumerate(requests):
+            feeds = {}
+            for name in self.input_names:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    feeds[name] = tensor.as_numpy()
+            key = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(feeds.items()))
+            groups.setdefault(key, []).append((i, feeds))
+        for members in groups.values():
+            try:
+                batch = {n: np.concatenate([f[n] for _, f in members]) for n in members[0][1]}
+                if "timestep" in batch:  # [B, 1] on the wire (batch axis is implicit), [B] in the graph
+                    batch["timestep"] = batch["timestep"].reshape(-1)
+                outputs = self._run(batch)
+                start = 0
+                for i, feeds in members:
+                    size = next(iter(feeds.values())).shape[0]
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                        pb_utils.Tensor(n, np.ascontiguousarray(outputs[n][start:start + size].astype(np.float32)))
+                        for n in self.output_names
+                    ])
+                    start += size
+            except Exception as exc:  # one bad batch must not take the model down
+                logger.exception("%s failed", self.name)
+                for i, _ in members:
+                    responses[i] = pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"{self.name}: {type(exc).__name__}: {exc}"))
+        return responses
+
+    def finalize(self):
+        logger.info("%s unloaded", self.name)

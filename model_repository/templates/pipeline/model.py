@@ -1,0 +1,166 @@
+"""Triton python-backend pipeline model: one slug's denoising loop, served by Triton.
+
+Runs ``engine.pipelines.run`` — the same code as the in-process engine — with a
+``Components`` object chosen by the ``mode`` parameter of ``config.pbtxt``:
+
+* ``bls``: every network call is a BLS request to a component model (separate instance counts;
+  the UNet model's dynamic batcher merges steps of concurrent requests);
+* ``fused``: the networks run in this process (ONNX Runtime or torch); no per-step IPC.
+
+The model is decoupled: it streams a ``PROGRESS`` response after every UNet step, then one final
+response with ``IMAGES`` (uint8 NHWC), ``SEED`` and ``INFO`` (JSON timings), and ``IMAGES_FLOAT``
+when the client asks for it. Between steps it polls for client cancellation.
+
+Wire format: ``REQUEST`` is a JSON object ``{"params": {...}}`` with the catalog parameters;
+image parameters travel as separate UINT8 [H, W, 3] inputs named after the parameter.
+"""
+
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from engine.catalog import ValidationError, get_model
+from engine.components import NamedTensorComponents
+from engine.descriptors import component_descriptors
+from engine.pipelines import Cancelled, RunControl, run
+
+logger = logging.getLogger("diffserve.pipeline")
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+IMAGE_PLACEHOLDER = "<tensor>"
+
+
+class ComponentError(RuntimeError):
+    pass
+
+
+class BlsComponents(NamedTensorComponents):
+    """``Components`` whose calls are BLS requests to the component models."""
+
+    def __init__(self, checkpoint, model_names):
+        super().__init__(checkpoint, "cpu")
+        self.model_names = model_names
+        self.outputs = {name: list(d.output_names) for name, d in component_descriptors(self.config).items()}
+
+    def run_component(self, component, inputs):
+        tensors = []
+        for name, value in inputs.items():
+            if value is None:
+                continue
+            array = value.detach().cpu().contiguous().numpy()
+            if name == "timestep":
+                array = array.reshape(-1, 1)  # the batch axis is implicit in the component's config
+            tensors.append(pb_utils.Tensor(name, array))
+        request = pb_utils.InferenceRequest(model_name=self.model_names[component], inputs=tensors,
+                                            requested_output_names=self.outputs[component])
+        response = request.exec()
+        if response.has_error():
+            raise ComponentError(f"{self.model_names[component]}: {response.error().message()}")
+        return {name: torch.from_numpy(pb_utils.get_output_tensor_by_name(response, name).as_numpy().copy())
+                for name in self.outputs[component]}
+
+
+def fused_components(params):
+    runtime = params.get("fused_runtime", "onnxruntime")
+    if runtime == "torch":
+        from engine.runtime_torch import TorchComponents
+
+        return TorchComponents(params["checkpoint"], device=params.get("device") or None,
+                               precision=params.get("precision") or None)
+    if runtime == "onnxruntime":
+        from engine.runtime_onnx import OnnxComponents
+
+        return OnnxComponents(params["checkpoint"], json.loads(params["artifacts"]))
+    raise ValueError(f"unknown fused_runtime {runtime!r}")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+        self.name = self.config["name"]
+        self.slug = params["slug"]
+        self.spec = get_model(self.slug)
+        self.mode = params["mode"]
+        if self.mode == "bls":
+            self.components = BlsComponents(params["checkpoint"], json.loads(params["components"]))
+        elif self.mode == "fused":
+            self.components = fused_components(params)
+        else:
+            raise pb_utils.TritonModelException(f"{self.name}: unknown mode {self.mode!r}")
+        for index in range(self.components.config.num_text_encoders):
+            self.components.tokenizer(index)  # load now, not on the first request
+        logger.info("%s: %s pipeline ready (%s mode)", self.name, self.slug, self.mode)
+
+    def execute(self, requests):
+        for request in requests:
+            self._handle(request)
+        return None
+
+    def _handle(self, request):
+        sender = request.get_response_sender()
+        t0 = time.perf_counter()
+        try:
+            params = self._params(request)
+            wanted = set(request.requested_output_names() or [])
+
+            def on_step(done, total):
+                if "PROGRESS" in wanted:
+                    progress = pb_utils.Tensor("PROGRESS", np.array([done, total], dtype=np.int32))
+                    sender.send(pb_utils.InferenceResponse(output_tensors=[progress]))
+
+            control = RunControl(on_step=on_step, is_cancelled=sender.is_cancelled)
+            result = run(self.slug, params, self.components, control)
+            info = {"steps": result.steps, "timings": result.timings, "mode": self.mode,
+                    "model_seconds": time.perf_counter() - t0}
+            outputs = [
+                pb_utils.Tensor("IMAGES", result.to_uint8()),
+                pb_utils.Tensor("SEED", np.array([result.seed], dtype=np.int64)),
+                pb_utils.Tensor("INFO", np.array([json.dumps(info).encode()], dtype=np.object_)),
+            ]
+            if "IMAGES_FLOAT" in wanted:
+                outputs.append(pb_utils.Tensor("IMAGES_FLOAT", result.images.astype(np.float32)))
+            sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
+        except (ValidationError, ValueError) as exc:
+            self._send_error(sender, f"invalid request: {exc}", pb_utils.TritonError.INVALID_ARG)
+        except Cancelled:
+            logger.info("%s: request cancelled by the client", self.name)
+            self._send_error(sender, "cancelled", pb_utils.TritonError.CANCELLED)
+        except ComponentError as exc:
+            logger.error("%s: component failed: %s", self.name, exc)
+            self._send_error(sender, f"component failed: {exc}", pb_utils.TritonError.UNAVAILABLE)
+        except Exception as exc:  # answer with an error; never take the model down
+            logger.exception("%s failed", self.name)
+            self._send_error(sender, f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+
+    def _params(self, request):
+        raw = pb_utils.get_input_tensor_by_name(request, "REQUEST")
+        if raw is None:
+            raise ValueError("missing REQUEST input")
+        payload = json.loads(raw.as_numpy().reshape(-1)[0])
+        params = dict(payload.get("params", {}))
+        images = {}
+        for name in self.spec.image_params:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                images[name] = tensor.as_numpy()
+                params[name] = IMAGE_PLACEHOLDER
+            else:
+                params.pop(name, None)
+        params = self.spec.validate(params)
+        params.update({name: images.get(name) for name in self.spec.image_params})
+        return params
+
+    @staticmethod
+    def _send_error(sender, message, code):
+        try:
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+        except Exception:  # the client may be gone (cancelled); nothing is left to answer
+            logger.debug("could not send error response: %s", message)
+
+    def finalize(self):
+        logger.info("%s unloaded", self.name)

@@ -1,0 +1,195 @@
+"""A real Triton server, started from the exported demo repository, serves every implemented slug.
+
+The server runs in explicit model-control mode so tests can unload a component model (a real
+component failure) and reload a model with an overridden config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from api.backend import BackendUnavailable
+from api.backend_triton import TritonBackend
+from engine.catalog import implemented_slugs, validate
+from engine.pipelines import run
+from engine.runtime_torch import TorchComponents
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory, tiny_checkpoints):
+    from export.repository import RepositoryOptions, build_repository, demo_deployments
+
+    repo = tmp_path_factory.mktemp("model_repository")
+    return build_repository(repo, demo_deployments(tiny_checkpoints), RepositoryOptions(modes=("bls", "fused")))
+
+
+@pytest.fixture(scope="module")
+def triton(repository, tmp_path_factory):
+    from api.triton_server import TritonServer, TritonServerConfig
+
+    log = tmp_path_factory.mktemp("triton-log") / "triton.log"
+    server = TritonServer(TritonServerConfig(repository=repository.repository, model_control_mode="explicit",
+                                             load_models=["*"], log_file=log, startup_timeout_s=600))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(triton, repository):
+    return TritonBackend.from_repository(triton.grpc_url, repository.repository)
+
+
+@pytest.fixture(scope="module")
+def client(triton):
+    return grpcclient.InferenceServerClient(triton.grpc_url)
+
+
+@pytest.fixture(scope="module")
+def engine_components(tiny_checkpoints):
+    return {slug: TorchComponents(path) for slug, path in tiny_checkpoints.items()}
+
+
+def request_params(slug: str, image: np.ndarray) -> dict:
+    payloads = {
+        "sd1.5-scifi": {"prompt": "futuristic city", "negative_prompt": "blurry", "scheduler": "dpmpp_2m",
+                        "guidance_scale": 5, "samples": 2, "seed": 516797155652, "img_width": 512,
+                        "img_height": 768},
+        "sd1.5-img2img": {"image": "<tensor>", "prompt": "a fantasy landscape", "scheduler": "DDIM",
+                          "guidance_scale": 10.5, "strength": 0.75, "seed": 98877465625},
+        "segmind-vega": {"prompt": "portrait", "scheduler": "UniPC", "num_inference_steps": 20,
+                         "guidance_scale": 9, "seed": 1232788698},
+    }
+    params = validate(slug, payloads[slug])
+    if "image" in params:
+        params["image"] = image
+    return params
+
+
+@pytest.fixture(scope="module")
+def big_image():
+    y, x = np.mgrid[0:512, 0:512]
+    return np.stack([x // 2, y // 2, (x + y) // 4], axis=-1).astype(np.uint8)
+
+
+def test_exported_onnx_components_match_torch(repository):
+    assert repository.components, "no component models were exported"
+    for name, info in repository.components.items():
+        if not info.get("skipped"):
+            assert info["max_abs_diff"] is not None and info["max_abs_diff"] <= TOL, (name, info)
+
+
+@pytest.mark.parametrize("slug", implemented_slugs())
+def test_triton_serves_every_slug_equal_to_the_engine_in_both_modes(slug, backend, engine_components, big_image):
+    params = request_params(slug, big_image)
+    reference = run(slug, dict(params), engine_components[slug])
+    outputs = {}
+    for model in (slug, f"{slug}__fused"):
+        steps = []
+        out = asyncio.run(backend.infer(model, dict(params), request_id=f"t-{model}", want_float=True,
+                                        on_progress=lambda d, t: steps.append((d, t))))
+        assert out.seed == reference.seed
+        assert out.images.shape == reference.images.shape and out.images.dtype == np.uint8
+        assert np.abs(out.images_float - reference.images).max() <= TOL, model
+        assert steps[-1] == (reference.steps, reference.steps) and len(steps) == reference.steps
+        assert out.info["mode"] == ("fused" if model.endswith("__fused") else "bls")
+        outputs[model] = out
+    bls, fused = outputs.values()
+    assert np.abs(bls.images_float - fused.images_float).max() <= TOL
+
+
+def _unet_stats(client, model="tiny_sd15_unet"):
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    batches = {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])}
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0)), batches
+
+
+def test_concurrent_requests_share_unet_batches(backend, client, big_image):
+    # Two pipelines stepping in lock-step only meet in one UNet batch when the batcher waits
+    # about one step for a partner; reload the UNet with that delay for this test, then restore.
+    model = "tiny_sd15_unet"
+    original = client.get_model_config(model, as_json=True)["config"]
+    patched = json.loads(json.dumps(original))
+    patched["dynamic_batching"]["max_queue_delay_microseconds"] = "300000"
+    client.load_model(model, config=json.dumps(patched))
+    try:
+        before = _unet_stats(client)
+        params = request_params("sd1.5-scifi", big_image) | {"samples": 1, "img_height": 512}
+
+        async def both():
+            return await asyncio.gather(*(backend.generate("sd1.5-scifi", dict(params, seed=s), request_id=f"c{s}")
+                                          for s in (1, 2)))
+
+        first, second = asyncio.run(both())
+        assert len(first.images) == 1 and len(second.images) == 1
+        assert not np.array_equal(first.images[0], second.images[0])
+        after = _unet_stats(client)
+        assert after[0] - before[0] == 2 * 2 * 20  # 2 requests x CFG pair x 20 steps
+        assert after[1] - before[1] < 2 * 20  # fewer executions than UNet requests: steps were batched
+        grown = {b: n - before[2].get(b, 0) for b, n in after[2].items()}
+        assert grown.get(4, 0) > 0  # a batch of 4 = both requests' CFG pairs together
+    finally:
+        client.load_model(model, config=json.dumps(original))
+
+
+def test_cancelled_request_stops_between_steps(backend, client, big_image):
+    params = request_params("sd1.5-scifi", big_image) | {"samples": 1, "img_height": 512, "num_inference_steps": 100}
+    before = _unet_stats(client)[0]
+    seen = []
+
+    async def cancel_after_three():
+        task = asyncio.ensure_future(backend.infer("sd1.5-scifi", params, request_id="cancel-me",
+                                                   on_progress=lambda d, t: seen.append(d)))
+        while len(seen) < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_after_three())
+    last = -1
+    for _ in range(60):  # wait until the UNet count stops moving (the in-flight step finished)
+        now = _unet_stats(client)[0]
+        if now == last:
+            break
+        last = now
+        time.sleep(0.5)
+    steps_run = (_unet_stats(client)[0] - before) // 2
+    assert 3 <= steps_run <= len(seen) + 2, (steps_run, len(seen))  # stopped within a step of noticing
+    assert steps_run < 100
+
+
+def test_failing_component_gives_an_error_response_and_the_next_request_succeeds(backend, client, big_image):
+    params = request_params("sd1.5-scifi", big_image) | {"samples": 1, "img_height": 512}
+    client.unload_model("tiny_sd15_unet")
+    try:
+        with pytest.raises(BackendUnavailable) as info:
+            asyncio.run(backend.generate("sd1.5-scifi", dict(params), request_id="no-unet"))
+        assert "tiny_sd15_unet" in str(info.value)
+        assert client.is_model_ready("sd1.5-scifi")  # the pipeline model survived
+    finally:
+        client.load_model("tiny_sd15_unet")
+    out = asyncio.run(backend.generate("sd1.5-scifi", dict(params), request_id="after"))
+    assert len(out.images) == 1
+
+
+def test_invalid_request_is_rejected_by_the_pipeline_model(backend):
+    from api.backend import InputRejected
+
+    with pytest.raises(InputRejected) as info:
+        asyncio.run(backend.infer("sd1.5-scifi", {"prompt": "x", "samples": 9}, request_id="bad"))
+    assert "samples" in str(info.value)
+
+
+def test_readiness_reports_every_slug(backend):
+    status = asyncio.run(backend.ready())
+    assert status["server"] is True
+    assert all(status[slug] for slug in implemented_slugs())
