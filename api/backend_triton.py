@@ -170,3 +170,47 @@ class TritonBackend:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+class ManagedTritonBackend(TritonBackend):
+    """A ``TritonBackend`` that owns the Triton server process it talks to (stopped on close)."""
+
+    def __init__(self, server, pipelines: dict[str, dict[str, Any]], **kw):
+        super().__init__(server.grpc_url, pipelines, **kw)
+        self.server = server
+
+    async def close(self) -> None:
+        await super().close()
+        await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
+
+
+def create_triton_backend(settings, demo: bool) -> TritonBackend:
+    """The backend ``diffserve serve --backend triton`` uses.
+
+    With ``settings.triton_url`` it connects to a Triton server someone else runs (the model
+    repository, for its manifest, is ``settings.repository``); otherwise it starts one on the
+    repository (the demo repository with ``demo``: tiny checkpoints, exported on first use).
+    """
+    from api.triton_server import TritonServer, TritonServerConfig
+    from export.repository import read_manifest
+
+    repository = getattr(settings, "repository", None)
+    if demo:
+        from export.cli import build_demo_repository
+
+        repository = build_demo_repository(Path(repository) if repository else None).repository
+    if repository is None:
+        raise SystemExit("--backend triton needs a model repository: --repository DIR "
+                         "(built by `diffserve export`) or --demo")
+    pipelines = read_manifest(repository)["pipelines"]
+    timeout = float(getattr(settings, "job_timeout_s", 600.0))
+    url = getattr(settings, "triton_url", None)
+    if url:
+        return TritonBackend(url, pipelines, timeout_s=timeout)
+    data_dir = Path(getattr(settings, "data_dir", "var/api"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = TritonServer(TritonServerConfig(
+        repository=Path(repository), log_file=data_dir / "triton.log",
+        startup_timeout_s=float(getattr(settings, "triton_startup_timeout_s", 600.0))))
+    server.start()
+    return ManagedTritonBackend(server, pipelines, timeout_s=timeout)

@@ -1,0 +1,79 @@
+"""ONNX export: components match torch, artifacts are cached by a pure path, TensorRT absence is explicit."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.catalog import get_model
+from engine.components import read_model_config
+from engine.descriptors import component_descriptors, needed_components
+from engine.runtime_onnx import OnnxComponents
+from engine.runtime_torch import TorchComponents, load_component_modules
+from export.onnx_export import ExportError, artifact_path, build_tensorrt_engine, export_component, onnx_toolkit
+
+
+@pytest.fixture(scope="module")
+def sd15_exports(tmp_path_factory, sd15_dir):
+    out = tmp_path_factory.mktemp("onnx-sd15")
+    config = read_model_config(sd15_dir)
+    descs = component_descriptors(config)
+    modules = load_component_modules(sd15_dir)
+    results = {name: export_component(modules[name], descs[name], sd15_dir, out)
+               for name in needed_components(config, [get_model("sd1.5-img2img")])}
+    return out, descs, modules, results
+
+
+def test_every_component_matches_torch_fp32(sd15_exports):
+    _, _, _, results = sd15_exports
+    assert set(results) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
+    for name, r in results.items():
+        assert r.max_abs_diff is not None and r.max_abs_diff <= 1e-4, (name, r.max_abs_diff)
+
+
+def test_artifact_path_is_a_pure_function_and_reexport_skips(sd15_exports, sd15_dir):
+    out, descs, modules, results = sd15_exports
+    assert results["unet"].path == artifact_path(out, "unet", "fp32", onnx_toolkit())
+    again = export_component(modules["unet"], descs["unet"], sd15_dir, out)
+    assert again.skipped and again.path == results["unet"].path
+
+
+def test_onnx_runtime_pipeline_equals_torch_pipeline(sd15_exports, sd15_dir):
+    from engine.pipelines import sd15_txt2img
+
+    _, _, _, results = sd15_exports
+    onnx = OnnxComponents(sd15_dir, {name: r.path for name, r in results.items()})
+    torch_components = TorchComponents(sd15_dir)
+    kw = dict(prompt="a city", width=64, height=96, num_inference_steps=4, num_images=2, seed=3, scheduler="Euler a")
+    a = sd15_txt2img.generate(onnx, **kw).images
+    b = sd15_txt2img.generate(torch_components, **kw).images
+    assert abs(a - b).max() <= 1e-4
+
+
+def test_fp16_export_runs_within_half_precision_tolerance(tmp_path, sd15_dir):
+    config = read_model_config(sd15_dir)
+    desc = component_descriptors(config)["unet"]
+    module = load_component_modules(sd15_dir, components=["unet"])["unet"]
+    result = export_component(module, desc, sd15_dir, tmp_path, "fp16")
+    assert "fp16" in str(result.path)
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 2e-2
+
+
+def test_unknown_precision_is_rejected(tmp_path, sd15_dir):
+    desc = component_descriptors(read_model_config(sd15_dir))["unet"]
+    with pytest.raises(ExportError, match="precision"):
+        export_component(None, desc, sd15_dir, tmp_path, "int4")
+
+
+def test_tensorrt_unavailable_is_said_clearly(tmp_path, sd15_exports):
+    _, descs, _, results = sd15_exports
+    with pytest.raises(ExportError, match="TensorRT is unavailable"):
+        build_tensorrt_engine(results["unet"].path, descs["unet"], tmp_path, "fp16")
+
+
+def test_profiles_cover_every_catalog_resolution_and_batch(sd15_dir):
+    config = read_model_config(sd15_dir)
+    descs = component_descriptors(config, [get_model("sd1.5-scifi"), get_model("sd1.5-img2img")])
+    unet = descs["unet"]
+    assert unet.profile["batch"] == (1, 2, 8)  # 4 samples x CFG
+    assert unet.profile["latent_height"][0] == 64 and unet.profile["latent_height"][2] == 128
+    assert descs["vae_decoder"].profile["image_width"] == (512, 512, 1024)
