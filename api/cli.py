@@ -1,4 +1,4 @@
-"""The ``diffserve`` command line: generate, demo (and, as they land, export, triton, serve, bench).
+"""The ``diffserve`` command line: generate, demo, serve, export, triton, bench.
 
 Each sub-command imports what it needs only when it runs, so ``diffserve --help`` is instant
 and the engine-only commands never load the API or Triton modules.
@@ -128,6 +128,20 @@ DEMO_PARAMS: dict[str, dict[str, Any]] = {
     },
 }
 
+DEMO_PARAMS["ominicontrol"] = {
+    "image": "<local>", "prompt": "photo of this orange sofa in a modern living room", "steps": 8,
+    "seed": 4710825087, "image_format": "png", "image_quality": 90, "base64": False,
+}
+
+# The seed page's example payload; its image URLs become the tiny demo portraits (see cmd_demo).
+DEMO_PARAMS["omni-zero"] = {
+    "seed": 42, "prompt": "A person", "base_image": "<omni-base>", "style_image": "<omni-style>",
+    "guidance_scale": 3, "identity_image": "<omni-identity>", "negative_prompt": "blurry, out of focus",
+    "number_of_steps": 10, "number_of_images": 1, "composition_image": "<omni-base>", "base_image_strength": 0.15,
+    "depth_image_strength": 0.5, "style_image_strength": 1, "identity_image_strength": 1,
+    "composition_image_strength": 1,
+}
+
 
 def demo_input_image(path: Path) -> Path:
     """A deterministic 512x512 test picture (gradient sky over a checkerboard), for img2img demos."""
@@ -148,15 +162,126 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from engine.catalog import implemented_slugs
 
     out = home_dir() / "demo-outputs"
+    from engine.tiny_omni_zero import write_demo_inputs
+
     image = demo_input_image(home_dir() / "demo-inputs" / "sd-img2img-input.jpeg")
+    local = {"<local>": image, **{f"<omni-{k}>": v for k, v in write_demo_inputs(home_dir() / "demo-inputs").items()}}
     for slug in implemented_slugs():
-        params = {k: (str(image) if v == "<local>" else v) for k, v in DEMO_PARAMS[slug].items()}
+        params = {k: (str(local[v]) if isinstance(v, str) and v in local else v) for k, v in DEMO_PARAMS[slug].items()}
         ns = argparse.Namespace(slug=slug, params=json.dumps(params), out=str(out), checkpoint=None,
                                 device=None, precision=None)
         if cmd_generate(ns) != 0:
             return 1
     print(f"demo images written to {out}")
     return 0
+
+
+def _parse_checkpoint(text: str) -> tuple[str, Path]:
+    slug, sep, path = text.partition("=")
+    if not sep or not slug or not path:
+        raise argparse.ArgumentTypeError(f"expected SLUG=DIR, got {text!r}")
+    return slug, Path(path)
+
+
+def create_local_backend(settings, demo: bool):
+    """The in-process backend: ``--checkpoint``/``DIFFSERVE_CHECKPOINTS`` dirs, plus tiny demo ones."""
+    from api.backend_local import EngineBackend
+
+    checkpoints = dict(demo_checkpoints()) if demo else {}
+    checkpoints.update(settings.checkpoints)
+    if not checkpoints:
+        raise SystemExit("--backend local needs checkpoints: --checkpoint SLUG=DIR (repeatable) or --demo")
+    return EngineBackend(checkpoints, device=settings.device, precision=settings.precision,
+                         max_workers=settings.max_concurrent_jobs)
+
+
+def create_backend(name: str, settings, demo: bool):
+    if name == "local":
+        return create_local_backend(settings, demo)
+    # ---- Triton backend hook (owned by the Triton backend's author) ------------------------------
+    # api/backend_triton.py must define create_triton_backend(settings, demo: bool) returning a
+    # GenerationBackend (api/backend.py); it is imported only when --backend triton is asked for.
+    try:
+        from api.backend_triton import create_triton_backend
+    except ModuleNotFoundError as exc:
+        if exc.name != "api.backend_triton":
+            raise
+        raise SystemExit("--backend triton is not available yet: api/backend_triton.py "
+                         "(create_triton_backend(settings, demo)) is missing; use --backend local") from None
+    return create_triton_backend(settings, demo=demo)
+
+
+def _graceful_server(config):
+    """A uvicorn server on which SIGINT/SIGTERM start a graceful shutdown that exits with status 0.
+
+    (uvicorn's own handler re-raises the signal once shut down, so the process would die of it.)
+    """
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return Server(config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import uvicorn
+    from pydantic import ValidationError as SettingsError
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    overrides: dict[str, Any] = {}
+    for name in ("host", "port", "data_dir", "device", "precision", "repository", "triton_url"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.api_key:
+        overrides["api_keys"] = args.api_key
+    if args.demo and args.data_dir is None and "DIFFSERVE_DATA_DIR" not in os.environ:
+        overrides["data_dir"] = home_dir() / "api"
+    try:
+        settings = Settings(**overrides)
+        if args.checkpoint:
+            settings = Settings(**overrides, checkpoints={**settings.checkpoints, **dict(args.checkpoint)})
+    except SettingsError as exc:
+        # Without the input values: they may hold API keys.
+        problems = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                    for e in exc.errors(include_input=False, include_url=False)]
+        raise SystemExit("invalid settings:\n" + "\n".join(problems)) from None
+    backend = create_backend(args.backend, settings, args.demo)
+    app = create_app(settings, backend)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
+                            timeout_graceful_shutdown=30, access_log=args.verbose)
+    server = _graceful_server(config)
+
+    async def serve() -> bool:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            host, port = server.servers[0].sockets[0].getsockname()[:2]
+            url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+            print(f"diffserve API ready at {url}  (SDK base_url {url}/v1, docs {url}/docs)", flush=True)
+        await task
+        return server.started
+
+    return 0 if asyncio.run(serve()) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +300,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate one image per implemented slug with the tiny demo models")
     demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser("serve", help="run the HTTP API (Segmind contract: /v1, /v2); settings from DIFFSERVE_*")
+    serve.add_argument("--demo", action="store_true",
+                       help="serve the tiny demo models (local: demo checkpoints; triton: the demo repository)")
+    serve.add_argument("--backend", choices=["local", "triton"], default="local",
+                       help="local: pipelines in this process; triton: a Triton server (default: local)")
+    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port (default 8000; 0 picks a free one)")
+    serve.add_argument("--api-key", action="append", metavar="KEY",
+                       help="accepted API key (repeatable; default DIFFSERVE_API_KEYS; none: open server)")
+    serve.add_argument("--data-dir", type=Path, help="job database and outputs (default var/api)")
+    serve.add_argument("--checkpoint", action="append", type=_parse_checkpoint, metavar="SLUG=DIR",
+                       help="local diffusers checkpoint for a slug (repeatable; local backend)")
+    serve.add_argument("--repository", type=Path, help="Triton model repository (triton backend)")
+    serve.add_argument("--triton-url", help="gRPC host:port of a running Triton server (default: start one)")
+    serve.add_argument("--device", help="torch device for the local backend")
+    serve.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="local backend precision")
+    serve.set_defaults(func=cmd_serve)
+    from benchmarks.cli import add_parsers as add_bench_parsers
+    from export.cli import add_parsers as add_export_parsers
+
+    add_export_parsers(sub)
+    add_bench_parsers(sub)
     return parser
 
 

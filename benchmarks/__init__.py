@@ -1,0 +1,1 @@
+"""Latency, throughput, serving-overhead, cost and capacity benchmarks (``diffserve bench``)."""

@@ -66,6 +66,9 @@ class ModelSpec:
     """Image format returned when the request does not choose one."""
     implemented: bool = True
     description: str = ""
+    output_size: tuple[int, int] | None = None
+    """(width, height) of every output image where the page offers no size parameters (the pipeline's
+    fixed size); read by the pipeline and by export shape profiles."""
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.params]
@@ -97,7 +100,7 @@ class ModelSpec:
             widths = self.param("img_width").choices or (self.param("img_width").default,)
             heights = self.param("img_height").choices or (self.param("img_height").default,)
             return [(int(w), int(h)) for w in widths for h in heights]
-        return []
+        return [self.output_size] if self.output_size else []
 
     def validate(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """Return the complete, typed parameter dict or raise ``ValidationError`` with every problem."""
@@ -366,7 +369,6 @@ OMNI_ZERO = ModelSpec(
     pipeline="omni_zero",
     family="sdxl",
     batch_param="number_of_images",
-    implemented=False,
     description="Zero-shot stylized portraits: SDXL ControlNet img2img with identity, style and composition adapters.",
     params=(
         Param("identity_image", ParamType.IMAGE, "Identity image for the model", required=True,
@@ -401,8 +403,9 @@ OMINICONTROL = ModelSpec(
     family="flux",
     batch_param=None,
     output_format="png",
-    implemented=False,
     description="Subject-driven generation on FLUX.1-schnell with condition tokens and a subject LoRA.",
+    # The page has no size parameters; 512x512 is the OminiControl subject model's training and demo size.
+    output_size=(512, 512),
     params=(
         Param("image", ParamType.IMAGE, "URL of the input image.", required=True),
         _prompt(required=True, description="Prompt for the image generation."),

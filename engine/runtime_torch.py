@@ -3,8 +3,16 @@
 Loads each network with ``from_pretrained(<local dir>/<component>)`` — the same code path for
 the tiny random-weight test checkpoints and for real deployments — and wraps it in a small
 module whose positional inputs and tuple outputs follow ``engine.descriptors``; ONNX export
-traces these same wrappers. fp32 on CPU; fp16 or bf16 on GPU. Attention uses PyTorch SDPA
-(diffusers' default processor on torch 2).
+traces these same wrappers. fp32 on CPU; fp16 or bf16 on GPU (bf16 by default for FLUX, whose
+transformer and T5 overflow in fp16). Attention uses PyTorch SDPA (diffusers' default processor
+on torch 2).
+
+An Omni-Zero checkpoint (SDXL plus image encoder, adapters, ControlNets, face and depth models;
+``engine.omni_zero_checkpoint``) loads its extra components through ``engine.omni_zero_modules``.
+
+A FLUX checkpoint directory may hold the OminiControl subject LoRA under ``condition_lora/`` (one
+``.safetensors`` file, e.g. a copy of or link to ``subject_512.safetensors``); an explicit
+``condition_lora`` path overrides it.
 """
 
 from __future__ import annotations
@@ -15,18 +23,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.components import NamedTensorComponents
+from engine.components import NamedTensorComponents, read_model_config
 from engine.descriptors import component_descriptors
+from engine.omni_zero_checkpoint import OMNI_ZERO_COMPONENTS, is_omni_zero_checkpoint
+from engine.omni_zero_modules import load_omni_zero_modules
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def resolve_device_dtype(device: str | None, precision: str | None) -> tuple[torch.device, torch.dtype]:
+CONDITION_LORA_DIR = "condition_lora"
+
+
+def resolve_device_dtype(device: str | None, precision: str | None,
+                         family: str | None = None) -> tuple[torch.device, torch.dtype]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if precision is None:
-        precision = "fp16" if dev.type == "cuda" else "fp32"
+        precision = ("bf16" if family == "flux" else "fp16") if dev.type == "cuda" else "fp32"
     if precision not in DTYPES:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
     dtype = DTYPES[precision]
@@ -47,6 +61,17 @@ class TextEncoderModule(nn.Module):
         out = self.encoder(input_ids, output_hidden_states=True)
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
         return out.last_hidden_state, out.hidden_states[-2], pooled
+
+
+class T5EncoderModule(nn.Module):
+    """input_ids -> last_hidden_state (FLUX's sequence conditioning; no attention mask, as FluxPipeline)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids):
+        return self.encoder(input_ids, output_hidden_states=False)[0]
 
 
 class UNetModule(nn.Module):
@@ -85,16 +110,68 @@ class VaeDecoderModule(nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
+def find_condition_lora(checkpoint: str | Path) -> Path | None:
+    """The one ``.safetensors`` file under ``<checkpoint>/condition_lora/``, if any."""
+    files = sorted((Path(checkpoint) / CONDITION_LORA_DIR).glob("*.safetensors"))
+    if len(files) > 1:
+        raise ValueError(f"{Path(checkpoint) / CONDITION_LORA_DIR} holds {len(files)} .safetensors files; "
+                         "keep exactly one, or pass the LoRA path explicitly")
+    return files[0] if files else None
+
+
+def _load_flux_modules(root: Path, dtype: torch.dtype, wanted: set[str],
+                       condition_lora: str | Path | None) -> dict[str, nn.Module]:
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from engine.flux_condition import ConditionKVModule, FluxTransformerModule, read_condition_lora
+
+    kw = {"torch_dtype": dtype}
+    mods: dict[str, nn.Module] = {}
+    if "text_encoder" in wanted:
+        mods["text_encoder"] = TextEncoderModule(CLIPTextModel.from_pretrained(root / "text_encoder", **kw))
+    if "text_encoder_2" in wanted:
+        mods["text_encoder_2"] = T5EncoderModule(T5EncoderModel.from_pretrained(root / "text_encoder_2", **kw))
+    if wanted & {"transformer", "condition_kv"}:
+        # One set of weights serves both: the condition branch reuses the image-stream layers.
+        transformer = FluxTransformer2DModel.from_pretrained(root / "transformer", **kw)
+        if "transformer" in wanted:
+            mods["transformer"] = FluxTransformerModule(transformer)
+        if "condition_kv" in wanted:
+            lora_path = Path(condition_lora) if condition_lora else find_condition_lora(root)
+            if lora_path is None:
+                raise FileNotFoundError(f"no condition LoRA: put the OminiControl subject LoRA (.safetensors) in "
+                                        f"{root / CONDITION_LORA_DIR}/ or pass its path")
+            lora = read_condition_lora(lora_path, transformer)
+            mods["condition_kv"] = ConditionKVModule(transformer, lora).to(dtype)
+            logger.info("condition LoRA %s: %d adapted layers", lora_path, len(lora))
+    return mods
+
+
 def load_component_modules(checkpoint: str | Path, dtype: torch.dtype = torch.float32,
-                           components: list[str] | None = None) -> dict[str, nn.Module]:
+                           components: list[str] | None = None,
+                           condition_lora: str | Path | None = None) -> dict[str, nn.Module]:
     """The wrapper modules of a local diffusers checkpoint, in eval mode on the CPU."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = Path(checkpoint)
     kw = {"torch_dtype": dtype}
-    wanted = set(components or ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"])
-    mods: dict[str, nn.Module] = {}
+    if read_model_config(root).family == "flux":
+        wanted = set(components or ["text_encoder", "text_encoder_2", "transformer", "condition_kv",
+                                    "vae_encoder", "vae_decoder"])
+        if components is None and find_condition_lora(root) is None and condition_lora is None:
+            wanted.discard("condition_kv")  # plain FLUX checkpoint
+        mods = _load_flux_modules(root, dtype, wanted, condition_lora)
+        wanted -= {"text_encoder", "text_encoder_2", "transformer", "condition_kv"}
+    elif is_omni_zero_checkpoint(root):
+        # Omni-Zero's denoiser is ``controlnet_unet``; the plain UNet loads only when asked for.
+        wanted = set(components or ["text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder",
+                                    *OMNI_ZERO_COMPONENTS])
+        mods = load_omni_zero_modules(root, dtype, wanted & set(OMNI_ZERO_COMPONENTS))
+    else:
+        wanted = set(components or ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"])
+        mods = {}
     if "text_encoder" in wanted:
         mods["text_encoder"] = TextEncoderModule(CLIPTextModel.from_pretrained(root / "text_encoder", **kw))
     if "text_encoder_2" in wanted and (root / "text_encoder_2").is_dir():
@@ -114,11 +191,14 @@ def load_component_modules(checkpoint: str | Path, dtype: torch.dtype = torch.fl
 class TorchComponents(NamedTensorComponents):
     """``Components`` backed by diffusers/transformers torch modules."""
 
-    def __init__(self, checkpoint: str | Path, *, device: str | None = None, precision: str | None = None):
-        dev, self.dtype = resolve_device_dtype(device, precision)
+    def __init__(self, checkpoint: str | Path, *, device: str | None = None, precision: str | None = None,
+                 condition_lora: str | Path | None = None):
+        family = read_model_config(checkpoint).family
+        dev, self.dtype = resolve_device_dtype(device, precision, family)
         super().__init__(checkpoint, dev)
         self.descriptors = component_descriptors(self.config)
-        self.modules = {k: m.to(self.device) for k, m in load_component_modules(self.checkpoint, self.dtype).items()}
+        modules = load_component_modules(self.checkpoint, self.dtype, condition_lora=condition_lora)
+        self.modules = {k: m.to(self.device) for k, m in modules.items()}
         # The SD/SDXL VAEs overflow in fp16 (config.force_upcast): keep the VAE in fp32 then.
         vae = self.modules["vae_decoder"].vae
         self.vae_dtype = self.dtype
@@ -129,6 +209,9 @@ class TorchComponents(NamedTensorComponents):
 
     @torch.inference_mode()
     def run_component(self, component: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if component not in self.modules:
+            raise KeyError(f"{self.checkpoint} has no {component!r} component loaded"
+                           + (" (no condition LoRA found)" if component == "condition_kv" else ""))
         desc = self.descriptors[component]
         dtype = self.vae_dtype if component.startswith("vae") else self.dtype
         args = []

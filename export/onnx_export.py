@@ -25,9 +25,15 @@ logger = logging.getLogger(__name__)
 
 OPSET = 17
 PRECISIONS = ("fp32", "fp16")
-# Checkpoint sub-directory holding each component's weights, for the up-to-date fingerprint.
-SOURCE_DIRS = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
-               "vae_encoder": "vae", "vae_decoder": "vae"}
+# Checkpoint sub-directories holding each component's weights, for the up-to-date fingerprint.
+SOURCE_DIRS = {"text_encoder": ("text_encoder",), "text_encoder_2": ("text_encoder_2",), "unet": ("unet",),
+               "transformer": ("transformer",), "condition_kv": ("transformer", "condition_lora"),
+               "vae_encoder": ("vae",), "vae_decoder": ("vae",)}
+# Omni-Zero (engine.omni_zero_checkpoint). The face models ship as ONNX and are not traced.
+SOURCE_DIRS.update({"image_encoder": ("image_encoder",), "ip_projection": ("ip_adapter",),
+                    "controlnet_unet": ("unet", "controlnet_identity", "controlnet_depth", "ip_adapter"),
+                    "depth_estimator": ("depth_estimator",), "face_detector": ("face_analysis",),
+                    "face_recognizer": ("face_analysis",)})
 
 
 class ExportError(RuntimeError):
@@ -56,10 +62,11 @@ def artifact_path(root: Path, component: str, precision: str, toolkit: str, suff
 def source_fingerprint(checkpoint: Path, desc: ComponentDescriptor, precision: str) -> str:
     """Hash of the component's files (name, size, mtime) and its descriptor."""
     h = hashlib.sha256()
-    src = Path(checkpoint) / SOURCE_DIRS[desc.component]
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
-        st = f.stat()
-        h.update(f"{f.relative_to(src)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    for sub in SOURCE_DIRS[desc.component]:
+        src = Path(checkpoint) / sub
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(src)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     h.update(repr(desc).encode())
     h.update(precision.encode())
     return h.hexdigest()
@@ -86,6 +93,24 @@ def example_inputs(desc: ComponentDescriptor, which: str = "opt", seed: int = 0,
         else:
             out[spec.name] = torch.randn(shape, generator=g)
     return out
+
+
+def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
+    """aten::rms_norm (FLUX's q/k norms) for opset 17, which has no RMSNormalization: computed in float32."""
+    from torch.onnx import symbolic_helper as sh
+
+    dims = len(sh._maybe_get_const(normalized_shape, "is"))
+    eps = sh._maybe_get_const(eps, "f")
+    eps = float(torch.finfo(torch.float32).eps) if sh._is_none(eps) or eps is None else float(eps)
+    x32 = g.op("Cast", x, to_i=1)  # 1 = FLOAT
+    mean_square = g.op("ReduceMean", g.op("Mul", x32, x32), axes_i=list(range(-dims, 0)), keepdims_i=1)
+    denom = g.op("Sqrt", g.op("Add", mean_square, g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))))
+    y = g.op("CastLike", g.op("Div", x32, denom), x)
+    return y if sh._is_none(weight) else g.op("Mul", y, weight)
+
+
+def _register_symbolics() -> None:
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
 
 
 @dataclass
@@ -118,6 +143,7 @@ def export_component(module: torch.nn.Module, desc: ComponentDescriptor, checkpo
     args = tuple(t.to(device, dtype if t.is_floating_point() and name != "timestep" else t.dtype)
                  for name, t in inputs.items())
     tmp = path.with_suffix(".tmp.onnx")
+    _register_symbolics()
     with torch.inference_mode():
         torch.onnx.export(
             module, args, str(tmp),

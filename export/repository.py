@@ -261,9 +261,12 @@ def read_manifest(repository: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+TRITON_SLUGS = ("sd1.5-scifi", "sd1.5-img2img", "segmind-vega")
+"""Slugs whose components the repository builder exports and the Triton tests cover; omni-zero
+(untraceable face models, fused ControlNet step) and ominicontrol are engine-only for now."""
+
+
 def demo_deployments(checkpoints: dict[str, Path]) -> list[Deployment]:
-    """Tiny checkpoints keyed by family, so the two SD1.5 slugs share component models."""
-    out = []
-    for slug, path in checkpoints.items():
-        out.append(Deployment(slug=slug, checkpoint=Path(path), key=f"tiny_{get_model(slug).family}"))
-    return out
+    """Tiny checkpoints keyed by checkpoint directory, so the two SD1.5 slugs share component models."""
+    return [Deployment(slug=slug, checkpoint=Path(path), key=re.sub(r"[^A-Za-z0-9_]", "_", Path(path).name))
+            for slug, path in checkpoints.items() if slug in TRITON_SLUGS]

@@ -16,7 +16,8 @@ import tritonclient.grpc as grpcclient
 
 from api.backend import BackendUnavailable
 from api.backend_triton import TritonBackend
-from engine.catalog import implemented_slugs, validate
+from engine.catalog import validate
+from export.repository import TRITON_SLUGS
 from engine.pipelines import run
 from engine.runtime_torch import TorchComponents
 
@@ -55,7 +56,7 @@ def client(triton):
 
 @pytest.fixture(scope="module")
 def engine_components(tiny_checkpoints):
-    return {slug: TorchComponents(path) for slug, path in tiny_checkpoints.items()}
+    return {slug: TorchComponents(tiny_checkpoints[slug]) for slug in TRITON_SLUGS}
 
 
 def request_params(slug: str, image: np.ndarray) -> dict:
@@ -87,7 +88,7 @@ def test_exported_onnx_components_match_torch(repository):
             assert info["max_abs_diff"] is not None and info["max_abs_diff"] <= TOL, (name, info)
 
 
-@pytest.mark.parametrize("slug", implemented_slugs())
+@pytest.mark.parametrize("slug", TRITON_SLUGS)
 def test_triton_serves_every_slug_equal_to_the_engine_in_both_modes(slug, backend, engine_components, big_image):
     params = request_params(slug, big_image)
     reference = run(slug, dict(params), engine_components[slug])
@@ -192,4 +193,4 @@ def test_invalid_request_is_rejected_by_the_pipeline_model(backend):
 def test_readiness_reports_every_slug(backend):
     status = asyncio.run(backend.ready())
     assert status["server"] is True
-    assert all(status[slug] for slug in implemented_slugs())
+    assert all(status[slug] for slug in TRITON_SLUGS)

@@ -1,0 +1,156 @@
+"""``create_app(settings, backend)``: the FastAPI application serving the Segmind contract.
+
+The app owns the job store, the job runner, credits and rate limits for its lifetime (built in
+the lifespan, closed at shutdown, together with the backend it was given). Routes live in
+``api/routes``; dependencies in ``api/deps``; wire schemas in ``api/schemas``. An outer ASGI
+middleware enforces the body-size limit, records HTTP metrics and adds ``X-remaining-credits``
+to every 200 an authenticated caller gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.backend import GenerationBackend
+from api.deps import AppState
+from api.errors import BodyTooLarge, error_response, install_error_handlers
+from api.inputs import InputStore
+from api.jobs import JobStore
+from api.metrics import ApiMetrics, slug_label
+from api.quotas import CreditLedger, RateLimiter
+from api.routes import health, models, requests
+from api.runner import JobRunner
+from api.settings import Settings
+from engine.catalog import CATALOG
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """Self-hosted serving of the Segmind image models with the same HTTP contract.
+
+* `POST /v1/{slug}`: generate and return the image (or base64 JSON with `base64=true`).
+* `POST /v2/{slug}`: queue; poll `GET /v2/requests/{id}/status`; fetch `GET /v2/requests/{id}`.
+* Auth: `x-api-key` header (or `Authorization: Bearer`). Errors: JSON `{"error": "..."}`;
+  a FAILED request is served with HTTP 422.
+"""
+
+
+class RequestGuard:
+    """Body-size limit, HTTP metrics and the credits header, as plain ASGI (no body buffering)."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: ApiMetrics):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        state = scope.setdefault("state", {})
+        status = 500
+        limit = self.max_body_bytes
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if status == 200 and "caller_owner" in state:
+                    remaining = scope["app"].state.diffserve.ledger.remaining(state["caller_owner"])
+                    MutableHeaders(scope=message)["X-remaining-credits"] = (
+                        "unlimited" if remaining is None else str(remaining))
+            await send(message)
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        try:
+            declared = _content_length(scope)
+            if declared is not None and declared > limit:
+                response = error_response(413, f"request body is {declared} bytes, over the limit of {limit} bytes",
+                                          {"Connection": "close"})
+                await response(scope, receive, send_with_headers)
+                return
+            await self.app(scope, limited_receive, send_with_headers)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            slug = state.get("metrics_slug") or scope.get("path_params", {}).get("slug")
+            self.metrics.observe_http(endpoint, scope["method"], slug_label(slug), status,
+                                      time.perf_counter() - start)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def create_app(settings: Settings, backend: GenerationBackend) -> FastAPI:
+    """Build the app; it takes ownership of ``backend`` (closed at shutdown)."""
+    unknown = sorted(set(backend.slugs) - set(CATALOG))
+    if unknown:
+        raise ValueError(f"the backend serves slugs the catalog does not know: {', '.join(unknown)}")
+    metrics = ApiMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = JobStore(settings.jobs_db_path, outputs_dir=settings.outputs_dir,
+                         retention_s=settings.retention_s, max_attempts=settings.request_max_attempts)
+        inputs = InputStore(settings.inputs_dir)
+        default_credits, credits_by_owner = settings.per_owner(settings.credits)
+        ledger = CreditLedger(settings.data_dir / "credits.sqlite", default_credits, credits_by_owner)
+        default_rate, rate_by_owner = settings.per_owner(settings.rate_limit_per_minute)
+        limiter = RateLimiter(default_rate or 0, rate_by_owner)
+        _, models_by_owner = settings.per_owner(settings.key_models)
+        metrics.watch_store(store.queue_depth, store.count_by_status)
+        runner = JobRunner(
+            store, backend, inputs, ledger, metrics,
+            max_concurrent_jobs=settings.max_concurrent_jobs, max_queued_jobs=settings.max_queued_jobs,
+            job_timeout_s=settings.job_timeout_s, cancel_poll_s=settings.cancel_poll_s,
+            purge_interval_s=settings.purge_interval_s,
+        )
+        app.state.diffserve = AppState(
+            settings=settings, backend=backend, store=store, runner=runner, inputs=inputs, ledger=ledger,
+            limiter=limiter, metrics=metrics, image_policy=settings.image_fetch_policy(),
+            api_keys=[k.encode("utf-8", "surrogateescape") for k in settings.api_key_values()],
+            models_by_owner={owner: frozenset(slugs) for owner, slugs in models_by_owner.items()},
+        )
+        if not settings.api_keys:
+            logger.warning("no API keys configured: the API is open to anyone who can reach it")
+        logger.info("serving %s; data in %s", ", ".join(sorted(backend.slugs)) or "no models", settings.data_dir)
+        try:
+            await runner.start()
+            yield
+        finally:
+            await runner.stop()
+            await backend.close()
+            ledger.close()
+            store.close()
+
+    app = FastAPI(title="diffserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.include_router(models.router)
+    app.include_router(requests.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,142 @@
+"""``EngineBackend``: runs the engine's pipelines in this process ("serve without Triton").
+
+Each slug maps to a local diffusers checkpoint directory; the torch components of a directory
+are loaded on first use and shared by every slug pointing at it (``sd1.5-scifi`` and
+``sd1.5-img2img`` can share one SD1.5 checkpoint). Generations run in a thread pool of
+``max_workers`` threads so the event loop stays free; progress comes from the pipeline's
+``on_step`` hook and cancellation sets a ``threading.Event`` that the pipeline polls before
+every denoising step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from api.backend import (
+    BackendResult, BackendUnavailable, GenerationFailed, InputRejected, ProgressCallback,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class EngineBackend:
+    """In-process ``GenerationBackend`` on ``engine.runtime_torch.TorchComponents``."""
+
+    def __init__(self, checkpoints: Mapping[str, str | Path], device: str | None = None,
+                 precision: str | None = None, max_workers: int = 1):
+        from engine.catalog import get_model
+
+        for slug in checkpoints:
+            if not get_model(slug).implemented:  # raises UnknownModelError for a typo
+                raise ValueError(f"{slug} has no pipeline yet; it cannot be given a checkpoint")
+        if max_workers < 1:
+            raise ValueError("max_workers must be >= 1")
+        self._checkpoints = {slug: Path(path).resolve() for slug, path in checkpoints.items()}
+        self._device = device
+        self._precision = precision
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="engine")
+        self._components: dict[Path, Any] = {}
+        self._load_lock = threading.Lock()
+        self._cancel_events: set[threading.Event] = set()
+        self._closed = False
+
+    @property
+    def slugs(self) -> frozenset[str]:
+        return frozenset(self._checkpoints)
+
+    # -- GenerationBackend ---------------------------------------------------------------------
+
+    async def generate(self, slug: str, params: dict[str, Any], *, request_id: str,
+                       on_progress: ProgressCallback | None = None) -> BackendResult:
+        if self._closed:
+            raise BackendUnavailable("the local backend is shutting down")
+        if slug not in self._checkpoints:
+            raise BackendUnavailable(f"model {slug!r} is not loaded by this server")
+        cancel = threading.Event()
+        submitted = time.perf_counter()
+        self._cancel_events.add(cancel)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(
+            self._pool, self._generate_blocking, slug, params, request_id, on_progress, cancel, submitted)
+        try:
+            # shield: a cancelled caller must not detach from a thread that is still computing.
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancel.set()
+            # Wait until the pipeline has noticed (at most one denoising step), so that the
+            # caller's concurrency slot is only freed when the compute really is.
+            await asyncio.wait({future})
+            if not future.cancelled():
+                future.exception()  # retrieved: the expected engine Cancelled is not an error
+            raise
+        finally:
+            self._cancel_events.discard(cancel)
+
+    async def ready(self) -> dict[str, bool]:
+        status = {"server": not self._closed}
+        for slug, path in self._checkpoints.items():
+            status[slug] = not self._closed and (path in self._components or (path / "model_index.json").is_file())
+        return status
+
+    async def close(self) -> None:
+        self._closed = True
+        for event in list(self._cancel_events):
+            event.set()
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+        self._components.clear()
+
+    # -- in the worker thread ------------------------------------------------------------------
+
+    def _components_for(self, slug: str) -> tuple[Any, float]:
+        """The (possibly shared) components of ``slug``'s checkpoint and the seconds spent loading."""
+        path = self._checkpoints[slug]
+        with self._load_lock:
+            if path in self._components:
+                return self._components[path], 0.0
+            from engine.runtime_torch import TorchComponents
+
+            start = time.perf_counter()
+            try:
+                components = TorchComponents(path, device=self._device, precision=self._precision)
+            except Exception as exc:  # noqa: BLE001 - any load failure means "this model is unavailable"
+                logger.exception("loading checkpoint %s for %s failed", path, slug)
+                raise BackendUnavailable(
+                    f"model {slug!r} is unavailable: its checkpoint could not be loaded ({type(exc).__name__})"
+                ) from exc
+            self._components[path] = components
+            return components, time.perf_counter() - start
+
+    def _generate_blocking(self, slug: str, params: dict[str, Any], request_id: str,
+                           on_progress: ProgressCallback | None, cancel: threading.Event,
+                           submitted: float) -> BackendResult:
+        from engine.pipelines import Cancelled, RunControl, run
+
+        started = time.perf_counter()
+        if cancel.is_set():
+            raise Cancelled("cancelled before start")
+        components, load_s = self._components_for(slug)
+        control = RunControl(on_step=on_progress, is_cancelled=cancel.is_set)
+        try:
+            result = run(slug, params, components, control)
+        except Cancelled:
+            raise
+        except ValueError as exc:
+            # The catalog admitted the request but the pipeline's own input checks refused it.
+            raise InputRejected(str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - mapped to a client-safe message; logged in full
+            logger.exception("request %s: %s generation failed", request_id, slug)
+            raise GenerationFailed(f"generation failed: {type(exc).__name__}") from exc
+        timings = {k: float(v) for k, v in result.timings.items()}
+        timings["queue"] = started - submitted
+        if load_s:
+            timings["load"] = load_s
+        timings["compute"] = time.perf_counter() - started - load_s
+        return BackendResult(images=list(result.to_uint8()), seed=int(result.seed), timings=timings)
+

@@ -1,0 +1,182 @@
+"""Request dependencies and their ``Annotated`` aliases: app state, caller (auth), rate limit,
+served model, JSON body, and a job owned by the caller.
+
+Auth: the key comes from ``x-api-key`` (what the Segmind SDK sends) or ``Authorization: Bearer``;
+it is compared in constant time against every configured key and never logged or stored: the
+caller is identified by ``owner_from_api_key``. With no keys configured the server is open and
+every caller's owner is None.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from api.backend import GenerationBackend
+from api.errors import ApiError
+from api.images import ImageFetchPolicy
+from api.inputs import InputStore
+from api.jobs import Job, JobStore, owner_from_api_key
+from api.metrics import ApiMetrics
+from api.quotas import CreditLedger, RateLimiter, retry_after_header
+from api.runner import JobRunner
+from api.settings import Settings
+from engine.catalog import ModelSpec, UnknownModelError, get_model
+
+_REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class AppState:
+    """Everything the routes share; built by the app's lifespan."""
+
+    settings: Settings
+    backend: GenerationBackend
+    store: JobStore
+    runner: JobRunner
+    inputs: InputStore
+    ledger: CreditLedger
+    limiter: RateLimiter
+    metrics: ApiMetrics
+    image_policy: ImageFetchPolicy
+    api_keys: list[bytes]
+    models_by_owner: dict[str, frozenset[str]]
+
+    def served_slugs(self) -> list[str]:
+        return sorted(self.backend.slugs)
+
+    def public_base(self, request: Request) -> str:
+        """Base of absolute URLs: ``public_url`` if set, else the scheme and host the client used."""
+        return self.settings.public_url or str(request.base_url).rstrip("/")
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.diffserve
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    owner: str | None
+    """``owner_from_api_key`` of the caller's key; None on an open server."""
+    bucket: str
+    """Rate-limit bucket: the owner, or the client address on an open server."""
+
+
+def _presented_key(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key.strip()
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+async def authenticate(request: Request, state: StateDep) -> Caller:
+    presented = _presented_key(request)
+    if not state.api_keys:
+        host = request.client.host if request.client else "unknown"
+        caller = Caller(owner=None, bucket=f"address:{host}")
+    else:
+        if presented is None:
+            raise ApiError(401, "missing API key: send it in the x-api-key header (or as Authorization: Bearer)",
+                           {"WWW-Authenticate": "Bearer"})
+        candidate = presented.encode("utf-8", "surrogateescape")
+        matched = False
+        for key in state.api_keys:  # every key is compared, so timing does not reveal which one matched
+            matched |= hmac.compare_digest(candidate, key)
+        if not matched:
+            raise ApiError(401, "invalid API key", {"WWW-Authenticate": "Bearer"})
+        owner = owner_from_api_key(presented)
+        caller = Caller(owner=owner, bucket=owner)
+    request.state.caller_owner = caller.owner
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(authenticate)]
+
+
+async def rate_limited(caller: CallerDep, state: StateDep) -> Caller:
+    wait_s = state.limiter.check(caller.bucket, caller.owner)
+    if wait_s is not None:
+        limit = state.limiter.limit(caller.owner)
+        raise ApiError(429, f"rate limit exceeded: {limit} generation requests per minute; "
+                            f"retry in {retry_after_header(wait_s)} s", {"Retry-After": retry_after_header(wait_s)})
+    return caller
+
+
+SubmitterDep = Annotated[Caller, Depends(rate_limited)]
+
+
+async def served_model(slug: str, request: Request, caller: SubmitterDep, state: StateDep) -> ModelSpec:
+    served = state.served_slugs()
+    try:
+        spec = get_model(slug)
+    except UnknownModelError:
+        raise ApiError(404, f"unknown model {slug!r}; available: {', '.join(served) or 'none'}") from None
+    allowed = state.models_by_owner.get(caller.owner) if caller.owner else None
+    if allowed is not None and slug not in allowed:
+        raise ApiError(403, f"this API key may not use {slug!r}; it may use: {', '.join(sorted(allowed)) or 'none'}")
+    if slug not in served:
+        why = "its pipeline is not implemented yet" if not spec.implemented else "no checkpoint for it is loaded"
+        raise ApiError(404, f"model {slug!r} is not served by this server ({why}); available: "
+                            f"{', '.join(served) or 'none'}")
+    request.state.metrics_slug = slug
+    return spec
+
+
+ServedModelDep = Annotated[ModelSpec, Depends(served_model)]
+
+
+async def json_body(request: Request) -> dict:
+    """The request body as a JSON object; 400 for an empty, malformed or non-object body."""
+    raw = await request.body()  # the size guard raises BodyTooLarge past max_body_bytes
+    if not raw.strip():
+        raise ApiError(400, "request body is empty; send a JSON object with the model's parameters")
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON in the request body: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON in the request body: nested too deeply") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(payload).__name__}")
+    try:
+        # JSON may spell lone UTF-16 surrogates (\ud800) that no tokenizer or database accepts.
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "request body contains invalid Unicode (a lone surrogate escape)") from None
+    return payload
+
+
+JsonBodyDep = Annotated[dict, Depends(json_body)]
+
+
+async def owned_job(request_id: str, request: Request, caller: CallerDep, state: StateDep) -> Job:
+    job = state.store.get(request_id) if _REQUEST_ID_RE.match(request_id) else None
+    if job is None:
+        raise ApiError(404, f"request {request_id!r} not found: unknown, or expired (results are kept "
+                            f"{state.settings.retention_s:g} s)")
+    if job.owner is not None and job.owner != caller.owner:
+        raise ApiError(403, f"request {request_id!r} belongs to another API key")
+    request.state.metrics_slug = job.slug
+    request.state.request_id = job.id
+    return job
+
+
+OwnedJobDep = Annotated[Job, Depends(owned_job)]
+
+
+def get_store(request: Request) -> JobStore:
+    return get_state(request).store
+
+
+StoreDep = Annotated[JobStore, Depends(get_store)]

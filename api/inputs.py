@@ -1,0 +1,116 @@
+"""Decoded image inputs of queued ``/v2`` jobs, kept on disk so a job survives a restart.
+
+Images are fetched and decoded when a request is submitted (a bad URL is a 400 then, not a
+FAILED job later). What the job later runs on is exactly that decoded picture: it is written
+losslessly as PNG to ``<data dir>/inputs/<job id>/<param>.png`` and the stored job parameters
+hold ``{"stored_input": "<param>.png"}`` in place of the URL or base64 text. Re-fetching the
+URL after a restart instead could give another picture or none (expired signed URLs), and
+keeping multi-megabyte base64 strings in the job database would bloat it.
+
+Files are staged under ``.staging-<uuid>`` and renamed to the job id once the job row exists;
+they are deleted when the job finishes, and a periodic sweep removes directories whose job is
+gone or finished and stale staging directories (left by a crash between the two steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+STORED_INPUT = "stored_input"
+"""Key of the reference object that replaces an image parameter in stored job params."""
+
+_STAGING_PREFIX = ".staging-"
+_JOB_DIR_RE = re.compile(r"^[0-9a-f]{32}$")
+_FILE_RE = re.compile(r"^[A-Za-z0-9_]{1,64}\.png$")
+
+
+class InputsLost(RuntimeError):
+    """A queued job's stored inputs are missing (e.g. deleted by hand or a crash mid-submit)."""
+
+
+def stored_reference(name: str) -> dict[str, str]:
+    return {STORED_INPUT: f"{name}.png"}
+
+
+class InputStore:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def stage(self, images: Mapping[str, Image.Image]) -> Path:
+        """Write ``images`` to a new staging directory (blocking: run in a thread)."""
+        staging = self.root / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            for name, image in images.items():
+                target = staging / f"{name}.png"
+                image.save(target, format="PNG", compress_level=1)  # lossless; speed over size
+                with open(target, "rb") as fh:
+                    os.fsync(fh.fileno())
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return staging
+
+    def commit(self, staging: Path, job_id: str) -> None:
+        os.replace(staging, self._job_dir(job_id))
+
+    def discard(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def load(self, job_id: str, params: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Image.Image | None]:
+        """Decoded images for the image parameters ``names`` of a stored job (blocking)."""
+        images: dict[str, Image.Image | None] = {}
+        for name in names:
+            ref = params.get(name)
+            if ref is None:
+                images[name] = None
+                continue
+            filename = ref.get(STORED_INPUT) if isinstance(ref, dict) else None
+            if not isinstance(filename, str) or not _FILE_RE.match(filename):
+                raise InputsLost(f"stored parameter {name!r} does not reference a stored image")
+            path = self._job_dir(job_id) / filename
+            try:
+                with Image.open(path, formats=["PNG"]) as im:
+                    images[name] = im.convert("RGB")
+            except FileNotFoundError:
+                raise InputsLost(f"the stored input image for {name!r} is missing") from None
+        return images
+
+    def delete(self, job_id: str) -> None:
+        shutil.rmtree(self._job_dir(job_id), ignore_errors=True)
+
+    def sweep(self, is_pending: Callable[[str], bool], staging_max_age_s: float = 3600.0) -> int:
+        """Remove inputs of jobs that are not pending any more and old staging dirs (blocking)."""
+        removed = 0
+        now = time.time()
+        for entry in self.root.iterdir():
+            if not entry.is_dir():
+                continue
+            if entry.name.startswith(_STAGING_PREFIX):
+                stale = now - entry.stat().st_mtime > staging_max_age_s
+            else:
+                stale = bool(_JOB_DIR_RE.match(entry.name)) and not is_pending(entry.name)
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        if removed:
+            logger.info("removed %d stale input directories", removed)
+        return removed
+
+    def _job_dir(self, job_id: str) -> Path:
+        if not _JOB_DIR_RE.match(job_id):
+            raise ValueError(f"invalid job id {job_id!r}")
+        return self.root / job_id

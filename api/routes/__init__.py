@@ -1,0 +1,1 @@
+"""Thin HTTP routers: ``models`` (submit), ``requests`` (v2 status/result), ``health`` (operations)."""

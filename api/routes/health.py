@@ -1,0 +1,48 @@
+"""``/healthz`` (the process answers), ``/readyz`` (the backend can serve), ``/metrics`` (Prometheus).
+
+None of these needs an API key: they are for load balancers, orchestrators and scrapers. Put
+the API behind a proxy that does not expose them publicly if that matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from api.deps import StateDep
+from api.metrics import CONTENT_TYPE_LATEST
+from api.schemas import Health, Readiness
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["operations"])
+
+READY_TIMEOUT_S = 10.0
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness, summary="Readiness: 200 when every served model is ready, else 503",
+            responses={503: {"model": Readiness, "description": "Not ready"}})
+async def readyz(state: StateDep) -> JSONResponse:
+    models = state.served_slugs()
+    try:
+        status = await asyncio.wait_for(state.backend.ready(), READY_TIMEOUT_S)
+        error = None
+    except Exception as exc:  # noqa: BLE001 - any failure to answer means "not ready"
+        logger.warning("backend readiness check failed: %s", exc)
+        status, error = {"server": False}, f"backend readiness check failed: {type(exc).__name__}"
+    ready = bool(status.get("server")) and all(status.get(slug, False) for slug in models)
+    body = Readiness(ready=ready, backend=status, models=models, error=error)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(state: StateDep) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,107 @@
+"""``/v2/requests/{id}``: status, result, cancel, and the output images.
+
+A FAILED request is served with HTTP 422 on both the status and the result endpoint, its body
+still carrying ``status`` and ``error`` (what Segmind's gateway does and what the SDK expects).
+Unknown or expired ids are 404. Output image URLs are capability URLs (128-bit random request
+id): they are served without an API key, like the public storage links Segmind returns, so
+that browsers and plain HTTP clients can fetch them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from api.deps import OwnedJobDep, StateDep, StoreDep
+from api.errors import ApiError
+from api.jobs import Job, JobStatus, JobStore
+from api.routes.models import output_urls
+from api.schemas import ErrorResponse, Progress, ResultResponse, StatusResponse
+from engine.imageio import CONTENT_TYPES
+
+router = APIRouter(prefix="/v2/requests", tags=["requests"])
+
+_ERRORS = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
+    403: {"model": ErrorResponse, "description": "The request belongs to another API key"},
+    404: {"model": ErrorResponse, "description": "Unknown or expired request id"},
+}
+_OUTPUT_NAME_RE = re.compile(r"^(\d{1,3})(?:\.[A-Za-z0-9]{1,10})?$")
+
+
+def _status_body(job: Job, store: JobStore) -> StatusResponse:
+    body = StatusResponse(request_id=job.id, status=job.status.value)
+    if job.status is JobStatus.FAILED:
+        body.error = job.error or "failed"
+    elif job.status is JobStatus.QUEUED:
+        body.queue_position = store.position(job.id)
+    elif job.status is JobStatus.PROCESSING:
+        if job.progress_step is not None:
+            body.progress = Progress(step=job.progress_step, total=job.progress_total)
+        if job.cancel_requested:
+            body.cancel_requested = True
+    return body
+
+
+def _status_response(body: StatusResponse) -> JSONResponse:
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=422 if body.status == "FAILED" else 200)
+
+
+@router.get("/{request_id}/status", response_model=StatusResponse, response_model_exclude_none=True,
+            summary="Status of a queued request",
+            responses={**_ERRORS, 422: {"model": StatusResponse, "description": "The request FAILED"}})
+async def request_status(job: OwnedJobDep, store: StoreDep) -> JSONResponse:
+    return _status_response(_status_body(job, store))
+
+
+@router.get("/{request_id}", response_model=ResultResponse, summary="Result of a request",
+            responses={**_ERRORS, 422: {"model": ResultResponse, "description": "The request FAILED"}})
+async def request_result(job: OwnedJobDep, request: Request, state: StateDep) -> JSONResponse:
+    output = None
+    if job.status is JobStatus.COMPLETED:
+        if job.want_base64:
+            output = await asyncio.to_thread(_read_base64, state.store, job)
+        else:
+            output = output_urls(state.public_base(request), job)
+    body = ResultResponse(request_id=job.id, status=job.status.value, output=output,
+                          error=job.error if job.status is JobStatus.FAILED else None,
+                          seed=job.seed, metrics=job.metrics)
+    return JSONResponse(body.model_dump(), status_code=422 if job.status is JobStatus.FAILED else 200)
+
+
+@router.post("/{request_id}/cancel", response_model=StatusResponse, response_model_exclude_none=True,
+             summary="Cancel a queued or running request",
+             responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "Already finished"}})
+async def cancel_request(job: OwnedJobDep, state: StateDep) -> JSONResponse:
+    if job.status.terminal:
+        raise ApiError(409, f"request {job.id} already {job.status.value}; nothing to cancel")
+    updated = state.runner.cancel(job.id)
+    if updated is None:
+        raise ApiError(404, f"request {job.id!r} not found")
+    # 200 even when the cancel made it FAILED: this answers the cancel, not the job.
+    return JSONResponse(_status_body(updated, state.store).model_dump(exclude_none=True))
+
+
+@router.get("/{request_id}/outputs/{name}", summary="An output image (no API key needed)",
+            response_class=FileResponse,
+            responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
+                       404: {"model": ErrorResponse, "description": "Unknown, expired or not completed"}})
+async def output_image(request_id: str, name: str, request: Request, state: StateDep) -> FileResponse:
+    job = state.store.get(request_id) if re.fullmatch(r"[0-9a-f]{32}", request_id) else None
+    match = _OUTPUT_NAME_RE.match(name)
+    if job is None or job.status is not JobStatus.COMPLETED or match is None or int(match[1]) >= len(job.outputs):
+        raise ApiError(404, f"no output {name!r} for request {request_id!r} (unknown, expired or not completed)")
+    request.state.metrics_slug = job.slug
+    path = state.store.resolve_output(job.outputs[int(match[1])])
+    if not path.is_file():
+        raise ApiError(404, f"output {name!r} of request {request_id!r} has expired")
+    return FileResponse(path, media_type=CONTENT_TYPES[job.output_format],
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _read_base64(store: JobStore, job: Job) -> list[str]:
+    return [base64.b64encode(store.resolve_output(rel).read_bytes()).decode("ascii") for rel in job.outputs]

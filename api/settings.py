@@ -1,0 +1,192 @@
+"""Configuration of the HTTP API: one typed ``Settings`` object read from ``DIFFSERVE_*`` variables.
+
+Every knob of the API server lives here (network, data directory, auth and quotas, the job
+queue, limits on request bodies and image inputs, and the local backend's checkpoints), with a
+docstring under each field. The CLI builds a ``Settings`` from the environment and overrides
+fields from its flags; tests build one directly. Lists and maps may be given in the
+environment as JSON (``DIFFSERVE_API_KEYS='["k1", "k2"]'``); lists also as comma-separated text
+(``DIFFSERVE_API_KEYS=k1,k2``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from api.images import ImageFetchPolicy
+from api.jobs import owner_from_api_key
+
+MIB = 1024 * 1024
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON list or comma-separated text where the environment gives a string."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DIFFSERVE_", extra="ignore", validate_default=True)
+
+    # -- network ---------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    """Interface to listen on (``0.0.0.0`` for every interface)."""
+    port: int = Field(8000, ge=0, le=65535)
+    """TCP port; 0 picks a free one (the CLI prints the URL it got)."""
+    public_url: str | None = None
+    """Base of the absolute URLs returned to clients (``https://img.example.com``); default:
+    derived from each request's scheme and ``Host`` header."""
+
+    # -- storage ---------------------------------------------------------------------------------
+    data_dir: Path = Path("var/api")
+    """Holds the job database, stored image inputs of queued jobs and generated outputs."""
+    retention_s: float = Field(3600.0, gt=0)
+    """How long a finished request's status and images stay available (Segmind: one hour)."""
+    purge_interval_s: float = Field(60.0, gt=0)
+    """How often expired requests and their files are deleted."""
+
+    # -- auth and quotas -------------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, repr=False)
+    """Accepted API keys (``x-api-key`` header or ``Authorization: Bearer``). Empty: the server is
+    open to anyone (a warning is logged at start)."""
+    credits: int | dict[str, int] | None = Field(None, repr=False)
+    """Credits per key (one credit = one generated image, debited only on success): an int for
+    every key, or ``{key: credits}`` (keys not listed are unlimited). None: unlimited."""
+    rate_limit_per_minute: int | dict[str, int] = Field(0, repr=False)
+    """Generation requests (``POST /v1|v2/{slug}``) allowed per key and minute, as a token bucket;
+    an int for every key or ``{key: limit}``. 0: no limit. On an open server it applies per
+    client address. Polling endpoints are not limited (the SDK polls every second)."""
+    key_models: dict[str, list[str]] | None = Field(None, repr=False)
+    """Optional ``{key: [slug, ...]}``: models each listed key may use (others get 403)."""
+
+    # -- job queue -------------------------------------------------------------------------------
+    max_concurrent_jobs: int = Field(1, ge=1)
+    """Jobs (v1 and v2 alike) running against the backend at once."""
+    max_queued_jobs: int = Field(1000, ge=1)
+    """Queued jobs beyond which new submissions get 429."""
+    sync_timeout_s: float = Field(300.0, gt=0)
+    """How long a ``POST /v1`` request waits (queue + generation) before a 504; its job is
+    cancelled then."""
+    job_timeout_s: float = Field(600.0, gt=0)
+    """Longest a single generation may run on the backend before it is cancelled and failed."""
+    request_max_attempts: int = Field(2, ge=1)
+    """Attempts per job: a job interrupted by a crash is re-run until it has had this many."""
+    cancel_poll_s: float = Field(0.2, gt=0)
+    """How often a running job's cancel flag, progress and deadline are checked."""
+
+    # -- request limits --------------------------------------------------------------------------
+    max_body_bytes: int = Field(32 * MIB, gt=0)
+    """Largest request body (checked on Content-Length and on the bytes actually received)."""
+    image_max_bytes: int = Field(20 * MIB, gt=0)
+    image_timeout_s: float = Field(15.0, gt=0)
+    image_max_redirects: int = Field(3, ge=0)
+    image_max_pixels: int = Field(40_000_000, gt=0)
+    image_allowed_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+    image_allow_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """CIDRs image URLs may point into although they are not public (e.g. ``10.0.0.0/8`` for an
+    internal bucket). Cloud metadata addresses stay refused."""
+
+    # -- Triton backend --------------------------------------------------------------------------
+    repository: Path | None = None
+    """Triton model repository built by ``diffserve export`` (``--backend triton``)."""
+    triton_url: str | None = None
+    """gRPC address (``host:port``) of a Triton server someone else runs; default: start one on
+    ``repository``."""
+    triton_startup_timeout_s: float = Field(600.0, gt=0)
+    """How long a Triton server started by the API may take to load the repository."""
+
+    # -- local backend ---------------------------------------------------------------------------
+    checkpoints: dict[str, Path] = Field(default_factory=dict)
+    """``{slug: local diffusers checkpoint dir}`` for ``--backend local``."""
+    device: str | None = None
+    """Torch device for the local backend (default: cuda if available)."""
+    precision: str | None = None
+    """fp32, fp16 or bf16 for the local backend (default: fp16 on GPU, fp32 on CPU)."""
+
+    @field_validator("api_keys", "image_allowed_formats", "image_allow_networks", mode="before")
+    @classmethod
+    def _lists_from_text(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"public_url must start with http:// or https://, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Settings:
+        keys = self.api_key_values()
+        if any(not k for k in keys):
+            raise ValueError("api_keys contains an empty key")
+        for name in ("credits", "rate_limit_per_minute", "key_models"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                if not keys:
+                    raise ValueError(f"{name} is given per key but api_keys is empty")
+                if any(k not in keys for k in value):
+                    # The message never echoes the offending key.
+                    raise ValueError(f"{name} names a key that is not in api_keys")
+        if self.credits is not None and not keys:
+            raise ValueError("credits are given but api_keys is empty: credits are counted per key")
+        numbers = [self.credits] if isinstance(self.credits, int) else list((self.credits or {}).values())
+        if any(n < 0 for n in numbers):
+            raise ValueError("credits must be >= 0")
+        limits = ([self.rate_limit_per_minute] if isinstance(self.rate_limit_per_minute, int)
+                  else list(self.rate_limit_per_minute.values()))
+        if any(n < 0 for n in limits):
+            raise ValueError("rate_limit_per_minute must be >= 0")
+        if self.key_models:
+            from engine.catalog import CATALOG
+
+            unknown = sorted({s for slugs in self.key_models.values() for s in slugs} - set(CATALOG))
+            if unknown:
+                raise ValueError(f"key_models names unknown models: {', '.join(unknown)}")
+        self.image_fetch_policy()  # invalid CIDRs fail here, at start-up
+        return self
+
+    # -- derived values --------------------------------------------------------------------------
+
+    def api_key_values(self) -> list[str]:
+        return [k.get_secret_value() for k in self.api_keys]
+
+    def per_owner(self, value: int | dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+        """Split a per-key setting into (value for every key, ``{owner id: value}``)."""
+        if isinstance(value, dict):
+            return None, {owner_from_api_key(k): v for k, v in value.items()}
+        return value, {}
+
+    @property
+    def jobs_db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def inputs_dir(self) -> Path:
+        return self.data_dir / "inputs"
+
+    def image_fetch_policy(self) -> ImageFetchPolicy:
+        return ImageFetchPolicy(
+            max_bytes=self.image_max_bytes,
+            timeout_s=self.image_timeout_s,
+            max_redirects=self.image_max_redirects,
+            max_pixels=self.image_max_pixels,
+            allowed_formats=frozenset(f.upper() for f in self.image_allowed_formats),
+            allow_networks=tuple(self.image_allow_networks),
+        )

@@ -1,0 +1,296 @@
+"""``diffserve bench engine|serve|capacity|checkpoint|report``: the benchmark commands.
+
+Wired into the ``diffserve`` CLI by ``add_parsers(sub)``; ``python -m benchmarks.cli ...`` runs
+the same commands without it. Each command writes its JSON, markdown and plots under
+``benchmarks/results/`` (``--out`` elsewhere) and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _params(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text(encoding="utf-8")
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--params is not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise SystemExit("--params must be a JSON object")
+    return params
+
+
+def _slug_dir(text: str) -> tuple[str, Path]:
+    slug, sep, path = text.partition("=")
+    if not sep or not slug or not path:
+        raise argparse.ArgumentTypeError(f"expected SLUG=DIR, got {text!r}")
+    return slug, Path(path)
+
+
+def _work_dir() -> Path:
+    from api.cli import home_dir
+
+    return home_dir() / "bench"
+
+
+def _finish(report: dict[str, Any], args: argparse.Namespace) -> int:
+    from benchmarks.report import render_markdown, write_report
+
+    paths = write_report(report, Path(args.out) if args.out else None, args.name, plots=not args.no_plots)
+    print(render_markdown(report))
+    print("written: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return 0
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    from benchmarks.engine_bench import EngineBenchConfig, run_engine_bench
+    from engine.catalog import CATALOG, ValidationError
+
+    if args.slug not in CATALOG:
+        print(f"unknown slug {args.slug!r}; available: {', '.join(CATALOG)}", file=sys.stderr)
+        return 2
+    try:
+        cfg = EngineBenchConfig(
+            slug=args.slug, runtimes=tuple(_csv(args.runtime)), device=args.device, precision=args.precision,
+            full_size=args.full_size, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+            params=_params(args.params), warmup=args.warmup, repeats=args.repeats, stage_repeats=args.stage_repeats,
+            baseline=not args.no_baseline, work_dir=Path(args.work_dir) if args.work_dir else _work_dir(),
+            threads=args.threads)
+        report = run_engine_bench(cfg)
+    except ValidationError as exc:
+        print("invalid --params:\n  " + "\n  ".join(exc.errors), file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"bench engine: {exc}", file=sys.stderr)
+        return 2
+    return _finish(report, args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from benchmarks.serve_bench import ServeBenchConfig, run_serve_bench
+    from engine.catalog import ValidationError
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
+
+    try:
+        cfg = ServeBenchConfig(
+            slugs=tuple(_csv(args.slug)), url=args.url, start_server=bool(args.start_server),
+            server_backend=args.server_backend, server_checkpoints=dict(args.server_checkpoint or []), endpoints=tuple(_csv(args.endpoints)), loop=args.loop,
+            levels=tuple(args.concurrency if args.loop == "closed" else args.rates),
+            requests_per_level=args.requests, min_duration_s=args.duration, params=_params(args.params),
+            api_key=args.api_key, poll_interval_s=args.poll_interval, timeout_s=args.timeout,
+            triton=args.triton, triton_url=args.triton_url,
+            triton_repository=Path(args.triton_repository) if args.triton_repository else None,
+            modes=tuple(_csv(args.modes)), triton_runtime=args.triton_runtime,
+            triton_pipeline_instances=args.triton_pipeline_instances, engine_baseline=args.engine_baseline,
+            engine_repeats=args.engine_repeats, device=args.device, precision=args.precision,
+            work_dir=Path(args.work_dir) if args.work_dir else _work_dir(), seed=args.seed, threads=args.threads)
+        report = asyncio.run(run_serve_bench(cfg))
+    except ValidationError as exc:
+        print("invalid --params:\n  " + "\n  ".join(exc.errors), file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"bench serve: {exc}", file=sys.stderr)
+        return 2
+    return _finish(report, args)
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from benchmarks.capacity import CapacityInputs, capacity_report, latest_reports
+
+    paths = [Path(p) for p in args.report] if args.report else latest_reports(Path(args.results_dir)
+                                                                               if args.results_dir else None)
+    if not paths:
+        print("no serve/engine report found: give --report PATH (from `diffserve bench serve` or "
+              "`bench engine`)", file=sys.stderr)
+        return 2
+    try:
+        inputs = CapacityInputs(slo_p95_ms=args.slo_p95_ms, target_rps=args.target_rps,
+                                gpu_hour_usd=args.gpu_hour_usd, gpus_per_server=args.gpus_per_server,
+                                max_error_rate=args.max_error_rate)
+        report = capacity_report(paths, inputs)
+    except ValueError as exc:
+        print(f"bench capacity: {exc}", file=sys.stderr)
+        return 2
+    return _finish(report, args)
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from benchmarks.full_size import save_checkpoint
+
+    try:
+        path = save_checkpoint(args.slug, Path(args.out), device=args.device, precision=args.precision)
+    except ValueError as exc:
+        print(f"bench checkpoint: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from benchmarks.report import results_index, write_results_index
+
+    root = Path(args.results_dir) if args.results_dir else None
+    if args.rerender:
+        from benchmarks.report import rerender_markdown
+
+        for path in rerender_markdown(root):
+            print(f"re-rendered: {path}", file=sys.stderr)
+    if args.write:
+        print(f"written: {write_results_index(root)}", file=sys.stderr)
+    print(results_index(root))
+    return 0
+
+
+def _common_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="directory for the JSON, markdown and PNG files (default benchmarks/results)")
+    p.add_argument("--name", help="file stem (default: kind-slug-device-...-timestamp)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``bench`` with its sub-commands to the ``diffserve`` parser's sub-parsers."""
+    bench = sub.add_parser("bench", help="latency, throughput, serving overhead, cost and capacity benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+
+    eng = bsub.add_parser("engine", help="per-stage and end-to-end latency in-process, against diffusers",
+                          description="Time one slug's stages and whole requests in-process, and the same request "
+                                      "through diffusers' own pipeline over the same modules.")
+    eng.add_argument("--slug", required=True, help="model slug, e.g. sd1.5-scifi")
+    eng.add_argument("--runtime", default="torch", help="comma list of torch,onnxruntime,tensorrt (default torch)")
+    eng.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    eng.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default fp16 on GPU, fp32 on CPU")
+    eng.add_argument("--full-size", action="store_true",
+                     help="real architectures (benchmarks/configs) with random weights, built on the device")
+    eng.add_argument("--checkpoint", help="local diffusers checkpoint (default: the tiny demo checkpoint)")
+    eng.add_argument("--params", help="JSON (or @file) overriding the reference request, e.g. "
+                                      "'{\"num_inference_steps\": 20, \"img_height\": 512}'")
+    eng.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    eng.add_argument("--repeats", type=int, default=5, help="timed end-to-end runs (default 5)")
+    eng.add_argument("--stage-repeats", type=int, default=10, help="timed calls per stage (default 10)")
+    eng.add_argument("--no-baseline", action="store_true", help="skip diffusers' pipeline")
+    eng.add_argument("--work-dir", help="cache for exported artifacts (default $DIFFSERVE_HOME/bench)")
+    eng.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 on a shared CPU)")
+    _common_output(eng)
+    eng.set_defaults(func=cmd_engine)
+
+    srv = bsub.add_parser("serve", help="load generator against `diffserve serve` (and Triton's bls/fused models)",
+                          description="Sweep concurrency (closed loop) or offered load (open loop) against the HTTP "
+                                      "API's sync and async endpoints and, optionally, Triton's pipeline models "
+                                      "in bls and fused mode; report latency percentiles, throughput, errors, the "
+                                      "split of each request, and the serving overhead over the in-process engine.")
+    target = srv.add_mutually_exclusive_group()
+    target.add_argument("--url", help="base URL of a running `diffserve serve`")
+    target.add_argument("--start-server", nargs="?", const="demo", choices=["demo"],
+                        help="start `diffserve serve` on a free loopback port for the run (local backend: the "
+                             "tiny demo checkpoints unless --server-checkpoint; triton: on this run's Triton)")
+    srv.add_argument("--server-backend", choices=["local", "triton"], default="local",
+                     help="backend of the started server (default local)")
+    srv.add_argument("--server-checkpoint", action="append", type=_slug_dir, metavar="SLUG=DIR",
+                     help="checkpoint of the started local-backend server (repeatable), e.g. one written by "
+                          "`diffserve bench checkpoint`")
+    srv.add_argument("--slug", default="sd1.5-scifi", help="comma list of slugs (default sd1.5-scifi)")
+    srv.add_argument("--endpoints", default="sync,async", help="comma list of sync (/v1), async (/v2)")
+    srv.add_argument("--loop", choices=["closed", "open"], default="closed",
+                     help="closed: N clients back to back; open: Poisson arrivals at --rates")
+    srv.add_argument("--concurrency", type=lambda t: [int(x) for x in _floats(t)], default=[1, 2, 4, 8],
+                     help="closed-loop levels (default 1,2,4,8)")
+    srv.add_argument("--rates", type=_floats, default=[0.5, 1.0, 2.0], help="open-loop requests/s (default 0.5,1,2)")
+    srv.add_argument("--requests", type=int, default=16,
+                     help="requests per level, at least (closed loop: also at least the concurrency; default 16)")
+    srv.add_argument("--duration", type=float, default=0.0, help="keep each level running at least this many s")
+    srv.add_argument("--params", help="JSON (or @file) overriding the reference request")
+    srv.add_argument("--api-key", help="x-api-key for the API")
+    srv.add_argument("--poll-interval", type=float, default=0.05, help="async status polling period in s")
+    srv.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in s")
+    srv.add_argument("--triton", action="store_true",
+                     help="also drive Triton's pipeline models directly (gRPC): bls vs fused")
+    srv.add_argument("--triton-url", help="gRPC host:port of a running Triton (with --triton-repository)")
+    srv.add_argument("--triton-repository", help="model repository (default: the demo repository, built if needed)")
+    srv.add_argument("--modes", default="bls,fused", help="pipeline modes to compare (default bls,fused)")
+    srv.add_argument("--triton-runtime", choices=["onnxruntime", "torch"], default="onnxruntime",
+                     help="runtime of the demo repository's components and fused pipelines (default onnxruntime)")
+    srv.add_argument("--triton-pipeline-instances", type=int, default=2,
+                     help="instances per pipeline model in the demo repository (default 2)")
+    srv.add_argument("--engine-baseline", default="auto",
+                     help="auto: time the request in-process on the server's checkpoint (demo server); "
+                          "none; or the path of an engine report")
+    srv.add_argument("--engine-repeats", type=int, default=3, help="in-process runs for the overhead baseline")
+    srv.add_argument("--device", help="device of the in-process baseline and started server")
+    srv.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
+    srv.add_argument("--seed", type=int, default=0, help="seed of the open-loop arrival process")
+    srv.add_argument("--threads", type=int, help="CPU threads for torch/ORT here, in the started server and Triton")
+    srv.add_argument("--work-dir", help="cache directory (default $DIFFSERVE_HOME/bench)")
+    _common_output(srv)
+    srv.set_defaults(func=cmd_serve)
+
+    cap = bsub.add_parser("capacity", help="$ per 1000 images and GPUs needed, from measured curves",
+                          description="Turn serving sweeps (or engine results) into the per-GPU throughput that "
+                                      "meets a p95 objective, the GPUs a target request rate needs, and $ per "
+                                      "1000 images at a GPU-hour price.")
+    cap.add_argument("--report", action="append", help="serve or engine report JSON (repeatable; default: the "
+                                                       "newest serve report per slug in the results directory)")
+    cap.add_argument("--results-dir", help="where to look for reports (default benchmarks/results)")
+    cap.add_argument("--slo-p95-ms", type=float, required=True, help="p95 latency objective in ms")
+    cap.add_argument("--target-rps", type=float, required=True, help="request rate to plan for")
+    cap.add_argument("--gpu-hour-usd", type=float, required=True, help="price of one GPU-hour in $")
+    cap.add_argument("--gpus-per-server", type=int, default=1, help="GPUs behind the measured server (default 1)")
+    cap.add_argument("--max-error-rate", type=float, default=0.0, help="error rate tolerated at a level (default 0)")
+    _common_output(cap)
+    cap.set_defaults(func=cmd_capacity)
+
+    ckp = bsub.add_parser("checkpoint", help="write a full-size random-weight checkpoint (for export and serve)",
+                          description="Save a slug's full-size networks (benchmarks/configs) with random weights as "
+                                      "a diffusers directory, so `diffserve export` and `diffserve serve "
+                                      "--checkpoint` (and so `bench serve`) run on the real shapes.")
+    ckp.add_argument("--slug", required=True, help="sd1.5-scifi, sd1.5-img2img or segmind-vega")
+    ckp.add_argument("--out", required=True, help="directory to write")
+    ckp.add_argument("--device", help="where to build the networks (cuda is much faster)")
+    ckp.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="dtype of the saved weights")
+    ckp.set_defaults(func=cmd_checkpoint)
+
+    rep = bsub.add_parser("report", help="the results table (newest result per slug and setting) with the floors")
+    rep.add_argument("--results-dir", help="default benchmarks/results")
+    rep.add_argument("--write", action="store_true", help="also write it to <results-dir>/README.md")
+    rep.add_argument("--rerender", action="store_true",
+                     help="rewrite every result's markdown from its JSON (after a change of the tables)")
+    rep.set_defaults(func=cmd_report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cli", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parsers(sub)
+    args = parser.parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

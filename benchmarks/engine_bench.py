@@ -1,0 +1,702 @@
+"""Engine benchmark: one slug in-process, per stage and end to end, against diffusers' own pipeline.
+
+For a slug, the runtimes asked for (torch, onnxruntime, tensorrt where present), a precision
+and a request (the seed page's example request, with overrides), it measures:
+
+* **stages**, each timed alone over ``stage_repeats`` calls after a warm-up: ``encode_text``
+  (the prompt encoding the pipeline does, CFG included), ``unet_step`` (one denoising network
+  evaluation at the request's batch: 2 x samples under CFG), ``vae_encode``, ``vae_decode``
+  (with the latent scaling and the copy to host) and ``image_encode`` (the API's jpeg/png
+  encoding of the request's images);
+* **end to end**: ``engine.pipelines.run`` on the validated request, ``repeats`` times after
+  ``warmup`` runs, with the pipeline's own stage split (encode_text, encode_image, denoise,
+  decode) per run;
+* **the baseline a user would pick instead**: diffusers' pipeline class for the slug built from
+  the *same* module objects, the same scheduler (``engine.schedulers.make_scheduler``), the same
+  seed and parameters, ``output_type="np"``; and the ratio ours / diffusers (below 1: faster),
+  plus the largest pixel difference between the two outputs (they compute the same image).
+
+Every timing synchronises the device before and after (``torch.cuda.synchronize``), so GPU
+work is attributed to the call that queued it. Statistics are median and p90 in ms.
+
+``--full-size`` builds the slug's networks from ``benchmarks/configs`` with random weights
+directly on the device (``benchmarks.full_size``) instead of loading a checkpoint; slugs
+without a pipeline yet (omni-zero, ominicontrol) then get their network stages timed and an
+end-to-end estimate from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from benchmarks import floors
+
+logger = logging.getLogger(__name__)
+
+RUNTIMES = ("torch", "onnxruntime", "tensorrt")
+STAGES = ("encode_text", "unet_step", "controlnet_step", "transformer_step", "vae_encode", "vae_decode",
+          "image_encode")
+DIFFUSERS_PIPELINES = {"sd15_txt2img": "StableDiffusionPipeline",
+                       "sd15_img2img": "StableDiffusionImg2ImgPipeline",
+                       "sdxl_txt2img": "StableDiffusionXLPipeline"}
+
+
+@dataclass
+class EngineBenchConfig:
+    slug: str
+    runtimes: tuple[str, ...] = ("torch",)
+    device: str | None = None
+    """cpu, cuda, cuda:1 (default: cuda when available)."""
+    precision: str | None = None
+    """fp32, fp16, bf16 (default: fp16 on GPU, fp32 on CPU)."""
+    full_size: bool = False
+    checkpoint: Path | None = None
+    """Local diffusers checkpoint; default: the tiny demo checkpoint (ignored with ``full_size``)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the reference request (the seed page's example)."""
+    warmup: int = 1
+    repeats: int = 5
+    stage_repeats: int = 10
+    baseline: bool = True
+    work_dir: Path = Path("var/bench")
+    """Exported ONNX/TensorRT artifacts and full-size skeleton checkpoints are cached here."""
+    config_dir: Path | None = None
+    """Full-size configs (default ``benchmarks/configs``)."""
+    threads: int | None = None
+    """torch CPU threads (``torch.set_num_threads``); default: torch's own choice. On a shared CPU,
+    1 avoids the OpenMP oversubscription that makes timings meaningless."""
+
+    def __post_init__(self) -> None:
+        bad = [r for r in self.runtimes if r not in RUNTIMES]
+        if bad or not self.runtimes:
+            raise ValueError(f"runtimes must be among {', '.join(RUNTIMES)}, got {', '.join(self.runtimes) or 'none'}")
+        if self.repeats < 1 or self.warmup < 0 or self.stage_repeats < 1:
+            raise ValueError("repeats and stage_repeats must be >= 1 and warmup >= 0")
+
+
+# -- timing ------------------------------------------------------------------------------------------
+
+def synchronize(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], repeats: int, device: torch.device | str | None, warmup: int = 1) -> list[float]:
+    """Seconds per call of ``fn``, device-synchronised before and after each call."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def stats_ms(seconds: list[float]) -> dict[str, Any]:
+    """Median, p90, mean, min, max in ms, and every sample."""
+    ms = [s * 1000.0 for s in seconds]
+    return {"n": len(ms), "median_ms": round(statistics.median(ms), 3), "p90_ms": round(percentile(ms, 90), 3),
+            "mean_ms": round(statistics.fmean(ms), 3), "min_ms": round(min(ms), 3), "max_ms": round(max(ms), 3),
+            "samples_ms": [round(v, 3) for v in ms]}
+
+
+# -- the request ---------------------------------------------------------------------------------------
+
+def demo_image(work_dir: Path):
+    """The deterministic 512x512 demo picture (as a PIL image) used for image inputs."""
+    import PIL.Image
+
+    from api.cli import demo_input_image
+
+    with PIL.Image.open(demo_input_image(Path(work_dir) / "inputs" / "sd-img2img-input.jpeg")) as im:
+        return im.convert("RGB")
+
+
+def reference_request(slug: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The seed page's example request (``api.cli.DEMO_PARAMS``) with overrides, catalog-validated.
+
+    Image parameters keep a placeholder string; ``seed=-1`` is resolved once here so every run
+    (ours and diffusers') computes the same image.
+    """
+    from api.cli import DEMO_PARAMS
+    from engine.catalog import get_model, resolve_seed
+
+    spec = get_model(slug)
+    payload = {k: v for k, v in DEMO_PARAMS.get(slug, {}).items() if k != "base64"}
+    if "prompt" in spec.param_names and spec.param("prompt").required:
+        payload.setdefault("prompt", "a photo of a red fox in the snow")  # slugs without a demo request yet
+    payload.update(overrides or {})
+    for name in spec.image_params:  # the page's example request sends every image it shows an example of
+        if spec.param(name).required or spec.param(name).example is not None or name in payload:
+            payload[name] = "<demo image>"
+    params = spec.validate(payload)
+    if "seed" in params:
+        params["seed"] = resolve_seed(int(params["seed"]))
+    return params
+
+
+def with_images(slug: str, params: dict[str, Any], image) -> dict[str, Any]:
+    """The request with its image placeholders replaced by the decoded picture, resized to the request size."""
+    from engine.catalog import get_model
+
+    out = dict(params)
+    size = (int(params["img_width"]), int(params["img_height"])) if "img_width" in params else None
+    for name in get_model(slug).image_params:
+        if out.get(name) == "<demo image>":
+            out[name] = image.resize(size) if size and image.size != size else image
+    return out
+
+
+def public_request(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (str, int, float, bool, type(None))) else f"<{type(v).__name__}>")
+            for k, v in params.items()}
+
+
+# -- runtimes -----------------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """What one runtime run needs; ``raw`` holds the torch modules when diffusers can share them."""
+
+    runtime: str
+    components: Any
+    device: torch.device
+    raw: dict[str, torch.nn.Module] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class RuntimeUnavailable(RuntimeError):
+    """This runtime cannot run here (missing package or GPU); reported as skipped."""
+
+
+def _export_artifacts(slug: str, checkpoint: Path, modules: dict[str, torch.nn.Module], out_root: Path,
+                      precision: str, tensorrt: bool) -> dict[str, Path]:
+    """ONNX (and TensorRT plans) of the slug's components; cached by source fingerprint."""
+    from engine.catalog import get_model
+    from engine.components import read_model_config
+    from engine.descriptors import component_descriptors, needed_components
+    from export.onnx_export import build_tensorrt_engine, export_component
+
+    config = read_model_config(checkpoint)
+    specs = [get_model(slug)]
+    descs = component_descriptors(config, specs)
+    out: dict[str, Path] = {}
+    for name in needed_components(config, specs):
+        logger.info("exporting %s to ONNX (%s) under %s", name, precision, out_root)
+        result = export_component(modules[name], descs[name], checkpoint, out_root, precision, verify=False)
+        out[name] = result.path
+        if tensorrt:
+            logger.info("building the TensorRT engine of %s", name)
+            out[name] = build_tensorrt_engine(result.path, descs[name], out_root, precision)
+    return out
+
+
+def _artifact_root(cfg: EngineBenchConfig, checkpoint: Path) -> Path:
+    import hashlib
+
+    key = hashlib.sha256(str(Path(checkpoint).resolve()).encode()).hexdigest()[:12]
+    return Path(cfg.work_dir) / "artifacts" / f"{Path(checkpoint).name}-{key}"
+
+
+def prepare_runtime(runtime: str, cfg: EngineBenchConfig, checkpoint: Path | None, torch_prepared: Prepared | None,
+                    device: torch.device, precision: str) -> Prepared:
+    """Components for ``runtime``; onnxruntime/tensorrt export from the checkpoint (or the full-size modules)."""
+    if runtime == "torch":
+        from engine.catalog import get_model
+        from engine.runtime_torch import TorchComponents
+
+        components = TorchComponents(checkpoint, device=str(device), precision=precision)
+        raw = None
+        if get_model(cfg.slug).pipeline in DIFFUSERS_PIPELINES:  # diffusers can share these modules
+            raw = {"text_encoder": components.modules["text_encoder"].encoder,
+                   "unet": components.modules["unet"].unet, "vae": components.modules["vae_decoder"].vae}
+            if "text_encoder_2" in components.modules:
+                raw["text_encoder_2"] = components.modules["text_encoder_2"].encoder
+        return Prepared("torch", components, components.device, raw)
+
+    if runtime == "tensorrt":
+        from export.onnx_export import tensorrt_toolkit
+
+        if tensorrt_toolkit() is None:
+            raise RuntimeUnavailable("the `tensorrt` package is not installed (pip install 'diffserve[tensorrt]')")
+        if device.type != "cuda":
+            raise RuntimeUnavailable("TensorRT needs a CUDA device")
+    if precision == "bf16":
+        raise RuntimeUnavailable(f"{runtime}: ONNX export supports fp32 and fp16, not bf16")
+    if cfg.full_size:
+        if torch_prepared is None:
+            raise RuntimeUnavailable(f"{runtime} at full size exports the in-memory torch modules: "
+                                     "include the torch runtime")
+        modules = torch_prepared.components.modules  # exported after the torch runs are done
+        source = torch_prepared.components.checkpoint
+    else:
+        from engine.runtime_torch import load_component_modules
+
+        modules = load_component_modules(checkpoint)
+        source = checkpoint
+    artifacts = _export_artifacts(cfg.slug, source, modules, _artifact_root(cfg, source), precision,
+                                  tensorrt=runtime == "tensorrt")
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        from engine.runtime_onnx import OnnxComponents
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        providers = [p for p in providers if p in ort.get_available_providers()]
+        if device.type == "cuda" and "CUDAExecutionProvider" not in providers:
+            raise RuntimeUnavailable("onnxruntime has no CUDAExecutionProvider here (pip install onnxruntime-gpu)")
+        components = OnnxComponents(source, artifacts, providers=providers)
+        return Prepared("onnxruntime", components, device, notes=[f"providers: {', '.join(providers)}"])
+    from engine.runtime_trt import TrtComponents
+
+    return Prepared("tensorrt", TrtComponents(source, artifacts, device=str(device)), device)
+
+
+# -- stages ---------------------------------------------------------------------------------------------
+
+def _stage_calls(slug: str, components, params: dict[str, Any], image, images_uint8: np.ndarray | None
+                 ) -> dict[str, Callable[[], Any]]:
+    """One callable per stage of the request, on the runtime's ``Components``."""
+    from engine.catalog import get_model
+    from engine.imageio import DEFAULT_QUALITY, encode_image
+    from engine.pipelines.common import (
+        decode_latents, encode_prompt_sd15, encode_prompt_sdxl, image_to_tensor, sdxl_time_ids,
+    )
+
+    cfg = components.config
+    device = components.device
+    width, height = int(params["img_width"]), int(params["img_height"])
+    samples = int(params.get("samples") or 1)
+    guidance = float(params["guidance_scale"]) > 1.0
+    encode = encode_prompt_sdxl if cfg.family == "sdxl" else encode_prompt_sd15
+
+    def encode_text():
+        return encode(components, params["prompt"], params.get("negative_prompt"), samples, guidance)
+
+    embeds = encode_text()
+    g = torch.Generator("cpu").manual_seed(0)
+    shape = (samples, cfg.latent_channels, height // cfg.vae_scale_factor, width // cfg.vae_scale_factor)
+    latents = torch.randn(shape, generator=g).to(device)
+    model_input = torch.cat([latents] * 2) if guidance else latents
+    timestep = torch.full((model_input.shape[0],), 999.0)
+    time_ids = sdxl_time_ids(components, width, height, model_input.shape[0]) if cfg.family == "sdxl" else None
+    pixels = image_to_tensor(image, width, height).to(device)
+    fmt = params.get("image_format") or get_model(slug).output_format
+    quality = int(params.get("image_quality") or DEFAULT_QUALITY)
+    if images_uint8 is None:
+        images_uint8 = (np.random.RandomState(0).rand(samples, height, width, 3) * 255).astype(np.uint8)
+    calls = {
+        "encode_text": encode_text,
+        "unet_step": lambda: components.unet(model_input, timestep, embeds.hidden, embeds.pooled, time_ids),
+        "vae_encode": lambda: components.vae_encode(pixels),
+        "vae_decode": lambda: decode_latents(components, latents),
+        "image_encode": lambda: [encode_image(im, fmt, quality) for im in images_uint8],
+    }
+    if not get_model(slug).image_params:
+        del calls["vae_encode"]  # not on a text-to-image request's path (nor exported for it)
+    return calls
+
+
+def _raw_stage_calls(slug: str, raw: dict[str, torch.nn.Module], params: dict[str, Any], device: torch.device,
+                     dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], Callable[[dict[str, float]], float], str]:
+    """Network stages of slugs without a pipeline, on full-size modules; plus an end-to-end estimate."""
+    from engine.catalog import get_model
+    from engine.imageio import encode_image
+
+    g = torch.Generator("cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g).to(device, dtype)
+
+    fmt = params.get("image_format") or get_model(slug).output_format
+    calls: dict[str, Callable[[], Any]] = {}
+    if slug == "omni-zero":
+        # Shapes from the modules' own configs, so the same code times tiny test configs.
+        unet, vae, te1, te2 = raw["unet"].config, raw["vae"].config, raw["text_encoder"].config, raw["text_encoder_2"].config
+        size, steps, cfg_batch = 1024, int(params["number_of_steps"]), 2
+        latent = size // 2 ** (len(vae.block_out_channels) - 1)
+        ids = torch.randint(0, te1.vocab_size, (1, te1.max_position_embeddings), generator=g).to(device)
+        lat = rand(cfg_batch, unet.in_channels, latent, latent)
+        t = torch.full((cfg_batch,), 999.0, device=device, dtype=dtype)
+        hidden = rand(cfg_batch, te1.max_position_embeddings, unet.cross_attention_dim)
+        n_ids = (unet.projection_class_embeddings_input_dim - te2.projection_dim) // unet.addition_time_embed_dim
+        added = {"text_embeds": rand(cfg_batch, te2.projection_dim), "time_ids": rand(cfg_batch, n_ids)}
+        cond = rand(cfg_batch, 3, size, size)
+        calls["encode_text"] = lambda: [raw[k](ids, output_hidden_states=True) for k in ("text_encoder", "text_encoder_2")
+                                        for _ in range(2)]
+        calls["unet_step"] = lambda: raw["unet"](lat, t, encoder_hidden_states=hidden, added_cond_kwargs=added)
+        calls["controlnet_step"] = lambda: [raw[k](lat, t, encoder_hidden_states=hidden, controlnet_cond=cond,
+                                                   added_cond_kwargs=added, return_dict=False)
+                                            for k in ("controlnet", "controlnet_2")]
+        image = rand(1, 3, size, size)
+        calls["vae_encode"] = lambda: raw["vae"].encode(image)
+        calls["vae_decode"] = lambda: raw["vae"].decode(lat[:1])
+        pixels = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
+        calls["image_encode"] = lambda: encode_image(pixels, fmt)
+        note = ("estimate = encode_text + steps x (unet_step + controlnet_step) + vae_encode + vae_decode + "
+                "image_encode; the IP-Adapter image encoder and face analysis are not timed")
+
+        def estimate(m: dict[str, float]) -> float:
+            return (m["encode_text"] + steps * (m["unet_step"] + m["controlnet_step"]) + m["vae_encode"]
+                    + m["vae_decode"] + m["image_encode"])
+    elif slug == "ominicontrol":
+        flux = raw["transformer"].config
+        steps, text_tokens = int(params["steps"]), 256  # FLUX.1-schnell's max_sequence_length
+        tokens = 2 * (512 // 16) ** 2  # 1024 image tokens at 512x512, plus as many condition tokens
+        hidden, text = rand(1, tokens, flux.in_channels), rand(1, text_tokens, flux.joint_attention_dim)
+        pooled, t = rand(1, flux.pooled_projection_dim), torch.full((1,), 1.0, device=device, dtype=dtype)
+        img_ids = torch.zeros(tokens, 3, device=device, dtype=dtype)
+        txt_ids = torch.zeros(text_tokens, 3, device=device, dtype=dtype)
+        calls["transformer_step"] = lambda: raw["transformer"](
+            hidden_states=hidden, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+            img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
+        pixels = (np.random.RandomState(0).rand(512, 512, 3) * 255).astype(np.uint8)
+        calls["image_encode"] = lambda: encode_image(pixels, fmt, int(params.get("image_quality") or 95))
+        note = ("estimate = steps x transformer_step + image_encode at 512x512 with 1024 condition tokens; "
+                "the T5/CLIP text encoders and the FLUX VAE are not timed")
+
+        def estimate(m: dict[str, float]) -> float:
+            return steps * m["transformer_step"] + m["image_encode"]
+    else:
+        raise ValueError(f"{slug} has a pipeline; its stages run through Components")
+    return calls, estimate, note
+
+
+NETWORK_METHODS = ("text_encoder", "t5_text_encoder", "unet", "transformer", "condition_kv", "vae_encode",
+                   "vae_decode", "image_encoder", "ip_projection", "controlnet_unet", "face_detector",
+                   "face_recognizer", "depth_estimator")
+"""The ``Components`` methods that run a network (engine/components.py)."""
+
+
+class TimedComponents:
+    """A ``Components`` proxy that times every network call, device-synchronised.
+
+    Used for pipelines whose stages have no stand-alone call here: the pipeline itself makes
+    the calls, with its real inputs, so every network it uses is timed as it is used.
+    """
+
+    def __init__(self, inner, device):
+        self._inner = inner
+        self._device = device
+        self.calls: dict[str, list[float]] = {}
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if name not in NETWORK_METHODS or not callable(attr):
+            return attr
+
+        def timed(*args, **kwargs):
+            synchronize(self._device)
+            t0 = time.perf_counter()
+            out = attr(*args, **kwargs)
+            synchronize(self._device)
+            self.calls.setdefault(name, []).append(time.perf_counter() - t0)
+            return out
+
+        return timed
+
+
+def time_component_calls(slug: str, components, request: dict[str, Any], device, runs: int,
+                         images_uint8: np.ndarray, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-network call statistics over ``runs`` instrumented pipeline runs, plus image encoding."""
+    from engine.catalog import get_model
+    from engine.imageio import DEFAULT_QUALITY, encode_image
+    from engine.pipelines import run
+
+    timed = TimedComponents(components, device)
+    with torch.inference_mode():
+        for _ in range(max(1, min(runs, 3))):  # each run times every call; a few runs are plenty
+            run(slug, dict(request), timed)
+    out = {name: stats_ms(samples) for name, samples in timed.calls.items()}
+    fmt = params.get("image_format") or get_model(slug).output_format
+    quality = int(params.get("image_quality") or DEFAULT_QUALITY)
+    out["image_encode"] = stats_ms(measure(lambda: [encode_image(im, fmt, quality) for im in images_uint8],
+                                           runs, None))
+    return out
+
+
+def time_stages(calls: dict[str, Callable[[], Any]], repeats: int, device, progress=None) -> dict[str, dict[str, Any]]:
+    out = {}
+    with torch.inference_mode():
+        for name, fn in calls.items():
+            out[name] = stats_ms(measure(fn, repeats, device, warmup=1))
+            if progress is not None:
+                progress.update(1)
+    return out
+
+
+# -- end to end -------------------------------------------------------------------------------------------
+
+def time_pipeline(slug: str, components, params: dict[str, Any], warmup: int, repeats: int, device,
+                  progress=None):
+    """(wall seconds per run, pipeline stage seconds per run, the last GenerationResult)."""
+    from engine.pipelines import run
+
+    for _ in range(warmup):
+        run(slug, dict(params), components)
+        if progress is not None:
+            progress.update(1)
+    walls: list[float] = []
+    stages: dict[str, list[float]] = {}
+    result = None
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        result = run(slug, dict(params), components)
+        synchronize(device)
+        walls.append(time.perf_counter() - t0)
+        for k, v in result.timings.items():
+            stages.setdefault(k, []).append(v)
+        stages.setdefault("denoise_per_step", []).append(result.timings["denoise"] / max(result.steps, 1))
+        if progress is not None:
+            progress.update(1)
+    return walls, stages, result
+
+
+def diffusers_pipeline(slug: str, prepared: Prepared):
+    """diffusers' own pipeline for ``slug`` over the same module objects as ``prepared``."""
+    import diffusers
+
+    from engine.catalog import get_model
+
+    comps, raw = prepared.components, prepared.raw
+    cls = getattr(diffusers, DIFFUSERS_PIPELINES[get_model(slug).pipeline])
+    sched = _scheduler(slug, comps, "DDIM")
+    if comps.config.family == "sdxl":
+        pipe = cls(vae=raw["vae"], text_encoder=raw["text_encoder"], text_encoder_2=raw["text_encoder_2"],
+                   tokenizer=comps.tokenizer(0), tokenizer_2=comps.tokenizer(1), unet=raw["unet"], scheduler=sched,
+                   force_zeros_for_empty_prompt=comps.config.force_zeros_for_empty_prompt, add_watermarker=False)
+    else:
+        pipe = cls(vae=raw["vae"], text_encoder=raw["text_encoder"], tokenizer=comps.tokenizer(0), unet=raw["unet"],
+                   scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _scheduler(slug: str, components, name: str):
+    from engine.schedulers import make_scheduler
+
+    return make_scheduler(name, components.config.scheduler_config)
+
+
+def diffusers_call(slug: str, pipe, components, params: dict[str, Any]) -> np.ndarray:
+    """Run the request through diffusers (fresh scheduler, same seed); float NHWC images."""
+    from engine.catalog import get_model
+
+    pipe.scheduler = _scheduler(slug, components, params["scheduler"])
+    kwargs = dict(prompt=params["prompt"], negative_prompt=params.get("negative_prompt"),
+                  num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
+                  num_images_per_prompt=params["samples"], output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(int(params["seed"])))
+    if get_model(slug).pipeline == "sd15_img2img":
+        kwargs.update(image=params["image"], strength=params["strength"])
+    else:
+        kwargs.update(width=params["img_width"], height=params["img_height"])
+    return pipe(**kwargs).images
+
+
+def time_diffusers(slug: str, prepared: Prepared, params: dict[str, Any], warmup: int, repeats: int,
+                   progress=None) -> tuple[list[float], np.ndarray, dict[str, Any]]:
+    """diffusers' end-to-end seconds per run, its last images, and notes on how it ran."""
+    comps, raw = prepared.components, prepared.raw
+    pipe = diffusers_pipeline(slug, prepared)
+    vae = raw["vae"]
+    restore = next(vae.parameters()).dtype
+    # A user's `pipe.to(device, dtype)` has the VAE in the pipeline dtype (SDXL's pipeline upcasts it
+    # itself while decoding); ours may keep it in fp32 (force_upcast). Same modules, user's dtypes.
+    vae.to(comps.dtype)
+    walls: list[float] = []
+    images = None
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                diffusers_call(slug, pipe, comps, params)
+                if progress is not None:
+                    progress.update(1)
+            for _ in range(repeats):
+                synchronize(prepared.device)
+                t0 = time.perf_counter()
+                images = diffusers_call(slug, pipe, comps, params)
+                synchronize(prepared.device)
+                walls.append(time.perf_counter() - t0)
+                if progress is not None:
+                    progress.update(1)
+    finally:
+        vae.to(restore)
+    notes = {"pipeline": type(pipe).__name__, "vae_dtype": str(comps.dtype).replace("torch.", ""),
+             "scheduler": params["scheduler"]}
+    return walls, images, notes
+
+
+# -- the benchmark -------------------------------------------------------------------------------------------
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="run", disable=None, leave=False)
+
+
+def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
+    """Run the benchmark and return the report (see ``benchmarks.report`` for its rendering)."""
+    from benchmarks.report import environment, new_report
+    from engine.catalog import get_model
+    from engine.runtime_torch import resolve_device_dtype
+
+    spec = get_model(cfg.slug)
+    sd_pipeline = spec.implemented and spec.pipeline in DIFFUSERS_PIPELINES
+    if cfg.threads:
+        import os
+
+        torch.set_num_threads(cfg.threads)
+        os.environ.setdefault("DIFFSERVE_ORT_THREADS", str(cfg.threads))  # engine.runtime_onnx reads it
+    device, dtype = resolve_device_dtype(cfg.device, cfg.precision, spec.family)
+    precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    params = reference_request(cfg.slug, cfg.params)
+    image = demo_image(cfg.work_dir)
+    request = with_images(cfg.slug, params, image)
+    floor = floors.request_floor(cfg.slug, params)
+    report = new_report("engine", environment(device))
+    report["settings"] = {
+        "slug": cfg.slug, "runtimes": list(cfg.runtimes), "device": str(device), "precision": precision,
+        "full_size": cfg.full_size, "checkpoint": None, "warmup": cfg.warmup, "repeats": cfg.repeats,
+        "stage_repeats": cfg.stage_repeats, "baseline": "diffusers" if cfg.baseline else None,
+        "torch_threads": torch.get_num_threads(),
+        "resolution": f"{params['img_width']}x{params['img_height']}" if "img_width" in params else None,
+    }
+    report["request"] = public_request(params)
+    report["steps"] = floors.steps_run(cfg.slug, params)
+    report["floor"] = floor.as_dict()
+    report["runtimes"] = []
+    report["baseline"] = None
+    report["full_size"] = None
+
+    full = None
+    checkpoint = cfg.checkpoint
+    if cfg.full_size:
+        from benchmarks.full_size import full_size_setup
+
+        full = full_size_setup(cfg.slug, device=str(device), precision=precision,
+                               skeleton_root=Path(cfg.work_dir) / "full-size", config_dir=cfg.config_dir)
+        report["full_size"] = {"parameters_m": full.parameters_m, "build_seconds": round(full.build_seconds, 2),
+                               "configs": "benchmarks/configs" if cfg.config_dir is None else str(cfg.config_dir)}
+        if full.components is None:  # no full-size pipeline: time the networks, estimate the request
+            report["runtimes"].append(_bench_networks_only(cfg, full, params, device, floor))
+            return report
+        checkpoint = full.checkpoint
+    elif spec.implemented:
+        if checkpoint is None:
+            from api.cli import demo_checkpoints
+
+            checkpoint = demo_checkpoints()[cfg.slug]
+        report["settings"]["checkpoint"] = str(checkpoint)
+    else:
+        raise ValueError(f"{cfg.slug} has no pipeline yet: only its full-size networks can be timed (--full-size)")
+
+    torch_prepared: Prepared | None = None
+    for runtime in cfg.runtimes:
+        entry: dict[str, Any] = {"runtime": runtime, "status": "ok", "reason": None}
+        report["runtimes"].append(entry)
+        try:
+            if runtime == "torch" and full is not None:
+                prepared = Prepared("torch", full.components, full.device, full.raw)
+            else:
+                prepared = prepare_runtime(runtime, cfg, checkpoint, torch_prepared, device, precision)
+            if runtime == "torch":
+                torch_prepared = prepared
+            _bench_runtime(cfg, entry, prepared, request, image, params, floor, device, sd_pipeline)
+        except RuntimeUnavailable as exc:
+            entry.update(status="skipped", reason=str(exc))
+            logger.warning("%s skipped: %s", runtime, exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - one runtime failing must not lose the others' numbers
+            logger.exception("%s failed", runtime)
+            entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+            continue
+        if runtime == "torch" and cfg.baseline:
+            if prepared.raw is None:
+                report["baseline_note"] = f"diffusers has no pipeline for {cfg.slug}'s request; no baseline"
+                continue
+            with _progress(cfg.warmup + cfg.repeats, f"{cfg.slug} diffusers") as bar:
+                d_walls, d_images, notes = time_diffusers(cfg.slug, prepared, request, cfg.warmup, cfg.repeats, bar)
+            report["baseline"] = {"name": "diffusers", **notes, "end_to_end": stats_ms(d_walls), "_images": d_images}
+
+    baseline = report["baseline"]
+    for entry in report["runtimes"]:
+        images = entry.pop("_images", None)
+        if baseline is None or entry["status"] != "ok":
+            continue
+        ours, theirs = entry["end_to_end"]["ours"], baseline["end_to_end"]
+        entry["ratio_vs_diffusers"] = {"median": round(ours["median_ms"] / theirs["median_ms"], 4),
+                                       "p90": round(ours["p90_ms"] / theirs["p90_ms"], 4)}
+        if images is not None and baseline.get("_images") is not None and images.shape == baseline["_images"].shape:
+            entry["max_abs_diff_vs_diffusers"] = float(np.abs(images - baseline["_images"]).max())
+    if baseline is not None:
+        baseline.pop("_images", None)
+    return report
+
+
+def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prepared, request: dict[str, Any],
+                   image, params: dict[str, Any], floor: floors.Floor, device: torch.device, sd_pipeline: bool) -> None:
+    """End-to-end runs and stages of one runtime, into ``entry``."""
+    entry["notes"] = list(prepared.notes)
+    with _progress(cfg.warmup + cfg.repeats + 5, f"{cfg.slug} {prepared.runtime}") as bar:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        walls, stage_runs, result = time_pipeline(cfg.slug, prepared.components, request, cfg.warmup,
+                                                  cfg.repeats, prepared.device, bar)
+        if sd_pipeline:
+            calls = _stage_calls(cfg.slug, prepared.components, request, image, result.to_uint8())
+            entry["stages"] = time_stages(calls, cfg.stage_repeats, prepared.device, bar)
+        else:
+            entry["stages"] = time_component_calls(cfg.slug, prepared.components, request, prepared.device,
+                                                   cfg.stage_repeats, result.to_uint8(), params)
+            entry["notes"].append("stages: every network call of instrumented pipeline runs, timed as the "
+                                  "pipeline makes it (one sample per call)")
+    entry["end_to_end"] = {"ours": stats_ms(walls), "pipeline_stages": {k: stats_ms(v) for k, v in stage_runs.items()}}
+    entry["steps"] = result.steps
+    entry["images_per_request"] = int(result.images.shape[0])
+    if device.type == "cuda":
+        entry["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    median = entry["end_to_end"]["ours"]["median_ms"]
+    entry["fraction_of_floor"] = _round(floors.fraction_of_floor(floor.floor_ms, median, str(device)))
+    step_floor = floors.unet_step_floor_ms(cfg.slug, params)
+    if "unet_step" in entry["stages"]:
+        entry["unet_step_fraction_of_floor"] = _round(floors.fraction_of_floor(
+            step_floor, entry["stages"]["unet_step"]["median_ms"], str(device)))
+    entry["_images"] = result.images  # compared with diffusers' images, then dropped
+
+
+def _bench_networks_only(cfg: EngineBenchConfig, full, params: dict[str, Any], device: torch.device,
+                         floor: floors.Floor) -> dict[str, Any]:
+    entry: dict[str, Any] = {"runtime": "torch", "status": "ok", "reason": None,
+                             "notes": ["no pipeline yet: network stages only, end to end estimated from them"]}
+    if cfg.runtimes != ("torch",):
+        entry["notes"].append("only the torch runtime times networks without a pipeline")
+    calls, estimate, note = _raw_stage_calls(cfg.slug, full.raw, params, device, full.dtype)
+    with _progress(len(calls), f"{cfg.slug} networks") as bar:
+        entry["stages"] = time_stages(calls, cfg.stage_repeats, device, bar)
+    est = estimate({k: v["median_ms"] for k, v in entry["stages"].items()})
+    entry["end_to_end"] = {"estimated_ms": round(est, 3), "estimate": note}
+    entry["fraction_of_floor"] = _round(floors.fraction_of_floor(floor.floor_ms, est, str(device)))
+    if device.type == "cuda":
+        entry["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return entry
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)

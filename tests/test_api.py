@@ -1,0 +1,623 @@
+"""The HTTP API as clients use it: real uvicorn servers on loopback, real HTTP (httpx and the
+official ``segmind`` SDK), the in-process ``EngineBackend`` on the tiny checkpoints.
+
+Three servers: ``api`` (keys, credits, rate limits, per-key models, one job at a time) for the
+contract and the error codes; ``tight_api`` (open, short timeouts and retention, one model whose
+checkpoint is missing) for timeouts, an unavailable backend and expiry; ``stub_api`` (a stub
+backend) for output formats and the mapping of backend errors. Generations are kept cheap:
+img2img at strength 0.1 runs 2 denoising steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import PIL.Image
+import pytest
+import uvicorn
+from segmind import InferenceFailed, SegmindClient, SegmindError
+
+from api.app import create_app
+from api.backend import BackendResult, BackendTimeout, InputRejected
+from api.backend_local import EngineBackend
+from api.cli import DEMO_PARAMS, demo_input_image
+from api.settings import Settings
+from engine.catalog import CATALOG, implemented_slugs
+
+KEY = "test-key"
+OTHER_KEY = "other-key"
+POOR_KEY = "poor-key"
+ONE_CREDIT_KEY = "one-credit-key"
+LIMITED_KEY = "limited-key"
+SCIFI_ONLY_KEY = "scifi-only-key"
+MAX_BODY = 256 * 1024
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+class ServerThread:
+    """Run an app under uvicorn on a free loopback port in a background thread."""
+
+    def __init__(self, app):
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the API server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+class CountingBackend:
+    """Delegates to a real backend and records how many generations ran at once."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.active = 0
+        self.peak = 0
+        self.calls = 0
+
+    @property
+    def slugs(self):
+        return self.inner.slugs
+
+    async def generate(self, slug, params, *, request_id, on_progress=None):
+        self.active += 1
+        self.calls += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            return await self.inner.generate(slug, params, request_id=request_id, on_progress=on_progress)
+        finally:
+            self.active -= 1
+
+    async def ready(self):
+        return await self.inner.ready()
+
+    async def close(self):
+        await self.inner.close()
+
+
+def jpeg_bytes(size=(96, 64)) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.new("RGB", size, (200, 120, 40)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def cheap_img2img(**overrides) -> dict:
+    """An img2img request that runs 2 denoising steps (strength 0.1 of 20)."""
+    return {"image": base64.b64encode(jpeg_bytes()).decode(), "prompt": "a lake", "strength": 0.1,
+            "num_inference_steps": 20, "seed": 7, **overrides}
+
+
+def wait_status(http: httpx.Client, request_id: str, want: set[str], timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = http.get(f"/v2/requests/{request_id}/status").json()
+        if body.get("status") in want:
+            return body
+        assert time.monotonic() < deadline, f"{request_id} stuck in {body}"
+        time.sleep(0.05)
+
+
+def wait_progress(http: httpx.Client, request_id: str, timeout: float = 120.0) -> dict:
+    """Wait until the job is PROCESSING and has reported at least one denoising step."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = http.get(f"/v2/requests/{request_id}/status").json()
+        if body["status"] == "PROCESSING" and body.get("progress", {}).get("step", 0) >= 1:
+            return body
+        assert body["status"] in ("QUEUED", "PROCESSING"), body
+        assert time.monotonic() < deadline, f"{request_id} never made progress: {body}"
+        time.sleep(0.02)
+
+
+def decode_image(data: bytes) -> PIL.Image.Image:
+    image = PIL.Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+class _ImageHandler(BaseHTTPRequestHandler):
+    image = b""
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        if self.path == "/sd-img2img-input.jpeg":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(self.image)))
+            self.end_headers()
+            self.wfile.write(self.image)
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server(diffserve_home):
+    """Loopback HTTP server holding the seed page's img2img input (a local stand-in)."""
+    _ImageHandler.image = demo_input_image(diffserve_home / "demo-inputs" / "sd-img2img-input.jpeg").read_bytes()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def api(tiny_checkpoints, tmp_path_factory):
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("api-data"),
+        api_keys=[KEY, OTHER_KEY, POOR_KEY, ONE_CREDIT_KEY, LIMITED_KEY, SCIFI_ONLY_KEY],
+        credits={POOR_KEY: 0, ONE_CREDIT_KEY: 1},
+        rate_limit_per_minute={LIMITED_KEY: 2},
+        key_models={SCIFI_ONLY_KEY: ["sd1.5-scifi"]},
+        max_concurrent_jobs=1,
+        max_body_bytes=MAX_BODY,
+        image_allow_networks=["127.0.0.0/8"],
+        cancel_poll_s=0.05,
+    )
+    backend = CountingBackend(EngineBackend(tiny_checkpoints))
+    with ServerThread(create_app(settings, backend)) as server:
+        server.backend = backend
+        server.settings = settings
+        yield server
+    assert backend.peak <= 1, "max_concurrent_jobs=1 was exceeded"
+
+
+@pytest.fixture()
+def http(api):
+    with httpx.Client(base_url=api.url, headers={"x-api-key": KEY}, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture()
+def sdk(api):
+    client = SegmindClient(base_url=f"{api.url}/v1", api_key=KEY, timeout=120)
+    yield client
+    client._client.close()  # the SDK never closes its httpx client
+
+
+# -- the official SDK, unchanged -----------------------------------------------------------------
+
+
+def test_sdk_run_sync_returns_the_jpeg_with_headers(sdk):
+    payload = {**DEMO_PARAMS["sd1.5-scifi"], "num_inference_steps": 20, "img_height": 512}
+    response = sdk.run_sync("sd1.5-scifi", **payload)
+    assert response.headers["content-type"] == "image/jpeg"
+    assert response.headers["x-remaining-credits"] == "unlimited"
+    assert response.headers["x-seed"] == str(payload["seed"])
+    assert len(response.headers["x-request-id"]) == 32
+    assert float(response.headers["x-inference-time"]) > 0
+    image = decode_image(response.content)
+    assert image.format == "JPEG" and image.size == (512, 512)
+
+
+def test_sdk_run_img2img_with_an_image_url(sdk, api, image_server):
+    payload = {**DEMO_PARAMS["sd1.5-img2img"], "image": f"{image_server}/sd-img2img-input.jpeg",
+               "num_inference_steps": 20}
+    result = sdk.run("sd1.5-img2img", **payload)
+    assert result["status"] == "COMPLETED" and result["error"] is None
+    assert result["seed"] == payload["seed"]
+    assert set(result["metrics"]) >= {"inference_time", "queue_time", "total_time"}
+    assert result["metrics"]["inference_time"] > 0
+    [url] = result["output"]
+    assert url.startswith(api.url + "/v2/requests/" + result["request_id"])
+    fetched = httpx.get(url)  # output URLs work without the key, like Segmind's storage links
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/jpeg"
+    assert decode_image(fetched.content).size == (512, 512)
+    # The decoded input stored for the queued job is gone once it has finished.
+    assert not (api.settings.inputs_dir / result["request_id"]).exists()
+
+
+def test_sdk_submit_async_wait_on_segmind_vega_with_base64(sdk):
+    payload = {**DEMO_PARAMS["segmind-vega"], "num_inference_steps": 20, "base64": True}
+    job = sdk.submit_async("segmind-vega", **payload)
+    assert job.submit_response["status"] == "QUEUED"
+    assert job.submit_response["poll_url"] == job.status_url
+    result = job.wait(timeout=300, interval=0.25)
+    assert result["status"] == "COMPLETED"
+    [encoded] = result["output"]
+    image = decode_image(base64.b64decode(encoded))
+    assert image.format == "JPEG" and image.size == (1024, 1024)
+
+
+@pytest.mark.skipif(not CATALOG["ominicontrol"].implemented, reason="no ominicontrol pipeline yet")
+def test_sdk_run_sync_ominicontrol_returns_its_image_format(sdk, image_server):
+    # The seed page's example (a JS v1 call), with fewer steps and the local input image.
+    payload = {"image": f"{image_server}/sd-img2img-input.jpeg", "prompt": "photo of this orange sofa in a modern "
+               "living room", "steps": 4, "seed": 4710825087, "image_format": "png", "image_quality": 90,
+               "base64": False}
+    response = sdk.run_sync("ominicontrol", **payload)
+    assert response.headers["content-type"] == "image/png"
+    assert decode_image(response.content).format == "PNG"
+
+
+def test_sdk_surfaces_http_errors(sdk):
+    with pytest.raises(SegmindError) as info:
+        sdk.run_sync("sd1.5-scifi", prompt="x", samples=9)
+    assert info.value.status == 400 and "samples" in info.value.detail
+    wrong = SegmindClient(base_url=sdk.base_url, api_key="wrong")
+    with pytest.raises(SegmindError) as info:
+        wrong.run("sd1.5-scifi", prompt="x")
+    assert info.value.status == 401
+    wrong._client.close()
+
+
+# -- sync responses ------------------------------------------------------------------------------
+
+
+def test_v1_base64_lists_several_images_and_numbers_may_be_strings(http):
+    response = http.post("/v1/sd1.5-img2img", json=cheap_img2img(samples="2", base64="true", strength="0.1"))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    images = response.json()["image"]
+    assert isinstance(images, list) and len(images) == 2
+    assert all(decode_image(base64.b64decode(i)).size == (512, 512) for i in images)
+
+    data_uri = "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes()).decode()
+    one = http.post("/v1/sd1.5-img2img", json=cheap_img2img(image=data_uri, base64=True)).json()["image"]
+    assert isinstance(one, str) and decode_image(base64.b64decode(one)).format == "JPEG"
+
+
+def test_v1_raw_body_with_several_samples_points_at_the_others(http):
+    response = http.post("/v1/sd1.5-img2img", json=cheap_img2img(samples=2))
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert response.headers["x-output-count"] == "2"
+    urls = response.headers["x-output-urls"].split(", ")
+    assert len(urls) == 2 and httpx.get(urls[1]).status_code == 200
+    # A sync request is a job too: its result is also at /v2/requests/{id}.
+    result = http.get(f"/v2/requests/{response.headers['x-request-id']}").json()
+    assert result["status"] == "COMPLETED" and result["output"] == urls
+
+
+def test_v1_and_v2_share_one_queue_and_concurrency_bound(http, api):
+    first = http.post("/v2/sd1.5-img2img", json=cheap_img2img()).json()
+    outcome = {}
+    sync = threading.Thread(target=lambda: outcome.update(r=http.post("/v1/sd1.5-img2img", json=cheap_img2img())))
+    sync.start()
+    last = http.post("/v2/sd1.5-img2img", json=cheap_img2img()).json()
+    sync.join(120)
+    assert outcome["r"].status_code == 200
+    for job in (first, last):
+        assert wait_status(http, job["request_id"], {"COMPLETED"})["status"] == "COMPLETED"
+    assert api.backend.peak == 1
+
+
+# -- async: status, cancellation, failures -------------------------------------------------------
+
+
+def test_cancel_running_and_queued_jobs_and_failed_jobs_cost_nothing(sdk, http, api):
+    running = sdk.submit_async("sd1.5-scifi", prompt="a long one", samples=4, seed=3)
+    assert running.request_id and running.status_url.startswith(api.url)
+    wait_progress(http, running.request_id)
+
+    poor = httpx.Client(base_url=api.url, headers={"x-api-key": ONE_CREDIT_KEY}, timeout=120)
+    queued = poor.post("/v2/sd1.5-img2img", json=cheap_img2img()).json()
+    status = poor.get(f"/v2/requests/{queued['request_id']}/status")
+    assert status.status_code == 200 and status.json()["status"] == "QUEUED"
+    assert status.json()["queue_position"] == 0
+    assert status.headers["x-remaining-credits"] == "0"  # reserved while queued
+    # Another key may neither read nor cancel it.
+    other = {"x-api-key": OTHER_KEY}
+    assert http.get(f"/v2/requests/{queued['request_id']}/status", headers=other).status_code == 403
+    assert http.post(f"/v2/requests/{queued['request_id']}/cancel", headers=other).status_code == 403
+
+    cancelled = poor.post(f"/v2/requests/{queued['request_id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "FAILED"
+    result = poor.get(f"/v2/requests/{queued['request_id']}")
+    assert result.status_code == 422
+    assert result.json()["status"] == "FAILED" and result.json()["error"] == "cancelled by client"
+    assert poor.post(f"/v2/requests/{queued['request_id']}/cancel").status_code == 409
+
+    assert http.post(f"/v2/requests/{running.request_id}/cancel").status_code == 200
+    with pytest.raises(InferenceFailed) as info:
+        running.wait(timeout=120, interval=0.1)
+    assert info.value.detail == "cancelled by client"
+    failed = http.get(f"/v2/requests/{running.request_id}/status")
+    assert failed.status_code == 422 and failed.json()["error"] == "cancelled by client"
+
+    # Neither cancelled job was charged: the one credit pays for one image, then 406.
+    ok = poor.post("/v1/sd1.5-img2img", json=cheap_img2img())
+    assert ok.status_code == 200 and ok.headers["x-remaining-credits"] == "0"
+    refused = poor.post("/v1/sd1.5-img2img", json=cheap_img2img())
+    assert refused.status_code == 406 and "credits" in refused.json()["error"]
+    poor.close()
+
+    metrics = http.get("/metrics").text
+    assert 'diffserve_job_failures_total{reason="cancelled",slug="sd1.5-scifi"} 1.0' in metrics
+    assert 'diffserve_job_failures_total{reason="cancelled",slug="sd1.5-img2img"} 1.0' in metrics
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_bad_requests_are_400_with_a_json_error(http):
+    cases = [
+        ({"json": {"prompt": "x", "samples": 9, "scheduler": "nope"}}, ["samples", "scheduler"]),
+        ({"json": {"prompt": "x", "colour": "red"}}, ["colour"]),
+        ({"json": {"samples": 1}}, ["prompt"]),
+        ({"content": b'{"prompt": "x",'}, ["malformed JSON"]),
+        ({"content": b"[1, 2]"}, ["JSON object"]),
+        ({"content": b""}, ["empty"]),
+        ({"content": b'{"prompt": "\\ud800"}'}, ["Unicode"]),
+        ({"json": {"prompt": "x", "seed": 10**30}}, ["seed"]),
+    ]
+    for kwargs, words in cases:
+        for version in ("v1", "v2"):
+            response = http.post(f"/{version}/sd1.5-scifi", **kwargs)
+            assert response.status_code == 400, (kwargs, response.text)
+            assert all(w in response.json()["error"] for w in words), response.json()
+
+
+def test_bad_images_are_400_at_submission(http, image_server):
+    cases = {
+        "not base64 !": "base64",
+        "http://10.1.2.3/x.jpg": "private address",
+        "http://169.254.169.254/latest/meta-data": "metadata",
+        f"{image_server}/missing.jpg": "HTTP 404",
+        "data:text/plain;base64,aGVsbG8=": "not an image type",
+    }
+    for value, words in cases.items():
+        response = http.post("/v2/sd1.5-img2img", json=cheap_img2img(image=value))
+        assert response.status_code == 400, (value, response.text)
+        assert words in response.json()["error"], response.json()
+
+
+def test_auth_errors_and_bearer_tokens(api):
+    payload = {"prompt": "x", "samples": 9}  # invalid: authorised calls stop at 400, no generation
+    with httpx.Client(base_url=api.url) as client:
+        missing = client.post("/v1/sd1.5-scifi", json=payload)
+        assert missing.status_code == 401 and "x-api-key" in missing.json()["error"]
+        wrong = client.post("/v1/sd1.5-scifi", json=payload, headers={"x-api-key": "nope"})
+        assert wrong.status_code == 401 and wrong.json() == {"error": "invalid API key"}
+        assert client.get("/v2/requests/" + "0" * 32, headers={"x-api-key": "nope"}).status_code == 401
+        bearer = client.post("/v1/sd1.5-scifi", json=payload, headers={"Authorization": f"Bearer {KEY}"})
+        assert bearer.status_code == 400
+        forbidden = client.post("/v1/sd1.5-img2img", json=payload, headers={"x-api-key": SCIFI_ONLY_KEY})
+        assert forbidden.status_code == 403 and "sd1.5-scifi" in forbidden.json()["error"]
+
+
+def test_not_found_errors_name_what_is_available(http):
+    unknown = http.post("/v1/sdxl-turbo", json={"prompt": "x"})
+    assert unknown.status_code == 404
+    assert "sd1.5-scifi" in unknown.json()["error"] and "segmind-vega" in unknown.json()["error"]
+    for slug in [slug for slug, spec in CATALOG.items() if not spec.implemented]:
+        unserved = http.post(f"/v2/{slug}", json={"prompt": "x"})
+        assert unserved.status_code == 404 and "not implemented" in unserved.json()["error"]
+    for path in ("/v2/requests/" + "0" * 32, "/v2/requests/not-an-id", "/v2/requests/" + "0" * 32 + "/status"):
+        assert http.get(path).status_code == 404
+    assert http.get("/v2/requests/" + "0" * 32 + "/outputs/0.jpg").status_code == 404
+    nowhere = http.get("/v3/anything")
+    assert nowhere.status_code == 404 and "error" in nowhere.json()
+    wrong_method = http.get("/v1/sd1.5-scifi")
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+
+
+def test_insufficient_credits_is_406(api):
+    response = httpx.post(f"{api.url}/v1/sd1.5-scifi", json={"prompt": "x"}, headers={"x-api-key": POOR_KEY})
+    assert response.status_code == 406
+    assert response.json()["error"].startswith("insufficient credits")
+
+
+def test_body_too_large_is_413_by_length_and_by_stream(http):
+    big = json.dumps({"prompt": "x" * (MAX_BODY + 10)}).encode()
+    declared = http.post("/v1/sd1.5-scifi", content=big, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and "limit" in declared.json()["error"]
+
+    def chunks():  # no Content-Length: the guard counts what arrives
+        for i in range(0, len(big), 16384):
+            yield big[i:i + 16384]
+
+    streamed = http.post("/v2/sd1.5-scifi", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and "limit" in streamed.json()["error"]
+
+
+def test_rate_limit_is_429_with_retry_after(api):
+    with httpx.Client(base_url=api.url, headers={"x-api-key": LIMITED_KEY}) as client:
+        codes = [client.post("/v1/sd1.5-scifi", json={"samples": 9}).status_code for _ in range(2)]
+        assert codes == [400, 400]
+        limited = client.post("/v1/sd1.5-scifi", json={"samples": 9})
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 1 and "rate limit" in limited.json()["error"]
+        # Polling is not rate limited.
+        assert client.get("/v2/requests/" + "0" * 32).status_code == 404
+
+
+# -- operations ----------------------------------------------------------------------------------
+
+
+def test_health_readiness_metrics_and_docs(http):
+    assert http.post("/v1/sd1.5-scifi", json={"samples": 9}).status_code == 400
+    assert http.get("/healthz").json() == {"status": "ok"}
+    ready = http.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert ready.json()["backend"]["segmind-vega"] is True
+    metrics = http.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    for needle in ('diffserve_http_requests_total{code="400",endpoint="/v1/{slug}",method="POST",slug="sd1.5-scifi"}',
+                   "diffserve_http_request_duration_seconds_bucket", "diffserve_queue_depth ",
+                   'diffserve_jobs{status="COMPLETED"}', "diffserve_jobs_running "):
+        assert needle in text, needle
+    assert http.get("/docs").status_code == 200
+    spec = http.get("/openapi.json").json()
+    assert {"/v1/{slug}", "/v2/{slug}", "/v2/requests/{request_id}/status"} <= set(spec["paths"])
+    schemas = spec["paths"]["/v1/{slug}"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert {s["title"] for s in schemas} == {f"{slug} request" for slug in implemented_slugs()}
+
+
+# -- timeouts, an unavailable model, expiry (an open server with tight limits) -------------------
+
+
+@pytest.fixture(scope="module")
+def tight_api(tiny_checkpoints, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tight-api-data")
+    settings = Settings(data_dir=data_dir, retention_s=3.0, purge_interval_s=0.2, sync_timeout_s=1.0,
+                        cancel_poll_s=0.05)
+    checkpoints = {"sd1.5-scifi": tiny_checkpoints["sd1.5-scifi"], "sd1.5-img2img": tiny_checkpoints["sd1.5-img2img"],
+                   "segmind-vega": data_dir / "no-such-checkpoint"}
+    with ServerThread(create_app(settings, EngineBackend(checkpoints))) as server:
+        server.settings = settings
+        yield server
+
+
+def test_sync_timeout_is_504_and_cancels_the_job(tight_api):
+    with httpx.Client(base_url=tight_api.url, timeout=120) as client:
+        response = client.post("/v1/sd1.5-scifi", json={"prompt": "slow", "samples": 4})
+        assert response.status_code == 504 and "timed out" in response.json()["error"]
+        request_id = response.headers["x-request-id"]
+        body = wait_status(client, request_id, {"FAILED"}, timeout=60)
+        assert body["error"].startswith("timed out") and "sync" in body["error"]
+
+
+def test_a_disconnected_sync_client_cancels_its_job(tight_api):
+    with httpx.Client(base_url=tight_api.url) as client:
+        with pytest.raises(httpx.TimeoutException):
+            client.post("/v1/sd1.5-scifi", json={"prompt": "abandoned", "samples": 4}, timeout=0.3)
+        deadline = time.monotonic() + 60
+        while 'reason="client_gone",slug="sd1.5-scifi"} 1.0' not in client.get("/metrics").text:
+            assert time.monotonic() < deadline, "the abandoned job was not cancelled"
+            time.sleep(0.1)
+        assert 'diffserve_jobs{status="PROCESSING"} 0.0' in client.get("/metrics").text
+
+
+def test_unavailable_model_is_502_sync_and_failed_async(tight_api):
+    with httpx.Client(base_url=tight_api.url, timeout=120) as client:
+        response = client.post("/v1/segmind-vega", json={"prompt": "x"})
+        assert response.status_code == 502 and "unavailable" in response.json()["error"]
+        # A catalog model this server has no checkpoint for is a 404 before anything is queued.
+        unserved = client.post("/v1/ominicontrol", json={"prompt": "x"})
+        assert unserved.status_code == 404 and "not served" in unserved.json()["error"]
+        assert "x-remaining-credits" not in response.headers
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["backend"]["segmind-vega"] is False
+    sdk = SegmindClient(base_url=f"{tight_api.url}/v1")  # open server: no key needed
+    with pytest.raises(InferenceFailed) as info:
+        sdk.run("segmind-vega", prompt="x")
+    assert "unavailable" in info.value.detail and info.value.status_body["status"] == "FAILED"
+    sdk._client.close()
+
+
+def test_expired_results_are_404_and_their_files_deleted(tight_api):
+    with httpx.Client(base_url=tight_api.url, timeout=120) as client:
+        request_id = client.post("/v2/sd1.5-img2img", json=cheap_img2img()).json()["request_id"]
+        wait_status(client, request_id, {"COMPLETED"})
+        result = client.get(f"/v2/requests/{request_id}").json()
+        output_dir = tight_api.settings.outputs_dir / request_id
+        assert output_dir.is_dir() and client.get(result["output"][0]).status_code == 200
+        deadline = time.monotonic() + 30
+        while output_dir.exists():
+            assert time.monotonic() < deadline, "expired outputs were not deleted"
+            time.sleep(0.1)
+        for path in (f"/v2/requests/{request_id}", f"/v2/requests/{request_id}/status"):
+            gone = client.get(path)
+            assert gone.status_code == 404 and "expired" in gone.json()["error"]
+        assert client.get(result["output"][0]).status_code == 404
+
+
+def test_storage_stays_inside_the_data_dir(tight_api):
+    names = {p.name for p in Path(tight_api.settings.data_dir).iterdir()}
+    assert {"jobs.sqlite", "outputs", "inputs"} <= names
+
+
+# -- output formats and backend failures, against a stub backend ----------------------------------
+
+
+class StubBackend:
+    """Serves ominicontrol (no engine pipeline yet) with a grey picture; prompts pick failures."""
+
+    slugs = frozenset({"ominicontrol"})
+
+    async def generate(self, slug, params, *, request_id, on_progress=None):
+        assert isinstance(params["image"], PIL.Image.Image) and params["seed"] != -1
+        prompt = params["prompt"]
+        if prompt == "reject":
+            raise InputRejected("no subject found in image")
+        if prompt == "crash":
+            raise RuntimeError("secret internal detail")
+        if prompt == "backend-timeout":
+            raise BackendTimeout("the pipeline model did not answer in time")
+        if prompt == "slow":
+            await asyncio.sleep(60)
+        on_progress(params["steps"], params["steps"])
+        pixels = np.full((48, 64, 3), 128, np.uint8)
+        return BackendResult(images=[pixels], seed=params["seed"], timings={"compute": 0.01})
+
+    async def ready(self):
+        return {"server": True, "ominicontrol": True}
+
+    async def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def stub_api(tmp_path_factory):
+    settings = Settings(data_dir=tmp_path_factory.mktemp("stub-api-data"), job_timeout_s=0.5, cancel_poll_s=0.05,
+                        public_url="https://images.example.com/")
+    with ServerThread(create_app(settings, StubBackend())) as server:
+        yield server
+
+
+def omini(**overrides) -> dict:
+    return {"image": base64.b64encode(jpeg_bytes()).decode(), "prompt": "a sofa", **overrides}
+
+
+def test_output_format_follows_image_format_and_quality(stub_api):
+    with httpx.Client(base_url=stub_api.url, timeout=60) as client:
+        webp = client.post("/v1/ominicontrol", json=omini(image_format="webp", image_quality=50, base64=False))
+        assert webp.status_code == 200 and webp.headers["content-type"] == "image/webp"
+        assert decode_image(webp.content).format == "WEBP"
+        default = client.post("/v1/ominicontrol", json=omini())  # base64 defaults to true here
+        assert default.headers["content-type"] == "application/json"
+        assert decode_image(base64.b64decode(default.json()["image"])).format == "PNG"
+        submitted = client.post("/v2/ominicontrol", json=omini(image_format="jpeg", base64=False)).json()
+        request_id = submitted["request_id"]
+        assert submitted["status_url"] == f"https://images.example.com/v2/requests/{request_id}/status"
+        wait_status(client, request_id, {"COMPLETED"})
+        [url] = client.get(f"/v2/requests/{request_id}").json()["output"]
+        assert url == f"https://images.example.com/v2/requests/{request_id}/outputs/0.jpg"
+        assert client.get(httpx.URL(url).path).headers["content-type"] == "image/jpeg"
+
+
+def test_backend_failures_map_to_status_codes(stub_api):
+    with httpx.Client(base_url=stub_api.url, timeout=60) as client:
+        cases = {"reject": (400, "no subject found"), "crash": (500, "internal error"),
+                 "backend-timeout": (504, "did not answer"), "slow": (504, "took longer than 0.5 s")}
+        for prompt, (code, words) in cases.items():
+            response = client.post("/v1/ominicontrol", json=omini(prompt=prompt))
+            assert response.status_code == code and words in response.json()["error"], (prompt, response.text)
+            assert "secret" not in response.text
+        request_id = client.post("/v2/ominicontrol", json=omini(prompt="reject")).json()["request_id"]
+        failed = wait_status(client, request_id, {"FAILED"})
+        assert failed["error"] == "no subject found in image"
+        metrics = client.get("/metrics").text
+        for reason in ("input_rejected", "internal", "backend_timeout", "timeout"):
+            assert f'reason="{reason}",slug="ominicontrol"' in metrics, reason

@@ -1,0 +1,122 @@
+"""``diffserve serve`` as a process: kill -9 with work queued, restart on the same data dir, and
+every accepted request still reaches a terminal state; SIGTERM shuts down cleanly."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import PIL.Image
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "restart-key"
+
+
+def start_server(data_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--demo", "--port", "0", "--data-dir", str(data_dir),
+         "--api-key", KEY],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True,
+        env=dict(os.environ, DIFFSERVE_CANCEL_POLL_S="0.05"),
+    )
+    deadline = time.monotonic() + 180
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the CLI prints one line when the server is ready
+        if "ready at" in line:
+            return proc, line.split("ready at", 1)[1].split()[0]
+        assert time.monotonic() < deadline
+    raise AssertionError(f"server exited ({proc.wait()}) without becoming ready:\n{log.read_text()[-3000:]}")
+
+
+def image_b64() -> str:
+    buf = io.BytesIO()
+    PIL.Image.new("RGB", (80, 60), (10, 200, 90)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_kill_9_then_restart_finishes_every_accepted_request(tmp_path, tiny_checkpoints):
+    data_dir, log = tmp_path / "data", tmp_path / "server.log"
+    proc, url = start_server(data_dir, log)
+    headers = {"x-api-key": KEY}
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+            submitted = [
+                client.post("/v2/sd1.5-scifi", json={"prompt": "first", "seed": 1}),
+                client.post("/v2/sd1.5-img2img", json={"image": image_b64(), "prompt": "b", "strength": 0.2}),
+                client.post("/v2/sd1.5-img2img", json={"image": image_b64(), "prompt": "c", "strength": 0.1,
+                                                        "seed": -1}),
+                client.post("/v2/sd1.5-img2img", json={"image": image_b64(), "prompt": "d", "strength": 0.1,
+                                                        "base64": True}),
+            ]
+            assert [r.status_code for r in submitted] == [200] * 4, [r.text for r in submitted]
+            ids = [r.json()["request_id"] for r in submitted]
+            # A sync request queued behind them: its client dies with the server.
+            threading.Thread(target=lambda: _quiet_post(url, "/v1/sd1.5-img2img",
+                                                        {"image": image_b64(), "prompt": "sync",
+                                                         "strength": 0.1}),
+                             daemon=True).start()
+            deadline = time.monotonic() + 120
+            while job_count(client) < 5:
+                assert time.monotonic() < deadline, "the sync request was not queued"
+                time.sleep(0.02)
+            while True:
+                first = client.get(f"/v2/requests/{ids[0]}/status").json()
+                if first.get("progress", {}).get("step", 0) >= 1 or first["status"] == "COMPLETED":
+                    break
+                assert time.monotonic() < deadline, "the first job never started"
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+
+        proc, url = start_server(data_dir, log)
+        with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+            final = {}
+            deadline = time.monotonic() + 240
+            while len(final) < len(ids):
+                for request_id in ids:
+                    body = client.get(f"/v2/requests/{request_id}/status").json()
+                    if body["status"] in ("COMPLETED", "FAILED"):
+                        final[request_id] = body
+                assert time.monotonic() < deadline, f"not terminal after restart: {set(ids) - set(final)}"
+                time.sleep(0.1)
+            assert all(b["status"] == "COMPLETED" for b in final.values()), final
+            # The interrupted job ran again; img2img jobs found their stored input images.
+            results = [client.get(f"/v2/requests/{request_id}").json() for request_id in ids]
+            assert results[0]["seed"] == 1 and results[2]["seed"] != -1
+            assert httpx.get(results[1]["output"][0]).headers["content-type"] == "image/jpeg"
+            assert PIL.Image.open(io.BytesIO(base64.b64decode(results[3]["output"][0]))).size == (512, 512)
+            assert not any((data_dir / "inputs").iterdir()), "inputs of finished jobs were left behind"
+
+        # The sync job was not forgotten: nobody waits for it any more, so it FAILED.
+        with sqlite3.connect(f"file:{data_dir / 'jobs.sqlite'}?mode=ro", uri=True) as db:
+            rows = db.execute("SELECT status, error FROM jobs WHERE params LIKE '%\"_sync\": true%'").fetchall()
+        assert len(rows) == 1 and rows[0][0] == "FAILED" and "interrupted" in rows[0][1], rows
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def job_count(client: httpx.Client) -> int:
+    """Jobs in the store, whatever their state (from the ``diffserve_jobs`` gauge)."""
+    lines = client.get("/metrics").text.splitlines()
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("diffserve_jobs{")))
+
+
+def _quiet_post(url: str, path: str, payload: dict) -> None:
+    try:
+        httpx.post(url + path, json=payload, headers={"x-api-key": KEY}, timeout=120)
+    except httpx.HTTPError:
+        pass  # the server is killed under it
