@@ -116,6 +116,7 @@ class EngineBackend:
     def _generate_blocking(self, slug: str, params: dict[str, Any], request_id: str,
                            on_progress: ProgressCallback | None, cancel: threading.Event,
                            submitted: float) -> BackendResult:
+        from engine.catalog import InvalidRequest
         from engine.pipelines import Cancelled, RunControl, run
 
         started = time.perf_counter()
@@ -127,7 +128,7 @@ class EngineBackend:
             result = run(slug, params, components, control)
         except Cancelled:
             raise
-        except ValueError as exc:
+        except InvalidRequest as exc:
             # The catalog admitted the request but the pipeline's own input checks refused it.
             raise InputRejected(str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - mapped to a client-safe message; logged in full

@@ -203,7 +203,7 @@ def create_triton_backend(settings, demo: bool) -> TritonBackend:
         raise SystemExit("--backend triton needs a model repository: --repository DIR "
                          "(built by `diffserve export`) or --demo")
     pipelines = read_manifest(repository)["pipelines"]
-    timeout = float(getattr(settings, "job_timeout_s", 600.0))
+    timeout = float(getattr(settings, "triton_timeout_s", None) or getattr(settings, "job_timeout_s", 600.0))
     url = getattr(settings, "triton_url", None)
     if url:
         return TritonBackend(url, pipelines, timeout_s=timeout)

@@ -158,22 +158,70 @@ def demo_input_image(path: Path) -> Path:
     return path
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from engine.catalog import implemented_slugs
+def demo_payloads() -> dict[str, dict[str, Any]]:
+    """The seed examples of every implemented slug, input images inlined as base64."""
+    import base64
 
-    out = home_dir() / "demo-outputs"
+    from engine.catalog import implemented_slugs
     from engine.tiny_omni_zero import write_demo_inputs
 
-    image = demo_input_image(home_dir() / "demo-inputs" / "sd-img2img-input.jpeg")
-    local = {"<local>": image, **{f"<omni-{k}>": v for k, v in write_demo_inputs(home_dir() / "demo-inputs").items()}}
-    for slug in implemented_slugs():
-        params = {k: (str(local[v]) if isinstance(v, str) and v in local else v) for k, v in DEMO_PARAMS[slug].items()}
-        ns = argparse.Namespace(slug=slug, params=json.dumps(params), out=str(out), checkpoint=None,
-                                device=None, precision=None)
-        if cmd_generate(ns) != 0:
+    inputs = home_dir() / "demo-inputs"
+    files = {"<local>": demo_input_image(inputs / "sd-img2img-input.jpeg"),
+             **{f"<omni-{k}>": v for k, v in write_demo_inputs(inputs).items()}}
+    inline = {key: base64.b64encode(path.read_bytes()).decode() for key, path in files.items()}
+    return {slug: {k: inline.get(v, v) if isinstance(v, str) else v for k, v in DEMO_PARAMS[slug].items()}
+            for slug in implemented_slugs()}
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start ``diffserve serve --demo``, send every slug's seed example through the official SDK,
+    save the images, stop the server."""
+    import signal
+    import subprocess
+    import time
+
+    try:
+        from segmind import SegmindClient
+    except ImportError:
+        raise SystemExit("the demo talks to the server through the official `segmind` SDK: "
+                         "pip install segmind (make demo installs it)") from None
+    from engine.imageio import CONTENT_TYPES, EXTENSIONS
+
+    out = home_dir() / "demo-outputs"
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "api.cli", "serve", "--demo", "--backend", args.backend, "--port", "0"]
+    print(f"starting: diffserve serve --demo --backend {args.backend}  (first run exports the tiny models)",
+          flush=True)
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in server.stdout:
+            print("  | " + line.rstrip(), flush=True)
+            if "ready at" in line:
+                url = line.split("ready at", 1)[1].split()[0]
+                break
+        if url is None:
+            print(f"the server exited with status {server.wait()} before it was ready", file=sys.stderr)
             return 1
-    print(f"demo images written to {out}")
-    return 0
+        client = SegmindClient(base_url=f"{url}/v1", timeout=600)  # the demo server is open (no keys)
+        kinds = {v: k for k, v in CONTENT_TYPES.items()}
+        for slug, payload in demo_payloads().items():
+            t0 = time.perf_counter()
+            response = client.run_sync(slug, **payload)
+            kind = kinds[response.headers["content-type"]]
+            path = out / f"{slug}-{payload.get('seed', 'random')}.{EXTENSIONS[kind]}"
+            path.write_bytes(response.content)
+            print(f"{slug:>14}: {path}  ({time.perf_counter() - t0:.1f} s through /v1, "
+                  f"remaining credits {response.headers.get('x-remaining-credits', '-')})", flush=True)
+        print(f"demo images written to {out}")
+        return 0
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def _parse_checkpoint(text: str) -> tuple[str, Path]:
@@ -298,14 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
     gen.set_defaults(func=cmd_generate)
 
-    demo = sub.add_parser("demo", help="generate one image per implemented slug with the tiny demo models")
+    demo = sub.add_parser("demo", help="start `serve --demo`, send every slug's seed example through the "
+                                       "official SDK, save the images, stop")
+    demo.add_argument("--backend", choices=["triton", "local"], default="triton",
+                      help="serve backend (default triton: the tiny models exported to a Triton repository)")
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="run the HTTP API (Segmind contract: /v1, /v2); settings from DIFFSERVE_*")
     serve.add_argument("--demo", action="store_true",
                        help="serve the tiny demo models (local: demo checkpoints; triton: the demo repository)")
-    serve.add_argument("--backend", choices=["local", "triton"], default="local",
-                       help="local: pipelines in this process; triton: a Triton server (default: local)")
+    serve.add_argument("--backend", choices=["triton", "local"], default="triton",
+                       help="triton: pipeline models on a Triton server (default; started on --repository "
+                            "unless --triton-url names a running one); local: pipelines in this process")
     serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="TCP port (default 8000; 0 picks a free one)")
     serve.add_argument("--api-key", action="append", metavar="KEY",

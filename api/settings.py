@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     ``repository``."""
     triton_startup_timeout_s: float = Field(600.0, gt=0)
     """How long a Triton server started by the API may take to load the repository."""
+    triton_timeout_s: float | None = Field(None, gt=0)
+    """gRPC deadline of one pipeline-model request (default: ``job_timeout_s``); past it Triton
+    cancels the request and the job fails with 504."""
 
     # -- local backend ---------------------------------------------------------------------------
     checkpoints: dict[str, Path] = Field(default_factory=dict)

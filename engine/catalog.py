@@ -130,7 +130,13 @@ class ModelSpec:
         return values
 
 
-class ValidationError(ValueError):
+class InvalidRequest(ValueError):
+    """The request itself cannot be served (a client error: 400). Pipelines raise it for what
+    the catalog cannot see (an image without a face, a strength that leaves no step); any other
+    exception is a server-side failure."""
+
+
+class ValidationError(InvalidRequest):
     """A request broke the catalog; ``errors`` holds one precise message per violation."""
 
     def __init__(self, slug: str, errors: list[str]):

@@ -53,6 +53,11 @@ class ComponentDescriptor:
     def max_batch(self) -> int:
         return self.profile["batch"][2]
 
+    @property
+    def batched(self) -> bool:
+        """Whether every tensor leads with the batch axis (else it is served unbatched, like SCRFD)."""
+        return all(t.dims and t.dims[0] == "batch" for t in (*self.inputs, *self.outputs))
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
                 for t in (*self.inputs, *self.outputs)}

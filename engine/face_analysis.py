@@ -20,6 +20,8 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+from engine.catalog import InvalidRequest
+
 DET_SIZE = 640
 """Square detector input (``det_size=(640, 640)``); images are letterboxed into it."""
 DET_THRESHOLD = 0.5
@@ -40,7 +42,7 @@ LIMB_HALF_WIDTH = 4
 KEYPOINT_RADIUS = 10
 
 
-class NoFaceDetected(ValueError):
+class NoFaceDetected(InvalidRequest):
     """An image that must show a face does not (the API answers 400)."""
 
 

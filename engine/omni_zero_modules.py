@@ -255,6 +255,7 @@ class OnnxModelModule(nn.Module):
         from engine.runtime_onnx import OnnxSession
 
         self.path = Path(path)
+        self.onnx_source = self.path  # export copies this file instead of tracing
         self.session = OnnxSession(path)
         self.input_names = list(self.session.input_types)
 

@@ -17,13 +17,17 @@ def default_demo_repository() -> Path:
     return home_dir() / "demo_repository"
 
 
+DEMO_OPTIONS = {"modes": ("bls", "fused"), "pipeline_instances": 1}
+"""One instance per pipeline model: the demo runs on CPU hosts, where ~35 python stubs is plenty."""
+
+
 def build_demo_repository(repository: Path | None = None, **options) -> "RepositoryReport":  # noqa: F821
     """Tiny checkpoints for every implemented slug, exported into a repository (seconds, cached)."""
     from api.cli import demo_checkpoints
     from export.repository import RepositoryOptions, build_repository, demo_deployments
 
     repo = repository or default_demo_repository()
-    return build_repository(repo, demo_deployments(demo_checkpoints()), RepositoryOptions(**options))
+    return build_repository(repo, demo_deployments(demo_checkpoints()), RepositoryOptions(**(DEMO_OPTIONS | options)))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -34,6 +38,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                    device=args.device, pipeline_instances=args.pipeline_instances,
                    component_instances=args.component_instances, fused_runtime=args.fused_runtime,
                    force=args.force)
+    if options["pipeline_instances"] is None:  # the default of RepositoryOptions, or DEMO_OPTIONS with --demo
+        del options["pipeline_instances"]
     try:
         if args.demo:
             report = build_demo_repository(Path(args.repository) if args.repository else None, **options)
@@ -85,7 +91,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--fused-runtime", default="onnxruntime", choices=["onnxruntime", "torch"])
     exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     exp.add_argument("--device", default="cpu", help="cpu or cuda (instance kind and torch device)")
-    exp.add_argument("--pipeline-instances", type=int, default=2)
+    exp.add_argument("--pipeline-instances", type=int, help="instances per pipeline model (default 2; 1 with --demo)")
     exp.add_argument("--component-instances", type=int, default=1)
     exp.add_argument("--force", action="store_true", help="re-export even when artifacts are up to date")
     exp.set_defaults(func=cmd_export)

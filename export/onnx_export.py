@@ -168,6 +168,62 @@ def export_component(module: torch.nn.Module, desc: ComponentDescriptor, checkpo
     return result
 
 
+def copy_onnx_component(source: Path, desc: ComponentDescriptor, checkpoint: Path, out_root: Path,
+                        precision: str = "fp32", *, force: bool = False) -> ExportResult:
+    """Install a component that ships as ONNX (the face models) with the descriptor's I/O names.
+
+    The file's inputs and outputs are renamed positionally (e.g. SCRFD's ``input.1`` -> ``image``)
+    so every runtime binds it by the same names as a traced component. The weights are not
+    converted: such models stay float32 whatever ``precision`` the repository uses.
+    """
+    import onnx
+
+    path = artifact_path(out_root, desc.component, "fp32", onnx_toolkit())
+    fingerprint = source_fingerprint(checkpoint, desc, "fp32")
+    if not force and _is_current(path, fingerprint):
+        return ExportResult(desc.component, path, skipped=True, seconds=0.0)
+    t0 = time.perf_counter()
+    model = onnx.load(str(source))
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != len(desc.inputs) or len(graph.output) != len(desc.outputs):
+        raise ExportError(f"{source}: expected {len(desc.inputs)} inputs and {len(desc.outputs)} outputs "
+                          f"({', '.join(desc.input_names)} -> {', '.join(desc.output_names)}), the file has "
+                          f"{len(inputs)} and {len(graph.output)}")
+    renames = {old.name: new for old, new in zip(inputs, desc.input_names)}
+    renames.update({old.name: new for old, new in zip(graph.output, desc.output_names)})
+    for value in (*inputs, *graph.output):
+        value.name = renames[value.name]
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for f in path.parent.iterdir():
+        f.unlink()
+    onnx.save_model(model, str(path))
+    result = ExportResult(desc.component, path, skipped=False, seconds=time.perf_counter() - t0)
+    result.max_abs_diff = _compare_sessions(source, path, desc)
+    path.with_suffix(".json").write_text(json.dumps({
+        "component": desc.component, "precision": "fp32", "toolkit": onnx_toolkit(), "fingerprint": fingerprint,
+        "checkpoint": str(checkpoint), "source": str(source), "max_abs_diff": result.max_abs_diff,
+        "inputs": list(desc.input_names), "outputs": list(desc.output_names), "requested_precision": precision,
+    }, indent=2))
+    logger.info("%s installed from %s (inputs/outputs renamed)", desc.component, source)
+    return result
+
+
+def _compare_sessions(source: Path, renamed: Path, desc: ComponentDescriptor) -> float:
+    """The renamed copy computes what the original does (names aside)."""
+    from engine.runtime_onnx import OnnxSession
+
+    original, copy = OnnxSession(source), OnnxSession(renamed)
+    feeds = {k: v.numpy() for k, v in example_inputs(desc, "min", seed=1).items()}
+    want = original.run(dict(zip(original.input_types, feeds.values())))
+    got = copy.run(feeds)
+    return max(float(np.abs(got[new] - want[old]).max()) for old, new in zip(original.output_names, desc.output_names))
+
+
 def _finalize_onnx(tmp: Path, path: Path) -> None:
     """Move the traced model into place; weights over ~2 GB (protobuf's limit) go to one external file."""
     import onnx

@@ -23,7 +23,7 @@ from engine.catalog import get_model
 from engine.components import read_model_config
 from engine.descriptors import ComponentDescriptor, component_descriptors, needed_components
 from export.onnx_export import (
-    ExportError, build_tensorrt_engine, export_component, tensorrt_toolkit,
+    ExportError, build_tensorrt_engine, copy_onnx_component, export_component, tensorrt_toolkit,
 )
 
 logger = logging.getLogger(__name__)
@@ -121,29 +121,36 @@ def _parameters(params: dict[str, str]) -> list[dict]:
 
 
 def component_config(name: str, desc: ComponentDescriptor, params: dict[str, str], opts: RepositoryOptions) -> str:
+    """A component model: batched ones get dynamic batching with the batch axis implicit; an
+    unbatched one (``max_batch_size: 0``, e.g. the face detector) lists its full shapes."""
+    skip = 1 if desc.batched else 0
+
     def tensors(specs):
         out = []
         for t in specs:
-            dims = [d if isinstance(d, int) else -1 for d in t.dims[1:]] or [1]  # batch axis is implicit
+            dims = [d if isinstance(d, int) else -1 for d in t.dims[skip:]] or [1]
             out.append({"name": t.name, "data_type": _TRITON_TYPES[t.dtype], "dims": dims})
         return out
 
     warmup_inputs = []
     for t in desc.inputs:
-        dims = list(desc.shape(t, "opt")[1:]) or [1]
+        dims = list(desc.shape(t, "min")[skip:]) or [1]  # cheap: loads the session, keeps no big arena
         warmup_inputs.append({"key": t.name, "value": {"data_type": _TRITON_TYPES[t.dtype], "dims": dims,
                                                        "zero_data": True}})
     config = {
         "name": name,
         "backend": "python",
-        "max_batch_size": desc.max_batch,
+        "max_batch_size": desc.max_batch if desc.batched else 0,
         "input": tensors(desc.inputs),
         "output": tensors(desc.outputs),
-        "dynamic_batching": {"max_queue_delay_microseconds": opts.max_queue_delay_us},
         "instance_group": [{"count": opts.component_instances, "kind": _kind(opts.device)}],
         "parameters": _parameters(params),
-        "model_warmup": [{"name": "zeros", "batch_size": 1, "inputs": warmup_inputs}],
+        # The smallest batch the graph takes (the depth model's traced graph only takes 2).
+        "model_warmup": [{"name": "zeros", "batch_size": desc.profile["batch"][0] if desc.batched else 1,
+                          "inputs": warmup_inputs}],
     }
+    if desc.batched:
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": opts.max_queue_delay_us}
     return _pbtxt(config)
 
 
@@ -224,8 +231,13 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
             if needs_onnx:
                 if modules is None:
                     modules = load_component_modules(checkpoint, components=names)
-                result = export_component(modules[component], descs[component], checkpoint, version,
-                                          opts.precision, force=opts.force)
+                source = getattr(modules[component], "onnx_source", None)
+                if source is not None:  # ships as ONNX (face models): copied with renamed I/O
+                    result = copy_onnx_component(source, descs[component], checkpoint, version,
+                                                 opts.precision, force=opts.force)
+                else:
+                    result = export_component(modules[component], descs[component], checkpoint, version,
+                                              opts.precision, force=opts.force)
                 artifacts[component] = str(result.path)
                 info.update(artifact=str(result.path.relative_to(version)), skipped=result.skipped,
                             seconds=round(result.seconds, 3), max_abs_diff=result.max_abs_diff)
@@ -261,9 +273,8 @@ def read_manifest(repository: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-TRITON_SLUGS = ("sd1.5-scifi", "sd1.5-img2img", "segmind-vega")
-"""Slugs whose components the repository builder exports and the Triton tests cover; omni-zero
-(untraceable face models, fused ControlNet step) and ominicontrol are engine-only for now."""
+TRITON_SLUGS = ("sd1.5-scifi", "sd1.5-img2img", "segmind-vega", "omni-zero", "ominicontrol")
+"""Slugs the repository builder serves (every implemented one) and the Triton tests cover."""
 
 
 def demo_deployments(checkpoints: dict[str, Path]) -> list[Deployment]:

@@ -56,3 +56,34 @@ def input_image():
     y, x = np.mgrid[0:64, 0:64]
     base = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1)
     return (base + rng.randint(0, 32, size=(64, 64, 3))).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def demo_repository(tmp_path_factory, tiny_checkpoints):
+    """The demo repository: every implemented slug's tiny checkpoint exported for Triton, both modes.
+
+    One pipeline instance per model keeps the server to ~35 python stubs on a 2-core CI machine;
+    tests that need two concurrent pipelines reload a model with a second instance.
+    """
+    from export.cli import build_demo_repository, default_demo_repository
+
+    # Where `diffserve serve --demo` looks, so the demo test finds its exports done.
+    return build_demo_repository(default_demo_repository())
+
+
+@pytest.fixture(scope="session")
+def triton(demo_repository, tmp_path_factory):
+    """One real Triton server on the demo repository for every module that serves through Triton.
+
+    Explicit model control, so tests can unload a component (a real failure) or reload a model
+    with another config; its ports are fixed at construction, so a test that stops it can start
+    it again on the same addresses. Tests leave it as they found it.
+    """
+    from api.triton_server import TritonServer, TritonServerConfig
+
+    log = tmp_path_factory.mktemp("triton-log") / "triton.log"
+    server = TritonServer(TritonServerConfig(repository=demo_repository.repository, model_control_mode="explicit",
+                                             load_models=["*"], log_file=log, startup_timeout_s=900))
+    server.start()
+    yield server
+    server.stop()

@@ -3,14 +3,14 @@ official ``segmind`` SDK), the in-process ``EngineBackend`` on the tiny checkpoi
 
 Three servers: ``api`` (keys, credits, rate limits, per-key models, one job at a time) for the
 contract and the error codes; ``tight_api`` (open, short timeouts and retention, one model whose
-checkpoint is missing) for timeouts, an unavailable backend and expiry; ``stub_api`` (a stub
-backend) for output formats and the mapping of backend errors. Generations are kept cheap:
+checkpoint is missing) for timeouts, an unavailable backend and expiry; ``faulty_api`` (a broken
+checkpoint, a faceless portrait, a job deadline) for the mapping of real failures. No stubs:
+every error comes from a real component failing. Generations are kept cheap:
 img2img at strength 0.1 runs 2 denoising steps.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -20,14 +20,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
-import numpy as np
 import PIL.Image
 import pytest
 import uvicorn
 from segmind import InferenceFailed, SegmindClient, SegmindError
 
 from api.app import create_app
-from api.backend import BackendResult, BackendTimeout, InputRejected
 from api.backend_local import EngineBackend
 from api.cli import DEMO_PARAMS, demo_input_image
 from api.settings import Settings
@@ -99,9 +97,9 @@ class CountingBackend:
         await self.inner.close()
 
 
-def jpeg_bytes(size=(96, 64)) -> bytes:
+def jpeg_bytes(size=(96, 64), color=(200, 120, 40)) -> bytes:
     buf = io.BytesIO()
-    PIL.Image.new("RGB", size, (200, 120, 40)).save(buf, format="JPEG")
+    PIL.Image.new("RGB", size, color).save(buf, format="JPEG")
     return buf.getvalue()
 
 
@@ -249,7 +247,6 @@ def test_sdk_submit_async_wait_on_segmind_vega_with_base64(sdk):
     assert image.format == "JPEG" and image.size == (1024, 1024)
 
 
-@pytest.mark.skipif(not CATALOG["ominicontrol"].implemented, reason="no ominicontrol pipeline yet")
 def test_sdk_run_sync_ominicontrol_returns_its_image_format(sdk, image_server):
     # The seed page's example (a JS v1 call), with fewer steps and the local input image.
     payload = {"image": f"{image_server}/sd-img2img-input.jpeg", "prompt": "photo of this orange sofa in a modern "
@@ -548,76 +545,60 @@ def test_storage_stays_inside_the_data_dir(tight_api):
     assert {"jobs.sqlite", "outputs", "inputs"} <= names
 
 
-# -- output formats and backend failures, against a stub backend ----------------------------------
-
-
-class StubBackend:
-    """Serves ominicontrol (no engine pipeline yet) with a grey picture; prompts pick failures."""
-
-    slugs = frozenset({"ominicontrol"})
-
-    async def generate(self, slug, params, *, request_id, on_progress=None):
-        assert isinstance(params["image"], PIL.Image.Image) and params["seed"] != -1
-        prompt = params["prompt"]
-        if prompt == "reject":
-            raise InputRejected("no subject found in image")
-        if prompt == "crash":
-            raise RuntimeError("secret internal detail")
-        if prompt == "backend-timeout":
-            raise BackendTimeout("the pipeline model did not answer in time")
-        if prompt == "slow":
-            await asyncio.sleep(60)
-        on_progress(params["steps"], params["steps"])
-        pixels = np.full((48, 64, 3), 128, np.uint8)
-        return BackendResult(images=[pixels], seed=params["seed"], timings={"compute": 0.01})
-
-    async def ready(self):
-        return {"server": True, "ominicontrol": True}
-
-    async def close(self):
-        pass
+# -- real failures: a broken deployment, a faceless portrait, a job past its deadline -------------
 
 
 @pytest.fixture(scope="module")
-def stub_api(tmp_path_factory):
-    settings = Settings(data_dir=tmp_path_factory.mktemp("stub-api-data"), job_timeout_s=0.5, cancel_poll_s=0.05,
-                        public_url="https://images.example.com/")
-    with ServerThread(create_app(settings, StubBackend())) as server:
+def faulty_api(tiny_checkpoints, tmp_path_factory):
+    """An open server whose sd1.5-scifi checkpoint is broken the way a bad deployment is: its
+    tokenizer pads to 100 tokens, the text encoder has 77 positions (it loads, then every request
+    fails inside the model). Jobs may run 10 s; absolute URLs use ``public_url``."""
+    import shutil
+
+    broken = tmp_path_factory.mktemp("broken") / "sd15"
+    shutil.copytree(tiny_checkpoints["sd1.5-scifi"], broken)
+    config = broken / "tokenizer" / "tokenizer_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"model_max_length": 100}))
+    settings = Settings(data_dir=tmp_path_factory.mktemp("faulty-api-data"), job_timeout_s=10.0,
+                        cancel_poll_s=0.05, public_url="https://images.example.com/")
+    checkpoints = {"sd1.5-scifi": broken, "sd1.5-img2img": tiny_checkpoints["sd1.5-img2img"],
+                   "omni-zero": tiny_checkpoints["omni-zero"]}
+    with ServerThread(create_app(settings, EngineBackend(checkpoints))) as server:
         yield server
 
 
-def omini(**overrides) -> dict:
-    return {"image": base64.b64encode(jpeg_bytes()).decode(), "prompt": "a sofa", **overrides}
+def faceless_omni_zero(**overrides) -> dict:
+    portrait = base64.b64encode(jpeg_bytes((96, 128), (40, 120, 200))).decode()  # flat blue: no face
+    return {"prompt": "A person", "identity_image": portrait, "style_image": portrait, "base_image": portrait,
+            "number_of_steps": 2, **overrides}
 
 
-def test_output_format_follows_image_format_and_quality(stub_api):
-    with httpx.Client(base_url=stub_api.url, timeout=60) as client:
-        webp = client.post("/v1/ominicontrol", json=omini(image_format="webp", image_quality=50, base64=False))
-        assert webp.status_code == 200 and webp.headers["content-type"] == "image/webp"
-        assert decode_image(webp.content).format == "WEBP"
-        default = client.post("/v1/ominicontrol", json=omini())  # base64 defaults to true here
-        assert default.headers["content-type"] == "application/json"
-        assert decode_image(base64.b64decode(default.json()["image"])).format == "PNG"
-        submitted = client.post("/v2/ominicontrol", json=omini(image_format="jpeg", base64=False)).json()
+def test_failures_map_to_status_codes_and_reasons(faulty_api):
+    with httpx.Client(base_url=faulty_api.url, timeout=120) as client:
+        faceless = client.post("/v1/omni-zero", json=faceless_omni_zero())
+        assert faceless.status_code == 400 and "no face" in faceless.json()["error"].lower(), faceless.text
+        broken = client.post("/v1/sd1.5-scifi", json={"prompt": "x"})
+        assert broken.status_code == 500 and broken.json()["error"] == "generation failed: ValueError", broken.text
+        assert "max_position_embeddings" not in broken.text  # details stay in the server log
+        slow = client.post("/v1/sd1.5-img2img", json=cheap_img2img(strength=1.0, num_inference_steps=100,
+                                                                      samples=4))
+        assert slow.status_code == 504 and "took longer than 10 s" in slow.json()["error"], slow.text
+        request_id = client.post("/v2/omni-zero", json=faceless_omni_zero()).json()["request_id"]
+        failed = wait_status(client, request_id, {"FAILED"})
+        assert "no face" in failed["error"].lower()
+        assert client.get(f"/v2/requests/{request_id}").status_code == 422
+        metrics = client.get("/metrics").text
+        for reason, slug in (("input_rejected", "omni-zero"), ("generation_failed", "sd1.5-scifi"),
+                             ("timeout", "sd1.5-img2img")):
+            assert f'reason="{reason}",slug="{slug}"' in metrics, reason
+
+
+def test_absolute_urls_use_the_public_url(faulty_api):
+    with httpx.Client(base_url=faulty_api.url, timeout=120) as client:
+        submitted = client.post("/v2/sd1.5-img2img", json=cheap_img2img(base64=False)).json()
         request_id = submitted["request_id"]
         assert submitted["status_url"] == f"https://images.example.com/v2/requests/{request_id}/status"
         wait_status(client, request_id, {"COMPLETED"})
         [url] = client.get(f"/v2/requests/{request_id}").json()["output"]
         assert url == f"https://images.example.com/v2/requests/{request_id}/outputs/0.jpg"
         assert client.get(httpx.URL(url).path).headers["content-type"] == "image/jpeg"
-
-
-def test_backend_failures_map_to_status_codes(stub_api):
-    with httpx.Client(base_url=stub_api.url, timeout=60) as client:
-        cases = {"reject": (400, "no subject found"), "crash": (500, "internal error"),
-                 "backend-timeout": (504, "did not answer"), "slow": (504, "took longer than 0.5 s")}
-        for prompt, (code, words) in cases.items():
-            response = client.post("/v1/ominicontrol", json=omini(prompt=prompt))
-            assert response.status_code == code and words in response.json()["error"], (prompt, response.text)
-            assert "secret" not in response.text
-        request_id = client.post("/v2/ominicontrol", json=omini(prompt="reject")).json()["request_id"]
-        failed = wait_status(client, request_id, {"FAILED"})
-        assert failed["error"] == "no subject found in image"
-        metrics = client.get("/metrics").text
-        for reason in ("input_rejected", "internal", "backend_timeout", "timeout"):
-            assert f'reason="{reason}",slug="ominicontrol"' in metrics, reason

@@ -1,5 +1,6 @@
-"""``diffserve serve`` as a process: kill -9 with work queued, restart on the same data dir, and
-every accepted request still reaches a terminal state; SIGTERM shuts down cleanly."""
+"""``diffserve serve`` in front of Triton as a process: kill -9 with work queued, restart on the
+same data dir, and every accepted request still reaches a terminal state; SIGTERM shuts down
+cleanly. Triton (the session's shared server) keeps running while the API dies."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "restart-key"
 
 
-def start_server(data_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(data_dir: Path, log: Path, triton, repository: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--demo", "--port", "0", "--data-dir", str(data_dir),
-         "--api-key", KEY],
+        [sys.executable, "-m", "api.cli", "serve", "--backend", "triton", "--triton-url", triton.grpc_url,
+         "--repository", str(repository), "--port", "0", "--data-dir", str(data_dir), "--api-key", KEY],
         cwd=REPO, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True,
         env=dict(os.environ, DIFFSERVE_CANCEL_POLL_S="0.05"),
     )
@@ -43,9 +44,10 @@ def image_b64() -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def test_kill_9_then_restart_finishes_every_accepted_request(tmp_path, tiny_checkpoints):
+def test_kill_9_then_restart_finishes_every_accepted_request(tmp_path, triton, demo_repository):
     data_dir, log = tmp_path / "data", tmp_path / "server.log"
-    proc, url = start_server(data_dir, log)
+    repository = demo_repository.repository
+    proc, url = start_server(data_dir, log, triton, repository)
     headers = {"x-api-key": KEY}
     try:
         with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
@@ -77,7 +79,7 @@ def test_kill_9_then_restart_finishes_every_accepted_request(tmp_path, tiny_chec
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
 
-        proc, url = start_server(data_dir, log)
+        proc, url = start_server(data_dir, log, triton, repository)
         with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
             final = {}
             deadline = time.monotonic() + 240

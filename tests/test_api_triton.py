@@ -1,8 +1,11 @@
-"""The HTTP API in front of a real Triton server: the official SDK end to end, and Triton going
-away mid-job (the job fails clearly, the API stays up and reports not ready, and recovers)."""
+"""The HTTP API in front of a real Triton server: the official SDK end to end on every slug's
+seed example, ominicontrol's output formats, and Triton going away mid-job (the job fails
+clearly, the API stays up and reports not ready, and recovers). The Triton server is the
+session's shared one (``triton`` in conftest); the API runs as a ``diffserve serve`` process."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.server
 import io
@@ -19,11 +22,14 @@ import PIL.Image
 import pytest
 from segmind import InferenceFailed, SegmindClient
 
-from api.triton_server import TritonServer, TritonServerConfig, find_free_port
+from api.cli import DEMO_PARAMS
+from engine.catalog import get_model, implemented_slugs
+from engine.imageio import CONTENT_TYPES
+from engine.tiny_omni_zero import write_demo_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "triton-e2e-key"
-SLUGS = ("sd1.5-scifi", "sd1.5-img2img", "segmind-vega")
+SLUGS = implemented_slugs()
 
 SEED_PAYLOADS = {  # the seed pages' examples; the img2img input URL points at a loopback server
     "sd1.5-scifi": {
@@ -33,7 +39,7 @@ SEED_PAYLOADS = {  # the seed pages' examples; the img2img input URL points at a
         "scheduler": "dpmpp_2m", "num_inference_steps": 30, "guidance_scale": 5, "samples": 1,
         "seed": 516797155652, "img_width": 512, "img_height": 768, "base64": False},
     "sd1.5-img2img": {
-        "image": "{image_url}", "samples": 1, "prompt": "A fantasy landscape, trending on artstation, mystical sky",
+        "image": "{url}/sd-img2img-input.jpeg", "samples": 1, "prompt": "A fantasy landscape, trending on artstation, mystical sky",
         "negative_prompt": "nude, disfigured, blurry", "scheduler": "DDIM", "num_inference_steps": 25,
         "guidance_scale": 10.5, "strength": 0.75, "seed": 98877465625, "img_width": 512, "img_height": 512,
         "base64": False},
@@ -42,7 +48,15 @@ SEED_PAYLOADS = {  # the seed pages' examples; the img2img input URL points at a
         "negative_prompt": "(worst quality, low quality)", "samples": 1, "scheduler": "UniPC",
         "num_inference_steps": 25, "guidance_scale": 9, "seed": 1232788698, "img_width": 1024,
         "img_height": 1024, "base64": False},
+    # The seed pages' examples with their image URLs on the loopback server (api.cli.DEMO_PARAMS).
+    "omni-zero": {k: {"<omni-base>": "{url}/omni-zero-base.png", "<omni-style>": "{url}/omni-zero-style.png",
+                      "<omni-identity>": "{url}/omni-zero-identity.png"}.get(v, v) if isinstance(v, str) else v
+                  for k, v in DEMO_PARAMS["omni-zero"].items()},
+    "ominicontrol": DEMO_PARAMS["ominicontrol"] | {"image": "{url}/sd-img2img-input.jpeg"},
 }
+EXPECTED_SIZE = {"omni-zero": (768, 1024), "ominicontrol": (512, 512)}
+"""(width, height) of the outputs of slugs without img_width/img_height: the 96x128 portraits fit
+within 1024 keeping their aspect ratio; OminiControl renders 512x512."""
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -52,55 +66,42 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def image_url(tmp_path_factory):
+    """Base URL of a loopback server holding the seed examples' input images (local stand-ins)."""
     root = tmp_path_factory.mktemp("images")
     PIL.Image.new("RGB", (512, 512), (40, 120, 200)).save(root / "sd-img2img-input.jpeg", format="JPEG")
+    write_demo_inputs(root)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/sd-img2img-input.jpeg"
+    yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
 
 
-@pytest.fixture(scope="module")
-def repository(tmp_path_factory, tiny_checkpoints):
-    from export.repository import RepositoryOptions, build_repository, demo_deployments
-
-    deployments = [d for d in demo_deployments(tiny_checkpoints) if d.slug in SLUGS]
-    repo = tmp_path_factory.mktemp("api-repository")
-    build_repository(repo, deployments, RepositoryOptions(modes=("bls",), pipeline_instances=1))
-    return repo
-
-
-@pytest.fixture(scope="module")
-def triton_config(repository, tmp_path_factory):
-    config = TritonServerConfig(repository=repository, startup_timeout_s=600, http_port=find_free_port(),
-                                grpc_port=find_free_port(), metrics_port=find_free_port(),
-                                log_file=tmp_path_factory.mktemp("triton") / "triton.log")
-    # Ports are fixed in the config, so a restarted server comes back on the same addresses.
-    return {"config": config, "server": TritonServer(config)}
-
-
-@pytest.fixture(scope="module")
-def api(triton_config, repository, tmp_path_factory):
-    server = triton_config["server"]
-    server.start()
-    data_dir = tmp_path_factory.mktemp("api-data")
+def start_api(triton, repository: Path, data_dir: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """``diffserve serve --backend triton`` on the shared Triton server; returns (process, URL)."""
     log = data_dir / "api.log"
+    data_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "api.cli", "serve", "--backend", "triton", "--repository", str(repository),
-         "--triton-url", server.grpc_url, "--port", "0", "--data-dir", str(data_dir), "--api-key", KEY],
+         "--triton-url", triton.grpc_url, "--port", "0", "--data-dir", str(data_dir), "--api-key", KEY],
         cwd=REPO, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True,
-        env=dict(os.environ, DIFFSERVE_IMAGE_ALLOW_NETWORKS="127.0.0.1/32", DIFFSERVE_CANCEL_POLL_S="0.05"),
+        env=dict(os.environ, DIFFSERVE_IMAGE_ALLOW_NETWORKS="127.0.0.1/32", DIFFSERVE_CANCEL_POLL_S="0.05", **env),
     )
-    url = None
     for line in proc.stdout:
         if "ready at" in line:
-            url = line.split("ready at", 1)[1].split()[0]
-            break
-    assert url, f"API did not start:\n{log.read_text()[-3000:]}"
-    yield url
+            return proc, line.split("ready at", 1)[1].split()[0]
+    raise AssertionError(f"API did not start:\n{log.read_text()[-3000:]}")
+
+
+def stop_api(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
-    triton_config["server"].stop()
+    assert proc.wait(60) == 0
+
+
+@pytest.fixture(scope="module")
+def api(triton, demo_repository, tmp_path_factory):
+    proc, url = start_api(triton, demo_repository.repository, tmp_path_factory.mktemp("api-data"))
+    yield url
+    stop_api(proc)
 
 
 @pytest.fixture()
@@ -113,24 +114,25 @@ def sdk(api):
 
 
 def payload(slug: str, image_url: str) -> dict:
-    return {k: (v.format(image_url=image_url) if isinstance(v, str) and "{image_url}" in v else v)
+    return {k: (v.format(url=image_url) if isinstance(v, str) and "{url}" in v else v)
             for k, v in SEED_PAYLOADS[slug].items()}
 
 
 @pytest.mark.parametrize("slug", SLUGS)
 def test_official_sdk_against_triton(slug, sdk, api, image_url):
     body = payload(slug, image_url)
+    spec = get_model(slug)
+    content_type = CONTENT_TYPES[body.get("image_format", spec.output_format)]
     response = sdk.run_sync(slug, **body)
-    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
-    width, height = body["img_width"], body["img_height"]
+    assert response.status_code == 200 and response.headers["content-type"] == content_type
     with PIL.Image.open(io.BytesIO(response.content)) as im:
-        assert im.size == (width, height)
+        assert im.size == EXPECTED_SIZE.get(slug, (body.get("img_width"), body.get("img_height")))
     assert response.headers["x-remaining-credits"]
 
     result = sdk.run(slug, **body)
     assert result["status"] == "COMPLETED" and result["metrics"]["inference_time"] > 0
     image = httpx.get(result["output"][0], timeout=30)
-    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    assert image.status_code == 200 and image.headers["content-type"] == content_type
     # same seed, same parameters, same runtime: the same picture through /v1 and /v2
     assert image.content == response.content
 
@@ -139,8 +141,57 @@ def test_official_sdk_against_triton(slug, sdk, api, image_url):
     assert job.wait(timeout=600, interval=0.5)["status"] == "COMPLETED"
 
 
-def test_triton_stopping_mid_job_fails_the_job_and_the_api_recovers(api, triton_config, sdk):
-    server = triton_config["server"]
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_ominicontrol_output_follows_image_format_through_v1_and_v2(fmt, api, image_url):
+    body = payload("ominicontrol", image_url) | {"image_format": fmt, "image_quality": 60, "steps": 4}
+    with httpx.Client(base_url=api, headers={"x-api-key": KEY}, timeout=300) as client:
+        sync = client.post("/v1/ominicontrol", json=body)
+        assert sync.status_code == 200 and sync.headers["content-type"] == CONTENT_TYPES[fmt]
+        with PIL.Image.open(io.BytesIO(sync.content)) as im:
+            assert im.format == {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt] and im.size == (512, 512)
+        encoded = client.post("/v1/ominicontrol", json=body | {"base64": True})
+        assert encoded.headers["content-type"] == "application/json"
+        assert base64.b64decode(encoded.json()["image"]) == sync.content
+        job = client.post("/v2/ominicontrol", json=body).json()
+        deadline = time.monotonic() + 300
+        while (status := client.get(job["status_url"]).json())["status"] not in ("COMPLETED", "FAILED"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        [url] = client.get(job["response_url"]).json()["output"]
+        assert url.endswith("." + {"jpeg": "jpg"}.get(fmt, fmt))
+        served = client.get(url)
+        assert served.headers["content-type"] == CONTENT_TYPES[fmt] and served.content == sync.content
+
+
+def test_omni_zero_errors_through_triton(api, image_url):
+    body = payload("omni-zero", image_url)
+    with httpx.Client(base_url=api, headers={"x-api-key": KEY}, timeout=300) as client:
+        for name in ("base_image_strength", "identity_image_strength", "style_image_strength",
+                     "composition_image_strength", "depth_image_strength"):
+            for bad in (-0.1, 1.5):
+                response = client.post("/v1/omni-zero", json=body | {name: bad})
+                assert response.status_code == 400 and name in response.json()["error"], (name, bad)
+        # A portrait without a face is the pipeline model's INVALID_ARG: a 400 that says so.
+        faceless = client.post("/v1/omni-zero", json=body | {"identity_image": f"{image_url}/sd-img2img-input.jpeg",
+                                                              "number_of_steps": 2})
+        assert faceless.status_code == 400 and "face" in faceless.json()["error"].lower()
+
+
+def test_triton_deadline_is_a_504_and_triton_cancels_the_request(triton, demo_repository, tmp_path):
+    proc, url = start_api(triton, demo_repository.repository, tmp_path / "data", DIFFSERVE_TRITON_TIMEOUT_S="1")
+    try:
+        with httpx.Client(base_url=url, headers={"x-api-key": KEY}, timeout=120) as client:
+            response = client.post("/v1/sd1.5-scifi", json={"prompt": "long", "num_inference_steps": 100})
+            assert response.status_code == 504 and "did not answer in time" in response.json()["error"]
+            assert client.get("/readyz").status_code == 200  # a slow request is not an outage
+            metrics = client.get("/metrics").text
+            assert 'reason="backend_timeout",slug="sd1.5-scifi"' in metrics
+    finally:
+        stop_api(proc)
+
+
+def test_triton_stopping_mid_job_fails_the_job_and_the_api_recovers(api, triton, sdk):
+    server = triton
     headers = {"x-api-key": KEY}
     with httpx.Client(base_url=api, headers=headers, timeout=60) as client:
         job = client.post("/v2/sd1.5-scifi", json={"prompt": "long", "num_inference_steps": 100, "seed": 1}).json()
@@ -160,8 +211,7 @@ def test_triton_stopping_mid_job_fails_the_job_and_the_api_recovers(api, triton_
         ready = client.get("/readyz")
         assert ready.status_code == 503
 
-        triton_config["server"] = TritonServer(triton_config["config"])
-        triton_config["server"].start()
+        server.start()  # the same ports: the API's Triton URL is still right
         while client.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline, "the API did not see Triton come back"
             time.sleep(0.5)

@@ -36,11 +36,17 @@ def test_generate_rejects_bad_parameters_naming_them(tmp_path, diffserve_home):
     assert "samples" in proc.stderr and not list(tmp_path.iterdir())
 
 
-def test_demo_writes_one_image_per_implemented_slug(tiny_checkpoints, diffserve_home):
-    from engine.catalog import implemented_slugs
+def test_demo_serves_through_triton_and_the_sdk_and_stops(demo_repository, diffserve_home):
+    """`make demo`: starts `serve --demo` (which starts its own Triton on the demo repository),
+    one seed example per slug through the official SDK, images saved, everything stopped."""
+    from engine.catalog import get_model, implemented_slugs
 
     proc = diffserve("demo", home=diffserve_home)
-    assert proc.returncode == 0, proc.stderr
-    written = sorted((diffserve_home / "demo-outputs").iterdir())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "diffserve API ready at" in proc.stdout and "Triton ready" in proc.stderr
+    written = {p.name: p for p in (diffserve_home / "demo-outputs").iterdir()}
     for slug in implemented_slugs():
-        assert any(p.name.startswith(slug + "-") for p in written), slug
+        [name] = [n for n in written if n.startswith(slug + "-")]
+        with PIL.Image.open(written[name]) as im:
+            assert im.format.lower() == {"png": "png", "jpeg": "jpeg"}[get_model(slug).output_format], slug
+    assert "Triton stopped" in proc.stderr  # the server took its Triton down with it

@@ -1,7 +1,8 @@
 """A real Triton server, started from the exported demo repository, serves every implemented slug.
 
-The server runs in explicit model-control mode so tests can unload a component model (a real
-component failure) and reload a model with an overridden config.
+The server (``triton`` in conftest, shared with the API tests) runs in explicit model-control
+mode so tests can unload a component model (a real component failure) and reload a model with
+an overridden config.
 """
 
 from __future__ import annotations
@@ -20,28 +21,14 @@ from engine.catalog import validate
 from export.repository import TRITON_SLUGS
 from engine.pipelines import run
 from engine.runtime_torch import TorchComponents
+from engine.tiny_omni_zero import synthetic_portrait
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory, tiny_checkpoints):
-    from export.repository import RepositoryOptions, build_repository, demo_deployments
-
-    repo = tmp_path_factory.mktemp("model_repository")
-    return build_repository(repo, demo_deployments(tiny_checkpoints), RepositoryOptions(modes=("bls", "fused")))
-
-
-@pytest.fixture(scope="module")
-def triton(repository, tmp_path_factory):
-    from api.triton_server import TritonServer, TritonServerConfig
-
-    log = tmp_path_factory.mktemp("triton-log") / "triton.log"
-    server = TritonServer(TritonServerConfig(repository=repository.repository, model_control_mode="explicit",
-                                             load_models=["*"], log_file=log, startup_timeout_s=600))
-    server.start()
-    yield server
-    server.stop()
+def repository(demo_repository):
+    return demo_repository
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +55,17 @@ def request_params(slug: str, image: np.ndarray) -> dict:
                           "guidance_scale": 10.5, "strength": 0.75, "seed": 98877465625},
         "segmind-vega": {"prompt": "portrait", "scheduler": "UniPC", "num_inference_steps": 20,
                          "guidance_scale": 9, "seed": 1232788698},
+        "omni-zero": {"prompt": "A person", "negative_prompt": "blurry", "seed": 42, "number_of_steps": 4,
+                      "base_image": "<tensor>", "style_image": "<tensor>", "identity_image": "<tensor>",
+                      "composition_image": "<tensor>", "guidance_scale": 3, "base_image_strength": 0.15},
+        "ominicontrol": {"image": "<tensor>", "prompt": "a sofa in a living room", "steps": 4, "seed": 12467},
     }
     params = validate(slug, payloads[slug])
-    if "image" in params:
+    if slug == "omni-zero":
+        portraits = {"identity": synthetic_portrait(96, 128), "style": synthetic_portrait(128, 128, shade=40),
+                     "base": synthetic_portrait(96, 128, shade=-20), "composition": synthetic_portrait(128, 96, shade=20)}
+        params.update({f"{k}_image": v for k, v in portraits.items()})
+    elif "image" in params:
         params["image"] = image
     return params
 
@@ -116,11 +111,16 @@ def _unet_stats(client, model="tiny_sd15_unet"):
 def test_concurrent_requests_share_unet_batches(backend, client, big_image):
     # Two pipelines stepping in lock-step only meet in one UNet batch when the batcher waits
     # about one step for a partner; reload the UNet with that delay for this test, then restore.
+    # The shared repository runs one instance per pipeline model: give sd1.5-scifi a second one.
     model = "tiny_sd15_unet"
     original = client.get_model_config(model, as_json=True)["config"]
     patched = json.loads(json.dumps(original))
     patched["dynamic_batching"]["max_queue_delay_microseconds"] = "300000"
     client.load_model(model, config=json.dumps(patched))
+    pipeline = client.get_model_config("sd1.5-scifi", as_json=True)["config"]
+    two = json.loads(json.dumps(pipeline))
+    two["instance_group"][0]["count"] = 2
+    client.load_model("sd1.5-scifi", config=json.dumps(two))
     try:
         before = _unet_stats(client)
         params = request_params("sd1.5-scifi", big_image) | {"samples": 1, "img_height": 512}
@@ -139,6 +139,7 @@ def test_concurrent_requests_share_unet_batches(backend, client, big_image):
         assert grown.get(4, 0) > 0  # a batch of 4 = both requests' CFG pairs together
     finally:
         client.load_model(model, config=json.dumps(original))
+        client.load_model("sd1.5-scifi", config=json.dumps(pipeline))
 
 
 def test_cancelled_request_stops_between_steps(backend, client, big_image):
@@ -188,6 +189,23 @@ def test_invalid_request_is_rejected_by_the_pipeline_model(backend):
     with pytest.raises(InputRejected) as info:
         asyncio.run(backend.infer("sd1.5-scifi", {"prompt": "x", "samples": 9}, request_id="bad"))
     assert "samples" in str(info.value)
+
+
+def test_portrait_without_a_face_is_rejected_as_invalid_input(backend, big_image):
+    from api.backend import InputRejected
+
+    params = request_params("omni-zero", big_image) | {"identity_image": np.full((128, 96, 3), 90, np.uint8)}
+    for model in ("omni-zero", "omni-zero__fused"):
+        with pytest.raises(InputRejected) as info:
+            asyncio.run(backend.infer(model, dict(params), request_id=f"noface-{model}"))
+        assert "face" in str(info.value).lower()
+
+
+def test_unbatched_face_detector_is_served_whole(client, repository):
+    config = client.get_model_config("tiny_omni_zero_face_detector", as_json=True)["config"]
+    assert int(config.get("max_batch_size", 0)) == 0 and "dynamic_batching" not in config
+    assert [int(d) for d in config["input"][0]["dims"]] == [1, 3, 640, 640]
+    assert repository.components["tiny_omni_zero_face_detector"]["max_abs_diff"] == 0.0  # a renamed copy
 
 
 def test_readiness_reports_every_slug(backend):

@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from engine.catalog import InvalidRequest
 from engine.components import Components
 
 
@@ -103,7 +104,7 @@ def randn(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
 
 def check_size(width: int, height: int, multiple: int) -> None:
     if width % multiple or height % multiple:
-        raise ValueError(f"width and height must be multiples of {multiple}, got {width}x{height}")
+        raise InvalidRequest(f"width and height must be multiples of {multiple}, got {width}x{height}")
 
 
 # -- text -----------------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def image_to_tensor(image: PIL.Image.Image | np.ndarray, width: int, height: int
     """RGB uint8 image -> [1, 3, H, W] float in [-1, 1], resized to (width, height) if needed."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ValueError(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
+            raise InvalidRequest(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
         image = PIL.Image.fromarray(image)
     image = image.convert("RGB")
     if image.size != (width, height):

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.catalog import resolve_seed
+from engine.catalog import InvalidRequest, resolve_seed
 from engine.components import Components, ConditionKV
 from engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, make_generator, randn, tokenize,
@@ -42,7 +42,7 @@ def check_inputs(components: Components, width: int, height: int) -> None:
                          "the pipeline serves guidance-free FLUX.1-schnell")
     multiple = 2 * cfg.vae_scale_factor  # 2x2 packing of latents
     if width % multiple or height % multiple:
-        raise ValueError(f"width and height must be multiples of {multiple}, got {width}x{height}")
+        raise InvalidRequest(f"width and height must be multiples of {multiple}, got {width}x{height}")
 
 
 def encode_prompt(components: Components, prompt: str, num_images: int,
@@ -167,7 +167,7 @@ def generate(
     # 1. Check inputs
     check_inputs(components, width, height)
     if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        raise InvalidRequest(f"num_inference_steps must be at least 1, got {num_inference_steps}")
     seed = resolve_seed(seed)
     generator = make_generator(seed)
 

@@ -21,7 +21,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from engine.catalog import get_model, resolve_seed
+from engine.catalog import InvalidRequest, get_model, resolve_seed
 from engine.components import Components, ConditionKV
 from engine.pipelines import flux
 from engine.pipelines.common import (
@@ -40,7 +40,7 @@ def center_crop_square(image: PIL.Image.Image | np.ndarray, size: int) -> PIL.Im
     """The largest centered square of ``image``, resized to ``size``² (bicubic, as the reference demo)."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ValueError(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
+            raise InvalidRequest(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
         image = PIL.Image.fromarray(image)
     image = image.convert("RGB")
     w, h = image.size
@@ -114,9 +114,9 @@ def generate(
     # 1. Check inputs
     flux.check_inputs(components, width, height)
     if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        raise InvalidRequest(f"num_inference_steps must be at least 1, got {num_inference_steps}")
     if condition_strength < 0:
-        raise ValueError(f"condition_strength must be >= 0, got {condition_strength}")
+        raise InvalidRequest(f"condition_strength must be >= 0, got {condition_strength}")
     seed = resolve_seed(seed)
     generator = make_generator(seed)
 

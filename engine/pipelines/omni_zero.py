@@ -41,7 +41,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from engine.catalog import resolve_seed
+from engine.catalog import InvalidRequest, resolve_seed
 from engine.components import Components, IPTokens
 from engine.face_analysis import (
     DET_SIZE, Face, NoFaceDetected, align_face, decode_detections, draw_keypoints, largest_face, letterbox,
@@ -75,7 +75,7 @@ ImageInput = PIL.Image.Image | np.ndarray
 def as_pil(image: ImageInput) -> PIL.Image.Image:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ValueError(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
+            raise InvalidRequest(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")
         image = PIL.Image.fromarray(image)
     return image.convert("RGB")
 
@@ -86,7 +86,7 @@ def fit_image(image: ImageInput, max_side: int = MAX_IMAGE_SIDE, name: str = "im
     width, height = fit_size(*image.size, max_side=max_side)
     shortest = max_side * MIN_IMAGE_SIDE // MAX_IMAGE_SIDE
     if min(width, height) < shortest:
-        raise ValueError(f"{name}: a {image.size[0]}x{image.size[1]} image fits {max_side}px as {width}x{height}; "
+        raise InvalidRequest(f"{name}: a {image.size[0]}x{image.size[1]} image fits {max_side}px as {width}x{height}; "
                          f"both sides must be at least {shortest}px (aspect ratio at most "
                          f"{MAX_IMAGE_SIDE // MIN_IMAGE_SIDE}:1)")
     return image.resize((width, height), PIL.Image.Resampling.BICUBIC)
@@ -255,7 +255,7 @@ class BrownianNoise:
 
 def _check_strength(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
+        raise InvalidRequest(f"{name} must be in [0, 1], got {value}")
 
 
 def _expand(cond: torch.Tensor, uncond: torch.Tensor | None, num_images: int) -> torch.Tensor:
@@ -302,13 +302,13 @@ def generate(
                         ("depth_image_strength", depth_image_strength)):
         _check_strength(name, value)
     if num_steps < 1:
-        raise ValueError(f"number_of_steps must be at least 1, got {num_steps}")
+        raise InvalidRequest(f"number_of_steps must be at least 1, got {num_steps}")
     if num_images < 1:
-        raise ValueError(f"number_of_images must be at least 1, got {num_images}")
+        raise InvalidRequest(f"number_of_images must be at least 1, got {num_images}")
     if identity_image is None or style_image is None:
-        raise ValueError("an identity image and a style image are required")
+        raise InvalidRequest("an identity image and a style image are required")
     if base_image is None and composition_image is None:
-        raise ValueError("a base image or a composition image is required")
+        raise InvalidRequest("a base image or a composition image is required")
     seed = resolve_seed(seed)
     generator = make_generator(seed)
     guidance = guidance_scale > 1.0

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from engine.catalog import resolve_seed
+from engine.catalog import InvalidRequest, resolve_seed
 from engine.components import Components
 from engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, check_size, decode_latents, denoise, encode_prompt_sd15,
@@ -44,7 +44,7 @@ def generate(
     # 1. Check inputs
     check_size(width, height, cfg.vae_scale_factor)
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
+        raise InvalidRequest(f"strength must be in [0, 1], got {strength}")
     seed = resolve_seed(seed)
     generator = make_generator(seed)
     guidance = guidance_scale > 1.0
@@ -62,7 +62,7 @@ def generate(
     if hasattr(sched, "set_begin_index"):
         sched.set_begin_index(t_start * sched.order)
     if len(timesteps) == 0:
-        raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no denoising step")
+        raise InvalidRequest(f"strength {strength} with {num_inference_steps} steps leaves no denoising step")
 
     # 4. Encode the image and noise it to the first timestep (SDEdit)
     with timer.stage("encode_image"):

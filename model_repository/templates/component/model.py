@@ -4,6 +4,7 @@ Runs the component with ONNX Runtime, TensorRT or torch, as the ``runtime`` para
 ``config.pbtxt`` says. Dynamic batching hands ``execute`` several requests at once — e.g. UNet
 steps of concurrent pipeline requests — which are concatenated along the batch axis when their
 other dimensions agree, run as one batch, and split back into one response per request.
+Models served unbatched (``max_batch_size: 0``, the face detector) run one request at a time.
 """
 
 import json
@@ -24,10 +25,11 @@ class TritonPythonModel:
         self.component = params["component"]
         self.input_names = [i["name"] for i in self.config["input"]]
         self.output_names = [o["name"] for o in self.config["output"]]
+        self.batched = int(self.config.get("max_batch_size", 0)) > 0
         version_dir = Path(args["model_repository"]) / args["model_version"]
         runtime = params["runtime"]
         if runtime == "onnxruntime":
-            from engine.runtime_onnx import OnnxSession
+            from engine.onnx_session import OnnxSession
 
             session = OnnxSession(version_dir / params["artifact"])
             self._run = session.run
@@ -69,14 +71,21 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is not None:
                     feeds[name] = tensor.as_numpy()
-            key = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(feeds.items()))
+            # Unbatched models (max_batch_size 0) run each request alone, outputs whole.
+            key = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(feeds.items())) if self.batched else i
             groups.setdefault(key, []).append((i, feeds))
         for members in groups.values():
             try:
                 batch = {n: np.concatenate([f[n] for _, f in members]) for n in members[0][1]}
-                if "timestep" in batch:  # [B, 1] on the wire (batch axis is implicit), [B] in the graph
+                if "timestep" in batch and self.batched:  # [B, 1] on the wire (batch axis is implicit), [B] in the graph
                     batch["timestep"] = batch["timestep"].reshape(-1)
                 outputs = self._run(batch)
+                if not self.batched:
+                    [(i, _)] = members
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                        pb_utils.Tensor(n, np.ascontiguousarray(outputs[n].astype(np.float32)))
+                        for n in self.output_names])
+                    continue
                 start = 0
                 for i, feeds in members:
                     size = next(iter(feeds.values())).shape[0]

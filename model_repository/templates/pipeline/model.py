@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from engine.catalog import ValidationError, get_model
+from engine.catalog import InvalidRequest, ValidationError, get_model
 from engine.components import NamedTensorComponents
 from engine.descriptors import component_descriptors
 from engine.pipelines import Cancelled, RunControl, run
@@ -125,7 +125,7 @@ class TritonPythonModel:
             if "IMAGES_FLOAT" in wanted:
                 outputs.append(pb_utils.Tensor("IMAGES_FLOAT", result.images.astype(np.float32)))
             sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
-        except (ValidationError, ValueError) as exc:
+        except (ValidationError, InvalidRequest, json.JSONDecodeError) as exc:
             self._send_error(sender, f"invalid request: {exc}", pb_utils.TritonError.INVALID_ARG)
         except Cancelled:
             logger.info("%s: request cancelled by the client", self.name)
@@ -140,7 +140,7 @@ class TritonPythonModel:
     def _params(self, request):
         raw = pb_utils.get_input_tensor_by_name(request, "REQUEST")
         if raw is None:
-            raise ValueError("missing REQUEST input")
+            raise InvalidRequest("missing REQUEST input")
         payload = json.loads(raw.as_numpy().reshape(-1)[0])
         params = dict(payload.get("params", {}))
         images = {}
