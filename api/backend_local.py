@@ -30,7 +30,7 @@ class EngineBackend:
     """In-process ``GenerationBackend`` on ``engine.runtime_torch.TorchComponents``."""
 
     def __init__(self, checkpoints: Mapping[str, str | Path], device: str | None = None,
-                 precision: str | None = None, max_workers: int = 1):
+                 precision: str | None = None, max_workers: int = 1, optimizations: str | None = None):
         from engine.catalog import get_model
 
         for slug in checkpoints:
@@ -41,6 +41,7 @@ class EngineBackend:
         self._checkpoints = {slug: Path(path).resolve() for slug, path in checkpoints.items()}
         self._device = device
         self._precision = precision
+        self._optimizations = optimizations
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="engine")
         self._components: dict[Path, Any] = {}
         self._load_lock = threading.Lock()
@@ -104,7 +105,8 @@ class EngineBackend:
 
             start = time.perf_counter()
             try:
-                components = TorchComponents(path, device=self._device, precision=self._precision)
+                components = TorchComponents(path, device=self._device, precision=self._precision,
+                                             optimizations=self._optimizations)
             except Exception as exc:  # noqa: BLE001 - any load failure means "this model is unavailable"
                 logger.exception("loading checkpoint %s for %s failed", path, slug)
                 raise BackendUnavailable(

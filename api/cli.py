@@ -14,12 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine import home_dir
+
 logger = logging.getLogger("diffserve")
-
-
-def home_dir() -> Path:
-    """Where demo checkpoints, repositories and outputs live (``DIFFSERVE_HOME``, default ./var)."""
-    return Path(os.environ.get("DIFFSERVE_HOME", "var")).resolve()
 
 
 def demo_checkpoints() -> dict[str, Path]:
@@ -80,7 +77,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"{args.slug} is not implemented yet", file=sys.stderr)
         return 2
     checkpoint = Path(args.checkpoint) if args.checkpoint else demo_checkpoints()[args.slug]
-    components = TorchComponents(checkpoint, device=args.device, precision=args.precision)
+    components = TorchComponents(checkpoint, device=args.device, precision=args.precision,
+                                 optimizations=args.torch_optimizations)
     params = load_local_images(spec, params)
     bar = tqdm(total=None, desc=args.slug, unit="step")
 
@@ -240,7 +238,7 @@ def create_local_backend(settings, demo: bool):
     if not checkpoints:
         raise SystemExit("--backend local needs checkpoints: --checkpoint SLUG=DIR (repeatable) or --demo")
     return EngineBackend(checkpoints, device=settings.device, precision=settings.precision,
-                         max_workers=settings.max_concurrent_jobs)
+                         max_workers=settings.max_concurrent_jobs, optimizations=settings.torch_optimizations)
 
 
 def create_backend(name: str, settings, demo: bool):
@@ -296,7 +294,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from api.settings import Settings
 
     overrides: dict[str, Any] = {}
-    for name in ("host", "port", "data_dir", "device", "precision", "repository", "triton_url"):
+    for name in ("host", "port", "data_dir", "device", "precision", "repository", "triton_url",
+                 "torch_optimizations"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.api_key:
@@ -344,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", help="local diffusers checkpoint directory (default: tiny demo checkpoint)")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     gen.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
+    gen.add_argument("--optimize", dest="torch_optimizations", metavar="SPEC",
+                     help="torch optimizations: fast, max, or e.g. fuse_qkv,channels_last,compile,cuda_graphs")
     gen.set_defaults(func=cmd_generate)
 
     demo = sub.add_parser("demo", help="start `serve --demo`, send every slug's seed example through the "
@@ -369,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--triton-url", help="gRPC host:port of a running Triton server (default: start one)")
     serve.add_argument("--device", help="torch device for the local backend")
     serve.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="local backend precision")
+    serve.add_argument("--optimize", dest="torch_optimizations", metavar="SPEC",
+                       help="local backend torch optimizations (see `generate --optimize`)")
     serve.set_defaults(func=cmd_serve)
     from benchmarks.cli import add_parsers as add_bench_parsers
     from export.cli import add_parsers as add_export_parsers

@@ -114,6 +114,17 @@ class Settings(BaseSettings):
     """Torch device for the local backend (default: cuda if available)."""
     precision: str | None = None
     """fp32, fp16 or bf16 for the local backend (default: fp16 on GPU, fp32 on CPU)."""
+    torch_optimizations: str | None = None
+    """``engine.torch_optimize`` spec for the local backend, e.g. ``fast`` or ``fuse_qkv,compile``."""
+
+    @field_validator("torch_optimizations")
+    @classmethod
+    def _valid_optimizations(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from engine.torch_optimize import TorchOptimizations
+
+        return TorchOptimizations.parse(value).spec()
 
     @field_validator("api_keys", "image_allowed_formats", "image_allow_networks", mode="before")
     @classmethod

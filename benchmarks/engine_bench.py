@@ -70,6 +70,9 @@ class EngineBenchConfig:
     """Exported ONNX/TensorRT artifacts and full-size skeleton checkpoints are cached here."""
     config_dir: Path | None = None
     """Full-size configs (default ``benchmarks/configs``)."""
+    optimizations: tuple[str, ...] = ()
+    """``engine.torch_optimize`` specs; each adds a torch entry with those optimizations (``fast``, ...),
+    compared with eager torch and diffusers in the same run."""
     threads: int | None = None
     """torch CPU threads (``torch.set_num_threads``); default: torch's own choice. On a shared CPU,
     1 avoids the OpenMP oversubscription that makes timings meaningless."""
@@ -78,6 +81,9 @@ class EngineBenchConfig:
         bad = [r for r in self.runtimes if r not in RUNTIMES]
         if bad or not self.runtimes:
             raise ValueError(f"runtimes must be among {', '.join(RUNTIMES)}, got {', '.join(self.runtimes) or 'none'}")
+        from engine.torch_optimize import TorchOptimizations
+
+        self.optimizations = tuple(TorchOptimizations.parse(s).spec() for s in self.optimizations)
         if self.repeats < 1 or self.warmup < 0 or self.stage_repeats < 1:
             raise ValueError("repeats and stage_repeats must be >= 1 and warmup >= 0")
 
@@ -178,6 +184,7 @@ class Prepared:
     device: torch.device
     raw: dict[str, torch.nn.Module] | None = None
     notes: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -377,6 +384,8 @@ def _raw_stage_calls(slug: str, raw: dict[str, torch.nn.Module], params: dict[st
     return calls, estimate, note
 
 
+DENOISER_STAGES = ("unet_step", "transformer", "controlnet_unet", "unet")
+"""Stage names of one denoising network evaluation (stand-alone stage, or instrumented call)."""
 NETWORK_METHODS = ("text_encoder", "t5_text_encoder", "unet", "transformer", "condition_kv", "vae_encode",
                    "vae_decode", "image_encoder", "ip_projection", "controlnet_unet", "face_detector",
                    "face_recognizer", "depth_estimator")
@@ -575,6 +584,7 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
         "slug": cfg.slug, "runtimes": list(cfg.runtimes), "device": str(device), "precision": precision,
         "full_size": cfg.full_size, "checkpoint": None, "warmup": cfg.warmup, "repeats": cfg.repeats,
         "stage_repeats": cfg.stage_repeats, "baseline": "diffusers" if cfg.baseline else None,
+        "optimizations": list(cfg.optimizations),
         "torch_threads": torch.get_num_threads(),
         "resolution": f"{params['img_width']}x{params['img_height']}" if "img_width" in params else None,
     }
@@ -608,15 +618,21 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
         raise ValueError(f"{cfg.slug} has no pipeline yet: only its full-size networks can be timed (--full-size)")
 
     torch_prepared: Prepared | None = None
-    for runtime in cfg.runtimes:
+    jobs = [(runtime, None) for runtime in cfg.runtimes] + [("torch", spec) for spec in cfg.optimizations]
+    for runtime, spec in jobs:
         entry: dict[str, Any] = {"runtime": runtime, "status": "ok", "reason": None}
+        if spec is not None:
+            entry["optimizations"] = spec
         report["runtimes"].append(entry)
         try:
-            if runtime == "torch" and full is not None:
+            if spec is not None:
+                prepared = prepare_optimized(spec, checkpoint, full, device, precision)
+                entry["optimization"] = prepared.info
+            elif runtime == "torch" and full is not None:
                 prepared = Prepared("torch", full.components, full.device, full.raw)
             else:
                 prepared = prepare_runtime(runtime, cfg, checkpoint, torch_prepared, device, precision)
-            if runtime == "torch":
+            if runtime == "torch" and spec is None:
                 torch_prepared = prepared
             _bench_runtime(cfg, entry, prepared, request, image, params, floor, device, sd_pipeline)
         except RuntimeUnavailable as exc:
@@ -627,7 +643,7 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
             logger.exception("%s failed", runtime)
             entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
             continue
-        if runtime == "torch" and cfg.baseline:
+        if runtime == "torch" and spec is None and cfg.baseline:
             if prepared.raw is None:
                 report["baseline_note"] = f"diffusers has no pipeline for {cfg.slug}'s request; no baseline"
                 continue
@@ -636,8 +652,12 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
             report["baseline"] = {"name": "diffusers", **notes, "end_to_end": stats_ms(d_walls), "_images": d_images}
 
     baseline = report["baseline"]
+    eager = next((e.get("_images") for e in report["runtimes"]
+                  if e["runtime"] == "torch" and "optimizations" not in e and e["status"] == "ok"), None)
     for entry in report["runtimes"]:
         images = entry.pop("_images", None)
+        if "optimizations" in entry and images is not None and eager is not None and images.shape == eager.shape:
+            entry["max_abs_diff_vs_eager"] = float(np.abs(images - eager).max())
         if baseline is None or entry["status"] != "ok":
             continue
         ours, theirs = entry["end_to_end"]["ours"], baseline["end_to_end"]
@@ -675,10 +695,36 @@ def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prep
     median = entry["end_to_end"]["ours"]["median_ms"]
     entry["fraction_of_floor"] = _round(floors.fraction_of_floor(floor.floor_ms, median, str(device)))
     step_floor = floors.unet_step_floor_ms(cfg.slug, params)
+    step = next((entry["stages"][k] for k in DENOISER_STAGES if k in entry["stages"]), None)
+    per_step = entry["end_to_end"]["pipeline_stages"].get("denoise_per_step")
+    if step is not None and per_step is not None:
+        # Time per step not spent in the denoiser: scheduler math, CFG, copies, Python.
+        entry["loop_overhead_per_step_ms"] = round(per_step["median_ms"] - step["median_ms"], 3)
     if "unet_step" in entry["stages"]:
         entry["unet_step_fraction_of_floor"] = _round(floors.fraction_of_floor(
             step_floor, entry["stages"]["unet_step"]["median_ms"], str(device)))
     entry["_images"] = result.images  # compared with diffusers' images, then dropped
+
+
+def prepare_optimized(spec: str, checkpoint: Path | None, full, device: torch.device, precision: str) -> Prepared:
+    """Torch components with ``spec``'s optimizations, on their own copy of the weights (never diffusers')."""
+    import copy
+
+    if full is not None:
+        from benchmarks.full_size import InMemoryTorchComponents
+
+        raw = {k: copy.deepcopy(m) for k, m in full.raw.items()}
+        components = InMemoryTorchComponents(full.checkpoint, raw, full.device, full.dtype, optimizations=spec)
+    else:
+        from engine.runtime_torch import TorchComponents
+
+        components = TorchComponents(checkpoint, device=str(device), precision=precision, optimizations=spec)
+    from engine.torch_optimize import sdpa_backends
+
+    report = components.optimization_report
+    info = {"applied": report.applied, "fallbacks": report.fallbacks, "warmup_s": report.warmup_seconds,
+            "sdpa_kernels": sdpa_backends(components.device)}
+    return Prepared("torch", components, components.device, info=info)
 
 
 def _bench_networks_only(cfg: EngineBenchConfig, full, params: dict[str, Any], device: torch.device,

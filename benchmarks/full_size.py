@@ -31,8 +31,6 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from engine.components import NamedTensorComponents
-from engine.descriptors import component_descriptors
 from engine.runtime_torch import (
     TextEncoderModule, TorchComponents, UNetModule, VaeDecoderModule, VaeEncoderModule, resolve_device_dtype,
 )
@@ -166,19 +164,13 @@ def write_skeleton_checkpoint(slug: str, root: Path, config_dir: Path | None = N
 class InMemoryTorchComponents(TorchComponents):
     """``TorchComponents`` over modules already in memory (same wrappers, same ``run_component``)."""
 
-    def __init__(self, checkpoint: Path, raw: dict[str, nn.Module], device: torch.device, dtype: torch.dtype):
-        NamedTensorComponents.__init__(self, checkpoint, device)
-        self.dtype = dtype
-        self.descriptors = component_descriptors(self.config)
-        self.modules = {"text_encoder": TextEncoderModule(raw["text_encoder"]), "unet": UNetModule(raw["unet"]),
-                        "vae_encoder": VaeEncoderModule(raw["vae"]), "vae_decoder": VaeDecoderModule(raw["vae"])}
+    def __init__(self, checkpoint: Path, raw: dict[str, nn.Module], device: torch.device, dtype: torch.dtype,
+                 optimizations: str | None = None):
+        modules = {"text_encoder": TextEncoderModule(raw["text_encoder"]), "unet": UNetModule(raw["unet"]),
+                   "vae_encoder": VaeEncoderModule(raw["vae"]), "vae_decoder": VaeDecoderModule(raw["vae"])}
         if "text_encoder_2" in raw:
-            self.modules["text_encoder_2"] = TextEncoderModule(raw["text_encoder_2"])
-        # As TorchComponents does: the SD/SDXL VAEs overflow in fp16 (config.force_upcast).
-        self.vae_dtype = dtype
-        if dtype == torch.float16 and raw["vae"].config.get("force_upcast", False):
-            raw["vae"].to(torch.float32)
-            self.vae_dtype = torch.float32
+            modules["text_encoder_2"] = TextEncoderModule(raw["text_encoder_2"])
+        self._setup(checkpoint, device, dtype, modules, optimizations)
 
 
 @dataclass

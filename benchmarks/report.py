@@ -249,16 +249,16 @@ def render_engine_markdown(report: dict[str, Any]) -> str:
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["runtimes"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['runtime']} | {r['status']}: {r['reason']} | | | | | | |")
+            lines.append(f"| {_label(r)} | {r['status']}: {r['reason']} | | | | | | |")
             continue
         e2e = r["end_to_end"]
         if "ours" not in e2e:
-            lines.append(f"| {r['runtime']} (estimate) | {_ms(e2e['estimated_ms'])} | — | — | — | — | — "
+            lines.append(f"| {_label(r)} (estimate) | {_ms(e2e['estimated_ms'])} | — | — | — | — | — "
                          f"| {_pct(r.get('fraction_of_floor'))} |")
             continue
         ratio = r.get("ratio_vs_diffusers") or {}
         lines.append(
-            f"| {r['runtime']} | {_ms(e2e['ours']['median_ms'])} | {_ms(e2e['ours']['p90_ms'])} "
+            f"| {_label(r)} | {_ms(e2e['ours']['median_ms'])} | {_ms(e2e['ours']['p90_ms'])} "
             f"| {_ms(base['end_to_end']['median_ms']) if base else '—'} | {_ms(base['end_to_end']['p90_ms']) if base else '—'} "
             f"| {_num(ratio.get('median'), '{:.3f}')} | {_num(r.get('max_abs_diff_vs_diffusers'), '{:.1e}')} "
             f"| {_pct(r.get('fraction_of_floor'))} |")
@@ -272,7 +272,7 @@ def render_engine_markdown(report: dict[str, Any]) -> str:
     if ok:
         names = _stage_names(ok)
         lines += ["", "## Stages (per call)", "",
-                  "| stage | " + " | ".join(f"{r['runtime']} median | {r['runtime']} p90" for r in ok) + " |",
+                  "| stage | " + " | ".join(f"{_label(r)} median | {_label(r)} p90" for r in ok) + " |",
                   "|---|" + "---:|---:|" * len(ok)]
         for n in names:
             cells = []
@@ -280,10 +280,22 @@ def render_engine_markdown(report: dict[str, Any]) -> str:
                 st = r["stages"].get(n)
                 cells += [_ms(st["median_ms"]) if st else "—", _ms(st["p90_ms"]) if st else "—"]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        if any(r.get("loop_overhead_per_step_ms") is not None for r in ok):
+            lines += ["", "Loop overhead per step (denoise time per step minus one denoiser call: scheduler, "
+                          "guidance, copies): " + ", ".join(f"{_label(r)} {_ms(r.get('loop_overhead_per_step_ms'))}"
+                                                           for r in ok)]
+        for r in ok:
+            if r.get("optimization"):
+                o = r["optimization"]
+                applied = "; ".join(f"{k}: {', '.join(v)}" for k, v in o["applied"].items()) or "nothing"
+                lines += ["", f"{_label(r)}: applied {applied}. Max abs diff vs eager torch: "
+                              f"{_num(r.get('max_abs_diff_vs_eager'), '{:.1e}')}. Load-time warm-up (compile): "
+                          + (", ".join(f"{k} {v} s" for k, v in o["warmup_s"].items()) or "none")
+                          + (". Fallbacks: " + "; ".join(o["fallbacks"]) if o["fallbacks"] else "") + "."]
         if any(r.get("unet_step_fraction_of_floor") is not None for r in ok):
             lines.append("")
             lines.append("UNet step fraction of floor: " + ", ".join(
-                f"{r['runtime']} {_pct(r.get('unet_step_fraction_of_floor'))}" for r in ok))
+                f"{_label(r)} {_pct(r.get('unet_step_fraction_of_floor'))}" for r in ok))
         split = [r for r in ok if "pipeline_stages" in r["end_to_end"]]
         if split:
             keys: list[str] = []
@@ -291,14 +303,14 @@ def render_engine_markdown(report: dict[str, Any]) -> str:
                 keys += [k for k in r["end_to_end"]["pipeline_stages"] if k not in keys and k != "total"]
             keys.append("total")
             lines += ["", "## Stage split inside the end-to-end runs (pipeline timers)", "",
-                      "| stage | " + " | ".join(f"{r['runtime']} median" for r in split) + " |",
+                      "| stage | " + " | ".join(f"{_label(r)} median" for r in split) + " |",
                       "|---|" + "---:|" * len(split)]
             for k in keys:
                 lines.append(f"| {k} | " + " | ".join(
                     _ms(r["end_to_end"]["pipeline_stages"].get(k, {}).get("median_ms")) for r in split) + " |")
     for r in report["runtimes"]:
         for note in r.get("notes") or []:
-            lines.append(f"\nNote ({r['runtime']}): {note}")
+            lines.append(f"\nNote ({_label(r)}): {note}")
     if report.get("baseline_note"):
         lines.append(f"\nNote: {report['baseline_note']}")
     lines += _plots_md(report)
@@ -388,6 +400,12 @@ def render_capacity_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label(entry: dict[str, Any]) -> str:
+    """A runtime entry's name: ``torch``, or ``torch [fast]`` for torch with optimizations."""
+    opts = entry.get("optimizations")
+    return f"{entry['runtime']} [{opts}]" if opts else entry["runtime"]
+
+
 def _stage_names(runtimes: list[dict[str, Any]]) -> list[str]:
     names: list[str] = []
     for r in runtimes:
@@ -453,7 +471,7 @@ def _plot_engine(report: dict[str, Any], path: Path, plt) -> bool:
             left += v
         other = max(0.0, st["total"]["median_ms"] - left) if "total" in st else 0.0
         ax1.barh(y, other, left=left, color=_STAGE_COLOURS["other"], label="other" if y == 0 else None)
-        labels.append(f"ours ({r['runtime']})")
+        labels.append(f"ours ({_label(r)})")
         y += 1
     base = report.get("baseline")
     if base:
@@ -470,7 +488,7 @@ def _plot_engine(report: dict[str, Any], path: Path, plt) -> bool:
     width = 0.8 / len(ok)
     for i, r in enumerate(ok):
         xs = [j + i * width for j in range(len(names))]
-        ax2.bar(xs, [r["stages"].get(n, {}).get("median_ms", 0) for n in names], width, label=r["runtime"])
+        ax2.bar(xs, [r["stages"].get(n, {}).get("median_ms", 0) for n in names], width, label=_label(r))
     ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right", fontsize=8)
     ax2.set_ylabel("median ms per call")
     ax2.set_title("stages (timed alone)")
@@ -565,13 +583,13 @@ def results_index(results_dir: Path | None = None) -> str:
         for rt in r["runtimes"]:
             if rt["status"] != "ok":
                 lines.append(f"| `{s['slug']}` | {gpu['name'] if gpu else 'CPU'} | {s['precision']} | {nets} "
-                             f"| {rt['runtime']} | {rt['status']} | | | | | | [{r['_file']}]({r['_file']}) |")
+                             f"| {_label(rt)} | {rt['status']} | | | | | | [{r['_file']}]({r['_file']}) |")
                 continue
             e2e = rt["end_to_end"]
             ours = e2e.get("ours")
             base = r.get("baseline")
             lines.append(
-                f"| `{s['slug']}` | {gpu['name'] if gpu else 'CPU'} | {s['precision']} | {nets} | {rt['runtime']} "
+                f"| `{s['slug']}` | {gpu['name'] if gpu else 'CPU'} | {s['precision']} | {nets} | {_label(rt)} "
                 f"| {_ms(ours['median_ms']) if ours else _ms(e2e.get('estimated_ms')) + ' (est.)'} "
                 f"| {_ms(ours['p90_ms']) if ours else '—'} "
                 f"| {_ms(base['end_to_end']['median_ms']) if base and ours else '—'} "

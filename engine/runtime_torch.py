@@ -27,6 +27,7 @@ from engine.components import NamedTensorComponents, read_model_config
 from engine.descriptors import component_descriptors
 from engine.omni_zero_checkpoint import OMNI_ZERO_COMPONENTS, is_omni_zero_checkpoint
 from engine.omni_zero_modules import load_omni_zero_modules
+from engine.torch_optimize import CompiledRunner, TorchOptimizations, apply_optimizations
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ def resolve_device_dtype(device: str | None, precision: str | None,
     if dev.type == "cpu" and dtype is torch.float16:
         logger.warning("fp16 is slow and inexact on CPU; using fp32")
         dtype = torch.float32
+    if dev.type == "cuda" and dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        logger.warning("%s has no bf16 support; using fp16", torch.cuda.get_device_name(dev))
+        dtype = torch.float16
     return dev, dtype
 
 
@@ -189,23 +193,70 @@ def load_component_modules(checkpoint: str | Path, dtype: torch.dtype = torch.fl
 
 
 class TorchComponents(NamedTensorComponents):
-    """``Components`` backed by diffusers/transformers torch modules."""
+    """``Components`` backed by diffusers/transformers torch modules.
+
+    ``optimizations`` (a ``engine.torch_optimize`` spec string or ``TorchOptimizations``) fuses,
+    re-lays-out and compiles the networks; compiled components are warmed up here, at load.
+    """
 
     def __init__(self, checkpoint: str | Path, *, device: str | None = None, precision: str | None = None,
-                 condition_lora: str | Path | None = None):
+                 condition_lora: str | Path | None = None,
+                 optimizations: str | TorchOptimizations | None = None):
         family = read_model_config(checkpoint).family
-        dev, self.dtype = resolve_device_dtype(device, precision, family)
-        super().__init__(checkpoint, dev)
+        dev, dtype = resolve_device_dtype(device, precision, family)
+        modules = load_component_modules(checkpoint, dtype, condition_lora=condition_lora)
+        self._setup(checkpoint, dev, dtype, modules, optimizations)
+
+    def _setup(self, checkpoint: str | Path, device: torch.device, dtype: torch.dtype, modules: dict[str, nn.Module],
+               optimizations: str | TorchOptimizations | None) -> None:
+        NamedTensorComponents.__init__(self, checkpoint, device)
+        self.dtype = dtype
         self.descriptors = component_descriptors(self.config)
-        modules = load_component_modules(self.checkpoint, self.dtype, condition_lora=condition_lora)
         self.modules = {k: m.to(self.device) for k, m in modules.items()}
-        # The SD/SDXL VAEs overflow in fp16 (config.force_upcast): keep the VAE in fp32 then.
-        vae = self.modules["vae_decoder"].vae
-        self.vae_dtype = self.dtype
-        if self.dtype == torch.float16 and vae.config.get("force_upcast", False):
-            vae.to(torch.float32)
-            self.vae_dtype = torch.float32
-        logger.info("loaded %s (%s) on %s in %s", self.checkpoint, self.config.family, self.device, self.dtype)
+        opts = optimizations if isinstance(optimizations, TorchOptimizations) else \
+            TorchOptimizations.parse(optimizations)
+        self.optimizations = opts
+        self.vae_dtype = self._place_vae(opts.vae_precision)
+        self._runners, self.optimization_report = apply_optimizations(self.modules, opts, self.device)
+        logger.info("loaded %s (%s) on %s in %s (VAE %s; torch optimizations: %s)", self.checkpoint,
+                    self.config.family, self.device, self.dtype, self.vae_dtype, opts.spec())
+        if opts.compile and opts.warmup:
+            self.warm_up()
+
+    def _place_vae(self, precision: str | None) -> torch.dtype:
+        """The VAE's dtype: as asked, else the model's, except fp16 where the config forces upcast (SD/SDXL)."""
+        vae = self.modules["vae_decoder"].vae if "vae_decoder" in self.modules else None
+        if vae is None:
+            return self.dtype
+        if precision is not None:
+            _, dtype = resolve_device_dtype(str(self.device), precision)
+        elif self.dtype == torch.float16 and vae.config.get("force_upcast", False):
+            dtype = torch.float32
+        else:
+            dtype = self.dtype
+        vae.to(dtype)
+        return dtype
+
+    def warm_up(self) -> dict[str, float]:
+        """Run every compiled component on zeros of its descriptor's opt shapes (the slug defaults): compile now.
+
+        Returns seconds per component. Runs twice, as CUDA-graph trees record on the second call.
+        """
+        import time
+
+        seconds = {}
+        for name, runner in self._runners.items():
+            if not isinstance(runner, CompiledRunner) or name not in self.descriptors:
+                continue
+            desc = self.descriptors[name]
+            inputs = {t.name: torch.zeros(desc.shape(t), dtype=getattr(torch, t.dtype)) for t in desc.inputs}
+            t0 = time.perf_counter()
+            for _ in range(2):
+                self.run_component(name, inputs)
+            seconds[name] = round(time.perf_counter() - t0, 3)
+            logger.info("warm-up %s %s: %.1f s", self.checkpoint.name, name, seconds[name])
+        self.optimization_report.warmup_seconds.update(seconds)
+        return seconds
 
     @torch.inference_mode()
     def run_component(self, component: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -214,12 +265,17 @@ class TorchComponents(NamedTensorComponents):
                            + (" (no condition LoRA found)" if component == "condition_kv" else ""))
         desc = self.descriptors[component]
         dtype = self.vae_dtype if component.startswith("vae") else self.dtype
+        runner = self._runners[component]
+        compiled = isinstance(runner, CompiledRunner)
         args = []
         for spec in desc.inputs:
             t = inputs.get(spec.name)
             if t is not None:
                 t = t.to(self.device, dtype if t.is_floating_point() and spec.name != "timestep" else t.dtype)
+                if compiled and not (t.is_inference() and t.is_contiguous()):
+                    # Compiled graphs are specialised on strides and on inference-ness: give them one kind.
+                    t = t.contiguous() if not t.is_contiguous() else t.clone()
             args.append(t)
-        outs = self.modules[component](*args)
+        outs = runner(*args)
         outs = outs if isinstance(outs, tuple) else (outs,)
         return {name: o.float() for name, o in zip(desc.output_names, outs)}

@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 
 def default_demo_repository() -> Path:
-    from api.cli import home_dir
+    from engine import home_dir
 
     return home_dir() / "demo_repository"
 
@@ -37,7 +37,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = dict(runtime=args.runtime, modes=tuple(args.modes.split(",")), precision=args.precision,
                    device=args.device, pipeline_instances=args.pipeline_instances,
                    component_instances=args.component_instances, fused_runtime=args.fused_runtime,
-                   force=args.force)
+                   torch_optimizations=args.torch_optimizations, force=args.force)
     if options["pipeline_instances"] is None:  # the default of RepositoryOptions, or DEMO_OPTIONS with --demo
         del options["pipeline_instances"]
     try:
@@ -89,6 +89,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--modes", default="bls,fused",
                      help="pipeline modes, comma separated; the first is served under the slug's own name")
     exp.add_argument("--fused-runtime", default="onnxruntime", choices=["onnxruntime", "torch"])
+    exp.add_argument("--torch-optimize", dest="torch_optimizations", default="", metavar="SPEC",
+                     help="torch optimizations of torch component models and torch fused pipelines: fast, max, "
+                          "or e.g. fuse_qkv,channels_last,compile,cuda_graphs (default: none)")
     exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     exp.add_argument("--device", default="cpu", help="cpu or cuda (instance kind and torch device)")
     exp.add_argument("--pipeline-instances", type=int, help="instances per pipeline model (default 2; 1 with --demo)")

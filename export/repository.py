@@ -61,6 +61,8 @@ class RepositoryOptions:
     component_instances: int = 1
     max_queue_delay_us: int = 2000
     fused_runtime: str = "onnxruntime"
+    torch_optimizations: str = ""
+    """``engine.torch_optimize`` spec for torch component models and torch fused pipelines."""
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -71,6 +73,9 @@ class RepositoryOptions:
             raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
         if self.fused_runtime not in ("onnxruntime", "torch"):
             raise ValueError("fused_runtime must be onnxruntime or torch")
+        from engine.torch_optimize import TorchOptimizations
+
+        self.torch_optimizations = TorchOptimizations.parse(self.torch_optimizations).spec()
 
 
 @dataclass
@@ -225,7 +230,8 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
             model_names[component] = model_name
             version = repo / model_name / "1"
             params = {"component": component, "runtime": opts.runtime, "checkpoint": str(checkpoint),
-                      "precision": opts.precision, "device": opts.device}
+                      "precision": opts.precision, "device": opts.device,
+                      "torch_optimizations": opts.torch_optimizations}
             info: dict[str, Any] = {"component": component, "runtime": opts.runtime}
             needs_onnx = opts.runtime != "torch" or ("fused" in opts.modes and opts.fused_runtime == "onnxruntime")
             if needs_onnx:
@@ -254,7 +260,8 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
                 name = d.slug if i == 0 else f"{d.slug}__{mode}"
                 params = {"slug": d.slug, "mode": mode, "checkpoint": str(checkpoint),
                           "components": json.dumps(model_names), "fused_runtime": opts.fused_runtime,
-                          "artifacts": json.dumps(artifacts), "precision": opts.precision, "device": opts.device}
+                          "artifacts": json.dumps(artifacts), "precision": opts.precision, "device": opts.device,
+                          "torch_optimizations": opts.torch_optimizations}
                 _install_model(repo / name, "pipeline", pipeline_config(name, d.slug, params, opts))
                 report.pipelines[name] = {"slug": d.slug, "mode": mode, "default": i == 0,
                                           "depends_on": sorted(model_names.values()) if mode == "bls" else []}

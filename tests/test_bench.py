@@ -99,6 +99,8 @@ def _check_engine(report: dict, repeats: int) -> None:
             assert total <= ours["samples_ms"][i] + 0.01
         assert split["denoise_per_step"]["median_ms"] == pytest.approx(
             split["denoise"]["median_ms"] / rt["steps"], rel=0.05)
+        assert rt["loop_overhead_per_step_ms"] == pytest.approx(
+            split["denoise_per_step"]["median_ms"] - rt["stages"]["unet_step"]["median_ms"], abs=2e-3)
         assert rt["steps"] == report["steps"] and rt["images_per_request"] == report["request"]["samples"]
         assert rt["ratio_vs_diffusers"]["median"] == pytest.approx(
             ours["median_ms"] / base["end_to_end"]["median_ms"], rel=1e-3)
@@ -170,12 +172,21 @@ def test_engine_bench_full_size_path_on_tiny_configs(tmp_path, work_dir, results
     config_dir = _tiny_configs(tmp_path / "configs")
     report = run_engine_bench(EngineBenchConfig(
         slug="sd1.5-scifi", full_size=True, config_dir=config_dir, params=SMALL, warmup=0, repeats=1,
-        stage_repeats=1, work_dir=work_dir, threads=1))
+        stage_repeats=1, work_dir=work_dir, threads=1, optimizations=("channels_last, fuse_qkv",)))
     assert report["settings"]["full_size"] and set(report["full_size"]["parameters_m"]) == {
         "text_encoder", "unet", "vae"}
     _check_engine(report, 1)
+    eager, optimized = report["runtimes"]
+    assert "optimizations" not in eager and optimized["runtime"] == "torch"
+    assert optimized["optimizations"] == report["settings"]["optimizations"][0] == "fuse_qkv,channels_last"
+    info = optimized["optimization"]
+    assert info["applied"]["unet"][0].startswith("fuse_qkv (") and info["applied"]["unet"][1] == "channels_last"
+    assert info["fallbacks"] == [] and info["warmup_s"] == {}
+    assert optimized["max_abs_diff_vs_eager"] <= 1e-4  # its own copy of the weights, the same images
     stored = _written(report, results_dir)
     assert stored["full_size"]["configs"] == str(config_dir)
+    md = render_markdown({**report, "files": {}})
+    assert "| torch [fuse_qkv,channels_last] |" in md and "Loop overhead per step" in md
 
 
 def test_full_size_checkpoint_loads_like_a_real_one(tmp_path):
@@ -215,6 +226,9 @@ def test_engine_bench_ominicontrol_times_every_network_call(tiny_checkpoints, wo
     assert rt["status"] == "ok" and report["baseline"] is None and "baseline_note" in report
     assert {"transformer", "vae_decode", "image_encode"} <= set(rt["stages"])
     assert rt["stages"]["transformer"]["n"] == rt["steps"] == report["steps"] == 8
+    assert rt["loop_overhead_per_step_ms"] == pytest.approx(
+        rt["end_to_end"]["pipeline_stages"]["denoise_per_step"]["median_ms"] - rt["stages"]["transformer"]["median_ms"],
+        abs=2e-3)
     _stats_ok(rt["end_to_end"]["ours"], 1)
 
 

@@ -142,6 +142,28 @@ def test_concurrent_requests_share_unet_batches(backend, client, big_image):
         client.load_model("sd1.5-scifi", config=json.dumps(pipeline))
 
 
+def test_fused_torch_pipeline_runs_optimized_components_compiled_at_load(backend, client, engine_components,
+                                                                          big_image):
+    # The demo repository's fused models run ONNX Runtime; reload one on torch with optimizations.
+    model = "sd1.5-scifi__fused"
+    original = client.get_model_config(model, as_json=True)["config"]
+    patched = json.loads(json.dumps(original))
+    spec = "fuse_qkv,channels_last,compile,components=unet"
+    patched["parameters"].update(fused_runtime={"string_value": "torch"}, torch_optimizations={"string_value": spec})
+    client.load_model(model, config=json.dumps(patched))
+    try:
+        params = request_params("sd1.5-scifi", big_image) | {"samples": 1, "img_height": 512}
+        reference = run("sd1.5-scifi", dict(params), engine_components["sd1.5-scifi"])
+        out = asyncio.run(backend.infer(model, dict(params), request_id="opt", want_float=True))
+        assert np.abs(out.images_float - reference.images).max() <= TOL
+        opts = out.info["torch_optimizations"]
+        assert opts["spec"] == spec and opts["applied"]["unet"] == ["fuse_qkv (8 attentions)", "channels_last",
+                                                                    "compile=default"]
+        assert set(opts["warmup_s"]) == {"unet"}  # compiled while Triton loaded the model
+    finally:
+        client.load_model(model, config=json.dumps(original))
+
+
 def test_cancelled_request_stops_between_steps(backend, client, big_image):
     params = request_params("sd1.5-scifi", big_image) | {"samples": 1, "img_height": 512, "num_inference_steps": 100}
     before = _unet_stats(client)[0]

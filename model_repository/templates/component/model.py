@@ -47,10 +47,14 @@ class TritonPythonModel:
         import torch
 
         from engine.runtime_torch import DTYPES, load_component_modules
+        from engine.torch_optimize import TorchOptimizations, apply_optimizations
 
         device = torch.device(params.get("device", "cpu"))
         dtype = DTYPES[params.get("precision", "fp32")]
         module = load_component_modules(params["checkpoint"], dtype, [self.component])[self.component].to(device)
+        # Compiled at the config's model_warmup (its min batch); other batch sizes compile on first use.
+        opts = TorchOptimizations.parse(params.get("torch_optimizations"))
+        module = apply_optimizations({self.component: module}, opts, device)[0][self.component]
 
         @torch.inference_mode()
         def run(feeds):

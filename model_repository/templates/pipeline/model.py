@@ -69,8 +69,10 @@ def fused_components(params):
     if runtime == "torch":
         from engine.runtime_torch import TorchComponents
 
+        # Compiled components are warmed up here, while Triton loads the model.
         return TorchComponents(params["checkpoint"], device=params.get("device") or None,
-                               precision=params.get("precision") or None)
+                               precision=params.get("precision") or None,
+                               optimizations=params.get("torch_optimizations") or None)
     if runtime == "onnxruntime":
         from engine.runtime_onnx import OnnxComponents
 
@@ -94,6 +96,10 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{self.name}: unknown mode {self.mode!r}")
         for index in range(self.components.config.num_text_encoders):
             self.components.tokenizer(index)  # load now, not on the first request
+        report = getattr(self.components, "optimization_report", None)  # fused torch components
+        self.optimizations = None if report is None else {
+            "spec": self.components.optimizations.spec(), "applied": report.applied, "fallbacks": report.fallbacks,
+            "warmup_s": report.warmup_seconds}
         logger.info("%s: %s pipeline ready (%s mode)", self.name, self.slug, self.mode)
 
     def execute(self, requests):
@@ -117,6 +123,8 @@ class TritonPythonModel:
             result = run(self.slug, params, self.components, control)
             info = {"steps": result.steps, "timings": result.timings, "mode": self.mode,
                     "model_seconds": time.perf_counter() - t0}
+            if self.optimizations is not None:
+                info["torch_optimizations"] = self.optimizations
             outputs = [
                 pb_utils.Tensor("IMAGES", result.to_uint8()),
                 pb_utils.Tensor("SEED", np.array([result.seed], dtype=np.int64)),

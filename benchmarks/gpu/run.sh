@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The prepared GPU check of the fast path (issue 6) and the GPU engine results (issue 5), one slug
+# per device call so each fits the 10-minute command limit:
+#
+#   bash benchmarks/gpu/run.sh sd1.5-scifi     # 512x768, 30 steps, dpmpp_2m, CFG 5 (the seed example)
+#   bash benchmarks/gpu/run.sh segmind-vega    # 1024², 25 steps, UniPC, CFG 9
+#
+# Full-size random-weight networks in fp16: eager torch, the `fast` optimisations (fused QKV,
+# channels-last, torch.compile, CUDA graphs) and diffusers' own pipeline in one run, with the
+# optimised-vs-eager pixel difference, it/s and the fraction of the compute floor. The GPU machine
+# has torch but not diffusers: put the diffusers wheel in .whl/ and carry it (see
+# /work/.library/device/README.md); results land in $OUT (else benchmarks/results/).
+set -euo pipefail
+slug=${1:-sd1.5-scifi}
+spec=${2:-fast}
+out=${OUT:-benchmarks/results}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONUNBUFFERED=1 DIFFSERVE_HOME=${DIFFSERVE_HOME:-/tmp/diffserve}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python3 -m benchmarks.cli engine --slug "$slug" --full-size --device cuda --precision fp16 \
+    --optimize "$spec" --warmup 2 --repeats 5 --stage-repeats 10 --out "$out" --no-plots
