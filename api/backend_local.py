@@ -2,7 +2,9 @@
 
 Each slug maps to a local diffusers checkpoint directory; the torch components of a directory
 are loaded on first use and shared by every slug pointing at it (``sd1.5-scifi`` and
-``sd1.5-img2img`` can share one SD1.5 checkpoint). Generations run in a thread pool of
+``sd1.5-img2img`` can share one SD1.5 checkpoint). With torch optimizations that compile, every
+checkpoint is loaded (and its compiled components warmed up) in the pool at start instead, and
+``ready`` reports a slug only once that is done: no request pays the compile. Generations run in a thread pool of
 ``max_workers`` threads so the event loop stays free; progress comes from the pipeline's
 ``on_step`` hook and cancellation sets a ``threading.Event`` that the pipeline polls before
 every denoising step.
@@ -47,6 +49,16 @@ class EngineBackend:
         self._load_lock = threading.Lock()
         self._cancel_events: set[threading.Event] = set()
         self._closed = False
+        self._preloading: set[Path] = set()
+        if optimizations:
+            from engine.torch_optimize import TorchOptimizations
+
+            if TorchOptimizations.parse(optimizations).compile:
+                # One slug per checkpoint directory: the load is shared.
+                first_slug = {path: slug for slug, path in reversed(self._checkpoints.items())}
+                self._preloading = set(first_slug)
+                for slug in first_slug.values():
+                    self._pool.submit(self._preload, slug)
 
     @property
     def slugs(self) -> frozenset[str]:
@@ -83,7 +95,8 @@ class EngineBackend:
     async def ready(self) -> dict[str, bool]:
         status = {"server": not self._closed}
         for slug, path in self._checkpoints.items():
-            status[slug] = not self._closed and (path in self._components or (path / "model_index.json").is_file())
+            loadable = path in self._components or (path not in self._preloading and (path / "model_index.json").is_file())
+            status[slug] = not self._closed and loadable
         return status
 
     async def close(self) -> None:
@@ -94,6 +107,14 @@ class EngineBackend:
         self._components.clear()
 
     # -- in the worker thread ------------------------------------------------------------------
+
+    def _preload(self, slug: str) -> None:
+        try:
+            self._components_for(slug)
+        except BackendUnavailable:
+            pass  # logged; requests for the slug get the same error
+        finally:
+            self._preloading.discard(self._checkpoints[slug])
 
     def _components_for(self, slug: str) -> tuple[Any, float]:
         """The (possibly shared) components of ``slug``'s checkpoint and the seconds spent loading."""

@@ -77,7 +77,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
             full_size=args.full_size, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
             params=_params(args.params), warmup=args.warmup, repeats=args.repeats, stage_repeats=args.stage_repeats,
             baseline=not args.no_baseline, work_dir=Path(args.work_dir) if args.work_dir else _work_dir(),
-            threads=args.threads, optimizations=tuple(args.optimize))
+            threads=args.threads, optimizations=tuple(args.optimize), fp32_reference=args.fp32_reference)
         report = run_engine_bench(cfg)
     except ValidationError as exc:
         print("invalid --params:\n  " + "\n  ".join(exc.errors), file=sys.stderr)
@@ -193,6 +193,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     eng.add_argument("--repeats", type=int, default=5, help="timed end-to-end runs (default 5)")
     eng.add_argument("--stage-repeats", type=int, default=10, help="timed calls per stage (default 10)")
     eng.add_argument("--no-baseline", action="store_true", help="skip diffusers' pipeline")
+    eng.add_argument("--fp32-reference", action="store_true",
+                     help="also run once in eager fp32 and report each entry's max pixel difference from it")
     eng.add_argument("--optimize", action="append", default=[], metavar="SPEC",
                      help="also run torch with these optimizations (repeatable: one entry each), e.g. fast, max, "
                           "fuse_qkv,channels_last,compile=max-autotune-no-cudagraphs")

@@ -70,6 +70,9 @@ class EngineBenchConfig:
     """Exported ONNX/TensorRT artifacts and full-size skeleton checkpoints are cached here."""
     config_dir: Path | None = None
     """Full-size configs (default ``benchmarks/configs``)."""
+    fp32_reference: bool = False
+    """Also run the request once in eager fp32 on the same weights and report every entry's largest
+    pixel difference from it (the numerical check of fp16/bf16 and of the optimisations)."""
     optimizations: tuple[str, ...] = ()
     """``engine.torch_optimize`` specs; each adds a torch entry with those optimizations (``fast``, ...),
     compared with eager torch and diffusers in the same run."""
@@ -584,7 +587,7 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
         "slug": cfg.slug, "runtimes": list(cfg.runtimes), "device": str(device), "precision": precision,
         "full_size": cfg.full_size, "checkpoint": None, "warmup": cfg.warmup, "repeats": cfg.repeats,
         "stage_repeats": cfg.stage_repeats, "baseline": "diffusers" if cfg.baseline else None,
-        "optimizations": list(cfg.optimizations),
+        "optimizations": list(cfg.optimizations), "fp32_reference": cfg.fp32_reference,
         "torch_threads": torch.get_num_threads(),
         "resolution": f"{params['img_width']}x{params['img_height']}" if "img_width" in params else None,
     }
@@ -651,6 +654,13 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
                 d_walls, d_images, notes = time_diffusers(cfg.slug, prepared, request, cfg.warmup, cfg.repeats, bar)
             report["baseline"] = {"name": "diffusers", **notes, "end_to_end": stats_ms(d_walls), "_images": d_images}
 
+    if cfg.fp32_reference and (checkpoint is not None or full is not None):
+        reference = fp32_reference_images(cfg.slug, request, checkpoint, full, device)
+        report["fp32_reference"] = {"note": "eager torch, fp32 compute on the same weights, one run"}
+        for entry in report["runtimes"]:
+            images = entry.get("_images")
+            if images is not None and images.shape == reference.shape:
+                entry["max_abs_diff_vs_fp32"] = float(np.abs(images - reference).max())
     baseline = report["baseline"]
     eager = next((e.get("_images") for e in report["runtimes"]
                   if e["runtime"] == "torch" and "optimizations" not in e and e["status"] == "ok"), None)
@@ -704,6 +714,30 @@ def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prep
         entry["unet_step_fraction_of_floor"] = _round(floors.fraction_of_floor(
             step_floor, entry["stages"]["unet_step"]["median_ms"], str(device)))
     entry["_images"] = result.images  # compared with diffusers' images, then dropped
+
+
+def fp32_reference_images(slug: str, request: dict[str, Any], checkpoint: Path | None, full,
+                          device: torch.device) -> np.ndarray:
+    """The request's images from eager torch in fp32 (full size: fp32 copies of the benchmarked weights)."""
+    import copy
+
+    from engine.pipelines import run
+
+    if full is not None:
+        from benchmarks.full_size import InMemoryTorchComponents
+
+        raw = {k: copy.deepcopy(m).float() for k, m in full.raw.items()}
+        components = InMemoryTorchComponents(full.checkpoint, raw, full.device, torch.float32)
+    else:
+        from engine.runtime_torch import TorchComponents
+
+        components = TorchComponents(checkpoint, device=str(device), precision="fp32")
+    with torch.inference_mode():
+        images = run(slug, dict(request), components).images
+    del components
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return images
 
 
 def prepare_optimized(spec: str, checkpoint: Path | None, full, device: torch.device, precision: str) -> Prepared:

@@ -284,6 +284,9 @@ def render_engine_markdown(report: dict[str, Any]) -> str:
             lines += ["", "Loop overhead per step (denoise time per step minus one denoiser call: scheduler, "
                           "guidance, copies): " + ", ".join(f"{_label(r)} {_ms(r.get('loop_overhead_per_step_ms'))}"
                                                            for r in ok)]
+        if report.get("fp32_reference"):
+            lines += ["", "Max abs pixel difference from eager fp32 on the same weights: " + ", ".join(
+                f"{_label(r)} {_num(r.get('max_abs_diff_vs_fp32'), '{:.1e}')}" for r in ok)]
         for r in ok:
             if r.get("optimization"):
                 o = r["optimization"]

@@ -19,9 +19,10 @@ from engine.tiny_omni_zero import synthetic_portrait
 from engine.torch_optimize import PRESETS, TorchOptimizations
 
 TOL = 1e-4
-# Fusion and NHWC only reorder fp32 sums; Omni-Zero accumulates more of them (two ControlNets on
-# 1024² conditions, the resampler, the SDE sampler), so its stated tolerance is looser.
-SLUG_TOL = {"omni-zero": 5e-4}
+# Fusion and NHWC only reorder fp32 sums (oneDNN picks its conv algorithm per run), and the
+# sampler amplifies the reordering: 20 steps at CFG 5 (SD1.5), 1024² at CFG 9 (Vega), two
+# ControlNets on 1024² conditions and the SDE sampler (Omni-Zero). Stated tolerances per slug:
+SLUG_TOL = {"sd1.5-scifi": 2e-4, "segmind-vega": 1e-3, "omni-zero": 1e-3, "ominicontrol": 1e-4}
 
 
 def _image() -> np.ndarray:
@@ -80,7 +81,7 @@ def test_fused_projections_and_channels_last_match_eager(slug, tiny_checkpoints)
     reference = run(slug, _params(slug), eager)
     out = run(slug, _params(slug), fast)
     assert out.images.shape == reference.images.shape
-    assert np.abs(out.images - reference.images).max() <= SLUG_TOL.get(slug, TOL)
+    assert np.abs(out.images - reference.images).max() <= SLUG_TOL[slug]
 
 
 def test_compiled_components_are_warmed_up_at_load_and_match_eager(sd15_dir, diffserve_home, caplog):
@@ -88,20 +89,22 @@ def test_compiled_components_are_warmed_up_at_load_and_match_eager(sd15_dir, dif
 
     caplog.set_level(logging.WARNING, logger="engine.torch_optimize")
     eager = TorchComponents(sd15_dir)
-    spec = "fuse_qkv,channels_last,compile,cuda_graphs,components=unet"
+    # The VAE decoder: the smallest compile of the pipeline's networks (CPU inductor compiles C++).
+    spec = "fuse_qkv,channels_last,compile,cuda_graphs,components=vae_decoder"
     compiled = TorchComponents(sd15_dir, optimizations=spec)
     report = compiled.optimization_report
     # This CPU has no CUDA: the graphs are dropped with a log line, the compile stays.
     assert any("CUDA graphs need a CUDA device" in r.getMessage() for r in caplog.records)
-    assert report.fallbacks and report.applied["unet"][-1] == "compile=default"
-    assert set(report.warmup_seconds) == {"unet"}
+    assert report.fallbacks and report.applied["vae_decoder"] == ["channels_last", "compile=default"]
+    assert report.applied["unet"] == ["fuse_qkv (8 attentions)", "channels_last"]
+    assert set(report.warmup_seconds) == {"vae_decoder"}
     # The warm-up compiled the slug's default shape: the request itself compiles nothing.
     graphs_after_load = dynamo_utils.counters["stats"]["unique_graphs"]
     params = _params("sd1.5-scifi")
     out = run("sd1.5-scifi", dict(params), compiled)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs_after_load
     reference = run("sd1.5-scifi", dict(params), eager)
-    assert np.abs(out.images - reference.images).max() <= TOL
+    assert np.abs(out.images - reference.images).max() <= SLUG_TOL["sd1.5-scifi"]
     # Compiled kernels are cached on disk for the next process.
     cache = diffserve_home / "torch-compile-cache"
     assert cache.is_dir() and any(p.is_file() for p in cache.rglob("*"))
@@ -124,3 +127,32 @@ def test_vae_precision_is_its_own_setting(sd15_dir):
     out = run("sd1.5-scifi", _params("sd1.5-scifi") | {"num_inference_steps": 20}, components)
     reference = run("sd1.5-scifi", _params("sd1.5-scifi"), TorchComponents(sd15_dir))
     assert 0 < np.abs(out.images - reference.images).max() <= 0.05  # bf16 decode: close, not equal
+
+
+def test_local_backend_compiles_at_start_not_on_a_request(sd15_dir):
+    import asyncio
+    import time
+
+    import torch._dynamo.utils as dynamo_utils
+
+    from api.backend_local import EngineBackend
+
+    backend = EngineBackend({"sd1.5-scifi": sd15_dir, "sd1.5-img2img": sd15_dir},
+                            optimizations="fuse_qkv,channels_last,compile,components=vae_decoder")
+
+    async def scenario():
+        status = await backend.ready()
+        assert status["sd1.5-scifi"] is False and status["sd1.5-img2img"] is False  # still compiling
+        deadline = time.monotonic() + 900
+        while not all((await backend.ready()).values()):
+            assert time.monotonic() < deadline, "the preload never finished"
+            await asyncio.sleep(0.2)
+        (components,) = backend._components.values()  # one load for the two slugs sharing it
+        assert set(components.optimization_report.warmup_seconds) == {"vae_decoder"}
+        graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+        result = await backend.generate("sd1.5-scifi", _params("sd1.5-scifi"), request_id="compiled")
+        assert len(result.images) == 1
+        assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+        await backend.close()
+
+    asyncio.run(scenario())

@@ -21,4 +21,4 @@ fi
 export PYTHONUNBUFFERED=1 DIFFSERVE_HOME=${DIFFSERVE_HOME:-/tmp/diffserve}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -m benchmarks.cli engine --slug "$slug" --full-size --device cuda --precision fp16 \
-    --optimize "$spec" --warmup 2 --repeats 5 --stage-repeats 10 --out "$out" --no-plots
+    --optimize "$spec" --fp32-reference --warmup 2 --repeats 5 --stage-repeats 10 --out "$out" --no-plots
