@@ -387,8 +387,8 @@ def _raw_stage_calls(slug: str, raw: dict[str, torch.nn.Module], params: dict[st
     return calls, estimate, note
 
 
-DENOISER_STAGES = ("unet_step", "transformer", "controlnet_unet", "unet")
-"""Stage names of one denoising network evaluation (stand-alone stage, or instrumented call)."""
+DENOISERS = ("unet", "transformer", "controlnet_unet")
+"""The ``Components`` methods of one denoising network evaluation."""
 NETWORK_METHODS = ("text_encoder", "t5_text_encoder", "unet", "transformer", "condition_kv", "vae_encode",
                    "vae_decode", "image_encoder", "ip_projection", "controlnet_unet", "face_detector",
                    "face_recognizer", "depth_estimator")
@@ -421,6 +421,27 @@ class TimedComponents:
             return out
 
         return timed
+
+
+def loop_overhead(slug: str, components, request: dict[str, Any], device) -> dict[str, Any]:
+    """Time per step not spent in the denoiser, from one instrumented run of the request.
+
+    The pipeline's ``denoise`` stage minus the denoiser calls made inside it (each synchronised),
+    divided by the steps: scheduler math, guidance, copies and Python between the calls.
+    """
+    from engine.pipelines import run
+
+    timed = TimedComponents(components, device)
+    with torch.inference_mode():
+        result = run(slug, dict(request), timed)
+    calls = [t for name in DENOISERS for t in timed.calls.get(name, [])]
+    denoise = result.timings.get("denoise")
+    if not calls or denoise is None or not result.steps:
+        return {}
+    overhead = max(0.0, denoise - sum(calls)) / result.steps
+    return {"loop_overhead_per_step_ms": round(overhead * 1000, 3),
+            "loop_overhead_run": {"denoise_ms": round(denoise * 1000, 3), "denoiser_calls": len(calls),
+                                  "denoiser_ms": round(sum(calls) * 1000, 3), "steps": result.steps}}
 
 
 def time_component_calls(slug: str, components, request: dict[str, Any], device, runs: int,
@@ -705,11 +726,7 @@ def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prep
     median = entry["end_to_end"]["ours"]["median_ms"]
     entry["fraction_of_floor"] = _round(floors.fraction_of_floor(floor.floor_ms, median, str(device)))
     step_floor = floors.unet_step_floor_ms(cfg.slug, params)
-    step = next((entry["stages"][k] for k in DENOISER_STAGES if k in entry["stages"]), None)
-    per_step = entry["end_to_end"]["pipeline_stages"].get("denoise_per_step")
-    if step is not None and per_step is not None:
-        # Time per step not spent in the denoiser: scheduler math, CFG, copies, Python.
-        entry["loop_overhead_per_step_ms"] = round(per_step["median_ms"] - step["median_ms"], 3)
+    entry.update(loop_overhead(cfg.slug, prepared.components, request, prepared.device))
     if "unet_step" in entry["stages"]:
         entry["unet_step_fraction_of_floor"] = _round(floors.fraction_of_floor(
             step_floor, entry["stages"]["unet_step"]["median_ms"], str(device)))

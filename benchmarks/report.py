@@ -281,8 +281,8 @@ def render_engine_markdown(report: dict[str, Any]) -> str:
                 cells += [_ms(st["median_ms"]) if st else "—", _ms(st["p90_ms"]) if st else "—"]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         if any(r.get("loop_overhead_per_step_ms") is not None for r in ok):
-            lines += ["", "Loop overhead per step (denoise time per step minus one denoiser call: scheduler, "
-                          "guidance, copies): " + ", ".join(f"{_label(r)} {_ms(r.get('loop_overhead_per_step_ms'))}"
+            lines += ["", "Loop overhead per step (one instrumented run: the denoise stage minus the denoiser "
+                          "calls inside it, per step — scheduler, guidance, copies, Python): " + ", ".join(f"{_label(r)} {_ms(r.get('loop_overhead_per_step_ms'))}"
                                                            for r in ok)]
         if report.get("fp32_reference"):
             lines += ["", "Max abs pixel difference from eager fp32 on the same weights: " + ", ".join(
