@@ -580,7 +580,9 @@ def test_failures_map_to_status_codes_and_reasons(faulty_api):
         broken = client.post("/v1/sd1.5-scifi", json={"prompt": "x"})
         assert broken.status_code == 500 and broken.json()["error"] == "generation failed: ValueError", broken.text
         assert "max_position_embeddings" not in broken.text  # details stay in the server log
-        slow = client.post("/v1/sd1.5-img2img", json=cheap_img2img(strength=1.0, num_inference_steps=100,
+        # 1024x768 input, 4 samples, 100 steps: a minute or more of CPU work, far past the 10 s timeout.
+        big = base64.b64encode(jpeg_bytes((1024, 768))).decode()
+        slow = client.post("/v1/sd1.5-img2img", json=cheap_img2img(image=big, strength=1.0, num_inference_steps=100,
                                                                       samples=4))
         assert slow.status_code == 504 and "took longer than 10 s" in slow.json()["error"], slow.text
         request_id = client.post("/v2/omni-zero", json=faceless_omni_zero()).json()["request_id"]
