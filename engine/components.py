@@ -202,6 +202,9 @@ class NamedTensorComponents:
     loaded from the checkpoint directory, which every runtime keeps for its configs.
     """
 
+    device_scheduler: bool = False
+    """Pipelines run the scheduler as precomputed weights on the device (``engine.scheduler_plan``)."""
+
     def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu"):
         self.checkpoint = Path(checkpoint)
         self.config: ModelConfig = read_model_config(self.checkpoint)

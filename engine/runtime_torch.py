@@ -216,6 +216,7 @@ class TorchComponents(NamedTensorComponents):
         opts = optimizations if isinstance(optimizations, TorchOptimizations) else \
             TorchOptimizations.parse(optimizations)
         self.optimizations = opts
+        self.device_scheduler = opts.device_scheduler
         self.vae_dtype = self._place_vae(opts.vae_precision)
         self._runners, self.optimization_report = apply_optimizations(self.modules, opts, self.device)
         logger.info("loaded %s (%s) on %s in %s (VAE %s; torch optimizations: %s)", self.checkpoint,

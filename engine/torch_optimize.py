@@ -17,12 +17,16 @@ A ``TorchOptimizations`` spec is a comma-separated list, e.g. ``fuse_qkv,channel
 ``cuda_graphs``
     Replay the compiled step as a CUDA graph (inductor's cudagraph trees: ``reduce-overhead``, or
     ``max-autotune`` over ``max-autotune-no-cudagraphs``); implies ``compile``.
+``device_scheduler``
+    The denoising loop runs the scheduler as precomputed weights on the device
+    (``engine.scheduler_plan``): no host synchronisation between steps. Schedulers that draw their
+    own noise (``Euler a``, ``DDPM``, ...) keep the stock step with a log line.
 ``vae=fp32|fp16|bf16``
     The VAE's own precision (default: the model precision, fp32 where the VAE config forces upcast).
 ``nowarmup``
     Compile lazily, on the first call of each shape.
 
-Presets: ``none`` (eager), ``fast`` (``fuse_qkv,channels_last,compile,cuda_graphs``), ``max``
+Presets: ``none`` (eager), ``fast`` (``fuse_qkv,channels_last,compile,cuda_graphs,device_scheduler``), ``max``
 (``fast`` with ``compile=max-autotune``). What a device lacks is dropped with a log line saying so
 (CUDA graphs off CUDA, inductor without a C++ compiler or Triton) and the component runs eagerly.
 
@@ -54,8 +58,8 @@ CONV_COMPONENTS = ("unet", "controlnet_unet", "vae_encoder", "vae_decoder")
 DEFAULT_COMPILED = (*DENOISERS, "vae_decoder")
 PRESETS = {
     "none": "",
-    "fast": "fuse_qkv,channels_last,compile,cuda_graphs",
-    "max": "fuse_qkv,channels_last,compile=max-autotune,cuda_graphs",
+    "fast": "fuse_qkv,channels_last,compile,cuda_graphs,device_scheduler",
+    "max": "fuse_qkv,channels_last,compile=max-autotune,cuda_graphs,device_scheduler",
 }
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (mode without CUDA graphs, mode with them)
@@ -75,6 +79,8 @@ class TorchOptimizations:
     """Components that are compiled (fusion and channels-last apply to every component)."""
     vae_precision: str | None = None
     warmup: bool = True
+    device_scheduler: bool = False
+    """Pipelines run the scheduler as a ``engine.scheduler_plan`` (one matrix-vector product per step)."""
 
     @classmethod
     def parse(cls, spec: str | None) -> "TorchOptimizations":
@@ -86,7 +92,7 @@ class TorchOptimizations:
             key = key.lower().replace("-", "_")
             if key in PRESETS and not value:
                 opts = _merge(opts, cls.parse(PRESETS[key]))
-            elif key in ("fuse_qkv", "channels_last", "cuda_graphs") and not value:
+            elif key in ("fuse_qkv", "channels_last", "cuda_graphs", "device_scheduler") and not value:
                 opts = replace(opts, **{key: True}, compile=opts.compile or ("default" if key == "cuda_graphs" else None))
             elif key == "compile":
                 mode = value or "default"
@@ -101,13 +107,14 @@ class TorchOptimizations:
                 opts = replace(opts, warmup=False)
             else:
                 raise ValueError(f"unknown torch optimization {token!r}; use {', '.join(PRESETS)} or a list of "
-                                 "fuse_qkv, channels_last, compile[=MODE], cuda_graphs, components=A+B, vae=PREC, "
-                                 "nowarmup")
+                                 "fuse_qkv, channels_last, compile[=MODE], cuda_graphs, device_scheduler, components=A+B, "
+                                 "vae=PREC, nowarmup")
         return opts
 
     @property
     def enabled(self) -> bool:
-        return bool(self.fuse_qkv or self.channels_last or self.compile or self.cuda_graphs or self.vae_precision)
+        return bool(self.fuse_qkv or self.channels_last or self.compile or self.cuda_graphs or self.vae_precision
+                    or self.device_scheduler)
 
     def spec(self) -> str:
         """Canonical spec string (``parse(spec())`` is the same options)."""
@@ -116,6 +123,8 @@ class TorchOptimizations:
             parts.append("compile" if self.compile == "default" else f"compile={self.compile}")
         if self.cuda_graphs:
             parts.append("cuda_graphs")
+        if self.device_scheduler:
+            parts.append("device_scheduler")
         if self.compile and self.components != DEFAULT_COMPILED:
             parts.append("components=" + "+".join(self.components))
         if self.vae_precision:
@@ -127,7 +136,8 @@ class TorchOptimizations:
 
 def _merge(a: TorchOptimizations, b: TorchOptimizations) -> TorchOptimizations:
     return replace(a, fuse_qkv=a.fuse_qkv or b.fuse_qkv, channels_last=a.channels_last or b.channels_last,
-                   compile=b.compile or a.compile, cuda_graphs=a.cuda_graphs or b.cuda_graphs)
+                   compile=b.compile or a.compile, cuda_graphs=a.cuda_graphs or b.cuda_graphs,
+                   device_scheduler=a.device_scheduler or b.device_scheduler)
 
 
 def compile_cache_dir() -> Path:
@@ -262,6 +272,8 @@ def apply_optimizations(modules: dict[str, nn.Module], opts: TorchOptimizations,
             if name in modules:
                 runners[name] = CompiledRunner(modules[name], mode, use_graphs)
                 report.add(name, f"compile={mode}")
+    if opts.device_scheduler:
+        report.add("denoise_loop", "device_scheduler")
     for name, steps in report.applied.items():
         logger.info("torch optimizations on %s: %s", name, ", ".join(steps))
     return runners, report

@@ -148,7 +148,7 @@ def test_fused_torch_pipeline_runs_optimized_components_compiled_at_load(backend
     model = "sd1.5-scifi__fused"
     original = client.get_model_config(model, as_json=True)["config"]
     patched = json.loads(json.dumps(original))
-    spec = "fuse_qkv,channels_last,compile,components=vae_decoder"
+    spec = "fuse_qkv,channels_last,compile,device_scheduler,components=vae_decoder"
     patched["parameters"].update(fused_runtime={"string_value": "torch"}, torch_optimizations={"string_value": spec})
     client.load_model(model, config=json.dumps(patched))
     try:
@@ -160,6 +160,7 @@ def test_fused_torch_pipeline_runs_optimized_components_compiled_at_load(backend
         assert opts["spec"] == spec and opts["applied"]["unet"] == ["fuse_qkv (8 attentions)", "channels_last"]
         assert opts["applied"]["vae_decoder"] == ["channels_last", "compile=default"]
         assert set(opts["warmup_s"]) == {"vae_decoder"}  # compiled while Triton loaded the model
+        assert opts["applied"]["denoise_loop"] == ["device_scheduler"]
     finally:
         client.load_model(model, config=json.dumps(original))
 

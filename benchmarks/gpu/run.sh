@@ -5,14 +5,17 @@
 #   bash benchmarks/gpu/run.sh sd1.5-scifi     # 512x768, 30 steps, dpmpp_2m, CFG 5 (the seed example)
 #   bash benchmarks/gpu/run.sh segmind-vega    # 1024², 25 steps, UniPC, CFG 9
 #
-# Full-size random-weight networks in fp16: eager torch, the `fast` optimisations (fused QKV,
-# channels-last, torch.compile, CUDA graphs) and diffusers' own pipeline in one run, with the
-# optimised-vs-eager pixel difference, it/s and the fraction of the compute floor. The GPU machine
+# Full-size random-weight networks in fp16: eager torch, eager with the device scheduler, the `fast`
+# optimisations (fused QKV, channels-last, torch.compile, CUDA graphs, device scheduler) and
+# diffusers' own pipeline in one run, with the optimised-vs-eager pixel difference, the loop
+# overhead per step, it/s and the fraction of the compute floor. A SPEC argument runs that spec
+# alone instead of the two. The GPU machine
 # has torch but not diffusers: put the diffusers wheel in .whl/ and carry it (see
 # /work/.library/device/README.md); results land in $OUT (else benchmarks/results/).
 set -euo pipefail
 slug=${1:-sd1.5-scifi}
-spec=${2:-fast}
+specs=(--optimize device_scheduler --optimize fast)
+[[ $# -ge 2 ]] && specs=(--optimize "$2")
 out=${OUT:-benchmarks/results}
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -21,4 +24,4 @@ fi
 export PYTHONUNBUFFERED=1 DIFFSERVE_HOME=${DIFFSERVE_HOME:-/tmp/diffserve}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -m benchmarks.cli engine --slug "$slug" --full-size --device cuda --precision fp16 \
-    --optimize "$spec" --fp32-reference --warmup 2 --repeats 5 --stage-repeats 10 --out "$out" --no-plots
+    "${specs[@]}" --fp32-reference --warmup 2 --repeats 5 --stage-repeats 10 --out "$out" --no-plots

@@ -18,6 +18,7 @@ import torch
 
 from engine.catalog import InvalidRequest
 from engine.components import Components
+from engine.scheduler_plan import PlannedLoop, SchedulerPlan, try_plan
 
 
 class Cancelled(RuntimeError):
@@ -238,10 +239,26 @@ def denoise(
     control: RunControl,
     time_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The denoising loop: scale input, UNet, classifier-free guidance, scheduler step."""
+    """The denoising loop: scale input, UNet, classifier-free guidance, scheduler step.
+
+    With ``components.device_scheduler`` the scheduler runs as a precomputed plan (the same
+    arithmetic up to rounding, nothing read back to the host between steps) where it can.
+    """
     guidance = guidance_scale > 1.0
-    extra = step_kwargs(scheduler, generator)
     total = len(timesteps)
+    plan = device_plan(components, scheduler, timesteps)
+    if plan is not None:
+        loop = PlannedLoop(plan, latents)
+        for i in range(total):
+            control.check()
+            model_input = planned_input(loop, i, guidance)
+            noise_pred = components.unet(model_input, loop.timestep(i, model_input.shape[0]), embeds.hidden,
+                                         embeds.pooled, time_ids)
+            latents = planned_advance(loop, i, noise_pred, guidance_scale)
+            control.step_done(i + 1, total)
+        return latents
+
+    extra = step_kwargs(scheduler, generator)
     for i, t in enumerate(timesteps):
         control.check()
         model_input = torch.cat([latents] * 2) if guidance else latents
@@ -255,3 +272,31 @@ def denoise(
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
         control.step_done(i + 1, total)
     return latents
+
+
+def device_plan(components: Components, scheduler, timesteps: torch.Tensor, **kwargs) -> SchedulerPlan | None:
+    """The scheduler plan when the components ask for one and the scheduler is linear, else None."""
+    if not getattr(components, "device_scheduler", False):
+        return None
+    kwargs.setdefault("init_sigma", float(getattr(scheduler, "init_noise_sigma", 1.0)))
+    return try_plan(scheduler, timesteps, **kwargs)
+
+
+def planned_input(loop: PlannedLoop, i: int, guidance: bool) -> torch.Tensor:
+    """Step ``i``'s model input (twice under classifier-free guidance)."""
+    x = loop.model_input(i)
+    return torch.cat([x, x]) if guidance else x
+
+
+def planned_advance(loop: PlannedLoop, i: int, noise_pred: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Guide ``noise_pred`` straight into the plan's source row of step ``i``, then step: x_{i+1}.
+
+    Guidance does the operations of ``uncond + scale * (cond - uncond)``, so the same bits.
+    """
+    if guidance_scale <= 1.0:
+        return loop.advance(i, noise_pred)
+    uncond, cond = noise_pred.chunk(2)
+    out = loop.output_row(i)
+    torch.sub(cond, uncond, out=out)
+    out.mul_(guidance_scale).add_(uncond)
+    return loop.advance(i)

@@ -19,8 +19,9 @@ import torch
 from engine.catalog import InvalidRequest, resolve_seed
 from engine.components import Components, ConditionKV
 from engine.pipelines.common import (
-    GenerationResult, RunControl, StageTimer, make_generator, randn, tokenize,
+    GenerationResult, RunControl, StageTimer, device_plan, make_generator, randn, tokenize,
 )
+from engine.scheduler_plan import PlannedLoop
 
 
 @dataclass
@@ -129,6 +130,19 @@ def denoise(
     """
     timesteps = scheduler.timesteps
     total = len(timesteps)
+    plan = device_plan(components, scheduler, timesteps, scale_input=False)
+    if plan is not None:
+        loop = PlannedLoop(plan, latents)
+        for i in range(total):
+            control.check()
+            sigma = loop.timestep(i, latents.shape[0]) / 1000
+            cond = condition(i) if condition is not None else None
+            velocity = components.transformer(loop.model_input(i), sigma, embeds.sequence, embeds.pooled, img_ids,
+                                              embeds.text_ids, cond)
+            latents = loop.advance(i, velocity)
+            control.step_done(i + 1, total)
+        return latents
+
     for i, t in enumerate(timesteps):
         control.check()
         sigma = t.expand(latents.shape[0]).to(latents.dtype) / 1000  # the transformer scales it back by 1000

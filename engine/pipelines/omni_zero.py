@@ -51,9 +51,10 @@ from engine.omni_zero_checkpoint import (
     MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, depth_input_size, depth_padding, fit_size,
 )
 from engine.pipelines.common import (
-    GenerationResult, RunControl, StageTimer, decode_latents, encode_prompt_sdxl, image_to_tensor, make_generator,
-    randn, sample_latent_dist, sdxl_time_ids,
+    GenerationResult, RunControl, StageTimer, decode_latents, device_plan, encode_prompt_sdxl, image_to_tensor,
+    make_generator, planned_advance, planned_input, randn, sample_latent_dist, sdxl_time_ids,
 )
+from engine.scheduler_plan import PlannedLoop, SchedulerPlan
 
 __all__ = ["NoFaceDetected", "generate", "run"]
 
@@ -396,24 +397,45 @@ def generate(
         controlnet_scales=controlnet_scales.to(device),
     )
     with timer.stage("denoise"):
-        for i, t in enumerate(timesteps):
-            control.check()
-            model_input = torch.cat([latents] * 2) if guidance else latents
-            model_input = sched.scale_model_input(model_input, t)
-            t_batch = t.to(torch.float32).expand(model_input.shape[0])
-            noise_pred = components.controlnet_unet(model_input, t_batch, **step_inputs)
-            if guidance:
-                # Classifier-free guidance, eq. (6) of Ho & Salimans 2022.
-                uncond, cond = noise_pred.chunk(2)
-                noise_pred = uncond + guidance_scale * (cond - uncond)
-            variance_noise = brownian(sigmas[i], sigmas[i + 1]).to(latents)
-            latents = sched.step(noise_pred, t, latents, variance_noise=variance_noise, return_dict=False)[0]
-            control.step_done(i + 1, len(timesteps))
+        plan = device_plan(components, sched, timesteps, noise=True)
+        if plan is not None:
+            latents = _denoise_planned(components, plan, latents, brownian, sigmas, step_inputs, guidance_scale,
+                                       control)
+        else:
+            for i, t in enumerate(timesteps):
+                control.check()
+                model_input = torch.cat([latents] * 2) if guidance else latents
+                model_input = sched.scale_model_input(model_input, t)
+                t_batch = t.to(torch.float32).expand(model_input.shape[0])
+                noise_pred = components.controlnet_unet(model_input, t_batch, **step_inputs)
+                if guidance:
+                    # Classifier-free guidance, eq. (6) of Ho & Salimans 2022.
+                    uncond, cond = noise_pred.chunk(2)
+                    noise_pred = uncond + guidance_scale * (cond - uncond)
+                variance_noise = brownian(sigmas[i], sigmas[i + 1]).to(latents)
+                latents = sched.step(noise_pred, t, latents, variance_noise=variance_noise, return_dict=False)[0]
+                control.step_done(i + 1, len(timesteps))
 
     # 10. Decode
     with timer.stage("decode"):
         images = decode_latents(components, latents)
     return GenerationResult(images=images, seed=seed, steps=len(timesteps), timings=timer.finish())
+
+
+def _denoise_planned(components: Components, plan: SchedulerPlan, latents: torch.Tensor, brownian: BrownianNoise,
+                     sigmas: torch.Tensor, step_inputs: dict, guidance_scale: float,
+                     control: RunControl) -> torch.Tensor:
+    """The loop above with the solver as a plan: every step's Brownian noise goes to the device up front."""
+    total = plan.steps
+    noise = torch.stack([brownian(sigmas[i], sigmas[i + 1]) for i in range(total)]).to(latents)
+    loop = PlannedLoop(plan, latents, noise)
+    for i in range(total):
+        control.check()
+        model_input = planned_input(loop, i, guidance_scale > 1.0)
+        noise_pred = components.controlnet_unet(model_input, loop.timestep(i, model_input.shape[0]), **step_inputs)
+        latents = planned_advance(loop, i, noise_pred, guidance_scale)
+        control.step_done(i + 1, total)
+    return latents
 
 
 def run(params: dict[str, Any], components: Components, control: RunControl | None = None) -> GenerationResult:
