@@ -62,12 +62,24 @@ class ComponentDescriptor:
         return {t.name: {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
                 for t in (*self.inputs, *self.outputs)}
 
-    def shape(self, tensor: TensorSpec, which: str = "opt") -> tuple[int, ...]:
+    def shape(self, tensor: TensorSpec, which: str = "opt", axes: dict[str, int] | None = None) -> tuple[int, ...]:
+        """The profile's ``which`` shape of ``tensor``; ``axes`` sets named dynamic axes (``resolution_axes``)."""
         index = {"min": 0, "opt": 1, "max": 2}[which]
-        return tuple(d if isinstance(d, int) else self.profile[d][index] for d in tensor.dims)
+        axes = axes or {}
+        return tuple(d if isinstance(d, int) else axes.get(d, self.profile[d][index]) for d in tensor.dims)
 
     def input_shapes(self, which: str = "opt") -> dict[str, tuple[int, ...]]:
         return {t.name: self.shape(t, which) for t in self.inputs}
+
+
+def resolution_axes(config: ModelConfig, width: int, height: int) -> dict[str, int]:
+    """The size of every resolution-dependent axis for a ``width`` x ``height`` image."""
+    f = config.vae_scale_factor
+    if width % (2 * f) or height % (2 * f):
+        raise ValueError(f"{width}x{height} is not a multiple of {2 * f} (twice the VAE scale factor)")
+    tokens = (width // (2 * f)) * (height // (2 * f))  # FLUX: packed 2x2 latent patches
+    return {"latent_height": height // f, "latent_width": width // f, "image_height": height, "image_width": width,
+            "image_tokens": tokens, "condition_tokens": tokens}
 
 
 def _span(values: Iterable[int], opt: int | None = None) -> tuple[int, int, int]:

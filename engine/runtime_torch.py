@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from engine.components import NamedTensorComponents, read_model_config
-from engine.descriptors import component_descriptors
+from engine.descriptors import component_descriptors, resolution_axes
 from engine.omni_zero_checkpoint import OMNI_ZERO_COMPONENTS, is_omni_zero_checkpoint
 from engine.omni_zero_modules import load_omni_zero_modules
 from engine.torch_optimize import CompiledRunner, TorchOptimizations, apply_optimizations
@@ -239,21 +239,26 @@ class TorchComponents(NamedTensorComponents):
         return dtype
 
     def warm_up(self) -> dict[str, float]:
-        """Run every compiled component on zeros of its descriptor's opt shapes (the slug defaults): compile now.
+        """Run every compiled component on zeros of its descriptor's opt shapes (the slug defaults) and at
+        the spec's ``sizes``: compile now, not on a request.
 
         Returns seconds per component. Runs twice, as CUDA-graph trees record on the second call.
         """
         import time
 
+        axis_sets = [{}] + [resolution_axes(self.config, w, h) for w, h in self.optimizations.warmup_sizes]
         seconds = {}
         for name, runner in self._runners.items():
             if not isinstance(runner, CompiledRunner) or name not in self.descriptors:
                 continue
             desc = self.descriptors[name]
-            inputs = {t.name: torch.zeros(desc.shape(t), dtype=getattr(torch, t.dtype)) for t in desc.inputs}
+            shape_sets = {tuple(desc.shape(t, axes=axes) for t in desc.inputs): None for axes in axis_sets}
             t0 = time.perf_counter()
-            for _ in range(2):
-                self.run_component(name, inputs)
+            for shapes in shape_sets:
+                inputs = {t.name: torch.zeros(shape, dtype=getattr(torch, t.dtype))
+                          for t, shape in zip(desc.inputs, shapes)}
+                for _ in range(2):
+                    self.run_component(name, inputs)
             seconds[name] = round(time.perf_counter() - t0, 3)
             logger.info("warm-up %s %s: %.1f s", self.checkpoint.name, name, seconds[name])
         self.optimization_report.warmup_seconds.update(seconds)

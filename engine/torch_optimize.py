@@ -23,6 +23,9 @@ A ``TorchOptimizations`` spec is a comma-separated list, e.g. ``fuse_qkv,channel
     own noise (``Euler a``, ``DDPM``, ...) keep the stock step with a log line.
 ``vae=fp32|fp16|bf16``
     The VAE's own precision (default: the model precision, fp32 where the VAE config forces upcast).
+``sizes=WxH+WxH``
+    Resolutions warmed up at load besides the slug defaults (e.g. ``sizes=512x768+768x512``), so
+    requests at those sizes compile nothing either.
 ``nowarmup``
     Compile lazily, on the first call of each shape.
 
@@ -79,6 +82,8 @@ class TorchOptimizations:
     """Components that are compiled (fusion and channels-last apply to every component)."""
     vae_precision: str | None = None
     warmup: bool = True
+    warmup_sizes: tuple[tuple[int, int], ...] = ()
+    """(width, height) compiled at load besides the descriptors' opt shapes."""
     device_scheduler: bool = False
     """Pipelines run the scheduler as a ``engine.scheduler_plan`` (one matrix-vector product per step)."""
 
@@ -103,12 +108,14 @@ class TorchOptimizations:
                 opts = replace(opts, components=tuple(value.split("+")))
             elif key == "vae" and value in PRECISIONS:
                 opts = replace(opts, vae_precision=value)
+            elif key == "sizes" and value:
+                opts = replace(opts, warmup_sizes=tuple(_parse_size(v) for v in value.split("+")))
             elif key == "nowarmup" and not value:
                 opts = replace(opts, warmup=False)
             else:
                 raise ValueError(f"unknown torch optimization {token!r}; use {', '.join(PRESETS)} or a list of "
                                  "fuse_qkv, channels_last, compile[=MODE], cuda_graphs, device_scheduler, components=A+B, "
-                                 "vae=PREC, nowarmup")
+                                 "vae=PREC, sizes=WxH+WxH, nowarmup")
         return opts
 
     @property
@@ -129,9 +136,18 @@ class TorchOptimizations:
             parts.append("components=" + "+".join(self.components))
         if self.vae_precision:
             parts.append(f"vae={self.vae_precision}")
+        if self.warmup_sizes:
+            parts.append("sizes=" + "+".join(f"{w}x{h}" for w, h in self.warmup_sizes))
         if not self.warmup:
             parts.append("nowarmup")
         return ",".join(parts) or "none"
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise ValueError(f"unknown torch optimization size {text!r}; write WIDTHxHEIGHT, e.g. 512x768")
+    return int(width), int(height)
 
 
 def _merge(a: TorchOptimizations, b: TorchOptimizations) -> TorchOptimizations:

@@ -59,12 +59,14 @@ def test_spec_strings_parse_presets_and_round_trip():
     assert TorchOptimizations.parse(fast.spec()) == fast
     assert TorchOptimizations.parse("max").compile == "max-autotune"
     assert TorchOptimizations.parse("cuda_graphs").compile == "default"  # graphs replay a compiled step
-    custom = TorchOptimizations.parse("fuse_qkv, compile=max-autotune-no-cudagraphs, components=unet, vae=bf16")
+    custom = TorchOptimizations.parse("fuse_qkv, compile=max-autotune-no-cudagraphs, components=unet, vae=bf16, "
+                                      "sizes=512x768+768x512")
     assert custom.components == ("unet",) and custom.vae_precision == "bf16" and not custom.channels_last
+    assert custom.warmup_sizes == ((512, 768), (768, 512))
     assert TorchOptimizations.parse(custom.spec()) == custom
     assert TorchOptimizations.parse(None).spec() == "none" and not TorchOptimizations.parse("none").enabled
     assert set(PRESETS) == {"none", "fast", "max"}
-    for bad in ("turbo", "compile=fastest", "vae=fp8"):
+    for bad in ("turbo", "compile=fastest", "vae=fp8", "sizes=512", "sizes=0x512"):
         with pytest.raises(ValueError, match="unknown"):
             TorchOptimizations.parse(bad)
 
@@ -90,7 +92,7 @@ def test_compiled_components_are_warmed_up_at_load_and_match_eager(sd15_dir, dif
     caplog.set_level(logging.WARNING, logger="engine.torch_optimize")
     eager = TorchComponents(sd15_dir)
     # The VAE decoder: the smallest compile of the pipeline's networks (CPU inductor compiles C++).
-    spec = "fuse_qkv,channels_last,compile,cuda_graphs,components=vae_decoder"
+    spec = "fuse_qkv,channels_last,compile,cuda_graphs,components=vae_decoder,sizes=512x768"
     compiled = TorchComponents(sd15_dir, optimizations=spec)
     report = compiled.optimization_report
     # This CPU has no CUDA: the graphs are dropped with a log line, the compile stays.
@@ -98,10 +100,12 @@ def test_compiled_components_are_warmed_up_at_load_and_match_eager(sd15_dir, dif
     assert report.fallbacks and report.applied["vae_decoder"] == ["channels_last", "compile=default"]
     assert report.applied["unet"] == ["fuse_qkv (8 attentions)", "channels_last"]
     assert set(report.warmup_seconds) == {"vae_decoder"}
-    # The warm-up compiled the slug's default shape: the request itself compiles nothing.
+    # The warm-up compiled the slug's default shape and the size asked for: requests compile nothing.
     graphs_after_load = dynamo_utils.counters["stats"]["unique_graphs"]
     params = _params("sd1.5-scifi")
     out = run("sd1.5-scifi", dict(params), compiled)
+    tall = run("sd1.5-scifi", dict(params, img_height=768, num_inference_steps=20), compiled)
+    assert tall.images.shape[1:3] == (768, 512)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs_after_load
     reference = run("sd1.5-scifi", dict(params), eager)
     assert np.abs(out.images - reference.images).max() <= SLUG_TOL["sd1.5-scifi"]
