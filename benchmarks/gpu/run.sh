@@ -9,9 +9,16 @@
 # optimisations (fused QKV, channels-last, torch.compile, CUDA graphs, device scheduler) and
 # diffusers' own pipeline in one run, with the optimised-vs-eager pixel difference, the loop
 # overhead per step, it/s and the fraction of the compute floor. A SPEC argument runs that spec
-# alone instead of the two. The GPU machine
-# has torch but not diffusers: put the diffusers wheel in .whl/ and carry it (see
-# /work/.library/device/README.md); results land in $OUT (else benchmarks/results/).
+# alone instead of the two. Results land in $OUT (else benchmarks/results/).
+#
+# The GPU machine has torch 2.11, transformers 5.17 and numpy 2.5 but not diffusers: carry
+# `.whl/` (see /work/.library/device/README.md) holding diffusers 0.42.1, importlib_metadata 8.7.0,
+# torchsde 0.2.6 and trampoline 0.1.2 (the last two for omni-zero):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==8.7.0 \
+#       torchsde==0.2.6 trampoline==0.1.2
+# `bench engine` was run on CPU with those versions (numpy 2.4, transformers 5.17) and without the
+# serving packages the machine lacks (fastapi, pydantic, tritonclient, pytriton): it needs none.
 set -euo pipefail
 slug=${1:-sd1.5-scifi}
 # nowarmup: the request's shape compiles in the bench's own warm-up runs, and the slug-default
