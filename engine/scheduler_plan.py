@@ -10,9 +10,9 @@ where the weights depend only on the schedule. ``plan_scheduler`` reads them off
 by running a private copy of the scheduler itself on probe tensors whose elements are unit
 vectors of those sources (the schedulers are elementwise, so every element is an independent run),
 then checks the weights on random trajectories run through the same copy. A scheduler that is not
-linear in its inputs (one that draws its own noise: ``Euler a``, ``DDPM``, ``DPM2 a``, SDE-DPM++
-without ``variance_noise``; thresholding or sample clipping) fails that check and the caller keeps
-the stock loop.
+linear in its inputs (one that draws noise inside its step: ``Euler a``, ``DDPM``, ``DPM2 a``;
+thresholding or sample clipping) fails that check and the caller keeps the stock loop. SDE-DPM++
+takes its noise as ``variance_noise``: planned with noise sources, the caller draws it up front.
 
 ``PlannedLoop`` then runs the update on the device as one matrix-vector product per step over a
 pre-allocated buffer of [x_0, n_0, e_0, n_1, e_1, ...]. Inside the loop nothing is read back to the
@@ -168,19 +168,34 @@ def _cache_key(scheduler, timesteps: torch.Tensor, kwargs: dict) -> str:
     return hashlib.sha256(pickle.dumps(parts)).hexdigest()
 
 
-def try_plan(scheduler, timesteps: torch.Tensor, **kwargs) -> SchedulerPlan | None:
-    """``plan_scheduler`` (cached), or None with a log line saying why the stock loop runs."""
-    key = _cache_key(scheduler, timesteps, kwargs)
+def takes_variance_noise(scheduler) -> bool:
+    """Whether ``scheduler.step`` accepts the noise it would draw as ``variance_noise`` (DPM-Solver, DDIM)."""
+    return "variance_noise" in inspect.signature(scheduler.step).parameters
+
+
+def try_plan(scheduler, timesteps: torch.Tensor, *, noise: bool | None = False, **kwargs) -> SchedulerPlan | None:
+    """``plan_scheduler`` (cached), or None with a log line (once per schedule) saying why the stock loop runs.
+
+    ``noise=None`` tries a plan without variance noise first, then, for a step that takes it, one
+    with it (SDE-DPM++ draws one latents-shaped N(0, I) per step; the caller then draws them up front).
+    """
+    key = _cache_key(scheduler, timesteps, dict(kwargs, noise=noise))
     with _cache_lock:
         found = _cache.get(key)
         if found is not None:
             _cache.move_to_end(key)
     if found is None:
-        try:
-            found = plan_scheduler(scheduler, timesteps, **kwargs)
-        except PlanUnavailable as exc:
-            found = str(exc)
-            logger.info("device scheduler: %s; running the scheduler step by step", exc)
+        attempts = [noise] if noise is not None else [False] + ([True] if takes_variance_noise(scheduler) else [])
+        reasons = []
+        for with_noise in attempts:
+            try:
+                found = plan_scheduler(scheduler, timesteps, noise=with_noise, **kwargs)
+                break
+            except PlanUnavailable as exc:
+                reasons.append(str(exc))
+        else:
+            found = "; ".join(reasons)
+            logger.info("device scheduler: %s; running the scheduler step by step", found)
         with _cache_lock:
             _cache[key] = found
             while len(_cache) > CACHE_SIZE:

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.catalog import validate
 from engine.pipelines import RunControl, run
+from engine.pipelines.common import step_kwargs
 from engine.runtime_torch import TorchComponents
 from engine.scheduler_plan import PlannedLoop, SchedulerPlan, plan_scheduler, try_plan
 from engine.schedulers import SCHEDULER_NAMES, make_scheduler
@@ -28,8 +29,10 @@ from test_torch_optimize import _image, _params
 SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
                   "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "prediction_type": "epsilon"}
-# These draw fresh noise inside ``step``: not linear in what they are given, so they keep the stock loop.
-STOCHASTIC = {"DDPM", "Euler a", "DPM2 a Karras", "dpmpp_sde_ancestral"}
+# These draw fresh noise inside ``step`` and take no ``variance_noise``: they keep the stock loop.
+STOCHASTIC = {"DDPM", "Euler a", "DPM2 a Karras"}
+# This one draws one N(0, I) per step but takes it as ``variance_noise``: planned, the noise drawn up front.
+NOISE_FED = {"dpmpp_sde_ancestral"}
 PLAN_TOL = 1e-5
 """Max pixel difference, planned vs stock loop, per pipeline (seen: 0 … 1.2e-6)."""
 HOST_SYNC_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "aten.equal", "_to_copy", "randn", "normal",
@@ -41,14 +44,17 @@ def _model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.tanh(0.2 * x) + 1e-3 * t.to(torch.float32)
 
 
-def _stock(sched, timesteps, x):
+def _stock(sched, timesteps, x, seed: int = 0):
+    generator = {"generator": torch.Generator().manual_seed(seed)} if "generator" in step_kwargs(sched, None) else {}
     for t in timesteps:
-        x = sched.step(_model(sched.scale_model_input(x, t), t), t, x, return_dict=False)[0]
+        x = sched.step(_model(sched.scale_model_input(x, t), t), t, x, **generator, return_dict=False)[0]
     return x
 
 
-def _planned(plan: SchedulerPlan, x):
-    loop = PlannedLoop(plan, x)
+def _planned(plan: SchedulerPlan, x, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.stack([torch.randn(x.shape, generator=generator) for _ in range(plan.steps)]) if plan.noise else None
+    loop = PlannedLoop(plan, x, noise)
     for i in range(plan.steps):
         x = loop.advance(i, _model(loop.model_input(i), plan.timesteps[i]))
     return x
@@ -66,12 +72,12 @@ def test_the_plan_reproduces_every_deterministic_scheduler(name, begin, caplog):
             sched.set_begin_index(begin * sched.order)
     x0 = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)) * sched.init_noise_sigma
     with caplog.at_level(logging.INFO, logger="engine.scheduler_plan"):
-        plan = try_plan(sched, timesteps, init_sigma=float(sched.init_noise_sigma))
+        plan = try_plan(sched, timesteps, init_sigma=float(sched.init_noise_sigma), noise=None)
     if name in STOCHASTIC:
         assert plan is None
         assert "not linear in its inputs" in caplog.text
         return
-    assert plan is not None and plan.steps == len(timesteps)
+    assert plan is not None and plan.steps == len(timesteps) and plan.noise == (name in NOISE_FED)
     assert getattr(sched, "step_index", None) is None  # planned on a copy: the request's scheduler is untouched
     reference = _stock(sched, timesteps, x0.clone())
     assert (_planned(plan, x0.clone()) - reference).abs().max() <= 2e-6 * reference.abs().max()
@@ -138,7 +144,8 @@ class _Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _run_recording_the_loop(slug: str, comps: TorchComponents) -> tuple[np.ndarray, dict[str, int]]:
+def _run_recording_the_loop(slug: str, comps: TorchComponents,
+                            params: dict | None = None) -> tuple[np.ndarray, dict[str, int]]:
     """Run ``slug``, recording every op from the first step's cancellation check to the last step's end."""
     recorder, started = _Recorder(), []
 
@@ -152,7 +159,7 @@ def _run_recording_the_loop(slug: str, comps: TorchComponents) -> tuple[np.ndarr
         if done == total:
             recorder.__exit__(None, None, None)
 
-    result = run(slug, _slug_params(slug), comps, RunControl(on_step=on_step, is_cancelled=is_cancelled))
+    result = run(slug, params or _slug_params(slug), comps, RunControl(on_step=on_step, is_cancelled=is_cancelled))
     syncs = {op: n for op, n in recorder.ops.items() if any(s in op for s in HOST_SYNC_OPS)}
     return result.images, syncs
 
@@ -168,7 +175,14 @@ def test_planned_loop_matches_the_stock_loop_and_reads_nothing_back(slug, compon
         assert stock_syncs, "the recorder sees the stock scheduler's host reads"
 
 
-def test_a_scheduler_that_draws_noise_keeps_the_stock_step(components):
+def test_schedulers_that_draw_noise(components):
     stock, planned = components("sd1.5-scifi")
+    # Euler a draws inside its step and takes no noise argument: the stock step runs, same image.
     params = {**_params("sd1.5-scifi"), "scheduler": "Euler a", "num_inference_steps": 6}
     assert np.array_equal(run("sd1.5-scifi", params, planned).images, run("sd1.5-scifi", params, stock).images)
+    # SDE-DPM++ takes its noise: the request generator's draws are made before the loop, same image.
+    params = {**_params("sd1.5-scifi"), "scheduler": "dpmpp_sde_ancestral", "num_inference_steps": 8}
+    reference, stock_syncs = _run_recording_the_loop("sd1.5-scifi", stock, params)
+    images, syncs = _run_recording_the_loop("sd1.5-scifi", planned, params)
+    assert np.abs(images - reference).max() <= PLAN_TOL
+    assert syncs == {} and stock_syncs.get("aten.randn.generator") == 8  # one host draw per step, then none

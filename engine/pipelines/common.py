@@ -246,9 +246,14 @@ def denoise(
     """
     guidance = guidance_scale > 1.0
     total = len(timesteps)
-    plan = device_plan(components, scheduler, timesteps)
+    plan = device_plan(components, scheduler, timesteps, noise=None)
     if plan is not None:
-        loop = PlannedLoop(plan, latents)
+        noise = None
+        if plan.noise:
+            # The step would draw one latents-shaped N(0, I) per step from the request's generator
+            # (SDE-DPM++): the same draws, in the same order, before the loop.
+            noise = torch.stack([randn(tuple(latents.shape), generator) for _ in range(total)]).to(latents.device)
+        loop = PlannedLoop(plan, latents, noise)
         for i in range(total):
             control.check()
             model_input = planned_input(loop, i, guidance)
