@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     gen.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
     gen.add_argument("--optimize", dest="torch_optimizations", metavar="SPEC",
-                     help="torch optimizations: fast, max, or e.g. fuse_qkv,channels_last,compile,cuda_graphs")
+                     help="torch optimizations: fast, max, or e.g. fuse_qkv,channels_last,compile,device_scheduler "
+                          "(engine/torch_optimize.py lists them)")
     gen.set_defaults(func=cmd_generate)
 
     demo = sub.add_parser("demo", help="start `serve --demo`, send every slug's seed example through the "
