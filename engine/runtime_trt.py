@@ -63,10 +63,16 @@ class TrtSession:
             buf = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device=self.device)
             self.context.set_tensor_address(name, buf.data_ptr())
             out[name] = buf
-        with torch.cuda.stream(self.stream):
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeError(f"TensorRT execution failed for {self.path.name}")
-        self.stream.synchronize()
+        # Stream-ordered, no host synchronisation: the engine waits for the work that produced its
+        # inputs on the caller's stream, and the caller's later work waits for the engine. The
+        # caching allocator must not hand these buffers to anyone before the engine is done.
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution failed for {self.path.name}")
+        current.wait_stream(self.stream)
+        for t in (*keep, *out.values()):
+            t.record_stream(self.stream)
         return {k: v.float() for k, v in out.items()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
