@@ -423,6 +423,21 @@ class TimedComponents:
         return timed
 
 
+def iteration_rates(entry: dict[str, Any]) -> dict[str, float]:
+    """Denoising iterations per second (one step, both CFG halves): in the end-to-end runs, and of
+    the denoiser call alone (the figure published benchmarks quote as it/s)."""
+    out = {}
+    per_step = entry["end_to_end"]["pipeline_stages"].get("denoise_per_step", {}).get("median_ms")
+    if per_step:
+        out["denoise_its"] = round(1000.0 / per_step, 2)
+    for name in ("unet_step", *DENOISERS):
+        median = entry["stages"].get(name, {}).get("median_ms")
+        if median:
+            out["denoiser_its"] = round(1000.0 / median, 2)
+            break
+    return out
+
+
 def loop_overhead(slug: str, components, request: dict[str, Any], device) -> dict[str, Any]:
     """Time per step not spent in the denoiser, from one instrumented run of the request.
 
@@ -726,6 +741,7 @@ def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prep
     median = entry["end_to_end"]["ours"]["median_ms"]
     entry["fraction_of_floor"] = _round(floors.fraction_of_floor(floor.floor_ms, median, str(device)))
     step_floor = floors.unet_step_floor_ms(cfg.slug, params)
+    entry.update(iteration_rates(entry))
     entry.update(loop_overhead(cfg.slug, prepared.components, request, prepared.device))
     if "unet_step" in entry["stages"]:
         entry["unet_step_fraction_of_floor"] = _round(floors.fraction_of_floor(

@@ -59,6 +59,11 @@ PUBLISHED_H100: dict[str, str] = {
     "SDXL 1024x1024, 30 steps": "1.47 s per image (TensorRT)",
 }
 """Best published H100 figures (DESIGN.md), shown next to our results in reports."""
+PUBLISHED_FOR_SLUG: dict[str, str] = {
+    "sd1.5-scifi": "SD1.5 512x512 UNet",
+    "sd1.5-img2img": "SD1.5 512x512 UNet",
+    "segmind-vega": "SDXL 1024x1024, 30 steps",  # Vega is a distilled SDXL: a bound, not a like-for-like figure
+}
 
 _FAMILY_KEY = {"sd1.5-scifi": "sd15", "sd1.5-img2img": "sd15", "segmind-vega": "segmind-vega"}
 _REFERENCE_STEPS = {"omni-zero": 10, "ominicontrol": 8}

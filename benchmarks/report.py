@@ -284,6 +284,14 @@ def render_engine_markdown(report: dict[str, Any]) -> str:
             lines += ["", "Loop overhead per step (one instrumented run: the denoise stage minus the denoiser "
                           "calls inside it, per step — scheduler, guidance, copies, Python): " + ", ".join(f"{_label(r)} {_ms(r.get('loop_overhead_per_step_ms'))}"
                                                            for r in ok)]
+        if any(r.get("denoise_its") is not None for r in ok):
+            published = floors.PUBLISHED_FOR_SLUG.get(s["slug"])
+            lines += ["", "Iterations per second (one denoising step with both CFG halves; in the end-to-end "
+                          "runs / the denoiser call alone): " + ", ".join(
+                              f"{_label(r)} {_num(r.get('denoise_its'), '{:.1f}')} / "
+                              f"{_num(r.get('denoiser_its'), '{:.1f}')} it/s" for r in ok)
+                      + (f". Best published H100, {published}: {floors.PUBLISHED_H100[published]}" if published
+                         else "") + "."]
         if report.get("fp32_reference"):
             lines += ["", "Max abs pixel difference from eager fp32 on the same weights: " + ", ".join(
                 f"{_label(r)} {_num(r.get('max_abs_diff_vs_fp32'), '{:.1e}')}" for r in ok)]

@@ -100,6 +100,8 @@ def _check_engine(report: dict, repeats: int) -> None:
         assert split["denoise_per_step"]["median_ms"] == pytest.approx(
             split["denoise"]["median_ms"] / rt["steps"], rel=0.05)
         _check_loop_overhead(rt)
+        assert rt["denoise_its"] == pytest.approx(1000 / split["denoise_per_step"]["median_ms"], rel=1e-3)
+        assert rt["denoiser_its"] == pytest.approx(1000 / rt["stages"]["unet_step"]["median_ms"], rel=1e-3)
         assert rt["steps"] == report["steps"] and rt["images_per_request"] == report["request"]["samples"]
         assert rt["ratio_vs_diffusers"]["median"] == pytest.approx(
             ours["median_ms"] / base["end_to_end"]["median_ms"], rel=1e-3)
@@ -128,6 +130,7 @@ def test_engine_bench_sd15_every_runtime(tiny_checkpoints, work_dir, results_dir
     stored = _written(report, results_dir)
     md = Path(results_dir / stored["files"]["markdown"]).read_text()
     assert "| torch |" in md and "| onnxruntime |" in md and "skipped" in md and "diffusers" in md
+    assert "it/s" in md and "SD1.5 512x512 UNet: 104.6 it/s" in md  # ours next to the published H100 figure
 
 
 def test_engine_bench_img2img_and_vega(tiny_checkpoints, work_dir, results_dir):
@@ -233,6 +236,7 @@ def test_engine_bench_ominicontrol_times_every_network_call(tiny_checkpoints, wo
     assert rt["status"] == "ok" and report["baseline"] is None and "baseline_note" in report
     assert {"transformer", "vae_decode", "image_encode"} <= set(rt["stages"])
     assert rt["stages"]["transformer"]["n"] == rt["steps"] == report["steps"] == 8
+    assert rt["denoiser_its"] == pytest.approx(1000 / rt["stages"]["transformer"]["median_ms"], rel=1e-3)
     _check_loop_overhead(rt)
     _stats_ok(rt["end_to_end"]["ours"], 1)
 
