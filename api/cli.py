@@ -77,8 +77,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"{args.slug} is not implemented yet", file=sys.stderr)
         return 2
     checkpoint = Path(args.checkpoint) if args.checkpoint else demo_checkpoints()[args.slug]
-    components = TorchComponents(checkpoint, device=args.device, precision=args.precision,
-                                 optimizations=args.torch_optimizations)
+    try:
+        components = TorchComponents(checkpoint, device=args.device, precision=args.precision,
+                                     optimizations=args.torch_optimizations)
+    except ValueError as exc:  # an unknown optimization or precision, a device this machine lacks
+        print(f"generate: {exc}", file=sys.stderr)
+        return 2
     params = load_local_images(spec, params)
     bar = tqdm(total=None, desc=args.slug, unit="step")
 

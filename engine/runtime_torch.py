@@ -40,6 +40,9 @@ CONDITION_LORA_DIR = "condition_lora"
 def resolve_device_dtype(device: str | None, precision: str | None,
                          family: str | None = None) -> tuple[torch.device, torch.dtype]:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device {dev} requested but {why} (torch {torch.__version__}); use --device cpu")
     if precision is None:
         precision = ("bf16" if family == "flux" else "fp16") if dev.type == "cuda" else "fp32"
     if precision not in DTYPES:

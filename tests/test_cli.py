@@ -36,6 +36,20 @@ def test_generate_rejects_bad_parameters_naming_them(tmp_path, diffserve_home):
     assert "samples" in proc.stderr and not list(tmp_path.iterdir())
 
 
+def test_generate_rejects_an_unknown_optimization_and_a_missing_gpu_in_one_line(tmp_path, tiny_checkpoints,
+                                                                                diffserve_home):
+    import torch
+
+    args = ("generate", "--slug", "sd1.5-scifi", "--params", '{"prompt": "x"}', "--out", str(tmp_path))
+    proc = diffserve(*args, "--optimize", "turbo", home=diffserve_home)
+    assert proc.returncode == 2 and "unknown torch optimization 'turbo'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    if not torch.cuda.is_available():
+        proc = diffserve(*args, "--device", "cuda", home=diffserve_home)
+        assert proc.returncode == 2 and "use --device cpu" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_demo_serves_through_triton_and_the_sdk_and_stops(demo_repository, diffserve_home):
     """`make demo`: starts `serve --demo` (which starts its own Triton on the demo repository),
     one seed example per slug through the official SDK, images saved, everything stopped."""

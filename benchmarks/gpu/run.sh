@@ -2,7 +2,8 @@
 # The prepared GPU check of the fast path (issue 6) and the GPU engine results (issue 5), one slug
 # per device call so each fits the 10-minute command limit:
 #
-#   bash benchmarks/gpu/run.sh sd1.5-scifi     # 512x768, 30 steps, dpmpp_2m, CFG 5 (the seed example)
+#   bash benchmarks/gpu/run.sh sd1.5-scifi     # 512x512 (the published 104.6 it/s size), 30 steps,
+#                                              # dpmpp_2m, CFG 5 (the seed example, 512 high)
 #   bash benchmarks/gpu/run.sh segmind-vega    # 1024², 25 steps, UniPC, CFG 9
 #
 # Full-size random-weight networks in fp16: eager torch, eager with the device scheduler, the `fast`
@@ -25,6 +26,8 @@ slug=${1:-sd1.5-scifi}
 # shapes (which the benchmark request does not use) are not compiled at all: minutes saved.
 specs=(--optimize device_scheduler --optimize fast,nowarmup)
 [[ $# -ge 2 ]] && specs=(--optimize "$2")
+params=()
+[[ $slug == sd1.5-scifi ]] && params=(--params '{"img_height": 512}')
 out=${OUT:-benchmarks/results}
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -33,4 +36,4 @@ fi
 export PYTHONUNBUFFERED=1 DIFFSERVE_HOME=${DIFFSERVE_HOME:-/tmp/diffserve}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -m benchmarks.cli engine --slug "$slug" --full-size --device cuda --precision fp16 \
-    "${specs[@]}" --fp32-reference --warmup 2 --repeats 5 --stage-repeats 10 --out "$out" --no-plots
+    "${specs[@]}" "${params[@]}" --fp32-reference --warmup 2 --repeats 5 --stage-repeats 10 --out "$out" --no-plots
