@@ -429,11 +429,11 @@ def iteration_rates(entry: dict[str, Any]) -> dict[str, float]:
     out = {}
     per_step = entry["end_to_end"]["pipeline_stages"].get("denoise_per_step", {}).get("median_ms")
     if per_step:
-        out["denoise_its"] = round(1000.0 / per_step, 2)
+        out["denoise_its"] = float(f"{1000.0 / per_step:.4g}")
     for name in ("unet_step", *DENOISERS):
         median = entry["stages"].get(name, {}).get("median_ms")
         if median:
-            out["denoiser_its"] = round(1000.0 / median, 2)
+            out["denoiser_its"] = float(f"{1000.0 / median:.4g}")
             break
     return out
 

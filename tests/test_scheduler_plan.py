@@ -189,3 +189,14 @@ def test_schedulers_that_draw_noise(components):
     images, syncs = _run_recording_the_loop("sd1.5-scifi", planned, params)
     assert np.abs(images - reference).max() <= PLAN_TOL
     assert syncs == {} and stock_syncs.get("aten.randn.generator") == 8  # one host draw per step, then none
+
+
+def test_a_planned_run_stops_between_steps_when_cancelled(components):
+    from engine.pipelines import Cancelled
+
+    _, planned = components("sd1.5-scifi")
+    seen: list[int] = []
+    control = RunControl(on_step=lambda done, total: seen.append(done), is_cancelled=lambda: len(seen) >= 3)
+    with pytest.raises(Cancelled):
+        run("sd1.5-scifi", _params("sd1.5-scifi"), planned, control)
+    assert seen == [1, 2, 3]
