@@ -488,7 +488,7 @@ def tight_api(tiny_checkpoints, tmp_path_factory):
 
 def test_sync_timeout_is_504_and_cancels_the_job(tight_api):
     with httpx.Client(base_url=tight_api.url, timeout=120) as client:
-        response = client.post("/v1/sd1.5-scifi", json={"prompt": "slow", "samples": 4})
+        response = client.post("/v1/sd1.5-scifi", json={"prompt": "slow", "samples": 4, "num_inference_steps": 100})
         assert response.status_code == 504 and "timed out" in response.json()["error"]
         request_id = response.headers["x-request-id"]
         body = wait_status(client, request_id, {"FAILED"}, timeout=60)
@@ -552,14 +552,14 @@ def test_storage_stays_inside_the_data_dir(tight_api):
 def faulty_api(tiny_checkpoints, tmp_path_factory):
     """An open server whose sd1.5-scifi checkpoint is broken the way a bad deployment is: its
     tokenizer pads to 100 tokens, the text encoder has 77 positions (it loads, then every request
-    fails inside the model). Jobs may run 10 s; absolute URLs use ``public_url``."""
+    fails inside the model). Jobs may run 5 s; absolute URLs use ``public_url``."""
     import shutil
 
     broken = tmp_path_factory.mktemp("broken") / "sd15"
     shutil.copytree(tiny_checkpoints["sd1.5-scifi"], broken)
     config = broken / "tokenizer" / "tokenizer_config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"model_max_length": 100}))
-    settings = Settings(data_dir=tmp_path_factory.mktemp("faulty-api-data"), job_timeout_s=10.0,
+    settings = Settings(data_dir=tmp_path_factory.mktemp("faulty-api-data"), job_timeout_s=5.0,
                         cancel_poll_s=0.05, public_url="https://images.example.com/")
     checkpoints = {"sd1.5-scifi": broken, "sd1.5-img2img": tiny_checkpoints["sd1.5-img2img"],
                    "omni-zero": tiny_checkpoints["omni-zero"]}
@@ -580,11 +580,12 @@ def test_failures_map_to_status_codes_and_reasons(faulty_api):
         broken = client.post("/v1/sd1.5-scifi", json={"prompt": "x"})
         assert broken.status_code == 500 and broken.json()["error"] == "generation failed: ValueError", broken.text
         assert "max_position_embeddings" not in broken.text  # details stay in the server log
-        # 1024x768 input, 4 samples, 100 steps: a minute or more of CPU work, far past the 10 s timeout.
-        big = base64.b64encode(jpeg_bytes((1024, 768))).decode()
-        slow = client.post("/v1/sd1.5-img2img", json=cheap_img2img(image=big, strength=1.0, num_inference_steps=100,
-                                                                      samples=4))
-        assert slow.status_code == 504 and "took longer than 10 s" in slow.json()["error"], slow.text
+        # The largest request the catalog allows (768x768, 4 samples, 100 steps) takes about 27 s on 2 CPU cores
+        # with the tiny UNet, five times the 5 s timeout. (The input is resized to img_width x img_height, so a
+        # large input image adds nothing; 512x512 took 9.3 s and sometimes beat a 10 s timeout.)
+        slow = client.post("/v1/sd1.5-img2img", json=cheap_img2img(strength=1.0, num_inference_steps=100, samples=4,
+                                                                      img_width=768, img_height=768))
+        assert slow.status_code == 504 and "took longer than 5 s" in slow.json()["error"], slow.status_code
         request_id = client.post("/v2/omni-zero", json=faceless_omni_zero()).json()["request_id"]
         failed = wait_status(client, request_id, {"FAILED"})
         assert "no face" in failed["error"].lower()
