@@ -498,7 +498,8 @@ def test_sync_timeout_is_504_and_cancels_the_job(tight_api):
 def test_a_disconnected_sync_client_cancels_its_job(tight_api):
     with httpx.Client(base_url=tight_api.url) as client:
         with pytest.raises(httpx.TimeoutException):
-            client.post("/v1/sd1.5-scifi", json={"prompt": "abandoned", "samples": 4}, timeout=0.3)
+            client.post("/v1/sd1.5-scifi", json={"prompt": "abandoned", "samples": 4, "num_inference_steps": 100},
+                        timeout=0.3)
         deadline = time.monotonic() + 60
         while 'reason="client_gone",slug="sd1.5-scifi"} 1.0' not in client.get("/metrics").text:
             assert time.monotonic() < deadline, "the abandoned job was not cancelled"
