@@ -235,3 +235,29 @@ def test_readiness_reports_every_slug(backend):
     status = asyncio.run(backend.ready())
     assert status["server"] is True
     assert all(status[slug] for slug in TRITON_SLUGS)
+
+
+def test_a_stub_that_hangs_while_exiting_is_stopped_with_its_stacks_in_the_log(repository, tmp_path):
+    """A model process that never finishes exiting would hold Triton's shutdown (and an explicit
+    unload) for Triton's whole exit timeout; the templates' exit watchdog dumps its stacks and ends it."""
+    import shutil
+
+    from api.triton_server import TritonServer, TritonServerConfig
+
+    name = "tiny_sd15_vae_decoder"
+    repo = tmp_path / "repo"
+    shutil.copytree(repository.repository / name, repo / name)
+    model_py = repo / name / "1" / "model.py"
+    model_py.write_text(model_py.read_text() + "\n\nimport atexit\nimport time\n\n\ndef _hang_at_exit():\n"
+                        "    time.sleep(3600)\n\n\natexit.register(_hang_at_exit)\n")
+    log = tmp_path / "triton.log"
+    server = TritonServer(TritonServerConfig(repository=repo, model_control_mode="explicit", load_models=[name],
+                                             log_file=log, startup_timeout_s=300))
+    with server:
+        grpcclient.InferenceServerClient(server.grpc_url).unload_model(name)
+        deadline = time.monotonic() + 120
+        while f"successfully unloaded '{name}'" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+    text = log.read_text()
+    assert "Timeout (0:00:10)!" in text and "in _hang_at_exit" in text, text[-3000:]

@@ -7,6 +7,7 @@ other dimensions agree, run as one batch, and split back into one response per r
 Models served unbatched (``max_batch_size: 0``, the face detector) run one request at a time.
 """
 
+import faulthandler
 import json
 import logging
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 logger = logging.getLogger("diffserve.component")
+STUB_EXIT_GRACE_S = 10.0  # see finalize
 
 
 class TritonPythonModel:
@@ -107,3 +109,9 @@ class TritonPythonModel:
 
     def finalize(self):
         logger.info("%s unloaded", self.name)
+        # The stub process exits after this returns, and Triton waits for it without a limit. Tearing
+        # down an interpreter holding torch, onnxruntime and diffusers takes about a second per stub
+        # and has been seen to hang, which held Triton's shutdown for its whole 30 s exit timeout.
+        # A stub still alive STUB_EXIT_GRACE_S later dumps every thread's stack to stderr (Triton's
+        # log) and exits.
+        faulthandler.dump_traceback_later(STUB_EXIT_GRACE_S, exit=True)

@@ -15,6 +15,7 @@ Wire format: ``REQUEST`` is a JSON object ``{"params": {...}}`` with the catalog
 image parameters travel as separate UINT8 [H, W, 3] inputs named after the parameter.
 """
 
+import faulthandler
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from engine.descriptors import component_descriptors
 from engine.pipelines import Cancelled, RunControl, run
 
 logger = logging.getLogger("diffserve.pipeline")
+STUB_EXIT_GRACE_S = 10.0  # see finalize
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 IMAGE_PLACEHOLDER = "<tensor>"
@@ -172,3 +174,5 @@ class TritonPythonModel:
 
     def finalize(self):
         logger.info("%s unloaded", self.name)
+        # Bounded exit, as in the component template: Triton waits for this process without a limit.
+        faulthandler.dump_traceback_later(STUB_EXIT_GRACE_S, exit=True)
