@@ -111,7 +111,7 @@ class TritonPythonModel:
         logger.info("%s unloaded", self.name)
         # The stub process exits after this returns, and Triton waits for it without a limit. Tearing
         # down an interpreter holding torch, onnxruntime and diffusers takes about a second per stub
-        # and must never hold Triton's shutdown for its whole 30 s exit timeout (seen in CI once a run).
+        # and must never hold Triton's shutdown for its whole 30 s exit timeout (seen in CI).
         # A stub still alive STUB_EXIT_GRACE_S later dumps every thread's stack to stderr (Triton's
         # log) and exits.
         faulthandler.dump_traceback_later(STUB_EXIT_GRACE_S, exit=True)
