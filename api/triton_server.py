@@ -32,6 +32,7 @@ import atexit
 import collections
 import contextlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -241,6 +242,9 @@ class TritonServerConfig:
     #: server stdout/stderr are appended here (and always streamed to "diffserve.triton").
     log_file: Path | None = None
     startup_timeout_s: float = 120.0
+    #: how long a stopping Triton waits for in-flight requests and model unloads before it exits
+    #: anyway (``--exit-timeout-secs``, whole seconds; Triton's default is 30).
+    exit_timeout_s: float = 30.0
     #: Triton's auto-complete starts an extra stub per python model (~1.5 s each); off by
     #: default since diffserve writes complete config.pbtxt files.
     auto_complete_config: bool = False
@@ -263,6 +267,8 @@ class TritonServerConfig:
             self.log_file = Path(self.log_file)
         if self.startup_timeout_s <= 0:
             raise ValueError("startup_timeout_s must be positive")
+        if self.exit_timeout_s < 0:
+            raise ValueError("exit_timeout_s must not be negative")
 
 
 def _connect_host(host: str) -> str:
@@ -450,11 +456,14 @@ class TritonServer:
             delay = min(delay * 1.5, 0.5)
 
     # ------------------------------------------------------------------ stop
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float | None = None) -> int:
         """Stop the server (SIGTERM, wait ``timeout``, SIGKILL the group); return its exit code.
 
-        Idempotent: later calls return the same code; returns 0 when never started.
+        ``timeout`` defaults to the configured exit timeout plus 10 s, so Triton normally ends on
+        its own. Idempotent: later calls return the same code; returns 0 when never started.
         """
+        if timeout is None:
+            timeout = math.ceil(self.config.exit_timeout_s) + 10.0
         proc = self._proc
         if proc is None:
             self._cleanup_files()
@@ -579,6 +588,7 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={cfg.log_verbose}",
             f"--model-control-mode={cfg.model_control_mode}",
+            f"--exit-timeout-secs={math.ceil(cfg.exit_timeout_s)}",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
         ]
         if not cfg.auto_complete_config:
@@ -677,6 +687,8 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
     parser.add_argument("--pythonpath", action="append", type=Path, default=[],
                         help="extra import path for model.py files; repeatable")
     parser.add_argument("--startup-timeout", type=float, default=120.0)
+    parser.add_argument("--exit-timeout", type=float, default=30.0,
+                        help="seconds a stopping server waits for in-flight requests and model unloads")
     parser.add_argument("extra_args", nargs="*", help="after --: passed to tritonserver")
     return parser
 
@@ -703,6 +715,7 @@ def main_cli(args: list[str] | None = None) -> int:
             extra_pythonpath=ns.pythonpath,
             log_file=ns.log_file,
             startup_timeout_s=ns.startup_timeout,
+            exit_timeout_s=ns.exit_timeout,
             extra_args=ns.extra_args,
         )
     except ValueError as exc:

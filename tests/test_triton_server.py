@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -355,3 +356,22 @@ def test_readiness_timeout_reports_log_and_cleans_up(tmp_path: Path) -> None:
     assert "Last" in str(excinfo.value) and "sleepy" in str(excinfo.value)
     assert srv.pid is None and not srv.is_alive()
     assert port_is_free(srv.http_port)
+
+
+def test_exit_timeout_bounds_a_model_that_never_unloads(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    add_model(repo, "stuck", ADD_ONE.replace("class TritonPythonModel:\n",
+                                             "class TritonPythonModel:\n    def finalize(self):\n"
+                                             "        import time\n        time.sleep(3600)\n\n"))
+    log = tmp_path / "triton.log"
+    srv = TritonServer(TritonServerConfig(repository=repo, log_file=log, startup_timeout_s=60, exit_timeout_s=2))
+    srv.start()
+    pid = srv.pid
+    assert srv.stop() == 1  # Triton: "failed to stop server: Internal - Exit timeout expired"
+    text = log.read_text()
+    # Triton counted down from our 2 s with the model still live, then exited.
+    assert '"Timeout 2: Found 1 live models' in text and '"Timeout 30:' not in text, text[-2000:]
+    deadline = time.monotonic() + 30  # the killed stub is a zombie until init reaps it
+    while not group_gone(pid):
+        assert time.monotonic() < deadline, "the stuck model's stub survived the server"
+        time.sleep(0.1)

@@ -237,9 +237,10 @@ def test_readiness_reports_every_slug(backend):
     assert all(status[slug] for slug in TRITON_SLUGS)
 
 
-def test_a_stub_that_hangs_while_exiting_is_stopped_with_its_stacks_in_the_log(repository, tmp_path):
-    """A model process that never finishes exiting would hold Triton's shutdown (and an explicit
-    unload) for Triton's whole exit timeout; the templates' exit watchdog dumps its stacks and ends it."""
+def test_a_stub_whose_exit_handlers_hang_still_unloads(repository, tmp_path):
+    """Triton waits for a model's process without a limit when it unloads the model; a process
+    blocked in a C-level exit handler would hold the unload (and Triton's shutdown) for ever. The
+    templates end their process before those handlers run."""
     import shutil
 
     from api.triton_server import TritonServer, TritonServerConfig
@@ -248,8 +249,9 @@ def test_a_stub_that_hangs_while_exiting_is_stopped_with_its_stacks_in_the_log(r
     repo = tmp_path / "repo"
     shutil.copytree(repository.repository / name, repo / name)
     model_py = repo / name / "1" / "model.py"
-    model_py.write_text(model_py.read_text() + "\n\nimport atexit\nimport time\n\n\ndef _hang_at_exit():\n"
-                        "    time.sleep(3600)\n\n\natexit.register(_hang_at_exit)\n")
+    # libc's exit() would call pause() after the interpreter is gone: it never returns.
+    model_py.write_text(model_py.read_text() + "\n\nimport ctypes\n\n_libc = ctypes.CDLL(None)\n"
+                        "_libc.__cxa_atexit(ctypes.cast(_libc.pause, ctypes.c_void_p), None, None)\n")
     log = tmp_path / "triton.log"
     server = TritonServer(TritonServerConfig(repository=repo, model_control_mode="explicit", load_models=[name],
                                              log_file=log, startup_timeout_s=300))
@@ -259,5 +261,3 @@ def test_a_stub_that_hangs_while_exiting_is_stopped_with_its_stacks_in_the_log(r
         while f"successfully unloaded '{name}'" not in log.read_text():
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-    text = log.read_text()
-    assert "Timeout (0:00:10)!" in text and "in _hang_at_exit" in text, text[-3000:]
