@@ -1,152 +1,60 @@
-"""``GenerationBackend`` over Triton: pipeline models called through gRPC streaming.
-
-Each request opens one bidirectional stream to the slug's decoupled pipeline model, sends the
-catalog parameters as JSON plus image inputs as UINT8 tensors, forwards every ``PROGRESS``
-response to the caller, and returns the final ``IMAGES``/``SEED``/``INFO``. Cancelling the
-awaiting task cancels the gRPC call; Triton then marks the request cancelled and the pipeline
-model stops between denoising steps.
-"""
+"""``GenerationBackend`` over Triton: the pipeline client of ``export.triton_client``, its
+failures mapped to the API's backend errors, and the server start-up of ``serve``."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Collection
-
-import numpy as np
+from typing import Any
 
 from api.backend import (
-    BackendResult, BackendTimeout, BackendUnavailable, GenerationFailed, InputRejected, ProgressCallback,
+    BackendError, BackendResult, BackendTimeout, BackendUnavailable, GenerationFailed, InputRejected, ProgressCallback,
+)
+from export.triton_client import (
+    TritonGenerationFailed, TritonOutput, TritonPipelineClient, TritonRequestError, TritonRequestRejected,
+    TritonTimeout, TritonUnavailable,
 )
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class TritonOutput:
-    images: np.ndarray
-    """uint8 [N, H, W, 3]."""
-    seed: int
-    info: dict[str, Any]
-    images_float: np.ndarray | None = None
-    """float32 [N, H, W, 3] in [0, 1], when asked for."""
-
-
-def _to_uint8_rgb(image: Any) -> np.ndarray:
-    if isinstance(image, np.ndarray):
-        return np.ascontiguousarray(image[..., :3].astype(np.uint8))
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-
-
-def _classify(message: str) -> Exception:
-    """Map a Triton error message to the backend error the API reports."""
-    lower = message.lower()
-    if "invalid request" in lower or "invalid_arg" in lower:
-        return InputRejected(message.split("invalid request:", 1)[-1].strip() or message)
-    if "unavailable" in lower or "component failed" in lower or "not found" in lower or "not ready" in lower \
-            or "failed to connect" in lower or "connection refused" in lower or "socket closed" in lower:
-        return BackendUnavailable(f"Triton is unavailable: {message}")
-    if "deadline" in lower or "timeout" in lower:
-        return BackendTimeout(f"Triton did not answer in time: {message}")
-    return GenerationFailed(f"generation failed: {message}")
+_ERRORS: dict[type[TritonRequestError], type[BackendError]] = {
+    TritonRequestRejected: InputRejected, TritonUnavailable: BackendUnavailable, TritonTimeout: BackendTimeout,
+    TritonGenerationFailed: GenerationFailed,
+}
 
 
 class TritonBackend:
-    """Talks to a running Triton server whose repository was built by ``diffserve export``."""
+    """A ``GenerationBackend`` whose pipelines run on a Triton server (through ``TritonPipelineClient``)."""
 
     def __init__(self, grpc_url: str, pipelines: dict[str, dict[str, Any]], *, timeout_s: float = 600.0):
-        self.grpc_url = grpc_url
-        self.pipelines = pipelines
-        self.timeout_s = timeout_s
-        self.models = {info["slug"]: name for name, info in pipelines.items() if info.get("default")}
-        self._client = None
-        self._loop = None
+        self.client = TritonPipelineClient(grpc_url, pipelines, timeout_s=timeout_s)
 
     @classmethod
-    def from_repository(cls, grpc_url: str, repository: str | Path, **kw) -> "TritonBackend":
+    def from_repository(cls, grpc_url: str, repository: str | Path, **kw) -> TritonBackend:
         from export.repository import read_manifest
 
         return cls(grpc_url, read_manifest(repository)["pipelines"], **kw)
 
     @property
     def slugs(self) -> Collection[str]:
-        return tuple(self.models)
+        return tuple(self.client.models)
 
-    def _grpc(self):
-        # A grpc.aio channel belongs to the event loop that made it.
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
-            import tritonclient.grpc.aio as grpcclient
-
-            self._client = grpcclient.InferenceServerClient(self.grpc_url)
-            self._loop = loop
-        return self._client
-
-    async def infer(self, model: str, params: dict[str, Any], *, request_id: str = "",
-                    on_progress: ProgressCallback | None = None, want_float: bool = False) -> TritonOutput:
-        """One pipeline-model request; ``params`` hold decoded images (PIL or uint8 arrays) or None."""
-        import tritonclient.grpc.aio as grpcclient
-
-        from engine.catalog import get_model
-
-        spec = get_model(self.pipelines[model]["slug"])
-        inputs = []
-        wire = {k: v for k, v in params.items() if k not in spec.image_params}
-        request = grpcclient.InferInput("REQUEST", [1], "BYTES")
-        request.set_data_from_numpy(np.array([json.dumps({"params": wire}).encode()], dtype=np.object_))
-        inputs.append(request)
-        for name in spec.image_params:
-            if params.get(name) is not None:
-                pixels = _to_uint8_rgb(params[name])
-                tensor = grpcclient.InferInput(name, list(pixels.shape), "UINT8")
-                tensor.set_data_from_numpy(pixels)
-                inputs.append(tensor)
-        names = ["IMAGES", "SEED", "INFO", "PROGRESS"] + (["IMAGES_FLOAT"] if want_float else [])
-        outputs = [grpcclient.InferRequestedOutput(n) for n in names]
-        done = asyncio.Event()
-
-        async def requests():
-            yield {"model_name": model, "inputs": inputs, "outputs": outputs, "request_id": request_id}
-            await done.wait()  # keep the stream open until the final response
-
+    async def infer(self, model: str, params: dict[str, Any], **kw) -> TritonOutput:
+        """One pipeline-model request, its failure raised as the API's ``BackendError``."""
         try:
-            stream = self._grpc().stream_infer(requests(), stream_timeout=self.timeout_s)
-        except Exception as exc:
-            raise _classify(str(exc)) from exc
-        try:
-            async for result, error in stream:
-                if error is not None:
-                    raise _classify(str(error))
-                images = result.as_numpy("IMAGES")
-                if images is None:
-                    progress = result.as_numpy("PROGRESS")
-                    if progress is not None and on_progress is not None:
-                        on_progress(int(progress[0]), int(progress[1]))
-                    continue
-                info = json.loads(result.as_numpy("INFO").reshape(-1)[0])
-                return TritonOutput(images=images, seed=int(result.as_numpy("SEED")[0]), info=info,
-                                    images_float=result.as_numpy("IMAGES_FLOAT") if want_float else None)
-            raise GenerationFailed(f"{model}: the stream ended without a final response")
-        except asyncio.CancelledError:
-            stream.cancel()
-            raise
-        except (InputRejected, BackendUnavailable, BackendTimeout, GenerationFailed):
-            raise
-        except Exception as exc:  # grpc errors surface as InferenceServerException / AioRpcError
-            raise _classify(str(exc)) from exc
-        finally:
-            done.set()
+            return await self.client.infer(model, params, **kw)
+        except TritonRequestError as exc:
+            raise _ERRORS[type(exc)](str(exc)) from exc
 
     async def generate(self, slug: str, params: dict[str, Any], *, request_id: str,
                        on_progress: ProgressCallback | None = None) -> BackendResult:
-        if slug not in self.models:
+        if slug not in self.client.models:
             raise BackendUnavailable(f"{slug} is not served by this Triton repository")
         t0 = time.perf_counter()
-        out = await self.infer(self.models[slug], params, request_id=request_id, on_progress=on_progress)
+        out = await self.infer(self.client.models[slug], params, request_id=request_id, on_progress=on_progress)
         wall = time.perf_counter() - t0
         timings = {k: float(v) for k, v in out.info.get("timings", {}).items()}
         compute = float(out.info.get("model_seconds", timings.get("total", wall)))
@@ -154,22 +62,10 @@ class TritonBackend:
         return BackendResult(images=list(out.images), seed=out.seed, timings=timings)
 
     async def ready(self) -> dict[str, bool]:
-        status = {"server": False}
-        try:
-            client = self._grpc()
-            status["server"] = bool(await client.is_server_ready())
-            for slug, model in self.models.items():
-                status[slug] = status["server"] and bool(await client.is_model_ready(model))
-        except Exception as exc:
-            logger.warning("Triton readiness check failed: %s", exc)
-            status.update({slug: False for slug in self.models})
-            status["server"] = False
-        return status
+        return await self.client.ready()
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        await self.client.close()
 
 
 class ManagedTritonBackend(TritonBackend):
@@ -191,12 +87,12 @@ def create_triton_backend(settings, demo: bool) -> TritonBackend:
     repository, for its manifest, is ``settings.repository``); otherwise it starts one on the
     repository (the demo repository with ``demo``: tiny checkpoints, exported on first use).
     """
-    from api.triton_server import TritonServer, TritonServerConfig
+    from export.triton_server import TritonServer, TritonServerConfig
     from export.repository import read_manifest
 
     repository = getattr(settings, "repository", None)
     if demo:
-        from export.cli import build_demo_repository
+        from export.repository import build_demo_repository
 
         repository = build_demo_repository(Path(repository) if repository else None).repository
     if repository is None:

@@ -19,12 +19,6 @@ from engine import home_dir
 logger = logging.getLogger("diffserve")
 
 
-def demo_checkpoints() -> dict[str, Path]:
-    from engine.tiny import build_demo_checkpoints
-
-    return build_demo_checkpoints(home_dir() / "checkpoints")
-
-
 def _parse_params(text: str) -> dict[str, Any]:
     if text.startswith("@"):
         text = Path(text[1:]).read_text(encoding="utf-8")
@@ -76,6 +70,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not spec.implemented:
         print(f"{args.slug} is not implemented yet", file=sys.stderr)
         return 2
+    from engine.tiny.demo import demo_checkpoints
+
     checkpoint = Path(args.checkpoint) if args.checkpoint else demo_checkpoints()[args.slug]
     try:
         components = TorchComponents(checkpoint, device=args.device, precision=args.precision,
@@ -106,75 +102,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_PARAMS: dict[str, dict[str, Any]] = {
-    # The seed pages' example payloads, with the example input image replaced by a local one.
-    "sd1.5-scifi": {
-        "prompt": "futuristic sci-fi high-tech city of Atlantis in late afternoon light, wispy clouds in a blue sky",
-        "negative_prompt": "blurry, blurred, amateur, ugly, low quality, sketch, low resolution, warped, crooked, "
-                           "deformed, cartoony, low detail",
-        "scheduler": "dpmpp_2m", "num_inference_steps": 30, "guidance_scale": 5, "samples": 1,
-        "seed": 516797155652, "img_width": 512, "img_height": 768, "base64": False,
-    },
-    "sd1.5-img2img": {
-        "image": "<local>", "samples": 1, "prompt": "A fantasy landscape, trending on artstation, mystical sky",
-        "negative_prompt": "nude, disfigured, blurry", "scheduler": "DDIM", "num_inference_steps": 25,
-        "guidance_scale": 10.5, "strength": 0.75, "seed": 98877465625, "img_width": 512, "img_height": 512,
-        "base64": False,
-    },
-    "segmind-vega": {
-        "prompt": "cinematic photo detailed closeup portrait of a Beautiful cyberpunk woman, robotic parts, cables, "
-                  "lights, high quality photography, 3 point lighting, flash with softbox, 4k",
-        "negative_prompt": "(worst quality, low quality)", "samples": 1, "scheduler": "UniPC",
-        "num_inference_steps": 25, "guidance_scale": 9, "seed": 1232788698, "img_width": 1024,
-        "img_height": 1024, "base64": False,
-    },
-}
-
-DEMO_PARAMS["ominicontrol"] = {
-    "image": "<local>", "prompt": "photo of this orange sofa in a modern living room", "steps": 8,
-    "seed": 4710825087, "image_format": "png", "image_quality": 90, "base64": False,
-}
-
-# The seed page's example payload; its image URLs become the tiny demo portraits (see cmd_demo).
-DEMO_PARAMS["omni-zero"] = {
-    "seed": 42, "prompt": "A person", "base_image": "<omni-base>", "style_image": "<omni-style>",
-    "guidance_scale": 3, "identity_image": "<omni-identity>", "negative_prompt": "blurry, out of focus",
-    "number_of_steps": 10, "number_of_images": 1, "composition_image": "<omni-base>", "base_image_strength": 0.15,
-    "depth_image_strength": 0.5, "style_image_strength": 1, "identity_image_strength": 1,
-    "composition_image_strength": 1,
-}
-
-
-def demo_input_image(path: Path) -> Path:
-    """A deterministic 512x512 test picture (gradient sky over a checkerboard), for img2img demos."""
-    import numpy as np
-    import PIL.Image
-
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        y, x = np.mgrid[0:512, 0:512]
-        sky = np.stack([x / 2, y / 3 + 60, 255 - y / 4], axis=-1)
-        board = ((x // 64 + y // 64) % 2)[..., None] * np.array([90, 60, 30])
-        pixels = np.where((y > 300)[..., None], board + 80, sky).clip(0, 255).astype(np.uint8)
-        PIL.Image.fromarray(pixels).save(path, format="JPEG", quality=92)
-    return path
-
-
-def demo_payloads() -> dict[str, dict[str, Any]]:
-    """The seed examples of every implemented slug, input images inlined as base64."""
-    import base64
-
-    from engine.catalog import implemented_slugs
-    from engine.tiny_omni_zero import write_demo_inputs
-
-    inputs = home_dir() / "demo-inputs"
-    files = {"<local>": demo_input_image(inputs / "sd-img2img-input.jpeg"),
-             **{f"<omni-{k}>": v for k, v in write_demo_inputs(inputs).items()}}
-    inline = {key: base64.b64encode(path.read_bytes()).decode() for key, path in files.items()}
-    return {slug: {k: inline.get(v, v) if isinstance(v, str) else v for k, v in DEMO_PARAMS[slug].items()}
-            for slug in implemented_slugs()}
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start ``diffserve serve --demo``, send every slug's seed example through the official SDK,
     save the images, stop the server."""
@@ -188,6 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise SystemExit("the demo talks to the server through the official `segmind` SDK: "
                          "pip install segmind (make demo installs it)") from None
     from engine.imageio import CONTENT_TYPES, EXTENSIONS
+    from engine.tiny.demo import demo_payloads
 
     out = home_dir() / "demo-outputs"
     out.mkdir(parents=True, exist_ok=True)
@@ -236,6 +164,7 @@ def _parse_checkpoint(text: str) -> tuple[str, Path]:
 def create_local_backend(settings, demo: bool):
     """The in-process backend: ``--checkpoint``/``DIFFSERVE_CHECKPOINTS`` dirs, plus tiny demo ones."""
     from api.backend_local import EngineBackend
+    from engine.tiny.demo import demo_checkpoints
 
     checkpoints = dict(demo_checkpoints()) if demo else {}
     checkpoints.update(settings.checkpoints)

@@ -55,12 +55,6 @@ class ClientGone(Exception):
     """A ``/v1`` client disconnected before its job finished; its job was cancelled."""
 
 
-def image_count(slug: str, params: dict[str, Any]) -> int:
-    """Images a request produces, which is also its cost in credits."""
-    spec = get_model(slug)
-    return int(params.get(spec.batch_param) or 1) if spec.batch_param else 1
-
-
 @dataclass
 class Submission:
     slug: str
@@ -183,7 +177,7 @@ class JobRunner:
 
         # From here to the end no await: workers share this event loop, so none can claim the
         # job before its inputs, reservation and waiter are in place.
-        cost = image_count(sub.slug, stored)
+        cost = get_model(sub.slug).image_count(stored)
         try:
             self.ledger.reserve(sub.owner, cost)
         except BaseException:
@@ -392,7 +386,7 @@ class JobRunner:
             logger.warning("request %s finished but could not be completed: %s", job.id, exc)
             self._settle_failed(self.store.get(job.id) or job, "lost", status_code=500)
             return
-        self.ledger.debit(job.owner, image_count(job.slug, job.params), reserved=job.id in self._reserved)
+        self.ledger.debit(job.owner, get_model(job.slug).image_count(job.params), reserved=job.id in self._reserved)
         self._reserved.discard(job.id)
         self.inputs.delete(job.id)
         self.metrics.job_completed(job.slug, queue_s, inference_s)
@@ -410,7 +404,7 @@ class JobRunner:
         """Release what a job that produced nothing held: credits, inputs, a waiting request."""
         if job.id in self._reserved:
             self._reserved.discard(job.id)
-            self.ledger.release(job.owner, image_count(job.slug, job.params))
+            self.ledger.release(job.owner, get_model(job.slug).image_count(job.params))
         self._sync_inputs.pop(job.id, None)
         self.inputs.delete(job.id)
         self.metrics.job_failed(job.slug, reason)

@@ -130,19 +130,19 @@ def demo_image(work_dir: Path):
     """The deterministic 512x512 demo picture (as a PIL image) used for image inputs."""
     import PIL.Image
 
-    from api.cli import demo_input_image
+    from engine.tiny.demo import demo_input_image
 
     with PIL.Image.open(demo_input_image(Path(work_dir) / "inputs" / "sd-img2img-input.jpeg")) as im:
         return im.convert("RGB")
 
 
 def reference_request(slug: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The seed page's example request (``api.cli.DEMO_PARAMS``) with overrides, catalog-validated.
+    """The seed page's example request (``engine.tiny.demo.DEMO_PARAMS``) with overrides, catalog-validated.
 
     Image parameters keep a placeholder string; ``seed=-1`` is resolved once here so every run
     (ours and diffusers') computes the same image.
     """
-    from api.cli import DEMO_PARAMS
+    from engine.tiny.demo import DEMO_PARAMS
     from engine.catalog import get_model, resolve_seed
 
     spec = get_model(slug)
@@ -649,7 +649,7 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
         checkpoint = full.checkpoint
     elif spec.implemented:
         if checkpoint is None:
-            from api.cli import demo_checkpoints
+            from engine.tiny.demo import demo_checkpoints
 
             checkpoint = demo_checkpoints()[cfg.slug]
         report["settings"]["checkpoint"] = str(checkpoint)

@@ -126,7 +126,7 @@ def count_parameters(name: str, config_dir: Path | None = None) -> int:
 def write_skeleton_checkpoint(slug: str, root: Path, config_dir: Path | None = None) -> Path:
     """A weight-less diffusers directory for ``slug``: configs, scheduler config, offline tokenizers."""
     from engine.catalog import get_model
-    from engine.tiny import SD15_SCHEDULER, SDXL_SCHEDULER, build_clip_tokenizer
+    from engine.tiny.checkpoints import SD15_SCHEDULER, SDXL_SCHEDULER, build_clip_tokenizer
 
     arch = SLUG_ARCHITECTURES[slug]
     family = get_model(slug).family

@@ -403,7 +403,7 @@ def discover_pipelines(grpc_url: str, slugs: tuple[str, ...]) -> dict[str, dict[
 def demo_repository(slugs: tuple[str, ...], work_dir: Path, modes: tuple[str, ...],
                     runtime: str = "onnxruntime", pipeline_instances: int = 2) -> Path:
     """The tiny demo checkpoints of ``slugs`` in a model repository (cached; torch needs no export)."""
-    from api.cli import demo_checkpoints
+    from engine.tiny.demo import demo_checkpoints
     from export.repository import RepositoryOptions, build_repository, demo_deployments
 
     checkpoints = {s: p for s, p in demo_checkpoints().items() if s in slugs}
@@ -588,7 +588,7 @@ async def sweep_triton(cfg: ServeBenchConfig, backend, model: str, mode: str, sl
 
 def _served_checkpoints(cfg: ServeBenchConfig) -> dict[str, Path] | None:
     """``{slug: checkpoint}`` every target of this run serves, when known here (for the baseline)."""
-    from api.cli import demo_checkpoints
+    from engine.tiny.demo import demo_checkpoints
 
     triton_here = cfg.triton or (cfg.start_server and cfg.server_backend == "triton")
     if cfg.url or (triton_here and (cfg.triton_url or cfg.triton_repository)):
@@ -783,7 +783,7 @@ async def _triton_server(cfg: ServeBenchConfig, stack: contextlib.ExitStack, rep
         if cfg.start_server and cfg.server_backend == "triton" and cfg.triton_repository is None:
             raise ValueError("an API started on an external Triton needs its --triton-repository (for the manifest)")
         return cfg.triton_url, cfg.triton_repository, None
-    from api.triton_server import TritonServer, TritonServerConfig
+    from export.triton_server import TritonServer, TritonServerConfig
 
     repo = cfg.triton_repository or await asyncio.to_thread(demo_repository, cfg.slugs, cfg.work_dir, cfg.modes,
                                                             cfg.triton_runtime, cfg.triton_pipeline_instances)
@@ -798,11 +798,11 @@ async def _triton_server(cfg: ServeBenchConfig, stack: contextlib.ExitStack, rep
 
 async def _triton_series(cfg: ServeBenchConfig, url: str, report: dict[str, Any],
                          requests: dict[str, dict[str, Any]], image) -> None:
-    from api.backend_triton import TritonBackend
+    from export.triton_client import TritonPipelineClient
     from benchmarks.engine_bench import with_images
 
     pipelines = await asyncio.to_thread(discover_pipelines, url, cfg.slugs)
-    backend = TritonBackend(url, pipelines, timeout_s=cfg.timeout_s)
+    backend = TritonPipelineClient(url, pipelines, timeout_s=cfg.timeout_s)
     stats = TritonStats(url)
     try:
         for slug in cfg.slugs:

@@ -94,6 +94,10 @@ class ModelSpec:
     def max_batch(self) -> int:
         return 1 if self.batch_param is None else int(self.param(self.batch_param).maximum or 1)
 
+    def image_count(self, params: Mapping[str, Any]) -> int:
+        """Images a request with these (validated) parameters produces, which is also its cost in credits."""
+        return int(params.get(self.batch_param) or 1) if self.batch_param else 1
+
     def resolutions(self) -> list[tuple[int, int]]:
         """Every (width, height) a request may ask for, for export shape profiles."""
         if "img_width" in self.param_names:

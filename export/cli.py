@@ -11,28 +11,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def default_demo_repository() -> Path:
-    from engine import home_dir
-
-    return home_dir() / "demo_repository"
-
-
-DEMO_OPTIONS = {"modes": ("bls", "fused"), "pipeline_instances": 1}
-"""One instance per pipeline model: the demo runs on CPU hosts, where ~35 python stubs is plenty."""
-
-
-def build_demo_repository(repository: Path | None = None, **options) -> "RepositoryReport":  # noqa: F821
-    """Tiny checkpoints for every implemented slug, exported into a repository (seconds, cached)."""
-    from api.cli import demo_checkpoints
-    from export.repository import RepositoryOptions, build_repository, demo_deployments
-
-    repo = repository or default_demo_repository()
-    return build_repository(repo, demo_deployments(demo_checkpoints()), RepositoryOptions(**(DEMO_OPTIONS | options)))
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from export.onnx_export import ExportError
-    from export.repository import Deployment, RepositoryOptions, build_repository
+    from export.repository import Deployment, RepositoryOptions, build_demo_repository, build_repository
 
     options = dict(runtime=args.runtime, modes=tuple(args.modes.split(",")), precision=args.precision,
                    device=args.device, pipeline_instances=args.pipeline_instances,
@@ -66,7 +47,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
-    from api.triton_server import main_cli
+    from export.repository import build_demo_repository
+    from export.triton_server import main_cli
 
     repo = args.repository
     if args.demo:
@@ -103,5 +85,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     tri.add_argument("--repository", help="model repository directory")
     tri.add_argument("--demo", action="store_true", help="build (if needed) and serve the demo repository")
     tri.add_argument("triton_args", nargs=argparse.REMAINDER,
-                     help="further launcher options, e.g. --grpc-port 8001 (see `python -m api.triton_server -h`)")
+                     help="further launcher options, e.g. --grpc-port 8001 (see `python -m export.triton_server -h`)")
     tri.set_defaults(func=cmd_triton)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine import home_dir
 from engine.catalog import get_model
 from engine.components import read_model_config
 from engine.descriptors import ComponentDescriptor, component_descriptors, needed_components
@@ -288,3 +289,19 @@ def demo_deployments(checkpoints: dict[str, Path]) -> list[Deployment]:
     """Tiny checkpoints keyed by checkpoint directory, so the two SD1.5 slugs share component models."""
     return [Deployment(slug=slug, checkpoint=Path(path), key=re.sub(r"[^A-Za-z0-9_]", "_", Path(path).name))
             for slug, path in checkpoints.items() if slug in TRITON_SLUGS]
+
+
+def default_demo_repository() -> Path:
+    return home_dir() / "demo_repository"
+
+
+DEMO_OPTIONS = {"modes": ("bls", "fused"), "pipeline_instances": 1}
+"""One instance per pipeline model: the demo runs on CPU hosts, where ~35 python stubs is plenty."""
+
+
+def build_demo_repository(repository: Path | None = None, **options) -> RepositoryReport:
+    """Tiny checkpoints for every implemented slug, exported into a repository (seconds, cached)."""
+    from engine.tiny.demo import demo_checkpoints
+
+    repo = repository or default_demo_repository()
+    return build_repository(repo, demo_deployments(demo_checkpoints()), RepositoryOptions(**(DEMO_OPTIONS | options)))

@@ -27,7 +27,7 @@ from segmind import InferenceFailed, SegmindClient, SegmindError
 
 from api.app import create_app
 from api.backend_local import EngineBackend
-from api.cli import DEMO_PARAMS, demo_input_image
+from engine.tiny.demo import DEMO_PARAMS, demo_input_image
 from api.settings import Settings
 from engine.catalog import CATALOG, implemented_slugs
 

@@ -22,10 +22,10 @@ import PIL.Image
 import pytest
 from segmind import InferenceFailed, SegmindClient
 
-from api.cli import DEMO_PARAMS
+from engine.tiny.demo import DEMO_PARAMS
 from engine.catalog import get_model, implemented_slugs
 from engine.imageio import CONTENT_TYPES
-from engine.tiny_omni_zero import write_demo_inputs
+from engine.tiny.omni_zero import write_demo_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "triton-e2e-key"
@@ -48,7 +48,7 @@ SEED_PAYLOADS = {  # the seed pages' examples; the img2img input URL points at a
         "negative_prompt": "(worst quality, low quality)", "samples": 1, "scheduler": "UniPC",
         "num_inference_steps": 25, "guidance_scale": 9, "seed": 1232788698, "img_width": 1024,
         "img_height": 1024, "base64": False},
-    # The seed pages' examples with their image URLs on the loopback server (api.cli.DEMO_PARAMS).
+    # The seed pages' examples with their image URLs on the loopback server (engine.tiny.demo.DEMO_PARAMS).
     "omni-zero": {k: {"<omni-base>": "{url}/omni-zero-base.png", "<omni-style>": "{url}/omni-zero-style.png",
                       "<omni-identity>": "{url}/omni-zero-identity.png"}.get(v, v) if isinstance(v, str) else v
                   for k, v in DEMO_PARAMS["omni-zero"].items()},

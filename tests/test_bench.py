@@ -150,7 +150,7 @@ def test_engine_bench_img2img_and_vega(tiny_checkpoints, work_dir, results_dir):
 
 def _tiny_configs(root: Path) -> Path:
     """The full-size config names filled with tiny configs: the full-size code path, in seconds."""
-    from engine.tiny import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, TEXT_ENCODER_CONFIG, VAE_CONFIG
+    from engine.tiny.checkpoints import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, TEXT_ENCODER_CONFIG, VAE_CONFIG
 
     text = {**TEXT_ENCODER_CONFIG, "vocab_size": 1000, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
             "model_type": "clip_text_model"}

@@ -19,7 +19,7 @@ import torch
 from engine.catalog import validate
 from engine.face_analysis import NoFaceDetected
 from engine.pipelines import RunControl, omni_zero, run
-from engine.tiny_omni_zero import featureless_image, synthetic_portrait
+from engine.tiny.omni_zero import featureless_image, synthetic_portrait
 
 TOL = 1e-4
 SMALL = 64  # max_side for the quick tests (the served rule is 1024)

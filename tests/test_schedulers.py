@@ -4,7 +4,7 @@ import diffusers
 import pytest
 
 from engine.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, canonical_scheduler_name, make_scheduler
-from engine.tiny import SD15_SCHEDULER
+from engine.tiny.checkpoints import SD15_SCHEDULER
 
 EXPECTED = {
     "DDIM": "DDIMScheduler", "DDPM": "DDPMScheduler", "PNDM": "PNDMScheduler", "LMS": "LMSDiscreteScheduler",

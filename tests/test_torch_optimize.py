@@ -15,7 +15,7 @@ import torch
 from engine.catalog import validate
 from engine.pipelines import run
 from engine.runtime_torch import TorchComponents
-from engine.tiny_omni_zero import synthetic_portrait
+from engine.tiny.omni_zero import synthetic_portrait
 from engine.torch_optimize import PRESETS, TorchOptimizations
 
 TOL = 1e-4

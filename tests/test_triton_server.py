@@ -1,4 +1,4 @@
-"""Real-server tests for api.triton_server (no mocks): the tritonserver from the pytriton wheel.
+"""Real-server tests for export.triton_server (no mocks): the tritonserver from the pytriton wheel.
 
 Start-up policy under test: with model_control_mode="none", a model whose initialize() raises makes
 Triton exit, and TritonServer.start() raises TritonLaunchError containing the model's error text.
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # also work under a bare `pytest` invocation
     sys.path.insert(0, str(ROOT))
 
-from api.triton_server import (  # noqa: E402
+from export.triton_server import (  # noqa: E402
     TritonLaunchError,
     TritonServer,
     TritonServerConfig,
@@ -311,7 +311,7 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     add_model(repo, "add_one", ADD_ONE)
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from api.triton_server import main_cli; "
+        [sys.executable, "-c", "import sys; from export.triton_server import main_cli; "
          "sys.exit(main_cli(sys.argv[1:]))", "--repository", str(repo)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )

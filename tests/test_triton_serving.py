@@ -21,7 +21,7 @@ from engine.catalog import validate
 from export.repository import TRITON_SLUGS
 from engine.pipelines import run
 from engine.runtime_torch import TorchComponents
-from engine.tiny_omni_zero import synthetic_portrait
+from engine.tiny.omni_zero import synthetic_portrait
 
 TOL = 1e-4
 
@@ -243,7 +243,7 @@ def test_a_stub_whose_exit_handlers_hang_still_unloads(repository, tmp_path):
     templates end their process before those handlers run."""
     import shutil
 
-    from api.triton_server import TritonServer, TritonServerConfig
+    from export.triton_server import TritonServer, TritonServerConfig
 
     name = "tiny_sd15_vae_decoder"
     repo = tmp_path / "repo"

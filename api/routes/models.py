@@ -18,7 +18,7 @@ from api.errors import ApiError
 from api.images import ImageInputError, load_image
 from api.jobs import Job, JobStatus
 from api.quotas import InsufficientCredits
-from api.runner import ClientGone, QueueFull, Submission, SyncTimeout, image_count
+from api.runner import ClientGone, QueueFull, Submission, SyncTimeout
 from api.schemas import Base64ImageResponse, ErrorResponse, SubmitResponse, submit_openapi
 from engine.catalog import CATALOG, ModelSpec, ValidationError
 from engine.imageio import CONTENT_TYPES
@@ -40,7 +40,7 @@ async def _prepare(spec: ModelSpec, payload: dict, caller: Caller, state: AppSta
         raise ApiError(400, f"invalid parameters for {spec.slug}: " + "; ".join(exc.errors)) from None
     # Cheap early refusal before fetching images; the runner's reservation is the binding check.
     remaining = state.ledger.remaining(caller.owner)
-    cost = image_count(spec.slug, params)
+    cost = spec.image_count(params)
     if remaining is not None and remaining < cost:
         raise ApiError(406, str(InsufficientCredits(remaining, cost)))
     names = [name for name in spec.image_params if params.get(name) is not None]

@@ -8,7 +8,7 @@ FLUX, with its shift factor), a VAE that downsamples by 8, 77-token CLIP and 512
 prompts, SDXL's two encoders, pooled embeds and time ids, FLUX's double and single blocks, and
 an OminiControl-format subject LoRA.
 The Omni-Zero checkpoint (SDXL plus image encoder, adapters, ControlNets, face and depth models)
-is built by ``engine.tiny_omni_zero``.
+is built by ``engine.tiny.omni_zero``; ``engine.tiny.demo`` builds one checkpoint per slug.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def build_clip_tokenizer(out_dir: Path):
     return tokenizer
 
 
-def _text_encoder(tokenizer, with_projection: bool):
+def clip_text_encoder(tokenizer, with_projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -178,7 +178,7 @@ def build_tiny_sd15(path: str | Path, *, force: bool = False) -> Path:
     vae = AutoencoderKL(**VAE_CONFIG)
     tokenizer = build_clip_tokenizer(path / "tokenizer")
     torch.manual_seed(SEED)
-    text_encoder = _text_encoder(tokenizer, with_projection=False)
+    text_encoder = clip_text_encoder(tokenizer, with_projection=False)
     scheduler = PNDMScheduler.from_config({k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"})
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -205,9 +205,9 @@ def build_tiny_sdxl(path: str | Path, *, force: bool = False) -> Path:
     tokenizer = build_clip_tokenizer(path / "tokenizer")
     tokenizer_2 = build_clip_tokenizer(path / "tokenizer_2")
     torch.manual_seed(SEED)
-    text_encoder = _text_encoder(tokenizer, with_projection=False)
+    text_encoder = clip_text_encoder(tokenizer, with_projection=False)
     torch.manual_seed(SEED + 1)
-    text_encoder_2 = _text_encoder(tokenizer_2, with_projection=True)
+    text_encoder_2 = clip_text_encoder(tokenizer_2, with_projection=True)
     scheduler = EulerDiscreteScheduler.from_config({k: v for k, v in SDXL_SCHEDULER.items() if k != "_class_name"})
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
@@ -323,7 +323,7 @@ def build_tiny_flux(path: str | Path, *, force: bool = False) -> Path:
     tokenizer = build_clip_tokenizer(path / "tokenizer")
     tokenizer_2 = build_t5_tokenizer(path / "tokenizer_2")
     torch.manual_seed(SEED)
-    text_encoder = _text_encoder(tokenizer, with_projection=False)
+    text_encoder = clip_text_encoder(tokenizer, with_projection=False)
     torch.manual_seed(SEED + 1)
     # Like t5-v1_1 (32100 tokens, 32128 embeddings) the embedding table is padded to a multiple of 128.
     vocab_size = -(-len(tokenizer_2) // 128) * 128
@@ -341,28 +341,3 @@ def build_tiny_flux(path: str | Path, *, force: bool = False) -> Path:
 
 
 BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux}
-
-
-def _build_tiny_omni_zero(path: str | Path, *, force: bool = False) -> Path:
-    from engine.tiny_omni_zero import build_tiny_omni_zero
-
-    return build_tiny_omni_zero(path, force=force)
-
-
-PIPELINE_BUILDERS = {"omni_zero": ("omni-zero", _build_tiny_omni_zero)}
-"""Pipelines whose checkpoint holds more than their family's networks: (directory suffix, builder)."""
-
-
-def build_demo_checkpoints(root: str | Path) -> dict[str, Path]:
-    """Tiny checkpoints for every implemented slug: ``{slug: checkpoint dir}``."""
-    from engine.catalog import CATALOG
-
-    root = Path(root)
-    paths: dict[str, Path] = {}
-    for slug, spec in CATALOG.items():
-        if spec.implemented and spec.pipeline in PIPELINE_BUILDERS:
-            suffix, builder = PIPELINE_BUILDERS[spec.pipeline]
-            paths[slug] = builder(root / f"tiny-{suffix}")
-        elif spec.implemented:
-            paths[slug] = BUILDERS[spec.family](root / f"tiny-{spec.family}")
-    return paths

@@ -3,7 +3,7 @@
 Every part has its release's structure at toy width, saved the way the release ships it, so the
 tiny directory loads through the same code as a real one:
 
-* SDXL base: the tiny SDXL configs of ``engine.tiny``, the UNet at half width and with SDXL's two
+* SDXL base: the tiny SDXL configs of ``engine.tiny.checkpoints``, the UNet at half width and with SDXL's two
   attention layers per down block (``down_blocks.2.attentions.1`` and ``up_blocks.0.attentions.1``
   must exist: the composition and style adapters live there);
 * ``image_encoder/``: a CLIPVisionModelWithProjection (ViT; penultimate hidden states feed the
@@ -341,7 +341,7 @@ def build_tiny_omni_zero(path: str | Path, *, force: bool = False) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from engine import tiny
+    from engine.tiny import checkpoints as tiny
 
     path = Path(path)
     if not force and _is_current(path):
@@ -356,9 +356,9 @@ def build_tiny_omni_zero(path: str | Path, *, force: bool = False) -> Path:
     tokenizer = tiny.build_clip_tokenizer(path / "tokenizer")
     tokenizer_2 = tiny.build_clip_tokenizer(path / "tokenizer_2")
     torch.manual_seed(SEED)
-    text_encoder = tiny._text_encoder(tokenizer, with_projection=False)
+    text_encoder = tiny.clip_text_encoder(tokenizer, with_projection=False)
     torch.manual_seed(SEED + 1)
-    text_encoder_2 = tiny._text_encoder(tokenizer_2, with_projection=True)
+    text_encoder_2 = tiny.clip_text_encoder(tokenizer_2, with_projection=True)
     scheduler = EulerDiscreteScheduler.from_config(
         {k: v for k, v in tiny.SDXL_SCHEDULER.items() if k != "_class_name"})
     StableDiffusionXLPipeline(

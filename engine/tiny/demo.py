@@ -1,0 +1,103 @@
+"""The demo's data: one tiny checkpoint per slug and each seed page's example request.
+
+``diffserve demo``, ``serve --demo``, ``export --demo``, the benchmarks and the tests all take
+their checkpoints and payloads from here, so they exercise one and the same set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engine import home_dir
+from engine.catalog import CATALOG, implemented_slugs
+from engine.tiny.checkpoints import BUILDERS
+from engine.tiny.omni_zero import build_tiny_omni_zero, write_demo_inputs
+
+PIPELINE_BUILDERS = {"omni_zero": ("omni-zero", build_tiny_omni_zero)}
+"""Pipelines whose checkpoint holds more than their family's networks: (directory suffix, builder)."""
+
+
+def build_demo_checkpoints(root: str | Path) -> dict[str, Path]:
+    """Tiny checkpoints for every implemented slug: ``{slug: checkpoint dir}``."""
+    root = Path(root)
+    paths: dict[str, Path] = {}
+    for slug, spec in CATALOG.items():
+        if spec.implemented and spec.pipeline in PIPELINE_BUILDERS:
+            suffix, builder = PIPELINE_BUILDERS[spec.pipeline]
+            paths[slug] = builder(root / f"tiny-{suffix}")
+        elif spec.implemented:
+            paths[slug] = BUILDERS[spec.family](root / f"tiny-{spec.family}")
+    return paths
+
+
+def demo_checkpoints() -> dict[str, Path]:
+    """The demo checkpoints under ``DIFFSERVE_HOME`` (built on first use, cached)."""
+    return build_demo_checkpoints(home_dir() / "checkpoints")
+
+
+DEMO_PARAMS: dict[str, dict[str, Any]] = {
+    # The seed pages' example payloads, with the example input image replaced by a local one.
+    "sd1.5-scifi": {
+        "prompt": "futuristic sci-fi high-tech city of Atlantis in late afternoon light, wispy clouds in a blue sky",
+        "negative_prompt": "blurry, blurred, amateur, ugly, low quality, sketch, low resolution, warped, crooked, "
+                           "deformed, cartoony, low detail",
+        "scheduler": "dpmpp_2m", "num_inference_steps": 30, "guidance_scale": 5, "samples": 1,
+        "seed": 516797155652, "img_width": 512, "img_height": 768, "base64": False,
+    },
+    "sd1.5-img2img": {
+        "image": "<local>", "samples": 1, "prompt": "A fantasy landscape, trending on artstation, mystical sky",
+        "negative_prompt": "nude, disfigured, blurry", "scheduler": "DDIM", "num_inference_steps": 25,
+        "guidance_scale": 10.5, "strength": 0.75, "seed": 98877465625, "img_width": 512, "img_height": 512,
+        "base64": False,
+    },
+    "segmind-vega": {
+        "prompt": "cinematic photo detailed closeup portrait of a Beautiful cyberpunk woman, robotic parts, cables, "
+                  "lights, high quality photography, 3 point lighting, flash with softbox, 4k",
+        "negative_prompt": "(worst quality, low quality)", "samples": 1, "scheduler": "UniPC",
+        "num_inference_steps": 25, "guidance_scale": 9, "seed": 1232788698, "img_width": 1024,
+        "img_height": 1024, "base64": False,
+    },
+}
+
+DEMO_PARAMS["ominicontrol"] = {
+    "image": "<local>", "prompt": "photo of this orange sofa in a modern living room", "steps": 8,
+    "seed": 4710825087, "image_format": "png", "image_quality": 90, "base64": False,
+}
+
+# The seed page's example payload; its image URLs become the tiny demo portraits (see cmd_demo).
+DEMO_PARAMS["omni-zero"] = {
+    "seed": 42, "prompt": "A person", "base_image": "<omni-base>", "style_image": "<omni-style>",
+    "guidance_scale": 3, "identity_image": "<omni-identity>", "negative_prompt": "blurry, out of focus",
+    "number_of_steps": 10, "number_of_images": 1, "composition_image": "<omni-base>", "base_image_strength": 0.15,
+    "depth_image_strength": 0.5, "style_image_strength": 1, "identity_image_strength": 1,
+    "composition_image_strength": 1,
+}
+
+
+def demo_input_image(path: Path) -> Path:
+    """A deterministic 512x512 test picture (gradient sky over a checkerboard), for img2img demos."""
+    import numpy as np
+    import PIL.Image
+
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        y, x = np.mgrid[0:512, 0:512]
+        sky = np.stack([x / 2, y / 3 + 60, 255 - y / 4], axis=-1)
+        board = ((x // 64 + y // 64) % 2)[..., None] * np.array([90, 60, 30])
+        pixels = np.where((y > 300)[..., None], board + 80, sky).clip(0, 255).astype(np.uint8)
+        PIL.Image.fromarray(pixels).save(path, format="JPEG", quality=92)
+    return path
+
+
+def demo_payloads() -> dict[str, dict[str, Any]]:
+    """The seed examples of every implemented slug, input images inlined as base64."""
+    import base64
+
+
+    inputs = home_dir() / "demo-inputs"
+    files = {"<local>": demo_input_image(inputs / "sd-img2img-input.jpeg"),
+             **{f"<omni-{k}>": v for k, v in write_demo_inputs(inputs).items()}}
+    inline = {key: base64.b64encode(path.read_bytes()).decode() for key, path in files.items()}
+    return {slug: {k: inline.get(v, v) if isinstance(v, str) else v for k, v in DEMO_PARAMS[slug].items()}
+            for slug in implemented_slugs()}
