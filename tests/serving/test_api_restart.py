@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import PIL.Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KEY = "restart-key"
 
 

@@ -24,7 +24,7 @@ from engine.runtime_torch import TorchComponents
 from engine.scheduler_plan import PlannedLoop, SchedulerPlan, plan_scheduler, try_plan
 from engine.schedulers import SCHEDULER_NAMES, make_scheduler
 from engine.torch_optimize import TorchOptimizations
-from test_torch_optimize import _image, _params
+from tests.engine.test_torch_optimize import _image, _params
 
 SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,

@@ -155,7 +155,7 @@ def test_fused_torch_pipeline_runs_optimized_components_compiled_at_load(backend
         params = request_params("sd1.5-scifi", big_image) | {"samples": 1, "img_height": 512}
         reference = run("sd1.5-scifi", dict(params), engine_components["sd1.5-scifi"])
         out = asyncio.run(backend.infer(model, dict(params), request_id="opt", want_float=True))
-        assert np.abs(out.images_float - reference.images).max() <= 2e-4  # as tests/test_torch_optimize.py
+        assert np.abs(out.images_float - reference.images).max() <= 2e-4  # as tests/engine/test_torch_optimize.py
         opts = out.info["torch_optimizations"]
         assert opts["spec"] == spec and opts["applied"]["unet"] == ["fuse_qkv (8 attentions)", "channels_last"]
         assert opts["applied"]["vae_decoder"] == ["channels_last", "compile=default"]

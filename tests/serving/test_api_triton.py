@@ -27,7 +27,7 @@ from engine.catalog import get_model, implemented_slugs
 from engine.imageio import CONTENT_TYPES
 from engine.tiny.omni_zero import write_demo_inputs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KEY = "triton-e2e-key"
 SLUGS = implemented_slugs()
 

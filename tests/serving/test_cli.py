@@ -14,7 +14,7 @@ import PIL.Image
 def diffserve(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, DIFFSERVE_HOME=str(home))
     return subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=Path(__file__).resolve().parents[1])
+                          timeout=600, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_generate_writes_images_and_reports_the_seed(tmp_path, tiny_checkpoints, diffserve_home):
