@@ -36,8 +36,7 @@ class EngineBackend:
         from engine.catalog import get_model
 
         for slug in checkpoints:
-            if not get_model(slug).implemented:  # raises UnknownModelError for a typo
-                raise ValueError(f"{slug} has no pipeline yet; it cannot be given a checkpoint")
+            get_model(slug)  # raises UnknownModelError for a typo
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
         self._checkpoints = {slug: Path(path).resolve() for slug, path in checkpoints.items()}

@@ -67,9 +67,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print("invalid parameters:\n  " + "\n  ".join(exc.errors), file=sys.stderr)
         return 2
-    if not spec.implemented:
-        print(f"{args.slug} is not implemented yet", file=sys.stderr)
-        return 2
     from engine.tiny.demo import demo_checkpoints
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else demo_checkpoints()[args.slug]

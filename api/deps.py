@@ -126,8 +126,7 @@ async def served_model(slug: str, request: Request, caller: SubmitterDep, state:
     if allowed is not None and slug not in allowed:
         raise ApiError(403, f"this API key may not use {slug!r}; it may use: {', '.join(sorted(allowed)) or 'none'}")
     if slug not in served:
-        why = "its pipeline is not implemented yet" if not spec.implemented else "no checkpoint for it is loaded"
-        raise ApiError(404, f"model {slug!r} is not served by this server ({why}); available: "
+        raise ApiError(404, f"model {slug!r} is not served by this server (no checkpoint for it is loaded); available: "
                             f"{', '.join(served) or 'none'}")
     request.state.metrics_slug = slug
     return spec

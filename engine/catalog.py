@@ -64,7 +64,6 @@ class ModelSpec:
     """Name of the parameter holding the number of images per request (``None``: always one)."""
     output_format: str = "jpeg"
     """Image format returned when the request does not choose one."""
-    implemented: bool = True
     description: str = ""
     output_size: tuple[int, int] | None = None
     """(width, height) of every output image where the page offers no size parameters (the pipeline's
@@ -440,8 +439,6 @@ def get_model(slug: str) -> ModelSpec:
         raise UnknownModelError(slug) from None
 
 
-def implemented_slugs() -> list[str]:
-    return [slug for slug, spec in CATALOG.items() if spec.implemented]
 
 
 def validate(slug: str, payload: Mapping[str, Any]) -> dict[str, Any]:

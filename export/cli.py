@@ -61,7 +61,7 @@ def cmd_triton(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser("export", help="export checkpoints to ONNX/TensorRT and write a Triton model repository")
-    exp.add_argument("--demo", action="store_true", help="tiny demo checkpoints for every implemented slug")
+    exp.add_argument("--demo", action="store_true", help="tiny demo checkpoints for every slug")
     exp.add_argument("--model", action="append", metavar="SLUG=DIR[:KEY]",
                      help="serve SLUG from the local diffusers checkpoint DIR (repeatable); slugs sharing a "
                           "KEY share component models")

@@ -282,7 +282,7 @@ def read_manifest(repository: str | Path) -> dict[str, Any]:
 
 
 TRITON_SLUGS = ("sd1.5-scifi", "sd1.5-img2img", "segmind-vega", "omni-zero", "ominicontrol")
-"""Slugs the repository builder serves (every implemented one) and the Triton tests cover."""
+"""Slugs the repository builder serves (every one) and the Triton tests cover."""
 
 
 def demo_deployments(checkpoints: dict[str, Path]) -> list[Deployment]:
@@ -300,7 +300,7 @@ DEMO_OPTIONS = {"modes": ("bls", "fused"), "pipeline_instances": 1}
 
 
 def build_demo_repository(repository: Path | None = None, **options) -> RepositoryReport:
-    """Tiny checkpoints for every implemented slug, exported into a repository (seconds, cached)."""
+    """Tiny checkpoints for every slug, exported into a repository (seconds, cached)."""
     from engine.tiny.demo import demo_checkpoints
 
     repo = repository or default_demo_repository()

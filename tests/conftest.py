@@ -60,7 +60,7 @@ def input_image():
 
 @pytest.fixture(scope="session")
 def demo_repository(tmp_path_factory, tiny_checkpoints):
-    """The demo repository: every implemented slug's tiny checkpoint exported for Triton, both modes.
+    """The demo repository: every slug's tiny checkpoint exported for Triton, both modes.
 
     One pipeline instance per model keeps the server to ~35 python stubs on a 2-core CI machine;
     tests that need two concurrent pipelines reload a model with a second instance.

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import home_dir
-from engine.catalog import CATALOG, implemented_slugs
+from engine.catalog import CATALOG
 from engine.tiny.checkpoints import BUILDERS
 from engine.tiny.omni_zero import build_tiny_omni_zero, write_demo_inputs
 
@@ -19,14 +19,14 @@ PIPELINE_BUILDERS = {"omni_zero": ("omni-zero", build_tiny_omni_zero)}
 
 
 def build_demo_checkpoints(root: str | Path) -> dict[str, Path]:
-    """Tiny checkpoints for every implemented slug: ``{slug: checkpoint dir}``."""
+    """Tiny checkpoints for every slug: ``{slug: checkpoint dir}``."""
     root = Path(root)
     paths: dict[str, Path] = {}
     for slug, spec in CATALOG.items():
-        if spec.implemented and spec.pipeline in PIPELINE_BUILDERS:
+        if spec.pipeline in PIPELINE_BUILDERS:
             suffix, builder = PIPELINE_BUILDERS[spec.pipeline]
             paths[slug] = builder(root / f"tiny-{suffix}")
-        elif spec.implemented:
+        else:
             paths[slug] = BUILDERS[spec.family](root / f"tiny-{spec.family}")
     return paths
 
@@ -91,7 +91,7 @@ def demo_input_image(path: Path) -> Path:
 
 
 def demo_payloads() -> dict[str, dict[str, Any]]:
-    """The seed examples of every implemented slug, input images inlined as base64."""
+    """The seed examples of every slug, input images inlined as base64."""
     import base64
 
 
@@ -100,4 +100,4 @@ def demo_payloads() -> dict[str, dict[str, Any]]:
              **{f"<omni-{k}>": v for k, v in write_demo_inputs(inputs).items()}}
     inline = {key: base64.b64encode(path.read_bytes()).decode() for key, path in files.items()}
     return {slug: {k: inline.get(v, v) if isinstance(v, str) else v for k, v in DEMO_PARAMS[slug].items()}
-            for slug in implemented_slugs()}
+            for slug in CATALOG}

@@ -23,13 +23,13 @@ import pytest
 from segmind import InferenceFailed, SegmindClient
 
 from engine.tiny.demo import DEMO_PARAMS
-from engine.catalog import get_model, implemented_slugs
+from engine.catalog import CATALOG, get_model
 from engine.imageio import CONTENT_TYPES
 from engine.tiny.omni_zero import write_demo_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "triton-e2e-key"
-SLUGS = implemented_slugs()
+SLUGS = list(CATALOG)
 
 SEED_PAYLOADS = {  # the seed pages' examples; the img2img input URL points at a loopback server
     "sd1.5-scifi": {

@@ -1,4 +1,4 @@
-"""A real Triton server, started from the exported demo repository, serves every implemented slug.
+"""A real Triton server, started from the exported demo repository, serves every slug.
 
 The server (``triton`` in conftest, shared with the API tests) runs in explicit model-control
 mode so tests can unload a component model (a real component failure) and reload a model with
