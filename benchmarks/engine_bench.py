@@ -606,7 +606,7 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
     from engine.runtime_torch import resolve_device_dtype
 
     spec = get_model(cfg.slug)
-    sd_pipeline = spec.implemented and spec.pipeline in DIFFUSERS_PIPELINES
+    sd_pipeline = spec.pipeline in DIFFUSERS_PIPELINES
     if cfg.threads:
         import os
 
@@ -647,14 +647,12 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
             report["runtimes"].append(_bench_networks_only(cfg, full, params, device, floor))
             return report
         checkpoint = full.checkpoint
-    elif spec.implemented:
+    else:
         if checkpoint is None:
             from engine.tiny.demo import demo_checkpoints
 
             checkpoint = demo_checkpoints()[cfg.slug]
         report["settings"]["checkpoint"] = str(checkpoint)
-    else:
-        raise ValueError(f"{cfg.slug} has no pipeline yet: only its full-size networks can be timed (--full-size)")
 
     torch_prepared: Prepared | None = None
     jobs = [(runtime, None) for runtime in cfg.runtimes] + [("torch", spec) for spec in cfg.optimizations]

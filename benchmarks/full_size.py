@@ -254,7 +254,7 @@ def full_size_setup(slug: str, *, device: str | None, precision: str | None, ske
         raw[role] = build_module(name, dev, dtype, config_dir, seed=i)
     params = {role: round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for role, m in raw.items()}
     components = checkpoint = None
-    if get_model(slug).implemented and get_model(slug).pipeline in PIPELINES_AT_FULL_SIZE:
+    if get_model(slug).pipeline in PIPELINES_AT_FULL_SIZE:
         checkpoint = write_skeleton_checkpoint(slug, Path(skeleton_root) / slug, config_dir)
         components = InMemoryTorchComponents(checkpoint, raw, dev, dtype)
     if dev.type == "cuda":
