@@ -1,0 +1,162 @@
+"""The house's rules, read from the code: layers import only downward and no import circles.
+
+Every ``import`` statement of every module is read with ``ast`` — at module level and inside
+functions alike, since a lazy import is still a dependency — and resolved to a module of this
+project. Layers, lowest first: ``engine`` → ``export`` → ``benchmarks`` → ``api``; the Triton
+stub templates under ``model_repository`` sit on top and may import ``engine`` and ``export``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("engine", "export", "benchmarks", "api", "model_repository")
+LAYER = {name: i for i, name in enumerate(PACKAGES)}
+FORBIDDEN = {
+    "engine": {"export", "benchmarks", "api", "model_repository"},
+    "export": {"benchmarks", "api", "model_repository"},
+    "benchmarks": {"api", "model_repository"},
+}
+THIRD_PARTY_FORBIDDEN_IN_ENGINE = ("fastapi", "tritonclient", "triton_python_backend_utils", "uvicorn", "starlette")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            modules[_module_name(path)] = path
+    return modules
+
+
+def _resolve(name: str, modules: dict[str, Path]) -> str | None:
+    """The project module an import names (``a.b.c`` → ``a.b`` when ``c`` is a function), or None."""
+    while name:
+        if name in modules:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def imported_names(path: Path, module: str) -> list[tuple[str, int]]:
+    """Every dotted name an import statement of this file reaches, with its line."""
+    names = []
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            names += [(f"{base}.{alias.name}", node.lineno) for alias in node.names] or [(base, node.lineno)]
+    return names
+
+
+def import_graph() -> dict[str, dict[str, int]]:
+    """``{module: {imported project module: line}}``."""
+    modules = project_modules()
+    graph: dict[str, dict[str, int]] = {}
+    for module, path in modules.items():
+        edges = graph.setdefault(module, {})
+        for name, line in imported_names(path, module):
+            target = _resolve(name, modules)
+            if target is not None and target != module:
+                edges.setdefault(target, line)
+    return graph
+
+
+def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return import_graph()
+
+
+def test_the_reader_sees_lazy_and_relative_imports(tmp_path):
+    source = tmp_path / "mod.py"
+    source.write_text("import os\nfrom . import sibling\n\ndef f():\n    from api.cli import main\n")
+    names = [name for name, _ in imported_names(source, "engine.pkg.mod")]
+    assert names == ["os", "engine.pkg.sibling", "api.cli.main"]
+
+
+def test_the_cycle_finder_finds_a_circle():
+    graph = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}
+    assert find_cycles(graph) == [["a", "b", "c"]]
+    assert find_cycles({"a": {"b": 1}, "b": {}}) == []
+
+
+def test_every_package_is_read(graph):
+    assert {m.split(".")[0] for m in graph} == set(PACKAGES)
+    assert "engine.catalog" in graph and "api.cli" in graph  # a regression here would blind the tests below
+
+
+def test_no_import_cycles(graph):
+    assert find_cycles(graph) == []
+
+
+def test_layers_import_only_downward(graph):
+    upward = [f"{src} -> {dst} (line {line})"
+              for src, edges in graph.items() for dst, line in edges.items()
+              if dst.split(".")[0] in FORBIDDEN.get(src.split(".")[0], ())]
+    assert upward == []
+
+
+def test_engine_never_imports_http_or_triton_modules():
+    offenders = []
+    for module, path in project_modules().items():
+        if module.split(".")[0] != "engine":
+            continue
+        for name, line in imported_names(path, module):
+            if name.split(".")[0] in THIRD_PARTY_FORBIDDEN_IN_ENGINE:
+                offenders.append(f"{module}:{line} imports {name}")
+    assert offenders == []
+
+
+def test_only_api_cli_composes_the_command_line(graph):
+    """The sub-command parsers of export and benchmarks are composed by api/cli.py alone."""
+    composers = sorted(src for src, edges in graph.items()
+                       if {"export.cli", "benchmarks.cli"} & set(edges) and src.split(".")[0] != "tests")
+    assert composers == ["api.cli"]
