@@ -601,7 +601,8 @@ def _progress(total: int, desc: str):
 
 def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
     """Run the benchmark and return the report (see ``benchmarks.report`` for its rendering)."""
-    from benchmarks.report import environment, new_report
+    from benchmarks.environment import environment
+    from benchmarks.record import new_report
     from engine.catalog import get_model
     from engine.runtime_torch import resolve_device_dtype
 

@@ -612,7 +612,7 @@ def engine_baseline(cfg: ServeBenchConfig, slug: str, runtime: str, request: dic
     if cfg.engine_baseline == "none":
         return None
     if cfg.engine_baseline != "auto":
-        from benchmarks.report import load_report
+        from benchmarks.record import load_report
 
         report = load_report(Path(cfg.engine_baseline))
         if report.get("kind") != "engine" or report["settings"]["slug"] != slug:
@@ -685,7 +685,8 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     import torch
 
     from benchmarks.engine_bench import demo_image, public_request, reference_request, with_images
-    from benchmarks.report import environment, new_report
+    from benchmarks.environment import environment
+    from benchmarks.record import new_report
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
