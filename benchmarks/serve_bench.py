@@ -401,16 +401,13 @@ def discover_pipelines(grpc_url: str, slugs: tuple[str, ...]) -> dict[str, dict[
 
 def demo_repository(slugs: tuple[str, ...], work_dir: Path, modes: tuple[str, ...],
                     runtime: str = "onnxruntime", pipeline_instances: int = 2) -> Path:
-    """The tiny demo checkpoints of ``slugs`` in a model repository (cached; torch needs no export)."""
-    from engine.tiny.demo import demo_checkpoints
-    from export.repository import RepositoryOptions, build_repository, demo_deployments
+    """The tiny demo checkpoints of ``slugs`` in a model repository of their own under ``work_dir``
+    (one per slugs, modes and runtime, so sweeps do not rebuild each other's; cached; torch needs no export)."""
+    from export.repository import build_demo_repository
 
-    checkpoints = {s: p for s, p in demo_checkpoints().items() if s in slugs}
     repo = Path(work_dir) / ("triton-repository-" + "+".join(sorted(slugs)) + "-" + "+".join(modes) + f"-{runtime}")
-    options = RepositoryOptions(modes=modes, runtime=runtime, pipeline_instances=pipeline_instances,
-                                fused_runtime="torch" if runtime == "torch" else "onnxruntime")
-    build_repository(repo, demo_deployments(checkpoints), options)
-    return repo
+    return build_demo_repository(repo, slugs, modes=modes, runtime=runtime, pipeline_instances=pipeline_instances,
+                                 fused_runtime="torch" if runtime == "torch" else "onnxruntime").repository
 
 
 # -- the API server ----------------------------------------------------------------------------------
