@@ -7,8 +7,10 @@ Targets:
   (the image comes back in the response) and the async one ``POST /v2/{slug}``, polled at
   ``status_url`` until COMPLETED, then ``response_url`` and the output image are fetched; a
   request's latency runs until its image bytes have arrived;
-* **Triton's pipeline models directly** (``--triton``: gRPC streaming, as the API's Triton
-  backend calls them), once per pipeline mode — ``bls`` (components are separate Triton
+* **Triton's pipeline models directly** (``--triton``: gRPC streaming through
+  ``export.triton_client.TritonPipelineClient``, the client the API's Triton backend uses; a
+  Triton server started here serves ``export.repository``'s demo repository of the swept
+  slugs), once per pipeline mode — ``bls`` (components are separate Triton
   models) and ``fused`` (components in-process in the pipeline model) — to compare the modes.
 
 Load is closed-loop (``concurrency`` clients sending back to back, swept 1, 2, 4, 8, ...) or
