@@ -19,7 +19,8 @@ load measured misses the objective, and more GPUs do not lower latency.
 
 An engine result is a single point: throughput = 1000 / median ms (one request at a time, no
 batching across requests), p95 taken as the end-to-end p90 (the closest statistic it keeps).
-It is a conservative estimate for a server that overlaps requests.
+It is a conservative estimate for a server that overlaps requests. The capacity report's
+markdown (``benchmarks.report``) restates these formulas for its readers.
 """
 
 from __future__ import annotations
@@ -29,14 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FORMULAS_MD = """### How these numbers are computed
-
-- feasible levels L = levels with p95 ≤ objective and error rate ≤ the tolerated rate
-- requests/s per GPU X = max over L of measured throughput ÷ GPUs behind the measured server
-- GPUs needed N = ⌈target rate ÷ X⌉; utilisation = target ÷ (N · X)
-- images/s per GPU I = X · images per request; **$ per 1000 images = price per GPU-hour ÷ (3600 · I) · 1000**
-- "at peak" uses the level with the highest throughput regardless of latency
-- from an engine result (no sweep): one point, throughput = 1000 ÷ median ms, p95 ≈ the end-to-end p90"""
+from benchmarks.environment import environment
+from benchmarks.record import load_report, new_report, stored_reports
 
 
 @dataclass(frozen=True)
@@ -128,17 +123,9 @@ def curves_from_report(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def latest_reports(results_dir: Path | None = None) -> list[Path]:
     """The newest serve report, else the newest engine report per slug and device, in ``results_dir``."""
-    from benchmarks.report import RESULTS_DIR, SCHEMA_VERSION, load_report
-
     found: dict[tuple, tuple[str, Path]] = {}
     serve: tuple[str, Path] | None = None
-    for path in Path(results_dir or RESULTS_DIR).glob("*.json"):
-        try:
-            r = load_report(path)
-        except (OSError, ValueError):
-            continue
-        if not isinstance(r, dict) or r.get("schema_version") != SCHEMA_VERSION:
-            continue
+    for path, r in stored_reports(results_dir):
         if r.get("kind") == "serve" and (serve is None or r["created_utc"] > serve[0]):
             serve = (r["created_utc"], path)
         elif r.get("kind") == "engine":
@@ -151,8 +138,6 @@ def latest_reports(results_dir: Path | None = None) -> list[Path]:
 
 
 def capacity_report(paths: list[Path], inputs: CapacityInputs) -> dict[str, Any]:
-    from benchmarks.report import environment, load_report, new_report
-
     report = new_report("capacity", environment(None))
     report["settings"] = {"slo_p95_ms": inputs.slo_p95_ms, "target_rps": inputs.target_rps,
                           "gpu_hour_usd": inputs.gpu_hour_usd, "gpus_per_server": inputs.gpus_per_server,

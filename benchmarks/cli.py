@@ -152,12 +152,11 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from benchmarks.report import results_index, write_results_index
+    from benchmarks.index import results_index, write_results_index
+    from benchmarks.report import rerender_markdown
 
     root = Path(args.results_dir) if args.results_dir else None
     if args.rerender:
-        from benchmarks.report import rerender_markdown
-
         for path in rerender_markdown(root):
             print(f"re-rendered: {path}", file=sys.stderr)
     if args.write:

@@ -20,9 +20,10 @@ Every timing synchronises the device before and after (``torch.cuda.synchronize`
 work is attributed to the call that queued it. Statistics are median and p90 in ms.
 
 ``--full-size`` builds the slug's networks from ``benchmarks/configs`` with random weights
-directly on the device (``benchmarks.full_size``) instead of loading a checkpoint; slugs
-without a pipeline yet (omni-zero, ominicontrol) then get their network stages timed and an
-end-to-end estimate from them.
+directly on the device (``benchmarks.full_size``) instead of loading a checkpoint; slugs whose
+pipeline needs networks with no full-size config here (omni-zero: the IP-Adapter image encoder
+and face models; ominicontrol: the T5/CLIP text encoders and FLUX VAE) then get the network
+stages that have one timed and an end-to-end estimate from them.
 """
 
 from __future__ import annotations
@@ -147,8 +148,6 @@ def reference_request(slug: str, overrides: dict[str, Any] | None = None) -> dic
 
     spec = get_model(slug)
     payload = {k: v for k, v in DEMO_PARAMS.get(slug, {}).items() if k != "base64"}
-    if "prompt" in spec.param_names and spec.param("prompt").required:
-        payload.setdefault("prompt", "a photo of a red fox in the snow")  # slugs without a demo request yet
     payload.update(overrides or {})
     for name in spec.image_params:  # the page's example request sends every image it shows an example of
         if spec.param(name).required or spec.param(name).example is not None or name in payload:
@@ -324,7 +323,7 @@ def _stage_calls(slug: str, components, params: dict[str, Any], image, images_ui
 
 def _raw_stage_calls(slug: str, raw: dict[str, torch.nn.Module], params: dict[str, Any], device: torch.device,
                      dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], Callable[[dict[str, float]], float], str]:
-    """Network stages of slugs without a pipeline, on full-size modules; plus an end-to-end estimate."""
+    """Network stages of slugs not run end to end at full size, on full-size modules; plus an end-to-end estimate."""
     from engine.catalog import get_model
     from engine.imageio import encode_image
 
@@ -383,7 +382,7 @@ def _raw_stage_calls(slug: str, raw: dict[str, torch.nn.Module], params: dict[st
         def estimate(m: dict[str, float]) -> float:
             return steps * m["transformer_step"] + m["image_encode"]
     else:
-        raise ValueError(f"{slug} has a pipeline; its stages run through Components")
+        raise ValueError(f"{slug} runs end to end at full size; its stages run through Components")
     return calls, estimate, note
 
 
@@ -601,7 +600,8 @@ def _progress(total: int, desc: str):
 
 def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
     """Run the benchmark and return the report (see ``benchmarks.report`` for its rendering)."""
-    from benchmarks.report import environment, new_report
+    from benchmarks.environment import environment
+    from benchmarks.record import new_report
     from engine.catalog import get_model
     from engine.runtime_torch import resolve_device_dtype
 
@@ -795,9 +795,10 @@ def prepare_optimized(spec: str, checkpoint: Path | None, full, device: torch.de
 def _bench_networks_only(cfg: EngineBenchConfig, full, params: dict[str, Any], device: torch.device,
                          floor: floors.Floor) -> dict[str, Any]:
     entry: dict[str, Any] = {"runtime": "torch", "status": "ok", "reason": None,
-                             "notes": ["no pipeline yet: network stages only, end to end estimated from them"]}
+                             "notes": ["not every network of the pipeline has a full-size config: network "
+                                       "stages only, end to end estimated from them"]}
     if cfg.runtimes != ("torch",):
-        entry["notes"].append("only the torch runtime times networks without a pipeline")
+        entry["notes"].append("only the torch runtime times networks outside a pipeline")
     calls, estimate, note = _raw_stage_calls(cfg.slug, full.raw, params, device, full.dtype)
     with _progress(len(calls), f"{cfg.slug} networks") as bar:
         entry["stages"] = time_stages(calls, cfg.stage_repeats, device, bar)

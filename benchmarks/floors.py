@@ -13,9 +13,9 @@ FLOPs, so it follows the benchmarked settings (steps, strength, resolution, samp
     floor_ms = TFLOP / 800 * 1000
 
 At the seed pages' example requests this gives DESIGN.md's 102 / 41 / 190 ms (checked by
-tests). Omni-Zero and OminiControl have no pipeline yet: their floors are the DESIGN.md
-constants for the reference requests in ``REFERENCE_REQUESTS``, scaled by the number of
-denoising steps for other requests (flagged approximate).
+tests). Omni-Zero and OminiControl have no per-evaluation FLOP model here: their floors are
+the DESIGN.md constants for the reference requests in ``REFERENCE_REQUESTS``, scaled by the
+number of denoising steps for other requests (flagged approximate).
 """
 
 from __future__ import annotations

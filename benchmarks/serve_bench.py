@@ -7,8 +7,10 @@ Targets:
   (the image comes back in the response) and the async one ``POST /v2/{slug}``, polled at
   ``status_url`` until COMPLETED, then ``response_url`` and the output image are fetched; a
   request's latency runs until its image bytes have arrived;
-* **Triton's pipeline models directly** (``--triton``: gRPC streaming, as the API's Triton
-  backend calls them), once per pipeline mode — ``bls`` (components are separate Triton
+* **Triton's pipeline models directly** (``--triton``: gRPC streaming through
+  ``export.triton_client.TritonPipelineClient``, the client the API's Triton backend uses; a
+  Triton server started here serves ``export.repository``'s demo repository of the swept
+  slugs), once per pipeline mode — ``bls`` (components are separate Triton
   models) and ``fused`` (components in-process in the pipeline model) — to compare the modes.
 
 Load is closed-loop (``concurrency`` clients sending back to back, swept 1, 2, 4, 8, ...) or
@@ -401,16 +403,13 @@ def discover_pipelines(grpc_url: str, slugs: tuple[str, ...]) -> dict[str, dict[
 
 def demo_repository(slugs: tuple[str, ...], work_dir: Path, modes: tuple[str, ...],
                     runtime: str = "onnxruntime", pipeline_instances: int = 2) -> Path:
-    """The tiny demo checkpoints of ``slugs`` in a model repository (cached; torch needs no export)."""
-    from engine.tiny.demo import demo_checkpoints
-    from export.repository import RepositoryOptions, build_repository, demo_deployments
+    """The tiny demo checkpoints of ``slugs`` in a model repository of their own under ``work_dir``
+    (one per slugs, modes and runtime, so sweeps do not rebuild each other's; cached; torch needs no export)."""
+    from export.repository import build_demo_repository
 
-    checkpoints = {s: p for s, p in demo_checkpoints().items() if s in slugs}
     repo = Path(work_dir) / ("triton-repository-" + "+".join(sorted(slugs)) + "-" + "+".join(modes) + f"-{runtime}")
-    options = RepositoryOptions(modes=modes, runtime=runtime, pipeline_instances=pipeline_instances,
-                                fused_runtime="torch" if runtime == "torch" else "onnxruntime")
-    build_repository(repo, demo_deployments(checkpoints), options)
-    return repo
+    return build_demo_repository(repo, slugs, modes=modes, runtime=runtime, pipeline_instances=pipeline_instances,
+                                 fused_runtime="torch" if runtime == "torch" else "onnxruntime").repository
 
 
 # -- the API server ----------------------------------------------------------------------------------
@@ -612,7 +611,7 @@ def engine_baseline(cfg: ServeBenchConfig, slug: str, runtime: str, request: dic
     if cfg.engine_baseline == "none":
         return None
     if cfg.engine_baseline != "auto":
-        from benchmarks.report import load_report
+        from benchmarks.record import load_report
 
         report = load_report(Path(cfg.engine_baseline))
         if report.get("kind") != "engine" or report["settings"]["slug"] != slug:
@@ -685,7 +684,8 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     import torch
 
     from benchmarks.engine_bench import demo_image, public_request, reference_request, with_images
-    from benchmarks.report import environment, new_report
+    from benchmarks.environment import environment
+    from benchmarks.record import new_report
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -299,9 +299,11 @@ DEMO_OPTIONS = {"modes": ("bls", "fused"), "pipeline_instances": 1}
 """One instance per pipeline model: the demo runs on CPU hosts, where ~35 python stubs is plenty."""
 
 
-def build_demo_repository(repository: Path | None = None, **options) -> RepositoryReport:
-    """Tiny checkpoints for every slug, exported into a repository (seconds, cached)."""
+def build_demo_repository(repository: Path | None = None, slugs: tuple[str, ...] | None = None,
+                          **options) -> RepositoryReport:
+    """Tiny checkpoints for every slug (or only ``slugs``), exported into a repository (seconds, cached)."""
     from engine.tiny.demo import demo_checkpoints
 
     repo = repository or default_demo_repository()
-    return build_repository(repo, demo_deployments(demo_checkpoints()), RepositoryOptions(**(DEMO_OPTIONS | options)))
+    checkpoints = {s: p for s, p in demo_checkpoints().items() if slugs is None or s in slugs}
+    return build_repository(repo, demo_deployments(checkpoints), RepositoryOptions(**(DEMO_OPTIONS | options)))

@@ -17,7 +17,8 @@ import pytest
 
 from benchmarks import capacity, floors, full_size
 from benchmarks.engine_bench import EngineBenchConfig, reference_request, run_engine_bench
-from benchmarks.report import render_markdown, results_index, write_report
+from benchmarks.index import results_index
+from benchmarks.report import render_markdown, write_report
 
 # The catalog's smallest sd1.5-scifi request: 20 steps at 512x512 (about 2 s on two CPU cores).
 SMALL = {"num_inference_steps": 20, "img_height": 512}
