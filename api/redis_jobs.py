@@ -23,9 +23,11 @@ Images: input images of a job (``<ns>:in:<id>``) and its outputs (``<ns>:out:<id
 hashes of bytes beside the record. Inputs are written with the job in one script and deleted when
 it finishes; outputs get the record's TTL (the retention), so the three go together. Redis over an
 S3-compatible store because outputs live only for the retention period and the stack then has one
-stateful service: on loopback 1 MB blobs SET at ~1.0 GB/s and GET at ~1.5 GB/s (redis-py, one
-client, Redis 7.0, this 2-core machine; ~1 ms per image), far below a generation's seconds. The
-cost is memory: retention x output rate x image size must fit in Redis's ``maxmemory``.
+stateful service. Measured on loopback (redis-py 8.1 without hiredis, Redis 7.0.15, one client, a
+2-core machine at load average 6-10): 1 MB blobs SET at 93-139/s (7-11 ms each) with
+``appendfsync everysec``, 56-70/s (14-18 ms) with ``always``, GET at ~94/s (~11 ms): a few
+hundredths of a second per image against a generation's seconds. The cost is memory: retention x
+output rate x image size must fit in Redis's ``maxmemory``.
 
 Faults: no command is retried blindly (a script whose reply was lost may have run, and a second
 ``create`` would queue the job twice); a Redis that cannot be reached, is loading its data set or
