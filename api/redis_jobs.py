@@ -32,9 +32,12 @@ output rate x image size must fit in Redis's ``maxmemory``.
 Faults: no command is retried blindly (a script whose reply was lost may have run, and a second
 ``create`` would queue the job twice); a Redis that cannot be reached, is loading its data set or
 refuses writes raises :class:`StoreUnavailable`, which an API maps to 503. No accepted job is lost
-across a Redis restart when Redis runs with ``appendonly yes`` (``appendfsync always``: an
-acknowledged write is on disk; ``everysec``: safe against a Redis crash, up to ~1 s lost on a host
-crash) and ``maxmemory-policy noeviction`` (an evicting policy would drop job records).
+across a Redis restart when Redis runs with ``appendonly yes`` and ``maxmemory-policy noeviction``
+(an evicting policy would drop job records). ``appendfsync always``: a write is fsynced before
+its reply, so an acknowledged job survives a kill -9 of Redis and a host crash. ``everysec``:
+the write reaches the kernel before the reply, so it survives a Redis crash, but a host crash
+or power loss can drop the last ~1 s (up to 2 s while a slow fsync postpones writes). RDB
+snapshots alone lose everything since the last snapshot.
 """
 
 from __future__ import annotations
@@ -654,11 +657,18 @@ class RedisJobStore:
 
     @_guarded
     def lag(self, slug: str) -> int:
-        """Entries of ``slug``'s stream not yet delivered to any worker (what KEDA scales on)."""
+        """Entries of ``slug``'s stream not yet delivered to any worker.
+
+        Counted as stream length minus pending entries, which is exact because an entry is
+        deleted when acknowledged; Redis's own group ``lag`` turns null once entries in the
+        middle of the stream were deleted (cancelled queued jobs), so it is not used. An
+        autoscaler gets the same number from KEDA's ``streamLength`` (queued + running).
+        """
         key = self.stream_key(slug)
         if not self._redis.exists(key):
             return 0
-        for group in self._redis.xinfo_groups(key):
-            if _text(group.get("name")) == GROUP:
-                return int(group.get("lag") or 0)
-        return 0
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xlen(key)
+        pipe.xpending(key, GROUP)
+        length, pending = pipe.execute()
+        return max(0, int(length) - int(pending["pending"]))
