@@ -198,7 +198,7 @@ def _export_artifacts(slug: str, checkpoint: Path, modules: dict[str, torch.nn.M
                       precision: str, tensorrt: bool) -> dict[str, Path]:
     """ONNX (and TensorRT plans) of the slug's components; cached by source fingerprint."""
     from engine.catalog import get_model
-    from engine.components import read_model_config
+    from engine.checkpoint import read_model_config
     from engine.descriptors import component_descriptors, needed_components
     from export.onnx_export import build_tensorrt_engine, export_component
 

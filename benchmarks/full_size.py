@@ -198,7 +198,7 @@ def save_checkpoint(slug: str, out_dir: Path, *, device: str | None = None, prec
     import diffusers
 
     from engine.catalog import get_model
-    from engine.components import read_model_config
+    from engine.checkpoint import read_model_config
 
     spec = get_model(slug)
     if spec.pipeline not in PIPELINES_AT_FULL_SIZE:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.catalog import get_model
-from engine.components import read_model_config
+from engine.checkpoint import read_model_config
 from engine.descriptors import component_descriptors, needed_components
 from engine.runtime_onnx import OnnxComponents
 from engine.runtime_torch import TorchComponents, load_component_modules
