@@ -67,7 +67,7 @@ SLUG_ARCHITECTURES: dict[str, dict[str, str]] = {
 16-channel VAE, have no config here: their stages are not timed at full size."""
 
 _TRANSFORMERS_CLASSES = {"CLIPTextModel", "CLIPTextModelWithProjection"}
-PIPELINES_AT_FULL_SIZE = ("sd15_txt2img", "sd15_img2img", "sdxl_txt2img")
+PIPELINES_AT_FULL_SIZE = ("txt2img", "sd15_img2img")
 """Pipelines whose every network has a config here: they run end to end at full size."""
 
 
