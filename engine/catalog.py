@@ -3,7 +3,8 @@
 Every parameter of the five Segmind API pages (``shared/seeds/``) is declared here with its
 type, default, range, allowed values and whether it is required, exactly as the pages state
 them. The API validator, the pipelines, the Triton configs, the CLI and the docs all read this
-module; nothing else restates a range or a default.
+module; nothing else restates a range or a default. ``ModelSpec.arguments`` maps each request
+parameter onto its pipeline's ``generate`` keyword, so no pipeline restates the API's names.
 
 Where a page is silent we add an implementation limit and say so in ``Param.note`` (for
 example the largest seed torch accepts, or a cap on prompt length).
