@@ -45,9 +45,9 @@ logger = logging.getLogger(__name__)
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
 STAGES = ("encode_text", "unet_step", "controlnet_step", "transformer_step", "vae_encode", "vae_decode",
           "image_encode")
-DIFFUSERS_PIPELINES = {"sd15_txt2img": "StableDiffusionPipeline",
-                       "sd15_img2img": "StableDiffusionImg2ImgPipeline",
-                       "sdxl_txt2img": "StableDiffusionXLPipeline"}
+DIFFUSERS_PIPELINES = {"sd1.5-scifi": "StableDiffusionPipeline",
+                       "sd1.5-img2img": "StableDiffusionImg2ImgPipeline",
+                       "segmind-vega": "StableDiffusionXLPipeline"}
 
 
 @dataclass
@@ -197,7 +197,7 @@ def _export_artifacts(slug: str, checkpoint: Path, modules: dict[str, torch.nn.M
                       precision: str, tensorrt: bool) -> dict[str, Path]:
     """ONNX (and TensorRT plans) of the slug's components; cached by source fingerprint."""
     from engine.catalog import get_model
-    from engine.components import read_model_config
+    from engine.checkpoint import read_model_config
     from engine.descriptors import component_descriptors, needed_components
     from export.onnx_export import build_tensorrt_engine, export_component
 
@@ -231,7 +231,7 @@ def prepare_runtime(runtime: str, cfg: EngineBenchConfig, checkpoint: Path | Non
 
         components = TorchComponents(checkpoint, device=str(device), precision=precision)
         raw = None
-        if get_model(cfg.slug).pipeline in DIFFUSERS_PIPELINES:  # diffusers can share these modules
+        if cfg.slug in DIFFUSERS_PIPELINES:  # diffusers can share these modules
             raw = {"text_encoder": components.modules["text_encoder"].encoder,
                    "unet": components.modules["unet"].unet, "vae": components.modules["vae_decoder"].vae}
             if "text_encoder_2" in components.modules:
@@ -522,7 +522,7 @@ def diffusers_pipeline(slug: str, prepared: Prepared):
     from engine.catalog import get_model
 
     comps, raw = prepared.components, prepared.raw
-    cls = getattr(diffusers, DIFFUSERS_PIPELINES[get_model(slug).pipeline])
+    cls = getattr(diffusers, DIFFUSERS_PIPELINES[slug])
     sched = _scheduler(slug, comps, "DDIM")
     if comps.config.family == "sdxl":
         pipe = cls(vae=raw["vae"], text_encoder=raw["text_encoder"], text_encoder_2=raw["text_encoder_2"],
@@ -606,7 +606,7 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
     from engine.runtime_torch import resolve_device_dtype
 
     spec = get_model(cfg.slug)
-    sd_pipeline = spec.pipeline in DIFFUSERS_PIPELINES
+    sd_pipeline = cfg.slug in DIFFUSERS_PIPELINES
     if cfg.threads:
         import os
 

@@ -67,7 +67,7 @@ SLUG_ARCHITECTURES: dict[str, dict[str, str]] = {
 16-channel VAE, have no config here: their stages are not timed at full size."""
 
 _TRANSFORMERS_CLASSES = {"CLIPTextModel", "CLIPTextModelWithProjection"}
-PIPELINES_AT_FULL_SIZE = ("sd15_txt2img", "sd15_img2img", "sdxl_txt2img")
+PIPELINES_AT_FULL_SIZE = ("txt2img", "sd15_img2img")
 """Pipelines whose every network has a config here: they run end to end at full size."""
 
 
@@ -198,7 +198,7 @@ def save_checkpoint(slug: str, out_dir: Path, *, device: str | None = None, prec
     import diffusers
 
     from engine.catalog import get_model
-    from engine.components import read_model_config
+    from engine.checkpoint import read_model_config
 
     spec = get_model(slug)
     if spec.pipeline not in PIPELINES_AT_FULL_SIZE:

@@ -3,7 +3,8 @@
 Every parameter of the five Segmind API pages (``shared/seeds/``) is declared here with its
 type, default, range, allowed values and whether it is required, exactly as the pages state
 them. The API validator, the pipelines, the Triton configs, the CLI and the docs all read this
-module; nothing else restates a range or a default.
+module; nothing else restates a range or a default. ``ModelSpec.arguments`` maps each request
+parameter onto its pipeline's ``generate`` keyword, so no pipeline restates the API's names.
 
 Where a page is silent we add an implementation limit and say so in ``Param.note`` (for
 example the largest seed torch accepts, or a cap on prompt length).
@@ -56,7 +57,7 @@ class ModelSpec:
     title: str
     seed_document: str
     pipeline: str
-    """Module name under ``engine.pipelines`` that runs this slug."""
+    """Module name under ``engine.pipelines`` whose ``generate`` runs this slug."""
     family: str
     """Checkpoint family the pipeline loads: ``sd15``, ``sdxl``, ``flux``."""
     params: tuple[Param, ...]
@@ -68,6 +69,9 @@ class ModelSpec:
     output_size: tuple[int, int] | None = None
     """(width, height) of every output image where the page offers no size parameters (the pipeline's
     fixed size); read by the pipeline and by export shape profiles."""
+    arguments: Mapping[str, str] = field(default_factory=dict, compare=False)
+    """API parameter -> keyword argument of the pipeline's ``generate``; read by ``engine.pipelines.run``.
+    Every parameter is either here or one of ``RESPONSE_PARAMS``."""
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.params]
@@ -75,6 +79,11 @@ class ModelSpec:
             raise ValueError(f"{self.slug}: duplicate parameter names")
         if self.batch_param is not None and self.batch_param not in names:
             raise ValueError(f"{self.slug}: batch_param {self.batch_param!r} is not a parameter")
+        if set(self.arguments) - set(names):
+            raise ValueError(f"{self.slug}: arguments for unknown parameters {sorted(set(self.arguments) - set(names))}")
+        unmapped = set(names) - set(self.arguments) - set(RESPONSE_PARAMS)
+        if unmapped:
+            raise ValueError(f"{self.slug}: parameters {sorted(unmapped)} reach neither the pipeline nor the response")
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -96,6 +105,22 @@ class ModelSpec:
     def image_count(self, params: Mapping[str, Any]) -> int:
         """Images a request with these (validated) parameters produces, which is also its cost in credits."""
         return int(params.get(self.batch_param) or 1) if self.batch_param else 1
+
+    def pipeline_arguments(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``generate`` keyword arguments of a validated request (image parameters decoded).
+
+        A validated request carries every parameter; one left out takes its catalog default, except
+        a required one, which is a ``KeyError``.
+        """
+        kwargs = {}
+        for name, argument in self.arguments.items():
+            if name in params:
+                kwargs[argument] = params[name]
+            elif self.param(name).required:
+                raise KeyError(f"{self.slug}: the request has no {name!r}")
+            else:
+                kwargs[argument] = self.param(name).default
+        return kwargs
 
     def resolutions(self) -> list[tuple[int, int]]:
         """Every (width, height) a request may ask for, for export shape profiles."""
@@ -246,6 +271,17 @@ PROMPT_MAX_LENGTH = 10_000
 _LIMIT_NOTE = "implementation limit; the Segmind page states none"
 
 
+RESPONSE_PARAMS = ("base64", "image_format", "image_quality")
+"""Parameters that shape the response (encoding, format, quality), applied by the API, never by a pipeline."""
+
+# The keyword arguments of ``engine.pipelines.txt2img.generate``, shared by img2img.
+_SD_ARGUMENTS = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "img_width": "width", "img_height": "height",
+    "num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale", "samples": "num_images",
+    "seed": "seed", "scheduler": "scheduler",
+}
+
+
 def resolve_seed(seed: int, maximum: int = 2**32 - 1) -> int:
     """``-1`` means "draw one"; the drawn seed is reported back to the client."""
     return secrets.randbelow(maximum + 1) if seed == -1 else seed
@@ -293,9 +329,10 @@ SD15_SCIFI = ModelSpec(
     slug="sd1.5-scifi",
     title="Scifi",
     seed_document="004_334d4105feb30352.txt",
-    pipeline="sd15_txt2img",
+    pipeline="txt2img",
     family="sd15",
     batch_param="samples",
+    arguments=_SD_ARGUMENTS,
     description="Photorealistic SD1.5 fine-tune; text-to-image with classifier-free guidance.",
     params=(
         _prompt(required=True),
@@ -319,6 +356,7 @@ SD15_IMG2IMG = ModelSpec(
     pipeline="sd15_img2img",
     family="sd15",
     batch_param="samples",
+    arguments=_SD_ARGUMENTS | {"image": "image", "strength": "strength"},
     description="SDEdit image-to-image on SD1.5: the input image is noised to `strength` and denoised.",
     params=(
         Param("image", ParamType.IMAGE, "Input Image.", required=True, example="/sd-img2img-input.jpeg",
@@ -343,9 +381,10 @@ SEGMIND_VEGA = ModelSpec(
     slug="segmind-vega",
     title="Segmind-Vega",
     seed_document="003_ebc2898775efb629.txt",
-    pipeline="sdxl_txt2img",
+    pipeline="txt2img",
     family="sdxl",
     batch_param="samples",
+    arguments=_SD_ARGUMENTS,
     description="Distilled SDXL (745M-parameter UNet); text-to-image at 1024x1024.",
     params=(
         _prompt(required=True),
@@ -378,6 +417,13 @@ OMNI_ZERO = ModelSpec(
     pipeline="omni_zero",
     family="sdxl",
     batch_param="number_of_images",
+    arguments={
+        **{name: name for name in (
+            "identity_image", "style_image", "base_image", "composition_image", "depth_image", "prompt",
+            "negative_prompt", "guidance_scale", "base_image_strength", "composition_image_strength",
+            "style_image_strength", "identity_image_strength", "depth_image_strength", "seed")},
+        "number_of_images": "num_images", "number_of_steps": "num_steps",
+    },
     description="Zero-shot stylized portraits: SDXL ControlNet img2img with identity, style and composition adapters.",
     params=(
         Param("identity_image", ParamType.IMAGE, "Identity image for the model", required=True,
@@ -411,6 +457,7 @@ OMINICONTROL = ModelSpec(
     pipeline="ominicontrol",
     family="flux",
     batch_param=None,
+    arguments={"image": "image", "prompt": "prompt", "steps": "num_inference_steps", "seed": "seed"},
     output_format="png",
     description="Subject-driven generation on FLUX.1-schnell with condition tokens and a subject LoRA.",
     # The page has no size parameters; 512x512 is the OminiControl subject model's training and demo size.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from engine.catalog import CATALOG, ModelSpec
-from engine.components import ModelConfig
+from engine.checkpoint import ModelConfig
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
 

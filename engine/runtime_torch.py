@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.components import NamedTensorComponents, read_model_config
+from engine.checkpoint import CONDITION_LORA_DIR, find_condition_lora, read_model_config
+from engine.components import NamedTensorComponents
 from engine.descriptors import component_descriptors, resolution_axes
 from engine.omni_zero_checkpoint import OMNI_ZERO_COMPONENTS, is_omni_zero_checkpoint
 from engine.omni_zero_modules import load_omni_zero_modules
@@ -33,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-
-CONDITION_LORA_DIR = "condition_lora"
 
 
 def resolve_device_dtype(device: str | None, precision: str | None,
@@ -115,15 +114,6 @@ class VaeDecoderModule(nn.Module):
 
     def forward(self, latents):
         return self.vae.decode(latents, return_dict=False)[0]
-
-
-def find_condition_lora(checkpoint: str | Path) -> Path | None:
-    """The one ``.safetensors`` file under ``<checkpoint>/condition_lora/``, if any."""
-    files = sorted((Path(checkpoint) / CONDITION_LORA_DIR).glob("*.safetensors"))
-    if len(files) > 1:
-        raise ValueError(f"{Path(checkpoint) / CONDITION_LORA_DIR} holds {len(files)} .safetensors files; "
-                         "keep exactly one, or pass the LoRA path explicitly")
-    return files[0] if files else None
 
 
 def _load_flux_modules(root: Path, dtype: torch.dtype, wanted: set[str],

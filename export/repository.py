@@ -21,7 +21,7 @@ from typing import Any
 
 from engine import home_dir
 from engine.catalog import get_model
-from engine.components import read_model_config
+from engine.checkpoint import read_model_config
 from engine.descriptors import ComponentDescriptor, component_descriptors, needed_components
 from export.onnx_export import (
     ExportError, build_tensorrt_engine, copy_onnx_component, export_component, tensorrt_toolkit,

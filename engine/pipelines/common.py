@@ -181,8 +181,13 @@ def sdxl_time_ids(components: Components, width: int, height: int, batch: int) -
 
 # -- images ----------------------------------------------------------------------------------------
 
-def image_to_tensor(image: PIL.Image.Image | np.ndarray, width: int, height: int) -> torch.Tensor:
-    """RGB uint8 image -> [1, 3, H, W] float in [-1, 1], resized to (width, height) if needed."""
+def image_to_tensor(image: np.ndarray | PIL.Image.Image, width: int, height: int) -> torch.Tensor:
+    """RGB uint8 image [H, W, 3] -> [1, 3, H, W] float in [-1, 1], resized to (width, height) if needed.
+
+    Images reach the pipelines as uint8 arrays (an alpha channel is dropped). The resize is PIL's
+    Lanczos, as in diffusers' ``VaeImageProcessor``, so results stay equal to diffusers'; a PIL image
+    is accepted too, for pipelines that crop with PIL before encoding (OminiControl).
+    """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
             raise InvalidRequest(f"expected an RGB uint8 HxWx3 image, got {image.dtype} {image.shape}")

@@ -15,7 +15,6 @@ once per step — same images, one condition pass instead of ``steps``.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -147,18 +146,3 @@ def generate(
     with timer.stage("decode"):
         images = flux.decode(components, latents, width, height)
     return GenerationResult(images=images, seed=seed, steps=num_inference_steps, timings=timer.finish())
-
-
-def run(params: dict[str, Any], components: Components, control: RunControl | None = None) -> GenerationResult:
-    """Run a request validated against the ``ominicontrol`` catalog entry (``image`` decoded).
-
-    ``image_format``, ``image_quality`` and ``base64`` shape the response and are applied by the API.
-    """
-    return generate(
-        components,
-        image=params["image"],
-        prompt=params["prompt"],
-        num_inference_steps=params["steps"],
-        seed=params["seed"],
-        control=control,
-    )

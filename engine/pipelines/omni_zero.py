@@ -56,7 +56,7 @@ from engine.pipelines.common import (
 )
 from engine.scheduler_plan import PlannedLoop, SchedulerPlan
 
-__all__ = ["NoFaceDetected", "generate", "run"]
+__all__ = ["NoFaceDetected", "generate"]
 
 # "Align Your Steps" (Sabour et al. 2024) 10-step noise levels for SDXL.
 AYS_SDXL_SIGMAS = (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
@@ -436,27 +436,3 @@ def _denoise_planned(components: Components, plan: SchedulerPlan, latents: torch
         latents = planned_advance(loop, i, noise_pred, guidance_scale)
         control.step_done(i + 1, total)
     return latents
-
-
-def run(params: dict[str, Any], components: Components, control: RunControl | None = None) -> GenerationResult:
-    """Run a request validated against the ``omni-zero`` catalog entry (image parameters decoded)."""
-    return generate(
-        components,
-        identity_image=params["identity_image"],
-        style_image=params["style_image"],
-        base_image=params.get("base_image"),
-        composition_image=params.get("composition_image"),
-        depth_image=params.get("depth_image"),
-        prompt=params["prompt"],
-        negative_prompt=params.get("negative_prompt"),
-        guidance_scale=params["guidance_scale"],
-        base_image_strength=params["base_image_strength"],
-        composition_image_strength=params["composition_image_strength"],
-        style_image_strength=params["style_image_strength"],
-        identity_image_strength=params["identity_image_strength"],
-        depth_image_strength=params["depth_image_strength"],
-        num_images=params["number_of_images"],
-        num_steps=params["number_of_steps"],
-        seed=params["seed"],
-        control=control,
-    )

@@ -3,14 +3,12 @@
 The input image is VAE-encoded, noised to the timestep that ``strength`` selects, and denoised
 from there: ``int(steps * strength)`` UNet steps run. Reproduces
 ``diffusers.StableDiffusionImg2ImgPipeline`` (without the safety checker) step for step.
+``image`` is a decoded RGB uint8 array [H, W, 3], resized to (width, height) as diffusers does.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-import PIL.Image
 
 from engine.catalog import InvalidRequest, resolve_seed
 from engine.components import Components
@@ -24,7 +22,7 @@ from engine.schedulers import make_scheduler
 def generate(
     components: Components,
     *,
-    image: PIL.Image.Image | np.ndarray,
+    image: np.ndarray,
     prompt: str,
     negative_prompt: str | None = None,
     width: int = 512,
@@ -81,22 +79,3 @@ def generate(
     with timer.stage("decode"):
         images = decode_latents(components, latents)
     return GenerationResult(images=images, seed=seed, steps=len(timesteps), timings=timer.finish())
-
-
-def run(params: dict[str, Any], components: Components, control: RunControl | None = None) -> GenerationResult:
-    """Run a request validated against the ``sd1.5-img2img`` catalog entry (``image`` decoded)."""
-    return generate(
-        components,
-        image=params["image"],
-        prompt=params["prompt"],
-        negative_prompt=params.get("negative_prompt"),
-        width=params["img_width"],
-        height=params["img_height"],
-        strength=params["strength"],
-        num_inference_steps=params["num_inference_steps"],
-        guidance_scale=params["guidance_scale"],
-        num_images=params["samples"],
-        seed=params["seed"],
-        scheduler=params["scheduler"],
-        control=control,
-    )

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from engine.checkpoint import CONDITION_LORA_DIR
+
 logger = logging.getLogger(__name__)
 
 TINY_VERSION = 1
@@ -309,8 +311,6 @@ def build_tiny_flux(path: str | Path, *, force: bool = False) -> Path:
     schnell's flow-matching scheduler config, and a subject LoRA in ``condition_lora/``."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
-
-    from engine.runtime_torch import CONDITION_LORA_DIR
 
     path = Path(path)
     if not force and _is_current(path, "flux"):

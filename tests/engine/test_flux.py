@@ -130,7 +130,7 @@ def test_condition_branch_is_flux_on_the_condition_tokens_alone_with_the_lora_me
     from diffusers.models.embeddings import apply_rotary_emb
 
     from engine.flux_condition import ConditionKVModule, read_condition_lora
-    from engine.runtime_torch import find_condition_lora
+    from engine.checkpoint import find_condition_lora
 
     transformer = flux_pipe.transformer
     lora = read_condition_lora(find_condition_lora(flux_dir), transformer)
@@ -185,7 +185,7 @@ def test_lora_file_is_in_the_diffusers_peft_format(flux_dir, flux_pipe, tmp_path
     from safetensors.torch import load_file, save_file
 
     from engine.flux_condition import read_condition_lora
-    from engine.runtime_torch import find_condition_lora
+    from engine.checkpoint import find_condition_lora
 
     path = find_condition_lora(flux_dir)
     weights = load_file(path)
@@ -234,7 +234,7 @@ def test_explicit_lora_path_overrides_the_checkpoint_one(flux_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(flux_dir, tmp_path_factory):
-    from engine.components import read_model_config
+    from engine.checkpoint import read_model_config
     from engine.descriptors import component_descriptors, needed_components
     from engine.runtime_torch import load_component_modules
     from export.onnx_export import export_component

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.catalog import validate
-from engine.pipelines import Cancelled, RunControl, run, sd15_img2img, sd15_txt2img, sdxl_txt2img
+from engine.pipelines import Cancelled, RunControl, run, sd15_img2img, txt2img
 from engine.schedulers import SCHEDULER_NAMES, make_scheduler
 
 TOL = 1e-4
@@ -46,9 +46,9 @@ def sdxl_pipe(sdxl_dir):
 
 @pytest.mark.parametrize("scheduler", REFERENCE_SCHEDULERS)
 def test_sd15_txt2img_matches_diffusers(sd15, sd_pipe, scheduler):
-    ours = sd15_txt2img.generate(sd15, prompt="a photo of the city", negative_prompt="blurry", width=64, height=96,
-                                 num_inference_steps=4, guidance_scale=5.0, num_images=2, seed=516797155652,
-                                 scheduler=scheduler)
+    ours = txt2img.generate(sd15, prompt="a photo of the city", negative_prompt="blurry", width=64, height=96,
+                            num_inference_steps=4, guidance_scale=5.0, num_images=2, seed=516797155652,
+                            scheduler=scheduler)
     sd_pipe.scheduler = make_scheduler(scheduler, sd15.config.scheduler_config)
     ref = sd_pipe("a photo of the city", negative_prompt="blurry", width=64, height=96, num_inference_steps=4,
                   guidance_scale=5.0, num_images_per_prompt=2, generator=_gen(516797155652), output_type="np").images
@@ -72,9 +72,9 @@ def test_sd15_img2img_matches_diffusers(sd15, img2img_pipe, input_image, schedul
 @pytest.mark.parametrize("scheduler", REFERENCE_SCHEDULERS)
 @pytest.mark.parametrize("negative", [None, "low quality"])
 def test_sdxl_txt2img_matches_diffusers(sdxl, sdxl_pipe, scheduler, negative):
-    ours = sdxl_txt2img.generate(sdxl, prompt="a portrait photo", negative_prompt=negative, width=64, height=64,
-                                 num_inference_steps=4, guidance_scale=9.0, num_images=2, seed=1232788698,
-                                 scheduler=scheduler)
+    ours = txt2img.generate(sdxl, prompt="a portrait photo", negative_prompt=negative, width=64, height=64,
+                            num_inference_steps=4, guidance_scale=9.0, num_images=2, seed=1232788698,
+                            scheduler=scheduler)
     sdxl_pipe.scheduler = make_scheduler(scheduler, sdxl.config.scheduler_config)
     ref = sdxl_pipe("a portrait photo", negative_prompt=negative, width=64, height=64, num_inference_steps=4,
                     guidance_scale=9.0, num_images_per_prompt=2, generator=_gen(1232788698), output_type="np").images
@@ -82,8 +82,8 @@ def test_sdxl_txt2img_matches_diffusers(sdxl, sdxl_pipe, scheduler, negative):
 
 
 def test_guidance_at_or_below_one_disables_cfg_like_diffusers(sd15, sd_pipe):
-    ours = sd15_txt2img.generate(sd15, prompt="a photo", width=64, height=64, num_inference_steps=3,
-                                 guidance_scale=0.5, seed=3, scheduler="Euler")
+    ours = txt2img.generate(sd15, prompt="a photo", width=64, height=64, num_inference_steps=3,
+                            guidance_scale=0.5, seed=3, scheduler="Euler")
     sd_pipe.scheduler = make_scheduler("Euler", sd15.config.scheduler_config)
     ref = sd_pipe("a photo", width=64, height=64, num_inference_steps=3, guidance_scale=0.5,
                   generator=_gen(3), output_type="np").images
@@ -95,9 +95,9 @@ def test_every_scheduler_runs_in_every_pipeline(sd15, sdxl, input_image, schedul
     common = dict(prompt="a photo", width=64, height=64, num_inference_steps=3, guidance_scale=7.0, seed=7,
                   scheduler=scheduler)
     outputs = [
-        sd15_txt2img.generate(sd15, **common),
+        txt2img.generate(sd15, **common),
         sd15_img2img.generate(sd15, image=input_image, strength=0.8, **common),
-        sdxl_txt2img.generate(sdxl, **common),
+        txt2img.generate(sdxl, **common),
     ]
     for out in outputs:
         assert out.images.shape == (1, 64, 64, 3)
@@ -106,25 +106,25 @@ def test_every_scheduler_runs_in_every_pipeline(sd15, sdxl, input_image, schedul
 
 def test_same_seed_same_pixels_different_seed_different_pixels(sd15):
     kw = dict(prompt="a photo", width=64, height=64, num_inference_steps=3, scheduler="Euler a")
-    a = sd15_txt2img.generate(sd15, seed=11, **kw).to_uint8()
-    b = sd15_txt2img.generate(sd15, seed=11, **kw).to_uint8()
-    c = sd15_txt2img.generate(sd15, seed=12, **kw).to_uint8()
+    a = txt2img.generate(sd15, seed=11, **kw).to_uint8()
+    b = txt2img.generate(sd15, seed=11, **kw).to_uint8()
+    c = txt2img.generate(sd15, seed=12, **kw).to_uint8()
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
 
 
 def test_samples_three_gives_three_distinct_images(sd15):
-    out = sd15_txt2img.generate(sd15, prompt="a photo", width=64, height=64, num_inference_steps=3,
-                                num_images=3, seed=5)
+    out = txt2img.generate(sd15, prompt="a photo", width=64, height=64, num_inference_steps=3,
+                           num_images=3, seed=5)
     assert out.images.shape == (3, 64, 64, 3)
     assert not np.array_equal(out.images[0], out.images[1])
 
 
 def test_seed_minus_one_draws_and_reports_a_seed(sd15):
     kw = dict(prompt="a photo", width=64, height=64, num_inference_steps=3)
-    drawn = sd15_txt2img.generate(sd15, seed=-1, **kw)
+    drawn = txt2img.generate(sd15, seed=-1, **kw)
     assert drawn.seed >= 0
-    again = sd15_txt2img.generate(sd15, seed=drawn.seed, **kw)
+    again = txt2img.generate(sd15, seed=drawn.seed, **kw)
     assert np.array_equal(drawn.to_uint8(), again.to_uint8())
 
 
@@ -142,15 +142,15 @@ def test_img2img_resizes_the_input_to_the_requested_size(sd15, input_image):
 
 def test_progress_and_cancellation(sd15):
     seen = []
-    sd15_txt2img.generate(sd15, prompt="p", width=64, height=64, num_inference_steps=4, seed=1,
-                          scheduler="DDIM", control=RunControl(on_step=lambda d, t: seen.append((d, t))))
+    txt2img.generate(sd15, prompt="p", width=64, height=64, num_inference_steps=4, seed=1,
+                     scheduler="DDIM", control=RunControl(on_step=lambda d, t: seen.append((d, t))))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
     steps = []
     control = RunControl(on_step=lambda d, t: steps.append(d), is_cancelled=lambda: len(steps) >= 2)
     with pytest.raises(Cancelled):
-        sd15_txt2img.generate(sd15, prompt="p", width=64, height=64, num_inference_steps=10, seed=1,
-                              scheduler="DDIM", control=control)
+        txt2img.generate(sd15, prompt="p", width=64, height=64, num_inference_steps=10, seed=1,
+                         scheduler="DDIM", control=control)
     assert steps == [1, 2]  # stopped before the third UNet step
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.catalog import get_model
-from engine.components import read_model_config
+from engine.checkpoint import read_model_config
 from engine.descriptors import component_descriptors, needed_components
 from engine.runtime_onnx import OnnxComponents
 from engine.runtime_torch import TorchComponents, load_component_modules
@@ -38,14 +38,14 @@ def test_artifact_path_is_a_pure_function_and_reexport_skips(sd15_exports, sd15_
 
 
 def test_onnx_runtime_pipeline_equals_torch_pipeline(sd15_exports, sd15_dir):
-    from engine.pipelines import sd15_txt2img
+    from engine.pipelines import txt2img
 
     _, _, _, results = sd15_exports
     onnx = OnnxComponents(sd15_dir, {name: r.path for name, r in results.items()})
     torch_components = TorchComponents(sd15_dir)
     kw = dict(prompt="a city", width=64, height=96, num_inference_steps=4, num_images=2, seed=3, scheduler="Euler a")
-    a = sd15_txt2img.generate(onnx, **kw).images
-    b = sd15_txt2img.generate(torch_components, **kw).images
+    a = txt2img.generate(onnx, **kw).images
+    b = txt2img.generate(torch_components, **kw).images
     assert abs(a - b).max() <= 1e-4
 
 
