@@ -8,11 +8,11 @@ inside. ``config`` is the checkpoint's ``engine.checkpoint.ModelConfig``, read o
 diffusers directory by every runtime alike; ``NamedTensorComponents`` adapts any runtime that
 maps (component, named tensors) -> named tensors to this protocol.
 
-The FLUX family (``flux``) adds a T5 sequence encoder, a ``transformer`` on packed 2x2 latent
-tokens, and — for OminiControl — a ``condition_kv`` component that turns condition tokens into
-per-block keys/values once, which every ``transformer`` call then attends to. Both stay plain
-tensors in and out, so the condition path runs the same way in-process, in ONNX Runtime and
-over Triton BLS.
+The FLUX family (``flux``) adds a T5 sequence encoder and a ``transformer`` on packed 2x2 latent
+tokens, which for OminiControl also takes the condition tokens (joint attention, the default). The
+opt-in cached mode instead runs ``condition_kv`` once (condition tokens into per-block keys/values)
+and ``transformer_cached`` at every step. All stay plain tensors in and out, so the condition path
+runs the same way in-process, in ONNX Runtime and over Triton BLS.
 
 Omni-Zero (an SDXL checkpoint with ``config.omni_zero``) adds a CLIP ``image_encoder``, the
 adapters' ``ip_projection`` (run once per request), ``controlnet_unet`` (IdentityNet, depth
@@ -79,9 +79,12 @@ class Components(Protocol):
         pooled_projections: torch.Tensor,
         img_ids: torch.Tensor,
         txt_ids: torch.Tensor,
-        condition: "ConditionKV | None" = None,
+        condition: "ConditionTokens | ConditionKV | None" = None,
     ) -> torch.Tensor:
-        """FLUX velocity for packed latents [B, N, C]; ``timestep`` is sigma (t / 1000) [B]; ids are [N, 3]."""
+        """FLUX velocity for packed latents [B, N, C]; ``timestep`` is sigma (t / 1000) [B]; ids are [N, 3].
+
+        OminiControl's condition comes as tokens (joint attention) or as cached keys/values.
+        """
 
     def condition_kv(
         self,
@@ -121,8 +124,21 @@ class Components(Protocol):
         """Depth [B, H, W] of normalised pixels [B, 3, H, W]."""
 
 
+class ConditionTokens(NamedTuple):
+    """OminiControl's condition for a joint-attention ``transformer`` call."""
+
+    latents: torch.Tensor
+    """[B, Nc, 4C] packed condition tokens."""
+    ids: torch.Tensor
+    """[Nc, 3] their RoPE ids (shifted by the position delta)."""
+    lora_scale: torch.Tensor
+    """[B, 1]: scale of the subject LoRA on the condition tokens."""
+    bias: torch.Tensor
+    """[B, 1]: added to the attention logits between condition and other tokens, log(condition strength)."""
+
+
 class ConditionKV(NamedTuple):
-    """What a ``transformer`` call needs from OminiControl's condition tokens."""
+    """What a cached-mode ``transformer_cached`` call needs from OminiControl's condition tokens."""
 
     key: torch.Tensor
     """[B, blocks, Nc, heads, head_dim], RoPE already applied."""
@@ -196,9 +212,14 @@ class NamedTensorComponents:
             "img_ids": img_ids.expand(batch, *img_ids.shape),
             "txt_ids": txt_ids.expand(batch, *txt_ids.shape),
         }
-        if condition is not None:
+        if isinstance(condition, ConditionKV):
             inputs.update(condition_key=condition.key, condition_value=condition.value,
                           condition_bias=condition.bias)
+            return self.run_component("transformer_cached", inputs)["noise_pred"]
+        if condition is not None:
+            inputs.update(condition_latents=condition.latents,
+                          condition_ids=condition.ids.expand(batch, *condition.ids.shape),
+                          lora_scale=condition.lora_scale, condition_bias=condition.bias)
         return self.run_component("transformer", inputs)["noise_pred"]
 
     def condition_kv(self, condition_latents, condition_ids, pooled_projections, lora_scale):

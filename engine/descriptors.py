@@ -179,6 +179,14 @@ def _flux_descriptors(config: ModelConfig, specs: list[ModelSpec]) -> dict[str, 
     step_batch = (1, 1, 2 * images)
     latent_axes = {"latent_height": heights, "latent_width": widths}
     image_axes = {"image_height": tuple(v * f for v in heights), "image_width": tuple(v * f for v in widths)}
+    transformer_inputs = (
+        TensorSpec("hidden_states", "float32", ("batch", "image_tokens", t.in_channels)),
+        TensorSpec("timestep", "float32", ("batch",)),
+        TensorSpec("encoder_hidden_states", "float32", ("batch", t5_seq, t.joint_attention_dim)),
+        TensorSpec("pooled_projections", "float32", ("batch", t.pooled_projection_dim)),
+        TensorSpec("img_ids", "float32", ("batch", "image_tokens", 3)),
+        TensorSpec("txt_ids", "float32", ("batch", t5_seq, 3)),
+    )
     return {
         "text_encoder": ComponentDescriptor(
             component="text_encoder",
@@ -196,15 +204,24 @@ def _flux_descriptors(config: ModelConfig, specs: list[ModelSpec]) -> dict[str, 
             outputs=(TensorSpec("last_hidden_state", "float32", ("batch", t5_seq, t5_hidden)),),
             profile={"batch": (1, 1, images)},
         ),
+        # Joint attention (the default): the condition tokens run through the transformer with the image.
         "transformer": ComponentDescriptor(
             component="transformer",
             inputs=(
-                TensorSpec("hidden_states", "float32", ("batch", "image_tokens", t.in_channels)),
-                TensorSpec("timestep", "float32", ("batch",)),
-                TensorSpec("encoder_hidden_states", "float32", ("batch", t5_seq, t.joint_attention_dim)),
-                TensorSpec("pooled_projections", "float32", ("batch", t.pooled_projection_dim)),
-                TensorSpec("img_ids", "float32", ("batch", "image_tokens", 3)),
-                TensorSpec("txt_ids", "float32", ("batch", t5_seq, 3)),
+                *transformer_inputs,
+                TensorSpec("condition_latents", "float32", ("batch", "condition_tokens", t.in_channels)),
+                TensorSpec("condition_ids", "float32", ("batch", "condition_tokens", 3)),
+                TensorSpec("lora_scale", "float32", ("batch", 1)),
+                TensorSpec("condition_bias", "float32", ("batch", 1)),
+            ),
+            outputs=(TensorSpec("noise_pred", "float32", ("batch", "image_tokens", t.in_channels)),),
+            profile={"batch": step_batch, "image_tokens": tokens, "condition_tokens": tokens},
+        ),
+        # The cached mode (DIFFSERVE_OMINICONTROL_CONDITION=cached): condition keys/values from condition_kv.
+        "transformer_cached": ComponentDescriptor(
+            component="transformer_cached",
+            inputs=(
+                *transformer_inputs,
                 TensorSpec("condition_key", "float32", kv_dims),
                 TensorSpec("condition_value", "float32", kv_dims),
                 TensorSpec("condition_bias", "float32", ("batch", 1)),
@@ -355,13 +372,31 @@ def _omni_zero_descriptors(config: ModelConfig, specs: list[ModelSpec]) -> dict[
     }
 
 
+OMINICONTROL_CONDITION_ENV = "DIFFSERVE_OMINICONTROL_CONDITION"
+OMINICONTROL_CONDITION_MODES = ("joint", "cached")
+
+
+def ominicontrol_condition_mode() -> str:
+    """``joint`` (default: the reference's attention) or ``cached`` (independent condition, K/V once).
+
+    Read from ``DIFFSERVE_OMINICONTROL_CONDITION``; export and serving must see the same value,
+    since the cached mode needs the ``condition_kv`` and ``transformer_cached`` components.
+    """
+    import os
+
+    mode = os.environ.get(OMINICONTROL_CONDITION_ENV, "joint").strip().lower() or "joint"
+    if mode not in OMINICONTROL_CONDITION_MODES:
+        raise ValueError(f"{OMINICONTROL_CONDITION_ENV}={mode!r}: expected one of {', '.join(OMINICONTROL_CONDITION_MODES)}")
+    return mode
+
+
 def needed_components(config: ModelConfig, specs: list[ModelSpec]) -> list[str]:
     """Component names the slugs in ``specs`` call (the VAE encoder only for image inputs)."""
     names = ["text_encoder"] + [f"text_encoder_{i + 1}" for i in range(1, config.num_text_encoders)]
     if config.family == "flux":
         names.append("transformer")
-        if any(s.pipeline == "ominicontrol" for s in specs):
-            names.append("condition_kv")
+        if any(s.pipeline == "ominicontrol" for s in specs) and ominicontrol_condition_mode() == "cached":
+            names += ["condition_kv", "transformer_cached"]
     else:
         if any(s.pipeline != "omni_zero" for s in specs):
             names.append("unet")

@@ -2,7 +2,9 @@
 
 The networks are the ONNX files of an insightface model pack (antelopev2: ``scrfd_10g_bnkps.onnx``
 and ``glintr100.onnx``) and run as the ``face_detector`` and ``face_recognizer`` components; this
-module owns everything around them, in numpy and PIL: letterboxing to the detector's square
+module owns everything around them, in numpy and opencv (cv2, whose pixel conventions the
+reference relies on: insightface's ``scrfd.detect``/``face_align.norm_crop`` and InstantID's
+``draw_kps`` are reproduced operation for operation): letterboxing to the detector's square
 input, decoding the anchor-free SCRFD outputs (three strides, two anchors per cell, sigmoid
 scores, distances to the box sides and keypoint offsets in stride units), non-maximum
 suppression, similarity alignment of a face to ArcFace's 112x112 template, and the keypoint
@@ -16,9 +18,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
-import PIL.Image
-import PIL.ImageDraw
 
 from engine.catalog import InvalidRequest
 
@@ -102,20 +103,25 @@ def find_face_models(directory: str | Path) -> FaceModelFiles:
 def letterbox(image: np.ndarray, size: int = DET_SIZE) -> tuple[np.ndarray, float]:
     """RGB uint8 [H, W, 3] -> detector input [1, 3, size, size] and the image's scale factor.
 
-    The image is resized to fit the square keeping its aspect ratio and placed at the top-left
-    corner of a black canvas; pixels are normalised as (x - 127.5) / 128.
+    As insightface's ``SCRFD.detect``: the image is resized with ``cv2.resize`` (INTER_LINEAR) to
+    fit the square keeping its aspect ratio, placed at the top-left corner of a black uint8
+    canvas, and normalised as ``cv2.dnn.blobFromImage`` with mean 127.5 and std 128 does. (The
+    reference hands insightface BGR and ``blobFromImage`` swaps it back to RGB: ours stays RGB.)
     """
     height, width = image.shape[:2]
-    if height / width > 1.0:
-        new_h, new_w = size, int(size * width / height)
+    im_ratio = float(height) / width
+    if im_ratio > 1.0:
+        new_h = size
+        new_w = int(new_h / im_ratio)
     else:
-        new_w, new_h = size, int(size * height / width)
+        new_w = size
+        new_h = int(new_w * im_ratio)
     new_w, new_h = max(new_w, 1), max(new_h, 1)
-    resized = np.asarray(PIL.Image.fromarray(image).resize((new_w, new_h), PIL.Image.Resampling.BILINEAR))
-    canvas = np.zeros((size, size, 3), dtype=np.float32)
+    resized = cv2.resize(np.ascontiguousarray(image), (new_w, new_h))
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)
     canvas[:new_h, :new_w] = resized
-    blob = ((canvas - 127.5) / 128.0).transpose(2, 0, 1)[None]
-    return np.ascontiguousarray(blob, dtype=np.float32), new_h / height
+    blob = cv2.dnn.blobFromImage(canvas, 1.0 / 128.0, (size, size), (127.5, 127.5, 127.5), swapRB=False)
+    return np.ascontiguousarray(blob, dtype=np.float32), float(new_h) / height
 
 
 def anchor_centers(height: int, width: int, stride: int) -> np.ndarray:
@@ -212,14 +218,19 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def align_face(image: np.ndarray, keypoints: np.ndarray, size: int = FACE_SIZE) -> np.ndarray:
-    """Warp the face so its keypoints land on ArcFace's template: RGB uint8 [size, size, 3]."""
-    matrix = similarity_transform(keypoints, ARCFACE_TEMPLATE * (size / FACE_SIZE))
-    # PIL maps output pixels back to input pixels: hand it the inverse transform.
-    full = np.vstack([matrix, [0.0, 0.0, 1.0]])
-    inverse = np.linalg.inv(full)[:2].reshape(-1)
-    warped = PIL.Image.fromarray(image).transform((size, size), PIL.Image.Transform.AFFINE, tuple(inverse),
-                                                  resample=PIL.Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
-    return np.asarray(warped)
+    """Warp the face so its keypoints land on ArcFace's template: RGB uint8 [size, size, 3].
+
+    insightface's ``face_align.norm_crop``: the least-squares similarity of ``estimate_norm``
+    (skimage's ``SimilarityTransform.estimate``, i.e. Umeyama), then ``cv2.warpAffine`` (bilinear,
+    constant border 0) — cv2's pixel-centre convention, which PIL's affine transform does not share.
+    """
+    if size % 112 == 0:
+        template = ARCFACE_TEMPLATE * (size / 112.0)
+    else:  # insightface's 128-multiple layout: scaled, then shifted right by 8 px per 128
+        template = ARCFACE_TEMPLATE * (size / 128.0)
+        template[:, 0] += 8.0 * size / 128.0
+    matrix = similarity_transform(keypoints, template)
+    return cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), borderValue=0.0)
 
 
 def recognition_input(faces: list[np.ndarray]) -> np.ndarray:
@@ -230,38 +241,23 @@ def recognition_input(faces: list[np.ndarray]) -> np.ndarray:
 
 # -- IdentityNet condition -----------------------------------------------------------------------------
 
-def _ellipse_polygon(center: tuple[float, float], half_axes: tuple[int, int], angle_deg: int) -> list[tuple[int, int]]:
-    """Vertices of a rotated ellipse every degree, on integer pixels."""
-    (cx, cy), (a, b) = center, half_axes
-    alpha = math.radians(angle_deg)
-    cos_a, sin_a = math.cos(alpha), math.sin(alpha)
-    points = []
-    for deg in range(0, 361):
-        t = math.radians(deg)
-        x = cx + a * math.cos(t) * cos_a - b * math.sin(t) * sin_a
-        y = cy + a * math.cos(t) * sin_a + b * math.sin(t) * cos_a
-        point = (int(round(x)), int(round(y)))
-        if not points or points[-1] != point:
-            points.append(point)
-    return points
-
-
 def draw_keypoints(width: int, height: int, keypoints: np.ndarray) -> np.ndarray:
-    """InstantID's face-keypoint image on black: limbs to the nose at 60 %, then a disc per keypoint."""
-    canvas = PIL.Image.new("RGB", (width, height))
-    draw = PIL.ImageDraw.Draw(canvas)
+    """InstantID's / Omni-Zero's ``draw_kps`` on a black canvas: RGB uint8 [height, width, 3].
+
+    Limbs from each keypoint to the nose are ``cv2.ellipse2Poly`` polygons filled with
+    ``cv2.fillConvexPoly`` on a float canvas, which is then scaled by 0.6; each keypoint gets a
+    filled ``cv2.circle`` of radius 10 on top.
+    """
     kps = np.asarray(keypoints, dtype=np.float64)
+    canvas = np.zeros((height, width, 3))
     for start, end in KEYPOINT_LIMBS:
-        (x0, y0), (x1, y1) = kps[start], kps[end]
-        length = math.hypot(x0 - x1, y0 - y1)
-        angle = int(math.degrees(math.atan2(y0 - y1, x0 - x1)))
-        center = (int((x0 + x1) / 2), int((y0 + y1) / 2))
-        draw.polygon(_ellipse_polygon(center, (int(length / 2), LIMB_HALF_WIDTH), angle),
-                     fill=KEYPOINT_COLORS[start])
-    canvas = PIL.Image.fromarray((np.asarray(canvas) * 0.6).astype(np.uint8))
-    draw = PIL.ImageDraw.Draw(canvas)
-    r = KEYPOINT_RADIUS
+        x, y = kps[[start, end], 0], kps[[start, end], 1]
+        length = ((x[0] - x[1]) ** 2 + (y[0] - y[1]) ** 2) ** 0.5
+        angle = math.degrees(math.atan2(y[0] - y[1], x[0] - x[1]))
+        polygon = cv2.ellipse2Poly((int(np.mean(x)), int(np.mean(y))), (int(length / 2), LIMB_HALF_WIDTH),
+                                   int(angle), 0, 360, 1)
+        canvas = cv2.fillConvexPoly(canvas, polygon, KEYPOINT_COLORS[start])
+    canvas = (canvas * 0.6).astype(np.uint8)
     for (x, y), color in zip(kps, KEYPOINT_COLORS):
-        x, y = int(x), int(y)
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=color)
-    return np.asarray(canvas)
+        canvas = cv2.circle(canvas, (int(x), int(y)), KEYPOINT_RADIUS, color, -1)
+    return canvas

@@ -1,18 +1,26 @@
 """FLUX torch modules for OminiControl's condition tokens: the condition branch, its LoRA, the joint attention.
 
 OminiControl (Tan et al. 2024) feeds a VAE-encoded condition image to FLUX as extra tokens. They
-run through every block with the *image-stream* weights plus a rank-4 subject LoRA that acts on
-them alone (``x_embedder``, the AdaLN modulation ``norm1.linear`` / ``norm.linear``, attention
+run through every block with the *image-stream* weights plus a subject LoRA that acts on them
+alone (``x_embedder``, the AdaLN modulation ``norm1.linear`` / ``norm.linear``, attention
 ``to_q``/``to_k``/``to_v``/``to_out.0``, the MLP projections), with timestep 0 and their own RoPE
-ids. Text and image tokens then attend to the condition keys/values in every block.
+ids.
 
-Here the condition tokens attend only to themselves (OminiControl's "independent condition",
-used by its feature-reuse release). Their hidden states then depend on the condition image and
-the pooled prompt only, never on the noisy latents or the timestep, so the per-block keys and
-values are computed once per request (``ConditionKVModule``) and handed to every transformer call
-as plain tensors (``ConditionedFluxAttnProcessor``). A ``condition_bias`` of ``log(strength)`` is
-added to the attention logits of the condition keys (the reference's condition scale); ``-inf``
-switches the condition off exactly.
+Two attention modes, chosen by the caller:
+
+* **joint** (``FluxTransformerModule`` with condition tokens; the default): one attention over
+  text, image and condition tokens in every block, for every query — what the reference
+  generation code does as shipped (Yuanshi9815/OminiControl ``generate(kv_cache=False)``) and how
+  the subject LoRA was trained (``union_cond_attn: true``, ``independent_condition: false``).
+  The condition tokens see the noisy image, so the whole branch runs at every step.
+* **cached** (``ConditionKVModule`` + ``FluxCachedConditionTransformerModule``): the reference's
+  optional independent condition (``kv_cache=True``): condition tokens attend only to themselves,
+  so their per-block keys/values depend on the condition image and pooled prompt alone and are
+  computed once per request. Faster, but *not* what the LoRA was trained for: images differ.
+
+A ``condition_bias`` of ``log(strength)`` is added to the attention logits between condition and
+non-condition tokens (the older reference's ``condition_scale``); ``-inf`` switches the condition
+off exactly.
 """
 
 from __future__ import annotations
@@ -134,19 +142,15 @@ class LoRALinear(nn.Module):
 
 # -- the condition branch ---------------------------------------------------------------------------
 
-class ConditionKVModule(nn.Module):
-    """(condition_latents, condition_ids, pooled_projections, lora_scale) -> (condition_key, condition_value).
+class ConditionBranch(nn.Module):
+    """The condition tokens' path through a FLUX transformer: image-stream layers plus the LoRA on them."""
 
-    Runs the packed condition tokens through every block of ``transformer`` (image-stream weights,
-    LoRA on, timestep 0, self-attention among condition tokens only) and returns each block's keys
-    (RMS-normed, RoPE applied) and values, stacked as [B, blocks, Nc, heads, head_dim].
-    """
-
-    def __init__(self, transformer: nn.Module, lora: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, transformer: nn.Module, lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | nn.ModuleDict):
         super().__init__()
         self.transformer = transformer
         # ModuleDict keys may not contain dots.
-        self.lora = nn.ModuleDict({name.replace(".", "-"): LoRALinear(*w) for name, w in lora.items()})
+        self.lora = lora if isinstance(lora, nn.ModuleDict) else nn.ModuleDict(
+            {name.replace(".", "-"): LoRALinear(*w) for name, w in lora.items()})
 
     def _linear(self, name: str, linear: nn.Linear, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``linear(x)`` plus the LoRA update scaled per batch row, as PEFT computes it."""
@@ -163,11 +167,21 @@ class ConditionKVModule(nn.Module):
         return apply_rope(attn.norm_q(q), rope), apply_rope(attn.norm_k(k), rope), v
 
     @staticmethod
-    def _attend(attn, q, k, v):
+    def _attend(attn, q, k, v, mask=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        out = dispatch_attention_fn(q, k, v, backend=attn.processor._attention_backend)
+        out = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=attn.processor._attention_backend)
         return out.flatten(2, 3).to(q.dtype)
+
+
+class ConditionKVModule(ConditionBranch):
+    """(condition_latents, condition_ids, pooled_projections, lora_scale) -> (condition_key, condition_value).
+
+    The cached mode's condition pass: the packed condition tokens run through every block of
+    ``transformer`` (image-stream weights, LoRA on, timestep 0, self-attention among condition
+    tokens only) and it returns each block's keys (RMS-normed, RoPE applied) and values, stacked
+    as [B, blocks, Nc, heads, head_dim].
+    """
 
     def forward(self, condition_latents, condition_ids, pooled_projections, lora_scale):
         t = self.transformer
@@ -216,7 +230,7 @@ class ConditionKVModule(nn.Module):
         return torch.stack(keys, dim=1), torch.stack(values, dim=1)
 
 
-# -- the joint attention with condition keys --------------------------------------------------------
+# -- the cached mode: text and image attend to precomputed condition keys ----------------------------
 
 class ConditionedFluxAttnProcessor:
     """diffusers' ``FluxAttnProcessor``, whose text and image queries also attend to condition keys/values.
@@ -283,9 +297,9 @@ def install_condition_processors(transformer: nn.Module) -> None:
         block.attn.set_processor(ConditionedFluxAttnProcessor(index))
 
 
-class FluxTransformerModule(nn.Module):
+class FluxCachedConditionTransformerModule(nn.Module):
     """(hidden_states, timestep, encoder_hidden_states, pooled_projections, img_ids, txt_ids
-    [, condition_key, condition_value, condition_bias]) -> noise_pred.
+    [, condition_key, condition_value, condition_bias]) -> noise_pred: the cached mode's transformer.
 
     ``timestep`` is sigma in [0, 1] (the transformer scales it by 1000); ids are [B, N, 3] with
     identical rows, of which row 0 is used.
@@ -307,3 +321,116 @@ class FluxTransformerModule(nn.Module):
             pooled_projections=pooled_projections, img_ids=img_ids[0], txt_ids=txt_ids[0],
             joint_attention_kwargs=kwargs, return_dict=False,
         )[0]
+
+
+# -- the joint mode (the default): one attention over text, image and condition tokens ---------------
+
+def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+class FluxTransformerModule(ConditionBranch):
+    """(hidden_states, timestep, encoder_hidden_states, pooled_projections, img_ids, txt_ids
+    [, condition_latents, condition_ids, lora_scale, condition_bias]) -> noise_pred.
+
+    Without condition tokens this is diffusers' ``FluxTransformer2DModel`` forward. With them, every
+    block runs three streams — text (context weights), image (image-stream weights, timestep t) and
+    condition (image-stream weights + LoRA, timestep 0) — whose queries all attend to the keys of
+    all three, as the reference's ``transformer_forward`` with its default all-ones group mask. Each
+    stream takes its AdaLN modulation from its own timestep embedding (the reference's per-branch
+    ``tembs``). ``timestep`` is sigma in [0, 1]; ids are [B, N, 3] with identical rows.
+    """
+
+    def __init__(self, transformer: nn.Module,
+                 lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | nn.ModuleDict | None = None):
+        super().__init__(transformer, lora or {})
+        install_condition_processors(transformer)  # plain path: equal to FluxAttnProcessor
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, img_ids, txt_ids,
+                condition_latents=None, condition_ids=None, lora_scale=None, condition_bias=None):
+        t = self.transformer
+        if condition_latents is None:
+            return t(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                     pooled_projections=pooled_projections, img_ids=img_ids[0], txt_ids=txt_ids[0],
+                     return_dict=False)[0]
+        if not len(self.lora):
+            raise ValueError("condition tokens given, but this transformer was loaded without a condition LoRA")
+        scale = lora_scale.to(hidden_states.dtype)
+        bias = condition_bias.to(hidden_states.dtype)
+        x = t.x_embedder(hidden_states)
+        c = self._linear("x_embedder", t.x_embedder, condition_latents, scale)
+        e = t.context_embedder(encoder_hidden_states)
+        timestep = timestep.to(hidden_states.dtype) * 1000
+        temb = t.time_text_embed(timestep, pooled_projections)
+        temb_c = t.time_text_embed(torch.zeros_like(timestep), pooled_projections)  # the condition is clean
+        emb_c = F.silu(temb_c)
+        rope = t.pos_embed(torch.cat([txt_ids[0], img_ids[0]], dim=0))
+        rope_c = t.pos_embed(condition_ids[0])
+        text_len = e.shape[1]
+
+        for i, block in enumerate(t.transformer_blocks):
+            p, attn = f"transformer_blocks.{i}", block.attn
+            nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(x, emb=temb)
+            ne, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(e, emb=temb)
+            mod = self._linear(f"{p}.norm1.linear", block.norm1.linear, emb_c, scale)
+            k_shift_msa, k_scale_msa, k_gate_msa, k_shift_mlp, k_scale_mlp, k_gate_mlp = mod.chunk(6, dim=1)
+            nc = block.norm1.norm(c) * (1 + k_scale_msa[:, None]) + k_shift_msa[:, None]
+
+            heads = (-1, attn.head_dim)
+            q = torch.cat([attn.norm_added_q(attn.add_q_proj(ne).unflatten(-1, heads)),
+                           attn.norm_q(attn.to_q(nx).unflatten(-1, heads))], dim=1)
+            k = torch.cat([attn.norm_added_k(attn.add_k_proj(ne).unflatten(-1, heads)),
+                           attn.norm_k(attn.to_k(nx).unflatten(-1, heads))], dim=1)
+            v = torch.cat([attn.add_v_proj(ne).unflatten(-1, heads), attn.to_v(nx).unflatten(-1, heads)], dim=1)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            qc, kc, vc = self._qkv(p, attn, nc, rope_c, scale)
+            out, out_c = self._joint_attention(attn, (q, k, v), (qc, kc, vc), bias)
+            out_e, out_x = out[:, :text_len], out[:, text_len:]
+
+            x = x + gate_msa.unsqueeze(1) * attn.to_out[1](attn.to_out[0](out_x))
+            x = x + gate_mlp.unsqueeze(1) * block.ff(block.norm2(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+            e = e + c_gate_msa.unsqueeze(1) * attn.to_add_out(out_e)
+            e = e + c_gate_mlp.unsqueeze(1) * block.ff_context(
+                block.norm2_context(e) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
+            c = c + k_gate_msa.unsqueeze(1) * self._linear(f"{p}.attn.to_out.0", attn.to_out[0], out_c, scale)
+            h = block.norm2(c) * (1 + k_scale_mlp[:, None]) + k_shift_mlp[:, None]
+            gelu = block.ff.net[0]
+            h = gelu.gelu(self._linear(f"{p}.ff.net.0.proj", gelu.proj, h, scale))
+            c = c + k_gate_mlp.unsqueeze(1) * self._linear(f"{p}.ff.net.2", block.ff.net[2], h, scale)
+            x, e, c = _clip_fp16(x), _clip_fp16(e), _clip_fp16(c)
+
+        h_main = torch.cat([e, x], dim=1)
+        for j, block in enumerate(t.single_transformer_blocks):
+            p, attn = f"single_transformer_blocks.{j}", block.attn
+            nm, gate = block.norm(h_main, emb=temb)
+            mlp = block.act_mlp(block.proj_mlp(nm))
+            heads = (-1, attn.head_dim)
+            q = apply_rope(attn.norm_q(attn.to_q(nm).unflatten(-1, heads)), rope)
+            k = apply_rope(attn.norm_k(attn.to_k(nm).unflatten(-1, heads)), rope)
+            v = attn.to_v(nm).unflatten(-1, heads)
+            mod = self._linear(f"{p}.norm.linear", block.norm.linear, emb_c, scale)
+            k_shift, k_scale, k_gate = mod.chunk(3, dim=1)
+            nc = block.norm.norm(c) * (1 + k_scale[:, None]) + k_shift[:, None]
+            mlp_c = block.act_mlp(self._linear(f"{p}.proj_mlp", block.proj_mlp, nc, scale))
+            qc, kc, vc = self._qkv(p, attn, nc, rope_c, scale)
+            out, out_c = self._joint_attention(attn, (q, k, v), (qc, kc, vc), bias)
+            h_main = _clip_fp16(h_main + gate.unsqueeze(1) * block.proj_out(torch.cat([out, mlp], dim=2)))
+            c = _clip_fp16(c + k_gate.unsqueeze(1) * self._linear(f"{p}.proj_out", block.proj_out,
+                                                                  torch.cat([out_c, mlp_c], dim=2), scale))
+
+        x = t.norm_out(h_main[:, text_len:], temb)
+        return t.proj_out(x)
+
+    def _joint_attention(self, attn, main, cond, bias):
+        """Text+image queries and condition queries, each over the keys of all three streams.
+
+        Two calls with per-key masks rather than one with a [S, S] mask: the condition bias sits on
+        the condition keys for text/image queries and on the text/image keys for condition queries
+        (``log(strength)`` both ways, as the older reference's ``condition_scale``).
+        """
+        (q, k, v), (qc, kc, vc) = main, cond
+        key, value = torch.cat([k, kc], dim=1), torch.cat([v, vc], dim=1)
+        zeros, zeros_c = torch.zeros_like(k[:, :, 0, 0]), torch.zeros_like(kc[:, :, 0, 0])
+        mask = torch.cat([zeros, zeros_c + bias], dim=1)[:, None, None, :]
+        mask_c = torch.cat([zeros + bias, zeros_c], dim=1)[:, None, None, :]
+        return self._attend(attn, q, key, value, mask), self._attend(attn, qc, key, value, mask_c)

@@ -121,7 +121,10 @@ def _load_flux_modules(root: Path, dtype: torch.dtype, wanted: set[str],
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from engine.flux_condition import ConditionKVModule, FluxTransformerModule, read_condition_lora
+    from engine.flux_condition import (
+        ConditionKVModule, FluxCachedConditionTransformerModule, FluxTransformerModule, LoRALinear,
+        read_condition_lora,
+    )
 
     kw = {"torch_dtype": dtype}
     mods: dict[str, nn.Module] = {}
@@ -129,19 +132,24 @@ def _load_flux_modules(root: Path, dtype: torch.dtype, wanted: set[str],
         mods["text_encoder"] = TextEncoderModule(CLIPTextModel.from_pretrained(root / "text_encoder", **kw))
     if "text_encoder_2" in wanted:
         mods["text_encoder_2"] = T5EncoderModule(T5EncoderModel.from_pretrained(root / "text_encoder_2", **kw))
-    if wanted & {"transformer", "condition_kv"}:
-        # One set of weights serves both: the condition branch reuses the image-stream layers.
+    if wanted & {"transformer", "condition_kv", "transformer_cached"}:
+        # One set of weights serves all three: the condition branch reuses the image-stream layers.
         transformer = FluxTransformer2DModel.from_pretrained(root / "transformer", **kw)
+        lora_path = Path(condition_lora) if condition_lora else find_condition_lora(root)
+        lora = None
+        if lora_path is not None:
+            weights = read_condition_lora(lora_path, transformer)
+            lora = nn.ModuleDict({name.replace(".", "-"): LoRALinear(*w) for name, w in weights.items()}).to(dtype)
+            logger.info("condition LoRA %s: %d adapted layers", lora_path, len(weights))
+        elif wanted & {"condition_kv"}:
+            raise FileNotFoundError(f"no condition LoRA: put the OminiControl subject LoRA (.safetensors) in "
+                                    f"{root / CONDITION_LORA_DIR}/ or pass its path")
         if "transformer" in wanted:
-            mods["transformer"] = FluxTransformerModule(transformer)
+            mods["transformer"] = FluxTransformerModule(transformer, lora)
+        if "transformer_cached" in wanted:
+            mods["transformer_cached"] = FluxCachedConditionTransformerModule(transformer)
         if "condition_kv" in wanted:
-            lora_path = Path(condition_lora) if condition_lora else find_condition_lora(root)
-            if lora_path is None:
-                raise FileNotFoundError(f"no condition LoRA: put the OminiControl subject LoRA (.safetensors) in "
-                                        f"{root / CONDITION_LORA_DIR}/ or pass its path")
-            lora = read_condition_lora(lora_path, transformer)
-            mods["condition_kv"] = ConditionKVModule(transformer, lora).to(dtype)
-            logger.info("condition LoRA %s: %d adapted layers", lora_path, len(lora))
+            mods["condition_kv"] = ConditionKVModule(transformer, lora)
     return mods
 
 
@@ -156,11 +164,11 @@ def load_component_modules(checkpoint: str | Path, dtype: torch.dtype = torch.fl
     kw = {"torch_dtype": dtype}
     if read_model_config(root).family == "flux":
         wanted = set(components or ["text_encoder", "text_encoder_2", "transformer", "condition_kv",
-                                    "vae_encoder", "vae_decoder"])
+                                    "transformer_cached", "vae_encoder", "vae_decoder"])
         if components is None and find_condition_lora(root) is None and condition_lora is None:
-            wanted.discard("condition_kv")  # plain FLUX checkpoint
+            wanted -= {"condition_kv", "transformer_cached"}  # plain FLUX checkpoint
         mods = _load_flux_modules(root, dtype, wanted, condition_lora)
-        wanted -= {"text_encoder", "text_encoder_2", "transformer", "condition_kv"}
+        wanted -= {"text_encoder", "text_encoder_2", "transformer", "condition_kv", "transformer_cached"}
     elif is_omni_zero_checkpoint(root):
         # Omni-Zero's denoiser is ``controlnet_unet``; the plain UNet loads only when asked for.
         wanted = set(components or ["text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder",
@@ -261,7 +269,7 @@ class TorchComponents(NamedTensorComponents):
     def run_component(self, component: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if component not in self.modules:
             raise KeyError(f"{self.checkpoint} has no {component!r} component loaded"
-                           + (" (no condition LoRA found)" if component == "condition_kv" else ""))
+                           + (" (no condition LoRA found)" if component in ("condition_kv", "transformer_cached") else ""))
         desc = self.descriptors[component]
         dtype = self.vae_dtype if component.startswith("vae") else self.dtype
         runner = self._runners[component]

@@ -27,7 +27,8 @@ OPSET = 17
 PRECISIONS = ("fp32", "fp16")
 # Checkpoint sub-directories holding each component's weights, for the up-to-date fingerprint.
 SOURCE_DIRS = {"text_encoder": ("text_encoder",), "text_encoder_2": ("text_encoder_2",), "unet": ("unet",),
-               "transformer": ("transformer",), "condition_kv": ("transformer", "condition_lora"),
+               "transformer": ("transformer", "condition_lora"), "transformer_cached": ("transformer",),
+               "condition_kv": ("transformer", "condition_lora"),
                "vae_encoder": ("vae",), "vae_decoder": ("vae",)}
 # Omni-Zero (engine.omni_zero_checkpoint). The face models ship as ONNX and are not traced.
 SOURCE_DIRS.update({"image_encoder": ("image_encoder",), "ip_projection": ("ip_adapter",),

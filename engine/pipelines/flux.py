@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from engine.catalog import InvalidRequest, resolve_seed
-from engine.components import Components, ConditionKV
+from engine.components import Components, ConditionKV, ConditionTokens
 from engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, device_plan, make_generator, randn, tokenize,
 )
@@ -121,12 +121,12 @@ def denoise(
     embeds: FluxPromptEmbeds,
     img_ids: torch.Tensor,
     control: RunControl,
-    condition: Callable[[int], ConditionKV | None] | None = None,
+    condition: Callable[[int], ConditionTokens | ConditionKV | None] | None = None,
 ) -> torch.Tensor:
     """Flow-matching Euler: velocity from the transformer, then x <- x + (sigma_next - sigma) v.
 
-    ``condition(step)`` supplies the condition keys/values for a step (OminiControl); ``None``
-    runs plain FLUX.
+    ``condition(step)`` supplies OminiControl's condition for a step (its tokens, or cached
+    keys/values); ``None`` runs plain FLUX.
     """
     timesteps = scheduler.timesteps
     total = len(timesteps)

@@ -3,13 +3,20 @@
 The input image is center-cropped to a square, resized to 512², VAE-encoded and packed into
 1024 condition tokens whose RoPE ids are shifted by ``POSITION_DELTA`` = (0, 32) columns, so the
 subject sits beside the generated image rather than on it. The condition tokens run through
-every block at timestep 0 with the subject LoRA on (``condition_kv`` component), and text and
-image tokens attend to their keys/values in every joint attention (``transformer`` component).
-Schnell's flow-matching Euler loop is ``engine.pipelines.flux``'s; only image tokens are decoded.
+every block at timestep 0 with the subject LoRA on them alone. Schnell's flow-matching Euler loop
+is ``engine.pipelines.flux``'s; only image tokens are decoded.
 
-The condition tokens attend only to themselves, so their keys/values do not change with the
-timestep: with ``cache_condition`` (the default) they are computed once per request instead of
-once per step — same images, one condition pass instead of ``steps``.
+Two condition modes (``condition_mode``; the default from ``DIFFSERVE_OMINICONTROL_CONDITION``):
+
+* ``joint`` (default) reproduces the reference generation code as shipped
+  (Yuanshi9815/OminiControl ``generate`` with ``kv_cache=False``) and the subject LoRA's training
+  (``union_cond_attn``, no independent condition): in every block text, image and condition
+  tokens all attend to one another, so the condition tokens go through the ``transformer`` at
+  every step.
+* ``cached`` is the reference's optional independent condition (``kv_cache=True``): condition
+  tokens attend only to themselves, so their per-block keys/values (``condition_kv``) are computed
+  once per request and ``transformer_cached`` attends to them. Faster, but the images differ from
+  the reference default (the LoRA was not trained so); see the README for the measured gap.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import PIL.Image
 import torch
 
 from engine.catalog import InvalidRequest, get_model, resolve_seed
-from engine.components import Components, ConditionKV
+from engine.components import Components, ConditionKV, ConditionTokens
+from engine.descriptors import OMINICONTROL_CONDITION_MODES, ominicontrol_condition_mode
 from engine.pipelines import flux
 from engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, image_to_tensor, make_generator, sample_latent_dist,
@@ -49,28 +57,32 @@ def center_crop_square(image: PIL.Image.Image | np.ndarray, size: int) -> PIL.Im
 
 
 class SubjectCondition:
-    """The condition tokens of one request, and their per-block keys/values for each step.
+    """The condition of one request, as each step's ``transformer`` call takes it.
 
-    With ``cache`` the keys/values are computed on the first call and reused; without it they are
-    recomputed at every step (what the reference does), giving the same numbers.
+    ``joint``: the condition tokens themselves, every step. ``cached``: their per-block
+    keys/values, computed on the first call and reused with ``cache`` (else recomputed at every
+    step, giving the same numbers: in this mode they do not depend on the step).
     """
 
     def __init__(self, components: Components, tokens: torch.Tensor, ids: torch.Tensor, pooled: torch.Tensor,
-                 lora_scale: float, strength: float, cache: bool):
+                 lora_scale: float, strength: float, cache: bool, mode: str = "joint"):
         self.components = components
         self.tokens, self.ids, self.pooled = tokens, ids, pooled
         batch = tokens.shape[0]
         self.lora_scale = torch.full((batch, 1), float(lora_scale), device=tokens.device)
-        # Attention logits of condition keys get log(strength): 1 = as trained, 0 = condition off exactly.
+        # Logits between condition and other tokens get log(strength): 1 = as trained, 0 = condition off exactly.
         self.bias = torch.full((batch, 1), math.log(strength) if strength > 0 else -math.inf, device=tokens.device)
         self.cache = cache
+        self.mode = mode
         self._kv: ConditionKV | None = None
 
     def compute(self) -> ConditionKV:
         key, value = self.components.condition_kv(self.tokens, self.ids, self.pooled, self.lora_scale)
         return ConditionKV(key, value, self.bias)
 
-    def __call__(self, step: int) -> ConditionKV:
+    def __call__(self, step: int) -> ConditionTokens | ConditionKV:
+        if self.mode == "joint":
+            return ConditionTokens(self.tokens, self.ids, self.lora_scale, self.bias)
         if not self.cache:
             return self.compute()
         if self._kv is None:
@@ -103,6 +115,7 @@ def generate(
     seed: int = -1,
     condition_strength: float = 1.0,
     lora_scale: float = 1.0,
+    condition_mode: str | None = None,
     cache_condition: bool = True,
     max_sequence_length: int | None = None,
     control: RunControl | None = None,
@@ -116,6 +129,9 @@ def generate(
         raise InvalidRequest(f"num_inference_steps must be at least 1, got {num_inference_steps}")
     if condition_strength < 0:
         raise InvalidRequest(f"condition_strength must be >= 0, got {condition_strength}")
+    mode = condition_mode or ominicontrol_condition_mode()
+    if mode not in OMINICONTROL_CONDITION_MODES:
+        raise ValueError(f"condition_mode must be one of {', '.join(OMINICONTROL_CONDITION_MODES)}, got {mode!r}")
     seed = resolve_seed(seed)
     generator = make_generator(seed)
 
@@ -126,12 +142,12 @@ def generate(
     # 3. Prepare latents (noise is drawn before the condition's posterior sample, as in the reference)
     latents, img_ids = flux.prepare_latents(components, num_images, width, height, generator)
 
-    # 4. Encode the condition image into tokens; with the cache, its keys/values once
+    # 4. Encode the condition image into tokens; in the cached mode, its keys/values once
     with timer.stage("encode_image"):
         tokens, ids = encode_condition(components, image, num_images, generator)
     condition = SubjectCondition(components, tokens, ids, embeds.pooled, lora_scale, condition_strength,
-                                 cache_condition)
-    if cache_condition:
+                                 cache_condition, mode)
+    if mode == "cached" and cache_condition:
         with timer.stage("condition_kv"):
             condition(0)
 

@@ -1,9 +1,10 @@
 """FLUX.1-schnell and OminiControl: our loop equals diffusers' FluxPipeline; the condition path is exact.
 
 The condition path cannot be compared with a diffusers pipeline (there is none), so it is pinned
-by identities: a zero-strength condition with its LoRA off is plain FLUX, cached and recomputed
-condition keys/values give the same images, and the input image, the LoRA scale and the
-condition itself each change the output. Every new component exports to ONNX equal to torch.
+by identities here — a zero-strength condition with its LoRA off is plain FLUX, the cached mode's
+cached and recomputed condition keys/values give the same images, and the input image, the LoRA
+scale and the condition itself each change the output — and against an independent reference in
+``test_ominicontrol_reference.py``. Every new component exports to ONNX equal to torch.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def test_zero_strength_condition_with_lora_off_is_plain_flux(components, subject
 
 
 def test_cached_condition_kv_equals_recomputed_and_is_computed_once(components, subject):
-    kw = dict(image=subject, prompt=PROMPT, width=128, height=128, num_inference_steps=4, seed=7)
+    kw = dict(image=subject, prompt=PROMPT, width=128, height=128, num_inference_steps=4, seed=7,
+              condition_mode="cached")
     counter = CountingComponents(components)
     try:
         cached = ominicontrol.generate(components, cache_condition=True, **kw)
@@ -104,12 +106,32 @@ def test_cached_condition_kv_equals_recomputed_and_is_computed_once(components, 
         counter.calls.clear()
         recomputed = ominicontrol.generate(components, cache_condition=False, **kw)
         recomputed_calls = dict(counter.calls)
+        counter.calls.clear()
+        joint = ominicontrol.generate(components, **{**kw, "condition_mode": "joint"})
+        joint_calls = dict(counter.calls)
     finally:
         counter.restore()
     assert np.abs(cached.images - recomputed.images).max() <= TOL
     assert cached_calls["condition_kv"] == 1 and recomputed_calls["condition_kv"] == 4
-    assert cached_calls["transformer"] == recomputed_calls["transformer"] == 4
+    assert cached_calls["transformer_cached"] == recomputed_calls["transformer_cached"] == 4
     assert "condition_kv" in cached.timings
+    # The default joint mode runs the condition tokens inside every transformer call instead.
+    assert "condition_kv" not in joint_calls and joint_calls["transformer"] == 4
+    assert "condition_kv" not in joint.timings
+
+
+def test_condition_mode_comes_from_the_environment(components, subject, monkeypatch):
+    from engine.descriptors import needed_components
+
+    kw = dict(image=subject, prompt=PROMPT, width=64, height=64, num_inference_steps=1, seed=2)
+    monkeypatch.setenv("DIFFSERVE_OMINICONTROL_CONDITION", "cached")
+    cached = ominicontrol.generate(components, **kw)
+    assert "condition_kv" in cached.timings
+    assert {"condition_kv", "transformer_cached"} <= set(needed_components(components.config,
+                                                                           [get_model("ominicontrol")]))
+    monkeypatch.setenv("DIFFSERVE_OMINICONTROL_CONDITION", "bogus")
+    with pytest.raises(ValueError, match="DIFFSERVE_OMINICONTROL_CONDITION"):
+        ominicontrol.generate(components, **kw)
 
 
 def test_input_image_and_lora_scale_change_the_output(components, subject):
@@ -178,7 +200,7 @@ def test_seed_page_example_runs_through_the_catalog(components, subject):
     assert (out.images.min(), out.images.max()) >= (0.0, 0.0) and out.images.max() <= 1.0
     assert out.seed == 4710825087 and out.steps == 8 and seen[-1] == (8, 8) and len(seen) == 8
     assert get_model("ominicontrol").output_size == (512, 512)
-    assert set(out.timings) >= {"encode_text", "encode_image", "condition_kv", "denoise", "decode", "total"}
+    assert set(out.timings) >= {"encode_text", "encode_image", "denoise", "decode", "total"}
 
 
 def test_lora_file_is_in_the_diffusers_peft_format(flux_dir, flux_pipe, tmp_path, caplog):
@@ -241,7 +263,8 @@ def exported(flux_dir, tmp_path_factory):
 
     config = read_model_config(flux_dir)
     specs = [get_model("ominicontrol")]
-    names = needed_components(config, specs)
+    # The default (joint) components, and the cached mode's two as well.
+    names = needed_components(config, specs) + ["condition_kv", "transformer_cached"]
     descs = component_descriptors(config, specs)
     modules = load_component_modules(flux_dir, components=names)
     out = tmp_path_factory.mktemp("flux-onnx")
@@ -249,8 +272,8 @@ def exported(flux_dir, tmp_path_factory):
 
 
 def test_every_flux_component_exports_to_onnx_equal_to_torch(exported):
-    assert set(exported) == {"text_encoder", "text_encoder_2", "transformer", "condition_kv", "vae_encoder",
-                             "vae_decoder"}
+    assert set(exported) == {"text_encoder", "text_encoder_2", "transformer", "condition_kv", "transformer_cached",
+                             "vae_encoder", "vae_decoder"}
     for name, result in exported.items():
         assert result.max_abs_diff is not None and result.max_abs_diff <= TOL, (name, result.max_abs_diff)
 
@@ -260,6 +283,7 @@ def test_ominicontrol_runs_the_same_through_onnx_runtime(components, flux_dir, e
 
     onnx = OnnxComponents(flux_dir, {name: r.path for name, r in exported.items()})
     kw = dict(image=subject, prompt=PROMPT, width=128, height=128, num_inference_steps=2, seed=11)
-    ours = ominicontrol.generate(components, **kw).images
-    via_onnx = ominicontrol.generate(onnx, **kw).images
-    assert np.abs(ours - via_onnx).max() <= TOL
+    for mode in ("joint", "cached"):
+        ours = ominicontrol.generate(components, condition_mode=mode, **kw).images
+        via_onnx = ominicontrol.generate(onnx, condition_mode=mode, **kw).images
+        assert np.abs(ours - via_onnx).max() <= TOL, mode
