@@ -47,7 +47,8 @@ class _StubParams:
     @classmethod
     def from_model_config(cls: type[_P], config: Mapping[str, Any]) -> _P:
         """Parse the ``parameters`` of a model config (the JSON Triton passes to ``initialize``)."""
-        raw = {k: v["string_value"] for k, v in (config.get("parameters") or {}).items()}
+        # proto3 JSON may leave out an empty string_value
+        raw = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         hints = typing.get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         unknown = sorted(set(raw) - set(names))
