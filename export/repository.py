@@ -5,8 +5,11 @@ For each checkpoint: one python-backend component model per network it serves
 directory and dynamic batching. For each slug: a decoupled pipeline model named as the slug
 (Triton accepts ``.`` and ``-`` in model names) in the first requested mode, plus
 ``<slug>__<mode>`` for each further mode. Every ``config.pbtxt`` is generated from the
-catalog and the component descriptors. ``repository.json`` records what was built, for the
-server launcher and the API.
+catalog and the component descriptors, its ``parameters`` from the typed dataclasses of
+``export.stub_params``. ``export_components`` is the one export loop over a checkpoint's
+components (the engine benchmark uses it too); it and the model writing log one line per
+checkpoint and per slug. ``repository.json`` records what was built, for the server launcher
+and the API.
 """
 
 from __future__ import annotations

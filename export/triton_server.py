@@ -398,8 +398,8 @@ class TritonServer:
             raise TritonLaunchError(f"cannot prepare Triton work directory: {exc}") from exc
 
         LOGGER.info(
-            "starting Triton: repository=%s http=%s grpc=%s metrics=%s",
-            repository, self.http_url, self.grpc_url, self.metrics_url,
+            "starting Triton: repository=%s http=%s grpc=%s metrics=%s log=%s",
+            repository, self.http_url, self.grpc_url, self.metrics_url, cfg.log_file or "(not kept)",
         )
         LOGGER.debug("command: %s", " ".join(cmd))
         try:
