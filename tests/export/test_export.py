@@ -82,12 +82,14 @@ def test_profiles_cover_every_catalog_resolution_and_batch(sd15_dir):
 def test_export_components_reuses_the_cached_artifacts_and_logs_one_line(sd15_exports, sd15_dir, caplog):
     import logging
 
+    from engine.descriptors import family_specs
     from export.repository import export_components
 
     out, _, modules, results = sd15_exports
     caplog.set_level(logging.DEBUG, logger="export")
-    exported = export_components(sd15_dir, [get_model("sd1.5-img2img")], lambda _component: out, "fp32",
-                                 modules=modules, label="sd1.5-img2img")
+    specs = family_specs(read_model_config(sd15_dir))  # what the fixture's descriptors were made for
+    exported = export_components(sd15_dir, specs, lambda _component: out, "fp32", modules=modules,
+                                 label="sd1.5-img2img")
     assert {name: e.artifact for name, e in exported.items()} == {name: r.path for name, r in results.items()}
     assert all(e.onnx.skipped for e in exported.values())
     progress = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
