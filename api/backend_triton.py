@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.backend import (
     BackendError, BackendResult, BackendTimeout, BackendUnavailable, GenerationFailed, InputRejected, ProgressCallback,
@@ -17,6 +17,9 @@ from export.triton_client import (
     TritonGenerationFailed, TritonOutput, TritonPipelineClient, TritonRequestError, TritonRequestRejected,
     TritonTimeout, TritonUnavailable,
 )
+
+if TYPE_CHECKING:
+    from api.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -80,33 +83,30 @@ class ManagedTritonBackend(TritonBackend):
         await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
 
 
-def create_triton_backend(settings, demo: bool) -> TritonBackend:
+def create_triton_backend(settings: Settings, demo: bool) -> TritonBackend:
     """The backend ``diffserve serve --backend triton`` uses.
 
     With ``settings.triton_url`` it connects to a Triton server someone else runs (the model
     repository, for its manifest, is ``settings.repository``); otherwise it starts one on the
     repository (the demo repository with ``demo``: tiny checkpoints, exported on first use).
     """
-    from export.triton_server import TritonServer, TritonServerConfig
     from export.repository import read_manifest
+    from export.triton_server import TritonServer, TritonServerConfig
 
-    repository = getattr(settings, "repository", None)
+    repository = settings.repository
     if demo:
         from export.repository import build_demo_repository
 
-        repository = build_demo_repository(Path(repository) if repository else None).repository
+        repository = build_demo_repository(repository).repository
     if repository is None:
         raise SystemExit("--backend triton needs a model repository: --repository DIR "
                          "(built by `diffserve export`) or --demo")
     pipelines = read_manifest(repository)["pipelines"]
-    timeout = float(getattr(settings, "triton_timeout_s", None) or getattr(settings, "job_timeout_s", 600.0))
-    url = getattr(settings, "triton_url", None)
-    if url:
-        return TritonBackend(url, pipelines, timeout_s=timeout)
-    data_dir = Path(getattr(settings, "data_dir", "var/api"))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(TritonServerConfig(
-        repository=Path(repository), log_file=data_dir / "triton.log",
-        startup_timeout_s=float(getattr(settings, "triton_startup_timeout_s", 600.0))))
+    timeout = settings.triton_timeout_s or settings.job_timeout_s
+    if settings.triton_url:
+        return TritonBackend(settings.triton_url, pipelines, timeout_s=timeout)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    server = TritonServer(TritonServerConfig(repository=Path(repository), log_file=settings.data_dir / "triton.log",
+                                             startup_timeout_s=settings.triton_startup_timeout_s))
     server.start()
     return ManagedTritonBackend(server, pipelines, timeout_s=timeout)

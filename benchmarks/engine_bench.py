@@ -197,22 +197,11 @@ def _export_artifacts(slug: str, checkpoint: Path, modules: dict[str, torch.nn.M
                       precision: str, tensorrt: bool) -> dict[str, Path]:
     """ONNX (and TensorRT plans) of the slug's components; cached by source fingerprint."""
     from engine.catalog import get_model
-    from engine.checkpoint import read_model_config
-    from engine.descriptors import component_descriptors, needed_components
-    from export.onnx_export import build_tensorrt_engine, export_component
+    from export.repository import export_components
 
-    config = read_model_config(checkpoint)
-    specs = [get_model(slug)]
-    descs = component_descriptors(config, specs)
-    out: dict[str, Path] = {}
-    for name in needed_components(config, specs):
-        logger.info("exporting %s to ONNX (%s) under %s", name, precision, out_root)
-        result = export_component(modules[name], descs[name], checkpoint, out_root, precision, verify=False)
-        out[name] = result.path
-        if tensorrt:
-            logger.info("building the TensorRT engine of %s", name)
-            out[name] = build_tensorrt_engine(result.path, descs[name], out_root, precision)
-    return out
+    exported = export_components(checkpoint, [get_model(slug)], lambda _component: out_root, precision,
+                                 modules=modules, tensorrt=tensorrt, verify=False, label=slug)
+    return {name: e.artifact for name, e in exported.items()}
 
 
 def _artifact_root(cfg: EngineBenchConfig, checkpoint: Path) -> Path:

@@ -1,4 +1,8 @@
-"""``diffserve export`` and ``diffserve triton``: build a model repository, run Triton on it."""
+"""``diffserve export`` and ``diffserve triton``: build a model repository, run Triton on it.
+
+The one command line of the export package (``api/cli.py`` attaches these sub-commands); the
+work is done by ``export.repository`` and ``export.triton_server``.
+"""
 
 from __future__ import annotations
 
@@ -47,16 +51,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
+    from engine import home_dir
     from export.repository import build_demo_repository
-    from export.triton_server import main_cli
+    from export.triton_server import TritonServerConfig, serve_until_stopped
 
     repo = args.repository
     if args.demo:
-        repo = str(build_demo_repository().repository)
+        repo = build_demo_repository(repo).repository
     if not repo:
         print("give --repository DIR or --demo", file=sys.stderr)
         return 2
-    return main_cli(["--repository", repo, *args.triton_args])
+    try:
+        config = TritonServerConfig(
+            repository=repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+            host=args.host, log_verbose=args.log_verbose, model_control_mode=args.model_control_mode,
+            load_models=args.load_models, extra_pythonpath=args.pythonpath,
+            log_file=args.log_file or home_dir() / "triton.log", startup_timeout_s=args.startup_timeout,
+            exit_timeout_s=args.exit_timeout, extra_args=args.extra_args)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    return serve_until_stopped(config)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -81,9 +96,27 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--force", action="store_true", help="re-export even when artifacts are up to date")
     exp.set_defaults(func=cmd_export)
 
-    tri = sub.add_parser("triton", help="run tritonserver (from the nvidia-pytriton wheel) on a model repository")
-    tri.add_argument("--repository", help="model repository directory")
+    from export.triton_server import MODEL_CONTROL_MODES
+
+    tri = sub.add_parser("triton", help="run tritonserver (from the nvidia-pytriton wheel) on a model repository "
+                                        "until Ctrl-C/SIGTERM")
+    tri.add_argument("--repository", type=Path, help="model repository directory")
     tri.add_argument("--demo", action="store_true", help="build (if needed) and serve the demo repository")
-    tri.add_argument("triton_args", nargs=argparse.REMAINDER,
-                     help="further launcher options, e.g. --grpc-port 8001 (see `python -m export.triton_server -h`)")
+    tri.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    tri.add_argument("--http-port", type=int, default=None, help="default: a free port")
+    tri.add_argument("--grpc-port", type=int, default=None, help="default: a free port")
+    tri.add_argument("--metrics-port", type=int, default=None, help="default: a free port")
+    tri.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    tri.add_argument("--log-file", type=Path, default=None,
+                     help="Triton's whole log (default: triton.log under DIFFSERVE_HOME, var/); warnings and "
+                          "errors are echoed")
+    tri.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default="none")
+    tri.add_argument("--load-model", action="append", default=[], dest="load_models",
+                     help="with --model-control-mode explicit; repeatable, '*' for all")
+    tri.add_argument("--pythonpath", action="append", type=Path, default=[],
+                     help="extra import path for model.py files; repeatable")
+    tri.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    tri.add_argument("--exit-timeout", type=float, default=30.0,
+                     help="seconds a stopping server waits for in-flight requests and model unloads")
+    tri.add_argument("extra_args", nargs="*", metavar="TRITON_ARG", help="after --: passed to tritonserver")
     tri.set_defaults(func=cmd_triton)

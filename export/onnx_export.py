@@ -131,7 +131,7 @@ def export_component(module: torch.nn.Module, desc: ComponentDescriptor, checkpo
     path = artifact_path(out_root, desc.component, precision, onnx_toolkit())
     fingerprint = source_fingerprint(checkpoint, desc, precision)
     if not force and _is_current(path, fingerprint):
-        logger.info("%s is up to date: %s", desc.component, path)
+        logger.debug("%s is up to date: %s", desc.component, path)
         return ExportResult(desc.component, path, skipped=True, seconds=0.0)
 
     t0 = time.perf_counter()
@@ -159,7 +159,7 @@ def export_component(module: torch.nn.Module, desc: ComponentDescriptor, checkpo
     result = ExportResult(desc.component, path, skipped=False, seconds=time.perf_counter() - t0)
     if verify:
         result.max_abs_diff = compare_with_torch(module, desc, path, dtype, device)
-        logger.info("%s exported in %.1fs, max |onnx - torch| = %.2e", desc.component, result.seconds,
+        logger.debug("%s exported in %.1fs, max |onnx - torch| = %.2e", desc.component, result.seconds,
                     result.max_abs_diff)
     path.with_suffix(".json").write_text(json.dumps({
         "component": desc.component, "precision": precision, "toolkit": onnx_toolkit(),
@@ -210,7 +210,7 @@ def copy_onnx_component(source: Path, desc: ComponentDescriptor, checkpoint: Pat
         "checkpoint": str(checkpoint), "source": str(source), "max_abs_diff": result.max_abs_diff,
         "inputs": list(desc.input_names), "outputs": list(desc.output_names), "requested_precision": precision,
     }, indent=2))
-    logger.info("%s installed from %s (inputs/outputs renamed)", desc.component, source)
+    logger.debug("%s installed from %s (inputs/outputs renamed)", desc.component, source)
     return result
 
 

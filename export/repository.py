@@ -5,8 +5,11 @@ For each checkpoint: one python-backend component model per network it serves
 directory and dynamic batching. For each slug: a decoupled pipeline model named as the slug
 (Triton accepts ``.`` and ``-`` in model names) in the first requested mode, plus
 ``<slug>__<mode>`` for each further mode. Every ``config.pbtxt`` is generated from the
-catalog and the component descriptors. ``repository.json`` records what was built, for the
-server launcher and the API.
+catalog and the component descriptors, its ``parameters`` from the typed dataclasses of
+``export.stub_params``. ``export_components`` is the one export loop over a checkpoint's
+components (the engine benchmark uses it too); it and the model writing log one line per
+checkpoint and per slug. ``repository.json`` records what was built, for the server launcher
+and the API.
 """
 
 from __future__ import annotations
@@ -15,23 +18,28 @@ import json
 import logging
 import re
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine import home_dir
-from engine.catalog import get_model
+from engine.catalog import ModelSpec, get_model
 from engine.checkpoint import read_model_config
 from engine.descriptors import ComponentDescriptor, component_descriptors, needed_components
 from export.onnx_export import (
-    ExportError, build_tensorrt_engine, copy_onnx_component, export_component, tensorrt_toolkit,
+    ExportError, ExportResult, build_tensorrt_engine, copy_onnx_component, export_component, tensorrt_toolkit,
+)
+from export.stub_params import (
+    COMPONENT_RUNTIMES, FUSED_RUNTIMES, PIPELINE_MODES, ComponentModelParams, PipelineModelParams,
 )
 
 logger = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository" / "templates"
-RUNTIMES = ("onnxruntime", "tensorrt", "torch")
-MODES = ("bls", "fused")
+RUNTIMES = COMPONENT_RUNTIMES
+MODES = PIPELINE_MODES
 MANIFEST = "repository.json"
 _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                  "uint8": "TYPE_UINT8", "bytes": "TYPE_STRING"}
@@ -72,8 +80,8 @@ class RepositoryOptions:
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
-        if self.fused_runtime not in ("onnxruntime", "torch"):
-            raise ValueError("fused_runtime must be onnxruntime or torch")
+        if self.fused_runtime not in FUSED_RUNTIMES:
+            raise ValueError(f"fused_runtime must be one of {', '.join(FUSED_RUNTIMES)}")
         from engine.torch_optimize import TorchOptimizations
 
         self.torch_optimizations = TorchOptimizations.parse(self.torch_optimizations).spec()
@@ -122,11 +130,8 @@ def _scalar(v: Any) -> str:
     return str(v)
 
 
-def _parameters(params: dict[str, str]) -> list[dict]:
-    return [{"key": k, "value": {"string_value": str(v)}} for k, v in params.items()]
-
-
-def component_config(name: str, desc: ComponentDescriptor, params: dict[str, str], opts: RepositoryOptions) -> str:
+def component_config(name: str, desc: ComponentDescriptor, params: ComponentModelParams,
+                     opts: RepositoryOptions) -> str:
     """A component model: batched ones get dynamic batching with the batch axis implicit; an
     unbatched one (``max_batch_size: 0``, e.g. the face detector) lists its full shapes."""
     skip = 1 if desc.batched else 0
@@ -150,7 +155,7 @@ def component_config(name: str, desc: ComponentDescriptor, params: dict[str, str
         "input": tensors(desc.inputs),
         "output": tensors(desc.outputs),
         "instance_group": [{"count": opts.component_instances, "kind": _kind(opts.device)}],
-        "parameters": _parameters(params),
+        "parameters": params.to_parameters(),
         # The smallest batch the graph takes (the depth model's traced graph only takes 2).
         "model_warmup": [{"name": "zeros", "batch_size": desc.profile["batch"][0] if desc.batched else 1,
                           "inputs": warmup_inputs}],
@@ -160,8 +165,8 @@ def component_config(name: str, desc: ComponentDescriptor, params: dict[str, str
     return _pbtxt(config)
 
 
-def pipeline_config(name: str, slug: str, params: dict[str, str], opts: RepositoryOptions) -> str:
-    spec = get_model(slug)
+def pipeline_config(name: str, params: PipelineModelParams, opts: RepositoryOptions) -> str:
+    spec = get_model(params.slug)
     inputs = [{"name": "REQUEST", "data_type": "TYPE_STRING", "dims": [1]}]
     inputs += [{"name": p, "data_type": "TYPE_UINT8", "dims": [-1, -1, 3], "optional": True}
                for p in spec.image_params]
@@ -180,7 +185,7 @@ def pipeline_config(name: str, slug: str, params: dict[str, str], opts: Reposito
         "input": inputs,
         "output": outputs,
         "instance_group": [{"count": opts.pipeline_instances, "kind": "KIND_CPU"}],
-        "parameters": _parameters(params),
+        "parameters": params.to_parameters(),
     }
     return _pbtxt(config)
 
@@ -198,11 +203,53 @@ def _install_model(model_dir: Path, template: str, config: str) -> None:
 
 # -- build -----------------------------------------------------------------------------------------
 
+@dataclass
+class ExportedComponent:
+    onnx: ExportResult
+    """The ONNX file (traced, or a renamed copy of a component that ships as ONNX)."""
+    artifact: Path
+    """What the runtime loads: the ONNX file, or the TensorRT plan built from it."""
+
+
+def export_components(checkpoint: Path, specs: list[ModelSpec], out_dir: Callable[[str], Path], precision: str, *,
+                      modules: dict[str, Any] | None = None, tensorrt: bool = False, verify: bool = True,
+                      force: bool = False, label: str = "") -> dict[str, ExportedComponent]:
+    """Export every component that ``specs`` need from ``checkpoint`` (cached by source fingerprint).
+
+    ``out_dir(component)`` is the directory its artifacts go under; ``modules`` are the torch
+    modules to trace (default: loaded from the checkpoint). Logs one line for the whole set.
+    """
+    checkpoint = Path(checkpoint)
+    config = read_model_config(checkpoint)
+    descs = component_descriptors(config, specs)
+    names = needed_components(config, specs)
+    if modules is None:
+        from engine.runtime_torch import load_component_modules
+
+        modules = load_component_modules(checkpoint, components=names)
+    t0 = time.perf_counter()
+    out: dict[str, ExportedComponent] = {}
+    for component in names:
+        root = out_dir(component)
+        source = getattr(modules[component], "onnx_source", None)
+        if source is not None:  # ships as ONNX (face models): copied with renamed I/O
+            result = copy_onnx_component(source, descs[component], checkpoint, root, precision, force=force)
+        else:
+            result = export_component(modules[component], descs[component], checkpoint, root, precision,
+                                      verify=verify, force=force)
+        artifact = result.path
+        if tensorrt:
+            artifact = build_tensorrt_engine(result.path, descs[component], root, precision, force)
+        out[component] = ExportedComponent(result, artifact)
+    fresh = sum(not e.onnx.skipped for e in out.values())
+    state = "cached" if not fresh else f"{fresh} exported in {time.perf_counter() - t0:.1f} s"
+    logger.info("export %s: %d components (%s)", label or checkpoint.name, len(out), state)
+    return out
+
+
 def build_repository(repository: str | Path, deployments: list[Deployment],
                      opts: RepositoryOptions | None = None) -> RepositoryReport:
     """Export every needed component and write all model directories and configs."""
-    from engine.runtime_torch import load_component_modules
-
     opts = opts or RepositoryOptions()
     repo = Path(repository).resolve()
     repo.mkdir(parents=True, exist_ok=True)
@@ -223,54 +270,45 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
         specs = [get_model(d.slug) for d in group]
         descs = component_descriptors(config, specs)
         names = needed_components(config, specs)
-        modules = None
-        model_names: dict[str, str] = {}
-        artifacts: dict[str, str] = {}
-        for component in names:
-            model_name = f"{key}_{component}"
-            model_names[component] = model_name
+        model_names = {component: f"{key}_{component}" for component in names}
+        exported: dict[str, ExportedComponent] = {}
+        if opts.runtime != "torch" or ("fused" in opts.modes and opts.fused_runtime == "onnxruntime"):
+            exported = export_components(checkpoint, specs, lambda c: repo / model_names[c] / "1", opts.precision,
+                                         tensorrt=opts.runtime == "tensorrt", force=opts.force,
+                                         label=", ".join(d.slug for d in group))
+        for component, model_name in model_names.items():
             version = repo / model_name / "1"
-            params = {"component": component, "runtime": opts.runtime, "checkpoint": str(checkpoint),
-                      "precision": opts.precision, "device": opts.device,
-                      "torch_optimizations": opts.torch_optimizations}
             info: dict[str, Any] = {"component": component, "runtime": opts.runtime}
-            needs_onnx = opts.runtime != "torch" or ("fused" in opts.modes and opts.fused_runtime == "onnxruntime")
-            if needs_onnx:
-                if modules is None:
-                    modules = load_component_modules(checkpoint, components=names)
-                source = getattr(modules[component], "onnx_source", None)
-                if source is not None:  # ships as ONNX (face models): copied with renamed I/O
-                    result = copy_onnx_component(source, descs[component], checkpoint, version,
-                                                 opts.precision, force=opts.force)
-                else:
-                    result = export_component(modules[component], descs[component], checkpoint, version,
-                                              opts.precision, force=opts.force)
-                artifacts[component] = str(result.path)
-                info.update(artifact=str(result.path.relative_to(version)), skipped=result.skipped,
-                            seconds=round(result.seconds, 3), max_abs_diff=result.max_abs_diff)
-                params["artifact"] = info["artifact"]
-                if opts.runtime == "tensorrt":
-                    plan = build_tensorrt_engine(result.path, descs[component], version, opts.precision, opts.force)
-                    params["artifact"] = info["artifact"] = str(plan.relative_to(version))
-            _install_model(repo / model_name, "component",
-                           component_config(model_name, descs[component], params, opts))
+            artifact = ""
+            if component in exported:
+                result = exported[component].onnx
+                artifact = str(exported[component].artifact.relative_to(version))
+                info.update(artifact=artifact, skipped=result.skipped, seconds=round(result.seconds, 3),
+                            max_abs_diff=result.max_abs_diff)
+            params = ComponentModelParams(component=component, runtime=opts.runtime, checkpoint=str(checkpoint),
+                                          precision=opts.precision, device=opts.device,
+                                          torch_optimizations=opts.torch_optimizations, artifact=artifact)
+            _install_model(repo / model_name, "component", component_config(model_name, descs[component], params, opts))
             report.components[model_name] = info
 
+        onnx_files = {c: str(e.onnx.path) for c, e in exported.items()}
         for d in group:
             for i, mode in enumerate(opts.modes):
                 name = d.slug if i == 0 else f"{d.slug}__{mode}"
-                params = {"slug": d.slug, "mode": mode, "checkpoint": str(checkpoint),
-                          "components": json.dumps(model_names), "fused_runtime": opts.fused_runtime,
-                          "artifacts": json.dumps(artifacts), "precision": opts.precision, "device": opts.device,
-                          "torch_optimizations": opts.torch_optimizations}
-                _install_model(repo / name, "pipeline", pipeline_config(name, d.slug, params, opts))
+                params = PipelineModelParams(slug=d.slug, mode=mode, checkpoint=str(checkpoint),
+                                             components=model_names, fused_runtime=opts.fused_runtime,
+                                             artifacts=onnx_files, precision=opts.precision, device=opts.device,
+                                             torch_optimizations=opts.torch_optimizations)
+                _install_model(repo / name, "pipeline", pipeline_config(name, params, opts))
                 report.pipelines[name] = {"slug": d.slug, "mode": mode, "default": i == 0,
                                           "depends_on": sorted(model_names.values()) if mode == "bls" else []}
+            logger.info("models %s: %s", d.slug, ", ".join(opts.modes))
 
     manifest = {"pipelines": report.pipelines, "components": report.components,
                 "options": {k: v for k, v in asdict(opts).items() if k != "force"}}
     (repo / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    logger.info("model repository ready in %s: %s", repo, ", ".join(report.pipelines))
+    logger.info("model repository ready in %s: %d pipeline and %d component models", repo, len(report.pipelines),
+                len(report.components))
     return report
 
 

@@ -1,7 +1,8 @@
 """A client for the pipeline models of a repository built by ``diffserve export``.
 
 Each request opens one bidirectional gRPC stream to the slug's decoupled pipeline model, sends
-the catalog parameters as JSON plus image inputs as UINT8 tensors, forwards every ``PROGRESS``
+the validated request in the wire form of ``engine.request.GenerationRequest`` (parameters as
+JSON, images as UINT8 [H, W, 3] tensors), forwards every ``PROGRESS``
 response to the caller, and returns the final ``IMAGES``/``SEED``/``INFO``. Cancelling the
 awaiting task cancels the gRPC call; Triton then marks the request cancelled and the pipeline
 model stops between denoising steps. Failures are raised as ``TritonRequestError`` subclasses.
@@ -31,12 +32,6 @@ class TritonOutput:
     info: dict[str, Any]
     images_float: np.ndarray | None = None
     """float32 [N, H, W, 3] in [0, 1], when asked for."""
-
-
-def _to_uint8_rgb(image: Any) -> np.ndarray:
-    if isinstance(image, np.ndarray):
-        return np.ascontiguousarray(image[..., :3].astype(np.uint8))
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
 
 
 class TritonRequestError(Exception):
@@ -101,23 +96,26 @@ class TritonPipelineClient:
 
     async def infer(self, model: str, params: dict[str, Any], *, request_id: str = "",
                     on_progress: Callable[[int, int], None] | None = None, want_float: bool = False) -> TritonOutput:
-        """One pipeline-model request; ``params`` hold decoded images (PIL or uint8 arrays) or None."""
+        """One pipeline-model request.
+
+        ``params`` are validated (``engine.catalog.validate``), their image values uint8 [H, W, 3]
+        arrays or None; a request that cannot be one is rejected before it is sent.
+        """
         import tritonclient.grpc.aio as grpcclient
 
-        from engine.catalog import get_model
+        from engine.request import REQUEST_TENSOR, GenerationRequest, MalformedRequest
 
-        spec = get_model(self.pipelines[model]["slug"])
-        inputs = []
-        wire = {k: v for k, v in params.items() if k not in spec.image_params}
-        request = grpcclient.InferInput("REQUEST", [1], "BYTES")
-        request.set_data_from_numpy(np.array([json.dumps({"params": wire}).encode()], dtype=np.object_))
-        inputs.append(request)
-        for name in spec.image_params:
-            if params.get(name) is not None:
-                pixels = _to_uint8_rgb(params[name])
-                tensor = grpcclient.InferInput(name, list(pixels.shape), "UINT8")
-                tensor.set_data_from_numpy(pixels)
-                inputs.append(tensor)
+        try:
+            payload, images = GenerationRequest.from_params(self.pipelines[model]["slug"], params).encode()
+        except MalformedRequest as exc:
+            raise TritonRequestRejected(str(exc)) from exc
+        request = grpcclient.InferInput(REQUEST_TENSOR, [1], "BYTES")
+        request.set_data_from_numpy(np.array([payload], dtype=np.object_))
+        inputs = [request]
+        for name, pixels in images.items():
+            tensor = grpcclient.InferInput(name, list(pixels.shape), "UINT8")
+            tensor.set_data_from_numpy(pixels)
+            inputs.append(tensor)
         names = ["IMAGES", "SEED", "INFO", "PROGRESS"] + (["IMAGES_FLOAT"] if want_float else [])
         outputs = [grpcclient.InferRequestedOutput(n) for n in names]
         done = asyncio.Event()

@@ -4,8 +4,8 @@ This module owns everything between "a model repository on disk" and "a Triton s
 on HTTP/gRPC": locating the ``tritonserver`` binary shipped inside the ``nvidia-pytriton`` wheel,
 building a private backend directory with the python-backend stub that matches the running
 interpreter, preparing the process environment (library path, Python import path), choosing
-ports, spawning the server in its own process group, streaming its output to a log file and to
-the ``diffserve.triton`` logger, waiting for readiness and shutting it down (SIGTERM, then SIGKILL
+ports, spawning the server in its own process group, writing its whole output to a log file and
+its warnings and errors to the ``diffserve.triton`` logger, waiting for readiness and shutting it down (SIGTERM, then SIGKILL
 of the whole group). It never modifies site-packages; all generated files live in a temporary
 work directory that is removed by :meth:`TritonServer.stop`.
 
@@ -27,7 +27,6 @@ Triton 2.51, CPython 3.11):
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import collections
 import contextlib
@@ -57,14 +56,13 @@ __all__ = [
     "TritonLaunchError",
     "TritonServer",
     "TritonServerConfig",
-    "build_arg_parser",
     "find_free_port",
     "find_libpython",
-    "main_cli",
+    "serve_until_stopped",
 ]
 
 LOGGER = logging.getLogger(__name__)
-#: Logger receiving every line the server process writes to stdout/stderr.
+#: Logger receiving the server's warnings and errors (every other line at DEBUG).
 SERVER_LOGGER = logging.getLogger("diffserve.triton")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -239,7 +237,7 @@ class TritonServerConfig:
     load_models: list[str] = field(default_factory=list)
     #: importable from model.py files; the project root is always added.
     extra_pythonpath: list[Path] = field(default_factory=list)
-    #: server stdout/stderr are appended here (and always streamed to "diffserve.triton").
+    #: server stdout/stderr are appended here; "diffserve.triton" gets warnings and errors (the rest at DEBUG).
     log_file: Path | None = None
     startup_timeout_s: float = 120.0
     #: how long a stopping Triton waits for in-flight requests and model unloads before it exits
@@ -400,8 +398,8 @@ class TritonServer:
             raise TritonLaunchError(f"cannot prepare Triton work directory: {exc}") from exc
 
         LOGGER.info(
-            "starting Triton: repository=%s http=%s grpc=%s metrics=%s",
-            repository, self.http_url, self.grpc_url, self.metrics_url,
+            "starting Triton: repository=%s http=%s grpc=%s metrics=%s log=%s",
+            repository, self.http_url, self.grpc_url, self.metrics_url, cfg.log_file or "(not kept)",
         )
         LOGGER.debug("command: %s", " ".join(cmd))
         try:
@@ -598,7 +596,11 @@ class TritonServer:
         return cmd
 
     def _pump_output(self, proc: subprocess.Popen[bytes]) -> None:
-        """Background thread: server output -> tail buffer, log file and logger."""
+        """Background thread: server output -> tail buffer, log file and logger.
+
+        The log file gets every line; the logger gets warnings and errors, and the rest at DEBUG
+        (a model repository's start-up is a few hundred lines of Triton's INFO).
+        """
         log_fh = None
         if self.config.log_file is not None:
             try:
@@ -615,10 +617,10 @@ class TritonServer:
                     log_fh.write(line + "\n")
                 match = _LOG_LINE_RE.match(line)
                 harmless = any(s in line for s in _HARMLESS_ON_CPU)
-                if match:
-                    level = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR}[match[1]]
+                if match:  # unprefixed lines continue the last prefixed one, at its level
+                    level = {"I": logging.DEBUG, "W": logging.WARNING, "E": logging.ERROR}[match[1]]
                     if harmless:
-                        level = min(level, logging.WARNING)
+                        level = logging.DEBUG
                 with self._lock:
                     self._tail.append(line)
                     if (match and match[1] == "E" or line.startswith("error:")) and not harmless:
@@ -667,61 +669,13 @@ class TritonServer:
             self._workdir = None
 
 
-# ---------------------------------------------------------------------- CLI
-def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Options of ``diffserve triton``; pass a sub-parser to attach them to it."""
-    if parser is None:
-        parser = argparse.ArgumentParser(
-            prog="diffserve triton", description="Run Triton on a diffserve model repository."
-        )
-    parser.add_argument("--repository", type=Path, required=True, help="model repository")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--http-port", type=int, default=None, help="default: a free port")
-    parser.add_argument("--grpc-port", type=int, default=None, help="default: a free port")
-    parser.add_argument("--metrics-port", type=int, default=None, help="default: a free port")
-    parser.add_argument("--log-verbose", type=int, default=0)
-    parser.add_argument("--log-file", type=Path, default=None)
-    parser.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default="none")
-    parser.add_argument("--load-model", action="append", default=[], dest="load_models",
-                        help="with --model-control-mode explicit; repeatable, '*' for all")
-    parser.add_argument("--pythonpath", action="append", type=Path, default=[],
-                        help="extra import path for model.py files; repeatable")
-    parser.add_argument("--startup-timeout", type=float, default=120.0)
-    parser.add_argument("--exit-timeout", type=float, default=30.0,
-                        help="seconds a stopping server waits for in-flight requests and model unloads")
-    parser.add_argument("extra_args", nargs="*", help="after --: passed to tritonserver")
-    return parser
+# ---------------------------------------------------------------------- run in the foreground
+def serve_until_stopped(config: TritonServerConfig) -> int:
+    """Start Triton, print its URLs, block until SIGINT/SIGTERM (or its death), stop it cleanly.
 
-
-def main_cli(args: list[str] | None = None) -> int:
-    """``diffserve triton``: start, print the URLs, block until Ctrl-C/SIGTERM, stop cleanly.
-
-    Returns 0 after a requested stop, 1 when the server died on its own, 2 when it could not
-    start (the reason is logged).
+    What ``diffserve triton`` runs. Returns 0 after a requested stop, 1 when the server died on
+    its own, 2 when it could not start (the reason is logged), 130 when start-up was interrupted.
     """
-    ns = build_arg_parser().parse_args(args)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        config = TritonServerConfig(
-            repository=ns.repository,
-            http_port=ns.http_port,
-            grpc_port=ns.grpc_port,
-            metrics_port=ns.metrics_port,
-            host=ns.host,
-            log_verbose=ns.log_verbose,
-            model_control_mode=ns.model_control_mode,
-            load_models=ns.load_models,
-            extra_pythonpath=ns.pythonpath,
-            log_file=ns.log_file,
-            startup_timeout_s=ns.startup_timeout,
-            exit_timeout_s=ns.exit_timeout,
-            extra_args=ns.extra_args,
-        )
-    except ValueError as exc:
-        LOGGER.error("%s", exc)
-        return 2
-
     stop_requested = threading.Event()
     started = False
 
@@ -762,7 +716,3 @@ def main_cli(args: list[str] | None = None) -> int:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main_cli())

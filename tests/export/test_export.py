@@ -77,3 +77,20 @@ def test_profiles_cover_every_catalog_resolution_and_batch(sd15_dir):
     assert unet.profile["batch"] == (1, 2, 8)  # 4 samples x CFG
     assert unet.profile["latent_height"][0] == 64 and unet.profile["latent_height"][2] == 128
     assert descs["vae_decoder"].profile["image_width"] == (512, 512, 1024)
+
+
+def test_export_components_reuses_the_cached_artifacts_and_logs_one_line(sd15_exports, sd15_dir, caplog):
+    import logging
+
+    from engine.descriptors import family_specs
+    from export.repository import export_components
+
+    out, _, modules, results = sd15_exports
+    caplog.set_level(logging.DEBUG, logger="export")
+    specs = family_specs(read_model_config(sd15_dir))  # what the fixture's descriptors were made for
+    exported = export_components(sd15_dir, specs, lambda _component: out, "fp32", modules=modules,
+                                 label="sd1.5-img2img")
+    assert {name: e.artifact for name, e in exported.items()} == {name: r.path for name, r in results.items()}
+    assert all(e.onnx.skipped for e in exported.values())
+    progress = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert progress == [f"export sd1.5-img2img: {len(results)} components (cached)"]

@@ -206,12 +206,58 @@ def test_failing_component_gives_an_error_response_and_the_next_request_succeeds
     assert len(out.images) == 1
 
 
-def test_invalid_request_is_rejected_by_the_pipeline_model(backend):
+def _stream_error(triton, model: str, request: bytes | None, images: dict[str, np.ndarray]) -> str:
+    """Send raw tensors to a decoupled pipeline model; the message of its error response."""
+    import queue
+
+    inputs = []
+    if request is not None:
+        inputs.append(grpcclient.InferInput("REQUEST", [1], "BYTES"))
+        inputs[-1].set_data_from_numpy(np.array([request], dtype=np.object_))
+    for name, pixels in images.items():
+        inputs.append(grpcclient.InferInput(name, list(pixels.shape), "UINT8"))
+        inputs[-1].set_data_from_numpy(pixels)
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    client.start_stream(callback=lambda result, error: answers.put(error))
+    try:
+        client.async_stream_infer(model, inputs, outputs=[grpcclient.InferRequestedOutput("IMAGES")])
+        error = answers.get(timeout=120)
+    finally:
+        client.stop_stream()
+        client.close()
+    assert error is not None, f"{model} served a malformed request"
+    return str(error)
+
+
+def test_malformed_requests_are_rejected_by_the_pipeline_model(triton, big_image):
+    """The model trusts the API's validation, not the wire: it refuses what cannot be a validated request."""
+    from engine.request import GenerationRequest
+
+    params = request_params("sd1.5-img2img", big_image[:64, :64])
+    payload, images = GenerationRequest.from_params("sd1.5-img2img", params).encode()
+    body = json.loads(payload)
+    cases = [
+        (b"{not json", images, "REQUEST is not JSON"),
+        (json.dumps(body | {"params": body["params"] | {"bogus": 1}}).encode(), images, "unknown parameter(s) 'bogus'"),
+        (json.dumps(body | {"slug": "sd1.5-scifi"}).encode(), images, "this model serves 'sd1.5-img2img'"),
+        (payload, {"image": np.zeros((0, 64, 3), np.uint8)}, "'image' must be a uint8 [H, W, 3] array with H, W > 0"),
+    ]
+    for request, tensors, message in cases:
+        error = _stream_error(triton, "sd1.5-img2img", request, tensors)
+        assert "invalid request:" in error and message in error, error
+    assert "REQUEST" in _stream_error(triton, "sd1.5-img2img", None, images)  # Triton's own check: not optional
+
+
+def test_images_that_are_not_uint8_hw3_are_refused_before_sending(backend, big_image):
     from api.backend import InputRejected
 
-    with pytest.raises(InputRejected) as info:
+    params = request_params("sd1.5-img2img", big_image)
+    for image in (big_image.astype(np.float32), np.dstack([big_image, big_image[..., :1]])):
+        with pytest.raises(InputRejected, match=r"'image' must be a uint8 \[H, W, 3\] array"):
+            asyncio.run(backend.infer("sd1.5-img2img", params | {"image": image}, request_id="bad-image"))
+    with pytest.raises(InputRejected, match="missing parameter"):  # an unvalidated request cannot be sent
         asyncio.run(backend.infer("sd1.5-scifi", {"prompt": "x", "samples": 9}, request_id="bad"))
-    assert "samples" in str(info.value)
 
 
 def test_portrait_without_a_face_is_rejected_as_invalid_input(backend, big_image):

@@ -5,60 +5,44 @@ Runs the component with ONNX Runtime, TensorRT or torch, as the ``runtime`` para
 steps of concurrent pipeline requests — which are concatenated along the batch axis when their
 other dimensions agree, run as one batch, and split back into one response per request.
 Models served unbatched (``max_batch_size: 0``, the face detector) run one request at a time.
+Its ``config.pbtxt`` parameters are ``export.stub_params.ComponentModelParams``; the ONNX Runtime
+path imports no torch.
 """
 
 import atexit
 import json
 import logging
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from export.stub_params import ComponentModelParams, exit_without_teardown
+
 logger = logging.getLogger("diffserve.component")
-
-
-def _exit_without_teardown():
-    """End this stub process now, skipping the interpreter's teardown and the C libraries' exit handlers.
-
-    Registered by ``finalize``; runs when the stub returns to exit, after the parent has its answer.
-    Triton waits for a model's process without a limit when it unloads the model or shuts down, so
-    a stub blocked in an exit handler would hold the unload for ever; and tearing down torch,
-    onnxruntime and diffusers costs about a second of CPU per stub.
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+        params = ComponentModelParams.from_model_config(self.config)
         self.name = self.config["name"]
-        self.component = params["component"]
+        self.component = params.component
         self.input_names = [i["name"] for i in self.config["input"]]
         self.output_names = [o["name"] for o in self.config["output"]]
         self.batched = int(self.config.get("max_batch_size", 0)) > 0
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        runtime = params["runtime"]
-        if runtime == "onnxruntime":
+        if params.runtime == "onnxruntime":
             from engine.onnx_session import OnnxSession
 
-            session = OnnxSession(version_dir / params["artifact"])
-            self._run = session.run
-        elif runtime == "tensorrt":
+            self._run = OnnxSession(version_dir / params.artifact).run
+        elif params.runtime == "tensorrt":
             from engine.runtime_trt import TrtSession
 
-            self._run = TrtSession(version_dir / params["artifact"]).run
-        elif runtime == "torch":
-            self._run = self._torch_runner(params)
+            self._run = TrtSession(version_dir / params.artifact).run
         else:
-            raise pb_utils.TritonModelException(f"{self.name}: unknown runtime {runtime!r}")
-        logger.info("%s: %s ready (%s)", self.name, self.component, runtime)
+            self._run = self._torch_runner(params)
+        logger.info("%s: %s ready (%s)", self.name, self.component, params.runtime)
 
     def _torch_runner(self, params):
         import torch
@@ -66,11 +50,11 @@ class TritonPythonModel:
         from engine.runtime_torch import DTYPES, load_component_modules
         from engine.torch_optimize import TorchOptimizations, apply_optimizations
 
-        device = torch.device(params.get("device", "cpu"))
-        dtype = DTYPES[params.get("precision", "fp32")]
-        module = load_component_modules(params["checkpoint"], dtype, [self.component])[self.component].to(device)
+        device = torch.device(params.device)
+        dtype = DTYPES[params.precision]
+        module = load_component_modules(params.checkpoint, dtype, [self.component])[self.component].to(device)
         # Compiled at the config's model_warmup (its min batch); other batch sizes compile on first use.
-        opts = TorchOptimizations.parse(params.get("torch_optimizations"))
+        opts = TorchOptimizations.parse(params.torch_optimizations)
         module = apply_optimizations({self.component: module}, opts, device)[0][self.component]
 
         @torch.inference_mode()
@@ -124,4 +108,4 @@ class TritonPythonModel:
 
     def finalize(self):
         logger.info("%s unloaded", self.name)
-        atexit.register(_exit_without_teardown)  # the last registered: runs first
+        atexit.register(exit_without_teardown)  # the last registered: runs first

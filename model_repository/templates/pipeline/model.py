@@ -11,30 +11,31 @@ The model is decoupled: it streams a ``PROGRESS`` response after every UNet step
 response with ``IMAGES`` (uint8 NHWC), ``SEED`` and ``INFO`` (JSON timings), and ``IMAGES_FLOAT``
 when the client asks for it. Between steps it polls for client cancellation.
 
-Wire format: ``REQUEST`` is a JSON object ``{"params": {...}}`` with the catalog parameters;
-image parameters travel as separate UINT8 [H, W, 3] inputs named after the parameter.
+Wire format: ``engine.request.GenerationRequest`` — ``REQUEST`` is JSON ``{"slug", "params"}``
+with the parameters the API validated; image parameters travel as separate UINT8 [H, W, 3] inputs
+named after the parameter. The model trusts the values and refuses (INVALID_ARG) only what cannot
+be a validated request. Its ``config.pbtxt`` parameters are ``export.stub_params.PipelineModelParams``.
 """
 
 import atexit
 import json
 import logging
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from engine.catalog import InvalidRequest, ValidationError, get_model
+from engine.catalog import InvalidRequest, get_model
 from engine.components import NamedTensorComponents
 from engine.descriptors import component_descriptors
 from engine.pipelines import Cancelled, RunControl, run
+from engine.request import REQUEST_TENSOR, GenerationRequest
+from export.stub_params import PipelineModelParams, exit_without_teardown
 
 logger = logging.getLogger("diffserve.pipeline")
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-IMAGE_PLACEHOLDER = "<tensor>"
 
 
 class ComponentError(RuntimeError):
@@ -68,43 +69,29 @@ class BlsComponents(NamedTensorComponents):
 
 
 def fused_components(params):
-    runtime = params.get("fused_runtime", "onnxruntime")
-    if runtime == "torch":
+    if params.fused_runtime == "torch":
         from engine.runtime_torch import TorchComponents
 
         # Compiled components are warmed up here, while Triton loads the model.
-        return TorchComponents(params["checkpoint"], device=params.get("device") or None,
-                               precision=params.get("precision") or None,
-                               optimizations=params.get("torch_optimizations") or None)
-    if runtime == "onnxruntime":
-        from engine.runtime_onnx import OnnxComponents
+        return TorchComponents(params.checkpoint, device=params.device or None, precision=params.precision or None,
+                               optimizations=params.torch_optimizations or None)
+    from engine.runtime_onnx import OnnxComponents
 
-        return OnnxComponents(params["checkpoint"], json.loads(params["artifacts"]))
-    raise ValueError(f"unknown fused_runtime {runtime!r}")
-
-
-def _exit_without_teardown():
-    """End this stub process now: the same as in the component template (see there why)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    return OnnxComponents(params.checkpoint, params.artifacts)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+        params = PipelineModelParams.from_model_config(self.config)
         self.name = self.config["name"]
-        self.slug = params["slug"]
-        self.spec = get_model(self.slug)
-        self.mode = params["mode"]
+        self.slug = params.slug
+        self.mode = params.mode
+        self.image_params = get_model(self.slug).image_params
         if self.mode == "bls":
-            self.components = BlsComponents(params["checkpoint"], json.loads(params["components"]))
-        elif self.mode == "fused":
-            self.components = fused_components(params)
+            self.components = BlsComponents(params.checkpoint, params.components)
         else:
-            raise pb_utils.TritonModelException(f"{self.name}: unknown mode {self.mode!r}")
+            self.components = fused_components(params)
         for index in range(self.components.config.num_text_encoders):
             self.components.tokenizer(index)  # load now, not on the first request
         report = getattr(self.components, "optimization_report", None)  # fused torch components
@@ -122,7 +109,7 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         t0 = time.perf_counter()
         try:
-            params = self._params(request)
+            params = self._request(request).pipeline_params()
             wanted = set(request.requested_output_names() or [])
 
             def on_step(done, total):
@@ -144,7 +131,7 @@ class TritonPythonModel:
             if "IMAGES_FLOAT" in wanted:
                 outputs.append(pb_utils.Tensor("IMAGES_FLOAT", result.images.astype(np.float32)))
             sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
-        except (ValidationError, InvalidRequest, json.JSONDecodeError) as exc:
+        except InvalidRequest as exc:  # a malformed request, or one the pipeline refuses (a faceless portrait)
             self._send_error(sender, f"invalid request: {exc}", pb_utils.TritonError.INVALID_ARG)
         except Cancelled:
             logger.info("%s: request cancelled by the client", self.name)
@@ -156,23 +143,14 @@ class TritonPythonModel:
             logger.exception("%s failed", self.name)
             self._send_error(sender, f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
 
-    def _params(self, request):
-        raw = pb_utils.get_input_tensor_by_name(request, "REQUEST")
-        if raw is None:
-            raise InvalidRequest("missing REQUEST input")
-        payload = json.loads(raw.as_numpy().reshape(-1)[0])
-        params = dict(payload.get("params", {}))
+    def _request(self, request):
+        raw = pb_utils.get_input_tensor_by_name(request, REQUEST_TENSOR)
         images = {}
-        for name in self.spec.image_params:
+        for name in self.image_params:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 images[name] = tensor.as_numpy()
-                params[name] = IMAGE_PLACEHOLDER
-            else:
-                params.pop(name, None)
-        params = self.spec.validate(params)
-        params.update({name: images.get(name) for name in self.spec.image_params})
-        return params
+        return GenerationRequest.decode(self.slug, None if raw is None else raw.as_numpy().reshape(-1)[0], images)
 
     @staticmethod
     def _send_error(sender, message, code):
@@ -183,4 +161,4 @@ class TritonPythonModel:
 
     def finalize(self):
         logger.info("%s unloaded", self.name)
-        atexit.register(_exit_without_teardown)  # the last registered: runs first
+        atexit.register(exit_without_teardown)  # the last registered: runs first
