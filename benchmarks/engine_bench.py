@@ -695,6 +695,8 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
             images = entry.get("_images")
             if images is not None and images.shape == reference.shape:
                 entry["max_abs_diff_vs_fp32"] = float(np.abs(images - reference).max())
+        if report["baseline"] is not None and report["baseline"].get("_images") is not None:
+            _diff_vs_fp32(report["baseline"], report["baseline"]["_images"], reference)
     baseline = report["baseline"]
     eager = next((e.get("_images") for e in report["runtimes"]
                   if e["runtime"] == "torch" and "optimizations" not in e and e["status"] == "ok"), None)
@@ -721,7 +723,8 @@ def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prep
     with _progress(cfg.warmup + cfg.repeats + 5, f"{cfg.slug} {prepared.runtime}") as bar:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        walls, stage_runs, result = time_pipeline(cfg.slug, prepared.components, request, cfg.warmup,
+        warm = time_warmup_runs(cfg.slug, prepared.components, request, cfg.warmup, prepared.device, bar)
+        walls, stage_runs, result = time_pipeline(cfg.slug, prepared.components, request, 0,
                                                   cfg.repeats, prepared.device, bar)
         if sd_pipeline:
             calls = _stage_calls(cfg.slug, prepared.components, request, image, result.to_uint8())
@@ -732,6 +735,7 @@ def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prep
             entry["notes"].append("stages: every network call of instrumented pipeline runs, timed as the "
                                   "pipeline makes it (one sample per call)")
     entry["end_to_end"] = {"ours": stats_ms(walls), "pipeline_stages": {k: stats_ms(v) for k, v in stage_runs.items()}}
+    entry["warmup"] = warmup_summary(warm, walls)
     entry["steps"] = result.steps
     entry["images_per_request"] = int(result.images.shape[0])
     if device.type == "cuda":
@@ -745,6 +749,38 @@ def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prep
         entry["unet_step_fraction_of_floor"] = _round(floors.fraction_of_floor(
             step_floor, entry["stages"]["unet_step"]["median_ms"], str(device)))
     entry["_images"] = result.images  # compared with diffusers' images, then dropped
+
+
+def time_warmup_runs(slug: str, components, request: dict[str, Any], warmup: int, device,
+                     progress=None) -> list[float]:
+    """Wall seconds of each untimed warm-up run, so what the first runs pay (lazy ``torch.compile``,
+    CUDA graph capture, autotuning, allocator growth) is reported apart from the timed runs."""
+    from engine.pipelines import run
+
+    out = []
+    for _ in range(warmup):
+        synchronize(device)
+        t0 = time.perf_counter()
+        run(slug, dict(request), components)
+        synchronize(device)
+        out.append(time.perf_counter() - t0)
+        if progress is not None:
+            progress.update(1)
+    return out
+
+
+def warmup_summary(warm: list[float], timed: list[float]) -> dict[str, Any]:
+    """The warm-up runs and the first one's excess over the timed median (the compile time of a lazy
+    compiling spec; about zero for eager torch)."""
+    out: dict[str, Any] = {"runs_s": [round(w, 3) for w in warm]}
+    if warm and timed:
+        out["first_run_excess_s"] = round(max(0.0, warm[0] - statistics.median(timed)), 3)
+    return out
+
+
+def _diff_vs_fp32(entry: dict[str, Any], images: np.ndarray, reference: np.ndarray) -> None:
+    if images.shape == reference.shape:
+        entry["max_abs_diff_vs_fp32"] = float(np.abs(images - reference).max())
 
 
 def fp32_reference_images(slug: str, request: dict[str, Any], checkpoint: Path | None, full,
