@@ -26,7 +26,7 @@
 # (6.4 MB; diffusers' other needs — huggingface-hub>=1.32, safetensors>=0.8, filelock, regex,
 # requests, Pillow, numpy, zipp — are on the machine), then, from the session's checkout:
 #
-#   run(command="GIT_COMMIT=<hash> bash benchmarks/gpu/run.sh", carry=[".whl"], timeout_s=560)
+#   run(command="GIT_COMMIT=<hash> bash benchmarks/gpu/run.sh", carry=[".whl"], timeout_s=540)
 #
 # benchmarks/README.md ("GPU run") says what to commit afterwards.
 set -uo pipefail
