@@ -838,11 +838,64 @@ def _bench_networks_only(cfg: EngineBenchConfig, full, params: dict[str, Any], d
     with _progress(len(calls), f"{cfg.slug} networks") as bar:
         entry["stages"] = time_stages(calls, cfg.stage_repeats, device, bar)
     est = estimate({k: v["median_ms"] for k, v in entry["stages"].items()})
+    if cfg.slug == "ominicontrol":
+        entry["condition_cache"] = time_condition_cache(full.raw["transformer"], params, device, full.dtype,
+                                                        cfg.stage_repeats, entry["stages"]["transformer_step"])
     entry["end_to_end"] = {"estimated_ms": round(est, 3), "estimate": note}
     entry["fraction_of_floor"] = _round(floors.fraction_of_floor(floor.floor_ms, est, str(device)))
     if device.type == "cuda":
         entry["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return entry
+
+
+def time_condition_cache(transformer: torch.nn.Module, params: dict[str, Any], device: torch.device,
+                         dtype: torch.dtype, repeats: int, joint_step: dict[str, Any]) -> dict[str, Any]:
+    """OminiControl's condition at full size, cached and uncached, on the networks (no T5/CLIP/VAE configs).
+
+    Times our condition branch (``engine.flux_condition``: ``condition_kv``, the 1024 condition tokens
+    through every block with a random rank-16 LoRA, once) and our transformer step over the 1024 image
+    tokens attending to those keys/values; ``joint_step`` is the stock 2048-token step (image and
+    condition tokens concatenated, how the reference implementation runs every step). Estimates per
+    request: cached = condition_kv + steps x step; uncached = steps x (condition_kv + step); joint =
+    steps x joint step. Installs the condition attention processors on ``transformer`` (run last).
+    """
+    from engine.flux_condition import ConditionKVModule, FluxTransformerModule, condition_lora_targets
+
+    flux = transformer.config
+    steps, text_tokens, tokens = int(params["steps"]), 256, (512 // 16) ** 2
+    g = torch.Generator("cpu").manual_seed(1)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g) * scale).to(device, dtype)
+
+    modules = dict(transformer.named_modules())
+    lora = {}
+    for name in condition_lora_targets(len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)):
+        linear = modules.get(name)
+        if isinstance(linear, torch.nn.Linear):
+            lora[name] = (torch.randn(16, linear.in_features, generator=g) * 0.01,
+                          torch.randn(linear.out_features, 16, generator=g) * 0.01)
+    branch = ConditionKVModule(transformer, lora).to(device, dtype)
+    step = FluxTransformerModule(transformer)
+    cond, ids = rand(1, tokens, flux.in_channels), torch.zeros(1, tokens, 3, device=device, dtype=dtype)
+    pooled, scale = rand(1, flux.pooled_projection_dim), torch.ones(1, 1, device=device, dtype=dtype)
+    hidden, text = rand(1, tokens, flux.in_channels), rand(1, text_tokens, flux.joint_attention_dim)
+    t = torch.full((1,), 1.0, device=device, dtype=dtype)
+    txt_ids = torch.zeros(1, text_tokens, 3, device=device, dtype=dtype)
+    bias = torch.zeros(1, 1, device=device, dtype=dtype)
+    with torch.inference_mode():
+        key, value = branch(cond, ids, pooled, scale)
+        calls = {"condition_kv": lambda: branch(cond, ids, pooled, scale),
+                 "transformer_step_with_condition": lambda: step(hidden, t, text, pooled, ids, txt_ids, key, value, bias)}
+        stages = time_stages(calls, repeats, device)
+    kv_ms, step_ms = stages["condition_kv"]["median_ms"], stages["transformer_step_with_condition"]["median_ms"]
+    cached, uncached = kv_ms + steps * step_ms, steps * (kv_ms + step_ms)
+    joint = steps * joint_step["median_ms"]
+    return {"stages": stages, "steps": steps, "condition_tokens": tokens, "lora_rank": 16,
+            "cached_estimate_ms": round(cached, 3), "uncached_estimate_ms": round(uncached, 3),
+            "joint_estimate_ms": round(joint, 3), "cached_vs_uncached": round(cached / uncached, 4),
+            "cached_vs_joint": round(cached / joint, 4) if joint else None,
+            "note": "denoiser work per request only (text encoders and VAE not timed)"}
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:
