@@ -13,9 +13,10 @@ step's full markdown) and one JSON per step; ``diffserve bench report --rerender
 step's own markdown from its JSON once they are copied into ``benchmarks/results/``.
 
 ``DRY_RUN=1`` runs the same plan through the same code on the CPU: the tiny configs of
-``benchmarks/configs/tiny/`` in place of the full-size ones, fp32, 2 denoising steps, 1 warm-up and
-1 timed run, and the ``fast`` preset without ``compile``/``cuda_graphs`` (inductor on this CPU takes
-minutes per network; ``tests/engine/test_torch_optimize.py`` covers it), so the script is checked by
+``benchmarks/configs/tiny/`` in place of the full-size ones, fp32, 2 denoising steps (or the
+catalog's minimum: 20 for SD1.5 and Vega, 4 for OminiControl), no warm-up and 1 timed run, and the
+``fast`` preset without ``compile``/``cuda_graphs`` (inductor on a CPU takes minutes per network;
+``tests/engine/test_torch_optimize.py`` covers it), so the script is checked by
 the tests (``tests/benchmarks/test_gpu_script.py``) without a GPU.
 """
 
