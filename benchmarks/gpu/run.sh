@@ -36,7 +36,11 @@ cd "$(dirname "$0")/../.."
 if [[ ${DRY_RUN:-0} != 0 ]]; then
     py=${PYTHON:-python3}
     OUT=${OUT:-$(mktemp -d /tmp/diffserve-gpu-dry.XXXXXX)}
-    export DIFFSERVE_HOME=${DIFFSERVE_HOME:-$(mktemp -d /tmp/diffserve-gpu-dry-home.XXXXXX)}
+    if [[ -z ${DIFFSERVE_HOME:-} ]]; then
+        DIFFSERVE_HOME=$(mktemp -d /tmp/diffserve-gpu-dry-home.XXXXXX)
+        trap 'rm -rf "$DIFFSERVE_HOME"' EXIT
+    fi
+    export DIFFSERVE_HOME
 else
     py=${PYTHON:-python3}
     OUT=${OUT:-benchmarks/results/gpu-run}

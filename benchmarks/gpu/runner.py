@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -277,6 +278,7 @@ class Orchestrator:
     step_markdown: dict[str, str] = field(default_factory=dict)
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="diffserve-gpu-steps-")))
     """Each step writes here first; its JSON is then copied into ``out`` (kept to ``MAX_OUT_FILES``)."""
+    kept_in_work: bool = False
 
     def remaining(self) -> float:
         return self.budget_s - (time.time() - self.started)
@@ -310,6 +312,8 @@ class Orchestrator:
             record.update(self._run_child(step, left))
             self.write()
         self.write()
+        if not self.kept_in_work:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
         print(render_summary(self.summary, {}))
         ok = [s for s in self.summary["steps"] if s["status"] == "ok"]
         return 0 if ok else 1
@@ -338,6 +342,7 @@ class Orchestrator:
         dest = self.out / src.name
         if n_out + 1 > MAX_OUT_FILES:
             logger.warning("$OUT already holds %d files: %s stays in %s", n_out, src.name, work)
+            self.kept_in_work = True
         else:
             _write_atomic(dest, src.read_text(encoding="utf-8"))
         md = src.with_suffix(".md")
