@@ -684,6 +684,8 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
             images = entry.get("_images")
             if images is not None and images.shape == reference.shape:
                 entry["max_abs_diff_vs_fp32"] = float(np.abs(images - reference).max())
+        if report["baseline"] is not None and report["baseline"].get("_images") is not None:
+            _diff_vs_fp32(report["baseline"], report["baseline"]["_images"], reference)
     baseline = report["baseline"]
     eager = next((e.get("_images") for e in report["runtimes"]
                   if e["runtime"] == "torch" and "optimizations" not in e and e["status"] == "ok"), None)
@@ -710,7 +712,8 @@ def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prep
     with _progress(cfg.warmup + cfg.repeats + 5, f"{cfg.slug} {prepared.runtime}") as bar:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        walls, stage_runs, result = time_pipeline(cfg.slug, prepared.components, request, cfg.warmup,
+        warm = time_warmup_runs(cfg.slug, prepared.components, request, cfg.warmup, prepared.device, bar)
+        walls, stage_runs, result = time_pipeline(cfg.slug, prepared.components, request, 0,
                                                   cfg.repeats, prepared.device, bar)
         if sd_pipeline:
             calls = _stage_calls(cfg.slug, prepared.components, request, image, result.to_uint8())
@@ -721,6 +724,7 @@ def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prep
             entry["notes"].append("stages: every network call of instrumented pipeline runs, timed as the "
                                   "pipeline makes it (one sample per call)")
     entry["end_to_end"] = {"ours": stats_ms(walls), "pipeline_stages": {k: stats_ms(v) for k, v in stage_runs.items()}}
+    entry["warmup"] = warmup_summary(warm, walls)
     entry["steps"] = result.steps
     entry["images_per_request"] = int(result.images.shape[0])
     if device.type == "cuda":
@@ -734,6 +738,38 @@ def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prep
         entry["unet_step_fraction_of_floor"] = _round(floors.fraction_of_floor(
             step_floor, entry["stages"]["unet_step"]["median_ms"], str(device)))
     entry["_images"] = result.images  # compared with diffusers' images, then dropped
+
+
+def time_warmup_runs(slug: str, components, request: dict[str, Any], warmup: int, device,
+                     progress=None) -> list[float]:
+    """Wall seconds of each untimed warm-up run, so what the first runs pay (lazy ``torch.compile``,
+    CUDA graph capture, autotuning, allocator growth) is reported apart from the timed runs."""
+    from engine.pipelines import run
+
+    out = []
+    for _ in range(warmup):
+        synchronize(device)
+        t0 = time.perf_counter()
+        run(slug, dict(request), components)
+        synchronize(device)
+        out.append(time.perf_counter() - t0)
+        if progress is not None:
+            progress.update(1)
+    return out
+
+
+def warmup_summary(warm: list[float], timed: list[float]) -> dict[str, Any]:
+    """The warm-up runs and the first one's excess over the timed median (the compile time of a lazy
+    compiling spec; about zero for eager torch)."""
+    out: dict[str, Any] = {"runs_s": [round(w, 3) for w in warm]}
+    if warm and timed:
+        out["first_run_excess_s"] = round(max(0.0, warm[0] - statistics.median(timed)), 3)
+    return out
+
+
+def _diff_vs_fp32(entry: dict[str, Any], images: np.ndarray, reference: np.ndarray) -> None:
+    if images.shape == reference.shape:
+        entry["max_abs_diff_vs_fp32"] = float(np.abs(images - reference).max())
 
 
 def fp32_reference_images(slug: str, request: dict[str, Any], checkpoint: Path | None, full,
@@ -792,11 +828,64 @@ def _bench_networks_only(cfg: EngineBenchConfig, full, params: dict[str, Any], d
     with _progress(len(calls), f"{cfg.slug} networks") as bar:
         entry["stages"] = time_stages(calls, cfg.stage_repeats, device, bar)
     est = estimate({k: v["median_ms"] for k, v in entry["stages"].items()})
+    if cfg.slug == "ominicontrol":
+        entry["condition_cache"] = time_condition_cache(full.raw["transformer"], params, device, full.dtype,
+                                                        cfg.stage_repeats, entry["stages"]["transformer_step"])
     entry["end_to_end"] = {"estimated_ms": round(est, 3), "estimate": note}
     entry["fraction_of_floor"] = _round(floors.fraction_of_floor(floor.floor_ms, est, str(device)))
     if device.type == "cuda":
         entry["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return entry
+
+
+def time_condition_cache(transformer: torch.nn.Module, params: dict[str, Any], device: torch.device,
+                         dtype: torch.dtype, repeats: int, joint_step: dict[str, Any]) -> dict[str, Any]:
+    """OminiControl's condition at full size, cached and uncached, on the networks (no T5/CLIP/VAE configs).
+
+    Times our condition branch (``engine.flux_condition``: ``condition_kv``, the 1024 condition tokens
+    through every block with a random rank-16 LoRA, once) and our transformer step over the 1024 image
+    tokens attending to those keys/values; ``joint_step`` is the stock 2048-token step (image and
+    condition tokens concatenated, how the reference implementation runs every step). Estimates per
+    request: cached = condition_kv + steps x step; uncached = steps x (condition_kv + step); joint =
+    steps x joint step. Installs the condition attention processors on ``transformer`` (run last).
+    """
+    from engine.flux_condition import ConditionKVModule, FluxTransformerModule, condition_lora_targets
+
+    flux = transformer.config
+    steps, text_tokens, tokens = int(params["steps"]), 256, (512 // 16) ** 2
+    g = torch.Generator("cpu").manual_seed(1)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g) * scale).to(device, dtype)
+
+    modules = dict(transformer.named_modules())
+    lora = {}
+    for name in condition_lora_targets(len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)):
+        linear = modules.get(name)
+        if isinstance(linear, torch.nn.Linear):
+            lora[name] = (torch.randn(16, linear.in_features, generator=g) * 0.01,
+                          torch.randn(linear.out_features, 16, generator=g) * 0.01)
+    branch = ConditionKVModule(transformer, lora).to(device, dtype)
+    step = FluxTransformerModule(transformer)
+    cond, ids = rand(1, tokens, flux.in_channels), torch.zeros(1, tokens, 3, device=device, dtype=dtype)
+    pooled, scale = rand(1, flux.pooled_projection_dim), torch.ones(1, 1, device=device, dtype=dtype)
+    hidden, text = rand(1, tokens, flux.in_channels), rand(1, text_tokens, flux.joint_attention_dim)
+    t = torch.full((1,), 1.0, device=device, dtype=dtype)
+    txt_ids = torch.zeros(1, text_tokens, 3, device=device, dtype=dtype)
+    bias = torch.zeros(1, 1, device=device, dtype=dtype)
+    with torch.inference_mode():
+        key, value = branch(cond, ids, pooled, scale)
+        calls = {"condition_kv": lambda: branch(cond, ids, pooled, scale),
+                 "transformer_step_with_condition": lambda: step(hidden, t, text, pooled, ids, txt_ids, key, value, bias)}
+        stages = time_stages(calls, repeats, device)
+    kv_ms, step_ms = stages["condition_kv"]["median_ms"], stages["transformer_step_with_condition"]["median_ms"]
+    cached, uncached = kv_ms + steps * step_ms, steps * (kv_ms + step_ms)
+    joint = steps * joint_step["median_ms"]
+    return {"stages": stages, "steps": steps, "condition_tokens": tokens, "lora_rank": 16,
+            "cached_estimate_ms": round(cached, 3), "uncached_estimate_ms": round(uncached, 3),
+            "joint_estimate_ms": round(joint, 3), "cached_vs_uncached": round(cached / uncached, 4),
+            "cached_vs_joint": round(cached / joint, 4) if joint else None,
+            "note": "denoiser work per request only (text encoders and VAE not timed)"}
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:

@@ -1,39 +1,69 @@
 #!/usr/bin/env bash
-# The prepared GPU check of the fast path (issue 6) and the GPU engine results (issue 5), one slug
-# per device call so each fits the 10-minute command limit:
+# The GPU figures of issue 17 in ONE device call (at most 9 minutes): full-size random-weight
+# networks (benchmarks/configs/), diffusers fp16 vs our eager fp16 vs our `fast` preset (fused QKV,
+# channels-last, torch.compile, CUDA graphs, device scheduler) in the same process, in this order:
 #
-#   bash benchmarks/gpu/run.sh sd1.5-scifi     # 512x512 (the published 104.6 it/s size), 30 steps,
-#                                              # dpmpp_2m, CFG 5 (the seed example, 512 high)
-#   bash benchmarks/gpu/run.sh segmind-vega    # 1024², 25 steps, UniPC, CFG 9
+#   sd1.5-scifi  512x512 and 512x768, 30 steps, dpmpp_2m, CFG 5
+#   segmind-vega 1024x1024, 25 steps, UniPC, CFG 9
+#   if time is left: ominicontrol 512x512, 8 steps, bf16; omni-zero 1024x1024, 10 steps (networks only)
 #
-# Full-size random-weight networks in fp16: eager torch, eager with the device scheduler, the `fast`
-# optimisations (fused QKV, channels-last, torch.compile, CUDA graphs, device scheduler) and
-# diffusers' own pipeline in one run, with the optimised-vs-eager pixel difference, the loop
-# overhead per step, it/s and the fraction of the compute floor. A SPEC argument runs that spec
-# alone instead of the two. Results land in $OUT (else benchmarks/results/).
+# The plan, the time guard and the summary are benchmarks/gpu/runner.py. Each step is its own
+# process with the time left as its limit; a step that cannot finish before the deadline
+# (BUDGET_S, default 510 s from this script's start) is skipped and says so. As each step ends its
+# JSON lands in $OUT and $OUT/summary.{json,md} are rewritten, so a cut-off call still returns what
+# it measured; $OUT/run.log is the whole log. STEPS=name,slug,... reruns part of the plan.
 #
-# The GPU machine has torch 2.11, transformers 5.17 and numpy 2.5 but not diffusers: carry
-# `.whl/` (see /work/.library/device/README.md) holding diffusers 0.42.1, importlib_metadata 8.7.0,
-# torchsde 0.2.6 and trampoline 0.1.2 (the last two for omni-zero):
+#   DRY_RUN=1 bash benchmarks/gpu/run.sh     # the same plan and code on the CPU: tiny configs
+#                                            # (benchmarks/configs/tiny), fp32, 2 steps (or the catalog minimum), 1 run
+#
+# The device machine (Python 3.12, CUDA torch 2.11, transformers, onnx, onnxruntime) has no
+# diffusers and no package registry: carry the wheels in .whl/ (ignored by git), prepared here with
+#
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==8.7.0 \
-#       torchsde==0.2.6 trampoline==0.1.2
-# `bench engine` was run on CPU with those versions (numpy 2.4, transformers 5.17) and without the
-# serving packages the machine lacks (fastapi, pydantic, tritonclient, pytriton): it needs none.
-set -euo pipefail
-slug=${1:-sd1.5-scifi}
-# nowarmup: the request's shape compiles in the bench's own warm-up runs, and the slug-default
-# shapes (which the benchmark request does not use) are not compiled at all: minutes saved.
-specs=(--optimize device_scheduler --optimize fast,nowarmup)
-[[ $# -ge 2 ]] && specs=(--optimize "$2")
-params=()
-[[ $slug == sd1.5-scifi ]] && params=(--params '{"img_height": 512}')
-out=${OUT:-benchmarks/results}
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl diffusers==0.42.1 importlib_metadata==8.7.0
+#
+# (6.4 MB; diffusers' other needs — huggingface-hub>=1.32, safetensors>=0.8, filelock, regex,
+# requests, Pillow, numpy, zipp — are on the machine), then, from the session's checkout:
+#
+#   run(command="GIT_COMMIT=<hash> bash benchmarks/gpu/run.sh", carry=[".whl"], timeout_s=540)
+#
+# benchmarks/README.md ("GPU run") says what to commit afterwards.
+set -uo pipefail
+export RUN_STARTED=${RUN_STARTED:-$(date +%s)}
+cd "$(dirname "$0")/../.."
+
+if [[ ${DRY_RUN:-0} != 0 ]]; then
+    py=${PYTHON:-python3}
+    OUT=${OUT:-$(mktemp -d /tmp/diffserve-gpu-dry.XXXXXX)}
+    if [[ -z ${DIFFSERVE_HOME:-} ]]; then
+        DIFFSERVE_HOME=$(mktemp -d /tmp/diffserve-gpu-dry-home.XXXXXX)
+        trap 'rm -rf "$DIFFSERVE_HOME"' EXIT
+    fi
+    export DIFFSERVE_HOME
+else
+    py=${PYTHON:-python3}
+    OUT=${OUT:-benchmarks/results/gpu-run}
+    export DIFFSERVE_HOME=${DIFFSERVE_HOME:-/tmp/diffserve}
+    if ! "$py" -c "import diffusers" 2>/dev/null; then
+        if ! compgen -G ".whl/*.whl" >/dev/null; then
+            echo "run.sh: diffusers is not importable and .whl/ holds no wheels. Prepare them here with" >&2
+            echo "  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\" >&2
+            echo "      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\" >&2
+            echo "      -d .whl diffusers==0.42.1 importlib_metadata==8.7.0" >&2
+            echo "and name .whl in the run's carry (see the header of this script)." >&2
+            exit 3
+        fi
+        "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            || { echo "run.sh: installing the carried wheels failed" >&2; exit 3; }
+        export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+    fi
 fi
-export PYTHONUNBUFFERED=1 DIFFSERVE_HOME=${DIFFSERVE_HOME:-/tmp/diffserve}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-python3 -m benchmarks.cli engine --slug "$slug" --full-size --device cuda --precision fp16 \
-    "${specs[@]}" "${params[@]}" --fp32-reference --warmup 2 --repeats 5 --stage-repeats 10 --out "$out" --no-plots
+export OUT PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
+mkdir -p "$OUT"
+{
+    echo "run.sh: OUT=$OUT DRY_RUN=${DRY_RUN:-0} BUDGET_S=${BUDGET_S:-default} STEPS=${STEPS:-all} commit=${GIT_COMMIT:-?}"
+    [[ ${DRY_RUN:-0} != 0 ]] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    "$py" -c "import sys, torch, diffusers, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+    "$py" -m benchmarks.gpu.runner --out "$OUT"
+} 2>&1 | tee "$OUT/run.log"

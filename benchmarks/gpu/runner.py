@@ -1,0 +1,403 @@
+"""The GPU figures in one device call: a fixed plan of engine benchmarks, a deadline, and a summary.
+
+``benchmarks/gpu/run.sh`` runs ``python -m benchmarks.gpu.runner``. This module owns the plan of
+issue 17 (``PLAN``: full-size random-weight SD1.5 at 512x512 and 512x768, Segmind-Vega at 1024²,
+then, if time is left, OminiControl and Omni-Zero), the time guard that fits it into one call of
+the device machine, and the summary of what was measured. Each step is one ``bench engine`` run
+(``benchmarks.engine_bench.run_engine_bench``) in its own process — a crash, an out-of-memory or a
+step cut off at the deadline loses that step alone — and as soon as a step ends its JSON lands in
+``$OUT`` and ``summary.json`` / ``summary.md`` are rewritten, so a run cut off by the device's limit
+still returns everything measured before. ``$OUT`` holds at most 8 files (the device tool brings no
+more back): ``run.log`` (written by run.sh), ``summary.json``, ``summary.md`` (the table, then every
+step's full markdown) and one JSON per step; ``diffserve bench report --rerender`` rebuilds each
+step's own markdown from its JSON once they are copied into ``benchmarks/results/``.
+
+``DRY_RUN=1`` runs the same plan through the same code on the CPU: the tiny configs of
+``benchmarks/configs/tiny/`` in place of the full-size ones, fp32, 2 denoising steps (or the
+catalog's minimum: 20 for SD1.5 and Vega, 4 for OminiControl), no warm-up and 1 timed run, and the
+``fast`` preset without ``compile``/``cuda_graphs`` (inductor on a CPU takes minutes per network;
+``tests/engine/test_torch_optimize.py`` covers it), so the script is checked by
+the tests (``tests/benchmarks/test_gpu_script.py``) without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("benchmarks.gpu")
+
+TINY_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "tiny"
+FAST_GPU = "fast,nowarmup"
+"""``fast`` (fused QKV, channels-last, torch.compile, CUDA graphs, device scheduler), compiled lazily:
+only the request's shape compiles, in the first warm-up run, reported apart as that run's excess."""
+FAST_DRY = "fuse_qkv,channels_last,device_scheduler"
+"""The dry run's stand-in for ``fast``: everything but ``compile`` and ``cuda_graphs``."""
+DRY_STEPS = 2
+"""Denoising steps of a dry run, raised to the catalog's minimum where it has one."""
+MAX_OUT_FILES = 8
+"""The device tool brings back at most 8 files from ``$OUT``."""
+TOLERANCE = {"sd1.5-scifi": 2e-4, "segmind-vega": 1e-3, "omni-zero": 1e-3, "ominicontrol": 1e-4}
+"""README's max pixel differences of the optimised path from eager torch at the same precision (fp32,
+reordered sums amplified by the sampler). Judged in fp32 runs only: fp16/bf16 against the fp32
+reference differ by rounding far above these, and are reported, not judged."""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    """Stem tag and name on the command line (``STEPS=``), e.g. ``sd1.5-scifi-512x512``."""
+    slug: str
+    resolution: str
+    params: dict[str, Any]
+    precision: str
+    optimize: tuple[str, ...] = ()
+    fp32_reference: bool = True
+    min_s: float = 60.0
+    """Seconds the step needs on the H200 at least (process start, build, compile, runs): skipped when
+    less is left before the deadline."""
+    optional: bool = False
+    """Runs only if time is left (issue 17: ominicontrol, omni-zero)."""
+    note: str = ""
+
+
+PLAN: tuple[Step, ...] = (
+    Step("sd1.5-scifi-512x512", "sd1.5-scifi", "512x512",
+         {"img_width": 512, "img_height": 512, "num_inference_steps": 30, "scheduler": "dpmpp_2m",
+          "guidance_scale": 5}, "fp16", (FAST_GPU,), min_s=100),
+    Step("sd1.5-scifi-512x768", "sd1.5-scifi", "512x768",
+         {"img_width": 512, "img_height": 768, "num_inference_steps": 30, "scheduler": "dpmpp_2m",
+          "guidance_scale": 5}, "fp16", (FAST_GPU,), min_s=100),
+    Step("segmind-vega-1024x1024", "segmind-vega", "1024x1024",
+         {"img_width": 1024, "img_height": 1024, "num_inference_steps": 25, "scheduler": "UniPC",
+          "guidance_scale": 9}, "fp16", (FAST_GPU,), min_s=130),
+    Step("ominicontrol-512x512", "ominicontrol", "512x512", {"steps": 8}, "bf16", fp32_reference=False,
+         min_s=70, optional=True,
+         note="networks only (no full-size T5, CLIP-L or FLUX-VAE configs yet, so diffusers' FluxPipeline and "
+              "our pipeline do not run end to end): the stock FLUX step over 2048 joint tokens (1024 image + "
+              "1024 condition, as the reference runs every step) against our condition branch computed once "
+              "(cached) or per step (uncached) with our 1024-token step attending to it"),
+    Step("omni-zero-1024x1024", "omni-zero", "1024x1024", {"number_of_steps": 10}, "fp16", fp32_reference=False,
+         min_s=60, optional=True,
+         note="networks only: SDXL UNet + 2 ControlNets, text encoders, VAE; no diffusers baseline"),
+)
+
+
+def _dry_run() -> bool:
+    return os.environ.get("DRY_RUN", "") not in ("", "0")
+
+
+def step_config(step: Step, dry_run: bool, work_dir: Path):
+    """The ``EngineBenchConfig`` of ``step``: the GPU settings, or the dry run's CPU settings."""
+    from benchmarks.engine_bench import EngineBenchConfig
+
+    from engine.catalog import get_model
+
+    params = dict(step.params)
+    if dry_run:
+        for key in ("num_inference_steps", "steps", "number_of_steps"):
+            if key in params:  # 2 steps, or the fewest the catalog accepts (SD1.5 and Vega: 20, FLUX: 4)
+                params[key] = max(DRY_STEPS, int(get_model(step.slug).param(key).minimum or 0))
+    optimize = tuple(FAST_DRY if (dry_run and spec == FAST_GPU) else spec for spec in step.optimize)
+    return EngineBenchConfig(
+        slug=step.slug, full_size=True, params=params, optimizations=optimize,
+        fp32_reference=step.fp32_reference, work_dir=work_dir,
+        device="cpu" if dry_run else "cuda", precision="fp32" if dry_run else step.precision,
+        config_dir=TINY_CONFIGS if dry_run else None,
+        warmup=0 if dry_run else 2,  # GPU: the first run compiles, the second records the CUDA graphs
+        repeats=1 if dry_run else 5, stage_repeats=1 if dry_run else 10, threads=1 if dry_run else None)
+
+
+def run_step(step: Step, out_dir: Path, dry_run: bool) -> Path:
+    """Run one step in this process; returns the JSON written into ``out_dir``."""
+    from benchmarks.engine_bench import run_engine_bench
+    from benchmarks.report import default_stem, write_report
+    from engine import home_dir
+
+    report = run_engine_bench(step_config(step, dry_run, home_dir() / "bench"))
+    report["gpu_run"] = {"step": step.name, "resolution": step.resolution, "dry_run": dry_run, "note": step.note,
+                         "commit": _git_commit()}
+    stem = default_stem(report).replace(f"engine-{step.slug}-", f"engine-{step.slug}-{step.resolution}-", 1)
+    paths = write_report(report, out_dir, ("dryrun-" if dry_run else "") + stem, plots=False)
+    return paths["json"]
+
+
+# -- the summary -----------------------------------------------------------------------------------------
+
+def _r(value: Any, digits: int = 4) -> Any:
+    return None if value is None else round(float(value), digits)
+
+
+def summarize_report(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per entry (diffusers, eager torch, each optimised spec) of an engine report."""
+    from benchmarks import floors
+
+    slug, device = report["settings"]["slug"], report["settings"]["device"]
+    precision = report["settings"]["precision"]
+    floor_ms = (report.get("floor") or {}).get("floor_ms")
+    tol = TOLERANCE.get(slug)
+    rows: list[dict[str, Any]] = []
+    base = report.get("baseline")
+    if base:
+        median = base["end_to_end"]["median_ms"]
+        rows.append({"entry": f"diffusers {base['pipeline']}", "status": "ok", "median_ms": median,
+                     "p90_ms": base["end_to_end"]["p90_ms"], "ratio_vs_diffusers": 1.0, "speedup_vs_diffusers": 1.0,
+                     "fraction_of_floor": _r(floors.fraction_of_floor(floor_ms, median, device)),
+                     "max_abs_diff_vs_fp32": base.get("max_abs_diff_vs_fp32")})
+    for e in report["runtimes"]:
+        label = e["runtime"] + (f" [{e['optimizations']}]" if e.get("optimizations") else " eager")
+        row: dict[str, Any] = {"entry": label, "status": e["status"], "reason": e.get("reason")}
+        if e["status"] == "ok":
+            e2e = e["end_to_end"]
+            ours = e2e.get("ours")
+            ratio = (e.get("ratio_vs_diffusers") or {}).get("median")
+            row.update(
+                median_ms=ours["median_ms"] if ours else None, p90_ms=ours["p90_ms"] if ours else None,
+                estimated_ms=e2e.get("estimated_ms"), ratio_vs_diffusers=ratio,
+                speedup_vs_diffusers=_r(1.0 / ratio, 3) if ratio else None,
+                denoise_its=e.get("denoise_its"), denoiser_its=e.get("denoiser_its"),
+                fraction_of_floor=e.get("fraction_of_floor"),
+                unet_step_fraction_of_floor=e.get("unet_step_fraction_of_floor"),
+                max_abs_diff_vs_fp32=e.get("max_abs_diff_vs_fp32"), max_abs_diff_vs_eager=e.get("max_abs_diff_vs_eager"),
+                loop_overhead_per_step_ms=e.get("loop_overhead_per_step_ms"),
+                first_run_excess_s=(e.get("warmup") or {}).get("first_run_excess_s"),
+                load_compile_s=_r(sum((e.get("optimization") or {}).get("warmup_s", {}).values()), 3),
+                peak_memory_gb=e.get("peak_memory_gb"),
+                stage_split_ms={k: v["median_ms"] for k, v in (e2e.get("pipeline_stages") or {}).items()},
+                stages_ms={k: v["median_ms"] for k, v in (e.get("stages") or {}).items()})
+            if row["denoiser_its"] is None:  # networks-only steps: the denoiser stage timed alone
+                step = next((row["stages_ms"][k] for k in ("transformer_step", "unet_step") if k in row["stages_ms"]),
+                            None)
+                row["denoiser_its"] = float(f"{1000.0 / step:.4g}") if step else None
+            if e.get("condition_cache"):
+                row["condition_cache"] = {k: v for k, v in e["condition_cache"].items() if k != "stages"}
+            if precision == "fp32" and tol is not None and row["max_abs_diff_vs_eager"] is not None:
+                row["within_tolerance_vs_eager"] = row["max_abs_diff_vs_eager"] <= tol
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any, fmt: str = "{:.1f}") -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def render_summary(summary: dict[str, Any], step_markdown: dict[str, str]) -> str:
+    dry = summary["dry_run"]
+    lines = [f"# GPU figures{' (DRY RUN: tiny configs on CPU, fp32, 2 steps or the catalog minimum — says nothing about speed)' if dry else ''}",
+             "", f"Device: {summary['device']}. Commit {summary.get('commit') or '?'}. Started "
+             f"{summary['started_utc']}, {summary['elapsed_s']:.0f} s of a {summary['budget_s']:.0f} s budget.", "",
+             "| step | entry | median | p90 | ours / diffusers | speed-up | it/s (e2e / UNet) | fraction of floor "
+             "| max diff vs fp32 | first-run excess (compile) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for st in summary["steps"]:
+        if st["status"] != "ok":
+            lines.append(f"| {st['name']} | {st['status']}: {st.get('reason') or ''} | | | | | | | | |")
+            continue
+        for row in st["entries"]:
+            if row["status"] != "ok":
+                lines.append(f"| {st['name']} | {row['entry']}: {row['status']} ({row.get('reason') or ''}) "
+                             "| | | | | | | | |")
+                continue
+            median = row.get("median_ms")
+            est = row.get("estimated_ms")
+            lines.append(
+                f"| {st['name']} | {row['entry']} | "
+                + (_fmt(median, "{:.1f} ms") if median is not None else _fmt(est, "~{:.1f} ms (estimate)"))
+                + f" | {_fmt(row.get('p90_ms'), '{:.1f} ms')} | {_fmt(row.get('ratio_vs_diffusers'), '{:.3f}')} "
+                f"| {_fmt(row.get('speedup_vs_diffusers'), '{:.2f}x')} "
+                f"| {_fmt(row.get('denoise_its'))} / {_fmt(row.get('denoiser_its'))} "
+                f"| {_fmt(row.get('fraction_of_floor'), '{:.1%}')} | {_fmt(row.get('max_abs_diff_vs_fp32'), '{:.1e}')} "
+                f"| {_fmt(row.get('first_run_excess_s'), '{:.1f} s')} |")
+    lines += ["", "Ours / diffusers below 1 = faster (same process, same modules, same seed). Fraction of floor = "
+              "H100 compute floor (benchmarks/floors.py, 800 TFLOP/s dense bf16) / measured median; GPU only. "
+              "Max diff vs fp32: largest pixel difference (0..1) from eager fp32 on the same weights; README "
+              "tolerances (" + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items()) + ") are for the optimised "
+              "path against eager at the same precision and are judged in fp32 runs only. First-run excess: the "
+              "first warm-up run minus the timed median (lazy compile, CUDA graph capture), kept out of the "
+              "timed runs."]
+    for st in summary["steps"]:
+        for row in st.get("entries") or []:
+            cc = row.get("condition_cache")
+            if cc:
+                lines.append(f"\n{st['name']}, the condition ({cc['condition_tokens']} tokens, {cc['steps']} steps; "
+                             f"denoiser work per request): cached {_fmt(cc['cached_estimate_ms'], '{:.1f} ms')}, "
+                             f"uncached {_fmt(cc['uncached_estimate_ms'], '{:.1f} ms')}, the stock joint "
+                             f"2048-token step {_fmt(cc['joint_estimate_ms'], '{:.1f} ms')}; cached / uncached "
+                             f"{_fmt(cc['cached_vs_uncached'], '{:.3f}')}, cached / joint "
+                             f"{_fmt(cc.get('cached_vs_joint'), '{:.3f}')}.")
+    for st in summary["steps"]:
+        if st.get("note"):
+            lines.append(f"\nNote ({st['name']}): {st['note']}.")
+    for st in summary["steps"]:
+        if st["name"] in step_markdown:
+            lines += ["", "---", "", step_markdown[st["name"]]]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _git_commit() -> str | None:
+    """``$GIT_COMMIT`` (the device's copy of the tree has no .git: pass it in the command), else git."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        from benchmarks.report import git_info
+
+        info = git_info()
+        commit = info.get("commit")
+        return commit[:12] + ("+dirty" if info.get("dirty") else "") if commit else None
+    except Exception:  # noqa: BLE001 - the summary never fails on git
+        return None
+
+
+# -- the orchestrator ---------------------------------------------------------------------------------------
+
+@dataclass
+class Orchestrator:
+    out: Path
+    budget_s: float
+    dry_run: bool
+    steps: tuple[Step, ...]
+    started: float = field(default_factory=time.time)
+    summary: dict[str, Any] = field(default_factory=dict)
+    step_markdown: dict[str, str] = field(default_factory=dict)
+    work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="diffserve-gpu-steps-")))
+    """Each step writes here first; its JSON is then copied into ``out`` (kept to ``MAX_OUT_FILES``)."""
+    kept_in_work: bool = False
+
+    def remaining(self) -> float:
+        return self.budget_s - (time.time() - self.started)
+
+    def write(self) -> None:
+        self.summary["elapsed_s"] = round(time.time() - self.started, 1)
+        _write_atomic(self.out / "summary.json", json.dumps(self.summary, indent=2, default=str) + "\n")
+        _write_atomic(self.out / "summary.md", render_summary(self.summary, self.step_markdown))
+
+    def run(self) -> int:
+        import datetime as _dt
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.summary = {"dry_run": self.dry_run, "device": _device_name(self.dry_run), "budget_s": self.budget_s,
+                        "started_utc": _dt.datetime.fromtimestamp(self.started, _dt.timezone.utc).isoformat(
+                            timespec="seconds"), "commit": _git_commit(), "steps": []}
+        for step in self.steps:
+            record: dict[str, Any] = {"name": step.name, "slug": step.slug, "resolution": step.resolution,
+                                      "precision": "fp32" if self.dry_run else step.precision,
+                                      "optional": step.optional, "note": step.note}
+            self.summary["steps"].append(record)
+            left = self.remaining()
+            need = 5.0 if self.dry_run else step.min_s
+            if left < need:
+                record.update(status="skipped", reason=f"time guard: needs ~{need:.0f} s, {max(left, 0):.0f} s left "
+                                                       f"of the {self.budget_s:.0f} s budget")
+                logger.warning("%s skipped: %s", step.name, record["reason"])
+                self.write()
+                continue
+            logger.info("step %s: starting, %.0f s left", step.name, left)
+            record.update(self._run_child(step, left))
+            self.write()
+        self.write()
+        if not self.kept_in_work:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        print(render_summary(self.summary, {}))
+        ok = [s for s in self.summary["steps"] if s["status"] == "ok"]
+        return 0 if ok else 1
+
+    def _run_child(self, step: Step, timeout: float) -> dict[str, Any]:
+        work = self.work_dir / step.name
+        work.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "benchmarks.gpu.runner", "--step", step.name, "--step-out", str(work)]
+        t0 = time.time()
+        # Own process group: a step cut off at the deadline takes its compile workers with it.
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return {"status": "cut_off", "wall_s": round(time.time() - t0, 1),
+                    "reason": f"stopped at the deadline after {time.time() - t0:.0f} s (nothing of it measured)"}
+        wall = round(time.time() - t0, 1)
+        jsons = sorted(work.glob("*.json"))
+        if rc != 0 or not jsons:
+            return {"status": "failed", "wall_s": wall, "reason": f"exit status {rc}; see run.log"}
+        src = jsons[-1]
+        report = json.loads(src.read_text(encoding="utf-8"))
+        n_out = len([p for p in self.out.iterdir() if not p.name.startswith(".")])
+        dest = self.out / src.name
+        if n_out + 1 > MAX_OUT_FILES:
+            logger.warning("$OUT already holds %d files: %s stays in %s", n_out, src.name, work)
+            self.kept_in_work = True
+        else:
+            _write_atomic(dest, src.read_text(encoding="utf-8"))
+        md = src.with_suffix(".md")
+        if md.is_file():
+            self.step_markdown[step.name] = md.read_text(encoding="utf-8")
+        return {"status": "ok", "wall_s": wall, "json": dest.name, "entries": summarize_report(report),
+                "floor_ms": (report.get("floor") or {}).get("floor_ms"),
+                "steps_run": report.get("steps")}
+
+
+def _device_name(dry_run: bool) -> str:
+    if dry_run:
+        return "cpu (dry run)"
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    except Exception as exc:  # noqa: BLE001
+        return f"unknown ({exc})"
+
+
+def select_steps(names: str | None) -> tuple[Step, ...]:
+    """``STEPS=a,b`` (names or slugs) picks steps of the plan, in plan order; empty: the whole plan."""
+    if not names:
+        return PLAN
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if not any(n in (s.name, s.slug) for s in PLAN)]
+    if unknown:
+        raise SystemExit(f"unknown step(s) {', '.join(unknown)}; the plan: {', '.join(s.name for s in PLAN)}")
+    return tuple(s for s in PLAN if s.name in wanted or s.slug in wanted)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu.runner", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results/gpu-run",
+                        help="where the JSONs and the summary go (default $OUT)")
+    parser.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S") or 0) or None,
+                        help="seconds for the whole plan (default $BUDGET_S; 510 on GPU, 300 dry)")
+    parser.add_argument("--steps", default=os.environ.get("STEPS"), help="comma list of step names or slugs")
+    parser.add_argument("--step", help=argparse.SUPPRESS)  # a child: run this one step
+    parser.add_argument("--step-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dry = _dry_run()
+    if args.step:
+        (step,) = select_steps(args.step)
+        path = run_step(step, Path(args.step_out), dry)
+        print(f"step {step.name}: written {path}", flush=True)
+        return 0
+    budget = args.budget_s or (300.0 if dry else 510.0)
+    # The deadline counts from run.sh's start (wheel install included) when it passes it.
+    started = float(os.environ.get("RUN_STARTED") or time.time())
+    orch = Orchestrator(Path(args.out), budget, dry, select_steps(args.steps), started=started)
+    return orch.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
