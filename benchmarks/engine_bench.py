@@ -158,15 +158,22 @@ def reference_request(slug: str, overrides: dict[str, Any] | None = None) -> dic
     return params
 
 
-def with_images(slug: str, params: dict[str, Any], image) -> dict[str, Any]:
-    """The request with its image placeholders replaced by the decoded picture, resized to the request size."""
+def with_images(slug: str, params: dict[str, Any], image, *, as_array: bool = False) -> dict[str, Any]:
+    """The request with its image placeholders replaced by the decoded picture, resized to the request size.
+
+    A PIL image, as diffusers' pipelines take it, or (``as_array``) the uint8 [H, W, 3] array the
+    serving path carries.
+    """
+    import numpy as np
+
     from engine.catalog import get_model
 
     out = dict(params)
     size = (int(params["img_width"]), int(params["img_height"])) if "img_width" in params else None
     for name in get_model(slug).image_params:
         if out.get(name) == "<demo image>":
-            out[name] = image.resize(size) if size and image.size != size else image
+            picture = image.resize(size) if size and image.size != size else image
+            out[name] = np.asarray(picture.convert("RGB")) if as_array else picture
     return out
 
 

@@ -805,7 +805,7 @@ async def _triton_series(cfg: ServeBenchConfig, url: str, report: dict[str, Any]
     stats = TritonStats(url)
     try:
         for slug in cfg.slugs:
-            params = with_images(slug, requests[slug], image)
+            params = with_images(slug, requests[slug], image, as_array=True)
             ipr = int(requests[slug].get("samples") or 1)
             for mode in cfg.modes:
                 model = next((n for n, p in pipelines.items() if p["slug"] == slug and p["mode"] == mode), None)
