@@ -13,9 +13,9 @@ the backend, which it writes to the store. Stopping a job is cancelling the task
 Restarts: ``start`` calls ``JobStore.recover``, which requeues jobs a dead process left
 PROCESSING (or fails them after ``max_attempts``); queued jobs simply stay queued. Async jobs
 find their decoded input images on disk (``api.inputs``); a sync job's stay in memory. Either
-way the backend gets the uint8 ``[H, W, 3]`` arrays ``api.images`` decoded at submission. A sync job's client died with the
-process, so a sync job found after a restart is failed ("interrupted") instead of run for
-nobody. A background task purges expired jobs, their outputs and leftover inputs.
+way the backend gets the uint8 ``[H, W, 3]`` arrays ``api.images`` decoded at submission. A
+sync job's client died with the process, so a sync job found after a restart is failed
+("interrupted") instead of run for nobody. A background task purges expired jobs, their outputs and leftover inputs.
 """
 
 from __future__ import annotations

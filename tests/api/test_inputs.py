@@ -100,7 +100,8 @@ def test_discard_delete_and_sweep(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == sorted([pending, fresh_staging.name, "not-a-job", "notes.txt"])
 
 
-@pytest.mark.parametrize("job_id", ["../escape", "..", "/tmp/x", "A" * 32, "0" * 31, "0" * 32 + "/..", "0" * 32 + "\n", ""])
+@pytest.mark.parametrize("job_id", ["../escape", "..", "/tmp/x", "A" * 32, "0" * 31, "0" * 32 + "/..",
+                                    "0" * 32 + "\n", ""])
 def test_malformed_job_ids_are_refused(tmp_path, job_id):
     store = InputStore(tmp_path / "inputs")
     staging = store.stage({"image": pixels(8)})
