@@ -35,6 +35,7 @@ DESCRIPTION = """Self-hosted serving of the Segmind image models with the same H
 
 * `POST /v1/{slug}`: generate and return the image (or base64 JSON with `base64=true`).
 * `POST /v2/{slug}`: queue; poll `GET /v2/requests/{id}/status`; fetch `GET /v2/requests/{id}`.
+* Each served slug has its own pair of operations below, with that model's request schema.
 * Auth: `x-api-key` header (or `Authorization: Bearer`). Errors: JSON `{"error": "..."}`;
   a FAILED request is served with HTTP 422.
 """
@@ -88,8 +89,10 @@ class RequestGuard:
             await self.app(scope, limited_receive, send_with_headers)
         finally:
             route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            slug = state.get("metrics_slug") or scope.get("path_params", {}).get("slug")
+            # Per-slug generation routes carry the label of their family (api.routes.models).
+            endpoint = getattr(route, "metrics_path", None) or getattr(route, "path", None) or "unmatched"
+            slug = (state.get("metrics_slug") or getattr(route, "metrics_slug", None)
+                    or scope.get("path_params", {}).get("slug"))
             self.metrics.observe_http(endpoint, scope["method"], slug_label(slug), status,
                                       time.perf_counter() - start)
 
@@ -150,7 +153,7 @@ def create_app(settings: Settings, backend: GenerationBackend) -> FastAPI:
     app = FastAPI(title="diffserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, metrics=metrics)
-    app.include_router(models.router)
+    app.include_router(models.generation_router(backend.slugs))
     app.include_router(requests.router)
     app.include_router(health.router)
     return app

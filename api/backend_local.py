@@ -163,3 +163,16 @@ class EngineBackend:
         timings["compute"] = time.perf_counter() - started - load_s
         return BackendResult(images=list(result.to_uint8()), seed=int(result.seed), timings=timings)
 
+
+
+def create_local_backend(settings, demo: bool) -> EngineBackend:
+    """The backend ``diffserve serve --backend local`` uses: the ``settings.checkpoints`` directories
+    (``--checkpoint``/``DIFFSERVE_CHECKPOINTS``), over the tiny demo checkpoints with ``demo``."""
+    from engine.tiny.demo import demo_checkpoints
+
+    checkpoints = dict(demo_checkpoints()) if demo else {}
+    checkpoints.update(settings.checkpoints)
+    if not checkpoints:
+        raise SystemExit("--backend local needs checkpoints: --checkpoint SLUG=DIR (repeatable) or --demo")
+    return EngineBackend(checkpoints, device=settings.device, precision=settings.precision,
+                         max_workers=settings.max_concurrent_jobs, optimizations=settings.torch_optimizations)

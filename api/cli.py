@@ -1,7 +1,10 @@
 """The ``diffserve`` command line: generate, demo, serve, export, triton, bench.
 
-Each sub-command imports what it needs only when it runs, so ``diffserve --help`` is instant
-and the engine-only commands never load the API or Triton modules.
+This is the one module that composes the command line: argument parsing and the command
+functions of generate, demo and serve here, the export and bench parsers added from
+``export.cli`` and ``benchmarks.cli``. Each sub-command imports what it needs only when it runs,
+so ``diffserve --help`` is instant and the engine-only commands never load the API or Triton
+modules.
 """
 
 from __future__ import annotations
@@ -19,53 +22,25 @@ from engine import home_dir
 logger = logging.getLogger("diffserve")
 
 
-def _parse_params(text: str) -> dict[str, Any]:
-    if text.startswith("@"):
-        text = Path(text[1:]).read_text(encoding="utf-8")
-    try:
-        params = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"--params is not valid JSON: {exc}") from None
-    if not isinstance(params, dict):
-        raise SystemExit("--params must be a JSON object")
-    return params
-
-
-def load_local_images(spec, params: dict[str, Any]) -> dict[str, Any]:
-    """Replace image parameters holding a local path, URL, base64 or data URI by decoded RGB images."""
+def cmd_generate(args: argparse.Namespace) -> int:
     import asyncio
 
-    import PIL.Image
-
-    out = dict(params)
-    for name in spec.image_params:
-        value = out.get(name)
-        if value is None:
-            continue
-        path = Path(value)
-        if len(value) < 4096 and path.is_file():
-            with PIL.Image.open(path) as im:
-                out[name] = im.convert("RGB")
-        else:
-            from api.images import ImageFetchPolicy, load_image
-
-            out[name] = asyncio.run(load_image(value, name, ImageFetchPolicy()))
-    return out
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from engine.catalog import ValidationError, get_model
+    from api.images import ImageFetchPolicy, ImageInputError, load_image_or_file
+    from engine.catalog import ValidationError, get_model, read_params_argument
     from engine.imageio import EXTENSIONS, encode_image
     from engine.pipelines import RunControl, run
     from engine.runtime_torch import TorchComponents
 
     spec = get_model(args.slug)
     try:
-        params = spec.validate(_parse_params(args.params))
+        params = spec.validate(read_params_argument(args.params))
     except ValidationError as exc:
         print("invalid parameters:\n  " + "\n  ".join(exc.errors), file=sys.stderr)
+        return 2
+    except ValueError as exc:  # --params is not a JSON object
+        print(f"generate: {exc}", file=sys.stderr)
         return 2
     from engine.tiny.demo import demo_checkpoints
 
@@ -76,7 +51,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as exc:  # an unknown optimization or precision, a device this machine lacks
         print(f"generate: {exc}", file=sys.stderr)
         return 2
-    params = load_local_images(spec, params)
+    policy = ImageFetchPolicy()  # the API's default limits, so a file the API would refuse is refused here too
+    try:
+        for name in spec.image_params:
+            if params.get(name) is not None:
+                params[name] = asyncio.run(load_image_or_file(params[name], name, policy))
+    except ImageInputError as exc:
+        print(f"generate: {exc}", file=sys.stderr)
+        return 2
     bar = tqdm(total=None, desc=args.slug, unit="step")
 
     def on_step(done: int, total: int) -> None:
@@ -158,35 +140,6 @@ def _parse_checkpoint(text: str) -> tuple[str, Path]:
     return slug, Path(path)
 
 
-def create_local_backend(settings, demo: bool):
-    """The in-process backend: ``--checkpoint``/``DIFFSERVE_CHECKPOINTS`` dirs, plus tiny demo ones."""
-    from api.backend_local import EngineBackend
-    from engine.tiny.demo import demo_checkpoints
-
-    checkpoints = dict(demo_checkpoints()) if demo else {}
-    checkpoints.update(settings.checkpoints)
-    if not checkpoints:
-        raise SystemExit("--backend local needs checkpoints: --checkpoint SLUG=DIR (repeatable) or --demo")
-    return EngineBackend(checkpoints, device=settings.device, precision=settings.precision,
-                         max_workers=settings.max_concurrent_jobs, optimizations=settings.torch_optimizations)
-
-
-def create_backend(name: str, settings, demo: bool):
-    if name == "local":
-        return create_local_backend(settings, demo)
-    # ---- Triton backend hook (owned by the Triton backend's author) ------------------------------
-    # api/backend_triton.py must define create_triton_backend(settings, demo: bool) returning a
-    # GenerationBackend (api/backend.py); it is imported only when --backend triton is asked for.
-    try:
-        from api.backend_triton import create_triton_backend
-    except ModuleNotFoundError as exc:
-        if exc.name != "api.backend_triton":
-            raise
-        raise SystemExit("--backend triton is not available yet: api/backend_triton.py "
-                         "(create_triton_backend(settings, demo)) is missing; use --backend local") from None
-    return create_triton_backend(settings, demo=demo)
-
-
 def _graceful_server(config):
     """A uvicorn server on which SIGINT/SIGTERM start a graceful shutdown that exits with status 0.
 
@@ -241,7 +194,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         problems = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
                     for e in exc.errors(include_input=False, include_url=False)]
         raise SystemExit("invalid settings:\n" + "\n".join(problems)) from None
-    backend = create_backend(args.backend, settings, args.demo)
+    if args.backend == "local":
+        from api.backend_local import create_local_backend
+
+        backend = create_local_backend(settings, demo=args.demo)
+    else:
+        from api.backend_triton import create_triton_backend
+
+        backend = create_triton_backend(settings, demo=args.demo)
     app = create_app(settings, backend)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
                             timeout_graceful_shutdown=30, access_log=args.verbose)

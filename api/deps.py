@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import re
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -21,14 +20,12 @@ from api.backend import GenerationBackend
 from api.errors import ApiError
 from api.images import ImageFetchPolicy
 from api.inputs import InputStore
-from api.jobs import Job, JobStore, owner_from_api_key
+from api.jobs import Job, JobStore, is_job_id
 from api.metrics import ApiMetrics
 from api.quotas import CreditLedger, RateLimiter, retry_after_header
 from api.runner import JobRunner
-from api.settings import Settings
+from api.settings import Settings, owner_from_api_key
 from engine.catalog import ModelSpec, UnknownModelError, get_model
-
-_REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass
@@ -160,7 +157,7 @@ JsonBodyDep = Annotated[dict, Depends(json_body)]
 
 
 async def owned_job(request_id: str, request: Request, caller: CallerDep, state: StateDep) -> Job:
-    job = state.store.get(request_id) if _REQUEST_ID_RE.match(request_id) else None
+    job = state.store.get(request_id) if is_job_id(request_id) else None
     if job is None:
         raise ApiError(404, f"request {request_id!r} not found: unknown, or expired (results are kept "
                             f"{state.settings.retention_s:g} s)")

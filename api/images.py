@@ -1,8 +1,10 @@
-"""Image inputs for request fields: URL, raw base64 or ``data:`` URI -> RGB image.
+"""Image inputs for request fields: URL, raw base64 or ``data:`` URI -> uint8 RGB pixels.
 
 This module owns turning a client-supplied image reference into a fully
-decoded ``PIL.Image.Image`` and is the API's only outbound-HTTP surface driven
-by client input, so it is written as an SSRF boundary:
+decoded ``uint8 [H, W, 3]`` numpy array -- the one form an input image has from
+here to the pipeline (the input store keeps it as ``.npy``, the backends pass it
+on as is) -- and is the API's only outbound-HTTP surface driven by client input,
+so it is written as an SSRF boundary:
 
 * URLs are fetched only over http/https; every hop (including each redirect,
   which is followed by hand) has its host resolved once with
@@ -21,7 +23,10 @@ by client input, so it is written as an SSRF boundary:
   checked from the header before any pixel data is decoded.
 
 Every rejection raises :class:`ImageInputError`, whose message is meant to be
-returned verbatim to the client as a 400 ``{"error": ...}``.
+returned verbatim to the client as a 400 ``{"error": ...}``.  The command line's
+``diffserve generate`` decodes through the same function
+(:func:`load_image_or_file`, which also takes a local path -- never reachable
+from HTTP).
 """
 
 from __future__ import annotations
@@ -37,9 +42,11 @@ import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final, TypeAlias
 
 import httpx
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
@@ -48,6 +55,7 @@ __all__ = [
     "check_address",
     "decode_image_bytes",
     "load_image",
+    "load_image_or_file",
     "sniff_format",
 ]
 
@@ -293,8 +301,8 @@ def _flatten_to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image_bytes(data: bytes, field: str, policy: ImageFetchPolicy) -> Image.Image:
-    """Decode ``data`` into a fully loaded RGB image or raise ImageInputError.
+def decode_image_bytes(data: bytes, field: str, policy: ImageFetchPolicy) -> np.ndarray:
+    """Decode ``data`` into uint8 RGB pixels ``[H, W, 3]`` or raise ImageInputError.
 
     The real format is sniffed from the bytes; formats outside
     ``policy.allowed_formats`` never reach a Pillow decoder, the pixel count
@@ -349,8 +357,8 @@ def decode_image_bytes(data: bytes, field: str, policy: ImageFetchPolicy) -> Ima
         # Pillow signals truncation and corruption through a grab-bag of types.
         logger.debug("%s: %s decode failed", field, fmt, exc_info=True)
         raise ImageInputError(f"{field}: {fmt} image data is truncated or corrupt ({exc})") from None
-    rgb.load()
-    return rgb
+    # A writable, C-contiguous copy that no longer refers to Pillow's buffers.
+    return np.array(rgb, dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------
@@ -629,8 +637,8 @@ async def load_image(
     policy: ImageFetchPolicy,
     *,
     client: httpx.AsyncClient | None = None,
-) -> Image.Image:
-    """Load the image a request field refers to; returns a fully loaded RGB image.
+) -> np.ndarray:
+    """Load the image a request field refers to; returns uint8 RGB pixels ``[H, W, 3]``.
 
     ``value`` may be an http(s) URL, raw base64, or a ``data:image/...;base64,``
     URI.  ``field`` names the request field in error messages.
@@ -661,3 +669,22 @@ async def load_image(
         data = _decode_base64(text, field, policy, "base64 image data")
     # Decoding a large image takes long enough to stall the event loop.
     return await asyncio.to_thread(decode_image_bytes, data, field, policy)
+
+
+async def load_image_or_file(value: str, field: str, policy: ImageFetchPolicy) -> np.ndarray:
+    """:func:`load_image` for the command line: ``value`` may also be a local file path.
+
+    The file's bytes go through the same :func:`decode_image_bytes` (format sniffing, size and
+    pixel limits) as an HTTP input. Only ``diffserve generate`` calls this; the HTTP API must
+    not, since a path would let clients read the server's files.
+    """
+    if isinstance(value, str) and _is_file(value):
+        return await asyncio.to_thread(decode_image_bytes, Path(value).read_bytes(), field, policy)
+    return await load_image(value, field, policy)
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return len(text) < 4096 and Path(text).is_file()
+    except OSError:  # e.g. a base64 string longer than a file name may be
+        return False

@@ -17,7 +17,6 @@ directory can be moved as a whole.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ __all__ = [
     "Job",
     "JobStatus",
     "JobStore",
-    "owner_from_api_key",
+    "is_job_id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,7 +46,13 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION: Final = 1
 CANCELLED_BY_CLIENT: Final = "cancelled by client"
 _EXT_RE: Final = re.compile(r"^[A-Za-z0-9]{1,10}$")
-_JOB_DIR_RE: Final = re.compile(r"^[0-9a-f]{32}$")
+_JOB_ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
+"""A job id: ``uuid4().hex`` (128 random bits, so output URLs can be capability URLs)."""
+
+
+def is_job_id(text: str) -> bool:
+    """Whether ``text`` has the form of a job id (checked before it reaches SQL or a path)."""
+    return _JOB_ID_RE.fullmatch(text) is not None
 
 
 class JobStatus(str, Enum):
@@ -86,11 +91,6 @@ class Job:
     expires_at: float | None = None
     want_base64: bool = False
     output_format: str = "jpeg"
-
-
-def owner_from_api_key(api_key: str) -> str:
-    """A stable, non-reversible owner id for an API key (never store the key itself)."""
-    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
 
 
 _SCHEMA_V1: Final = """
@@ -522,7 +522,7 @@ class JobStore:
 
     def _sweep_orphans(self) -> None:
         try:
-            entries = [p for p in self.outputs_dir.iterdir() if p.is_dir() and _JOB_DIR_RE.match(p.name)]
+            entries = [p for p in self.outputs_dir.iterdir() if p.is_dir() and is_job_id(p.name)]
         except FileNotFoundError:
             return
         if not entries:

@@ -12,9 +12,10 @@ the backend, which it writes to the store. Stopping a job is cancelling the task
 
 Restarts: ``start`` calls ``JobStore.recover``, which requeues jobs a dead process left
 PROCESSING (or fails them after ``max_attempts``); queued jobs simply stay queued. Async jobs
-find their decoded input images on disk (``api.inputs``). A sync job's client died with the
-process, so a sync job found after a restart is failed ("interrupted") instead of run for
-nobody. A background task purges expired jobs, their outputs and leftover inputs.
+find their decoded input images on disk (``api.inputs``); a sync job's stay in memory. Either
+way the backend gets the uint8 ``[H, W, 3]`` arrays ``api.images`` decoded at submission. A
+sync job's client died with the process, so a sync job found after a restart is failed
+("interrupted") instead of run for nobody. A background task purges expired jobs, their outputs and leftover inputs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from api.backend import BackendError, GenerationBackend
 from api.inputs import InputsLost, InputStore, stored_reference
@@ -60,7 +60,8 @@ class Submission:
     slug: str
     params: dict[str, Any]
     """Catalog-validated params; image params are replaced from ``images``."""
-    images: dict[str, Image.Image | None]
+    images: dict[str, np.ndarray | None]
+    """Every image param of the slug: its decoded uint8 [H, W, 3] pixels (``api.images``) or None."""
     owner: str | None
     output_format: str
     want_base64: bool
@@ -128,7 +129,7 @@ class JobRunner:
         self._tasks: list[asyncio.Task] = []
         self._running: dict[str, _Running] = {}
         self._waiters: dict[str, asyncio.Future[JobOutcome]] = {}
-        self._sync_inputs: dict[str, dict[str, Image.Image | None]] = {}
+        self._sync_inputs: dict[str, dict[str, np.ndarray | None]] = {}
         self._reserved: set[str] = set()
         self._pending_stops: dict[str, _Stop] = {}
         self._stopping = False

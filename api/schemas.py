@@ -107,11 +107,11 @@ def request_schema(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def submit_openapi(specs: list[ModelSpec]) -> dict[str, Any]:
-    """``openapi_extra`` for the submit routes: one request schema per served model."""
+def request_body_openapi(spec: ModelSpec) -> dict[str, Any]:
+    """``openapi_extra`` of ``spec``'s submit operations (``/v1/<slug>``, ``/v2/<slug>``): its request body."""
     return {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": {"oneOf": [request_schema(s) for s in specs]}}},
+            "content": {"application/json": {"schema": request_schema(spec)}},
         },
     }

@@ -10,6 +10,7 @@ environment as JSON (``DIFFSERVE_API_KEYS='["k1", "k2"]'``); lists also as comma
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,9 +19,13 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.images import ImageFetchPolicy
-from api.jobs import owner_from_api_key
-
 MIB = 1024 * 1024
+
+
+def owner_from_api_key(api_key: str) -> str:
+    """A stable, non-reversible owner id for an API key: what the job store, the credit ledger
+    and per-key settings are keyed by (the key itself is never stored or logged)."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
 
 
 def _split_list(value: Any) -> Any:

@@ -8,7 +8,6 @@ the same commands without it. Each command writes its JSON, markdown and plots u
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -26,20 +25,6 @@ def _floats(text: str) -> list[float]:
         return [float(t) for t in _csv(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _params(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    if text.startswith("@"):
-        text = Path(text[1:]).read_text(encoding="utf-8")
-    try:
-        params = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"--params is not valid JSON: {exc}") from None
-    if not isinstance(params, dict):
-        raise SystemExit("--params must be a JSON object")
-    return params
 
 
 def _slug_dir(text: str) -> tuple[str, Path]:
@@ -66,7 +51,7 @@ def _finish(report: dict[str, Any], args: argparse.Namespace) -> int:
 
 def cmd_engine(args: argparse.Namespace) -> int:
     from benchmarks.engine_bench import EngineBenchConfig, run_engine_bench
-    from engine.catalog import CATALOG, ValidationError
+    from engine.catalog import CATALOG, ValidationError, read_params_argument
 
     if args.slug not in CATALOG:
         print(f"unknown slug {args.slug!r}; available: {', '.join(CATALOG)}", file=sys.stderr)
@@ -75,7 +60,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
         cfg = EngineBenchConfig(
             slug=args.slug, runtimes=tuple(_csv(args.runtime)), device=args.device, precision=args.precision,
             full_size=args.full_size, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
-            params=_params(args.params), warmup=args.warmup, repeats=args.repeats, stage_repeats=args.stage_repeats,
+            params=read_params_argument(args.params), warmup=args.warmup, repeats=args.repeats,
+            stage_repeats=args.stage_repeats,
             baseline=not args.no_baseline, work_dir=Path(args.work_dir) if args.work_dir else _work_dir(),
             threads=args.threads, optimizations=tuple(args.optimize), fp32_reference=args.fp32_reference)
         report = run_engine_bench(cfg)
@@ -92,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from benchmarks.serve_bench import ServeBenchConfig, run_serve_bench
-    from engine.catalog import ValidationError
+    from engine.catalog import ValidationError, read_params_argument
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
 
@@ -101,7 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             slugs=tuple(_csv(args.slug)), url=args.url, start_server=bool(args.start_server),
             server_backend=args.server_backend, server_checkpoints=dict(args.server_checkpoint or []), endpoints=tuple(_csv(args.endpoints)), loop=args.loop,
             levels=tuple(args.concurrency if args.loop == "closed" else args.rates),
-            requests_per_level=args.requests, min_duration_s=args.duration, params=_params(args.params),
+            requests_per_level=args.requests, min_duration_s=args.duration,
+            params=read_params_argument(args.params),
             api_key=args.api_key, poll_interval_s=args.poll_interval, timeout_s=args.timeout,
             triton=args.triton, triton_url=args.triton_url,
             triton_repository=Path(args.triton_repository) if args.triton_repository else None,

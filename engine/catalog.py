@@ -12,10 +12,12 @@ example the largest seed torch accepts, or a cap on prompt length).
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from engine.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, canonical_scheduler_name
@@ -490,3 +492,25 @@ def get_model(slug: str) -> ModelSpec:
 
 def validate(slug: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     return get_model(slug).validate(payload)
+
+
+def read_params_argument(text: str | None) -> dict[str, Any]:
+    """The request JSON of a ``--params`` command-line argument: inline JSON or ``@file.json``.
+
+    Empty or None is ``{}``. Raises ``ValueError`` naming ``--params`` (unreadable file, bad JSON,
+    not an object); the command lines report it and exit with status 2.
+    """
+    if not text:
+        return {}
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"--params file cannot be read: {exc}") from None
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--params is not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise ValueError("--params must be a JSON object")
+    return params

@@ -3,34 +3,49 @@
 Both validate against the catalog, check credits, fetch and decode image inputs before anything
 is queued (a bad image is a 400 at once), and submit a job to the runner; ``/v1`` then awaits
 that job, so both share one queue and one concurrency bound.
+
+``generation_router(slugs)`` gives every served slug its own two operations (``POST
+/v1/sd1.5-scifi`` with that slug's request schema from the catalog, and the same for ``/v2``),
+so schema-driven clients see which body goes with which model. Behind them a ``/v{1,2}/{slug}``
+route, left out of the schema, answers every other slug with the same checks (404 naming the
+served models, 403 for a key not allowed the model). Every one of these routes is labelled
+``/v1/{slug}`` or ``/v2/{slug}`` in the metrics, with the slug as its own label.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from api.deps import AppState, Caller, JsonBodyDep, ServedModelDep, StateDep, SubmitterDep
+from api.deps import AppState, Caller, JsonBodyDep, ServedModelDep, StateDep, SubmitterDep, served_model
 from api.errors import ApiError
 from api.images import ImageInputError, load_image
 from api.jobs import Job, JobStatus
 from api.quotas import InsufficientCredits
 from api.runner import ClientGone, QueueFull, Submission, SyncTimeout
-from api.schemas import Base64ImageResponse, ErrorResponse, SubmitResponse, submit_openapi
-from engine.catalog import CATALOG, ModelSpec, ValidationError
+from api.schemas import Base64ImageResponse, ErrorResponse, SubmitResponse, request_body_openapi
+from api.urls import output_urls, result_url, status_url
+from engine.catalog import ModelSpec, ValidationError, get_model
 from engine.imageio import CONTENT_TYPES
-
-router = APIRouter(tags=["generate"])
 
 _ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in {
     400: "Invalid parameters, body or image input", 401: "Missing or invalid API key",
     403: "Key not allowed to use this model", 404: "Unknown or unserved model", 406: "Insufficient credits",
     413: "Request body too large", 429: "Rate limited or queue full (see Retry-After)",
 }.items()}
-_OPENAPI = submit_openapi(list(CATALOG.values()))
+_SYNC_RESPONSES = {
+    200: {"description": "The image (image/jpeg, image/png or image/webp), or JSON with base64 when base64=true",
+          "content": {"image/jpeg": {}, "image/png": {}, "image/webp": {},
+                      "application/json": {"schema": Base64ImageResponse.model_json_schema()}}},
+    **_ERRORS,
+    502: {"model": ErrorResponse, "description": "Backend unavailable"},
+    504: {"model": ErrorResponse, "description": "Timed out (the request is cancelled)"},
+}
 
 
 async def _prepare(spec: ModelSpec, payload: dict, caller: Caller, state: AppState, *, sync: bool) -> Submission:
@@ -69,25 +84,6 @@ async def _submit(state: AppState, submission: Submission) -> Job:
         raise ApiError(406, str(exc)) from None
 
 
-def output_urls(base: str, job: Job) -> list[str]:
-    return [f"{base}/v2/requests/{job.id}/outputs/{rel.rsplit('/', 1)[-1]}" for rel in job.outputs]
-
-
-@router.post(
-    "/v1/{slug}",
-    summary="Generate and return the image (sync)",
-    response_class=Response,
-    openapi_extra=_OPENAPI,
-    responses={
-        200: {"description": "The image (image/jpeg, image/png or image/webp), or JSON with base64 when "
-                             "base64=true",
-              "content": {"image/jpeg": {}, "image/png": {}, "image/webp": {},
-                          "application/json": {"schema": Base64ImageResponse.model_json_schema()}}},
-        **_ERRORS,
-        502: {"model": ErrorResponse, "description": "Backend unavailable"},
-        504: {"model": ErrorResponse, "description": "Timed out (the request is cancelled)"},
-    },
-)
 async def generate_sync(request: Request, spec: ServedModelDep, caller: SubmitterDep, payload: JsonBodyDep,
                         state: StateDep) -> Response:
     submission = await _prepare(spec, payload, caller, state, sync=True)
@@ -119,19 +115,60 @@ async def generate_sync(request: Request, spec: ServedModelDep, caller: Submitte
     return Response(outcome.outputs[0], media_type=CONTENT_TYPES[done.output_format], headers=headers)
 
 
-@router.post(
-    "/v2/{slug}",
-    summary="Queue a request (async); poll status_url, then fetch response_url",
-    response_model=SubmitResponse,
-    openapi_extra=_OPENAPI,
-    responses=_ERRORS,
-)
 async def generate_async(request: Request, spec: ServedModelDep, caller: SubmitterDep, payload: JsonBodyDep,
                          state: StateDep) -> SubmitResponse:
     submission = await _prepare(spec, payload, caller, state, sync=False)
     job = await _submit(state, submission)
     request.state.request_id = job.id
     base = state.public_base(request)
-    status_url = f"{base}/v2/requests/{job.id}/status"
-    return SubmitResponse(request_id=job.id, status=JobStatus.QUEUED.value, status_url=status_url,
-                          response_url=f"{base}/v2/requests/{job.id}", poll_url=status_url)
+    return SubmitResponse(request_id=job.id, status=JobStatus.QUEUED.value, status_url=status_url(base, job.id),
+                          response_url=result_url(base, job.id), poll_url=status_url(base, job.id))
+
+
+# -- routes ----------------------------------------------------------------------------------------
+
+
+def _bound_to(slug: str, endpoint: Callable) -> Callable:
+    """``endpoint`` with its model fixed to ``slug`` (the same checks as the path-parameter route)."""
+
+    async def model(request: Request, caller: SubmitterDep, state: StateDep) -> ModelSpec:
+        return await served_model(slug, request, caller, state)
+
+    # Defaults, not annotations: FastAPI resolves string annotations against module globals,
+    # where this closure's dependency does not live.
+    # The model is checked first (404/403 before the body is read), as on the catch-all route.
+    async def bound(request: Request, *, spec: ModelSpec = Depends(model),  # noqa: B008 - FastAPI's idiom
+                    caller: SubmitterDep, payload: JsonBodyDep, state: StateDep) -> Any:
+        return await endpoint(request, spec, caller, payload, state)
+
+    return bound
+
+
+def generation_router(slugs: Iterable[str]) -> APIRouter:
+    """The ``/v1`` and ``/v2`` submit routes: one operation per served slug, then the catch-all."""
+    router = APIRouter(tags=["generate"])
+    operations = (
+        ("v1", generate_sync, "generate and return the image (sync)",
+         {"response_class": Response, "responses": _SYNC_RESPONSES}),
+        ("v2", generate_async, "queue a request (async); poll status_url, then fetch response_url",
+         {"response_model": SubmitResponse, "responses": _ERRORS}),
+    )
+    for version, endpoint, summary, kw in operations:
+        for slug in sorted(slugs):
+            spec = get_model(slug)
+            router.add_api_route(
+                f"/{version}/{slug}", _bound_to(slug, endpoint), methods=["POST"], summary=f"{slug}: {summary}",
+                description=f"{spec.title}: {spec.description}", openapi_extra=request_body_openapi(spec),
+                operation_id=f"{endpoint.__name__}_{slug}".replace(".", "_").replace("-", "_"), **kw)
+            _label(router, version, slug)
+        # Slugs without an operation of their own: unknown (404), not served (404), or not allowed (403).
+        router.add_api_route(f"/{version}/{{slug}}", endpoint, methods=["POST"], include_in_schema=False, **kw)
+        _label(router, version, None)
+    return router
+
+
+def _label(router: APIRouter, version: str, slug: str | None) -> None:
+    """Metrics labels of the route just added (read by ``api.app.RequestGuard``)."""
+    route = router.routes[-1]
+    route.metrics_path = f"/{version}/{{slug}}"
+    route.metrics_slug = slug

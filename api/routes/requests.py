@@ -18,9 +18,9 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from api.deps import OwnedJobDep, StateDep, StoreDep
 from api.errors import ApiError
-from api.jobs import Job, JobStatus, JobStore
-from api.routes.models import output_urls
+from api.jobs import Job, JobStatus, JobStore, is_job_id
 from api.schemas import ErrorResponse, Progress, ResultResponse, StatusResponse
+from api.urls import output_urls
 from engine.imageio import CONTENT_TYPES
 
 router = APIRouter(prefix="/v2/requests", tags=["requests"])
@@ -91,7 +91,7 @@ async def cancel_request(job: OwnedJobDep, state: StateDep) -> JSONResponse:
             responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
                        404: {"model": ErrorResponse, "description": "Unknown, expired or not completed"}})
 async def output_image(request_id: str, name: str, request: Request, state: StateDep) -> FileResponse:
-    job = state.store.get(request_id) if re.fullmatch(r"[0-9a-f]{32}", request_id) else None
+    job = state.store.get(request_id) if is_job_id(request_id) else None
     match = _OUTPUT_NAME_RE.match(name)
     if job is None or job.status is not JobStatus.COMPLETED or match is None or int(match[1]) >= len(job.outputs):
         raise ApiError(404, f"no output {name!r} for request {request_id!r} (unknown, expired or not completed)")

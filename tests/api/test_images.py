@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
@@ -33,6 +34,7 @@ from api.images import (
     ImageInputError,
     check_address,
     decode_image_bytes,
+    _resolve_checked,
     load_image,
     sniff_format,
 )
@@ -244,7 +246,15 @@ def test_check_address_denies(address: str, reason: str) -> None:
     "address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"]
 )
 def test_check_address_allows_public(address: str) -> None:
-    check_address(ipaddress.ip_address(address), ImageFetchPolicy())
+    ip = ipaddress.ip_address(address)
+    policy = ImageFetchPolicy()  # no allow-list: only the public-address rules let these through
+    assert check_address(ip, policy) is None
+    # What a fetch of a URL naming the address would dial: exactly that address, vetted.
+    host = f"[{address}]" if ip.version == 6 else address
+    assert run(_resolve_checked(httpx.URL(f"http://{host}/x.png"), "image", policy)) == [ip]
+    # The same policy does refuse: loopback of the same family is not let through.
+    with pytest.raises(ImageInputError, match="loopback"):
+        check_address(ipaddress.ip_address("127.0.0.1" if ip.version == 4 else "::1"), policy)
 
 
 def test_check_address_allow_networks() -> None:
@@ -313,7 +323,7 @@ def test_ipv6_loopback_refused_and_allowable(no_connect: list[Any], monkeypatch:
         assert server.accepted == 0
         monkeypatch.undo()  # real connects from here on
         img = run(load_image(f"http://[::1]:{server.port}/", "image", ImageFetchPolicy(allow_networks=("::1/128",))))
-        assert img.size == (32, 24)
+        assert img.shape == (24, 32, 3)
         assert server.accepted == 1
         assert server.requests == [("/", f"[::1]:{server.port}")]
 
@@ -340,9 +350,9 @@ def test_other_schemes_and_credentials_refused(no_connect: list[Any]) -> None:
 def test_fetch_valid_image(fmt: str) -> None:
     with serve({"/img": serves(image_bytes(fmt), "application/octet-stream")}) as server:
         img = run(load_image(f"http://127.0.0.1:{server.port}/img", "image", LOOPBACK_ONLY))
-    assert img.mode == "RGB"
-    assert img.size == (32, 24)
-    r, g, b = img.getpixel((5, 5))
+    assert img.dtype == np.uint8
+    assert img.shape == (24, 32, 3)
+    r, g, b = (int(v) for v in img[5, 5])
     assert abs(r - 200) < 12 and abs(g - 30) < 12 and abs(b - 40) < 12
 
 
@@ -351,9 +361,9 @@ def test_numeric_host_forms_reach_the_real_address() -> None:
     # as 127.0.0.1 while the client's Host header is preserved.
     with serve({"/": serves(image_bytes("PNG"))}) as server:
         img = run(load_image(f"http://0x7f000001:{server.port}/", "image", LOOPBACK_ONLY))
-        assert img.size == (32, 24)
+        assert img.shape == (24, 32, 3)
         img = run(load_image(f"http://[::ffff:127.0.0.1]:{server.port}/", "image", LOOPBACK_ONLY))
-        assert img.size == (32, 24)
+        assert img.shape == (24, 32, 3)
         assert server.requests == [("/", f"0x7f000001:{server.port}"), ("/", f"[::ffff:127.0.0.1]:{server.port}")]
 
 
@@ -372,7 +382,7 @@ def test_redirect_to_non_allowlisted_loopback_refused() -> None:
             assert target.accepted == 0
 
             img = run(load_image(f"http://127.0.0.1:{origin.port}/redirect-local", "image", LOOPBACK_ONLY))
-            assert img.size == (32, 24)
+            assert img.shape == (24, 32, 3)
             assert [p for p, _ in origin.requests] == ["/redirect-ext", "/redirect-local", "/img.png"]
         assert target.accepted == 0
 
@@ -397,7 +407,7 @@ def test_redirect_limits_and_schemes() -> None:
         no_redirects = ImageFetchPolicy(allow_networks=("127.0.0.1/32",), max_redirects=0)
         with pytest.raises(ImageInputError, match="too many redirects"):
             run(load_image(f"{base}/one", "image", no_redirects))
-        assert run(load_image(f"{base}/one", "image", LOOPBACK_ONLY)).size == (32, 24)
+        assert run(load_image(f"{base}/one", "image", LOOPBACK_ONLY)).shape == (24, 32, 3)
 
 
 def _fake_resolver(answers: Callable[[int], list[str]]) -> tuple[Callable[..., Any], list[str]]:
@@ -430,12 +440,12 @@ def test_dns_rebinding_cannot_swap_the_pinned_address() -> None:
         with serve({"/img.png": serves(png)}, host="127.0.0.2", port=good.port) as evil:
             install, calls = _fake_resolver(lambda n: ["127.0.0.1"] if n == 1 else ["127.0.0.2"])
 
-            async def scenario() -> Image.Image:
+            async def scenario() -> np.ndarray:
                 install()
                 return await load_image(f"http://img.test:{good.port}/img.png", "image", LOOPBACK_ONLY)
 
             img = run(scenario())
-            assert img.size == (32, 24)
+            assert img.shape == (24, 32, 3)
             assert calls == ["img.test"]
             assert good.requests == [("/img.png", f"img.test:{good.port}")]
             assert evil.accepted == 0
@@ -445,7 +455,7 @@ def test_every_resolved_address_is_checked() -> None:
     with serve({"/img.png": serves(image_bytes("PNG"))}) as server:
         install, _ = _fake_resolver(lambda n: ["127.0.0.1", "10.0.0.1"])
 
-        async def scenario() -> Image.Image:
+        async def scenario() -> np.ndarray:
             install()
             return await load_image(f"http://img.test:{server.port}/img.png", "image", LOOPBACK_ONLY)
 
@@ -469,7 +479,7 @@ def test_https_pins_ip_but_verifies_original_hostname() -> None:
         ctx.sni_callback = lambda sslobj, name, c: seen.append(name)  # type: ignore[assignment]
         return ctx, seen
 
-    async def fetch(port: int) -> Image.Image:
+    async def fetch(port: int) -> np.ndarray:
         install()
         async with httpx.AsyncClient(verify=client_ctx, trust_env=False) as client:
             return await load_image(f"https://img.test:{port}/img.png", "image", LOOPBACK_ONLY, client=client)
@@ -478,7 +488,7 @@ def test_https_pins_ip_but_verifies_original_hostname() -> None:
 
     ctx, sni = server_ctx("img.test")
     with serve({"/img.png": serves(png)}, tls=ctx) as server:
-        assert run(fetch(server.port)).size == (32, 24)
+        assert run(fetch(server.port)).shape == (24, 32, 3)
         assert sni == ["img.test"]
         assert server.requests == [("/img.png", f"img.test:{server.port}")]
 
@@ -625,8 +635,9 @@ def test_formats_follow_policy() -> None:
     bmp = image_bytes("BMP")
     tiff = image_bytes("TIFF")
     default = ImageFetchPolicy()
-    assert decode_image_bytes(gif, "image", default).mode == "RGB"
-    assert decode_image_bytes(bmp, "image", default).size == (32, 24)
+    pixels = decode_image_bytes(gif, "image", default)
+    assert pixels.dtype == np.uint8 and pixels.shape == (24, 32, 3)
+    assert decode_image_bytes(bmp, "image", default).shape == (24, 32, 3)
     png_only = ImageFetchPolicy(allowed_formats=frozenset({"PNG"}))
     with pytest.raises(ImageInputError, match="GIF images are not accepted; accepted formats: PNG"):
         decode_image_bytes(gif, "image", png_only)
@@ -635,15 +646,15 @@ def test_formats_follow_policy() -> None:
     with pytest.raises(ImageInputError, match="TIFF images are not accepted"):
         decode_image_bytes(tiff, "image", default)
     with_tiff = ImageFetchPolicy(allowed_formats=default.allowed_formats | {"TIFF"})
-    assert decode_image_bytes(tiff, "image", with_tiff).size == (32, 24)
+    assert decode_image_bytes(tiff, "image", with_tiff).shape == (24, 32, 3)
     assert sniff_format(image_bytes("WEBP")) == "WEBP"
 
 
 def test_transparency_and_16bit_are_normalised() -> None:
     rgba = image_bytes("PNG", mode="RGBA", color=(0, 0, 0, 0))
-    assert decode_image_bytes(rgba, "image", ImageFetchPolicy()).getpixel((0, 0)) == (255, 255, 255)
+    assert tuple(decode_image_bytes(rgba, "image", ImageFetchPolicy())[0, 0]) == (255, 255, 255)
     grey16 = image_bytes("PNG", mode="I;16", color=32768)
-    assert decode_image_bytes(grey16, "image", ImageFetchPolicy()).getpixel((0, 0)) == (128, 128, 128)
+    assert tuple(decode_image_bytes(grey16, "image", ImageFetchPolicy())[0, 0]) == (128, 128, 128)
 
 
 def test_base64_variants() -> None:
@@ -651,13 +662,14 @@ def test_base64_variants() -> None:
     policy = ImageFetchPolicy()
     wrapped = base64.encodebytes(png).decode()  # newline every 76 chars
     assert "\n" in wrapped
-    assert run(load_image(wrapped, "image", policy)).size == (32, 24)
-    assert run(load_image("  " + base64.b64encode(png).decode().rstrip("=") + "\r\n", "image", policy)).size == (32, 24)
+    assert run(load_image(wrapped, "image", policy)).shape == (24, 32, 3)
+    unpadded = "  " + base64.b64encode(png).decode().rstrip("=") + "\r\n"
+    assert run(load_image(unpadded, "image", policy)).shape == (24, 32, 3)
     uri = "data:image/png;base64," + base64.b64encode(png).decode()
-    assert run(load_image(uri, "image", policy)).size == (32, 24)
+    assert run(load_image(uri, "image", policy)).shape == (24, 32, 3)
     # The data URI's declared type does not matter; the bytes do.
     uri_jpeg_label = "data:image/jpeg;base64," + base64.b64encode(png).decode()
-    assert run(load_image(uri_jpeg_label, "image", policy)).size == (32, 24)
+    assert run(load_image(uri_jpeg_label, "image", policy)).shape == (24, 32, 3)
 
 
 @pytest.mark.parametrize(
@@ -687,7 +699,7 @@ def test_base64_size_cap_applies_to_decoded_size() -> None:
     policy = ImageFetchPolicy(max_bytes=1000)
     just_fits = base64.b64encode(image_bytes("PNG", size=(4, 4)))
     assert len(base64.b64decode(just_fits)) < 1000
-    assert run(load_image(just_fits.decode(), "image", policy)).size == (4, 4)
+    assert run(load_image(just_fits.decode(), "image", policy)).shape == (4, 4, 3)
     too_big = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 1500).decode()
     with pytest.raises(ImageInputError, match=r"decodes to 1508 bytes, over the limit of 1000"):
         run(load_image(too_big, "image", policy))

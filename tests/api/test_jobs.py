@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from api.jobs import CANCELLED_BY_CLIENT, InvalidJobTransition, JobStatus, JobStore, owner_from_api_key
+from api.jobs import CANCELLED_BY_CLIENT, InvalidJobTransition, JobStatus, JobStore
+from api.settings import owner_from_api_key
 
 
 class FakeClock:

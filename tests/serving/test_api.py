@@ -463,9 +463,28 @@ def test_health_readiness_metrics_and_docs(http):
         assert needle in text, needle
     assert http.get("/docs").status_code == 200
     spec = http.get("/openapi.json").json()
-    assert {"/v1/{slug}", "/v2/{slug}", "/v2/requests/{request_id}/status"} <= set(spec["paths"])
-    schemas = spec["paths"]["/v1/{slug}"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
-    assert {s["title"] for s in schemas} == {f"{slug} request" for slug in CATALOG}
+    assert "/v2/requests/{request_id}/status" in spec["paths"]
+    # One operation per served slug and version, each with that slug's own request schema; no
+    # free-text slug and no oneOf body for clients to guess from.
+    assert "/v1/{slug}" not in spec["paths"] and "/v2/{slug}" not in spec["paths"]
+    operation_ids = set()
+    for slug, model in CATALOG.items():
+        for version in ("v1", "v2"):
+            operation = spec["paths"][f"/{version}/{slug}"]["post"]
+            assert not operation.get("parameters"), (version, slug)
+            operation_ids.add(operation["operationId"])
+            body = operation["requestBody"]
+            schema = body["content"]["application/json"]["schema"]
+            assert body["required"] is True and "oneOf" not in schema
+            assert schema["title"] == f"{slug} request" and schema["additionalProperties"] is False
+            assert list(schema["properties"]) == [p.name for p in model.params]
+            assert schema["required"] == [p.name for p in model.params if p.required]
+        assert "200" in spec["paths"][f"/v1/{slug}"]["post"]["responses"]
+        assert spec["paths"][f"/v2/{slug}"]["post"]["responses"]["200"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/SubmitResponse"}
+    assert len(operation_ids) == 2 * len(CATALOG)
+    scifi = spec["paths"]["/v1/sd1.5-scifi"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert scifi["properties"]["scheduler"]["enum"] == list(CATALOG["sd1.5-scifi"].param("scheduler").choices)
 
 
 # -- timeouts, an unavailable model, expiry (an open server with tight limits) -------------------
@@ -538,9 +557,36 @@ def test_expired_results_are_404_and_their_files_deleted(tight_api):
         assert client.get(result["output"][0]).status_code == 404
 
 
+def _files_outside(root: Path, inside: Path) -> dict[str, int]:
+    """Files under ``root`` but not under ``inside``, with their modification times; the job
+    databases of the other servers in this module are left out (their idle stores may touch them)."""
+    found = {}
+    for path in root.rglob("*"):
+        if path.is_file() and inside not in path.parents and ".sqlite" not in path.name:
+            found[str(path)] = path.stat().st_mtime_ns
+    return found
+
+
 def test_storage_stays_inside_the_data_dir(tight_api):
-    names = {p.name for p in Path(tight_api.settings.data_dir).iterdir()}
-    assert {"jobs.sqlite", "outputs", "inputs"} <= names
+    data_dir = Path(tight_api.settings.data_dir).resolve()
+    parent = data_dir.parent  # pytest's base temp dir: every other server's data, DIFFSERVE_HOME, checkpoints
+    cwd = Path.cwd()
+    before, cwd_before = _files_outside(parent, data_dir), {p.name for p in cwd.iterdir()}
+    with httpx.Client(base_url=tight_api.url, timeout=120) as client:
+        # An async img2img job writes its input, then its output, then deletes the input.
+        request_id = client.post("/v2/sd1.5-img2img", json=cheap_img2img()).json()["request_id"]
+        wait_status(client, request_id, {"COMPLETED"})
+        output = client.get(f"/v2/requests/{request_id}").json()["output"][0]
+        assert client.get(output).status_code == 200
+        # Hostile output names and ids reach nothing outside the outputs of that request.
+        for path in (f"/v2/requests/{request_id}/outputs/..%2F..%2Fjobs.sqlite",
+                     f"/v2/requests/{request_id}/outputs/%2e%2e", f"/v2/requests/..%2F{request_id}/outputs/0.jpg"):
+            assert client.get(path).status_code == 404, path
+    assert _files_outside(parent, data_dir) == before  # nothing created or changed outside the data dir
+    assert {p.name for p in cwd.iterdir()} == cwd_before  # nor in the working directory (no relative var/)
+    assert {"jobs.sqlite", "outputs", "inputs"} <= {p.name for p in data_dir.iterdir()}
+    assert (data_dir / "outputs" / request_id).is_dir()
+    assert list((data_dir / "inputs").iterdir()) == []  # the job's input was deleted when it finished
 
 
 # -- real failures: a broken deployment, a faceless portrait, a job past its deadline -------------
