@@ -74,7 +74,7 @@ def test_dry_run_writes_every_step(tmp_path):
         assert e["status"] == "ok" and e["estimated_ms"] > 0 and e["denoiser_its"] > 0
     cc = steps["ominicontrol-512x512"]["entries"][0]["condition_cache"]
     assert cc["condition_tokens"] == 1024 and cc["steps"] == 4
-    assert 0 < cc["cached_estimate_ms"] <= cc["uncached_estimate_ms"] and cc["joint_estimate_ms"] > 0
+    assert cc["cached_estimate_ms"] > 0 and cc["joint_estimate_ms"] > 0 and cc["cached_vs_joint"] > 0
     md = (out / "summary.md").read_text()
     assert "ominicontrol-512x512, the condition (1024 tokens, 4 steps" in md
     assert "DRY RUN" in md and "| step | entry | median | p90 | ours / diffusers |" in md
