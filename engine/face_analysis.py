@@ -68,17 +68,29 @@ class FaceModelFiles:
     recognizer: Path
 
 
+def onnx_files(directory: str | Path) -> list[Path]:
+    """Every ``.onnx`` file under ``directory`` (links followed), in path order."""
+    import os
+
+    found = []
+    for parent, _, names in os.walk(directory, followlinks=True):
+        found += [Path(parent) / n for n in names if n.endswith(".onnx")]
+    return sorted(found)
+
+
 def find_face_models(directory: str | Path) -> FaceModelFiles:
     """Pick the detector and the recognizer in an insightface model pack as insightface does.
 
     A detector has at least five outputs (scores, boxes, keypoints per stride); a recognizer takes
     a 112x112 face and returns one embedding. Other models of the pack (landmarks, gender/age)
-    are ignored. The first file of each kind in name order wins.
+    are ignored. The first file of each kind in name order wins. The directory is searched
+    recursively, so antelopev2 as unzipped (``models/antelopev2/*.onnx``, the layout insightface
+    itself reads) is found from any folder above it.
     """
     import onnx
 
     directory = Path(directory)
-    files = sorted(directory.glob("*.onnx"))
+    files = onnx_files(directory)
     if not files:
         raise FileNotFoundError(f"{directory} holds no .onnx face models (expected an antelopev2-style pack)")
     detector = recognizer = None

@@ -19,11 +19,14 @@ only configs and tensor shapes (no network is built), so ``read_model_config`` s
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 IMAGE_ENCODER_DIR = "image_encoder"
 CONTROLNET_IDENTITY_DIR = "controlnet_identity"
@@ -46,6 +49,14 @@ SIZE_MULTIPLE = 8
 MIN_IMAGE_SIDE = 64
 """Implementation floor: a side shorter than this after fitting (aspect ratio beyond 16:1) is refused."""
 FACE_EMBEDDING_DIM = 512
+
+ZOEDEPTH_PROCESSOR_DEFAULTS: dict[str, Any] = {
+    "do_pad": True, "keep_aspect_ratio": True, "ensure_multiple_of": 32, "size": {"height": 384, "width": 512},
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+}
+"""ZoeDepth's own inference settings (isl-org ZoeDepth ``config_zoedepth.json`` ``img_size`` [384, 512],
+``PrepForMidas``: keep aspect ratio, multiples of 32, normalise with 0.5/0.5; reflection padding in
+``infer``), which ``ZoeDepthImageProcessor`` documents as its defaults."""
 
 
 def fit_size(width: int, height: int, max_side: int = MAX_IMAGE_SIDE) -> tuple[int, int]:
@@ -126,17 +137,26 @@ class IPAdapterFiles:
     """IP-Adapter Plus (style and composition)."""
 
 
+INSTANTID_PUBLISHED_NAME = "ip-adapter.bin"
+"""InstantX/InstantID publishes its face adapter under this plain name."""
+
+
 def find_ip_adapters(checkpoint: str | Path) -> IPAdapterFiles:
-    """The face adapter (file name contains ``instantid``) and the Plus adapter (``plus``) in ``ip_adapter/``."""
+    """The face adapter and the Plus adapter (file name contains ``plus``) in ``ip_adapter/``.
+
+    The face adapter is InstantID's ``ip-adapter.bin`` as published, or any file whose name
+    contains ``instantid``.
+    """
     directory = Path(checkpoint) / IP_ADAPTER_DIR
     files = sorted(p for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES) if directory.is_dir() else []
 
     def pick(word: str) -> Path:
-        matches = [p for p in files if word in p.name.lower()]
+        matches = [p for p in files if word in p.name.lower()
+                   or (word == "instantid" and p.name == INSTANTID_PUBLISHED_NAME)]
         if len(matches) != 1:
             raise FileNotFoundError(
                 f"{directory}: expected exactly one adapter file whose name contains {word!r} "
-                f"(e.g. ip-adapter-instantid.bin, ip-adapter-plus_sdxl_vit-h.safetensors), found "
+                f"(InstantID's ip-adapter.bin, ip-adapter-plus_sdxl_vit-h.safetensors), found "
                 f"{', '.join(p.name for p in matches) or 'none'}")
         return matches[0]
 
@@ -189,8 +209,17 @@ def read_omni_zero_config(checkpoint: str | Path) -> OmniZeroConfig | None:
     adapters = find_ip_adapters(root)
     depth_dir = root / DEPTH_ESTIMATOR_DIR
     processor_path = depth_dir / "preprocessor_config.json"
-    processor = json.loads(processor_path.read_text(encoding="utf-8")) if processor_path.is_file() else {}
     depth_config = json.loads((depth_dir / "config.json").read_text(encoding="utf-8"))
+    if processor_path.is_file():
+        processor = json.loads(processor_path.read_text(encoding="utf-8"))
+    elif depth_config.get("model_type", "zoedepth") == "zoedepth":
+        # Without its preprocessor config a ZoeDepth model still pads, resizes and normalises as
+        # it was trained to: silently skipping the padding would change every depth map.
+        logger.warning("%s has no preprocessor_config.json; using ZoeDepth's documented defaults %s",
+                       depth_dir, ZOEDEPTH_PROCESSOR_DEFAULTS)
+        processor = dict(ZOEDEPTH_PROCESSOR_DEFAULTS)
+    else:
+        processor = {}
     size, patch = int(vision["image_size"]), int(vision["patch_size"])
     return OmniZeroConfig(
         image_size=size,

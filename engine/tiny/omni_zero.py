@@ -396,3 +396,27 @@ def build_tiny_omni_zero(path: str | Path, *, force: bool = False) -> Path:
          "seed": SEED}))
     logger.info("built tiny Omni-Zero checkpoint in %s", path)
     return path
+
+
+class _TinyHead(nn.Module):
+    """A toy network with a given input side and output width (antelopev2's landmark and attribute models)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv(3, 4, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, width)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+ANTELOPEV2_EXTRAS = {"1k3d68.onnx": (192, 3309), "2d106det.onnx": (192, 212), "genderage.onnx": (96, 3)}
+"""The rest of the antelopev2 pack (input side, output width), unused by Omni-Zero but shipped in the zip."""
+
+
+def build_landmark_models(directory: Path, seed: int = SEED) -> None:
+    """antelopev2's 3D-landmark, 2D-landmark and gender/age models at toy size with their real signatures."""
+    for i, (name, (side, width)) in enumerate(ANTELOPEV2_EXTRAS.items()):
+        torch.manual_seed(seed + 10 + i)
+        _export_onnx(_TinyHead(width).eval(), torch.zeros(1, 3, side, side), Path(directory) / name, ["fc1"],
+                     {"input.1": {0: "batch"}, "fc1": {0: "batch"}})
