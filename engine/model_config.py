@@ -328,3 +328,31 @@ def format_report(config: ModelsConfig, problems: Mapping[str, list[ArtifactProb
                  + (f"; not served: {', '.join(s for s in config.entries if problems.get(s))}"
                     if len(complete) < len(config.entries) else ""))
     return "\n".join(lines)
+
+
+def content_digest(checkpoint: str | Path, cache_root: str | Path | None = None) -> str:
+    """A digest of the networks of an engine checkpoint directory: every file in its sub-folders except
+    the tokenizers (links followed; top-level files such as markers and ``model_index.json`` left out).
+
+    Two slugs whose checkpoints hold the same bytes, however they were published (a single file and
+    the diffusers folder it came from), get the same digest, so the Triton repository gives them one
+    set of component models. Reading the weights once costs about a second per GB; the digest is
+    cached under ``cache_root`` by the files' sizes and modification times.
+    """
+    root = Path(checkpoint).resolve()
+    stats = [s for s in _stat_tree(root) if "/" in s[0] and not s[0].startswith("tokenizer")]
+    key = hashlib.sha256(json.dumps([str(root), stats]).encode()).hexdigest()[:24]
+    cache = Path(cache_root or default_cache_root()) / ".digests"
+    cached = cache / f"{key}.txt"
+    if cached.is_file():
+        return cached.read_text().strip()
+    h = hashlib.sha256()
+    for name, _, _ in stats:
+        h.update(name.encode() + b"\0")
+        with open(root / name, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    digest = h.hexdigest()[:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    cached.write_text(digest)
+    return digest
