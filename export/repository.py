@@ -332,7 +332,8 @@ TRITON_SLUGS = ("sd1.5-scifi", "sd1.5-img2img", "segmind-vega", "omni-zero", "om
 """Slugs the repository builder serves (every one) and the Triton tests cover."""
 
 
-def shared_deployments(checkpoints: dict[str, Path], cache_root: Path | None = None) -> list[Deployment]:
+def shared_deployments(checkpoints: dict[str, Path], cache_root: Path | None = None,
+                       keys: dict[str, str] | None = None) -> list[Deployment]:
     """One deployment per slug, keyed by the content of its checkpoint: slugs whose checkpoints hold the
     same files (the demo's two SD1.5 slugs: one single file and the diffusers folder it was written
     from) share one checkpoint and one set of component models."""
@@ -345,14 +346,19 @@ def shared_deployments(checkpoints: dict[str, Path], cache_root: Path | None = N
             continue
         digest = content_digest(path, cache_root)
         owner, shared = first_by_digest.setdefault(digest, (slug, Path(path)))
-        key = re.sub(r"[^A-Za-z0-9_]", "_", owner)
+        key = (keys or {}).get(owner) or re.sub(r"[^A-Za-z0-9_]", "_", owner)
         out.append(Deployment(slug=slug, checkpoint=shared, key=key))
     return out
 
 
 def demo_deployments(checkpoints: dict[str, Path]) -> list[Deployment]:
-    """Tiny checkpoints keyed by their content, so the two SD1.5 slugs share component models."""
-    return shared_deployments(checkpoints)
+    """Tiny checkpoints keyed by their content, so the two SD1.5 slugs share component models (named
+    ``tiny_sd15_*`` etc., as the tests and benchmarks know them)."""
+    return shared_deployments(checkpoints, keys=DEMO_KEYS)
+
+
+DEMO_KEYS = {"sd1.5-scifi": "tiny_sd15", "sd1.5-img2img": "tiny_sd15", "segmind-vega": "tiny_sdxl",
+             "omni-zero": "tiny_omni_zero", "ominicontrol": "tiny_flux"}
 
 
 def deployments_from_config(config, cache_root: Path | None = None) -> tuple[list[Deployment], dict[str, list[str]]]:
