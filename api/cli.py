@@ -1,4 +1,4 @@
-"""The ``diffserve`` command line: generate, demo, serve, export, triton, bench.
+"""The ``diffserve`` command line: generate, demo, serve, models check, export, triton, bench.
 
 This is the one module that composes the command line: argument parsing and the command
 functions of generate, demo and serve here, the export and bench parsers added from
@@ -42,9 +42,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as exc:  # --params is not a JSON object
         print(f"generate: {exc}", file=sys.stderr)
         return 2
-    from engine.tiny.demo import demo_checkpoints
-
-    checkpoint = Path(args.checkpoint) if args.checkpoint else demo_checkpoints()[args.slug]
+    try:
+        checkpoint = _generate_checkpoint(args)
+    except ValueError as exc:  # an unusable models.toml or incomplete artifacts
+        print(f"generate: {exc}", file=sys.stderr)
+        return 2
     try:
         components = TorchComponents(checkpoint, device=args.device, precision=args.precision,
                                      optimizations=args.torch_optimizations)
@@ -79,6 +81,83 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(json.dumps({"slug": args.slug, "seed": result.seed, "steps": result.steps,
                       "timings_s": {k: round(v, 4) for k, v in result.timings.items()}, "images": paths}, indent=2))
     return 0
+
+
+def _generate_checkpoint(args: argparse.Namespace) -> Path:
+    """``--checkpoint``, else the slug's artifacts from ``--models``/``DIFFSERVE_MODELS`` materialized, else the
+    tiny demo checkpoint."""
+    from engine import model_config
+    from engine.tiny.demo import demo_checkpoints
+
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    models_file = args.models or (Path(os.environ["DIFFSERVE_MODELS"]) if os.environ.get("DIFFSERVE_MODELS") else None)
+    if models_file is not None:
+        config = model_config.load_models_config(models_file)
+        if args.slug not in config.entries:
+            raise ValueError(f"{models_file} has no [{args.slug}] table")
+        return model_config.materialize(args.slug, config.entries[args.slug])
+    return demo_checkpoints()[args.slug]
+
+
+def cmd_models_check(args: argparse.Namespace) -> int:
+    """``diffserve models check``: every configured artifact found or missing, architecture checks, what to do."""
+    from engine import model_config
+
+    models_file = args.models or (Path(os.environ["DIFFSERVE_MODELS"]) if os.environ.get("DIFFSERVE_MODELS") else None)
+    if args.demo:
+        from engine.tiny.demo import demo_models_file
+
+        models_file = demo_models_file()
+    if models_file is None:
+        print("models check: give --models FILE (or set DIFFSERVE_MODELS), or --demo", file=sys.stderr)
+        return 2
+    try:
+        config = model_config.load_models_config(models_file)
+    except model_config.ModelConfigError as exc:
+        print(f"models check: {exc}", file=sys.stderr)
+        return 1
+    problems = model_config.check(config)
+    print(model_config.format_report(config, problems))
+    return 0 if not any(problems.values()) else 1
+
+
+def _apply_models_file(args: argparse.Namespace, settings):
+    """``serve``'s model check: the complete slugs of ``settings.models_file`` become served checkpoints (local
+    backend) or a repository built from them (triton); returns (settings, {slug: [problem, ...]} not served)."""
+    if settings.models_file is None:
+        if args.backend == "triton" and settings.repository is not None:
+            from export.repository import read_manifest
+
+            try:
+                return settings, dict(read_manifest(settings.repository).get("unavailable") or {})
+            except FileNotFoundError:
+                return settings, {}
+        return settings, {}
+    from engine import model_config
+
+    try:
+        config = model_config.load_models_config(settings.models_file)
+    except model_config.ModelConfigError as exc:
+        raise SystemExit(f"serve: {exc}") from None
+    if args.backend == "local":
+        prepared = model_config.prepare(config)
+        unavailable = prepared.unavailable()
+        settings = settings.model_copy(update={"checkpoints": {**prepared.checkpoints, **settings.checkpoints}})
+    else:
+        from export.cli import build_repository_from_models
+        from export.repository import RepositoryOptions
+
+        repository = settings.repository or home_dir() / "repository"
+        try:
+            report = build_repository_from_models(settings.models_file, Path(repository), RepositoryOptions())
+        except ValueError as exc:
+            raise SystemExit(f"serve: {exc}") from None
+        unavailable = report.unavailable
+        settings = settings.model_copy(update={"repository": report.repository})
+    for slug, problems in unavailable.items():
+        logger.error("not serving %s: %s", slug, "; ".join(problems))
+    return settings, unavailable
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -178,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "data_dir", "device", "precision", "repository", "triton_url",
-                 "torch_optimizations"):
+                 "torch_optimizations", "models_file"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.api_key:
@@ -194,6 +273,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         problems = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
                     for e in exc.errors(include_input=False, include_url=False)]
         raise SystemExit("invalid settings:\n" + "\n".join(problems)) from None
+    settings, unavailable = _apply_models_file(args, settings)
     if args.backend == "local":
         from api.backend_local import create_local_backend
 
@@ -202,6 +282,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from api.backend_triton import create_triton_backend
 
         backend = create_triton_backend(settings, demo=args.demo)
+    backend.unavailable = unavailable  # read by /readyz: why a configured slug is not served
     app = create_app(settings, backend)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
                             timeout_graceful_shutdown=30, access_log=args.verbose)
@@ -231,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--params", default="{}", help="request JSON (or @file.json), as sent to the API")
     gen.add_argument("--out", default="outputs", help="directory for the images")
     gen.add_argument("--checkpoint", help="local diffusers checkpoint directory (default: tiny demo checkpoint)")
+    gen.add_argument("--models", type=Path, metavar="FILE",
+                     help="model configuration (models.toml; default DIFFSERVE_MODELS): the slug's published artifacts")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     gen.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
     gen.add_argument("--optimize", dest="torch_optimizations", metavar="SPEC",
@@ -257,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path, help="job database and outputs (default var/api)")
     serve.add_argument("--checkpoint", action="append", type=_parse_checkpoint, metavar="SLUG=DIR",
                        help="local diffusers checkpoint for a slug (repeatable; local backend)")
+    serve.add_argument("--models", dest="models_file", type=Path, metavar="FILE",
+                       help="model configuration (models.toml; default DIFFSERVE_MODELS): checked at start, complete "
+                            "slugs served (triton: exported into --repository, default var/repository)")
     serve.add_argument("--repository", type=Path, help="Triton model repository (triton backend)")
     serve.add_argument("--triton-url", help="gRPC host:port of a running Triton server (default: start one)")
     serve.add_argument("--device", help="torch device for the local backend")
@@ -264,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--optimize", dest="torch_optimizations", metavar="SPEC",
                        help="local backend torch optimizations (see `generate --optimize`)")
     serve.set_defaults(func=cmd_serve)
+
+    models = sub.add_parser("models", help="the model configuration (models.toml)")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    check = models_sub.add_parser("check", help="per slug: every artifact found or missing, architecture checks, "
+                                                "what to do; exit 0 when every configured slug is complete")
+    check.add_argument("--models", type=Path, metavar="FILE", help="models.toml (default DIFFSERVE_MODELS)")
+    check.add_argument("--demo", action="store_true", help="the tiny demo's models.toml")
+    check.set_defaults(func=cmd_models_check)
     from benchmarks.cli import add_parsers as add_bench_parsers
     from export.cli import add_parsers as add_export_parsers
 

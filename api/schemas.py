@@ -67,6 +67,8 @@ class Readiness(BaseModel):
     backend: dict[str, bool]
     models: list[str]
     error: str | None = None
+    unavailable: dict[str, list[str]] | None = None
+    """Configured slugs not served because their artifacts are incomplete, with the problems."""
 
 
 # -- OpenAPI request bodies ----------------------------------------------------------------------

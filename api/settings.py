@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.images import ImageFetchPolicy
@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     triton_timeout_s: float | None = Field(None, gt=0)
     """gRPC deadline of one pipeline-model request (default: ``job_timeout_s``); past it Triton
     cancels the request and the job fails with 504."""
+
+    # -- models ----------------------------------------------------------------------------------
+    models_file: Path | None = Field(None, validation_alias=AliasChoices("models_file", "DIFFSERVE_MODELS"))
+    """The model configuration (``models.toml``, env ``DIFFSERVE_MODELS``): each slug's published artifacts.
+    ``serve`` checks it at start and serves the complete slugs (local backend: materialized checkpoints;
+    triton: a repository built from it); ``diffserve models check`` prints what is missing."""
 
     # -- local backend ---------------------------------------------------------------------------
     checkpoints: dict[str, Path] = Field(default_factory=dict)

@@ -49,6 +49,19 @@ def _finish(report: dict[str, Any], args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_checkpoints(models_file: Path | None, slugs: list[str]) -> dict[str, Path]:
+    """The materialized checkpoints of ``slugs`` from a ``models.toml`` (``--models``); incomplete ones are errors."""
+    if models_file is None:
+        return {}
+    from engine.model_config import load_models_config, prepare
+
+    prepared = prepare(load_models_config(models_file), slugs=slugs)
+    broken = {s: p for s, p in prepared.unavailable().items() if s in slugs}
+    if broken:
+        raise ValueError("incomplete artifacts (see `diffserve models check`): " + "; ".join(sum(broken.values(), [])))
+    return prepared.checkpoints
+
+
 def cmd_engine(args: argparse.Namespace) -> int:
     from benchmarks.engine_bench import EngineBenchConfig, run_engine_bench
     from engine.catalog import CATALOG, ValidationError, read_params_argument
@@ -57,9 +70,11 @@ def cmd_engine(args: argparse.Namespace) -> int:
         print(f"unknown slug {args.slug!r}; available: {', '.join(CATALOG)}", file=sys.stderr)
         return 2
     try:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else \
+            _models_checkpoints(args.models, [args.slug]).get(args.slug)
         cfg = EngineBenchConfig(
             slug=args.slug, runtimes=tuple(_csv(args.runtime)), device=args.device, precision=args.precision,
-            full_size=args.full_size, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+            full_size=args.full_size, checkpoint=checkpoint,
             params=read_params_argument(args.params), warmup=args.warmup, repeats=args.repeats,
             stage_repeats=args.stage_repeats,
             baseline=not args.no_baseline, work_dir=Path(args.work_dir) if args.work_dir else _work_dir(),
@@ -83,9 +98,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
 
     try:
+        server_checkpoints = {**_models_checkpoints(args.models, _csv(args.slug)), **dict(args.server_checkpoint or [])}
         cfg = ServeBenchConfig(
             slugs=tuple(_csv(args.slug)), url=args.url, start_server=bool(args.start_server),
-            server_backend=args.server_backend, server_checkpoints=dict(args.server_checkpoint or []), endpoints=tuple(_csv(args.endpoints)), loop=args.loop,
+            server_backend=args.server_backend, server_checkpoints=server_checkpoints, endpoints=tuple(_csv(args.endpoints)), loop=args.loop,
             levels=tuple(args.concurrency if args.loop == "closed" else args.rates),
             requests_per_level=args.requests, min_duration_s=args.duration,
             params=read_params_argument(args.params),
@@ -173,6 +189,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     eng.add_argument("--full-size", action="store_true",
                      help="real architectures (benchmarks/configs) with random weights, built on the device")
     eng.add_argument("--checkpoint", help="local diffusers checkpoint (default: the tiny demo checkpoint)")
+    eng.add_argument("--models", type=Path, metavar="FILE",
+                     help="model configuration (models.toml): the slug's published artifacts, materialized")
     eng.add_argument("--params", help="JSON (or @file) overriding the reference request, e.g. "
                                       "'{\"num_inference_steps\": 20, \"img_height\": 512}'")
     eng.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
@@ -201,6 +219,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                              "tiny demo checkpoints unless --server-checkpoint; triton: on this run's Triton)")
     srv.add_argument("--server-backend", choices=["local", "triton"], default="local",
                      help="backend of the started server (default local)")
+    srv.add_argument("--models", type=Path, metavar="FILE",
+                     help="model configuration (models.toml): checkpoints of the started local-backend server")
     srv.add_argument("--server-checkpoint", action="append", type=_slug_dir, metavar="SLUG=DIR",
                      help="checkpoint of the started local-backend server (repeatable), e.g. one written by "
                           "`diffserve bench checkpoint`")

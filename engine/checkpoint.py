@@ -83,7 +83,9 @@ def read_model_config(checkpoint: str | Path) -> ModelConfig:
     """Read a local diffusers checkpoint directory's configs (no weights are touched)."""
     root = Path(checkpoint)
     if not (root / "model_index.json").is_file():
-        raise FileNotFoundError(f"{root} is not a diffusers checkpoint directory (no model_index.json)")
+        hint = (" (a single-file checkpoint: name it in a models.toml, `--models FILE`, which converts it)"
+                if root.is_file() else "")
+        raise FileNotFoundError(f"{root} is not a diffusers checkpoint directory (no model_index.json){hint}")
     if (root / "transformer" / "config.json").is_file() and not (root / "unet").is_dir():
         return _read_flux_config(root)
     index = _load_json(root / "model_index.json")
@@ -126,6 +128,22 @@ def load_tokenizer(checkpoint: str | Path, family: str, index: int) -> Any:
 
     cls = T5TokenizerFast if (family == "flux" and index == 1) else CLIPTokenizer
     return cls.from_pretrained(tokenizer_dir(checkpoint, index))
+
+
+def weights_variant(component_dir: str | Path, dtype: Any) -> str | None:
+    """``"fp16"`` when a component's published fp16 weights (``*.fp16.safetensors``) should be loaded.
+
+    They are when the run is fp16/bf16 (half the bytes to read; bf16 runs cast them) or when a
+    folder ships only the fp16 files; an fp32 run loads the full-precision files when both are there.
+    """
+    import torch
+
+    d = Path(component_dir)
+    has_fp16 = any(d.glob("*.fp16.safetensors")) or any(d.glob("*.fp16-*-of-*.safetensors"))
+    if not has_fp16:
+        return None
+    has_plain = any(p for p in d.glob("*.safetensors") if ".fp16" not in p.name) or any(d.glob("*.bin"))
+    return "fp16" if dtype in (torch.float16, torch.bfloat16) or not has_plain else None
 
 
 def find_condition_lora(checkpoint: str | Path) -> Path | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.checkpoint import CONDITION_LORA_DIR, find_condition_lora, read_model_config
+from engine.checkpoint import CONDITION_LORA_DIR, find_condition_lora, read_model_config, weights_variant
 from engine.components import NamedTensorComponents
 from engine.descriptors import component_descriptors, resolution_axes
 from engine.omni_zero_checkpoint import OMNI_ZERO_COMPONENTS, is_omni_zero_checkpoint
@@ -34,6 +34,14 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+
+def from_pretrained(cls, path: Path, dtype: torch.dtype):
+    """``cls.from_pretrained`` of one component folder, with its fp16 weight variant when the run wants it
+    (``engine.checkpoint.weights_variant``: published folders often ship ``*.fp16.safetensors`` too)."""
+    variant = weights_variant(path, dtype)
+    if variant:
+        logger.info("%s: loading the %s weight variant", path, variant)
+    return cls.from_pretrained(path, torch_dtype=dtype, variant=variant)
 
 
 def resolve_device_dtype(device: str | None, precision: str | None,
@@ -126,15 +134,14 @@ def _load_flux_modules(root: Path, dtype: torch.dtype, wanted: set[str],
         read_condition_lora,
     )
 
-    kw = {"torch_dtype": dtype}
     mods: dict[str, nn.Module] = {}
     if "text_encoder" in wanted:
-        mods["text_encoder"] = TextEncoderModule(CLIPTextModel.from_pretrained(root / "text_encoder", **kw))
+        mods["text_encoder"] = TextEncoderModule(from_pretrained(CLIPTextModel, root / "text_encoder", dtype))
     if "text_encoder_2" in wanted:
-        mods["text_encoder_2"] = T5EncoderModule(T5EncoderModel.from_pretrained(root / "text_encoder_2", **kw))
+        mods["text_encoder_2"] = T5EncoderModule(from_pretrained(T5EncoderModel, root / "text_encoder_2", dtype))
     if wanted & {"transformer", "condition_kv", "transformer_cached"}:
         # One set of weights serves all three: the condition branch reuses the image-stream layers.
-        transformer = FluxTransformer2DModel.from_pretrained(root / "transformer", **kw)
+        transformer = from_pretrained(FluxTransformer2DModel, root / "transformer", dtype)
         lora_path = Path(condition_lora) if condition_lora else find_condition_lora(root)
         lora = None
         if lora_path is not None:
@@ -161,7 +168,6 @@ def load_component_modules(checkpoint: str | Path, dtype: torch.dtype = torch.fl
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = Path(checkpoint)
-    kw = {"torch_dtype": dtype}
     if read_model_config(root).family == "flux":
         wanted = set(components or ["text_encoder", "text_encoder_2", "transformer", "condition_kv",
                                     "transformer_cached", "vae_encoder", "vae_decoder"])
@@ -178,14 +184,14 @@ def load_component_modules(checkpoint: str | Path, dtype: torch.dtype = torch.fl
         wanted = set(components or ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"])
         mods = {}
     if "text_encoder" in wanted:
-        mods["text_encoder"] = TextEncoderModule(CLIPTextModel.from_pretrained(root / "text_encoder", **kw))
+        mods["text_encoder"] = TextEncoderModule(from_pretrained(CLIPTextModel, root / "text_encoder", dtype))
     if "text_encoder_2" in wanted and (root / "text_encoder_2").is_dir():
         mods["text_encoder_2"] = TextEncoderModule(
-            CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", **kw))
+            from_pretrained(CLIPTextModelWithProjection, root / "text_encoder_2", dtype))
     if "unet" in wanted:
-        mods["unet"] = UNetModule(UNet2DConditionModel.from_pretrained(root / "unet", **kw))
+        mods["unet"] = UNetModule(from_pretrained(UNet2DConditionModel, root / "unet", dtype))
     if wanted & {"vae_encoder", "vae_decoder"}:
-        vae = AutoencoderKL.from_pretrained(root / "vae", **kw)
+        vae = from_pretrained(AutoencoderKL, root / "vae", dtype)
         if "vae_encoder" in wanted:
             mods["vae_encoder"] = VaeEncoderModule(vae)
         if "vae_decoder" in wanted:

@@ -28,9 +28,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         if args.demo:
             report = build_demo_repository(Path(args.repository) if args.repository else None, **options)
+        elif args.models:
+            report = build_repository_from_models(args.models, Path(args.repository or "model_repository"),
+                                                  RepositoryOptions(**options))
         else:
             if not args.model:
-                print("give --demo or at least one --model SLUG=CHECKPOINT_DIR[:KEY]", file=sys.stderr)
+                print("give --demo, --models FILE or at least one --model SLUG=CHECKPOINT_DIR[:KEY]", file=sys.stderr)
                 return 2
             deployments = []
             for item in args.model:
@@ -46,8 +49,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"repository": str(report.repository), "pipelines": report.pipelines,
-                      "components": report.components}, indent=2, default=str))
+                      "components": report.components, "unavailable": report.unavailable}, indent=2, default=str))
     return 0
+
+
+def build_repository_from_models(models_file: Path, repository: Path, options):
+    """The repository of a ``models.toml``: its complete slugs exported, the others logged and recorded in the
+    manifest (``diffserve models check`` says what to do about them)."""
+    from engine.model_config import load_models_config
+    from export.repository import build_repository, deployments_from_config
+
+    deployments, unavailable = deployments_from_config(load_models_config(models_file))
+    for slug, problems in unavailable.items():
+        logger.error("%s is left out of the repository: %s", slug, "; ".join(problems))
+    if not deployments:
+        raise ValueError(f"no slug of {models_file} has complete artifacts; run `diffserve models check --models "
+                         f"{models_file}`")
+    return build_repository(repository, deployments, options, unavailable=unavailable)
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
@@ -77,6 +95,9 @@ def cmd_triton(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser("export", help="export checkpoints to ONNX/TensorRT and write a Triton model repository")
     exp.add_argument("--demo", action="store_true", help="tiny demo checkpoints for every slug")
+    exp.add_argument("--models", type=Path, metavar="FILE",
+                     help="model configuration (models.toml: each slug's published artifacts); slugs whose "
+                          "artifacts are incomplete are left out (see `diffserve models check`)")
     exp.add_argument("--model", action="append", metavar="SLUG=DIR[:KEY]",
                      help="serve SLUG from the local diffusers checkpoint DIR (repeatable); slugs sharing a "
                           "KEY share component models")

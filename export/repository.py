@@ -1,4 +1,4 @@
-"""Build a Triton model repository from local diffusers checkpoints.
+"""Build a Triton model repository from local diffusers checkpoints or a model configuration.
 
 For each checkpoint: one python-backend component model per network it serves
 (``<key>_text_encoder``, ``<key>_unet``, ...), with the exported artifact in its version
@@ -9,7 +9,8 @@ catalog and the component descriptors, its ``parameters`` from the typed datacla
 ``export.stub_params``. ``export_components`` is the one export loop over a checkpoint's
 components (the engine benchmark uses it too); it and the model writing log one line per
 checkpoint and per slug. ``repository.json`` records what was built, for the server launcher
-and the API.
+and the API, and which configured slugs were left out and why (``deployments_from_config``:
+a ``models.toml`` checked and materialized by ``engine.model_config``).
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class RepositoryReport:
     """pipeline model name -> {slug, mode, depends_on}"""
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
     """component model name -> {component, runtime, artifact, skipped, seconds, max_abs_diff}"""
+    unavailable: dict[str, list[str]] = field(default_factory=dict)
+    """slug -> why it is not in the repository (its artifacts failed ``diffserve models check``)"""
 
     def default_model(self, slug: str) -> str:
         for name, info in self.pipelines.items():
@@ -248,8 +251,13 @@ def export_components(checkpoint: Path, specs: list[ModelSpec], out_dir: Callabl
 
 
 def build_repository(repository: str | Path, deployments: list[Deployment],
-                     opts: RepositoryOptions | None = None) -> RepositoryReport:
-    """Export every needed component and write all model directories and configs."""
+                     opts: RepositoryOptions | None = None,
+                     unavailable: dict[str, list[str]] | None = None) -> RepositoryReport:
+    """Export every needed component and write all model directories and configs.
+
+    ``unavailable`` (slug -> problems, from ``deployments_from_config``) is recorded in the manifest,
+    so a server on the repository can say why those slugs are not served.
+    """
     opts = opts or RepositoryOptions()
     repo = Path(repository).resolve()
     repo.mkdir(parents=True, exist_ok=True)
@@ -304,7 +312,8 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
                                           "depends_on": sorted(model_names.values()) if mode == "bls" else []}
             logger.info("models %s: %s", d.slug, ", ".join(opts.modes))
 
-    manifest = {"pipelines": report.pipelines, "components": report.components,
+    report.unavailable = dict(unavailable or {})
+    manifest = {"pipelines": report.pipelines, "components": report.components, "unavailable": report.unavailable,
                 "options": {k: v for k, v in asdict(opts).items() if k != "force"}}
     (repo / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     logger.info("model repository ready in %s: %d pipeline and %d component models", repo, len(report.pipelines),
@@ -323,10 +332,42 @@ TRITON_SLUGS = ("sd1.5-scifi", "sd1.5-img2img", "segmind-vega", "omni-zero", "om
 """Slugs the repository builder serves (every one) and the Triton tests cover."""
 
 
+def shared_deployments(checkpoints: dict[str, Path], cache_root: Path | None = None,
+                       keys: dict[str, str] | None = None) -> list[Deployment]:
+    """One deployment per slug, keyed by the content of its checkpoint: slugs whose checkpoints hold the
+    same files (the demo's two SD1.5 slugs: one single file and the diffusers folder it was written
+    from) share one checkpoint and one set of component models."""
+    from engine.model_config import content_digest
+
+    first_by_digest: dict[str, tuple[str, Path]] = {}
+    out = []
+    for slug, path in checkpoints.items():
+        if slug not in TRITON_SLUGS:
+            continue
+        digest = content_digest(path, cache_root)
+        owner, shared = first_by_digest.setdefault(digest, (slug, Path(path)))
+        key = (keys or {}).get(owner) or re.sub(r"[^A-Za-z0-9_]", "_", owner)
+        out.append(Deployment(slug=slug, checkpoint=shared, key=key))
+    return out
+
+
 def demo_deployments(checkpoints: dict[str, Path]) -> list[Deployment]:
-    """Tiny checkpoints keyed by checkpoint directory, so the two SD1.5 slugs share component models."""
-    return [Deployment(slug=slug, checkpoint=Path(path), key=re.sub(r"[^A-Za-z0-9_]", "_", Path(path).name))
-            for slug, path in checkpoints.items() if slug in TRITON_SLUGS]
+    """Tiny checkpoints keyed by their content, so the two SD1.5 slugs share component models (named
+    ``tiny_sd15_*`` etc., as the tests and benchmarks know them)."""
+    return shared_deployments(checkpoints, keys=DEMO_KEYS)
+
+
+DEMO_KEYS = {"sd1.5-scifi": "tiny_sd15", "sd1.5-img2img": "tiny_sd15", "segmind-vega": "tiny_sdxl",
+             "omni-zero": "tiny_omni_zero", "ominicontrol": "tiny_flux"}
+
+
+def deployments_from_config(config, cache_root: Path | None = None) -> tuple[list[Deployment], dict[str, list[str]]]:
+    """Deployments of the complete slugs of a model configuration (``engine.model_config``), materialized,
+    and ``{slug: [problem, ...]}`` of the slugs left out — the check ``diffserve models check`` runs."""
+    from engine.model_config import prepare
+
+    prepared = prepare(config, cache_root)
+    return shared_deployments(prepared.checkpoints, cache_root), prepared.unavailable()
 
 
 def default_demo_repository() -> Path:

@@ -39,7 +39,8 @@ async def readyz(state: StateDep) -> JSONResponse:
         logger.warning("backend readiness check failed: %s", exc)
         status, error = {"server": False}, f"backend readiness check failed: {type(exc).__name__}"
     ready = bool(status.get("server")) and all(status.get(slug, False) for slug in models)
-    body = Readiness(ready=ready, backend=status, models=models, error=error)
+    body = Readiness(ready=ready, backend=status, models=models, error=error,
+                     unavailable=getattr(state.backend, "unavailable", None) or None)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)
 
 

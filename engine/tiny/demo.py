@@ -1,7 +1,10 @@
-"""The demo's data: one tiny checkpoint per slug and each seed page's example request.
+"""The demo's data: tiny artifacts of every slug, the ``models.toml`` naming them, and each seed
+page's example request.
 
 ``diffserve demo``, ``serve --demo``, ``export --demo``, the benchmarks and the tests all take
-their checkpoints and payloads from here, so they exercise one and the same set.
+their checkpoints and payloads from here, so they exercise one and the same set — and, because
+the artifacts are written in their publishers' layouts and materialized by ``engine.model_config``,
+the same loading code as a real download.
 """
 
 from __future__ import annotations
@@ -11,24 +14,63 @@ from typing import Any
 
 from engine import home_dir
 from engine.catalog import CATALOG
-from engine.tiny.checkpoints import BUILDERS
-from engine.tiny.omni_zero import build_tiny_omni_zero, write_demo_inputs
+from engine.tiny.omni_zero import write_demo_inputs
 
-PIPELINE_BUILDERS = {"omni_zero": ("omni-zero", build_tiny_omni_zero)}
-"""Pipelines whose checkpoint holds more than their family's networks: (directory suffix, builder)."""
+DEMO_MODELS_FILE = "models.toml"
+"""The demo's model configuration, written next to the tiny published artifacts it names."""
+
+
+def write_demo_artifacts(root: str | Path) -> Path:
+    """Tiny artifacts of every slug in their publishers' layouts under ``root``, and the ``models.toml``
+    naming them (paths relative to it); returns the file.
+
+    SD slugs: ``engine.published.sd.write_tiny`` (sd1.5-scifi an LDM single file, sd1.5-img2img and
+    segmind-vega diffusers folders as published). omni-zero and ominicontrol: their module's
+    ``write_tiny`` where it exists, else the tiny checkpoint in the engine's layout (role ``checkpoint``).
+    """
+    from engine.model_config import slug_module
+    from engine.published import sd
+    from engine.tiny.checkpoints import build_tiny_flux
+    from engine.tiny.omni_zero import build_tiny_omni_zero
+
+    root = Path(root)
+    tables: dict[str, dict[str, Path]] = {slug: {"checkpoint": p} for slug, p in sd.write_tiny(root / "sd").items()}
+    for slug, builder, folder in (("omni-zero", build_tiny_omni_zero, "tiny-omni-zero"),
+                                  ("ominicontrol", build_tiny_flux, "tiny-flux")):
+        module = slug_module(slug)
+        if module is not None and hasattr(module, "write_tiny"):
+            tables[slug] = dict(module.write_tiny(root / slug))
+        else:
+            tables[slug] = {"checkpoint": builder(root / folder)}
+    lines = ["# The tiny demo models, written by engine.tiny.demo in their publishers' layouts.\n"]
+    for slug in CATALOG:
+        lines.append(f'["{slug}"]')
+        lines += [f'{role} = "{Path(path).relative_to(root).as_posix()}"' for role, path in tables[slug].items()]
+        lines.append("")
+    path = root / DEMO_MODELS_FILE
+    text = "\n".join(lines)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
 
 
 def build_demo_checkpoints(root: str | Path) -> dict[str, Path]:
-    """Tiny checkpoints for every slug: ``{slug: checkpoint dir}``."""
+    """Tiny checkpoints for every slug: ``{slug: engine checkpoint dir}``, materialized from the demo's
+    ``models.toml`` (``root/published/``) into ``root/materialized/`` by the same code a real download goes
+    through."""
+    from engine.model_config import load_models_config, prepare
+
     root = Path(root)
-    paths: dict[str, Path] = {}
-    for slug, spec in CATALOG.items():
-        if spec.pipeline in PIPELINE_BUILDERS:
-            suffix, builder = PIPELINE_BUILDERS[spec.pipeline]
-            paths[slug] = builder(root / f"tiny-{suffix}")
-        else:
-            paths[slug] = BUILDERS[spec.family](root / f"tiny-{spec.family}")
-    return paths
+    prepared = prepare(load_models_config(write_demo_artifacts(root / "published")), root / "materialized")
+    broken = prepared.unavailable()
+    if broken:
+        raise RuntimeError("the tiny demo artifacts fail their checks: " + "; ".join(sum(broken.values(), [])))
+    return prepared.checkpoints
+
+
+def demo_models_file() -> Path:
+    """The demo's ``models.toml`` under ``DIFFSERVE_HOME`` (artifacts written on first use)."""
+    return write_demo_artifacts(home_dir() / "checkpoints" / "published")
 
 
 def demo_checkpoints() -> dict[str, Path]:

@@ -1,0 +1,358 @@
+"""The model configuration: one TOML file naming, per slug, each published artifact as downloaded.
+
+```toml
+[sd1.5-scifi]
+checkpoint = "/models/scifi-fine-tune.safetensors"
+[segmind-vega]
+checkpoint = "/models/Segmind-Vega"
+```
+
+This module owns that file (``models.toml``; setting ``models_file``, flag ``--models``): parsing
+it (relative paths are relative to the file; an unknown slug or role is an error naming the
+valid ones), checking every slug's artifacts (``check``: missing files, architecture checks by
+the slug's ``engine.published`` module) and assembling from them the one checkpoint directory
+in the engine's internal layout that the rest of the stack loads (``materialize``), under
+``$DIFFSERVE_HOME/models/<slug>-<fingerprint>/``, cached by a fingerprint of the inputs (paths,
+sizes, modification times and the converter's version), so a second start costs a stat per file.
+
+Each slug's artifacts are handled by one module of ``engine.published`` (``sd``, ``omni_zero``,
+``ominicontrol``) exposing ``ROLES``, ``check``, ``materialize`` and ``write_tiny``; they are
+imported lazily. ``omni-zero`` and ``ominicontrol`` also accept ``checkpoint``: a directory
+already in the engine's layout, used as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Mapping
+
+from engine import home_dir
+from engine.published import ArtifactProblem
+
+logger = logging.getLogger(__name__)
+
+SLUG_MODULES = {
+    "sd1.5-scifi": "engine.published.sd",
+    "sd1.5-img2img": "engine.published.sd",
+    "segmind-vega": "engine.published.sd",
+    "omni-zero": "engine.published.omni_zero",
+    "ominicontrol": "engine.published.ominicontrol",
+}
+"""Slug -> the module that checks and materializes its artifacts."""
+
+ENGINE_LAYOUT_ROLE = "checkpoint"
+"""For slugs whose artifacts are several: a directory already in the engine's internal layout."""
+
+MARKER = ".diffserve_materialized.json"
+
+
+class ModelConfigError(ValueError):
+    """The configuration file cannot be used as written (syntax, unknown slug or role, wrong value type)."""
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """The parsed configuration: ``{slug: {role: absolute path}}`` in file order."""
+
+    entries: dict[str, dict[str, Path]]
+    path: Path | None = None
+    """The file it was read from (None when built in code)."""
+
+    @property
+    def slugs(self) -> list[str]:
+        return list(self.entries)
+
+
+@dataclass
+class Materialized:
+    """What ``prepare`` made of a configuration: served checkpoints and the slugs left out, with why."""
+
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+    problems: dict[str, list[ArtifactProblem]] = field(default_factory=dict)
+
+    def unavailable(self) -> dict[str, list[str]]:
+        """``{slug: [problem, ...]}`` of the slugs not served (for ``/readyz`` and the manifest)."""
+        return {slug: [str(p) for p in ps] for slug, ps in self.problems.items() if ps}
+
+
+def slug_module(slug: str) -> ModuleType | None:
+    """The ``engine.published`` module of ``slug``; None while that module is not installed."""
+    try:
+        return importlib.import_module(SLUG_MODULES[slug])
+    except ModuleNotFoundError as exc:
+        if exc.name != SLUG_MODULES[slug]:
+            raise
+        return None
+
+
+def _role_table(roles: Any) -> dict[str, bool]:
+    """A module's ``ROLES`` as ``{role: required}``: a mapping, a (required, optional) pair or a list of names."""
+    if isinstance(roles, Mapping):
+        return {str(k): bool(v) if isinstance(v, bool) else True for k, v in roles.items()}
+    if isinstance(roles, tuple) and len(roles) == 2 and all(isinstance(r, (tuple, list, set, frozenset))
+                                                           for r in roles):
+        return {**{r: True for r in roles[0]}, **{r: False for r in roles[1]}}
+    return {str(r): True for r in roles}
+
+
+def roles(slug: str) -> dict[str, bool]:
+    """``{role: required}`` accepted under ``[slug]``."""
+    module = slug_module(slug)
+    table = _role_table(module.ROLES) if module is not None else {}
+    if SLUG_MODULES[slug] != "engine.published.sd":
+        table.setdefault(ENGINE_LAYOUT_ROLE, False)
+    return table
+
+
+def _flatten_slugs(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Undo TOML's dotted table names: ``[sd1.5-scifi]`` unquoted parses as table ``sd1`` holding ``5-scifi``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = prefix + key
+        if name not in SLUG_MODULES and isinstance(value, Mapping) and value and all(
+                isinstance(v, Mapping) for v in value.values()):
+            out.update(_flatten_slugs(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_models_config(data: Mapping[str, Any], base_dir: Path | None = None,
+                        source: Path | None = None) -> ModelsConfig:
+    """Validate parsed TOML; relative paths are taken relative to ``base_dir``."""
+    where = f"{source}: " if source else ""
+    data = _flatten_slugs(data)
+    unknown = [s for s in data if s not in SLUG_MODULES]
+    if unknown:
+        raise ModelConfigError(f"{where}unknown slug [{unknown[0]}]; valid slugs: {', '.join(SLUG_MODULES)}")
+    entries: dict[str, dict[str, Path]] = {}
+    for slug, table in data.items():
+        if not isinstance(table, Mapping):
+            raise ModelConfigError(f"{where}[{slug}] must be a table of role = \"path\" entries")
+        valid = roles(slug)
+        entry: dict[str, Path] = {}
+        for role, value in table.items():
+            if role not in valid:
+                raise ModelConfigError(f"{where}[{slug}] has unknown role {role!r}; valid roles: {', '.join(valid)}")
+            if not isinstance(value, str) or not value:
+                raise ModelConfigError(f"{where}[{slug}] {role} must be a path string, got {value!r}")
+            path = Path(os.path.expanduser(value))
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            entry[role] = path.absolute()
+        entries[slug] = entry
+    return ModelsConfig(entries=entries, path=source)
+
+
+def load_models_config(path: str | Path) -> ModelsConfig:
+    """Read ``models.toml``."""
+    path = Path(path).absolute()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ModelConfigError(f"model configuration {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelConfigError(f"{path}: {exc}") from None
+    return parse_models_config(data, path.parent, path)
+
+
+def _uses_engine_layout(slug: str, entry: Mapping[str, Path]) -> bool:
+    return SLUG_MODULES[slug] != "engine.published.sd" and ENGINE_LAYOUT_ROLE in entry
+
+
+def _check_engine_layout(slug: str, path: Path) -> list[ArtifactProblem]:
+    from engine.checkpoint import read_model_config
+
+    fix = "point `checkpoint` at a directory in the engine's layout, or name the published artifacts by role"
+    if not path.is_dir():
+        return [ArtifactProblem(slug, ENGINE_LAYOUT_ROLE, path, "missing: no such directory", fix)]
+    try:
+        read_model_config(path)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return [ArtifactProblem(slug, ENGINE_LAYOUT_ROLE, path, f"not readable: {exc}", fix)]
+    return []
+
+
+def check_slug(slug: str, entry: Mapping[str, Path]) -> list[ArtifactProblem]:
+    """Problems with one slug's artifacts; empty: it can be served."""
+    if _uses_engine_layout(slug, entry):
+        extra = [r for r in entry if r != ENGINE_LAYOUT_ROLE]
+        if extra:
+            return [ArtifactProblem(slug, extra[0], entry[extra[0]], "given together with `checkpoint`",
+                                    "give either `checkpoint` (an engine-layout directory) or the published artifacts")]
+        return _check_engine_layout(slug, entry[ENGINE_LAYOUT_ROLE])
+    module = slug_module(slug)
+    if module is None:
+        return [ArtifactProblem(slug, "*", None, f"this build cannot read {slug}'s published artifacts yet",
+                                f"set `checkpoint` to a directory in the engine's layout")]
+    problems = []
+    for role, required in _role_table(module.ROLES).items():
+        if required and role not in entry:
+            problems.append(ArtifactProblem(slug, role, None, "not configured",
+                                            f"add `{role} = \"PATH\"` under [{slug}]"))
+    return problems + list(module.check(slug, {r: p for r, p in entry.items()}))
+
+
+def check(config: ModelsConfig) -> dict[str, list[ArtifactProblem]]:
+    """``{slug: problems}`` for every configured slug (an empty list: complete)."""
+    return {slug: check_slug(slug, entry) for slug, entry in config.entries.items()}
+
+
+def default_cache_root() -> Path:
+    return home_dir() / "models"
+
+
+def _stat_tree(path: Path) -> list[Any]:
+    """(relative name, size, mtime_ns) of a file, or of every file under a directory (links followed)."""
+    if path.is_file():
+        st = path.stat()
+        return [[path.name, st.st_size, st.st_mtime_ns]]
+    out = []
+    for root, dirs, files in os.walk(path, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(root) / name
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append([str(p.relative_to(path)), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def fingerprint(slug: str, entry: Mapping[str, Path]) -> str:
+    module = slug_module(slug) if not _uses_engine_layout(slug, entry) else None
+    data = {"slug": slug, "code": getattr(module, "CODE_VERSION", 0),
+            "artifacts": {role: [str(path), _stat_tree(path) if path.exists() else None]
+                          for role, path in sorted(entry.items())}}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def materialize(slug: str, entry: Mapping[str, Path], cache_root: str | Path | None = None, **deps: Any) -> Path:
+    """The engine's checkpoint directory for ``slug`` assembled from its published artifacts (cached).
+
+    Raises ``ValueError`` naming the problems when the artifacts are incomplete.
+    """
+    problems = check_slug(slug, entry)
+    if problems:
+        raise ValueError("; ".join(map(str, problems)))
+    if _uses_engine_layout(slug, entry):
+        return entry[ENGINE_LAYOUT_ROLE]
+    cache = Path(cache_root or default_cache_root())
+    out = cache / f"{slug}-{fingerprint(slug, entry)}"
+    if (out / MARKER).is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    module = slug_module(slug)
+    try:
+        module.materialize(slug, dict(entry), tmp, **deps)
+        (tmp / MARKER).write_text(json.dumps({"slug": slug, "artifacts": {r: str(p) for r, p in entry.items()}},
+                                             indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("materialized %s from %s into %s", slug, ", ".join(f"{r}={p}" for r, p in entry.items()), out)
+    return out
+
+
+def prepare(config: ModelsConfig, cache_root: str | Path | None = None,
+            slugs: list[str] | None = None) -> Materialized:
+    """Check every configured slug and materialize the complete ones; the others are logged and left out."""
+    result = Materialized()
+    for slug, entry in config.entries.items():
+        if slugs is not None and slug not in slugs:
+            continue
+        problems = check_slug(slug, entry)
+        if not problems:
+            try:
+                result.checkpoints[slug] = materialize(slug, entry, cache_root)
+            except Exception as exc:  # noqa: BLE001 - one slug's failed conversion must not stop the others
+                problems = [ArtifactProblem(slug, "*", None, f"could not be assembled: {type(exc).__name__}: {exc}",
+                                            "run `diffserve models check`; re-download the artifacts")]
+        result.problems[slug] = problems
+        for p in problems:
+            logger.error("not serving %s", p)
+    return result
+
+
+def describe(slug: str, entry: Mapping[str, Path]) -> list[str]:
+    """Facts about complete artifacts worth printing (the module's ``describe``, if it has one)."""
+    module = None if _uses_engine_layout(slug, entry) else slug_module(slug)
+    fn = getattr(module, "describe", None)
+    try:
+        return list(fn(slug, entry)) if fn else []
+    except Exception as exc:  # noqa: BLE001
+        return [f"(could not describe: {exc})"]
+
+
+def format_report(config: ModelsConfig, problems: Mapping[str, list[ArtifactProblem]]) -> str:
+    """``diffserve models check``'s text: per slug every artifact found or missing, then what to do."""
+    lines = [f"model configuration: {config.path or '(in code)'}"]
+    for slug in SLUG_MODULES:
+        if slug not in config.entries:
+            lines.append(f"\n{slug}: not configured (not served)")
+            continue
+        entry = config.entries[slug]
+        slug_problems = problems.get(slug, [])
+        lines.append(f"\n{slug}: {'OK' if not slug_problems else 'INCOMPLETE (not served)'}")
+        table = roles(slug) if not _uses_engine_layout(slug, entry) else {ENGINE_LAYOUT_ROLE: True}
+        for role, required in table.items():
+            path = entry.get(role)
+            if path is None:
+                if required:
+                    lines.append(f"  {role:<18} MISSING  (not configured)")
+                continue
+            bad = [p for p in slug_problems if p.role == role]
+            state = "found" if path.exists() and not bad else ("MISSING" if not path.exists() else "PROBLEM")
+            lines.append(f"  {role:<18} {state:<8} {path}")
+        if not slug_problems:
+            lines += [f"  {line}" for line in describe(slug, entry)]
+        for p in slug_problems:
+            lines.append(f"  ! {p.role}: {p.message}")
+            lines.append(f"    fix: {p.fix}")
+    complete = [s for s in config.entries if not problems.get(s)]
+    lines.append(f"\n{len(complete)} of {len(config.entries)} configured slugs complete"
+                 + (f"; not served: {', '.join(s for s in config.entries if problems.get(s))}"
+                    if len(complete) < len(config.entries) else ""))
+    return "\n".join(lines)
+
+
+def content_digest(checkpoint: str | Path, cache_root: str | Path | None = None) -> str:
+    """A digest of the networks of an engine checkpoint directory: every file in its sub-folders except
+    the tokenizers (links followed; top-level files such as markers and ``model_index.json`` left out).
+
+    Two slugs whose checkpoints hold the same bytes, however they were published (a single file and
+    the diffusers folder it came from), get the same digest, so the Triton repository gives them one
+    set of component models. Reading the weights once costs about a second per GB; the digest is
+    cached under ``cache_root`` by the files' sizes and modification times.
+    """
+    root = Path(checkpoint).resolve()
+    stats = [s for s in _stat_tree(root) if "/" in s[0] and not s[0].startswith("tokenizer")]
+    key = hashlib.sha256(json.dumps([str(root), stats]).encode()).hexdigest()[:24]
+    cache = Path(cache_root or default_cache_root()) / ".digests"
+    cached = cache / f"{key}.txt"
+    if cached.is_file():
+        return cached.read_text().strip()
+    h = hashlib.sha256()
+    for name, _, _ in stats:
+        h.update(name.encode() + b"\0")
+        with open(root / name, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    digest = h.hexdigest()[:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    cached.write_text(digest)
+    return digest
