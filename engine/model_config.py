@@ -49,9 +49,6 @@ SLUG_MODULES = {
 }
 """Slug -> the module that checks and materializes its artifacts."""
 
-ENGINE_LAYOUT_ROLE = "checkpoint"
-"""For slugs whose artifacts are several: a directory already in the engine's internal layout."""
-
 MARKER = ".diffserve_materialized.json"
 
 
@@ -84,33 +81,14 @@ class Materialized:
         return {slug: [str(p) for p in ps] for slug, ps in self.problems.items() if ps}
 
 
-def slug_module(slug: str) -> ModuleType | None:
-    """The ``engine.published`` module of ``slug``; None while that module is not installed."""
-    try:
-        return importlib.import_module(SLUG_MODULES[slug])
-    except ModuleNotFoundError as exc:
-        if exc.name != SLUG_MODULES[slug]:
-            raise
-        return None
-
-
-def _role_table(roles: Any) -> dict[str, bool]:
-    """A module's ``ROLES`` as ``{role: required}``: a mapping, a (required, optional) pair or a list of names."""
-    if isinstance(roles, Mapping):
-        return {str(k): bool(v) if isinstance(v, bool) else True for k, v in roles.items()}
-    if isinstance(roles, tuple) and len(roles) == 2 and all(isinstance(r, (tuple, list, set, frozenset))
-                                                           for r in roles):
-        return {**{r: True for r in roles[0]}, **{r: False for r in roles[1]}}
-    return {str(r): True for r in roles}
+def slug_module(slug: str) -> ModuleType:
+    """The ``engine.published`` module that reads ``slug``'s artifacts."""
+    return importlib.import_module(SLUG_MODULES[slug])
 
 
 def roles(slug: str) -> dict[str, bool]:
     """``{role: required}`` accepted under ``[slug]``."""
-    module = slug_module(slug)
-    table = _role_table(module.ROLES) if module is not None else {}
-    if SLUG_MODULES[slug] != "engine.published.sd":
-        table.setdefault(ENGINE_LAYOUT_ROLE, False)
-    return table
+    return dict(slug_module(slug).ROLES)
 
 
 def _flatten_slugs(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -166,37 +144,11 @@ def load_models_config(path: str | Path) -> ModelsConfig:
     return parse_models_config(data, path.parent, path)
 
 
-def _uses_engine_layout(slug: str, entry: Mapping[str, Path]) -> bool:
-    return SLUG_MODULES[slug] != "engine.published.sd" and ENGINE_LAYOUT_ROLE in entry
-
-
-def _check_engine_layout(slug: str, path: Path) -> list[ArtifactProblem]:
-    from engine.checkpoint import read_model_config
-
-    fix = "point `checkpoint` at a directory in the engine's layout, or name the published artifacts by role"
-    if not path.is_dir():
-        return [ArtifactProblem(slug, ENGINE_LAYOUT_ROLE, path, "missing: no such directory", fix)]
-    try:
-        read_model_config(path)
-    except Exception as exc:  # noqa: BLE001 - reported, not raised
-        return [ArtifactProblem(slug, ENGINE_LAYOUT_ROLE, path, f"not readable: {exc}", fix)]
-    return []
-
-
 def check_slug(slug: str, entry: Mapping[str, Path]) -> list[ArtifactProblem]:
     """Problems with one slug's artifacts; empty: it can be served."""
-    if _uses_engine_layout(slug, entry):
-        extra = [r for r in entry if r != ENGINE_LAYOUT_ROLE]
-        if extra:
-            return [ArtifactProblem(slug, extra[0], entry[extra[0]], "given together with `checkpoint`",
-                                    "give either `checkpoint` (an engine-layout directory) or the published artifacts")]
-        return _check_engine_layout(slug, entry[ENGINE_LAYOUT_ROLE])
     module = slug_module(slug)
-    if module is None:
-        return [ArtifactProblem(slug, "*", None, f"this build cannot read {slug}'s published artifacts yet",
-                                f"set `checkpoint` to a directory in the engine's layout")]
     problems = []
-    for role, required in _role_table(module.ROLES).items():
+    for role, required in roles(slug).items():
         if required and role not in entry:
             problems.append(ArtifactProblem(slug, role, None, "not configured",
                                             f"add `{role} = \"PATH\"` under [{slug}]"))
@@ -231,8 +183,7 @@ def _stat_tree(path: Path) -> list[Any]:
 
 
 def fingerprint(slug: str, entry: Mapping[str, Path]) -> str:
-    module = slug_module(slug) if not _uses_engine_layout(slug, entry) else None
-    data = {"slug": slug, "code": getattr(module, "CODE_VERSION", 0),
+    data = {"slug": slug, "code": getattr(slug_module(slug), "CODE_VERSION", 0),
             "artifacts": {role: [str(path), _stat_tree(path) if path.exists() else None]
                           for role, path in sorted(entry.items())}}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -246,8 +197,6 @@ def materialize(slug: str, entry: Mapping[str, Path], cache_root: str | Path | N
     problems = check_slug(slug, entry)
     if problems:
         raise ValueError("; ".join(map(str, problems)))
-    if _uses_engine_layout(slug, entry):
-        return entry[ENGINE_LAYOUT_ROLE]
     cache = Path(cache_root or default_cache_root())
     out = cache / f"{slug}-{fingerprint(slug, entry)}"
     if (out / MARKER).is_file():
@@ -290,8 +239,7 @@ def prepare(config: ModelsConfig, cache_root: str | Path | None = None,
 
 def describe(slug: str, entry: Mapping[str, Path]) -> list[str]:
     """Facts about complete artifacts worth printing (the module's ``describe``, if it has one)."""
-    module = None if _uses_engine_layout(slug, entry) else slug_module(slug)
-    fn = getattr(module, "describe", None)
+    fn = getattr(slug_module(slug), "describe", None)
     try:
         return list(fn(slug, entry)) if fn else []
     except Exception as exc:  # noqa: BLE001
@@ -308,8 +256,7 @@ def format_report(config: ModelsConfig, problems: Mapping[str, list[ArtifactProb
         entry = config.entries[slug]
         slug_problems = problems.get(slug, [])
         lines.append(f"\n{slug}: {'OK' if not slug_problems else 'INCOMPLETE (not served)'}")
-        table = roles(slug) if not _uses_engine_layout(slug, entry) else {ENGINE_LAYOUT_ROLE: True}
-        for role, required in table.items():
+        for role, required in roles(slug).items():
             path = entry.get(role)
             if path is None:
                 if required:

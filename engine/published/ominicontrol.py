@@ -21,7 +21,8 @@ from pathlib import Path
 from engine.checkpoint import CONDITION_LORA_DIR
 from engine.published import ArtifactProblem
 
-ROLES = {"required": ("base", "subject_lora"), "optional": ()}
+ROLES = {"base": True, "subject_lora": True}
+"""Role -> required."""
 WHERE = {"base": "download black-forest-labs/FLUX.1-schnell (the diffusers folder)",
          "subject_lora": "download Yuanshi/OminiControl's omini/subject_512.safetensors"}
 _LORA_PREFIXES = ("transformer.", "base_model.model.")
@@ -56,7 +57,7 @@ def check(slug: str, artifacts: Mapping[str, Path]) -> list[ArtifactProblem]:
 
     problems = []
     paths = {r: Path(p) for r, p in artifacts.items()}
-    for role in ROLES["required"]:
+    for role in ROLES:
         if role not in paths:
             problems.append(ArtifactProblem(slug, role, None, "not configured", WHERE[role]))
         elif not paths[role].exists():

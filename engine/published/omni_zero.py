@@ -29,10 +29,13 @@ from engine.published import ArtifactProblem
 
 logger = logging.getLogger(__name__)
 
-ROLES = {"required": ("base", "image_encoder", "ip_adapter_plus", "instantid_adapter", "identitynet",
-                      "depth_controlnet", "face_models", "depth_estimator"), "optional": ()}
+ROLES = {role: True for role in ("base", "image_encoder", "ip_adapter_plus", "instantid_adapter", "identitynet",
+                                 "depth_controlnet", "face_models", "depth_estimator")}
+"""Role -> required."""
 
 PLUS_NAME = "ip-adapter-plus_sdxl_vit-h.safetensors"
+SINGLE_FILE_BASE_DIR = ".sdxl-base"
+"""Where a single-file SDXL base is converted inside the assembled checkpoint (its parts are linked from there)."""
 WHERE = {
     "base": "download stabilityai/stable-diffusion-xl-base-1.0 (the diffusers folder or sd_xl_base_1.0.safetensors)",
     "image_encoder": "download h94/IP-Adapter's models/image_encoder/ folder (CLIP ViT-H/14)",
@@ -204,7 +207,7 @@ def check(slug: str, artifacts: Mapping[str, Path]) -> list[ArtifactProblem]:
     problems: list[ArtifactProblem] = []
     paths = {role: Path(p) for role, p in artifacts.items()}
     present = {}
-    for role in ROLES["required"]:
+    for role in ROLES:
         path = paths.get(role)
         if path is None:
             problems.append(ArtifactProblem(slug, role, None, "not configured", WHERE[role]))
@@ -228,7 +231,11 @@ def check(slug: str, artifacts: Mapping[str, Path]) -> list[ArtifactProblem]:
             else:
                 cross_dim = int(config["cross_attention_dim"])
                 layers = _unet_layers(config)
-    # A single-file base is checked by engine.published.sd; the adapters are then checked by width only.
+    elif base is not None:  # a single file: its architecture is checked as segmind-vega's would be
+        from engine.published import sd
+
+        problems += sd.check_checkpoint(slug, "base", base, "sdxl")
+        # The adapters are then checked by width only.
 
     hidden = None
     if "image_encoder" in present:
@@ -285,12 +292,15 @@ def materialize(slug: str, artifacts: Mapping[str, Path], out: Path, *, base_dir
     from engine.omni_zero_checkpoint import ZOEDEPTH_PROCESSOR_DEFAULTS
 
     a = {role: Path(p) for role, p in artifacts.items()}
-    base = Path(base_dir) if base_dir is not None else a["base"]
-    if not (base / "model_index.json").is_file():
-        raise ValueError(f"{slug}: base {base} is not a diffusers folder; materialize the SDXL single file first "
-                         "(engine.published.sd) and pass it as base_dir")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    base = Path(base_dir) if base_dir is not None else a["base"]
+    if base.is_file():  # an SDXL single file: converted into diffusers folders beside the links
+        from engine.published import sd
+
+        base = sd.materialize_checkpoint(base, out / SINGLE_FILE_BASE_DIR, "sdxl")
+    if not (base / "model_index.json").is_file():
+        raise ValueError(f"{slug}: base {base} is not a diffusers SDXL folder")
     for part in _BASE_PARTS:
         if (base / part).exists():
             _link(base / part, out / part)

@@ -25,23 +25,17 @@ def write_demo_artifacts(root: str | Path) -> Path:
     naming them (paths relative to it); returns the file.
 
     SD slugs: ``engine.published.sd.write_tiny`` (sd1.5-scifi an LDM single file, sd1.5-img2img and
-    segmind-vega diffusers folders as published). omni-zero and ominicontrol: their module's
-    ``write_tiny`` where it exists, else the tiny checkpoint in the engine's layout (role ``checkpoint``).
+    segmind-vega diffusers folders as published); omni-zero and ominicontrol: ``engine.published.omni_zero``
+    and ``engine.published.ominicontrol`` (SDXL base, IP-Adapter, InstantID, ControlNets, antelopev2,
+    ZoeDepth ``.pt``; FLUX.1-schnell folder and the OminiControl LoRA).
     """
     from engine.model_config import slug_module
     from engine.published import sd
-    from engine.tiny.checkpoints import build_tiny_flux
-    from engine.tiny.omni_zero import build_tiny_omni_zero
 
     root = Path(root)
     tables: dict[str, dict[str, Path]] = {slug: {"checkpoint": p} for slug, p in sd.write_tiny(root / "sd").items()}
-    for slug, builder, folder in (("omni-zero", build_tiny_omni_zero, "tiny-omni-zero"),
-                                  ("ominicontrol", build_tiny_flux, "tiny-flux")):
-        module = slug_module(slug)
-        if module is not None and hasattr(module, "write_tiny"):
-            tables[slug] = dict(module.write_tiny(root / slug))
-        else:
-            tables[slug] = {"checkpoint": builder(root / folder)}
+    for slug in ("omni-zero", "ominicontrol"):
+        tables[slug] = dict(slug_module(slug).write_tiny(root / slug))
     lines = ["# The tiny demo models, written by engine.tiny.demo in their publishers' layouts.\n"]
     for slug in CATALOG:
         lines.append(f'["{slug}"]')
