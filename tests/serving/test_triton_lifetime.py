@@ -71,6 +71,12 @@ def triton_of(serve_pid: int) -> tuple[int, list[int]]:
     return server, stubs
 
 
+def server_pid(serve_pid: int) -> int | None:
+    """The one tritonserver under a serve process, None while there is none."""
+    servers = [pid for pid, info in descendants(serve_pid).items() if info[0] == "tritonserver"]
+    return servers[0] if len(servers) == 1 else None
+
+
 def alive(pid: int) -> bool:
     info = _stat(pid)
     return info is not None and info[1] not in ("Z", "X")
@@ -143,7 +149,8 @@ def test_killed_triton_is_restarted_and_serves_again(serve):
     assert stubs, "the repository's python models run in stubs under tritonserver"
 
     os.kill(server, signal.SIGKILL)
-    new_server = wait_for(lambda: (s := triton_of_or_none(proc.pid)) and s != server and s, 60, "a new tritonserver")
+    new_server = wait_for(lambda: server_pid(proc.pid) not in (None, server) and server_pid(proc.pid), 60,
+                          "a new tritonserver")
     wait_for(lambda: client.get("/readyz").status_code == 200, 120, "/readyz back to 200")
     assert new_server != server and not any(alive(p) for p in [server, *stubs]), "old server or stubs survive"
     response = client.post(f"/v1/{SLUG}", json=REQUEST)
@@ -151,11 +158,6 @@ def test_killed_triton_is_restarted_and_serves_again(serve):
     assert response.headers["content-type"].startswith("image/")
     assert restarts(client) == 1
     assert client.get("/healthz").status_code == 200
-
-
-def triton_of_or_none(serve_pid: int) -> int | None:
-    servers = [pid for pid, info in descendants(serve_pid).items() if info[0] == "tritonserver"]
-    return servers[0] if len(servers) == 1 else None
 
 
 def test_triton_that_cannot_come_back_turns_healthz_unhealthy(serve, repository):
