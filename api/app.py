@@ -113,6 +113,9 @@ def create_app(settings: Settings, backend: GenerationBackend) -> FastAPI:
     if unknown:
         raise ValueError(f"the backend serves slugs the catalog does not know: {', '.join(unknown)}")
     metrics = ApiMetrics()
+    triton_restarts = getattr(backend, "triton_restarts", None)
+    if triton_restarts is not None:  # a Triton server this process started and supervises
+        metrics.watch_triton_restarts(triton_restarts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

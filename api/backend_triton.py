@@ -1,5 +1,6 @@
 """``GenerationBackend`` over Triton: the pipeline client of ``export.triton_client``, its
-failures mapped to the API's backend errors, and the server start-up of ``serve``."""
+failures mapped to the API's backend errors, and the server start-up of ``serve`` (a Triton this
+process starts is supervised: restarted when it dies, and reported unhealthy when it stays down)."""
 
 from __future__ import annotations
 
@@ -72,15 +73,38 @@ class TritonBackend:
 
 
 class ManagedTritonBackend(TritonBackend):
-    """A ``TritonBackend`` that owns the Triton server process it talks to (stopped on close)."""
+    """A ``TritonBackend`` that owns the Triton server it talks to, through a ``TritonSupervisor``.
 
-    def __init__(self, server, pipelines: dict[str, dict[str, Any]], **kw):
-        super().__init__(server.grpc_url, pipelines, **kw)
-        self.server = server
+    The supervisor restarts the server when it dies; :meth:`liveness_problem` (what ``/healthz``
+    reads) reports it once it has been down longer than ``unhealthy_after_s``, so an orchestrator
+    replaces a process whose Triton cannot come back. The server is stopped on close.
+    """
+
+    def __init__(self, supervisor, pipelines: dict[str, dict[str, Any]], *, unhealthy_after_s: float = 60.0, **kw):
+        super().__init__(supervisor.server.grpc_url, pipelines, **kw)
+        self.supervisor = supervisor
+        self.server = supervisor.server
+        self.unhealthy_after_s = unhealthy_after_s
+
+    def triton_restarts(self) -> int:
+        """Restart attempts of the server so far (``diffserve_triton_restarts_total``)."""
+        return self.supervisor.restarts
+
+    def liveness_problem(self) -> str | None:
+        """Why this process is unhealthy (its Triton down for too long), or None."""
+        down = self.supervisor.down_for()
+        if down is None or down < self.unhealthy_after_s:
+            return None
+        reason = (f"the Triton server this process started has been down for {down:.0f} s "
+                  f"(limit triton_unhealthy_after_s={self.unhealthy_after_s:g}); "
+                  f"{self.supervisor.restarts} restart attempts so far")
+        if self.supervisor.last_error:
+            reason += f"; last error: {self.supervisor.last_error}"
+        return reason
 
     async def close(self) -> None:
         await super().close()
-        await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
+        await asyncio.get_running_loop().run_in_executor(None, self.supervisor.stop)
 
 
 def create_triton_backend(settings: Settings, demo: bool) -> TritonBackend:
@@ -88,10 +112,11 @@ def create_triton_backend(settings: Settings, demo: bool) -> TritonBackend:
 
     With ``settings.triton_url`` it connects to a Triton server someone else runs (the model
     repository, for its manifest, is ``settings.repository``); otherwise it starts one on the
-    repository (the demo repository with ``demo``: tiny checkpoints, exported on first use).
+    repository (the demo repository with ``demo``: tiny checkpoints, exported on first use),
+    supervised: it dies with this process and is restarted when it dies first.
     """
     from export.repository import read_manifest
-    from export.triton_server import TritonServer, TritonServerConfig
+    from export.triton_server import TritonServer, TritonServerConfig, TritonSupervisor
 
     repository = settings.repository
     if demo:
@@ -108,5 +133,8 @@ def create_triton_backend(settings: Settings, demo: bool) -> TritonBackend:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     server = TritonServer(TritonServerConfig(repository=Path(repository), log_file=settings.data_dir / "triton.log",
                                              startup_timeout_s=settings.triton_startup_timeout_s))
-    server.start()
-    return ManagedTritonBackend(server, pipelines, timeout_s=timeout)
+    supervisor = TritonSupervisor(server, backoff_s=settings.triton_restart_backoff_s,
+                                  max_backoff_s=max(30.0, settings.triton_restart_backoff_s))
+    supervisor.start()
+    return ManagedTritonBackend(supervisor, pipelines, unhealthy_after_s=settings.triton_unhealthy_after_s,
+                                timeout_s=timeout)

@@ -3,7 +3,8 @@
 HTTP: requests by endpoint (route template), method, slug and status code, and a latency
 histogram per endpoint. Jobs: finished jobs by slug and status, failures by reason, queue and
 inference time histograms, jobs running now; queue depth and jobs per status are read from the
-job store at scrape time.
+job store at scrape time. Triton: restarts of a Triton server this process started and supervises
+(``diffserve_triton_restarts_total``), read from its supervisor at scrape time.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engine.catalog import CATALOG
@@ -47,6 +48,18 @@ class _StoreCollector:
         yield jobs
 
 
+class _TritonRestartsCollector:
+    def __init__(self, restarts: Callable[[], int]):
+        self._restarts = restarts
+
+    def collect(self):
+        # CounterMetricFamily appends the _total suffix.
+        family = CounterMetricFamily("diffserve_triton_restarts",
+                                     "Restart attempts of the Triton server this process started")
+        family.add_metric([], self._restarts())
+        yield family
+
+
 class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -69,6 +82,9 @@ class ApiMetrics:
 
     def watch_store(self, queue_depth: Callable[[], int], count_by_status: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_StoreCollector(queue_depth, count_by_status))
+
+    def watch_triton_restarts(self, restarts: Callable[[], int]) -> None:
+        self.registry.register(_TritonRestartsCollector(restarts))
 
     def observe_http(self, endpoint: str, method: str, slug: str, code: int, seconds: float) -> None:
         self.http_requests.labels(endpoint, method, slug, str(code)).inc()

@@ -60,6 +60,7 @@ class Base64ImageResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
+    reason: str | None = None
 
 
 class Readiness(BaseModel):

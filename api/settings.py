@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     ``repository``."""
     triton_startup_timeout_s: float = Field(600.0, gt=0)
     """How long a Triton server started by the API may take to load the repository."""
+    triton_restart_backoff_s: float = Field(1.0, gt=0)
+    """Wait before restarting a Triton server started by the API that died; doubles after each
+    attempt up to 30 s (back to this value once the server has stayed up for 30 s)."""
+    triton_unhealthy_after_s: float = Field(60.0, gt=0)
+    """``/healthz`` answers 503 once the Triton server this process started has been down this
+    long (not for a ``triton_url`` server: someone else runs that one)."""
     triton_timeout_s: float | None = Field(None, gt=0)
     """gRPC deadline of one pipeline-model request (default: ``job_timeout_s``); past it Triton
     cancels the request and the job fails with 504."""

@@ -6,7 +6,9 @@ building a private backend directory with the python-backend stub that matches t
 interpreter, preparing the process environment (library path, Python import path), choosing
 ports, spawning the server in its own process group, writing its whole output to a log file and
 its warnings and errors to the ``diffserve.triton`` logger, waiting for readiness and shutting it down (SIGTERM, then SIGKILL
-of the whole group). It never modifies site-packages; all generated files live in a temporary
+of the whole group). It ties the server's lifetime to the process that started it (a lifeline
+watchdog, see :class:`Lifeline`) and, through :class:`TritonSupervisor`, restarts a server that
+died under it. It never modifies site-packages; all generated files live in a temporary
 work directory that is removed by :meth:`TritonServer.stop`.
 
 How the python-backend stub gets the right interpreter (verified with nvidia-pytriton 0.7.0,
@@ -46,16 +48,18 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 __all__ = [
+    "Lifeline",
     "TritonDistribution",
     "TritonLaunchError",
     "TritonServer",
     "TritonServerConfig",
+    "TritonSupervisor",
     "find_free_port",
     "find_libpython",
     "serve_until_stopped",
@@ -106,6 +110,77 @@ def find_free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+# The watchdog of a Lifeline, run as `python -I -S -c`: it blocks on the read end of a pipe whose
+# only write end the launching process holds, so end-of-file means that process is gone, however
+# it ended (SIGKILL and the OOM killer included); it then SIGKILLs its own process group, which
+# holds Triton and, as Triton's children, every python-backend stub. Signals a terminal or a
+# group-wide `kill -TERM` sends are ignored: the watchdog must outlive what it guards.
+_WATCHDOG_SOURCE = """\
+import os, signal, sys
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+fd = int(sys.argv[1])
+while os.read(fd, 4096):
+    pass
+os.killpg(0, signal.SIGKILL)
+"""
+
+
+class Lifeline:
+    """A process group that dies with the process that created it, whatever kills that process.
+
+    Creating one starts a tiny watchdog process as the leader of a new process group (in this
+    session, so members can join it) and keeps the write end of a pipe whose read end only the
+    watchdog holds. Processes started with ``process_group=lifeline.pgid`` join the group, and so
+    do their children. When this process exits or is killed, the kernel closes the write end; the
+    watchdog reads end-of-file and SIGKILLs the group. A parent-death signal (PR_SET_PDEATHSIG)
+    would not do: it fires when the *thread* that forked exits, and reaches only the direct child,
+    not Triton's stubs. Processes this one forks without exec (``multiprocessing`` "fork")
+    inherit the write end and keep the group alive until they exit too.
+    """
+
+    def __init__(self) -> None:
+        read_fd, self._write_fd = os.pipe()  # both close-on-exec: no other child inherits them
+        try:
+            self._watchdog: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _WATCHDOG_SOURCE, str(read_fd)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(read_fd,), process_group=0,
+            )
+        except BaseException:
+            os.close(self._write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        self.pgid = self._watchdog.pid
+        """Process group id to start members in (the watchdog's pid)."""
+
+    def close(self) -> None:
+        """Kill every member of the group now and reap the watchdog (idempotent)."""
+        if self._watchdog is None:
+            return
+        os.close(self._write_fd)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, signal.SIGKILL)
+        self._watchdog.wait()
+        self._watchdog = None
+
+    def alive_members(self) -> list[int]:
+        """Pids of the group's live processes (from /proc), the watchdog included."""
+        members = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                # Fields after the parenthesised command: state ppid pgrp ...
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == self.pgid and fields[0] not in ("Z", "X"):
+                members.append(int(entry.name))
+        return members
 
 
 def _running_python_version() -> str:
@@ -318,6 +393,7 @@ class TritonServer:
         self.grpc_port = pick(config.grpc_port)
         self.metrics_port = pick(config.metrics_port)
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lifeline: Lifeline | None = None
         self._reader: threading.Thread | None = None
         self._workdir: Path | None = None
         self._shm_prefix = ""
@@ -343,6 +419,18 @@ class TritonServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def process_group(self) -> int | None:
+        """Process group of the server and its stubs (that of its :class:`Lifeline` watchdog)."""
+        return self._lifeline.pgid if self._lifeline is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code once the process has ended (None while it runs or before it started)."""
+        if self._proc is not None:
+            return self._proc.poll()
+        return self._returncode
+
     def is_alive(self) -> bool:
         """True while the server process runs."""
         return self._proc is not None and self._proc.poll() is None
@@ -364,8 +452,12 @@ class TritonServer:
             return list(self._tail)
 
     # ------------------------------------------------------------------ start
-    def start(self) -> None:
-        """Spawn the server and block until it is ready (or raise :class:`TritonLaunchError`)."""
+    def start(self, abort: threading.Event | None = None) -> None:
+        """Spawn the server and block until it is ready (or raise :class:`TritonLaunchError`).
+
+        Setting ``abort`` (from another thread) ends a start-up in progress: the server is
+        stopped and :class:`TritonLaunchError` raised.
+        """
         if self.is_alive():
             raise TritonLaunchError(f"Triton is already running (pid {self.pid})")
         if self._proc is not None:  # died on its own since the last start: reap and clean up
@@ -403,15 +495,20 @@ class TritonServer:
         )
         LOGGER.debug("command: %s", " ".join(cmd))
         try:
+            self._lifeline = Lifeline()
             self._proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 env=env,
-                start_new_session=True,  # own process group: stop() can kill stubs too
+                # the lifeline's group: stop() kills stubs too, and all die with this process
+                process_group=self._lifeline.pgid,
             )
         except OSError as exc:
+            if self._lifeline is not None:
+                self._lifeline.close()
+                self._lifeline = None
             self._cleanup_files()
             raise TritonLaunchError(f"cannot execute {dist.binary}: {exc}") from exc
         self._reader = threading.Thread(
@@ -420,15 +517,16 @@ class TritonServer:
         self._reader.start()
         _LIVE_SERVERS.add(self)
         try:
-            self.wait_ready(cfg.startup_timeout_s)
+            self.wait_ready(cfg.startup_timeout_s, abort)
         except BaseException:
             self.stop(timeout=10)
             raise
         LOGGER.info("Triton ready (pid %d) at http=%s grpc=%s", self._proc.pid, self.http_url,
                     self.grpc_url)
 
-    def wait_ready(self, timeout: float) -> None:
-        """Poll readiness; raise :class:`TritonLaunchError` if the server dies or times out."""
+    def wait_ready(self, timeout: float, abort: threading.Event | None = None) -> None:
+        """Poll readiness; raise :class:`TritonLaunchError` if the server dies, times out or
+        ``abort`` is set."""
         if self._proc is None:
             raise TritonLaunchError("Triton has not been started")
         deadline = time.monotonic() + timeout
@@ -442,6 +540,8 @@ class TritonServer:
                 )
             if self.is_ready():
                 return
+            if abort is not None and abort.is_set():
+                raise TritonLaunchError("Triton start-up aborted")
             if time.monotonic() >= deadline:
                 raise TritonLaunchError(
                     self._failure_message(
@@ -474,10 +574,10 @@ class TritonServer:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 LOGGER.warning("Triton did not exit within %.0f s; killing its process group", timeout)
-                self._kill_group(proc.pid)
+                self._kill_group()
                 proc.wait()
         # Python-backend stubs live in the server's process group; make sure none survive.
-        self._kill_group(proc.pid)
+        self._kill_group()
         self._drain_reader()
         self._returncode = proc.returncode
         self._proc = None
@@ -651,10 +751,11 @@ class TritonServer:
             parts.append(f"Full log: {self.config.log_file}")
         return "\n".join(parts)
 
-    @staticmethod
-    def _kill_group(pgid: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+    def _kill_group(self) -> None:
+        """SIGKILL the server's process group (stubs, watchdog) and reap the watchdog."""
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
 
     def _cleanup_files(self) -> None:
         if self._shm_prefix:
@@ -667,6 +768,106 @@ class TritonServer:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+
+
+# ---------------------------------------------------------------------- keep it running
+def _short_reason(exc: BaseException) -> str:
+    """One line for a launch error: its headline and the server's first reported error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    if len(lines) > 2 and lines[1].startswith("Errors reported by the server"):
+        return f"{lines[0]} {lines[2]}"
+    return lines[0]
+
+
+class TritonSupervisor:
+    """Keeps a :class:`TritonServer` this process started running: restarts it when it dies.
+
+    :meth:`start` starts the server (raising like :meth:`TritonServer.start`) and a watcher
+    thread that polls the process every ``poll_s``. When the server has died, the watcher reaps
+    it and its stubs at once, waits ``backoff_s`` and starts it again on the same ports (so
+    clients' URLs stay right); each attempt is logged, counted in :attr:`restarts` and reported
+    to ``on_restart``. The wait doubles after every attempt up to ``max_backoff_s`` and is back to
+    ``backoff_s`` once the server has stayed up for ``max_backoff_s``, so a server that crashes
+    right after start-up is retried ever more slowly instead of in a tight loop.
+    :meth:`down_for` says how long the server has been down (for liveness probes).
+    """
+
+    def __init__(self, server: TritonServer, *, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
+                 poll_s: float = 0.5, on_restart: Callable[[], None] | None = None) -> None:
+        if backoff_s <= 0 or max_backoff_s < backoff_s or poll_s <= 0:
+            raise ValueError("need 0 < backoff_s <= max_backoff_s and poll_s > 0")
+        self.server = server
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.poll_s = poll_s
+        self.on_restart = on_restart
+        self.restarts = 0
+        """Restart attempts so far (successful or not)."""
+        self.last_error: str | None = None
+        """First line of the last failed restart's error, None once the server is back."""
+        self._down_since: float | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the server (blocking until ready) and the watcher thread."""
+        self.server.start(abort=self._stopping)
+        self._thread = threading.Thread(target=self._watch, name="triton-supervisor", daemon=True)
+        self._thread.start()
+
+    def down_for(self) -> float | None:
+        """Seconds since the server was found dead, None while it is up (or being stopped)."""
+        since = self._down_since
+        return None if since is None or self._stopping.is_set() else time.monotonic() - since
+
+    def stop(self, timeout: float | None = None) -> int:
+        """Stop watching (ending a restart in progress), then stop the server; its exit code."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(60)
+        return self.server.stop(timeout)
+
+    def _watch(self) -> None:
+        backoff = self.backoff_s
+        up_since = time.monotonic()
+        while not self._stopping.wait(self.poll_s):
+            if self.server.is_alive():
+                if time.monotonic() - up_since >= self.max_backoff_s:
+                    backoff = self.backoff_s
+                continue
+            self._down_since = time.monotonic()
+            pid, code = self.server.pid, self.server.returncode
+            LOGGER.error("Triton (pid %s) exited with code %s; restarting it in %.1f s; last lines:\n%s",
+                         pid, code, backoff, "\n".join(self.server.log_tail()[-5:]))
+            self.server.stop(timeout=5)  # reap it, kill its stubs, free its shared memory now
+            backoff = self._restart(backoff)
+            up_since = time.monotonic()
+
+    def _restart(self, backoff: float) -> float:
+        """Attempt restarts, ``backoff`` apart and doubling, until one succeeds or stop() is
+        called; returns the wait before the next restart (doubled after each attempt)."""
+        while not self._stopping.wait(backoff):
+            self.restarts += 1
+            if self.on_restart is not None:
+                self.on_restart()
+            down = time.monotonic() - (self._down_since or time.monotonic())
+            LOGGER.warning("restarting Triton (restart %d; down for %.1f s)", self.restarts, down)
+            try:
+                self.server.start(abort=self._stopping)
+            except Exception as exc:  # noqa: BLE001 - whatever it was, try again later
+                if self._stopping.is_set():
+                    break
+                self.last_error = _short_reason(exc)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                LOGGER.error("Triton restart %d failed: %s; next attempt in %.1f s", self.restarts,
+                             self.last_error, backoff)
+                continue
+            LOGGER.info("Triton is back (pid %s) after %.1f s down", self.server.pid,
+                        time.monotonic() - (self._down_since or time.monotonic()))
+            self._down_since = None
+            self.last_error = None
+            break
+        return min(backoff * 2, self.max_backoff_s)
 
 
 # ---------------------------------------------------------------------- run in the foreground

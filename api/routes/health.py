@@ -1,4 +1,5 @@
-"""``/healthz`` (the process answers), ``/readyz`` (the backend can serve), ``/metrics`` (Prometheus).
+"""``/healthz`` (the process answers, and a Triton server it started is not down for too long),
+``/readyz`` (the backend can serve), ``/metrics`` (Prometheus).
 
 None of these needs an API key: they are for load balancers, orchestrators and scrapers. Put
 the API behind a proxy that does not expose them publicly if that matters.
@@ -23,9 +24,17 @@ router = APIRouter(tags=["operations"])
 READY_TIMEOUT_S = 10.0
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness")
-async def healthz() -> Health:
-    return Health(status="ok")
+@router.get("/healthz", response_model=Health, summary="Liveness: 503 when a Triton server this process started "
+            "has been down longer than triton_unhealthy_after_s",
+            responses={503: {"model": Health, "description": "Unhealthy: restart this process"}})
+async def healthz(state: StateDep) -> JSONResponse:
+    # Only a backend that owns its Triton server has this hook: a server someone else runs
+    # (--triton-url) going down is a readiness matter, restarting this process would not help.
+    liveness_problem = getattr(state.backend, "liveness_problem", None)
+    reason = liveness_problem() if liveness_problem is not None else None
+    if reason is not None:
+        return JSONResponse(Health(status="unhealthy", reason=reason).model_dump(), status_code=503)
+    return JSONResponse(Health(status="ok").model_dump(exclude_none=True))
 
 
 @router.get("/readyz", response_model=Readiness, summary="Readiness: 200 when every served model is ready, else 503",
