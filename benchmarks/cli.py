@@ -208,7 +208,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                       "in bls and fused mode; report latency percentiles, throughput, errors, the "
                                       "split of each request, and the serving overhead over the in-process engine.")
     target = srv.add_mutually_exclusive_group()
-    target.add_argument("--url", help="base URL of a running `diffserve serve`")
+    target.add_argument("--url", help="base URL of a running `diffserve serve`; a comma list (the API replicas of a "
+                                      "scaled-out deployment) is sent to in turn")
     target.add_argument("--start-server", nargs="?", const="demo", choices=["demo"],
                         help="start `diffserve serve` on a free loopback port for the run (local backend: the "
                              "tiny demo checkpoints unless --server-checkpoint; triton: on this run's Triton)")

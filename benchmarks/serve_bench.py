@@ -581,21 +581,28 @@ async def sweep_http(cfg: ServeBenchConfig, base: str, slug: str, endpoint: str,
     import httpx
 
     headers = _headers(cfg)
+    # A comma list of URLs is a scaled-out deployment's API replicas: requests go to them in turn
+    # (any replica answers for any job, so metrics are fetched from the first).
+    bases = [b.strip().rstrip("/") for b in base.split(",") if b.strip()]
+    rotation = itertools.cycle(bases)
     limit = int(max(cfg.levels)) * 3 + 8 if cfg.loop == "closed" else 256
     series = {"slug": slug, "target": "api", "endpoint": endpoint, "model": None,
               "runtime": series_runtime(cfg, "api"), "images_per_request": images_per_request, "steps": steps,
               "levels": []}
+    if len(bases) > 1:
+        series["replicas"] = len(bases)
     async with httpx.AsyncClient(timeout=cfg.timeout_s, trust_env=False,
                                  limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)) as client:
         if endpoint == "sync":
             async def send(scheduled: float, t_zero: float) -> Record:
-                return await send_sync(client, base, slug, body, headers, scheduled, t_zero)
+                return await send_sync(client, next(rotation), slug, body, headers, scheduled, t_zero)
 
             async def after(records: list[Record]) -> None:
-                await fetch_metrics(client, base, records, headers)
+                await fetch_metrics(client, bases[0], records, headers)
         else:
             async def send(scheduled: float, t_zero: float) -> Record:
-                return await send_async(client, base, slug, body, headers, scheduled, t_zero, cfg.poll_interval_s)
+                return await send_async(client, next(rotation), slug, body, headers, scheduled, t_zero,
+                                        cfg.poll_interval_s)
 
             after = None
         stats_model = slug if stats is not None else None
