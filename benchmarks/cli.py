@@ -111,7 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             modes=tuple(_csv(args.modes)), triton_runtime=args.triton_runtime,
             triton_pipeline_instances=args.triton_pipeline_instances, engine_baseline=args.engine_baseline,
             engine_repeats=args.engine_repeats, device=args.device, precision=args.precision,
-            work_dir=Path(args.work_dir) if args.work_dir else _work_dir(), seed=args.seed, threads=args.threads)
+            work_dir=Path(args.work_dir) if args.work_dir else _work_dir(), seed=args.seed, threads=args.threads,
+            predict=args.predict, service_requests=args.service_requests, servers=args.servers)
         report = asyncio.run(run_serve_bench(cfg))
     except ValidationError as exc:
         print("invalid --params:\n  " + "\n  ".join(exc.errors), file=sys.stderr)
@@ -123,8 +124,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    from benchmarks.capacity import CapacityInputs, capacity_report, latest_reports
+    from benchmarks.capacity import CapacityInputs, QueueingInputs, capacity_report, latest_reports
 
+    plan_args = (args.slo_p95_ms, args.target_rps, args.gpu_hour_usd)
+    if not args.arrival_rate and None in plan_args:
+        print("bench capacity: give --slo-p95-ms, --target-rps and --gpu-hour-usd (a plan from measured curves), "
+              "or --arrival-rate with --gpus or --slo-p95-ms (the queueing model)", file=sys.stderr)
+        return 2
     paths = [Path(p) for p in args.report] if args.report else latest_reports(Path(args.results_dir)
                                                                                if args.results_dir else None)
     if not paths:
@@ -132,10 +138,17 @@ def cmd_capacity(args: argparse.Namespace) -> int:
               "`bench engine`)", file=sys.stderr)
         return 2
     try:
-        inputs = CapacityInputs(slo_p95_ms=args.slo_p95_ms, target_rps=args.target_rps,
-                                gpu_hour_usd=args.gpu_hour_usd, gpus_per_server=args.gpus_per_server,
-                                max_error_rate=args.max_error_rate)
-        report = capacity_report(paths, inputs)
+        inputs = None
+        if None not in plan_args:
+            inputs = CapacityInputs(slo_p95_ms=args.slo_p95_ms, target_rps=args.target_rps,
+                                    gpu_hour_usd=args.gpu_hour_usd, gpus_per_server=args.gpus_per_server,
+                                    max_error_rate=args.max_error_rate)
+        queueing = None
+        if args.arrival_rate:
+            queueing = QueueingInputs(arrival_rates=tuple(args.arrival_rate),
+                                      gpus=tuple(int(g) for g in args.gpus or ()), slo_p95_ms=args.slo_p95_ms,
+                                      customers=args.customers)
+        report = capacity_report(paths, inputs, queueing)
     except ValueError as exc:
         print(f"bench capacity: {exc}", file=sys.stderr)
         return 2
@@ -213,7 +226,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                       "in bls and fused mode; report latency percentiles, throughput, errors, the "
                                       "split of each request, and the serving overhead over the in-process engine.")
     target = srv.add_mutually_exclusive_group()
-    target.add_argument("--url", help="base URL of a running `diffserve serve`")
+    target.add_argument("--url", help="base URL of a running `diffserve serve`; a comma list (the API replicas of a "
+                                      "scaled-out deployment) is sent to in turn")
     target.add_argument("--start-server", nargs="?", const="demo", choices=["demo"],
                         help="start `diffserve serve` on a free loopback port for the run (local backend: the "
                              "tiny demo checkpoints unless --server-checkpoint; triton: on this run's Triton)")
@@ -254,6 +268,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--device", help="device of the in-process baseline and started server")
     srv.add_argument("--precision", choices=["fp32", "fp16", "bf16"])
     srv.add_argument("--seed", type=int, default=0, help="seed of the open-loop arrival process")
+    srv.add_argument("--predict", action="store_true",
+                     help="open loop: time --service-requests requests back to back first, then report the "
+                          "queueing model's predicted p95 beside the measured p95 at each rate")
+    srv.add_argument("--service-requests", type=int, default=16,
+                     help="requests timed back to back for the service-time distribution (default 16)")
+    srv.add_argument("--servers", type=int, default=1,
+                     help="servers the queueing model assumes: workers x DIFFSERVE_MAX_CONCURRENT_JOBS (default 1)")
     srv.add_argument("--threads", type=int, help="CPU threads for torch/ORT here, in the started server and Triton")
     srv.add_argument("--work-dir", help="cache directory (default $DIFFSERVE_HOME/bench)")
     _common_output(srv)
@@ -262,13 +283,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cap = bsub.add_parser("capacity", help="$ per 1000 images and GPUs needed, from measured curves",
                           description="Turn serving sweeps (or engine results) into the per-GPU throughput that "
                                       "meets a p95 objective, the GPUs a target request rate needs, and $ per "
-                                      "1000 images at a GPU-hour price.")
+                                      "1000 images at a GPU-hour price; with --arrival-rate, predict p95 latency "
+                                      "for an arrival rate and a number of GPUs with an M/G/c queueing model "
+                                      "(a simulation over the measured service-time distribution).")
     cap.add_argument("--report", action="append", help="serve or engine report JSON (repeatable; default: the "
                                                        "newest serve report per slug in the results directory)")
     cap.add_argument("--results-dir", help="where to look for reports (default benchmarks/results)")
-    cap.add_argument("--slo-p95-ms", type=float, required=True, help="p95 latency objective in ms")
-    cap.add_argument("--target-rps", type=float, required=True, help="request rate to plan for")
-    cap.add_argument("--gpu-hour-usd", type=float, required=True, help="price of one GPU-hour in $")
+    cap.add_argument("--slo-p95-ms", type=float, help="p95 latency objective in ms")
+    cap.add_argument("--target-rps", type=float, help="request rate to plan for (plan from measured curves)")
+    cap.add_argument("--gpu-hour-usd", type=float, help="price of one GPU-hour in $ (plan from measured curves)")
+    cap.add_argument("--arrival-rate", type=_floats, metavar="R[,R...]",
+                     help="queueing model: predict p95 latency at these Poisson arrival rates (requests/s) from "
+                          "the report's service-time samples (a serve report: closed-loop concurrency 1 or the "
+                          "calibration of `bench serve --predict`)")
+    cap.add_argument("--gpus", type=lambda t: [int(x) for x in _floats(t)], metavar="N[,N...]",
+                     help="queueing model: numbers of GPUs (one request at a time each); default: the fewest "
+                          "that meet --slo-p95-ms")
+    cap.add_argument("--customers", type=int, default=100_000,
+                     help="requests simulated per prediction (default 100000)")
     cap.add_argument("--gpus-per-server", type=int, default=1, help="GPUs behind the measured server (default 1)")
     cap.add_argument("--max-error-rate", type=float, default=0.0, help="error rate tolerated at a level (default 0)")
     _common_output(cap)

@@ -249,32 +249,81 @@ def render_serve_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {m['slug']} | {m['level']} | {format_ms(m['bls_p50_ms'])} | {format_ms(m['fused_p50_ms'])} "
                          f"| {format_num(m['fused_over_bls'], '{:.3f}')} | {format_num(m['bls_rps'], '{:.3f}')} "
                          f"| {format_num(m['fused_rps'], '{:.3f}')} |")
+    queueing = [(series, q) for series in report["series"] for q in series.get("queueing") or []]
+    if queueing:
+        lines += ["", "## Queueing model: predicted vs measured p95 (open loop)", "",
+                  "| slug | target | endpoint / mode | arrival rate (req/s) | servers | utilisation | predicted p50 "
+                  "| measured p50 | predicted p95 | measured p95 | ok / errors |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for series, q in queueing:
+            lines.append(f"| {series['slug']} | {series['target']} | {series['endpoint']} | {q['arrival_rate']:g} "
+                         f"| {q['servers']} | {format_pct(q.get('utilisation'))} | {format_ms(q.get('predicted_p50_ms'))} "
+                         f"| {format_ms(q.get('measured_p50_ms'))} | {format_ms(q.get('predicted_p95_ms'))} "
+                         f"| {format_ms(q.get('measured_p95_ms'))} | {q['measured_ok']} / {q['measured_errors']} |")
+        lines += [f"\n{series['slug']} {series['endpoint']} at {q['arrival_rate']:g} req/s: {q['reason']}"
+                  for series, q in queueing if q.get("reason")]
+        n = sorted({len((series.get("service") or {}).get("samples_ms") or []) for series, _ in queueing})
+        lines += ["", f"Service times: {', '.join(map(str, n))} successful requests per series, timed back to "
+                      "back before the rates. " + QUEUEING_MD.split("\n", 2)[2].replace("\n", " ")]
     for note in report.get("notes") or []:
         lines.append(f"\nNote: {note}")
     lines += _plots_md(report)
     return "\n".join(lines) + "\n"
 
 
+QUEUEING_MD = """### Queueing model
+
+A GPU serves one request at a time; requests arrive as a Poisson process and wait in one FCFS queue
+for the first free GPU (M/G/c). Service times are the measured latencies of requests that met no
+queue, drawn with replacement; p50/p95/p99 of wait + service come from a discrete-event simulation
+of that queue (the first 10 % of simulated requests left out as warm-up). The Allen–Cunneen column
+is the analytic mean wait, Erlang C × (1 + c_s²) / 2, as a cross-check. Utilisation ≥ 1: unstable."""
+
+
+def queueing_rows_md(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| slug | endpoint / mode | arrival rate (req/s) | GPUs | utilisation | predicted p50 | predicted p95 "
+             "| predicted p99 | mean wait | mean wait (Allen–Cunneen) | P(wait) | service samples |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for q in rows:
+        lines.append(f"| {q['slug']} | {q['endpoint']} | {q['arrival_rate']:g} | {q['gpus']} "
+                     f"| {format_pct(q.get('utilisation'))} | {format_ms(q.get('p50_ms'))} | {format_ms(q.get('p95_ms'))} "
+                     f"| {format_ms(q.get('p99_ms'))} | {format_ms(q.get('mean_wait_ms'))} "
+                     f"| {format_ms(q.get('mean_wait_ms_allen_cunneen'))} | {format_pct(q.get('p_wait'))} "
+                     f"| {q.get('service_n')} ({q.get('service_source')}) |")
+    lines += [f"\n{q['slug']} ({q['endpoint']}) at {q['arrival_rate']:g} req/s: {q['reason']}"
+              for q in rows if q.get("reason")]
+    return lines
+
+
 def render_capacity_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = _header(report, "Cost and GPU capacity")
-    lines += [f"Inputs: p95 objective {format_ms(s['slo_p95_ms'])}, target {s['target_rps']} requests/s, "
-              f"${s['gpu_hour_usd']}/GPU-hour, {s['gpus_per_server']} GPU(s) per measured server, "
-              f"max error rate {s['max_error_rate']}; from {', '.join(s['sources'])}.", "",
-              "| slug | measured on | endpoint / mode | best level under SLO | p95 there | requests/s per GPU "
-              "| images/s per GPU | GPUs for target | utilisation | $ / 1000 images | $ / 1000 images at peak |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for p in report["plans"]:
-        lines.append(
-            f"| {p['slug']} | {p['measured_on']} | {p['endpoint']} | {p.get('level') or '—'} | {format_ms(p.get('p95_ms'))} "
-            f"| {format_num(p.get('rps_per_gpu'), '{:.3f}')} | {format_num(p.get('images_per_s_per_gpu'), '{:.3f}')} "
-            f"| {p.get('gpus_needed') if p.get('gpus_needed') is not None else 'infeasible'} "
-            f"| {format_pct(p.get('utilisation'))} | {format_num(p.get('usd_per_1000_images'), '${:.4f}')} "
-            f"| {format_num(p.get('usd_per_1000_images_at_peak'), '${:.4f}')} |")
-    for p in report["plans"]:
-        if p.get("reason"):
-            lines.append(f"\n{p['slug']} ({p['endpoint']}): {p['reason']}")
-    lines += ["", FORMULAS_MD]
+    if s.get("slo_p95_ms") is not None and s.get("target_rps") is not None:
+        lines += [f"Inputs: p95 objective {format_ms(s['slo_p95_ms'])}, target {s['target_rps']} requests/s, "
+                  f"${s['gpu_hour_usd']}/GPU-hour, {s['gpus_per_server']} GPU(s) per measured server, "
+                  f"max error rate {s['max_error_rate']}; from {', '.join(s['sources'])}.", "",
+                  "| slug | measured on | endpoint / mode | best level under SLO | p95 there | requests/s per GPU "
+                  "| images/s per GPU | GPUs for target | utilisation | $ / 1000 images | $ / 1000 images at peak |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for p in report["plans"]:
+            lines.append(
+                f"| {p['slug']} | {p['measured_on']} | {p['endpoint']} | {p.get('level') or '—'} | {format_ms(p.get('p95_ms'))} "
+                f"| {format_num(p.get('rps_per_gpu'), '{:.3f}')} | {format_num(p.get('images_per_s_per_gpu'), '{:.3f}')} "
+                f"| {p.get('gpus_needed') if p.get('gpus_needed') is not None else 'infeasible'} "
+                f"| {format_pct(p.get('utilisation'))} | {format_num(p.get('usd_per_1000_images'), '${:.4f}')} "
+                f"| {format_num(p.get('usd_per_1000_images_at_peak'), '${:.4f}')} |")
+        for p in report["plans"]:
+            if p.get("reason"):
+                lines.append(f"\n{p['slug']} ({p['endpoint']}): {p['reason']}")
+        lines += ["", FORMULAS_MD]
+    if report.get("queueing") is not None:
+        q = s.get("queueing") or {}
+        sizing = (f"GPUs: {', '.join(map(str, q['gpus']))}" if q.get("gpus")
+                  else f"the fewest GPUs meeting a p95 of {format_ms(q.get('slo_p95_ms'))}")
+        lines += ["", "## Predicted latency (queueing model)", "",
+                  f"From {', '.join(s['sources'])}; {sizing}; {q.get('customers')} simulated requests each.", ""]
+        lines += queueing_rows_md(report["queueing"])
+        lines += ["", QUEUEING_MD]
     lines += _plots_md(report)
     return "\n".join(lines) + "\n"
 

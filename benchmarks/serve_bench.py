@@ -16,7 +16,9 @@ Targets:
 Load is closed-loop (``concurrency`` clients sending back to back, swept 1, 2, 4, 8, ...) or
 open-loop (Poisson arrivals at each offered rate; a request's latency counts from its
 scheduled arrival, so a server that falls behind is not hidden). One untimed request warms
-each series first (model loading is not a latency sample).
+each series first (model loading is not a latency sample). With ``predict`` (open loop), a
+series first times requests back to back (its service-time distribution) and reports, per
+offered rate, the p95 that ``benchmarks.capacity``'s M/G/c model predicts beside the measured one.
 
 Per level: p50/p95/p99 latency, requests and images per second, errors by kind, and the split
 of each request from the API's own metrics (``GET /v2/requests/{id}`` ``metrics``):
@@ -105,6 +107,13 @@ class ServeBenchConfig:
     warmup_requests: int = 1
     threads: int | None = None
     """CPU threads for torch/ORT in this process, the started server and Triton (None: their default)."""
+    predict: bool = False
+    """Open loop: first time ``service_requests`` requests back to back (the service-time
+    distribution), then put the queueing model's p95 for each offered rate beside the measured one."""
+    service_requests: int = 16
+    servers: int = 1
+    """Servers the queueing model assumes: workers (GPUs) x jobs each runs at once
+    (DIFFSERVE_MAX_CONCURRENT_JOBS, default 1)."""
 
     def __post_init__(self) -> None:
         from engine.catalog import get_model
@@ -126,6 +135,10 @@ class ServeBenchConfig:
             get_model(slug)  # an unknown slug fails here
         if self.requests_per_level < 1:
             raise ValueError("requests_per_level must be >= 1")
+        if self.predict and self.loop != "open":
+            raise ValueError("the queueing model's prediction is checked against an open-loop run (--loop open)")
+        if self.service_requests < 2 or self.servers < 1:
+            raise ValueError("service_requests must be >= 2 and servers >= 1")
 
 
 @dataclass
@@ -506,6 +519,13 @@ async def run_levels(cfg: ServeBenchConfig, series: dict[str, Any], send: Callab
         sent_ok += rec.ok
         if not rec.ok:
             series.setdefault("warmup_errors", []).append(f"{rec.status}: {rec.error}")
+    if cfg.predict:
+        # Requests that meet no queue: the service-time distribution the queueing model draws from.
+        desc = f"{series['slug']} {series['target']} {series['endpoint']} service times"
+        with _progress(cfg.service_requests, desc) as bar:
+            records, elapsed = await closed_loop(send, 1, cfg.service_requests, 0.0, bar)
+        sent_ok += sum(r.ok for r in records)
+        series["service"] = summarize_level(1, records, elapsed, series["images_per_request"])
     rng = random.Random(cfg.seed)
     for level in cfg.levels:
         n = max(cfg.requests_per_level, int(level)) if cfg.loop == "closed" else cfg.requests_per_level
@@ -530,7 +550,30 @@ async def run_levels(cfg: ServeBenchConfig, series: dict[str, Any], send: Callab
         series["levels"].append(summary)
         logger.info("%s: %d/%d ok, p50 %s ms, p95 %s ms, %.3f req/s", desc, summary["ok"], summary["requests"],
                     summary["latency"]["p50_ms"], summary["latency"]["p95_ms"], summary["throughput_rps"] or 0)
+    if cfg.predict:
+        series["queueing"] = predicted_vs_measured(series, cfg.servers)
     return series
+
+
+def predicted_vs_measured(series: dict[str, Any], servers: int) -> list[dict[str, Any]]:
+    """Per offered rate of an open-loop series: the queueing model's latency from the series'
+    service-time samples beside the measured latency."""
+    from benchmarks.capacity import predict_latency
+
+    samples = (series.get("service") or {}).get("samples_ms") or []
+    rows = []
+    for lv in series["levels"]:
+        row = {"arrival_rate": lv["level"], "servers": servers, "measured_p50_ms": lv["latency"]["p50_ms"],
+               "measured_p95_ms": lv["latency"]["p95_ms"], "measured_ok": lv["ok"], "measured_errors": lv["errors"]}
+        if len(samples) < 2:
+            row.update(predicted_p50_ms=None, predicted_p95_ms=None, utilisation=None,
+                       reason="fewer than 2 successful service-time samples")
+        else:
+            p = predict_latency(samples, float(lv["level"]), servers)
+            row.update(predicted_p50_ms=p["p50_ms"], predicted_p95_ms=p["p95_ms"], utilisation=p["utilisation"],
+                       reason=p["reason"])
+        rows.append(row)
+    return rows
 
 
 async def sweep_http(cfg: ServeBenchConfig, base: str, slug: str, endpoint: str, body: dict[str, Any],
@@ -538,21 +581,28 @@ async def sweep_http(cfg: ServeBenchConfig, base: str, slug: str, endpoint: str,
     import httpx
 
     headers = _headers(cfg)
+    # A comma list of URLs is a scaled-out deployment's API replicas: requests go to them in turn
+    # (any replica answers for any job, so metrics are fetched from the first).
+    bases = [b.strip().rstrip("/") for b in base.split(",") if b.strip()]
+    rotation = itertools.cycle(bases)
     limit = int(max(cfg.levels)) * 3 + 8 if cfg.loop == "closed" else 256
     series = {"slug": slug, "target": "api", "endpoint": endpoint, "model": None,
               "runtime": series_runtime(cfg, "api"), "images_per_request": images_per_request, "steps": steps,
               "levels": []}
+    if len(bases) > 1:
+        series["replicas"] = len(bases)
     async with httpx.AsyncClient(timeout=cfg.timeout_s, trust_env=False,
                                  limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)) as client:
         if endpoint == "sync":
             async def send(scheduled: float, t_zero: float) -> Record:
-                return await send_sync(client, base, slug, body, headers, scheduled, t_zero)
+                return await send_sync(client, next(rotation), slug, body, headers, scheduled, t_zero)
 
             async def after(records: list[Record]) -> None:
-                await fetch_metrics(client, base, records, headers)
+                await fetch_metrics(client, bases[0], records, headers)
         else:
             async def send(scheduled: float, t_zero: float) -> Record:
-                return await send_async(client, base, slug, body, headers, scheduled, t_zero, cfg.poll_interval_s)
+                return await send_async(client, next(rotation), slug, body, headers, scheduled, t_zero,
+                                        cfg.poll_interval_s)
 
             after = None
         stats_model = slug if stats is not None else None
@@ -710,6 +760,7 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
                    "repository": str(cfg.triton_repository) if cfg.triton_repository else
                    f"demo ({cfg.triton_runtime}, {cfg.triton_pipeline_instances} instance(s) per pipeline model)"},
         "threads": cfg.threads, "device": device,
+        "queueing": ({"service_requests": cfg.service_requests, "servers": cfg.servers} if cfg.predict else None),
     }
     report["requests"] = {slug: public_request(p) for slug, p in requests.items()}
     report["series"] = []
