@@ -211,14 +211,14 @@ def test_stop_releases_process_group_and_ports(tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.DEBUG, logger="diffserve.triton")
     with TritonServer(TritonServerConfig(repository=repo, startup_timeout_s=60)) as srv:
         assert srv.is_ready()
-        pid = srv.pid
-        assert pid is not None
+        pid, group = srv.pid, srv.process_group
+        assert pid is not None and group is not None and os.getpgid(pid) == group
         ports = (srv.http_port, srv.grpc_port, srv.metrics_port)
         shm_prefix = srv._shm_prefix
         assert list(Path("/dev/shm").glob(shm_prefix + "*")), "python backend shm region expected"
     assert srv.pid is None and not srv.is_alive() and not srv.is_ready()
     assert process_gone(pid)
-    assert group_gone(pid), "python-backend stubs survived the server"
+    assert group_gone(group), "python-backend stubs survived the server"
     for port in ports:
         assert port_is_free(port), f"port {port} still bound"
     assert not list(Path("/dev/shm").glob(shm_prefix + "*"))
@@ -370,12 +370,12 @@ def test_exit_timeout_bounds_a_model_that_never_unloads(tmp_path: Path) -> None:
     log = tmp_path / "triton.log"
     srv = TritonServer(TritonServerConfig(repository=repo, log_file=log, startup_timeout_s=60, exit_timeout_s=2))
     srv.start()
-    pid = srv.pid
+    group = srv.process_group
     assert srv.stop() == 1  # Triton: "failed to stop server: Internal - Exit timeout expired"
     text = log.read_text()
     # Triton counted down from our 2 s with the model still live, then exited.
     assert '"Timeout 2: Found 1 live models' in text and '"Timeout 30:' not in text, text[-2000:]
     deadline = time.monotonic() + 30  # the killed stub is a zombie until init reaps it
-    while not group_gone(pid):
+    while not group_gone(group):
         assert time.monotonic() < deadline, "the stuck model's stub survived the server"
         time.sleep(0.1)
