@@ -14,6 +14,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+TINY_MARKER = "diffserve_tiny_published.json"
+"""Written last by a ``write_tiny``: its artifacts are complete and need no rebuild."""
+
+
+def tiny_is_current(root: Path, version: int) -> bool:
+    """Whether ``root`` holds a complete set of tiny artifacts written by this ``version`` of the writer."""
+    import json
+
+    marker = Path(root) / TINY_MARKER
+    return marker.is_file() and json.loads(marker.read_text()).get("version") == version
+
+
+def mark_tiny(root: Path, version: int) -> None:
+    import json
+
+    (Path(root) / TINY_MARKER).write_text(json.dumps({"version": version}))
+
+
 @dataclass(frozen=True)
 class ArtifactProblem:
     """One thing wrong with a slug's artifacts, for ``diffserve models check``, the log and ``/readyz``."""

@@ -19,7 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from engine.checkpoint import CONDITION_LORA_DIR
-from engine.published import ArtifactProblem
+from engine.published import ArtifactProblem, mark_tiny, tiny_is_current
+
+TINY_VERSION = 1
+"""Bump when the tiny artifacts written by ``write_tiny`` change, so cached copies are rewritten."""
 
 ROLES = {"base": True, "subject_lora": True}
 """Role -> required."""
@@ -149,11 +152,15 @@ def write_tiny(root: Path) -> dict[str, Path]:
     from engine.tiny.checkpoints import build_tiny_flux
 
     root = Path(root)
-    base = build_tiny_flux(root / "FLUX.1-schnell", force=True)
-    lora = root / "OminiControl" / "omini" / "subject_512.safetensors"
+    base, lora = root / "FLUX.1-schnell", root / "OminiControl" / "omini" / "subject_512.safetensors"
+    if tiny_is_current(root, TINY_VERSION):
+        return {"base": base, "subject_lora": lora}
+    shutil.rmtree(root, ignore_errors=True)
+    build_tiny_flux(base, force=True)
     lora.parent.mkdir(parents=True, exist_ok=True)
     # The published FLUX.1-schnell has no LoRA: the one the tiny builder adds moves to OminiControl's place.
     for file in (base / CONDITION_LORA_DIR).glob("*.safetensors"):
         shutil.move(str(file), str(lora))
     shutil.rmtree(base / CONDITION_LORA_DIR)
+    mark_tiny(root, TINY_VERSION)
     return {"base": base, "subject_lora": lora}

@@ -25,9 +25,12 @@ from engine.omni_zero_checkpoint import (
     CONTROLNET_DEPTH_DIR, CONTROLNET_IDENTITY_DIR, DEPTH_ESTIMATOR_DIR, FACE_ANALYSIS_DIR, FACE_EMBEDDING_DIM,
     IMAGE_ENCODER_DIR, INSTANTID_PUBLISHED_NAME, IP_ADAPTER_DIR,
 )
-from engine.published import ArtifactProblem
+from engine.published import ArtifactProblem, mark_tiny, tiny_is_current
 
 logger = logging.getLogger(__name__)
+
+TINY_VERSION = 1
+"""Bump when the tiny artifacts written by ``write_tiny`` change, so cached copies are rewritten."""
 
 ROLES = {role: True for role in ("base", "image_encoder", "ip_adapter_plus", "instantid_adapter", "identitynet",
                                  "depth_controlnet", "face_models", "depth_estimator")}
@@ -344,18 +347,26 @@ def write_tiny(root: Path) -> dict[str, Path]:
     from engine.tiny.omni_zero import build_landmark_models, build_tiny_omni_zero
 
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    ip, instantid, annotators = root / "IP-Adapter", root / "InstantID", root / "Annotators"
+    paths = {
+        "base": root / "stable-diffusion-xl-base-1.0", "image_encoder": ip / "models" / "image_encoder",
+        "ip_adapter_plus": ip / "sdxl_models" / PLUS_NAME, "instantid_adapter": instantid / INSTANTID_PUBLISHED_NAME,
+        "identitynet": instantid / "ControlNetModel", "depth_controlnet": root / "controlnet-zoe-depth-sdxl-1.0",
+        "face_models": root / "antelopev2", "depth_estimator": annotators / "ZoeD_M12_N.pt",
+    }
+    if tiny_is_current(root, TINY_VERSION):
+        return paths
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         internal = build_tiny_omni_zero(Path(tmp) / "internal", force=True)
         base = root / "stable-diffusion-xl-base-1.0"
         base.mkdir(exist_ok=True)
         for part in _BASE_PARTS:
             shutil.move(str(internal / part), str(base / part))
-        ip = root / "IP-Adapter"
         shutil.move(str(internal / IMAGE_ENCODER_DIR), str(ip / "models" / "image_encoder"))
         (ip / "sdxl_models").mkdir(parents=True, exist_ok=True)
         shutil.move(str(internal / IP_ADAPTER_DIR / PLUS_NAME), str(ip / "sdxl_models" / PLUS_NAME))
-        instantid = root / "InstantID"
         instantid.mkdir(exist_ok=True)
         shutil.move(str(internal / IP_ADAPTER_DIR / "ip-adapter-instantid.bin"),
                     str(instantid / INSTANTID_PUBLISHED_NAME))
@@ -367,12 +378,7 @@ def write_tiny(root: Path) -> dict[str, Path]:
         build_landmark_models(faces)
         shutil.move(str(internal / DEPTH_ESTIMATOR_DIR), str(root / "zoedepth-tiny"))
     model = ZoeDepthForDepthEstimation.from_pretrained(root / "zoedepth-tiny")
-    annotators = root / "Annotators"
     annotators.mkdir(exist_ok=True)
     torch.save({"model": zoedepth.to_original(model.state_dict())}, annotators / "ZoeD_M12_N.pt")
-    return {
-        "base": base, "image_encoder": ip / "models" / "image_encoder",
-        "ip_adapter_plus": ip / "sdxl_models" / PLUS_NAME, "instantid_adapter": instantid / INSTANTID_PUBLISHED_NAME,
-        "identitynet": instantid / "ControlNetModel", "depth_controlnet": root / "controlnet-zoe-depth-sdxl-1.0",
-        "face_models": root / "antelopev2", "depth_estimator": annotators / "ZoeD_M12_N.pt",
-    }
+    mark_tiny(root, TINY_VERSION)
+    return paths
