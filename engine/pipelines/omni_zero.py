@@ -36,6 +36,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import cv2
 import numpy as np
 import PIL.Image
 import torch
@@ -134,30 +135,56 @@ def face_embedding(components: Components, image: PIL.Image.Image, face: Face) -
     return components.face_recognizer(faces).float().cpu()
 
 
-def estimate_depth(components: Components, image: PIL.Image.Image) -> PIL.Image.Image:
-    """A depth map of ``image`` at its size, near = bright (ZoeDepth with flip averaging, as ZoeDetector)."""
+def zoe_detector_resize(image: np.ndarray, resolution: int) -> np.ndarray:
+    """controlnet_aux's ``resize_image``: short side to ``resolution``, sides rounded to multiples of 64 (cv2)."""
+    height, width = image.shape[:2]
+    k = resolution / min(height, width)
+    new_h, new_w = int(np.round(height * k / 64.0)) * 64, int(np.round(width * k / 64.0)) * 64
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA)
+
+
+def estimate_depth(components: Components, image: PIL.Image.Image, resolution: int = MAX_IMAGE_SIDE) -> PIL.Image.Image:
+    """A depth map of ``image`` at its size, near = bright: controlnet_aux's ``ZoeDetector`` operation for operation.
+
+    ``resolution`` is the reference's ``detect_resolution`` (its 1024, the images' fit size). The
+    image is resized by ``zoe_detector_resize``; ZoeDepth's ``infer``: reflection padding, its
+    ``PrepForMidas`` bilinear resize with ``align_corners=True``, normalisation, flip averaging, the
+    prediction upsampled bicubically (``align_corners=False``) to the padded size and cropped;
+    then percentiles 2/85 normalisation, ``1 - d``, uint8, and ``cv2.resize`` (INTER_LINEAR) to
+    the image's size (the reference resizes to its 64-multiple size and crops; see the module docstring).
+    """
     cfg = components.config.omni_zero
     processor = cfg.depth_processor
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    resized = zoe_detector_resize(np.asarray(image), resolution)
+    pixels = torch.from_numpy(resized.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
     height, width = pixels.shape[-2:]
     pad_h, pad_w = depth_padding(height, width, processor)
-    if pad_h or pad_w:
-        pixels = F.pad(pixels, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
-    size = depth_input_size(pixels.shape[-2], pixels.shape[-1], processor)
-    pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
     mean = torch.tensor(processor.get("image_mean", (0.5, 0.5, 0.5)), dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(processor.get("image_std", (0.5, 0.5, 0.5)), dtype=torch.float32).view(1, 3, 1, 1)
-    pixels = (pixels - mean) / std
-    depth = components.depth_estimator(torch.cat([pixels, pixels.flip(-1)]).to(components.device)).float().cpu()
-    depth = (depth[0] + depth[1].flip(-1)) / 2
-    depth = F.interpolate(depth[None, None], size=(height + 2 * pad_h, width + 2 * pad_w), mode="bilinear",
-                          align_corners=False)[0, 0, pad_h:pad_h + height, pad_w:pad_w + width].numpy()
+    padded = (height + 2 * pad_h, width + 2 * pad_w)
+    size = depth_input_size(padded[0], padded[1], processor)
+
+    def model_input(x: torch.Tensor) -> torch.Tensor:
+        if pad_h or pad_w:
+            x = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
+        return (F.interpolate(x, size=size, mode="bilinear", align_corners=True) - mean) / std
+
+    # The mirror pass is built from the mirrored image, as ZoeDepth's infer_with_flip_aug does;
+    # one batch of two (the exported estimator's fixed batch) instead of its two passes.
+    batch = torch.cat([model_input(pixels), model_input(pixels.flip(-1))])
+    depth = components.depth_estimator(batch.to(components.device)).float().cpu()
+    depth = F.interpolate(depth[:, None], size=padded, mode="bicubic", align_corners=False)[:, 0]
+    depth = depth[:, pad_h:pad_h + height, pad_w:pad_w + width]
+    depth = ((depth[0] + depth[1].flip(-1)) / 2).numpy()
     low, high = np.percentile(depth, DEPTH_PERCENTILES)
-    normalised = (depth - low) / (high - low) if high > low else np.zeros_like(depth)
+    # In float32, as ZoeDetector's in-place arithmetic on the float32 map.
+    normalised = ((depth - np.float32(low)) / np.float32(high - low) if high > low
+                  else np.zeros_like(depth)).astype(np.float32)
     if cfg.depth_model_type == "zoedepth":  # metric depth: far is large
         normalised = 1.0 - normalised
     gray = (normalised * 255.0).clip(0, 255).astype(np.uint8)
-    return PIL.Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
+    gray = cv2.resize(np.repeat(gray[..., None], 3, axis=-1), image.size, interpolation=cv2.INTER_LINEAR)
+    return PIL.Image.fromarray(gray)
 
 
 def control_tensor(image: PIL.Image.Image | np.ndarray, rows: int) -> torch.Tensor:
@@ -339,7 +366,7 @@ def generate(
     # 4. Depth condition: the given depth image, else the base image's estimated depth
     if depth_image is None:
         with timer.stage("estimate_depth"):
-            depth = estimate_depth(components, base)
+            depth = estimate_depth(components, base, max_side)
 
     # 5. Encode the prompt with both encoders
     with timer.stage("encode_text"):
