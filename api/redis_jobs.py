@@ -730,7 +730,7 @@ class RedisJobStore:
                     message = pubsub.get_message(timeout=0.5)
                     if message is not None and message.get("type") == "pmessage":
                         on_finished(_text(message["channel"])[prefix:])
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except redis.RedisError as exc:
                 logger.debug("job event subscription lost (%s); retrying", exc)
                 time.sleep(1.0)
             finally:

@@ -167,6 +167,7 @@ class JobRunner:
         self.shared = isinstance(store, RedisJobStore)
         self.worker_name = worker_name or default_worker_name()
         self._finished_events: dict[str, asyncio.Event] = {}
+        self._listener: asyncio.Future | None = None
         # Claims block up to a second in a thread each; their own pool keeps them from starving
         # the default executor (image encoding, store reads).
         self._claim_pool = ThreadPoolExecutor(max_workers=max_concurrent_jobs, thread_name_prefix="job-claim")
@@ -174,7 +175,12 @@ class JobRunner:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        counts = await asyncio.to_thread(self.store.recover)
+        try:
+            counts = await asyncio.to_thread(self.store.recover)
+        except StoreUnavailable as exc:
+            # Nothing to repair on Redis (reclaim covers dead workers); start and wait for it.
+            logger.warning("starting while the job store is unreachable: %s", exc)
+            counts = {"queued": 0, "requeued": 0, "failed": 0, "cancelled": 0}
         logger.info("job queue: %d queued after recovery (%d requeued, %d failed, %d cancelled)",
                     counts["queued"], counts["requeued"], counts["failed"], counts["cancelled"])
         self._tasks = []
@@ -207,7 +213,8 @@ class JobRunner:
                     await asyncio.to_thread(self.store.withdraw, self.worker_name)
                 except StoreUnavailable:
                     pass
-            await asyncio.gather(self._listener, return_exceptions=True)
+            if self._listener is not None:
+                await asyncio.gather(self._listener, return_exceptions=True)
         self._claim_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
