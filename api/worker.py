@@ -1,7 +1,8 @@
 """``diffserve worker``: one job-running process per Triton server, on the shared Redis store.
 
 A worker takes from Redis only the jobs of the slugs its Triton serves (read from the Triton
-repository's manifest), runs them through that Triton, heartbeats while each runs, and stores
+repository's manifest with ``--repository``, else from the server's model index: every model
+named like a catalog slug is that slug's default pipeline, as ``diffserve export`` names them), runs them through that Triton, heartbeats while each runs, and stores
 the outcome; API replicas (``diffserve serve --role api``) answer the clients. It is the app of
 ``api.app.create_app(..., role="worker")``: the same job runner as ``serve``, with only the
 health routes, served on ``--health-port``: ``/healthz``, ``/readyz`` (Redis and its Triton)
@@ -39,11 +40,34 @@ def worker_settings(args: argparse.Namespace):
     if settings.redis_url is None:
         raise SystemExit("diffserve worker needs the shared store: --redis-url redis://HOST:PORT/0 "
                          "(or DIFFSERVE_REDIS_URL)")
-    if settings.repository is None:
-        raise SystemExit("diffserve worker needs --repository DIR (DIFFSERVE_REPOSITORY): the Triton model "
-                         "repository whose manifest names the slugs it serves (and which it starts Triton on "
-                         "when --triton-url is not given)")
+    if settings.repository is None and settings.triton_url is None:
+        raise SystemExit("diffserve worker needs --triton-url HOST:PORT (a running Triton) or --repository DIR "
+                         "(a Triton model repository to start Triton on)")
     return settings
+
+
+def pipelines_from_server(grpc_url: str, timeout_s: float = 60.0) -> dict[str, dict[str, Any]]:
+    """Pipeline models of a running Triton, from its model index: models named like catalog slugs."""
+    import time
+
+    import tritonclient.grpc as grpcclient
+
+    from engine.catalog import CATALOG
+
+    deadline = time.monotonic() + timeout_s
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        while True:
+            try:
+                index = client.get_model_repository_index(as_json=True).get("models", [])
+                break
+            except Exception as exc:  # noqa: BLE001 - Triton still starting or not there
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"cannot read the model index of Triton at {grpc_url}: {exc}") from None
+                time.sleep(1.0)
+    finally:
+        client.close()
+    return {m["name"]: {"slug": m["name"], "default": True} for m in index if m.get("name") in CATALOG}
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -54,9 +78,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from api.cli import _graceful_server
 
     settings = worker_settings(args)
-    backend = create_triton_backend(settings, demo=False)
+    if settings.repository is None:
+        from api.backend_triton import TritonBackend
+
+        backend = TritonBackend(settings.triton_url, pipelines_from_server(settings.triton_url),
+                                timeout_s=settings.triton_timeout_s or settings.job_timeout_s)
+    else:
+        backend = create_triton_backend(settings, demo=False)
     if not backend.slugs:
-        raise SystemExit(f"the repository {settings.repository} serves no pipeline: nothing for this worker to take")
+        raise SystemExit(f"Triton ({settings.triton_url or settings.repository}) serves no pipeline: nothing for "
+                         "this worker to take")
     app = create_app(settings, backend, role="worker")
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
                             timeout_graceful_shutdown=30, access_log=args.verbose)

@@ -99,8 +99,10 @@ def tritons(repository, tmp_path_factory):
             server.stop()
 
 
-def start_worker(triton, repository: Path, redis_url: str, data_dir: Path) -> Proc:
-    return Proc(["worker", "--triton-url", triton.grpc_url, "--repository", str(repository), "--redis-url", redis_url,
+def start_worker(index: int, triton, repository: Path, redis_url: str, data_dir: Path) -> Proc:
+    """Worker 0 reads its slugs from the repository's manifest, worker 1 from its Triton's model index."""
+    manifest = ["--repository", str(repository)] if index == 0 else []
+    return Proc(["worker", "--triton-url", triton.grpc_url, *manifest, "--redis-url", redis_url,
                  "--health-port", "0", "--data-dir", str(data_dir)], data_dir / "worker.log",
                 "diffserve worker ready", "health at")
 
@@ -111,7 +113,7 @@ def cluster(tritons, repository, redis_proc, tmp_path_factory):
     procs = {}
     try:
         for i in range(2):
-            procs[f"worker{i}"] = start_worker(tritons[i], repository, redis_proc.url, root / f"worker{i}")
+            procs[f"worker{i}"] = start_worker(i, tritons[i], repository, redis_proc.url, root / f"worker{i}")
         for i in range(2):
             procs[f"api{i}"] = Proc(["serve", "--role", "api", "--redis-url", redis_proc.url, "--port", "0",
                                      "--data-dir", str(root / f"api{i}")], root / f"api{i}" / "api.log",
@@ -221,8 +223,8 @@ def test_a_worker_killed_mid_job_finishes_on_the_other_once_and_is_charged_once(
         assert store.get(f"{{{NAMESPACE}}}:credits:settled:{request_id}") == b"1"  # settled as a debit
     store.close()
     # A replacement worker on the killed one's Triton, for the tests after this one.
-    cluster[victim] = start_worker(tritons[0 if victim == "worker0" else 1], repository, redis_proc.url,
-                                   cluster["root"] / f"{victim}-again")
+    index = 0 if victim == "worker0" else 1
+    cluster[victim] = start_worker(index, tritons[index], repository, redis_proc.url, cluster["root"] / f"{victim}-again")
 
 
 def test_redis_stopped_under_load_is_503_then_service_resumes(cluster, redis_proc):
