@@ -1,4 +1,4 @@
-"""The ``diffserve`` command line: generate, demo, serve, models check, export, triton, bench.
+"""The ``diffserve`` command line: generate, demo, serve, worker, models check, export, triton, bench.
 
 This is the one module that composes the command line: argument parsing and the command
 functions of generate, demo and serve here, the export and bench parsers added from
@@ -257,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "data_dir", "device", "precision", "repository", "triton_url",
-                 "torch_optimizations", "models_file"):
+                 "torch_optimizations", "models_file", "redis_url"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.api_key:
@@ -273,17 +273,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         problems = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
                     for e in exc.errors(include_input=False, include_url=False)]
         raise SystemExit("invalid settings:\n" + "\n".join(problems)) from None
-    settings, unavailable = _apply_models_file(args, settings)
-    if args.backend == "local":
-        from api.backend_local import create_local_backend
+    unavailable: dict[str, str] = {}
+    if args.role == "api":
+        if settings.redis_url is None:
+            raise SystemExit("serve --role api needs the shared store: --redis-url redis://HOST:PORT/0 "
+                             "(or DIFFSERVE_REDIS_URL)")
+        from api.app import QueueOnlyBackend
 
-        backend = create_local_backend(settings, demo=args.demo)
+        backend = QueueOnlyBackend()
     else:
-        from api.backend_triton import create_triton_backend
+        settings, unavailable = _apply_models_file(args, settings)
+        if args.backend == "local":
+            from api.backend_local import create_local_backend
 
-        backend = create_triton_backend(settings, demo=args.demo)
+            backend = create_local_backend(settings, demo=args.demo)
+        else:
+            from api.backend_triton import create_triton_backend
+
+            backend = create_triton_backend(settings, demo=args.demo)
     backend.unavailable = unavailable  # read by /readyz: why a configured slug is not served
-    app = create_app(settings, backend)
+    app = create_app(settings, backend, role=args.role)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
                             timeout_graceful_shutdown=30, access_log=args.verbose)
     server = _graceful_server(config)
@@ -349,7 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="local backend precision")
     serve.add_argument("--optimize", dest="torch_optimizations", metavar="SPEC",
                        help="local backend torch optimizations (see `generate --optimize`)")
+    serve.add_argument("--role", choices=["all", "api"], default="all",
+                       help="all: API and jobs in this process (default); api: a stateless replica that queues "
+                            "jobs in Redis for `diffserve worker`s and runs none (needs --redis-url)")
+    serve.add_argument("--redis-url", help="shared store for scale-out, e.g. redis://redis:6379/0 "
+                                           "(DIFFSERVE_REDIS_URL; default: SQLite under --data-dir)")
     serve.set_defaults(func=cmd_serve)
+    from api.worker import add_parser as add_worker_parser
+
+    add_worker_parser(sub)
 
     models = sub.add_parser("models", help="the model configuration (models.toml)")
     models_sub = models.add_subparsers(dest="models_command", required=True)

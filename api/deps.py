@@ -9,9 +9,11 @@ every caller's owner is None.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -43,9 +45,21 @@ class AppState:
     image_policy: ImageFetchPolicy
     api_keys: list[bytes]
     models_by_owner: dict[str, frozenset[str]]
+    role: str = "all"
+    """``all``, ``api`` or ``worker`` (``api.app.ROLES``)."""
+    _workers_seen: tuple[float, frozenset[str]] = field(default=(0.0, frozenset()), repr=False)
 
     def served_slugs(self) -> list[str]:
-        return sorted(self.backend.slugs)
+        """Slugs a request may ask for: this process's backend's, and on a shared store every slug
+        a live worker announces (an ``api`` replica serves only those). Read at most once a second."""
+        own = set() if self.role == "api" else set(self.backend.slugs)
+        if self.settings.redis_url is None:
+            return sorted(own)
+        seen_at, workers = self._workers_seen
+        if time.monotonic() - seen_at > 1.0:
+            workers = frozenset(self.store.served_slugs())  # StoreUnavailable: a 503 for the request
+            self._workers_seen = (time.monotonic(), workers)
+        return sorted(own | workers)
 
     def public_base(self, request: Request) -> str:
         """Base of absolute URLs: ``public_url`` if set, else the scheme and host the client used."""
@@ -102,7 +116,10 @@ CallerDep = Annotated[Caller, Depends(authenticate)]
 
 
 async def rate_limited(caller: CallerDep, state: StateDep) -> Caller:
-    wait_s = state.limiter.check(caller.bucket, caller.owner)
+    if state.settings.redis_url:
+        wait_s = await asyncio.to_thread(state.limiter.check, caller.bucket, caller.owner)
+    else:
+        wait_s = state.limiter.check(caller.bucket, caller.owner)
     if wait_s is not None:
         limit = state.limiter.limit(caller.owner)
         raise ApiError(429, f"rate limit exceeded: {limit} generation requests per minute; "
@@ -114,7 +131,7 @@ SubmitterDep = Annotated[Caller, Depends(rate_limited)]
 
 
 async def served_model(slug: str, request: Request, caller: SubmitterDep, state: StateDep) -> ModelSpec:
-    served = state.served_slugs()
+    served = await asyncio.to_thread(state.served_slugs) if state.settings.redis_url else state.served_slugs()
     try:
         spec = get_model(slug)
     except UnknownModelError:
@@ -157,7 +174,7 @@ JsonBodyDep = Annotated[dict, Depends(json_body)]
 
 
 async def owned_job(request_id: str, request: Request, caller: CallerDep, state: StateDep) -> Job:
-    job = state.store.get(request_id) if is_job_id(request_id) else None
+    job = await read_job(state, request_id)
     if job is None:
         raise ApiError(404, f"request {request_id!r} not found: unknown, or expired (results are kept "
                             f"{state.settings.retention_s:g} s)")
@@ -169,6 +186,15 @@ async def owned_job(request_id: str, request: Request, caller: CallerDep, state:
 
 
 OwnedJobDep = Annotated[Job, Depends(owned_job)]
+
+
+async def read_job(state: AppState, request_id: str) -> Job | None:
+    """The job named by a path parameter, or None (malformed, unknown or expired id)."""
+    if not is_job_id(request_id):
+        return None
+    if state.settings.redis_url:
+        return await asyncio.to_thread(state.store.get, request_id)
+    return state.store.get(request_id)
 
 
 def get_store(request: Request) -> JobStore:

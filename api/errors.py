@@ -3,7 +3,7 @@
 ``ApiError`` is what routes and dependencies raise. The handlers installed here also rewrite
 FastAPI's own errors: request validation becomes 400 (in this API 422 means "your job
 FAILED"), unknown routes and methods keep their 404/405 with a JSON body, an over-long body is
-413, and anything unexpected is a 500 that names the request id in the log, never internals.
+413, the shared store (Redis) unreachable is 503 with ``Retry-After``, and anything unexpected is a 500 that names the request id in the log, never internals.
 """
 
 from __future__ import annotations
@@ -68,6 +68,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
         return error_response(413, str(exc), {"Connection": "close"})
+
+    from api.redis_jobs import StoreUnavailable
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "service temporarily unavailable: the job store cannot be reached; "
+                                   "retry shortly (accepted requests are kept)", {"Retry-After": "2"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -12,6 +12,9 @@ those very pixels; a PNG would add an encode at submit and a decode at run time,
 bytes a second full decode. The price is size on disk (3 bytes a pixel, uncompressed) for as
 long as the job waits; ``np.load(allow_pickle=False)`` reads plain arrays only, never objects.
 
+On the Redis store (scale-out) the same ``.npy`` bytes (:func:`pixels_to_bytes`) travel with
+the job record instead, so whichever worker takes the job reads them (:func:`pixels_from_bytes`).
+
 Files are staged under ``.staging-<uuid>`` and renamed to the job id once the job row exists;
 they are deleted when the job finishes, and a periodic sweep removes directories whose job is
 gone or finished and stale staging directories (left by a crash between the two steps).
@@ -19,6 +22,7 @@ gone or finished and stale staging directories (left by a crash between the two 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -127,6 +131,32 @@ class InputStore:
         if not is_job_id(job_id):
             raise ValueError(f"invalid job id {job_id!r}")
         return self.root / job_id
+
+
+def pixels_to_bytes(image: np.ndarray, name: str) -> bytes:
+    """One decoded input image as ``.npy`` bytes (what the Redis store keeps with the job)."""
+    buf = io.BytesIO()
+    np.save(buf, _checked_pixels(image, name), allow_pickle=False)
+    return buf.getvalue()
+
+
+def pixels_from_bytes(stored: Mapping[str, bytes], params: Mapping[str, Any],
+                      names: tuple[str, ...]) -> dict[str, np.ndarray | None]:
+    """The images of a job's image parameters ``names`` from its stored ``.npy`` blobs (keyed by name)."""
+    images: dict[str, np.ndarray | None] = {}
+    for name in names:
+        ref = params.get(name)
+        if ref is None:
+            images[name] = None
+            continue
+        data = stored.get(name)
+        if data is None:
+            raise InputsLost(f"the stored input image for {name!r} is missing")
+        try:
+            images[name] = _checked_pixels(np.load(io.BytesIO(data), allow_pickle=False), name)
+        except (OSError, ValueError) as exc:
+            raise InputsLost(f"the stored input image for {name!r} is unreadable ({exc})") from None
+    return images
 
 
 def _checked_pixels(image: np.ndarray, name: str) -> np.ndarray:

@@ -672,3 +672,69 @@ class RedisJobStore:
         pipe.xpending(key, GROUP)
         length, pending = pipe.execute()
         return max(0, int(length) - int(pending["pending"]))
+
+    # -- workers and events ----------------------------------------------------------------------
+
+    @_guarded
+    def advertise(self, worker: str, slugs: Sequence[str], ttl_s: float) -> None:
+        """Announce that ``worker`` takes jobs of ``slugs`` for the next ``ttl_s`` seconds."""
+        expires = self._clock() + ttl_s
+        self._redis.hset(self._key("workers"), worker, json.dumps({"slugs": sorted(slugs), "expires": expires}))
+
+    @_guarded
+    def withdraw(self, worker: str) -> None:
+        self._redis.hdel(self._key("workers"), worker)
+
+    @_guarded
+    def served_slugs(self) -> dict[str, list[str]]:
+        """``{slug: [worker, ...]}`` over the workers whose announcement is current; stale ones are dropped."""
+        now = self._clock()
+        served: dict[str, list[str]] = {}
+        stale = []
+        for name, raw in self._redis.hgetall(self._key("workers")).items():
+            entry = json.loads(raw)
+            if entry["expires"] < now:
+                stale.append(name)
+                continue
+            for slug in entry["slugs"]:
+                served.setdefault(slug, []).append(_text(name))
+        if stale:
+            self._redis.hdel(self._key("workers"), *stale)
+        return served
+
+    @_guarded
+    def finished_ids(self) -> list[str]:
+        """Ids of the unexpired COMPLETED and FAILED jobs (for settling credits of jobs whose
+        outcome was stored by a script, e.g. the delivery cap, or whose settler crashed)."""
+        now = repr(float(self._clock()))
+        ids: list[str] = []
+        for status in (JobStatus.COMPLETED, JobStatus.FAILED):
+            ids += [_text(i) for i in self._redis.zrangebyscore(self._key("finished", status.value), now, "+inf")]
+        return ids
+
+    def listen_finished(self, on_finished: Callable[[str], None], should_stop: Callable[[], bool]) -> None:
+        """Call ``on_finished(job_id)`` for every job that reaches COMPLETED or FAILED, until ``should_stop()``.
+
+        Blocking (run it in a thread): one pattern subscription for the whole process, so a
+        process with many waiting ``/v1`` requests holds one connection, not one each. Pub/Sub
+        drops messages while disconnected, so waiters also re-read their job now and then; a
+        lost connection is retried every second.
+        """
+        pattern = self._key("events", "*")
+        prefix = len(self._key("events", ""))
+        while not should_stop():
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.psubscribe(pattern)
+                while not should_stop():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is not None and message.get("type") == "pmessage":
+                        on_finished(_text(message["channel"])[prefix:])
+            except redis.RedisError as exc:
+                logger.debug("job event subscription lost (%s); retrying", exc)
+                time.sleep(1.0)
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:  # noqa: BLE001 - closing a dead connection
+                    pass

@@ -83,9 +83,21 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(600.0, gt=0)
     """Longest a single generation may run on the backend before it is cancelled and failed."""
     request_max_attempts: int = Field(2, ge=1)
-    """Attempts per job: a job interrupted by a crash is re-run until it has had this many."""
+    """Attempts per job: a job interrupted by a crash is re-run until it has had this many. On
+    Redis it caps deliveries: a job whose worker went silent this many times ends FAILED."""
     cancel_poll_s: float = Field(0.2, gt=0)
     """How often a running job's cancel flag, progress and deadline are checked."""
+
+    # -- scale-out (Redis) ------------------------------------------------------------------------
+    redis_url: str | None = None
+    """``redis://host:port/db`` of the shared job store, queue, credits and rate limits (API
+    replicas and workers); None: the embedded SQLite store of a single process. Run Redis with
+    ``appendonly yes``, ``appendfsync always`` and ``maxmemory-policy noeviction``."""
+    redis_namespace: str = "diffserve"
+    """Prefix of every Redis key (one Redis may hold several deployments)."""
+    reclaim_idle_s: float = Field(30.0, gt=0)
+    """A job whose worker has not heartbeaten for this long is taken over by another worker; a
+    running job heartbeats every quarter of it, so a long job is never reclaimed."""
 
     # -- request limits --------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * MIB, gt=0)

@@ -40,7 +40,12 @@ async def healthz(state: StateDep) -> JSONResponse:
 @router.get("/readyz", response_model=Readiness, summary="Readiness: 200 when every served model is ready, else 503",
             responses={503: {"model": Readiness, "description": "Not ready"}})
 async def readyz(state: StateDep) -> JSONResponse:
-    models = state.served_slugs()
+    models = sorted(state.backend.slugs)
+    if state.role == "api":  # an api replica's models are those its workers announce
+        try:
+            models = await asyncio.to_thread(state.served_slugs)
+        except Exception:  # noqa: BLE001 - Redis down: reported by the "redis" entry below
+            models = []
     try:
         status = await asyncio.wait_for(state.backend.ready(), READY_TIMEOUT_S)
         error = None
@@ -48,6 +53,15 @@ async def readyz(state: StateDep) -> JSONResponse:
         logger.warning("backend readiness check failed: %s", exc)
         status, error = {"server": False}, f"backend readiness check failed: {type(exc).__name__}"
     ready = bool(status.get("server")) and all(status.get(slug, False) for slug in models)
+    if state.settings.redis_url:
+        # The shared store: without it nothing can be queued or read (scale-out roles).
+        try:
+            await asyncio.wait_for(asyncio.to_thread(state.store.ping), READY_TIMEOUT_S)
+            status["redis"] = True
+        except Exception as exc:  # noqa: BLE001 - unreachable, loading or read-only: not ready
+            logger.warning("Redis readiness check failed: %s", exc)
+            status["redis"] = False
+            ready = False
     body = Readiness(ready=ready, backend=status, models=models, error=error,
                      unavailable=getattr(state.backend, "unavailable", None) or None)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)

@@ -4,7 +4,8 @@ A FAILED request is served with HTTP 422 on both the status and the result endpo
 still carrying ``status`` and ``error`` (what Segmind's gateway does and what the SDK expects).
 Unknown or expired ids are 404. Output image URLs are capability URLs (128-bit random request
 id): they are served without an API key, like the public storage links Segmind returns, so
-that browsers and plain HTTP clients can fetch them.
+that browsers and plain HTTP clients can fetch them. On the Redis store the images are read
+from Redis (any replica serves any job's outputs); on SQLite from the data directory.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import base64
 import re
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
-from api.deps import OwnedJobDep, StateDep, StoreDep
+from api.deps import OwnedJobDep, StateDep, StoreDep, read_job
 from api.errors import ApiError
-from api.jobs import Job, JobStatus, JobStore, is_job_id
+from api.jobs import Job, JobStatus, JobStore
 from api.schemas import ErrorResponse, Progress, ResultResponse, StatusResponse
 from api.urls import output_urls
 from engine.imageio import CONTENT_TYPES
@@ -79,7 +80,7 @@ async def request_result(job: OwnedJobDep, request: Request, state: StateDep) ->
 async def cancel_request(job: OwnedJobDep, state: StateDep) -> JSONResponse:
     if job.status.terminal:
         raise ApiError(409, f"request {job.id} already {job.status.value}; nothing to cancel")
-    updated = state.runner.cancel(job.id)
+    updated = await state.runner.cancel_async(job.id)
     if updated is None:
         raise ApiError(404, f"request {job.id!r} not found")
     # 200 even when the cancel made it FAILED: this answers the cancel, not the job.
@@ -90,12 +91,18 @@ async def cancel_request(job: OwnedJobDep, state: StateDep) -> JSONResponse:
             response_class=FileResponse,
             responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
                        404: {"model": ErrorResponse, "description": "Unknown, expired or not completed"}})
-async def output_image(request_id: str, name: str, request: Request, state: StateDep) -> FileResponse:
-    job = state.store.get(request_id) if is_job_id(request_id) else None
+async def output_image(request_id: str, name: str, request: Request, state: StateDep) -> Response:
+    job = await read_job(state, request_id)
     match = _OUTPUT_NAME_RE.match(name)
     if job is None or job.status is not JobStatus.COMPLETED or match is None or int(match[1]) >= len(job.outputs):
         raise ApiError(404, f"no output {name!r} for request {request_id!r} (unknown, expired or not completed)")
     request.state.metrics_slug = job.slug
+    if state.settings.redis_url:
+        data = await asyncio.to_thread(state.store.read_output, job.id, int(match[1]))
+        if data is None:
+            raise ApiError(404, f"output {name!r} of request {request_id!r} has expired")
+        return Response(data, media_type=CONTENT_TYPES[job.output_format],
+                        headers={"Cache-Control": "private, max-age=3600"})
     path = state.store.resolve_output(job.outputs[int(match[1])])
     if not path.is_file():
         raise ApiError(404, f"output {name!r} of request {request_id!r} has expired")
@@ -104,4 +111,6 @@ async def output_image(request_id: str, name: str, request: Request, state: Stat
 
 
 def _read_base64(store: JobStore, job: Job) -> list[str]:
+    if hasattr(store, "read_output"):  # the Redis store
+        return [base64.b64encode(store.read_output(job.id, i) or b"").decode("ascii") for i in range(len(job.outputs))]
     return [base64.b64encode(store.resolve_output(rel).read_bytes()).decode("ascii") for rel in job.outputs]

@@ -1,7 +1,8 @@
 """The HTTP API as clients use it: real uvicorn servers on loopback, real HTTP (httpx and the
 official ``segmind`` SDK), the in-process ``EngineBackend`` on the tiny checkpoints.
 
-Three servers: ``api`` (keys, credits, rate limits, per-key models, one job at a time) for the
+Three servers: ``api`` (run twice, on each job store: the embedded SQLite one and the Redis one
+of scale-out, with its worker loop in the same process; keys, credits, rate limits, per-key models, one job at a time) for the
 contract and the error codes; ``tight_api`` (open, short timeouts and retention, one model whose
 checkpoint is missing) for timeouts, an unavailable backend and expiry; ``faulty_api`` (a broken
 checkpoint, a faceless portrait, a job deadline) for the mapping of real failures. No stubs:
@@ -30,6 +31,7 @@ from api.backend_local import EngineBackend
 from engine.tiny.demo import DEMO_PARAMS, demo_input_image
 from api.settings import Settings
 from engine.catalog import CATALOG
+from tests.redis_server import redis_server  # noqa: F401 - fixture
 
 KEY = "test-key"
 OTHER_KEY = "other-key"
@@ -169,9 +171,17 @@ def image_server(diffserve_home):
     server.server_close()
 
 
-@pytest.fixture(scope="module")
-def api(tiny_checkpoints, tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def api(request, tiny_checkpoints, tmp_path_factory):
+    store = {}
+    if request.param == "redis":
+        import uuid
+
+        server = request.getfixturevalue("redis_server")
+        server.start()
+        store = {"redis_url": server.url, "redis_namespace": f"test-api-{uuid.uuid4().hex[:8]}"}
     settings = Settings(
+        **store,
         data_dir=tmp_path_factory.mktemp("api-data"),
         api_keys=[KEY, OTHER_KEY, POOR_KEY, ONE_CREDIT_KEY, LIMITED_KEY, SCIFI_ONLY_KEY],
         credits={POOR_KEY: 0, ONE_CREDIT_KEY: 1},
