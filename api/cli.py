@@ -219,33 +219,6 @@ def _parse_checkpoint(text: str) -> tuple[str, Path]:
     return slug, Path(path)
 
 
-def _graceful_server(config):
-    """A uvicorn server on which SIGINT/SIGTERM start a graceful shutdown that exits with status 0.
-
-    (uvicorn's own handler re-raises the signal once shut down, so the process would die of it.)
-    """
-    import contextlib
-    import signal
-    import threading
-
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in original.items():
-                    signal.signal(sig, handler)
-
-    return Server(config)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -254,6 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from api.app import create_app
     from api.settings import Settings
+    from api.server import graceful_server
 
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "data_dir", "device", "precision", "repository", "triton_url",
@@ -295,7 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings, backend, role=args.role)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
                             timeout_graceful_shutdown=30, access_log=args.verbose)
-    server = _graceful_server(config)
+    server = graceful_server(config)
 
     async def serve() -> bool:
         task = asyncio.create_task(server.serve())

@@ -75,7 +75,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from api.app import create_app
     from api.backend_triton import create_triton_backend
-    from api.cli import _graceful_server
+    from api.server import graceful_server
 
     settings = worker_settings(args)
     if settings.repository is None:
@@ -91,7 +91,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app = create_app(settings, backend, role="worker")
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
                             timeout_graceful_shutdown=30, access_log=args.verbose)
-    server = _graceful_server(config)
+    server = graceful_server(config)
 
     async def serve() -> bool:
         task = asyncio.create_task(server.serve())
