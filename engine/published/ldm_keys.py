@@ -4,7 +4,11 @@ Fine-tuned Stable Diffusion models are shared as one ``.safetensors``/``.ckpt`` 
 follow the original training code: ``model.diffusion_model.*`` (UNet: ``input_blocks``,
 ``middle_block``, ``output_blocks``), ``first_stage_model.*`` (VAE: ``encoder.down.N.block.M``,
 ``mid.attn_1`` with 1x1-conv attention weights) and ``cond_stage_model.transformer.*`` (SD1.5's
-CLIP text model, keys as in transformers). This module maps a diffusers module's parameter
+CLIP text model, keys as in transformers). SDXL files (Stability's SGM layout) keep the UNet and
+VAE keys (the add embedding as ``label_emb.0.*``) and hold their two text encoders under
+``conditioner.embedders.0.transformer.*`` (CLIP-L, transformers keys) and
+``conditioner.embedders.1.model.*`` (OpenCLIP bigG: ``transformer.resblocks.N`` with fused
+``attn.in_proj_*``, ``text_projection`` stored as ``[width, dim]``, ``ln_final``). This module maps a diffusers module's parameter
 names to those keys, from the module's own config. It serves two purposes: predicting the LDM
 tensor shapes an architecture has (the architecture check of a single file, before anything is
 loaded) and writing tiny test checkpoints in the publisher's layout. Loading a real single file
@@ -19,6 +23,8 @@ from typing import Any, Iterable
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD15_TEXT_PREFIX = "cond_stage_model.transformer."
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_TEXT_2_PREFIX = "conditioner.embedders.1.model."
 
 _RESNET_UNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -111,15 +117,73 @@ def ldm_shapes(unet: Iterable[tuple[str, tuple[int, ...]]], unet_config: dict[st
     return shapes
 
 
-def to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, Any]:
-    """An SD1.5 pipeline's modules as one LDM single-file state dict (for tiny test checkpoints)."""
+def _unet_vae_ldm(unet, vae) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, t in unet.state_dict().items():
         out[UNET_PREFIX + unet_key(k, unet.config)] = t.contiguous()
     for k, t in vae.state_dict().items():
         key = VAE_PREFIX + vae_key(k, vae.config)
         out[key] = (t[:, :, None, None] if is_vae_attention_matrix(key) and t.ndim == 2 else t).contiguous()
+    return out
+
+
+def _with_text_model(k: str) -> str:
+    # transformers 5 names CLIPTextModel's parameters without the ``text_model.`` level the file has.
+    return k if k.startswith("text_model.") or k.startswith("text_projection.") else "text_model." + k
+
+
+def to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, Any]:
+    """An SD1.5 pipeline's modules as one LDM single-file state dict (for tiny test checkpoints)."""
+    out = _unet_vae_ldm(unet, vae)
     for k, t in text_encoder.state_dict().items():
-        # transformers 5 names CLIPTextModel's parameters without the ``text_model.`` level the file has.
-        out[SD15_TEXT_PREFIX + (k if k.startswith("text_model.") else "text_model." + k)] = t.contiguous()
+        out[SD15_TEXT_PREFIX + _with_text_model(k)] = t.contiguous()
+    return out
+
+
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+_OPEN_CLIP_FIXED = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                    "text_model.final_layer_norm.weight": "ln_final.weight",
+                    "text_model.final_layer_norm.bias": "ln_final.bias"}
+
+
+def open_clip_state_dict(text_encoder_2) -> dict[str, Any]:
+    """A ``CLIPTextModelWithProjection``'s weights in OpenCLIP's layout (keys without the embedder prefix)."""
+    import torch
+
+    sd = {_with_text_model(k): t for k, t in text_encoder_2.state_dict().items()}
+    out: dict[str, Any] = {}
+    fused: dict[str, dict[str, Any]] = {}
+    for k, t in sd.items():
+        if k.endswith("position_ids"):
+            continue
+        if k in _OPEN_CLIP_FIXED:
+            out[_OPEN_CLIP_FIXED[k]] = t
+        elif k == "text_projection.weight":
+            out["text_projection"] = t.T  # OpenCLIP multiplies x @ text_projection: [width, dim]
+        elif k.startswith("text_model.encoder.layers."):
+            n, rest = k[len("text_model.encoder.layers."):].split(".", 1)
+            block = f"transformer.resblocks.{n}."
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                _, proj, kind = rest.split(".")
+                fused.setdefault(block + ("attn.in_proj_weight" if kind == "weight" else "attn.in_proj_bias"),
+                                 {})[proj] = t
+                continue
+            head = next(h for h in _OPEN_CLIP_LAYER if rest.startswith(h + "."))
+            out[block + _OPEN_CLIP_LAYER[head] + rest[len(head):]] = t
+        else:
+            raise KeyError(f"no OpenCLIP key for text encoder parameter {k!r}")
+    for key, parts in fused.items():  # q, k, v stacked along the output dimension, as nn.MultiheadAttention has them
+        out[key] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]], dim=0)
+    return {k: t.contiguous() for k, t in out.items()}
+
+
+def to_sdxl_ldm_state_dict(unet, vae, text_encoder, text_encoder_2) -> dict[str, Any]:
+    """An SDXL pipeline's modules as one SGM-layout single-file state dict (for tiny test checkpoints)."""
+    out = _unet_vae_ldm(unet, vae)
+    for k, t in text_encoder.state_dict().items():
+        out[SDXL_TEXT_PREFIX + _with_text_model(k)] = t.contiguous()
+    for k, t in open_clip_state_dict(text_encoder_2).items():
+        out[SDXL_TEXT_2_PREFIX + k] = t
     return out

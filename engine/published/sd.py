@@ -59,6 +59,7 @@ class Architecture:
 ARCHITECTURES = {
     "sd15": Architecture("sd15", "sd15", "Stable Diffusion 1.5", 859.5),
     "tiny-sd15": Architecture("tiny-sd15", "sd15", "the tiny demo SD1.5 (engine.tiny)"),
+    "tiny-sdxl": Architecture("tiny-sdxl", "sdxl", "the tiny demo SDXL (engine.tiny)"),
     "segmind-vega": Architecture("segmind-vega", "sdxl", "Segmind-Vega", 745.2),
     "sdxl-base": Architecture("sdxl-base", "sdxl", "SDXL base 1.0", 2567.5),
 }
@@ -395,9 +396,42 @@ def convert_single_file(path: Path, config_dir: Path, out: Path, family: str) ->
     kwargs: dict[str, Any] = {"config": str(config_dir), "local_files_only": True}
     if family == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if family == "sdxl":
+        kwargs.update(_sdxl_text_encoder_2_if_ambiguous(path, config_dir))
     logger.info("converting single-file checkpoint %s (%s) with the configs of %s", path, cls.__name__, config_dir)
     pipe = cls.from_single_file(str(path), **kwargs)
     pipe.save_pretrained(out, safe_serialization=True)
+
+
+def _sdxl_text_encoder_2_if_ambiguous(path: Path, config_dir: Path) -> dict[str, Any]:
+    """``{"text_encoder_2": model}`` converted from ``conditioner.embedders.1.model.*`` when diffusers' own choice
+    would be wrong, else ``{}``.
+
+    diffusers picks the embedder a CLIP model is converted from by the width of its position embedding alone:
+    ``conditioner.embedders.0`` (CLIP-L) wins whenever its width equals the model's. In SDXL (768 vs 1280) it
+    never does, so real checkpoints take diffusers' path untouched; where both encoders have one width (the tiny
+    demo SDXL) ``text_encoder_2`` would be filled from CLIP-L and its projection left unloaded. Then the same
+    conversion diffusers runs for SDXL (``convert_open_clip_checkpoint`` on embedder 1) is run here and passed in.
+    """
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint, load_single_file_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    shapes = read_shapes(path)
+    clip_l = shapes.get("conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight")
+    config = CLIPTextConfig.from_pretrained(str(config_dir / "text_encoder_2"), local_files_only=True)
+    if clip_l is None or clip_l[-1] != config.hidden_size:
+        return {}
+    logger.info("%s: both text encoders are %d wide; converting text_encoder_2 from conditioner.embedders.1",
+                path, config.hidden_size)
+    checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+    model = CLIPTextModelWithProjection(config)
+    state = convert_open_clip_checkpoint(model, checkpoint, prefix="conditioner.embedders.1.model.")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: conditioner.embedders.1 does not fill text_encoder_2 "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return {"text_encoder_2": model.eval()}
 
 
 # -- tiny artifacts for tests and the demo -------------------------------------------------------
@@ -417,6 +451,27 @@ def write_tiny_single_file(path: Path, source: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(to_ldm_state_dict(unet, vae, text_encoder), str(tmp), metadata={"format": "pt"})
+    tmp.rename(path)
+    return path
+
+
+def write_tiny_sdxl_single_file(path: Path, source: Path) -> Path:
+    """An SDXL single-file ``.safetensors`` in Stability's SGM layout (``model.diffusion_model.*``,
+    ``first_stage_model.*``, ``conditioner.embedders.0/1.*``) holding the weights of the tiny SDXL diffusers
+    checkpoint ``source`` (so the two load to the same networks)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from engine.published.ldm_keys import to_sdxl_ldm_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(source / "unet")
+    vae = AutoencoderKL.from_pretrained(source / "vae")
+    text_encoder = CLIPTextModel.from_pretrained(source / "text_encoder")
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(source / "text_encoder_2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(to_sdxl_ldm_state_dict(unet, vae, text_encoder, text_encoder_2), str(tmp), metadata={"format": "pt"})
     tmp.rename(path)
     return path
 
