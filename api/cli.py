@@ -220,14 +220,11 @@ def _parse_checkpoint(text: str) -> tuple[str, Path]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
-
-    import uvicorn
     from pydantic import ValidationError as SettingsError
 
     from api.app import create_app
+    from api.server import run_until_stopped
     from api.settings import Settings
-    from api.server import graceful_server
 
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "data_dir", "device", "precision", "repository", "triton_url",
@@ -267,22 +264,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             backend = create_triton_backend(settings, demo=args.demo)
     backend.unavailable = unavailable  # read by /readyz: why a configured slug is not served
     app = create_app(settings, backend, role=args.role)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
-                            timeout_graceful_shutdown=30, access_log=args.verbose)
-    server = graceful_server(config)
-
-    async def serve() -> bool:
-        task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
-            await asyncio.sleep(0.05)
-        if server.started:
-            host, port = server.servers[0].sockets[0].getsockname()[:2]
-            url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-            print(f"diffserve API ready at {url}  (SDK base_url {url}/v1, docs {url}/docs)", flush=True)
-        await task
-        return server.started
-
-    return 0 if asyncio.run(serve()) else 1
+    return run_until_stopped(app, settings, access_log=args.verbose, ready_line=lambda url: (
+        f"diffserve API ready at {url}  (SDK base_url {url}/v1, docs {url}/docs)"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,6 @@ and ``/metrics``. Without ``--triton-url`` it starts its own Triton on ``--repos
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -71,11 +70,9 @@ def pipelines_from_server(grpc_url: str, timeout_s: float = 60.0) -> dict[str, d
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from api.app import create_app
     from api.backend_triton import create_triton_backend
-    from api.server import graceful_server
+    from api.server import run_until_stopped
 
     settings = worker_settings(args)
     if settings.repository is None:
@@ -89,23 +86,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise SystemExit(f"Triton ({settings.triton_url or settings.repository}) serves no pipeline: nothing for "
                          "this worker to take")
     app = create_app(settings, backend, role="worker")
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, lifespan="on",
-                            timeout_graceful_shutdown=30, access_log=args.verbose)
-    server = graceful_server(config)
-
-    async def serve() -> bool:
-        task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
-            await asyncio.sleep(0.05)
-        if server.started:
-            host, port = server.servers[0].sockets[0].getsockname()[:2]
-            url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-            print(f"diffserve worker ready: takes {', '.join(sorted(backend.slugs))} from Redis; "
-                  f"health at {url}/readyz", flush=True)
-        await task
-        return server.started
-
-    return 0 if asyncio.run(serve()) else 1
+    return run_until_stopped(app, settings, access_log=args.verbose, ready_line=lambda url: (
+        f"diffserve worker ready: takes {', '.join(sorted(backend.slugs))} from Redis; health at {url}/readyz"))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

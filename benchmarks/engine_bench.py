@@ -222,7 +222,6 @@ def prepare_runtime(runtime: str, cfg: EngineBenchConfig, checkpoint: Path | Non
                     device: torch.device, precision: str) -> Prepared:
     """Components for ``runtime``; onnxruntime/tensorrt export from the checkpoint (or the full-size modules)."""
     if runtime == "torch":
-        from engine.catalog import get_model
         from engine.runtime_torch import TorchComponents
 
         components = TorchComponents(checkpoint, device=str(device), precision=precision)
@@ -514,8 +513,6 @@ def time_pipeline(slug: str, components, params: dict[str, Any], warmup: int, re
 def diffusers_pipeline(slug: str, prepared: Prepared):
     """diffusers' own pipeline for ``slug`` over the same module objects as ``prepared``."""
     import diffusers
-
-    from engine.catalog import get_model
 
     comps, raw = prepared.components, prepared.raw
     cls = getattr(diffusers, DIFFUSERS_PIPELINES[slug])

@@ -187,9 +187,8 @@ def test_triton_that_cannot_come_back_turns_healthz_unhealthy(serve, repository)
     assert client.post(f"/v1/{SLUG}", json=REQUEST).status_code == 200
 
 
-def test_kill_9_of_serve_leaves_no_triton_or_stub(serve):
-    proc, client = serve
-    wait_for(lambda: client.get("/readyz").status_code == 200, 120, "a ready server to kill")
+def assert_kill_9_leaves_nothing(proc, what: str) -> None:
+    """kill -9 of a process that started Triton: within 5 s nothing of its tree or Triton's group is alive."""
     own_group = os.getpgid(proc.pid)
     tree = descendants(proc.pid)
     names = {info[0] for info in tree.values()}
@@ -206,4 +205,10 @@ def test_kill_9_of_serve_leaves_no_triton_or_stub(serve):
     deadline = time.monotonic() + 5
     while (left := leftovers()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not left, f"processes of the killed serve still alive: {left}"
+    assert not left, f"processes of the killed {what} still alive: {left}"
+
+
+def test_kill_9_of_serve_leaves_no_triton_or_stub(serve):
+    proc, client = serve
+    wait_for(lambda: client.get("/readyz").status_code == 200, 120, "a ready server to kill")
+    assert_kill_9_leaves_nothing(proc, "serve")

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -31,10 +30,9 @@ from tests.serving.test_triton_lifetime import (  # noqa: E402
     BACKOFF_S,
     REQUEST,
     SLUG,
-    _all_processes,
     _stat,
     alive,
-    descendants,
+    assert_kill_9_leaves_nothing,
     restarts,
     server_pid,
     triton_of,
@@ -152,20 +150,4 @@ def test_killed_triton_of_a_worker_is_restarted_and_runs_jobs_again(worker, api)
 def test_kill_9_of_worker_leaves_no_triton_or_stub(worker):
     proc, health = worker
     wait_for(lambda: health.get("/readyz").status_code == 200, 120, "a ready worker to kill")
-    own_group = os.getpgid(proc.pid)
-    tree = descendants(proc.pid)
-    names = {info[0] for info in tree.values()}
-    assert "tritonserver" in names and any(n.startswith("triton_python") for n in names), names
-    groups = {info[3] for info in tree.values()} - {own_group}
-    assert groups, "Triton runs in a process group of its own"
-
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-
-    def leftovers() -> dict[int, tuple]:
-        return {pid: info for pid, info in _all_processes().items() if pid in tree or info[3] in groups}
-
-    deadline = time.monotonic() + 5
-    while (left := leftovers()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not left, f"processes of the killed worker still alive: {left}"
+    assert_kill_9_leaves_nothing(proc, "worker")
