@@ -160,11 +160,17 @@ def _apply_models_file(args: argparse.Namespace, settings):
     return settings, unavailable
 
 
+DEMO_ECHO = (" export.repository: ", "ready at", " WARNING ", " ERROR ", " CRITICAL ", "Traceback")
+"""What ``diffserve demo`` shows of its server's output: one line per stage and slug, problems, the URL."""
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start ``diffserve serve --demo``, send every slug's seed example through the official SDK,
-    save the images, stop the server."""
+    save the images, stop the server. The server's whole output goes to ``$DIFFSERVE_HOME/demo-serve.log``."""
+    import queue
     import signal
     import subprocess
+    import threading
     import time
 
     try:
@@ -175,21 +181,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from engine.imageio import CONTENT_TYPES, EXTENSIONS
     from engine.tiny.demo import demo_payloads
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the SDK's request lines
     out = home_dir() / "demo-outputs"
     out.mkdir(parents=True, exist_ok=True)
+    log_path = home_dir() / "demo-serve.log"
     cmd = [sys.executable, "-m", "api.cli", "serve", "--demo", "--backend", args.backend, "--port", "0"]
-    print(f"starting: diffserve serve --demo --backend {args.backend}  (first run exports the tiny models)",
-          flush=True)
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    print(f"starting: diffserve serve --demo --backend {args.backend}  (first run exports the tiny models; "
+          f"its log: {log_path})", flush=True)
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ready: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:  # the whole output to the log, the lines that matter to the terminal
+        with open(log_path, "w", encoding="utf-8") as log:
+            for line in server.stdout:
+                log.write(line)
+                log.flush()
+                if any(mark in line for mark in DEMO_ECHO):
+                    print("  | " + line.rstrip(), flush=True)
+                if "ready at" in line:
+                    ready.put(line.split("ready at", 1)[1].split()[0])
+        ready.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
     try:
-        url = None
-        for line in server.stdout:
-            print("  | " + line.rstrip(), flush=True)
-            if "ready at" in line:
-                url = line.split("ready at", 1)[1].split()[0]
-                break
+        url = ready.get()
         if url is None:
-            print(f"the server exited with status {server.wait()} before it was ready", file=sys.stderr)
+            print(f"the server exited with status {server.wait()} before it was ready; see {log_path}",
+                  file=sys.stderr)
             return 1
         client = SegmindClient(base_url=f"{url}/v1", timeout=600)  # the demo server is open (no keys)
         kinds = {v: k for k, v in CONTENT_TYPES.items()}

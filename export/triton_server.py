@@ -80,6 +80,7 @@ _HARMLESS_ON_CPU = (
     "DCGM",
     "CudaDriverHelper has not been initialized",
     "Unable to allocate pinned system memory",
+    "failed to allocate pinned system memory: no pinned memory pool",
     "CUDA driver version is insufficient",
 )
 
