@@ -80,6 +80,10 @@ class EngineBenchConfig:
     threads: int | None = None
     """torch CPU threads (``torch.set_num_threads``); default: torch's own choice. On a shared CPU,
     1 avoids the OpenMP oversubscription that makes timings meaningless."""
+    vae_precision: str | None = None
+    """The VAE precision of every torch entry of ours (``fp32``, ``fp16``, ``bf16``; default: the engine's
+    choice, fp32 where the VAE config forces upcast). Set it to what diffusers' pipeline runs for a like
+    for like ratio: ``StableDiffusionPipeline`` decodes in the pipeline dtype whatever the config says."""
 
     def __post_init__(self) -> None:
         bad = [r for r in self.runtimes if r not in RUNTIMES]
@@ -87,9 +91,17 @@ class EngineBenchConfig:
             raise ValueError(f"runtimes must be among {', '.join(RUNTIMES)}, got {', '.join(self.runtimes) or 'none'}")
         from engine.torch_optimize import TorchOptimizations
 
-        self.optimizations = tuple(TorchOptimizations.parse(s).spec() for s in self.optimizations)
+        if self.vae_precision is not None:
+            TorchOptimizations.parse(f"vae={self.vae_precision}")  # refuses an unknown precision here
+        self.optimizations = tuple(TorchOptimizations.parse(s + self._vae_token(s)).spec() for s in self.optimizations)
         if self.repeats < 1 or self.warmup < 0 or self.stage_repeats < 1:
             raise ValueError("repeats and stage_repeats must be >= 1 and warmup >= 0")
+
+    def _vae_token(self, spec: str = "") -> str:
+        """``,vae=P`` for a spec that does not name the VAE's precision itself."""
+        if self.vae_precision is None or "vae=" in spec:
+            return ""
+        return f",vae={self.vae_precision}" if spec else f"vae={self.vae_precision}"
 
 
 # -- timing ------------------------------------------------------------------------------------------
@@ -224,7 +236,8 @@ def prepare_runtime(runtime: str, cfg: EngineBenchConfig, checkpoint: Path | Non
     if runtime == "torch":
         from engine.runtime_torch import TorchComponents
 
-        components = TorchComponents(checkpoint, device=str(device), precision=precision)
+        components = TorchComponents(checkpoint, device=str(device), precision=precision,
+                                     optimizations=cfg._vae_token() or None)
         raw = None
         if cfg.slug in DIFFUSERS_PIPELINES:  # diffusers can share these modules
             raw = {"text_encoder": components.modules["text_encoder"].encoder,
@@ -578,8 +591,10 @@ def time_diffusers(slug: str, prepared: Prepared, params: dict[str, Any], warmup
                     progress.update(1)
     finally:
         vae.to(restore)
-    notes = {"pipeline": type(pipe).__name__, "vae_dtype": str(comps.dtype).replace("torch.", ""),
-             "scheduler": params["scheduler"]}
+    vae_dtype = str(comps.dtype).replace("torch.", "")
+    if comps.config.family == "sdxl" and comps.dtype == torch.float16 and vae.config.get("force_upcast", False):
+        vae_dtype = "float32"  # StableDiffusionXLPipeline upcasts a force_upcast VAE to decode (and back after)
+    notes = {"pipeline": type(pipe).__name__, "vae_dtype": vae_dtype, "scheduler": params["scheduler"]}
     return walls, images, notes
 
 
@@ -591,8 +606,13 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="run", disable=None, leave=False)
 
 
-def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
-    """Run the benchmark and return the report (see ``benchmarks.report`` for its rendering)."""
+def run_engine_bench(cfg: EngineBenchConfig, on_update: Callable[[dict[str, Any]], None] | None = None
+                     ) -> dict[str, Any]:
+    """Run the benchmark and return the report (see ``benchmarks.report`` for its rendering).
+
+    ``on_update(report)`` is called after every entry with the report so far (its entries still carry
+    in-memory arrays under ``_`` keys: ``public_report`` drops them), so a run cut off keeps what it measured.
+    """
     from benchmarks.environment import environment
     from benchmarks.record import new_report
     from engine.catalog import get_model
@@ -633,11 +653,13 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
         from benchmarks.full_size import full_size_setup
 
         full = full_size_setup(cfg.slug, device=str(device), precision=precision,
-                               skeleton_root=Path(cfg.work_dir) / "full-size", config_dir=cfg.config_dir)
+                               skeleton_root=Path(cfg.work_dir) / "full-size", config_dir=cfg.config_dir,
+                               optimizations=cfg._vae_token() or None)
         report["full_size"] = {"parameters_m": full.parameters_m, "build_seconds": round(full.build_seconds, 2),
                                "configs": "benchmarks/configs" if cfg.config_dir is None else str(cfg.config_dir)}
         if full.components is None:  # no full-size pipeline: time the networks, estimate the request
             report["runtimes"].append(_bench_networks_only(cfg, full, params, device, floor))
+            _notify(on_update, report)
             return report
         checkpoint = full.checkpoint
     else:
@@ -648,21 +670,17 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
         report["settings"]["checkpoint"] = str(checkpoint)
 
     torch_prepared: Prepared | None = None
-    jobs = [(runtime, None) for runtime in cfg.runtimes] + [("torch", spec) for spec in cfg.optimizations]
-    for runtime, spec in jobs:
-        entry: dict[str, Any] = {"runtime": runtime, "status": "ok", "reason": None}
-        if spec is not None:
-            entry["optimizations"] = spec
-        report["runtimes"].append(entry)
+    # Eager runtimes (with the diffusers baseline on the same modules) first, then the fp32 reference, then the
+    # optimised specs: the last of them takes the full-size modules over instead of copying them, so its peak
+    # memory is its own (one copy of the weights, its activations and graphs), not the eager copy's as well.
+    for runtime in cfg.runtimes:
+        entry = _new_entry(report, runtime)
         try:
-            if spec is not None:
-                prepared = prepare_optimized(spec, checkpoint, full, device, precision)
-                entry["optimization"] = prepared.info
-            elif runtime == "torch" and full is not None:
+            if runtime == "torch" and full is not None:
                 prepared = Prepared("torch", full.components, full.device, full.raw)
             else:
                 prepared = prepare_runtime(runtime, cfg, checkpoint, torch_prepared, device, precision)
-            if runtime == "torch" and spec is None:
+            if runtime == "torch":
                 torch_prepared = prepared
             _bench_runtime(cfg, entry, prepared, request, image, params, floor, device, sd_pipeline)
         except RuntimeUnavailable as exc:
@@ -673,49 +691,248 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
             logger.exception("%s failed", runtime)
             entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
             continue
-        if runtime == "torch" and spec is None and cfg.baseline:
+        finally:
+            _notify(on_update, report)
+        if runtime == "torch" and cfg.baseline:
             if prepared.raw is None:
                 report["baseline_note"] = f"diffusers has no pipeline for {cfg.slug}'s request; no baseline"
                 continue
+            _reset_peak(device)
             with _progress(cfg.warmup + cfg.repeats, f"{cfg.slug} diffusers") as bar:
                 d_walls, d_images, notes = time_diffusers(cfg.slug, prepared, request, cfg.warmup, cfg.repeats, bar)
-            report["baseline"] = {"name": "diffusers", **notes, "end_to_end": stats_ms(d_walls), "_images": d_images}
+            report["baseline"] = {"name": "diffusers", **notes, "end_to_end": stats_ms(d_walls), "_images": d_images,
+                                  "image_check": image_check(d_images), **_peak(device)}
+            _notify(on_update, report)
 
+    reference = None
     if cfg.fp32_reference and (checkpoint is not None or full is not None):
         reference = fp32_reference_images(cfg.slug, request, checkpoint, full, device)
-        report["fp32_reference"] = {"note": "eager torch, fp32 compute on the same weights, one run"}
+        report["fp32_reference"] = {"note": "eager torch, fp32 compute on the same weights, one run",
+                                    "image_check": image_check(reference)}
         for entry in report["runtimes"]:
-            images = entry.get("_images")
-            if images is not None and images.shape == reference.shape:
-                entry["max_abs_diff_vs_fp32"] = float(np.abs(images - reference).max())
-        if report["baseline"] is not None and report["baseline"].get("_images") is not None:
-            _diff_vs_fp32(report["baseline"], report["baseline"]["_images"], reference)
-    baseline = report["baseline"]
-    eager = next((e.get("_images") for e in report["runtimes"]
-                  if e["runtime"] == "torch" and "optimizations" not in e and e["status"] == "ok"), None)
+            _diff_vs_fp32(entry, entry.get("_images"), reference)
+        if report["baseline"] is not None:
+            _diff_vs_fp32(report["baseline"], report["baseline"].get("_images"), reference)
+        _notify(on_update, report)
+
+    for i, spec in enumerate(cfg.optimizations):
+        entry = _new_entry(report, "torch", spec)
+        take = full is not None and i == len(cfg.optimizations) - 1
+        try:
+            with CompileCounters() as counters:
+                prepared = prepare_optimized(spec, checkpoint, full, device, precision, take_modules=take)
+                entry["optimization"] = prepared.info
+                _bench_runtime(cfg, entry, prepared, request, image, params, floor, device, sd_pipeline)
+            entry["compile_counters"] = counters.result
+            _diff_vs_fp32(entry, entry.get("_images"), reference)
+        except Exception as exc:  # noqa: BLE001 - one runtime failing must not lose the others' numbers
+            logger.exception("torch [%s] failed", spec)
+            entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+        finally:
+            if take:
+                full.components = torch_prepared = prepared = None  # the modules are the optimised entry's now
+            _compare_with_eager_and_baseline(report)
+            _notify(on_update, report)
+            _release(device)
+
+    _compare_with_eager_and_baseline(report)
     for entry in report["runtimes"]:
-        images = entry.pop("_images", None)
-        if "optimizations" in entry and images is not None and eager is not None and images.shape == eager.shape:
-            entry["max_abs_diff_vs_eager"] = float(np.abs(images - eager).max())
-        if baseline is None or entry["status"] != "ok":
+        for key in [k for k in entry if k.startswith("_")]:
+            entry.pop(key)
+    if report["baseline"] is not None:
+        report["baseline"].pop("_images", None)
+    return report
+
+
+def _new_entry(report: dict[str, Any], runtime: str, spec: str | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"runtime": runtime, "status": "ok", "reason": None}
+    if spec is not None:
+        entry["optimizations"] = spec
+    report["runtimes"].append(entry)
+    return entry
+
+
+def _notify(on_update: Callable[[dict[str, Any]], None] | None, report: dict[str, Any]) -> None:
+    """Hand the report so far to ``on_update`` (the GPU plan writes it to disk after every entry)."""
+    if on_update is not None:
+        try:
+            on_update(report)
+        except Exception:  # noqa: BLE001 - a failed partial write never stops the benchmark
+            logger.exception("on_update failed")
+
+
+def public_report(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` without the in-memory arrays its entries carry while the benchmark runs (JSON-safe)."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if not str(k).startswith("_")}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(report)
+
+
+def _compare_with_eager_and_baseline(report: dict[str, Any]) -> None:
+    """Each entry's image differences from eager torch and from diffusers, and the one-step denoiser check
+    of every optimised entry against eager at the same precision (idempotent: run after every entry)."""
+    baseline = report["baseline"]
+    eager = next((e for e in report["runtimes"]
+                  if e["runtime"] == "torch" and "optimizations" not in e and e["status"] == "ok"), None)
+    eager_images = eager.get("_images") if eager else None
+    for entry in report["runtimes"]:
+        images = entry.get("_images")
+        if images is None or entry["status"] != "ok":
+            continue
+        if "optimizations" in entry and eager is not None:
+            if eager_images is not None and images.shape == eager_images.shape:
+                entry["max_abs_diff_vs_eager"] = float(np.abs(images - eager_images).max())
+            if eager.get("_denoiser_outs") is not None and entry.get("_denoiser_outs") is not None:
+                entry["denoiser_check"] = denoiser_check(entry["_denoiser_outs"], eager["_denoiser_outs"])
+        if baseline is None:
             continue
         ours, theirs = entry["end_to_end"]["ours"], baseline["end_to_end"]
         entry["ratio_vs_diffusers"] = {"median": round(ours["median_ms"] / theirs["median_ms"], 4),
                                        "p90": round(ours["p90_ms"] / theirs["p90_ms"], 4)}
-        if images is not None and baseline.get("_images") is not None and images.shape == baseline["_images"].shape:
+        if baseline.get("_images") is not None and images.shape == baseline["_images"].shape:
             entry["max_abs_diff_vs_diffusers"] = float(np.abs(images - baseline["_images"]).max())
-    if baseline is not None:
-        baseline.pop("_images", None)
-    return report
+
+
+# -- checks that mean something at fp16/bf16 -----------------------------------------------------------------
+
+DENOISER_CHECK_REL_L2 = 1e-2
+"""Largest relative L2 difference ‖fast − eager‖ / ‖eager‖ of one denoiser step at the same precision:
+fp32 reorderings land far below 1e-3, fp16/bf16 operands between 1e-3 and 1e-2."""
+UNIFORM_STD = 1e-3
+"""An image whose pixel standard deviation (0..1 scale) is below this is uniform (black, grey): broken."""
+
+
+def image_check(images: np.ndarray | None) -> dict[str, Any] | None:
+    """Finite and not uniform: what a NaN VAE (black images) or a dead pipeline fails."""
+    if images is None:
+        return None
+    images = np.asarray(images, dtype=np.float64)
+    finite = bool(np.isfinite(images).all())
+    std = float(np.nanstd(images)) if images.size else 0.0
+    return {"finite": finite, "std": round(std, 5), "ok": finite and std > UNIFORM_STD}
+
+
+def denoiser_probe(components, params: dict[str, Any]) -> list[np.ndarray]:
+    """The denoiser's outputs on two different inputs (latents and timestep): compared across entries.
+
+    Two calls in a row with different inputs catch a replay that returns a stale output (a broken
+    CUDA graph passes a check made on one input it has already seen).
+    """
+    from engine.pipelines.common import encode_prompt_sd15, encode_prompt_sdxl, sdxl_time_ids
+
+    cfg = components.config
+    width, height = int(params["img_width"]), int(params["img_height"])
+    samples = int(params.get("samples") or 1)
+    guidance = float(params["guidance_scale"]) > 1.0
+    encode = encode_prompt_sdxl if cfg.family == "sdxl" else encode_prompt_sd15
+    outs = []
+    with torch.inference_mode():
+        embeds = encode(components, params["prompt"], params.get("negative_prompt"), samples, guidance)
+        for seed, t in ((11, 999.0), (12, 500.0)):
+            g = torch.Generator("cpu").manual_seed(seed)
+            shape = (samples, cfg.latent_channels, height // cfg.vae_scale_factor, width // cfg.vae_scale_factor)
+            latents = torch.randn(shape, generator=g).to(components.device)
+            x = torch.cat([latents] * 2) if guidance else latents
+            time_ids = sdxl_time_ids(components, width, height, x.shape[0]) if cfg.family == "sdxl" else None
+            out = components.unet(x, torch.full((x.shape[0],), t), embeds.hidden, embeds.pooled, time_ids)
+            outs.append(out.float().cpu().numpy().copy())
+    return outs
+
+
+def denoiser_check(fast: list[np.ndarray], eager: list[np.ndarray]) -> dict[str, Any]:
+    """One denoiser step of an optimised entry against eager at the same precision, on the same inputs."""
+    diffs = [float(np.abs(f - e).max()) for f, e in zip(fast, eager)]
+    rel = [float(np.linalg.norm((f - e).ravel()) / max(np.linalg.norm(e.ravel()), 1e-30)) for f, e in zip(fast, eager)]
+    finite = all(bool(np.isfinite(f).all()) for f in fast)
+    distinct = len(fast) < 2 or not np.array_equal(fast[0], fast[1])
+    return {"max_abs_diff": max(diffs), "rel_l2": max(rel), "finite": finite, "inputs": len(fast),
+            "outputs_follow_inputs": distinct, "rel_l2_limit": DENOISER_CHECK_REL_L2,
+            "ok": finite and distinct and max(rel) <= DENOISER_CHECK_REL_L2}
+
+
+class CompileCounters:
+    """Dynamo/inductor counters over a block: graphs, graph breaks, recompiles, CUDA-graph skips.
+
+    A silent recompile or a skipped CUDA graph otherwise shows only as a slower ``compile`` entry.
+    """
+
+    def __init__(self):
+        self.result: dict[str, Any] = {}
+        self._recompiles: list[str] = []
+
+    def __enter__(self):
+        try:
+            from torch._dynamo.utils import counters
+
+            self._before = {k: dict(v) for k, v in counters.items()}
+        except Exception:  # noqa: BLE001 - counters are a report nicety
+            self._before = None
+        handler = logging.Handler()
+        handler.emit = lambda record: self._recompiles.append(record.getMessage()[:300])
+        self._handler = handler
+        self._logger = logging.getLogger("torch._dynamo.guards.__recompiles")
+        try:
+            torch._logging.set_logs(recompiles=True)
+        except Exception:  # noqa: BLE001
+            pass
+        self._logger.addHandler(handler)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeHandler(self._handler)
+        if self._before is None:
+            return False
+        from torch._dynamo.utils import counters
+
+        def delta(group: str, key: str | None = None) -> int:
+            now, before = counters.get(group, {}), self._before.get(group, {})
+            if key is not None:
+                return int(now.get(key, 0) - before.get(key, 0))
+            return int(sum(now.values()) - sum(before.values()))
+
+        self.result = {"frames_compiled": delta("frames", "ok"), "unique_graphs": delta("stats", "unique_graphs"),
+                       "graph_breaks": delta("graph_break"), "recompiles": len(self._recompiles),
+                       "recompile_reasons": self._recompiles[:5],
+                       "cudagraph_skips": delta("inductor", "cudagraph_skips")}
+        return False
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+
+
+def _release(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prepared, request: dict[str, Any],
                    image, params: dict[str, Any], floor: floors.Floor, device: torch.device, sd_pipeline: bool) -> None:
     """End-to-end runs and stages of one runtime, into ``entry``."""
     entry["notes"] = list(prepared.notes)
+    if device.type == "cuda":
+        entry["resident_at_start_gb"] = round(torch.cuda.memory_allocated(device) / 2**30, 2)
+    vae_dtype = getattr(prepared.components, "vae_dtype", None)
+    if vae_dtype is not None:
+        entry["vae_dtype"] = str(vae_dtype).replace("torch.", "")
     with _progress(cfg.warmup + cfg.repeats + 5, f"{cfg.slug} {prepared.runtime}") as bar:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        _reset_peak(device)
         warm = time_warmup_runs(cfg.slug, prepared.components, request, cfg.warmup, prepared.device, bar)
         walls, stage_runs, result = time_pipeline(cfg.slug, prepared.components, request, 0,
                                                   cfg.repeats, prepared.device, bar)
@@ -731,8 +948,10 @@ def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prep
     entry["warmup"] = warmup_summary(warm, walls)
     entry["steps"] = result.steps
     entry["images_per_request"] = int(result.images.shape[0])
-    if device.type == "cuda":
-        entry["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    entry.update(_peak(device))
+    entry["image_check"] = image_check(result.images)
+    if sd_pipeline and prepared.runtime == "torch":
+        entry["_denoiser_outs"] = denoiser_probe(prepared.components, request)
     median = entry["end_to_end"]["ours"]["median_ms"]
     entry["fraction_of_floor"] = _round(floors.fraction_of_floor(floor.floor_ms, median, str(device)))
     step_floor = floors.unet_step_floor_ms(cfg.slug, params)
@@ -771,8 +990,8 @@ def warmup_summary(warm: list[float], timed: list[float]) -> dict[str, Any]:
     return out
 
 
-def _diff_vs_fp32(entry: dict[str, Any], images: np.ndarray, reference: np.ndarray) -> None:
-    if images.shape == reference.shape:
+def _diff_vs_fp32(entry: dict[str, Any], images: np.ndarray | None, reference: np.ndarray | None) -> None:
+    if images is not None and reference is not None and images.shape == reference.shape:
         entry["max_abs_diff_vs_fp32"] = float(np.abs(images - reference).max())
 
 
@@ -792,22 +1011,32 @@ def fp32_reference_images(slug: str, request: dict[str, Any], checkpoint: Path |
         from engine.runtime_torch import TorchComponents
 
         components = TorchComponents(checkpoint, device=str(device), precision="fp32")
-    with torch.inference_mode():
-        images = run(slug, dict(request), components).images
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a reference, not tf32
+    try:
+        with torch.inference_mode():
+            images = run(slug, dict(request), components).images
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     del components
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return images
 
 
-def prepare_optimized(spec: str, checkpoint: Path | None, full, device: torch.device, precision: str) -> Prepared:
-    """Torch components with ``spec``'s optimizations, on their own copy of the weights (never diffusers')."""
+def prepare_optimized(spec: str, checkpoint: Path | None, full, device: torch.device, precision: str,
+                      take_modules: bool = False) -> Prepared:
+    """Torch components with ``spec``'s optimizations, on their own copy of the weights (never diffusers').
+
+    ``take_modules``: use the full-size modules themselves instead of a copy (they are fused, re-laid-out
+    and compiled in place, so nothing may run on them eagerly afterwards).
+    """
     import copy
 
     if full is not None:
         from benchmarks.full_size import InMemoryTorchComponents
 
-        raw = {k: copy.deepcopy(m) for k, m in full.raw.items()}
+        raw = dict(full.raw) if take_modules else {k: copy.deepcopy(m) for k, m in full.raw.items()}
         components = InMemoryTorchComponents(full.checkpoint, raw, full.device, full.dtype, optimizations=spec)
     else:
         from engine.runtime_torch import TorchComponents

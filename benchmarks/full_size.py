@@ -240,8 +240,9 @@ def save_checkpoint(slug: str, out_dir: Path, *, device: str | None = None, prec
 
 
 def full_size_setup(slug: str, *, device: str | None, precision: str | None, skeleton_root: Path,
-                    config_dir: Path | None = None) -> FullSizeSetup:
-    """Every network of ``slug`` at full size with random weights, built on ``device``."""
+                    config_dir: Path | None = None, optimizations: str | None = None) -> FullSizeSetup:
+    """Every network of ``slug`` at full size with random weights, built on ``device``; ``optimizations``
+    (an ``engine.torch_optimize`` spec, e.g. ``vae=fp16``) for the components built over them."""
     from engine.catalog import get_model
 
     if slug not in SLUG_ARCHITECTURES:
@@ -256,7 +257,7 @@ def full_size_setup(slug: str, *, device: str | None, precision: str | None, ske
     components = checkpoint = None
     if get_model(slug).pipeline in PIPELINES_AT_FULL_SIZE:
         checkpoint = write_skeleton_checkpoint(slug, Path(skeleton_root) / slug, config_dir)
-        components = InMemoryTorchComponents(checkpoint, raw, dev, dtype)
+        components = InMemoryTorchComponents(checkpoint, raw, dev, dtype, optimizations=optimizations)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return FullSizeSetup(slug=slug, device=dev, dtype=dtype, raw=raw, components=components, checkpoint=checkpoint,

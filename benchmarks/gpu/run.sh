@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The GPU figures of issue 17 in ONE device call (at most 9 minutes): full-size random-weight
+# The GPU figures of issues 24 and 21 in ONE device call (at most 9 minutes): full-size random-weight
 # networks (benchmarks/configs/), diffusers fp16 vs our eager fp16 vs our `fast` preset (fused QKV,
-# channels-last, torch.compile, CUDA graphs, device scheduler) in the same process, in this order:
+# channels-last, torch.compile, CUDA graphs, device scheduler) in the same process, most valuable first:
 #
-#   sd1.5-scifi  512x512 and 512x768, 30 steps, dpmpp_2m, CFG 5
 #   segmind-vega 1024x1024, 25 steps, UniPC, CFG 9
-#   if time is left: ominicontrol 512x512, 8 steps, bf16; omni-zero 1024x1024, 10 steps (networks only)
+#   sd1.5-scifi  512x768, 30 steps, dpmpp_2m, CFG 5 (VAE fp16 on both sides: like for like)
+#   the UNets' throughput against batch size (SD1.5 512², Vega 1024², 1-16 images per call)
+#   if time is left: ominicontrol 512x512, 8 steps, bf16; omni-zero 1024x1024, 10 steps (networks
+#   only); sd1.5-scifi 512x512
 #
 # The plan, the time guard and the summary are benchmarks/gpu/runner.py. Each step is its own
-# process with the time left as its limit; a step that cannot finish before the deadline
-# (BUDGET_S, default 510 s from this script's start) is skipped and says so. As each step ends its
-# JSON lands in $OUT and $OUT/summary.{json,md} are rewritten, so a cut-off call still returns what
-# it measured; $OUT/run.log is the whole log. STEPS=name,slug,... reruns part of the plan.
+# process with the time left as its limit and writes its report after every entry; a step that
+# cannot start before the deadline (BUDGET_S, default 480 s from this script's start) is skipped,
+# one cut off keeps the entries it finished. After each step $OUT/summary.{json,md} and
+# $OUT/steps.tar (every step's JSON) are rewritten, so a cut-off call still returns what it
+# measured; $OUT/run.log is the whole log. STEPS=name,slug,... reruns part of the plan.
 #
 #   DRY_RUN=1 bash benchmarks/gpu/run.sh     # the same plan and code on the CPU: tiny configs
 #                                            # (benchmarks/configs/tiny), fp32, 2 steps (or the catalog minimum), 1 run
@@ -27,6 +30,8 @@
 # requests, Pillow, numpy, zipp — are on the machine), then, from the session's checkout:
 #
 #   run(command="GIT_COMMIT=<hash> bash benchmarks/gpu/run.sh", carry=[".whl"], timeout_s=540)
+#
+# and unpack $OUT/steps.tar into benchmarks/results/.
 #
 # benchmarks/README.md ("GPU run") says what to commit afterwards.
 set -uo pipefail

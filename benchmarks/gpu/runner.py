@@ -1,16 +1,22 @@
-"""The GPU figures in one device call: a fixed plan of engine benchmarks, a deadline, and a summary.
+"""The GPU figures in one device call: a plan ordered by value, a deadline, and what it measured kept.
 
-``benchmarks/gpu/run.sh`` runs ``python -m benchmarks.gpu.runner``. This module owns the plan of
-issue 17 (``PLAN``: full-size random-weight SD1.5 at 512x512 and 512x768, Segmind-Vega at 1024²,
-then, if time is left, OminiControl and Omni-Zero), the time guard that fits it into one call of
-the device machine, and the summary of what was measured. Each step is one ``bench engine`` run
-(``benchmarks.engine_bench.run_engine_bench``) in its own process — a crash, an out-of-memory or a
-step cut off at the deadline loses that step alone — and as soon as a step ends its JSON lands in
-``$OUT`` and ``summary.json`` / ``summary.md`` are rewritten, so a run cut off by the device's limit
-still returns everything measured before. ``$OUT`` holds at most 8 files (the device tool brings no
-more back): ``run.log`` (written by run.sh), ``summary.json``, ``summary.md`` (the table, then every
-step's full markdown) and one JSON per step; ``diffserve bench report --rerender`` rebuilds each
-step's own markdown from its JSON once they are copied into ``benchmarks/results/``.
+``benchmarks/gpu/run.sh`` runs ``python -m benchmarks.gpu.runner``. This module owns the plan
+(``PLAN``, most valuable first: Segmind-Vega at 1024², SD1.5 at 512x768, the denoiser's throughput
+against batch size, OminiControl and Omni-Zero networks, SD1.5 at 512²), the time guard that fits it
+into one call of the device machine, and the summary. Each step is its own process (a crash, an
+out-of-memory or the deadline loses that step alone), and a step's report is written to disk after
+*every entry* (diffusers, eager, each optimised spec), so a step cut off at the deadline keeps the
+entries it finished. After each step ``$OUT`` is rewritten: ``summary.json``, ``summary.md`` (the
+table, then every step's full markdown) and ``steps.tar`` (every step's JSON, partial ones
+included); with ``run.log`` (written by run.sh) that is 4 files, inside the device tool's 8.
+``diffserve bench report --rerender`` rebuilds each step's markdown once the JSONs are unpacked into
+``benchmarks/results/``.
+
+Per entry the report holds what the speed means: the image is finite and not uniform, the optimised
+path's denoiser step equals eager's at the same precision on two different inputs (a stale CUDA graph
+replay fails), the VAE precision on both sides (SD1.5 runs ours with diffusers' fp16 VAE: like for
+like), inductor's graphs, graph breaks, recompiles and CUDA-graph skips, and the peak memory of that
+entry alone (the optimised entry takes the eager weights over instead of copying them).
 
 ``DRY_RUN=1`` runs the same plan through the same code on the CPU: the tiny configs of
 ``benchmarks/configs/tiny/`` in place of the full-size ones, fp32, 2 denoising steps (or the
@@ -30,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -46,8 +53,10 @@ FAST_DRY = "fuse_qkv,channels_last,device_scheduler"
 """The dry run's stand-in for ``fast``: everything but ``compile`` and ``cuda_graphs``."""
 DRY_STEPS = 2
 """Denoising steps of a dry run, raised to the catalog's minimum where it has one."""
-MAX_OUT_FILES = 8
-"""The device tool brings back at most 8 files from ``$OUT``."""
+CRASH_AFTER_ENTRIES = "DIFFSERVE_GPU_RUN_CRASH_AFTER_ENTRIES"
+"""Tests only: a step process dies at once when this many entries are written (a step cut off mid-way)."""
+STEPS_ARCHIVE = "steps.tar"
+"""Every step's JSON in one file of ``$OUT``: the device tool brings back at most 8 files."""
 TOLERANCE = {"sd1.5-scifi": 2e-4, "segmind-vega": 1e-3, "omni-zero": 1e-3, "ominicontrol": 1e-4}
 """README's max pixel differences of the optimised path from eager torch at the same precision (fp32,
 reordered sums amplified by the sampler). Judged in fp32 runs only: fp16/bf16 against the fp32
@@ -68,29 +77,46 @@ class Step:
     """Seconds the step needs on the H200 at least (process start, build, compile, runs): skipped when
     less is left before the deadline."""
     optional: bool = False
-    """Runs only if time is left (issue 17: ominicontrol, omni-zero)."""
+    """Runs only if time is left (ominicontrol, omni-zero, the second SD1.5 size)."""
     note: str = ""
+    vae: str | None = None
+    """Our VAE precision (``EngineBenchConfig.vae_precision``): diffusers' own where its pipeline ignores
+    the config's ``force_upcast`` (StableDiffusionPipeline), so the ratio compares like with like."""
+    kind: str = "engine"
+    """``engine`` (one ``bench engine`` run) or ``batch-sweep`` (``benchmarks.batch_sweep``)."""
+    max_s: float | None = None
+    """Seconds after which the step is stopped on the GPU (keeping the entries it finished), so one slow
+    compile cannot eat the steps after it."""
 
 
+SD15_NOTE = ("VAE in fp16 on both sides: diffusers' StableDiffusionPipeline decodes in the pipeline dtype "
+             "whatever the config's force_upcast says, so ours runs with vae=fp16 here (the engine's default "
+             "upcasts it to fp32)")
 PLAN: tuple[Step, ...] = (
-    Step("sd1.5-scifi-512x512", "sd1.5-scifi", "512x512",
-         {"img_width": 512, "img_height": 512, "num_inference_steps": 30, "scheduler": "dpmpp_2m",
-          "guidance_scale": 5}, "fp16", (FAST_GPU,), min_s=100),
-    Step("sd1.5-scifi-512x768", "sd1.5-scifi", "512x768",
-         {"img_width": 512, "img_height": 768, "num_inference_steps": 30, "scheduler": "dpmpp_2m",
-          "guidance_scale": 5}, "fp16", (FAST_GPU,), min_s=100),
     Step("segmind-vega-1024x1024", "segmind-vega", "1024x1024",
          {"img_width": 1024, "img_height": 1024, "num_inference_steps": 25, "scheduler": "UniPC",
-          "guidance_scale": 9}, "fp16", (FAST_GPU,), min_s=130),
+          "guidance_scale": 9}, "fp16", (FAST_GPU,), max_s=240, min_s=150,
+         note="VAE in fp32 on both sides (force_upcast: StableDiffusionXLPipeline upcasts it to decode, ours "
+              "keeps it in fp32)"),
+    Step("sd1.5-scifi-512x768", "sd1.5-scifi", "512x768",
+         {"img_width": 512, "img_height": 768, "num_inference_steps": 30, "scheduler": "dpmpp_2m",
+          "guidance_scale": 5}, "fp16", (FAST_GPU,), max_s=170, min_s=110, vae="fp16", note=SD15_NOTE),
+    Step("unet-batch-sweep", "sd1.5-scifi", "512x512+1024x1024", {}, "fp16", max_s=80, min_s=45, kind="batch-sweep",
+         note="the denoiser alone over 1-16 images per call (2-32 rows under CFG), eager and CUDA-graph replay: "
+              "the ceiling of step-level batching"),
     Step("ominicontrol-512x512", "ominicontrol", "512x512", {"steps": 8}, "bf16", fp32_reference=False,
-         min_s=70, optional=True,
+         max_s=90, min_s=70, optional=True,
          note="networks only (no full-size T5, CLIP-L or FLUX-VAE configs yet, so diffusers' FluxPipeline and "
               "our pipeline do not run end to end): the stock FLUX step over 2048 joint tokens (1024 image + "
               "1024 condition, as the reference runs every step) against our condition branch computed once "
               "(cached) or per step (uncached) with our 1024-token step attending to it"),
     Step("omni-zero-1024x1024", "omni-zero", "1024x1024", {"number_of_steps": 10}, "fp16", fp32_reference=False,
-         min_s=60, optional=True,
+         max_s=80, min_s=60, optional=True,
          note="networks only: SDXL UNet + 2 ControlNets, text encoders, VAE; no diffusers baseline"),
+    Step("sd1.5-scifi-512x512", "sd1.5-scifi", "512x512",
+         {"img_width": 512, "img_height": 512, "num_inference_steps": 30, "scheduler": "dpmpp_2m",
+          "guidance_scale": 5}, "fp16", (FAST_GPU,), fp32_reference=False, max_s=150, min_s=100, optional=True, vae="fp16",
+         note=SD15_NOTE),
 )
 
 
@@ -111,7 +137,7 @@ def step_config(step: Step, dry_run: bool, work_dir: Path):
                 params[key] = max(DRY_STEPS, int(get_model(step.slug).param(key).minimum or 0))
     optimize = tuple(FAST_DRY if (dry_run and spec == FAST_GPU) else spec for spec in step.optimize)
     return EngineBenchConfig(
-        slug=step.slug, full_size=True, params=params, optimizations=optimize,
+        slug=step.slug, full_size=True, params=params, optimizations=optimize, vae_precision=step.vae,
         fp32_reference=step.fp32_reference, work_dir=work_dir,
         device="cpu" if dry_run else "cuda", precision="fp32" if dry_run else step.precision,
         config_dir=TINY_CONFIGS if dry_run else None,
@@ -120,17 +146,63 @@ def step_config(step: Step, dry_run: bool, work_dir: Path):
 
 
 def run_step(step: Step, out_dir: Path, dry_run: bool) -> Path:
-    """Run one step in this process; returns the JSON written into ``out_dir``."""
-    from benchmarks.engine_bench import run_engine_bench
+    """Run one step in this process; returns the JSON written into ``out_dir``.
+
+    The report so far is written to ``<stem>.partial.json`` after every entry, and the final one to
+    ``<stem>.json``, so the orchestrator finds what a step cut off at the deadline measured.
+    """
     from benchmarks.report import default_stem, write_report
     from engine import home_dir
 
-    report = run_engine_bench(step_config(step, dry_run, home_dir() / "bench"))
-    report["gpu_run"] = {"step": step.name, "resolution": step.resolution, "dry_run": dry_run, "note": step.note,
-                         "commit": _git_commit()}
-    stem = default_stem(report).replace(f"engine-{step.slug}-", f"engine-{step.slug}-{step.resolution}-", 1)
-    paths = write_report(report, out_dir, ("dryrun-" if dry_run else "") + stem, plots=False)
+    meta = {"step": step.name, "resolution": step.resolution, "dry_run": dry_run, "note": step.note,
+            "commit": _git_commit()}
+    if step.kind == "batch-sweep":
+        return _run_sweep(step, out_dir, dry_run, meta)
+    from benchmarks.engine_bench import public_report, run_engine_bench
+
+    stem = None
+
+    def save_partial(report: dict[str, Any]) -> None:
+        nonlocal stem
+        public = public_report(report)
+        public["gpu_run"] = {**meta, "partial": True}
+        stem = stem or _stem(public, step, dry_run)
+        _write_atomic(out_dir / f"{stem}.partial.json", json.dumps(public, indent=2, default=str) + "\n")
+        finished = len(public["runtimes"]) + (public.get("baseline") is not None)
+        if os.environ.get(CRASH_AFTER_ENTRIES) == str(finished):
+            os._exit(137)  # the tests' stand-in for a step killed mid-way (OOM, the deadline)
+
+    report = run_engine_bench(step_config(step, dry_run, home_dir() / "bench"), on_update=save_partial)
+    report["gpu_run"] = meta
+    paths = write_report(report, out_dir, stem or _stem(report, step, dry_run), plots=False)
+    (out_dir / f"{paths['json'].stem}.partial.json").unlink(missing_ok=True)
     return paths["json"]
+
+
+def _stem(report: dict[str, Any], step: Step, dry_run: bool) -> str:
+    from benchmarks.report import default_stem
+
+    stem = default_stem(report).replace(f"engine-{step.slug}-", f"engine-{step.slug}-{step.resolution}-", 1)
+    return ("dryrun-" if dry_run else "") + stem
+
+
+def _run_sweep(step: Step, out_dir: Path, dry_run: bool, meta: dict[str, Any]) -> Path:
+    import datetime as _dt
+
+    from benchmarks.batch_sweep import run_batch_sweep, sweep_markdown
+
+    report = run_batch_sweep(device="cpu" if dry_run else "cuda", precision="fp32" if dry_run else step.precision,
+                             batches=(1, 2) if dry_run else (1, 2, 4, 8, 16), repeats=1 if dry_run else 10,
+                             config_dir=TINY_CONFIGS if dry_run else None, cuda_graphs=not dry_run,
+                             size=(256, 256) if dry_run else None)
+    report["gpu_run"] = meta
+    device = "cpu" if dry_run else _device_name(False).lower().replace("nvidia ", "").replace(" ", "-")
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stem = f"{'dryrun-' if dry_run else ''}batch-sweep-unet-{device}-{step.precision if not dry_run else 'fp32'}-{stamp}"
+    path = out_dir / f"{stem}.json"
+    _write_atomic(path, json.dumps(report, indent=2, default=str) + "\n")
+    _write_atomic(out_dir / f"{stem}.md", sweep_markdown(report))
+    return path
 
 
 # -- the summary -----------------------------------------------------------------------------------------
@@ -154,7 +226,8 @@ def summarize_report(report: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"entry": f"diffusers {base['pipeline']}", "status": "ok", "median_ms": median,
                      "p90_ms": base["end_to_end"]["p90_ms"], "ratio_vs_diffusers": 1.0, "speedup_vs_diffusers": 1.0,
                      "fraction_of_floor": _r(floors.fraction_of_floor(floor_ms, median, device)),
-                     "max_abs_diff_vs_fp32": base.get("max_abs_diff_vs_fp32")})
+                     "max_abs_diff_vs_fp32": base.get("max_abs_diff_vs_fp32"), "vae_dtype": base.get("vae_dtype"),
+                     "image_check": base.get("image_check"), "peak_memory_gb": base.get("peak_memory_gb")})
     for e in report["runtimes"]:
         label = e["runtime"] + (f" [{e['optimizations']}]" if e.get("optimizations") else " eager")
         row: dict[str, Any] = {"entry": label, "status": e["status"], "reason": e.get("reason")}
@@ -173,7 +246,9 @@ def summarize_report(report: dict[str, Any]) -> list[dict[str, Any]]:
                 loop_overhead_per_step_ms=e.get("loop_overhead_per_step_ms"),
                 first_run_excess_s=(e.get("warmup") or {}).get("first_run_excess_s"),
                 load_compile_s=_r(sum((e.get("optimization") or {}).get("warmup_s", {}).values()), 3),
-                peak_memory_gb=e.get("peak_memory_gb"),
+                peak_memory_gb=e.get("peak_memory_gb"), resident_at_start_gb=e.get("resident_at_start_gb"),
+                vae_dtype=e.get("vae_dtype"), image_check=e.get("image_check"),
+                denoiser_check=e.get("denoiser_check"), compile_counters=e.get("compile_counters"),
                 stage_split_ms={k: v["median_ms"] for k, v in (e2e.get("pipeline_stages") or {}).items()},
                 stages_ms={k: v["median_ms"] for k, v in (e.get("stages") or {}).items()})
             if row["denoiser_its"] is None:  # networks-only steps: the denoiser stage timed alone
@@ -188,6 +263,30 @@ def summarize_report(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def summarize_sweep(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (slug, batch) point of a batch-sweep report."""
+    return [{"entry": f"{sw['slug']} {sw['resolution']} batch {p['batch']}", **p}
+            for sw in report["sweeps"] for p in sw["points"]]
+
+
+def checks_cell(row: dict[str, Any]) -> str:
+    """What the speed of a row means: image finite and not uniform, denoiser step = eager, compile counters."""
+    parts = []
+    img = row.get("image_check")
+    if img:
+        parts.append("image ok" if img["ok"] else f"IMAGE BAD (finite {img['finite']}, std {img['std']:.1e})")
+    den = row.get("denoiser_check")
+    if den:
+        parts.append(f"step vs eager rel {den['rel_l2']:.1e}" + ("" if den["ok"] else " FAILED"))
+    cc = row.get("compile_counters")
+    if cc and cc.get("unique_graphs"):
+        parts.append(f"{cc['unique_graphs']} graphs, {cc['graph_breaks']} breaks, {cc['recompiles']} recompiles, "
+                     f"{cc['cudagraph_skips']} cudagraph skips")
+    if row.get("vae_dtype"):
+        parts.append(f"VAE {row['vae_dtype'].replace('float', 'fp')}")
+    return "; ".join(parts)
+
+
 def _fmt(value: Any, fmt: str = "{:.1f}") -> str:
     return "—" if value is None else fmt.format(value)
 
@@ -198,16 +297,23 @@ def render_summary(summary: dict[str, Any], step_markdown: dict[str, str]) -> st
              "", f"Device: {summary['device']}. Commit {summary.get('commit') or '?'}. Started "
              f"{summary['started_utc']}, {summary['elapsed_s']:.0f} s of a {summary['budget_s']:.0f} s budget.", "",
              "| step | entry | median | p90 | ours / diffusers | speed-up | it/s (e2e / UNet) | fraction of floor "
-             "| max diff vs fp32 | first-run excess (compile) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| max diff vs fp32 | first-run excess (compile) | peak GB | checks |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    sweeps = []
     for st in summary["steps"]:
-        if st["status"] != "ok":
-            lines.append(f"| {st['name']} | {st['status']}: {st.get('reason') or ''} | | | | | | | | |")
+        if st["status"] not in ("ok", "partial"):
+            lines.append(f"| {st['name']} | {st['status']}: {st.get('reason') or ''} | | | | | | | | | | |")
             continue
+        if st.get("kind") == "batch-sweep":
+            sweeps.append(st)
+            lines.append(f"| {st['name']} | see the batch table below | | | | | | | | | | |")
+            continue
+        if st["status"] == "partial":
+            lines.append(f"| {st['name']} | partial: {st.get('reason') or ''} | | | | | | | | | | |")
         for row in st["entries"]:
             if row["status"] != "ok":
                 lines.append(f"| {st['name']} | {row['entry']}: {row['status']} ({row.get('reason') or ''}) "
-                             "| | | | | | | | |")
+                             "| | | | | | | | | | |")
                 continue
             median = row.get("median_ms")
             est = row.get("estimated_ms")
@@ -218,14 +324,35 @@ def render_summary(summary: dict[str, Any], step_markdown: dict[str, str]) -> st
                 f"| {_fmt(row.get('speedup_vs_diffusers'), '{:.2f}x')} "
                 f"| {_fmt(row.get('denoise_its'))} / {_fmt(row.get('denoiser_its'))} "
                 f"| {_fmt(row.get('fraction_of_floor'), '{:.1%}')} | {_fmt(row.get('max_abs_diff_vs_fp32'), '{:.1e}')} "
-                f"| {_fmt(row.get('first_run_excess_s'), '{:.1f} s')} |")
+                f"| {_fmt(row.get('first_run_excess_s'), '{:.1f} s')} | {_fmt(row.get('peak_memory_gb'), '{:.2f}')} "
+                f"| {checks_cell(row)} |")
+    for st in sweeps:
+        lines += ["", f"{st['name']}: one denoiser call over B images (2B rows under CFG); image-steps/s from the "
+                  "faster of eager and CUDA-graph replay; the ceiling of step-level batching.", "",
+                  "| network | batch | eager | CUDA graph | image-steps/s | vs batch 1 | fraction of floor | peak GB "
+                  "| check |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for row in st["entries"]:
+            if row.get("status") != "ok":
+                lines.append(f"| {row['entry']} | | {row.get('status')} | | | | | | |")
+                continue
+            check = ("finite" if row.get("finite") else "NOT FINITE") + (
+                "" if "graph_ok" not in row else (", replay = eager" if row["graph_ok"] else ", REPLAY DIFFERS"))
+            lines.append(f"| {row['entry'].rsplit(' batch ', 1)[0]} | {row['batch']} | {_fmt(row.get('eager_ms'), '{:.2f} ms')} "
+                         f"| {_fmt(row.get('graph_ms'), '{:.2f} ms')} | {_fmt(row.get('image_steps_per_s'))} "
+                         f"| {_fmt(row.get('throughput_vs_batch_1'), '{:.2f}x')} "
+                         f"| {_fmt(row.get('fraction_of_floor'), '{:.1%}')} | {_fmt(row.get('peak_memory_gb'), '{:.2f}')} "
+                         f"| {check} |")
     lines += ["", "Ours / diffusers below 1 = faster (same process, same modules, same seed). Fraction of floor = "
               "H100 compute floor (benchmarks/floors.py, 800 TFLOP/s dense bf16) / measured median; GPU only. "
               "Max diff vs fp32: largest pixel difference (0..1) from eager fp32 on the same weights; README "
               "tolerances (" + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items()) + ") are for the optimised "
               "path against eager at the same precision and are judged in fp32 runs only. First-run excess: the "
               "first warm-up run minus the timed median (lazy compile, CUDA graph capture), kept out of the "
-              "timed runs."]
+              "timed runs. Peak GB: the entry's own peak of allocated device memory (the optimised entry takes "
+              "the eager weights over; the fp32 reference ran before it). Checks: the final image is finite and "
+              "not uniform; one denoiser step of the optimised path against eager at the same precision on two "
+              "different inputs (relative L2, limit 1e-2 at fp16/bf16; a stale CUDA-graph replay fails); "
+              "inductor's graphs, graph breaks, recompiles and CUDA-graph skips; the VAE precision."]
     for st in summary["steps"]:
         for row in st.get("entries") or []:
             cc = row.get("condition_cache")
@@ -276,8 +403,8 @@ class Orchestrator:
     summary: dict[str, Any] = field(default_factory=dict)
     step_markdown: dict[str, str] = field(default_factory=dict)
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="diffserve-gpu-steps-")))
-    """Each step writes here first; its JSON is then copied into ``out`` (kept to ``MAX_OUT_FILES``)."""
-    kept_in_work: bool = False
+    """Each step writes here first; its JSON (final or partial) then goes into ``out/steps.tar``."""
+    step_files: list[Path] = field(default_factory=list)
 
     def remaining(self) -> float:
         return self.budget_s - (time.time() - self.started)
@@ -286,6 +413,12 @@ class Orchestrator:
         self.summary["elapsed_s"] = round(time.time() - self.started, 1)
         _write_atomic(self.out / "summary.json", json.dumps(self.summary, indent=2, default=str) + "\n")
         _write_atomic(self.out / "summary.md", render_summary(self.summary, self.step_markdown))
+        if self.step_files:
+            tmp = self.out / ".steps.tar.tmp"
+            with tarfile.open(tmp, "w") as tar:
+                for path in self.step_files:
+                    tar.add(path, arcname=path.name)
+            os.replace(tmp, self.out / STEPS_ARCHIVE)
 
     def run(self) -> int:
         import datetime as _dt
@@ -296,7 +429,7 @@ class Orchestrator:
                             timespec="seconds"), "commit": _git_commit(), "steps": []}
         for step in self.steps:
             record: dict[str, Any] = {"name": step.name, "slug": step.slug, "resolution": step.resolution,
-                                      "precision": "fp32" if self.dry_run else step.precision,
+                                      "kind": step.kind, "precision": "fp32" if self.dry_run else step.precision,
                                       "optional": step.optional, "note": step.note}
             self.summary["steps"].append(record)
             left = self.remaining()
@@ -307,14 +440,14 @@ class Orchestrator:
                 logger.warning("%s skipped: %s", step.name, record["reason"])
                 self.write()
                 continue
-            logger.info("step %s: starting, %.0f s left", step.name, left)
-            record.update(self._run_child(step, left))
+            limit = left if self.dry_run or step.max_s is None else min(left, step.max_s)
+            logger.info("step %s: starting, %.0f s left, stopped after %.0f s", step.name, left, limit)
+            record.update(self._run_child(step, limit))
             self.write()
         self.write()
-        if not self.kept_in_work:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
         print(render_summary(self.summary, {}))
-        ok = [s for s in self.summary["steps"] if s["status"] == "ok"]
+        ok = [s for s in self.summary["steps"] if s["status"] in ("ok", "partial")]
         return 0 if ok else 1
 
     def _run_child(self, step: Step, timeout: float) -> dict[str, Any]:
@@ -326,30 +459,32 @@ class Orchestrator:
         proc = subprocess.Popen(cmd, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
+            why = None if rc == 0 else f"exit status {rc}; see run.log"
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return {"status": "cut_off", "wall_s": round(time.time() - t0, 1),
-                    "reason": f"stopped at the deadline after {time.time() - t0:.0f} s (nothing of it measured)"}
+            rc, why = None, f"stopped at the deadline after {time.time() - t0:.0f} s"
         wall = round(time.time() - t0, 1)
-        jsons = sorted(work.glob("*.json"))
-        if rc != 0 or not jsons:
-            return {"status": "failed", "wall_s": wall, "reason": f"exit status {rc}; see run.log"}
-        src = jsons[-1]
-        report = json.loads(src.read_text(encoding="utf-8"))
-        n_out = len([p for p in self.out.iterdir() if not p.name.startswith(".")])
-        dest = self.out / src.name
-        if n_out + 1 > MAX_OUT_FILES:
-            logger.warning("$OUT already holds %d files: %s stays in %s", n_out, src.name, work)
-            self.kept_in_work = True
+        final = sorted(p for p in work.glob("*.json") if not p.name.endswith(".partial.json"))
+        partial = sorted(work.glob("*.partial.json"))
+        if rc == 0 and final:
+            src, status = final[-1], "ok"
+        elif partial:  # what the step measured before it was cut off or failed
+            src, status = partial[-1], "partial"
         else:
-            _write_atomic(dest, src.read_text(encoding="utf-8"))
+            return {"status": "cut_off" if rc is None else "failed", "wall_s": wall,
+                    "reason": (why or "no report written") + " (nothing of it measured)"}
+        report = json.loads(src.read_text(encoding="utf-8"))
+        self.step_files.append(src)
         md = src.with_suffix(".md")
         if md.is_file():
             self.step_markdown[step.name] = md.read_text(encoding="utf-8")
-        return {"status": "ok", "wall_s": wall, "json": dest.name, "entries": summarize_report(report),
-                "floor_ms": (report.get("floor") or {}).get("floor_ms"),
-                "steps_run": report.get("steps")}
+        entries = summarize_sweep(report) if step.kind == "batch-sweep" else summarize_report(report)
+        out = {"status": status, "wall_s": wall, "json": src.name, "entries": entries,
+               "floor_ms": (report.get("floor") or {}).get("floor_ms"), "steps_run": report.get("steps")}
+        if status == "partial":
+            out["reason"] = f"{why}; the entries it finished are kept"
+        return out
 
 
 def _device_name(dry_run: bool) -> str:
@@ -379,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results/gpu-run",
                         help="where the JSONs and the summary go (default $OUT)")
     parser.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S") or 0) or None,
-                        help="seconds for the whole plan (default $BUDGET_S; 510 on GPU, 300 dry)")
+                        help="seconds for the whole plan (default $BUDGET_S; 480 on GPU, 300 dry)")
     parser.add_argument("--steps", default=os.environ.get("STEPS"), help="comma list of step names or slugs")
     parser.add_argument("--step", help=argparse.SUPPRESS)  # a child: run this one step
     parser.add_argument("--step-out", help=argparse.SUPPRESS)
@@ -391,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         path = run_step(step, Path(args.step_out), dry)
         print(f"step {step.name}: written {path}", flush=True)
         return 0
-    budget = args.budget_s or (300.0 if dry else 510.0)
+    budget = args.budget_s or (300.0 if dry else 480.0)
     # The deadline counts from run.sh's start (wheel install included) when it passes it.
     started = float(os.environ.get("RUN_STARTED") or time.time())
     orch = Orchestrator(Path(args.out), budget, dry, select_steps(args.steps), started=started)
