@@ -92,6 +92,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         return render_serve_markdown(report)
     if kind == "capacity":
         return render_capacity_markdown(report)
+    if kind == "batch-sweep":
+        from benchmarks.batch_sweep import sweep_markdown
+
+        return sweep_markdown(report)
     raise ValueError(f"unknown report kind {kind!r}")
 
 
