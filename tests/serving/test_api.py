@@ -12,6 +12,7 @@ img2img at strength 0.1 runs 2 denoising steps.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -97,6 +98,52 @@ class CountingBackend:
 
     async def close(self):
         await self.inner.close()
+
+
+HOLD = "hold until released"
+
+
+class HoldingBackend:
+    """Delegates to a real backend, except that a request whose prompt is ``HOLD`` blocks until the
+    test releases it or its caller cancels it. A deadline then fires by construction, whatever the
+    host's speed (on a GPU the tiny models finish any request inside the timeouts used here), and
+    the test sees whether the cancellation reached the backend."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.release = threading.Event()
+        self.held: list[str] = []       # request ids that reached the hold
+        self.cancelled: list[str] = []  # request ids whose hold ended in a cancellation
+
+    @property
+    def slugs(self):
+        return self.inner.slugs
+
+    async def generate(self, slug, params, *, request_id, on_progress=None):
+        if params.get("prompt") == HOLD:
+            self.held.append(request_id)
+            try:
+                while not self.release.is_set():
+                    await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                self.cancelled.append(request_id)
+                raise
+        return await self.inner.generate(slug, params, request_id=request_id, on_progress=on_progress)
+
+    async def ready(self):
+        return await self.inner.ready()
+
+    async def close(self):
+        self.release.set()
+        await self.inner.close()
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
+    """Poll ``predicate`` until true; ``timeout`` only bounds a hang, it is not what the test checks."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.02)
 
 
 def jpeg_bytes(size=(96, 64), color=(200, 120, 40)) -> bytes:
@@ -507,25 +554,31 @@ def tight_api(tiny_checkpoints, tmp_path_factory):
                         cancel_poll_s=0.05)
     checkpoints = {"sd1.5-scifi": tiny_checkpoints["sd1.5-scifi"], "sd1.5-img2img": tiny_checkpoints["sd1.5-img2img"],
                    "segmind-vega": data_dir / "no-such-checkpoint"}
-    with ServerThread(create_app(settings, EngineBackend(checkpoints))) as server:
+    backend = HoldingBackend(EngineBackend(checkpoints))
+    with ServerThread(create_app(settings, backend)) as server:
         server.settings = settings
+        server.backend = backend
         yield server
 
 
 def test_sync_timeout_is_504_and_cancels_the_job(tight_api):
+    backend = tight_api.backend
     with httpx.Client(base_url=tight_api.url, timeout=120) as client:
-        response = client.post("/v1/sd1.5-scifi", json={"prompt": "slow", "samples": 4, "num_inference_steps": 100})
+        # The held request never finishes on its own: the 1 s sync timeout fires by construction.
+        response = client.post("/v1/sd1.5-scifi", json={"prompt": HOLD})
         assert response.status_code == 504 and "timed out" in response.json()["error"]
         request_id = response.headers["x-request-id"]
         body = wait_status(client, request_id, {"FAILED"}, timeout=60)
         assert body["error"].startswith("timed out") and "sync" in body["error"]
+        wait_for(lambda: request_id in backend.cancelled, "the timed-out job's generation was cancelled")
 
 
 def test_a_disconnected_sync_client_cancels_its_job(tight_api):
+    cancelled_before = len(tight_api.backend.cancelled)
     with httpx.Client(base_url=tight_api.url) as client:
         with pytest.raises(httpx.TimeoutException):
-            client.post("/v1/sd1.5-scifi", json={"prompt": "abandoned", "samples": 4, "num_inference_steps": 100},
-                        timeout=0.3)
+            client.post("/v1/sd1.5-scifi", json={"prompt": HOLD}, timeout=0.3)
+        wait_for(lambda: len(tight_api.backend.cancelled) > cancelled_before, "the abandoned generation was cancelled")
         deadline = time.monotonic() + 60
         while 'reason="client_gone",slug="sd1.5-scifi"} 1.0' not in client.get("/metrics").text:
             assert time.monotonic() < deadline, "the abandoned job was not cancelled"
@@ -617,7 +670,9 @@ def faulty_api(tiny_checkpoints, tmp_path_factory):
                         cancel_poll_s=0.05, public_url="https://images.example.com/")
     checkpoints = {"sd1.5-scifi": broken, "sd1.5-img2img": tiny_checkpoints["sd1.5-img2img"],
                    "omni-zero": tiny_checkpoints["omni-zero"]}
-    with ServerThread(create_app(settings, EngineBackend(checkpoints))) as server:
+    backend = HoldingBackend(EngineBackend(checkpoints))
+    with ServerThread(create_app(settings, backend)) as server:
+        server.backend = backend
         yield server
 
 
@@ -634,12 +689,11 @@ def test_failures_map_to_status_codes_and_reasons(faulty_api):
         broken = client.post("/v1/sd1.5-scifi", json={"prompt": "x"})
         assert broken.status_code == 500 and broken.json()["error"] == "generation failed: ValueError", broken.text
         assert "max_position_embeddings" not in broken.text  # details stay in the server log
-        # The largest request the catalog allows (768x768, 4 samples, 100 steps) takes about 27 s on 2 CPU cores
-        # with the tiny UNet, five times the 5 s timeout. (The input is resized to img_width x img_height, so a
-        # large input image adds nothing; 512x512 took 9.3 s and sometimes beat a 10 s timeout.)
-        slow = client.post("/v1/sd1.5-img2img", json=cheap_img2img(strength=1.0, num_inference_steps=100, samples=4,
-                                                                      img_width=768, img_height=768))
+        # A held request never finishes on its own: the 5 s job timeout fires by construction.
+        slow = client.post("/v1/sd1.5-img2img", json=cheap_img2img(prompt=HOLD))
         assert slow.status_code == 504 and "took longer than 5 s" in slow.json()["error"], slow.status_code
+        slow_id = slow.headers["x-request-id"]
+        wait_for(lambda: slow_id in faulty_api.backend.cancelled, "the job past its deadline was cancelled")
         request_id = client.post("/v2/omni-zero", json=faceless_omni_zero()).json()["request_id"]
         failed = wait_status(client, request_id, {"FAILED"})
         assert "no face" in failed["error"].lower()
