@@ -148,18 +148,21 @@ def test_supervisor_backs_off_doubling_and_reports_down_time():
 
 
 def test_supervisor_stop_ends_a_pending_restart():
-    server = ScriptedServer(fail_starts=100)
-    supervisor = TritonSupervisor(server, backoff_s=0.05, max_backoff_s=0.05, poll_s=0.01)
+    # A ten-minute backoff: a restart is pending for the whole test, and a stop() that waited it
+    # out (or performed it) would leave the watch thread alive and the server started again.
+    server = ScriptedServer()
+    supervisor = TritonSupervisor(server, backoff_s=600, max_backoff_s=600, poll_s=0.01)
     supervisor.start()
+    _until(lambda: server.alive)
     server.alive = False
-    _until(lambda: supervisor.restarts >= 2)
-    t0 = time.monotonic()
-    supervisor.stop()
-    assert time.monotonic() - t0 < 2
+    _until(lambda: server.stops >= 1)  # found dead and reaped: now waiting to restart
+    assert supervisor.down_for() is not None
+    stopper = threading.Thread(target=supervisor.stop)
+    stopper.start()
+    stopper.join(30)  # bounds a hang only; the pending restart is 600 s away
+    assert not stopper.is_alive() and not supervisor._thread.is_alive()
+    assert supervisor.restarts == 0 and len(server.starts) == 1  # the pending restart was never performed
     assert supervisor.down_for() is None  # a stopping supervisor is not "down"
-    attempts = supervisor.restarts
-    time.sleep(0.2)
-    assert supervisor.restarts == attempts
 
 
 def test_supervisor_rejects_bad_backoff():

@@ -22,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.triton_processes import all_processes, descendants, proc_stat, triton_of
+
 pytest.importorskip("pytriton", reason="nvidia-pytriton (ships tritonserver) is not installed")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,46 +33,6 @@ UNHEALTHY_AFTER_S = 3.0
 REQUEST = {"prompt": "a lighthouse", "num_inference_steps": 20, "seed": 3, "img_width": 512, "img_height": 512}
 
 
-def _stat(pid: int) -> tuple[str, str, int, int] | None:
-    """(command name, state, parent pid, process group) from /proc, None when gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    comm = text[text.index("(") + 1:text.rindex(")")]
-    state, ppid, pgrp = text[text.rindex(")") + 2:].split()[:3]
-    return comm, state, int(ppid), int(pgrp)
-
-
-def _all_processes() -> dict[int, tuple[str, str, int, int]]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (info := _stat(int(entry.name))) is not None and info[1] not in ("Z", "X"):
-            found[int(entry.name)] = info
-    return found
-
-
-def descendants(root: int) -> dict[int, tuple[str, str, int, int]]:
-    procs = _all_processes()
-    children: dict[int, list[int]] = {}
-    for pid, (_, _, ppid, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = {}, list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        found[pid] = procs[pid]
-        todo += children.get(pid, [])
-    return found
-
-
-def triton_of(serve_pid: int) -> tuple[int, list[int]]:
-    """(tritonserver pid, its python-backend stub pids) under a serve process."""
-    tree = descendants(serve_pid)
-    [server] = [pid for pid, info in tree.items() if info[0] == "tritonserver"]
-    stubs = [pid for pid, info in tree.items() if info[0].startswith("triton_python")]  # comm is cut at 15
-    return server, stubs
-
-
 def server_pid(serve_pid: int) -> int | None:
     """The one tritonserver under a serve process, None while there is none."""
     servers = [pid for pid, info in descendants(serve_pid).items() if info[0] == "tritonserver"]
@@ -78,7 +40,7 @@ def server_pid(serve_pid: int) -> int | None:
 
 
 def alive(pid: int) -> bool:
-    info = _stat(pid)
+    info = proc_stat(pid)
     return info is not None and info[1] not in ("Z", "X")
 
 
@@ -202,7 +164,7 @@ def assert_kill_9_leaves_nothing(proc, what: str) -> None:
     proc.wait(10)
 
     def leftovers() -> dict[int, tuple]:
-        return {pid: info for pid, info in _all_processes().items() if pid in tree or info[3] in groups}
+        return {pid: info for pid, info in all_processes().items() if pid in tree or info[3] in groups}
 
     deadline = time.monotonic() + 5
     while (left := leftovers()) and time.monotonic() < deadline:
