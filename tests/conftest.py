@@ -7,6 +7,36 @@ from pathlib import Path
 
 import pytest
 
+from tests import devices
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="device the engine tests compute on (fp32); see tests/devices.py")
+
+
+def pytest_configure(config):
+    devices.DEVICE = config.getoption("--device")
+    if devices.DEVICE == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--device cuda: no CUDA device is visible to torch here")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: they are skipped, with the reason, where none is."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `pytest -m gpu` on a GPU host)")
+    for item in gpu_items:
+        item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def diffserve_home(tmp_path_factory) -> Path:
@@ -35,16 +65,12 @@ def sdxl_dir(tiny_checkpoints) -> Path:
 
 @pytest.fixture(scope="session")
 def sd15(sd15_dir):
-    from engine.runtime_torch import TorchComponents
-
-    return TorchComponents(sd15_dir)
+    return devices.torch_components(sd15_dir)
 
 
 @pytest.fixture(scope="session")
 def sdxl(sdxl_dir):
-    from engine.runtime_torch import TorchComponents
-
-    return TorchComponents(sdxl_dir)
+    return devices.torch_components(sdxl_dir)
 
 
 @pytest.fixture(scope="session")

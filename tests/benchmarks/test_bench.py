@@ -19,6 +19,7 @@ from benchmarks import capacity, floors, full_size
 from benchmarks.engine_bench import EngineBenchConfig, reference_request, run_engine_bench
 from benchmarks.index import results_index
 from benchmarks.report import render_markdown, write_report
+from tests.devices import torch_components
 
 # The catalog's smallest sd1.5-scifi request: 20 steps at 512x512 (about 2 s on two CPU cores).
 SMALL = {"num_inference_steps": 20, "img_height": 512}
@@ -79,6 +80,8 @@ def test_floors_reproduce_design_numbers_at_the_reference_requests():
 # -- engine ------------------------------------------------------------------------------------------
 
 def _check_engine(report: dict, repeats: int) -> None:
+    # Every engine bench here chooses device="cpu" explicitly: what it checks (TensorRT skipped, no
+    # fraction of an H100 floor) is what a CPU run reports, on a CUDA host as here.
     assert report["kind"] == "engine" and report["settings"]["device"] == "cpu"
     assert report["floor"]["floor_ms"] > 0 and report["steps"] >= 1
     base = report["baseline"]
@@ -120,6 +123,7 @@ def _check_loop_overhead(rt: dict) -> None:
 
 def test_engine_bench_sd15_every_runtime(tiny_checkpoints, work_dir, results_dir):
     report = run_engine_bench(EngineBenchConfig(
+        device="cpu",
         slug="sd1.5-scifi", runtimes=("torch", "onnxruntime", "tensorrt"), params=SMALL, warmup=0, repeats=2,
         stage_repeats=2, work_dir=work_dir, threads=1))
     status = {r["runtime"]: r["status"] for r in report["runtimes"]}
@@ -136,13 +140,14 @@ def test_engine_bench_sd15_every_runtime(tiny_checkpoints, work_dir, results_dir
 
 def test_engine_bench_img2img_and_vega(tiny_checkpoints, work_dir, results_dir):
     img2img = run_engine_bench(EngineBenchConfig(
+        device="cpu",
         slug="sd1.5-img2img", params={"strength": 0.5}, warmup=0, repeats=1, stage_repeats=1, work_dir=work_dir,
         threads=1))
     _check_engine(img2img, 1)
     assert img2img["steps"] == 12 and "vae_encode" in img2img["runtimes"][0]["stages"]
     assert img2img["baseline"]["pipeline"] == "StableDiffusionImg2ImgPipeline"
     vega = run_engine_bench(EngineBenchConfig(
-        slug="segmind-vega", params={"num_inference_steps": 20}, warmup=0, repeats=1, stage_repeats=1,
+        device="cpu", slug="segmind-vega", params={"num_inference_steps": 20}, warmup=0, repeats=1, stage_repeats=1,
         work_dir=work_dir, threads=1))
     _check_engine(vega, 1)
     assert vega["baseline"]["pipeline"] == "StableDiffusionXLPipeline"
@@ -182,7 +187,7 @@ def _tiny_configs(root: Path) -> Path:
 def test_engine_bench_full_size_path_on_tiny_configs(tmp_path, work_dir, results_dir):
     config_dir = _tiny_configs(tmp_path / "configs")
     report = run_engine_bench(EngineBenchConfig(
-        slug="sd1.5-scifi", full_size=True, config_dir=config_dir, params=SMALL, warmup=0, repeats=1,
+        device="cpu", slug="sd1.5-scifi", full_size=True, config_dir=config_dir, params=SMALL, warmup=0, repeats=1,
         stage_repeats=1, work_dir=work_dir, threads=1, optimizations=("channels_last, fuse_qkv",)))
     assert report["settings"]["full_size"] and set(report["full_size"]["parameters_m"]) == {
         "text_encoder", "unet", "vae"}
@@ -203,13 +208,12 @@ def test_engine_bench_full_size_path_on_tiny_configs(tmp_path, work_dir, results
 def test_full_size_checkpoint_loads_like_a_real_one(tmp_path):
     from benchmarks.cli import main
     from benchmarks.full_size import save_checkpoint
-    from engine.runtime_torch import TorchComponents
 
     config_dir = _tiny_configs(tmp_path / "configs")
     path = save_checkpoint("sd1.5-scifi", tmp_path / "ckpt", config_dir=config_dir)
     info = json.loads((path / "diffserve_full_size.json").read_text())
     assert info["random_weights"] and set(info["parameters_m"]) == {"text_encoder", "unet", "vae"}
-    components = TorchComponents(path)  # the ordinary local-directory loading path
+    components = torch_components(path)  # the ordinary local-directory loading path
     assert components.config.family == "sd15" and components.config.vae_scale_factor == 8
     assert main(["checkpoint", "--slug", "ominicontrol", "--out", str(tmp_path / "no")]) == 2
 
@@ -220,8 +224,8 @@ def test_full_size_checkpoint_loads_like_a_real_one(tmp_path):
 ])
 def test_engine_bench_networks_only_slugs_on_tiny_configs(tmp_path, work_dir, slug, stages):
     config_dir = _tiny_configs(tmp_path / "configs")
-    report = run_engine_bench(EngineBenchConfig(slug=slug, full_size=True, config_dir=config_dir, warmup=0,
-                                                repeats=1, stage_repeats=1, work_dir=work_dir, threads=1))
+    report = run_engine_bench(EngineBenchConfig(device="cpu", slug=slug, full_size=True, config_dir=config_dir,
+                                                warmup=0, repeats=1, stage_repeats=1, work_dir=work_dir, threads=1))
     (rt,) = report["runtimes"]
     assert rt["status"] == "ok" and set(rt["stages"]) == stages
     assert rt["end_to_end"]["estimated_ms"] > 0 and "estimate" in rt["end_to_end"]
@@ -231,7 +235,7 @@ def test_engine_bench_networks_only_slugs_on_tiny_configs(tmp_path, work_dir, sl
 
 def test_engine_bench_ominicontrol_times_every_network_call(tiny_checkpoints, work_dir):
     # No diffusers pipeline computes OminiControl's request: stages come from instrumented runs.
-    report = run_engine_bench(EngineBenchConfig(slug="ominicontrol", warmup=0, repeats=1, stage_repeats=1,
+    report = run_engine_bench(EngineBenchConfig(device="cpu", slug="ominicontrol", warmup=0, repeats=1, stage_repeats=1,
                                                 work_dir=work_dir, threads=1))
     (rt,) = report["runtimes"]
     assert rt["status"] == "ok" and report["baseline"] is None and "baseline_note" in report
@@ -252,7 +256,7 @@ def test_serve_bench_api_and_triton_modes(tiny_checkpoints, work_dir, results_di
 
     # One Triton serves the API (--backend triton) and the direct bls/fused sweeps; img2img at
     # strength 0.1 runs 2 denoising steps, so the sweep stays short.
-    cfg = ServeBenchConfig(slugs=("sd1.5-img2img",), start_server=True, server_backend="triton",
+    cfg = ServeBenchConfig(slugs=("sd1.5-img2img",), device="cpu", start_server=True, server_backend="triton",
                            endpoints=("sync", "async"),
                            levels=(1, 2), requests_per_level=1, params={"strength": 0.1}, triton=True,
                            triton_runtime="torch", triton_pipeline_instances=1,  # no export, fewer stubs
@@ -406,6 +410,7 @@ def test_serve_config_checks_and_which_checkpoints_the_baseline_uses(tiny_checkp
 
 def test_engine_bench_checks_low_precision_against_eager_fp32(tiny_checkpoints, work_dir):
     report = run_engine_bench(EngineBenchConfig(
+        device="cpu",
         slug="sd1.5-scifi", precision="bf16", params=SMALL, warmup=0, repeats=1, stage_repeats=1, baseline=False,
         work_dir=work_dir, threads=1, fp32_reference=True, optimizations=("fuse_qkv",)))
     assert report["settings"]["precision"] == "bf16" and report["fp32_reference"]

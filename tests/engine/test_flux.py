@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
 from engine.catalog import get_model, validate
 from engine.pipelines import RunControl, flux, ominicontrol, run
+from tests.devices import torch_components
 
 TOL = 1e-4
 PROMPT = "photo of this orange sofa in a modern living room"
@@ -33,9 +35,7 @@ def flux_dir(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def components(flux_dir):
-    from engine.runtime_torch import TorchComponents
-
-    return TorchComponents(flux_dir)
+    return torch_components(flux_dir)
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +184,10 @@ def test_condition_branch_is_flux_on_the_condition_tokens_alone_with_the_lora_me
 def test_condition_image_is_center_cropped_to_512_square(subject):
     square = ominicontrol.center_crop_square(subject, ominicontrol.CONDITION_SIZE)
     assert square.size == (512, 512) and square.mode == "RGB"
-    # The centered 96x96 crop of the 144-wide picture, so its left edge is column 24 of the input.
-    expected = ominicontrol.center_crop_square(subject[:, 24:120], 512)
+    # The centered 96x96 crop of the 144-wide picture (columns 24..119), resized bicubic with PIL
+    # directly: computed without the function under test.
+    rgb = PIL.Image.fromarray(subject[:, 24:120, :3], "RGB")
+    expected = rgb.resize((512, 512), PIL.Image.Resampling.BICUBIC)
     assert np.array_equal(np.asarray(square), np.asarray(expected))
 
 

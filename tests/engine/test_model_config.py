@@ -10,6 +10,7 @@ import torch
 
 from engine import model_config
 from engine.model_config import ModelConfigError, load_models_config, parse_models_config
+from tests.devices import torch_components
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +46,13 @@ def test_single_file_equals_diffusers_folder(tiny_checkpoints, demo_models):
     diffusers folder it was written from: the same pipeline output, bit for bit."""
     from engine.catalog import get_model
     from engine.pipelines import run
-    from engine.runtime_torch import TorchComponents
 
     entries = load_models_config(demo_models).entries
     assert entries["sd1.5-scifi"]["checkpoint"].suffix == ".safetensors"
     assert (entries["sd1.5-img2img"]["checkpoint"] / "model_index.json").is_file()
     params = get_model("sd1.5-scifi").validate({"prompt": "a city", "num_inference_steps": 20, "seed": 7,
                                                  "img_width": 512, "img_height": 512})
-    images = [run("sd1.5-scifi", dict(params), TorchComponents(tiny_checkpoints[slug])).images
+    images = [run("sd1.5-scifi", dict(params), torch_components(tiny_checkpoints[slug])).images
               for slug in ("sd1.5-scifi", "sd1.5-img2img")]
     assert tiny_checkpoints["sd1.5-scifi"] != tiny_checkpoints["sd1.5-img2img"]
     assert torch.as_tensor(images[0]).float().sub(torch.as_tensor(images[1]).float()).abs().max().item() == 0.0

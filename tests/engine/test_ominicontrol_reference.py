@@ -10,8 +10,6 @@ branch its own AdaLN modulation. It shares no code with ``engine.flux_condition`
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -19,6 +17,7 @@ import torch.nn.functional as F
 
 from engine.components import ConditionTokens
 from engine.pipelines import ominicontrol
+from tests.devices import torch_components
 
 TOL = 1e-4
 PROMPT = "photo of this orange sofa in a modern living room"
@@ -31,9 +30,7 @@ def flux_dir(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def components(flux_dir):
-    from engine.runtime_torch import TorchComponents
-
-    return TorchComponents(flux_dir)
+    return torch_components(flux_dir)
 
 
 @pytest.fixture(scope="module")
@@ -170,23 +167,15 @@ def test_joint_transformer_call_equals_the_reference(components, flux_dir):
     assert (ours - ref).abs().max() < 1e-3 * ref.abs().max()
 
 
-def test_default_pipeline_equals_the_reference_and_cached_mode_is_measured(components, flux_dir, subject):
+def test_default_pipeline_equals_the_reference_and_cached_mode_differs(components, flux_dir, subject):
+    # Speed of the two condition modes is a benchmark's business (benchmarks/engine_bench.py), not this test's.
     kw = dict(image=subject, prompt=PROMPT, width=128, height=128, num_inference_steps=4, seed=7)
     ref = ominicontrol.generate(ReferenceComponents(components, _lora_deltas(flux_dir)), **kw).images
-    timings = {}
-    for mode in ("joint", "cached"):
-        ominicontrol.generate(components, condition_mode=mode, **kw)  # warm
-        t0 = time.perf_counter()
-        images = ominicontrol.generate(components, condition_mode=mode, **kw).images
-        timings[mode] = (time.perf_counter() - t0, images)
+    joint = ominicontrol.generate(components, condition_mode="joint", **kw).images
+    cached = ominicontrol.generate(components, condition_mode="cached", **kw).images
     default = ominicontrol.generate(components, **kw).images
-    joint_diff = float(np.abs(timings["joint"][1] - ref).max())
-    cached_diff = float(np.abs(timings["cached"][1] - ref).max())
     plain = ominicontrol.generate(components, condition_strength=0.0, lora_scale=0.0, **kw).images
-    effect = float(np.abs(ref - plain).max())
-    print(f"\nominicontrol tiny 128x128 4 steps: joint vs reference {joint_diff:.2e}; cached vs reference "
-          f"{cached_diff:.2e} (condition effect {effect:.2e}); joint {timings['joint'][0]:.3f} s, "
-          f"cached {timings['cached'][0]:.3f} s, speed-up x{timings['joint'][0] / timings['cached'][0]:.2f}")
-    assert np.array_equal(default, timings["joint"][1])  # joint is the default
-    assert joint_diff <= TOL
-    assert cached_diff > 10 * TOL  # the independent condition is a different model of attention
+    assert np.array_equal(default, joint)  # joint is the default
+    assert float(np.abs(joint - ref).max()) <= TOL
+    assert float(np.abs(cached - ref).max()) > 10 * TOL  # the independent condition is another attention model
+    assert float(np.abs(ref - plain).max()) > 10 * TOL  # the condition changes the image

@@ -20,6 +20,7 @@ from engine.catalog import validate
 from engine.face_analysis import NoFaceDetected
 from engine.pipelines import RunControl, omni_zero, run
 from engine.tiny.omni_zero import featureless_image, synthetic_portrait
+from tests.devices import torch_components
 
 TOL = 1e-4
 SMALL = 64  # max_side for the quick tests (the served rule is 1024)
@@ -41,9 +42,7 @@ def omni_dir(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def components(omni_dir):
-    from engine.runtime_torch import TorchComponents
-
-    return TorchComponents(omni_dir)
+    return torch_components(omni_dir)
 
 
 @pytest.fixture(scope="module")
@@ -197,16 +196,36 @@ def test_each_strength_changes_the_output_when_raised_from_zero(components, imag
         assert np.abs(raised - zero).max() > 10 * TOL, name
 
 
+# NVIDIA's "Align Your Steps" 10-step noise levels for SDXL, at full precision as the reference
+# implementations ship them (ComfyUI's AlignYourStepsScheduler NOISE_LEVELS["SDXL"]; NVIDIA's how-to
+# page prints them rounded). Written out here, not read from the module under test.
+PUBLISHED_AYS_SDXL = (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+                      0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582)
+
+
+def ays_levels(count: int) -> np.ndarray:
+    """The published levels log-linearly interpolated to ``count`` points, as NVIDIA's how-to does it
+    (an independent computation: whole schedule, then sliced by the caller)."""
+    xs = np.linspace(0, 1, len(PUBLISHED_AYS_SDXL))
+    ys = np.log(np.array(PUBLISHED_AYS_SDXL[::-1]))
+    return np.exp(np.interp(np.linspace(0, 1, count), xs, ys))[::-1].copy()
+
+
+def test_ays_levels_are_the_published_ones():
+    assert omni_zero.AYS_SDXL_SIGMAS == PUBLISHED_AYS_SDXL
+    assert np.allclose(ays_levels(11), PUBLISHED_AYS_SDXL)
+
+
 @pytest.mark.parametrize("steps", [1, 10, 50])
 @pytest.mark.parametrize("base_strength", [0.0, 0.15, 0.5, 0.99, 1.0])
 def test_schedule_has_exactly_number_of_steps_levels(components, steps, base_strength):
     scheduler = omni_zero.make_scheduler(components.config.scheduler_config)
     timesteps, sigmas = omni_zero.set_timesteps(scheduler, steps, 1 - base_strength)
     assert len(timesteps) == steps and len(sigmas) == steps + 1 and sigmas[-1] == 0
-    assert bool((sigmas[1:] <= sigmas[:-1]).all()) and sigmas[0] <= omni_zero.AYS_SDXL_SIGMAS[0] + 1e-9
+    assert bool((sigmas[1:] <= sigmas[:-1]).all()) and sigmas[0] <= PUBLISHED_AYS_SDXL[0] + 1e-9
     # The strength-scaled schedule: the full one has int(steps / strength) + 1 levels; we run its tail.
     total = int(steps / (1 - base_strength)) if base_strength < 1 else steps
-    full = omni_zero.loglinear_interpolate(omni_zero.AYS_SDXL_SIGMAS, total + 1)
+    full = ays_levels(total + 1)
     assert np.allclose(sigmas[:-1].numpy(), full[-(steps + 1):-1])
 
 
@@ -214,7 +233,7 @@ def test_default_schedule_is_the_reference_one(components):
     # number_of_steps=10 at base_image_strength=0.15: int(10 / 0.85) = 11, so 12 AYS levels, the last 11 used.
     scheduler = omni_zero.make_scheduler(components.config.scheduler_config)
     timesteps, sigmas = omni_zero.set_timesteps(scheduler, 10, 1 - 0.15)
-    expected = omni_zero.loglinear_interpolate(omni_zero.AYS_SDXL_SIGMAS, 12)[1:]
+    expected = ays_levels(12)[1:]
     expected[-1] = 0.0
     assert np.allclose(sigmas.numpy(), expected)
     assert timesteps[0] < 999 and timesteps[-1] > 0 and type(scheduler).__name__ == "DPMSolverMultistepScheduler"

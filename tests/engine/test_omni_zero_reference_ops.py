@@ -19,13 +19,12 @@ import torch.nn.functional as F
 
 from engine.pipelines import omni_zero
 from engine.tiny.omni_zero import build_tiny_omni_zero, synthetic_portrait
+from tests.devices import torch_components
 
 
 @pytest.fixture(scope="module")
 def components(tmp_path_factory):
-    from engine.runtime_torch import TorchComponents
-
-    return TorchComponents(build_tiny_omni_zero(tmp_path_factory.mktemp("oz")))
+    return torch_components(build_tiny_omni_zero(tmp_path_factory.mktemp("oz")))
 
 
 def _reference_depth(model, image: np.ndarray, resolution: int, processor) -> np.ndarray:

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.checkpoint import find_condition_lora
 from engine.published import ominicontrol as published
+from tests.devices import torch_components
 
 SLUG = "ominicontrol"
 
@@ -25,12 +26,11 @@ def test_published_lora_has_omini_name_and_peft_transformer_keys(artifacts):
 
 
 def test_complete_set_passes_and_materializes_to_the_engine_layout(artifacts, tmp_path):
-    from engine.runtime_torch import TorchComponents
 
     assert published.check(SLUG, artifacts) == []
     out = published.materialize(SLUG, artifacts, tmp_path / "m")
     assert find_condition_lora(out).name == "subject_512.safetensors"
-    components = TorchComponents(out)
+    components = torch_components(out)
     assert components.config.family == "flux"
 
 

@@ -15,6 +15,7 @@ import torch
 
 from engine.published import omni_zero as published
 from engine.tiny.omni_zero import build_tiny_omni_zero, synthetic_portrait
+from tests.devices import torch_components
 
 SLUG = "omni-zero"
 
@@ -42,14 +43,13 @@ def test_complete_set_passes_check(artifacts):
 
 def test_generate_from_published_equals_the_engine_tiny_checkpoint(artifacts, tmp_path):
     from engine.pipelines import omni_zero
-    from engine.runtime_torch import TorchComponents
 
     root = artifacts["base"].parent
     # The transformers ZoeDepth folder holds the same weights with the engine tiny's preprocessor config.
     same = dict(artifacts, depth_estimator=root / "zoedepth-tiny")
     assert published.check(SLUG, same) == []
-    ours = TorchComponents(published.materialize(SLUG, same, tmp_path / "materialized"))
-    reference = TorchComponents(build_tiny_omni_zero(tmp_path / "engine-tiny"))
+    ours = torch_components(published.materialize(SLUG, same, tmp_path / "materialized"))
+    reference = torch_components(build_tiny_omni_zero(tmp_path / "engine-tiny"))
     kwargs = dict(identity_image=synthetic_portrait(96, 128), style_image=synthetic_portrait(128, 128, shade=40),
                   base_image=synthetic_portrait(96, 128, shade=-20), num_steps=2, seed=3, max_side=64)
     a = omni_zero.generate(ours, **kwargs).images
@@ -71,9 +71,8 @@ def test_zoedepth_pt_converts_to_exactly_the_transformers_weights(artifacts, tmp
 
 def test_materialized_pt_route_loads_and_generates(artifacts, tmp_path):
     from engine.pipelines import omni_zero
-    from engine.runtime_torch import TorchComponents
 
-    components = TorchComponents(published.materialize(SLUG, artifacts, tmp_path / "m"))
+    components = torch_components(published.materialize(SLUG, artifacts, tmp_path / "m"))
     assert components.config.omni_zero.depth_processor["do_pad"] is True
     result = omni_zero.generate(components, identity_image=synthetic_portrait(96, 128),
                                 style_image=synthetic_portrait(128, 128, shade=40),

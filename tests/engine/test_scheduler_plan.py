@@ -25,6 +25,7 @@ from engine.scheduler_plan import PlannedLoop, SchedulerPlan, plan_scheduler, tr
 from engine.schedulers import SCHEDULER_NAMES, make_scheduler
 from engine.torch_optimize import TorchOptimizations
 from tests.engine.test_torch_optimize import _image, _params
+from tests.devices import torch_components
 
 SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
@@ -128,8 +129,8 @@ def components(tiny_checkpoints):
 
     def get(slug: str):
         if slug not in cache:
-            cache[slug] = (TorchComponents(tiny_checkpoints[slug]),
-                           TorchComponents(tiny_checkpoints[slug], optimizations="device_scheduler"))
+            cache[slug] = (torch_components(tiny_checkpoints[slug]),
+                           torch_components(tiny_checkpoints[slug], optimizations="device_scheduler"))
         return cache[slug]
 
     return get

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import diffusers
 import pytest
+import torch
 
 from engine.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, canonical_scheduler_name, make_scheduler
 from engine.tiny.checkpoints import SD15_SCHEDULER
@@ -51,8 +52,14 @@ def test_unknown_name_lists_valid_ones():
 
 
 def test_scheduler_state_is_not_shared():
+    # Each request gets its own scheduler: one's timesteps and multistep history are not another's.
     a = make_scheduler("DPM Multi", SD15_SCHEDULER)
-    a.set_timesteps(5)
     b = make_scheduler("DPM Multi", SD15_SCHEDULER)
-    assert b.timesteps is None or len(b.timesteps) != 5 or b.timesteps is not a.timesteps
-    assert isinstance(a, diffusers.SchedulerMixin)
+    assert a is not b and isinstance(a, diffusers.SchedulerMixin)
+    a.set_timesteps(5)
+    b.set_timesteps(20)
+    sample = torch.zeros(1, 4, 8, 8)
+    a.step(torch.ones_like(sample), a.timesteps[0], sample)
+    assert len(a.timesteps) == 5 and len(b.timesteps) == 20
+    assert a.step_index == 1 and b.step_index is None
+    assert a.model_outputs[-1] is not None and all(out is None for out in b.model_outputs)

@@ -12,6 +12,7 @@ import torch
 from engine import model_config
 from engine.published.sd import materialize_checkpoint, write_tiny_single_file, write_tiny_sdxl_single_file
 from engine.tiny.checkpoints import build_tiny_sd15, build_tiny_sdxl
+from tests.devices import torch_components
 
 COMPONENTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
               "text_encoder_2": "model"}
@@ -53,13 +54,12 @@ def test_converted_weights_equal_the_folder(sdxl):
 def test_single_file_output_equals_folder_output(sdxl):
     from engine.catalog import get_model
     from engine.pipelines import run
-    from engine.runtime_torch import TorchComponents
 
     params = get_model("segmind-vega").validate({"prompt": "a city at night", "negative_prompt": "blurry",
                                                   "num_inference_steps": 20, "seed": 11})
     # The catalog allows only 1024x1024 and 20+ steps; the comparison needs neither, so it runs small and short.
     params.update(num_inference_steps=3, img_width=256, img_height=256)
-    images = [torch.as_tensor(run("segmind-vega", dict(params), TorchComponents(sdxl[k])).images).float()
+    images = [torch.as_tensor(run("segmind-vega", dict(params), torch_components(sdxl[k])).images).float()
               for k in ("from_single", "from_folder")]
     assert images[0].shape == images[1].shape
     assert images[0].sub(images[1]).abs().max().item() == 0.0

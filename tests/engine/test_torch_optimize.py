@@ -14,9 +14,9 @@ import torch
 
 from engine.catalog import validate
 from engine.pipelines import run
-from engine.runtime_torch import TorchComponents
 from engine.tiny.omni_zero import synthetic_portrait
 from engine.torch_optimize import PRESETS, TorchOptimizations
+from tests.devices import torch_components
 
 TOL = 1e-4
 # Fusion and NHWC only reorder fp32 sums (oneDNN picks its conv algorithm per run), and the
@@ -73,8 +73,8 @@ def test_spec_strings_parse_presets_and_round_trip():
 
 @pytest.mark.parametrize("slug", ["sd1.5-scifi", "segmind-vega", "omni-zero", "ominicontrol"])
 def test_fused_projections_and_channels_last_match_eager(slug, tiny_checkpoints):
-    eager = TorchComponents(tiny_checkpoints[slug])
-    fast = TorchComponents(tiny_checkpoints[slug], optimizations="fuse_qkv,channels_last")
+    eager = torch_components(tiny_checkpoints[slug])
+    fast = torch_components(tiny_checkpoints[slug], optimizations="fuse_qkv,channels_last")
     denoiser = {"ominicontrol": "transformer", "omni-zero": "controlnet_unet"}.get(slug, "unet")
     applied = fast.optimization_report.applied[denoiser]
     assert applied[0].startswith("fuse_qkv (") and (denoiser == "transformer") != ("channels_last" in applied)
@@ -90,12 +90,13 @@ def test_compiled_components_are_warmed_up_at_load_and_match_eager(sd15_dir, dif
     import torch._dynamo.utils as dynamo_utils
 
     caplog.set_level(logging.WARNING, logger="engine.torch_optimize")
-    eager = TorchComponents(sd15_dir)
+    # device="cpu": on a CPU device the CUDA graphs are dropped with a log line (asserted below).
+    eager = torch_components(sd15_dir, device="cpu")
     # The VAE decoder: the smallest compile of the pipeline's networks (CPU inductor compiles C++).
     spec = "fuse_qkv,channels_last,compile,cuda_graphs,components=vae_decoder,sizes=512x768"
-    compiled = TorchComponents(sd15_dir, optimizations=spec)
+    compiled = torch_components(sd15_dir, device="cpu", optimizations=spec)
     report = compiled.optimization_report
-    # This CPU has no CUDA: the graphs are dropped with a log line, the compile stays.
+    # A CPU device has no CUDA graphs: they are dropped with a log line, the compile stays.
     assert any("CUDA graphs need a CUDA device" in r.getMessage() for r in caplog.records)
     assert report.fallbacks and report.applied["vae_decoder"] == ["channels_last", "compile=default"]
     assert report.applied["unet"] == ["fuse_qkv (8 attentions)", "channels_last"]
@@ -118,18 +119,18 @@ def test_missing_compiler_falls_back_to_eager_with_a_log_line(sd15_dir, monkeypa
     caplog.set_level(logging.WARNING, logger="engine.torch_optimize")
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setattr("shutil.which", lambda name: None)
-    components = TorchComponents(sd15_dir, optimizations="compile")
+    components = torch_components(sd15_dir, optimizations="compile")
     assert any("needs a C++ compiler" in r.getMessage() and "running eager" in r.getMessage() for r in caplog.records)
     assert components.optimization_report.warmup_seconds == {}
     assert all("compile" not in step for steps in components.optimization_report.applied.values() for step in steps)
 
 
 def test_vae_precision_is_its_own_setting(sd15_dir):
-    components = TorchComponents(sd15_dir, optimizations="vae=bf16")
+    components = torch_components(sd15_dir, optimizations="vae=bf16")
     assert components.dtype == torch.float32 and components.vae_dtype == torch.bfloat16
     assert components.modules["vae_decoder"].vae.dtype == torch.bfloat16
     out = run("sd1.5-scifi", _params("sd1.5-scifi") | {"num_inference_steps": 20}, components)
-    reference = run("sd1.5-scifi", _params("sd1.5-scifi"), TorchComponents(sd15_dir))
+    reference = run("sd1.5-scifi", _params("sd1.5-scifi"), torch_components(sd15_dir))
     assert 0 < np.abs(out.images - reference.images).max() <= 0.05  # bf16 decode: close, not equal
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
+import torch
 
 from engine.catalog import get_model
 from engine.checkpoint import read_model_config
 from engine.descriptors import component_descriptors, needed_components
 from engine.runtime_onnx import OnnxComponents
-from engine.runtime_torch import TorchComponents, load_component_modules
+from engine.runtime_torch import load_component_modules
 from export.onnx_export import ExportError, artifact_path, build_tensorrt_engine, export_component, onnx_toolkit
+from tests.devices import torch_components
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,7 @@ def test_onnx_runtime_pipeline_equals_torch_pipeline(sd15_exports, sd15_dir):
 
     _, _, _, results = sd15_exports
     onnx = OnnxComponents(sd15_dir, {name: r.path for name, r in results.items()})
-    torch_components = TorchComponents(sd15_dir)
+    torch_components = torch_components(sd15_dir, device="cpu")
     kw = dict(prompt="a city", width=64, height=96, num_inference_steps=4, num_images=2, seed=3, scheduler="Euler a")
     a = txt2img.generate(onnx, **kw).images
     b = txt2img.generate(torch_components, **kw).images
@@ -64,6 +68,8 @@ def test_unknown_precision_is_rejected(tmp_path, sd15_dir):
         export_component(None, desc, sd15_dir, tmp_path, "int4")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available(),
+                    reason="TensorRT and a CUDA device are here: there is nothing unavailable to report")
 def test_tensorrt_unavailable_is_said_clearly(tmp_path, sd15_exports):
     _, descs, _, results = sd15_exports
     with pytest.raises(ExportError, match="TensorRT is unavailable"):
