@@ -344,10 +344,17 @@ def test_capacity_from_an_engine_report_is_one_point():
     assert p["rps_per_gpu"] == 4.0 and p["gpus_needed"] == 3 and p["p95_ms"] == 260.0
 
 
-def test_cli_commands_and_results_index(results_dir, capsys):
+def test_cli_commands_and_results_index(tmp_path, capsys):
+    import shutil
+
     from benchmarks.cli import main
 
-    # capacity and report read what the tests above wrote into results_dir.
+    # capacity and report read the committed reports (CPU and H200 engine runs of both SD slugs), copied
+    # into a directory of the test's own: the test runs alone or in any order.
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    for report in Path(__file__).resolve().parents[2].joinpath("benchmarks", "results").glob("engine-*.json"):
+        shutil.copy(report, results_dir)
     assert main(["capacity", "--results-dir", str(results_dir), "--slo-p95-ms", "100000", "--target-rps", "5",
                  "--gpu-hour-usd", "2.5", "--out", str(results_dir), "--no-plots"]) == 0
     assert "$ / 1000 images" in capsys.readouterr().out
