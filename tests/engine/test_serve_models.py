@@ -1,29 +1,60 @@
-"""``serve --models``: incomplete slugs are not served, /readyz says why, the others are served (local backend)."""
+"""`diffserve serve --models` with one slug whose artifacts are incomplete: the real command.
 
-from __future__ import annotations
+`serve` checks every slug of the models file, serves the complete ones and leaves the others out
+with the reason on /readyz; a served slug generates, a left-out one is a 404 naming it.
+"""
 
-import argparse
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
-from fastapi.testclient import TestClient
+import httpx
+import numpy as np
+import PIL.Image
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_serve_skips_incomplete_slug_and_readyz_names_it(tmp_path, tiny_checkpoints, diffserve_home):
-    from api.app import create_app
-    from api.backend_local import create_local_backend
-    from api.cli import _apply_models_file
-    from api.settings import Settings
-
     demo = diffserve_home / "checkpoints" / "published"
     models = tmp_path / "models.toml"
     models.write_text(f'["sd1.5-scifi"]\ncheckpoint = "{demo}/sd/missing.safetensors"\n'
                       f'["sd1.5-img2img"]\ncheckpoint = "{demo}/sd/stable-diffusion-v1-5"\n')
-    settings = Settings(data_dir=tmp_path / "api", models_file=models)
-    settings, unavailable = _apply_models_file(argparse.Namespace(backend="local"), settings)
-    assert list(settings.checkpoints) == ["sd1.5-img2img"] and list(unavailable) == ["sd1.5-scifi"]
-    backend = create_local_backend(settings, demo=False)
-    backend.unavailable = unavailable
-    with TestClient(create_app(settings, backend)) as client:
-        body = client.get("/readyz").json()
-        assert body["models"] == ["sd1.5-img2img"]
-        assert "missing" in body["unavailable"]["sd1.5-scifi"][0]
-        assert client.post("/v1/sd1.5-scifi", json={"prompt": "x"}).status_code == 404
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--backend", "local", "--models", str(models),
+         "--port", "0", "--data-dir", str(tmp_path / "api")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True, env=dict(os.environ),  # noqa: SIM115
+    )
+    try:
+        url = None
+        for line in proc.stdout:
+            if "ready at" in line:
+                url = line.split("ready at", 1)[1].split()[0]
+                break
+        assert url, f"serve did not start:\n{log.read_text()[-3000:]}"
+        with httpx.Client(base_url=url, timeout=300) as client:
+            body = client.get("/readyz").json()
+            assert body["models"] == ["sd1.5-img2img"]
+            assert "missing" in body["unavailable"]["sd1.5-scifi"][0]
+            left_out = client.post("/v1/sd1.5-scifi", json={"prompt": "x"})
+            assert left_out.status_code == 404 and "sd1.5-scifi" in left_out.json()["error"]
+            buf = io.BytesIO()
+            PIL.Image.new("RGB", (64, 64), (200, 120, 40)).save(buf, format="JPEG")
+            served = client.post("/v1/sd1.5-img2img", json={
+                "image": base64.b64encode(buf.getvalue()).decode(), "prompt": "a lake", "strength": 0.1,
+                "num_inference_steps": 20, "seed": 7, "img_width": 512, "img_height": 512})
+            assert served.status_code == 200, served.text
+            image = np.asarray(PIL.Image.open(io.BytesIO(served.content)))
+            assert image.shape == (512, 512, 3) and image.std() > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
