@@ -33,7 +33,7 @@ from api.inputs import InputStore
 from api.jobs import JobStore
 from api.metrics import ApiMetrics, slug_label
 from api.quotas import CreditLedger, RateLimiter
-from api.routes import health, models, requests
+from api.routes import events, health, models, openai_images, requests
 from api.runner import JobRunner
 from api.settings import Settings
 from engine.catalog import CATALOG
@@ -45,6 +45,9 @@ DESCRIPTION = """Self-hosted serving of the Segmind image models with the same H
 * `POST /v1/{slug}`: generate and return the image (or base64 JSON with `base64=true`).
 * `POST /v2/{slug}`: queue; poll `GET /v2/requests/{id}/status`; fetch `GET /v2/requests/{id}`.
 * Each served slug has its own pair of operations below, with that model's request schema.
+* `GET /v2/requests/{id}/events`: the same as server-sent events (queued, progress, the result).
+* `POST /v1/images/generations`, `POST /v1/images/edits`: the OpenAI images dialect (errors in
+  OpenAI's shape there).
 * Auth: `x-api-key` header (or `Authorization: Bearer`). Errors: JSON `{"error": "..."}`;
   a FAILED request is served with HTTP 422.
 """
@@ -242,5 +245,7 @@ def create_app(settings: Settings, backend: GenerationBackend, *, role: str = "a
     if role != "worker":
         app.include_router(models.generation_router(backend.slugs))
         app.include_router(requests.router)
+        app.include_router(events.router)
+        app.include_router(openai_images.router)
     app.include_router(health.router)
     return app
