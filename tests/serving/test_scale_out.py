@@ -3,9 +3,9 @@ replicas (``diffserve serve --role api``) and two workers (``diffserve worker``)
 with its own Triton server over a repository holding only ``sd1.5-scifi`` (fused), to bound
 memory. The official SDK through either replica; a job submitted on one replica and polled,
 fetched and cancelled on the other; a worker killed with SIGKILL mid-job (its job finishes on
-the other worker, once, charged once, with the delivery count in its metrics); events of a job
-streamed by the other replica; Redis stopped
-under load (503s, never a 500) and started again (accepted jobs complete, new ones succeed).
+the other worker, once, charged once, with the delivery count in its metrics); a job's events
+streamed by the other replica; Redis stopped under load (503s, never a 500) and started again
+(accepted jobs complete, new ones succeed).
 """
 
 from __future__ import annotations
