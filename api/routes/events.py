@@ -59,13 +59,16 @@ async def _events(job: Job, request: Request, state: AppState, event_id: int) ->
     yield f"retry: {RETRY_MS}\n\n"
     last_data: dict | None = None
     last_sent = time.monotonic()
+    paused = False
     while True:
         if job.status.terminal:
             body = await result_body(job, request, state)
             yield format_event(terminal_event(job), body.model_dump(), event_id + 1)
             return
-        status = await asyncio.to_thread(_status_body, job, state.store)
-        data = status.model_dump(exclude_none=True)
+        try:
+            data = (await asyncio.to_thread(_status_body, job, state.store)).model_dump(exclude_none=True)
+        except StoreUnavailable:  # the queue position could not be read: try again next poll
+            data = last_data
         if data != last_data:
             event_id += 1
             yield format_event("queued" if job.status is JobStatus.QUEUED else "progress", data, event_id)
@@ -77,8 +80,11 @@ async def _events(job: Job, request: Request, state: AppState, event_id: int) ->
         try:
             current = await read_job(state, job.id)
         except StoreUnavailable as exc:
-            logger.warning("events of %s paused: %s", job.id, exc)
+            if not paused:
+                logger.warning("events of %s paused until the store answers again: %s", job.id, exc)
+            paused = True
             continue
+        paused = False
         if current is None:  # purged between two reads (retention over): nothing more will happen
             yield format_event("expired", {"request_id": job.id, "error": "request expired"}, event_id + 1)
             return
