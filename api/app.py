@@ -34,6 +34,7 @@ from api.jobs import JobStore
 from api.metrics import ApiMetrics, slug_label
 from api.quotas import CreditLedger, RateLimiter
 from api.routes import events, health, models, openai_images, requests
+from api.routes.openai_images import OPENAI_PREFIX, openai_error_response
 from api.runner import JobRunner
 from api.settings import Settings
 from engine.catalog import CATALOG
@@ -98,8 +99,9 @@ class RequestGuard:
         try:
             declared = _content_length(scope)
             if declared is not None and declared > limit:
-                response = error_response(413, f"request body is {declared} bytes, over the limit of {limit} bytes",
-                                          {"Connection": "close"})
+                message = f"request body is {declared} bytes, over the limit of {limit} bytes"
+                shape = openai_error_response if scope["path"].startswith(OPENAI_PREFIX) else error_response
+                response = shape(413, message, headers={"Connection": "close"})
                 await response(scope, receive, send_with_headers)
                 return
             await self.app(scope, limited_receive, send_with_headers)

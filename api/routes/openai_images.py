@@ -95,7 +95,10 @@ class OpenAIRoute(APIRoute):
         return openai_errors
 
 
-router = APIRouter(prefix="/v1/images", tags=["openai"], route_class=OpenAIRoute)
+OPENAI_PREFIX = "/v1/images"
+"""Every route of the dialect lives under it (the app's body-size guard answers in OpenAI's shape there)."""
+
+router = APIRouter(prefix=OPENAI_PREFIX, tags=["openai"], route_class=OpenAIRoute)
 
 _ERRORS = {code: {"model": OpenAIErrorResponse, "description": text} for code, text in {
     400: "Invalid field (error.param names it)", 401: "Missing or invalid API key",

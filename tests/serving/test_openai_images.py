@@ -21,12 +21,14 @@ KEY = "openai-key"
 SCIFI_ONLY_KEY = "scifi-only-key"
 SLUGS = ("sd1.5-scifi", "segmind-vega", "sd1.5-img2img")
 CHEAP = {"seed": 7, "num_inference_steps": 20}
+MAX_BODY = 256 * 1024
 
 
 @pytest.fixture(scope="module")
 def api(tiny_checkpoints, tmp_path_factory):
     settings = Settings(data_dir=tmp_path_factory.mktemp("openai-data"), api_keys=[KEY, SCIFI_ONLY_KEY],
-                        key_models={SCIFI_ONLY_KEY: ["sd1.5-scifi"]}, max_concurrent_jobs=1)
+                        key_models={SCIFI_ONLY_KEY: ["sd1.5-scifi"]}, max_concurrent_jobs=1,
+                        max_body_bytes=MAX_BODY)
     with ServerThread(create_app(settings, EngineBackend({s: tiny_checkpoints[s] for s in SLUGS}))) as server:
         yield server
 
@@ -105,6 +107,9 @@ def test_errors_are_in_openais_shape_with_the_field_at_fault(client, api):
     with pytest.raises(openai.BadRequestError) as mask:
         client.images.edit(model="sd1.5-img2img", image=("a.jpg", jpeg_bytes()), mask=("m.png", b"x"), prompt="a")
     assert _error(mask.value)["param"] == "mask"
+    with pytest.raises(openai.APIStatusError) as too_large:
+        client.images.edit(model="sd1.5-img2img", image=("a.jpg", b"x" * MAX_BODY), prompt="a cat")
+    assert too_large.value.status_code == 413 and _error(too_large.value)["code"] == "request_too_large"
     with pytest.raises(openai.BadRequestError) as not_an_image:
         client.images.edit(model="sd1.5-img2img", image=("a.jpg", b"not an image"), prompt="a cat")
     assert _error(not_an_image.value)["type"] == "invalid_request_error"
