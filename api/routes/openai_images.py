@@ -11,8 +11,8 @@ parameter of the slug (``seed``, ``negative_prompt``, ``num_inference_steps``,
 ``guidance_scale``, ``scheduler``, and ``strength`` on edits) is an extension field, sent by the
 SDK through ``extra_body``. ``user`` is accepted and ignored, as OpenAI uses it for abuse
 monitoring only. Errors on these routes, and only here, are OpenAI's
-``{"error": {"message", "type", "param", "code"}}`` (``OpenAIRoute``); the status codes are this
-API's (402-free: 406 for credits, 429 rate limits).
+``{"error": {"message", "type", "param", "code"}}`` (``OpenAIRoute``); the status codes stay
+this API's (406 for credits, 429 for rate limits and a full queue).
 """
 
 from __future__ import annotations
