@@ -33,7 +33,8 @@ from api.inputs import InputStore
 from api.jobs import JobStore
 from api.metrics import ApiMetrics, slug_label
 from api.quotas import CreditLedger, RateLimiter
-from api.routes import health, models, requests
+from api.routes import events, health, models, openai_images, requests
+from api.routes.openai_images import OPENAI_PREFIX, openai_error_response
 from api.runner import JobRunner
 from api.settings import Settings
 from engine.catalog import CATALOG
@@ -45,6 +46,9 @@ DESCRIPTION = """Self-hosted serving of the Segmind image models with the same H
 * `POST /v1/{slug}`: generate and return the image (or base64 JSON with `base64=true`).
 * `POST /v2/{slug}`: queue; poll `GET /v2/requests/{id}/status`; fetch `GET /v2/requests/{id}`.
 * Each served slug has its own pair of operations below, with that model's request schema.
+* `GET /v2/requests/{id}/events`: the same as server-sent events (queued, progress, the result).
+* `POST /v1/images/generations`, `POST /v1/images/edits`: the OpenAI images dialect (errors in
+  OpenAI's shape there).
 * Auth: `x-api-key` header (or `Authorization: Bearer`). Errors: JSON `{"error": "..."}`;
   a FAILED request is served with HTTP 422.
 """
@@ -95,8 +99,9 @@ class RequestGuard:
         try:
             declared = _content_length(scope)
             if declared is not None and declared > limit:
-                response = error_response(413, f"request body is {declared} bytes, over the limit of {limit} bytes",
-                                          {"Connection": "close"})
+                message = f"request body is {declared} bytes, over the limit of {limit} bytes"
+                shape = openai_error_response if scope["path"].startswith(OPENAI_PREFIX) else error_response
+                response = shape(413, message, headers={"Connection": "close"})
                 await response(scope, receive, send_with_headers)
                 return
             await self.app(scope, limited_receive, send_with_headers)
@@ -242,5 +247,7 @@ def create_app(settings: Settings, backend: GenerationBackend, *, role: str = "a
     if role != "worker":
         app.include_router(models.generation_router(backend.slugs))
         app.include_router(requests.router)
+        app.include_router(events.router)
+        app.include_router(openai_images.router)
     app.include_router(health.router)
     return app

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     Redis it caps deliveries: a job whose worker went silent this many times ends FAILED."""
     cancel_poll_s: float = Field(0.2, gt=0)
     """How often a running job's cancel flag, progress and deadline are checked."""
+    events_poll_s: float = Field(0.25, gt=0)
+    """How often ``GET /v2/requests/{id}/events`` re-reads its job from the store (any replica
+    serves any job's events because it reads the shared store)."""
+    events_keepalive_s: float = Field(15.0, gt=0)
+    """Longest an event stream stays silent: a comment line is sent after this long without an
+    event, so proxies do not close an idle connection."""
 
     # -- scale-out (Redis) ------------------------------------------------------------------------
     redis_url: str | None = None

@@ -27,7 +27,7 @@ from api.errors import ApiError
 from api.images import ImageInputError, load_image
 from api.jobs import Job, JobStatus
 from api.quotas import InsufficientCredits
-from api.runner import ClientGone, QueueFull, Submission, SyncTimeout
+from api.runner import ClientGone, JobOutcome, QueueFull, Submission, SyncTimeout
 from api.schemas import Base64ImageResponse, ErrorResponse, SubmitResponse, request_body_openapi
 from api.urls import output_urls, result_url, status_url
 from engine.catalog import ModelSpec, ValidationError, get_model
@@ -87,9 +87,12 @@ async def _submit(state: AppState, submission: Submission) -> Job:
         raise ApiError(406, str(exc)) from None
 
 
-async def generate_sync(request: Request, spec: ServedModelDep, caller: SubmitterDep, payload: JsonBodyDep,
-                        state: StateDep) -> Response:
-    submission = await _prepare(spec, payload, caller, state, sync=True)
+async def run_sync(request: Request, state: AppState, submission: Submission) -> JobOutcome:
+    """Submit a prepared ``/v1`` job and await its COMPLETED outcome (also the OpenAI dialect's path).
+
+    Raises ``ApiError`` 504 on the sync timeout and the job's own status when it FAILED (both
+    carry ``X-Request-Id``); ``ClientGone`` when the client disconnected (its job is cancelled).
+    """
     job = await _submit(state, submission)
     request.state.request_id = job.id
     id_header = {"X-Request-Id": job.id}
@@ -97,13 +100,22 @@ async def generate_sync(request: Request, spec: ServedModelDep, caller: Submitte
         outcome = await state.runner.wait(job.id, state.settings.sync_timeout_s, request.is_disconnected)
     except SyncTimeout as exc:
         raise ApiError(504, f"timed out: {exc}; it was cancelled", id_header) from None
-    except ClientGone:
-        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     done = outcome.job
     if done.status is not JobStatus.COMPLETED:
         raise ApiError(outcome.status_code or 500, done.error or "generation failed", id_header)
+    return outcome
+
+
+async def generate_sync(request: Request, spec: ServedModelDep, caller: SubmitterDep, payload: JsonBodyDep,
+                        state: StateDep) -> Response:
+    submission = await _prepare(spec, payload, caller, state, sync=True)
+    try:
+        outcome = await run_sync(request, state, submission)
+    except ClientGone:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    done = outcome.job
     headers = {
-        **id_header,
+        "X-Request-Id": done.id,
         "X-Seed": str(done.seed),
         "X-Inference-Time": f"{done.metrics.get('inference_time', 0.0):.4f}",
         "X-Queue-Time": f"{done.metrics.get('queue_time', 0.0):.4f}",

@@ -17,7 +17,7 @@ import re
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from api.deps import OwnedJobDep, StateDep, StoreDep, read_job
+from api.deps import AppState, OwnedJobDep, StateDep, StoreDep, read_job
 from api.errors import ApiError
 from api.jobs import Job, JobStatus, JobStore
 from api.schemas import ErrorResponse, Progress, ResultResponse, StatusResponse
@@ -62,16 +62,21 @@ async def request_status(job: OwnedJobDep, store: StoreDep) -> JSONResponse:
 @router.get("/{request_id}", response_model=ResultResponse, summary="Result of a request",
             responses={**_ERRORS, 422: {"model": ResultResponse, "description": "The request FAILED"}})
 async def request_result(job: OwnedJobDep, request: Request, state: StateDep) -> JSONResponse:
+    body = await result_body(job, request, state)
+    return JSONResponse(body.model_dump(), status_code=422 if job.status is JobStatus.FAILED else 200)
+
+
+async def result_body(job: Job, request: Request, state: AppState) -> ResultResponse:
+    """The body of ``GET /v2/requests/{id}`` (also the terminal event of ``/events``)."""
     output = None
     if job.status is JobStatus.COMPLETED:
         if job.want_base64:
             output = await asyncio.to_thread(_read_base64, state.store, job)
         else:
             output = output_urls(state.public_base(request), job)
-    body = ResultResponse(request_id=job.id, status=job.status.value, output=output,
+    return ResultResponse(request_id=job.id, status=job.status.value, output=output,
                           error=job.error if job.status is JobStatus.FAILED else None,
                           seed=job.seed, metrics=job.metrics)
-    return JSONResponse(body.model_dump(), status_code=422 if job.status is JobStatus.FAILED else 200)
 
 
 @router.post("/{request_id}/cancel", response_model=StatusResponse, response_model_exclude_none=True,

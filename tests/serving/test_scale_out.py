@@ -3,12 +3,14 @@ replicas (``diffserve serve --role api``) and two workers (``diffserve worker``)
 with its own Triton server over a repository holding only ``sd1.5-scifi`` (fused), to bound
 memory. The official SDK through either replica; a job submitted on one replica and polled,
 fetched and cancelled on the other; a worker killed with SIGKILL mid-job (its job finishes on
-the other worker, once, charged once, with the delivery count in its metrics); Redis stopped
-under load (503s, never a 500) and started again (accepted jobs complete, new ones succeed).
+the other worker, once, charged once, with the delivery count in its metrics); a job's events
+streamed by the other replica; Redis stopped under load (503s, never a 500) and started again
+(accepted jobs complete, new ones succeed).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -33,7 +35,8 @@ QUICK = {"prompt": "a city", "num_inference_steps": 20, "img_width": 512, "img_h
 SLOW = {"prompt": "a long one", "num_inference_steps": 100, "samples": 4, "img_width": 512, "img_height": 768,
         "seed": 5}  # ~15 s on 2 CPU cores with the tiny UNet: long enough to act on mid-job
 ENV = {"DIFFSERVE_RECLAIM_IDLE_S": "2", "DIFFSERVE_REQUEST_MAX_ATTEMPTS": "3", "DIFFSERVE_CANCEL_POLL_S": "0.05",
-       "DIFFSERVE_API_KEYS": KEY, "DIFFSERVE_CREDITS": str(CREDITS), "DIFFSERVE_PURGE_INTERVAL_S": "1"}
+       "DIFFSERVE_API_KEYS": KEY, "DIFFSERVE_CREDITS": str(CREDITS), "DIFFSERVE_PURGE_INTERVAL_S": "1",
+       "DIFFSERVE_EVENTS_POLL_S": "0.05"}
 
 
 class Proc:
@@ -189,6 +192,22 @@ def test_a_job_submitted_on_one_replica_is_polled_fetched_and_cancelled_on_the_o
         failed = wait_status(a, slow, {"FAILED"}, timeout=60)
         assert failed["error"] == "cancelled by client"
         assert b.get(f"/v2/requests/{slow}").status_code == 422
+
+
+def test_events_stream_progress_and_the_result_through_the_other_replica(cluster):
+    from httpx_sse import connect_sse
+
+    with client(cluster["api0"].url) as a, client(cluster["api1"].url) as b:
+        request_id = a.post(f"/v2/{SLUG}", json=SLOW).json()["request_id"]  # long enough to report steps
+        with connect_sse(b, "GET", f"/v2/requests/{request_id}/events") as source:
+            assert source.response.status_code == 200
+            events = [(e.event, json.loads(e.data)) for e in source.iter_sse() if e.data]
+        result = b.get(f"/v2/requests/{request_id}").json()
+    names = [name for name, _ in events]
+    assert names[-1] == "completed" and set(names) <= {"queued", "progress", "completed"}, names
+    steps = [data["progress"]["step"] for name, data in events if name == "progress" and "progress" in data]
+    assert steps and steps == sorted(steps) and steps[-1] <= 100, steps  # written by a worker, read by api1
+    assert events[-1][1] == result and result["output"][0].startswith(cluster["api1"].url)
 
 
 def _credits_left(http: httpx.Client, request_id: str) -> int:
