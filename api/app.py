@@ -146,7 +146,7 @@ class QueueOnlyBackend:
 
 def _unavailable_as(default, fn):
     """``fn`` for a metrics collector: while Redis is down the scrape shows ``default``, not a 500."""
-    from api.redis_jobs import StoreUnavailable
+    from api.redis_client import StoreUnavailable
 
     def read():
         try:
@@ -163,11 +163,13 @@ def _open_stores(settings: Settings):
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.redis_url is None:
         store = JobStore(settings.jobs_db_path, outputs_dir=settings.outputs_dir,
-                         retention_s=settings.retention_s, max_attempts=settings.request_max_attempts)
+                         retention_s=settings.retention_s, max_attempts=settings.request_max_attempts,
+                         synchronous=settings.sqlite_synchronous)
         inputs = InputStore(settings.inputs_dir)
         ledger = CreditLedger(settings.data_dir / "credits.sqlite", default_credits, credits_by_owner)
         return store, inputs, ledger, RateLimiter(default_rate or 0, rate_by_owner)
-    from api.redis_jobs import RedisJobStore, connect
+    from api.redis_client import connect
+    from api.redis_jobs import RedisJobStore
     from api.redis_quotas import RedisCreditLedger, RedisRateLimiter
 
     client = connect(settings.redis_url)

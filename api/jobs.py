@@ -167,9 +167,12 @@ class JobStore:
         max_attempts: int = 2,
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = 10.0,
+        synchronous: str = "FULL",
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         self.path = Path(path).resolve()
         self.data_dir = self.path.parent
         self.outputs_dir = Path(outputs_dir).resolve()
@@ -195,9 +198,9 @@ class JobStore:
         )
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable across application crashes in WAL mode; only an
-        # OS crash/power loss can drop the last transactions.
-        self._conn.execute("PRAGMA synchronous=NORMAL")
+        # FULL fsyncs the WAL at every commit, so a job acknowledged to a client survives a
+        # power loss; NORMAL (WAL mode) survives a process crash only. The value is checked above.
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._migrate()
 

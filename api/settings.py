@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     """How long a finished request's status and images stay available (Segmind: one hour)."""
     purge_interval_s: float = Field(60.0, gt=0)
     """How often expired requests and their files are deleted."""
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    """SQLite ``synchronous`` of the embedded job store. ``FULL``: a submission's 200 is sent after
+    the job is fsynced, so an accepted job survives a power loss or host crash (as on Redis with
+    ``appendfsync always``). ``NORMAL``: one fsync fewer per write (WAL checkpoints only), durable
+    across a crash of the process but a power loss can roll back the last accepted jobs. See
+    ``diffserve bench store`` for the cost on your disk."""
 
     # -- auth and quotas -------------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, repr=False)
