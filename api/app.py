@@ -168,11 +168,11 @@ def _open_stores(settings: Settings):
         inputs = InputStore(settings.inputs_dir)
         ledger = CreditLedger(settings.data_dir / "credits.sqlite", default_credits, credits_by_owner)
         return store, inputs, ledger, RateLimiter(default_rate or 0, rate_by_owner)
-    from api.redis_client import connect
+    from api.redis_client import connect, read_password_file
     from api.redis_jobs import RedisJobStore
     from api.redis_quotas import RedisCreditLedger, RedisRateLimiter
 
-    client = connect(settings.redis_url)
+    client = connect(settings.redis_url, password=read_password_file(settings.redis_password_file))
     ns = settings.redis_namespace
     store = RedisJobStore(settings.redis_url, namespace=ns, retention_s=settings.retention_s,
                           max_attempts=settings.request_max_attempts, reclaim_idle_s=settings.reclaim_idle_s,

@@ -96,9 +96,14 @@ class Settings(BaseSettings):
 
     # -- scale-out (Redis) ------------------------------------------------------------------------
     redis_url: str | None = None
-    """``redis://host:port/db`` of the shared job store, queue, credits and rate limits (API
+    """``redis://host:port/db`` (``rediss://`` for TLS, ``redis://[USER]:PASSWORD@host...`` with
+    credentials) of the shared job store, queue, credits and rate limits (API
     replicas and workers); None: the embedded SQLite store of a single process. Run Redis with
     ``appendonly yes``, ``appendfsync always`` and ``maxmemory-policy noeviction``."""
+    redis_password_file: Path | None = None
+    """A file holding the Redis password (a mounted Docker/Kubernetes secret; ``requirepass`` or
+    an ACL user's, the user then in the URL: ``redis://USER@host:6379/0``). Used when
+    ``redis_url`` carries no password; keeps it out of the environment and process listings."""
     redis_namespace: str = "diffserve"
     """Prefix of every Redis key (one Redis may hold several deployments)."""
     reclaim_idle_s: float = Field(30.0, gt=0)
