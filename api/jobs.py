@@ -158,6 +158,8 @@ def _row_to_job(row: sqlite3.Row) -> Job:
 class JobStore:
     """Thread-safe persistent job queue; see the module docstring for the model."""
 
+    name: Final = "sqlite"
+
     def __init__(
         self,
         path: Path,
@@ -182,6 +184,7 @@ class JobStore:
             raise ValueError(f"outputs_dir {self.outputs_dir} must be inside the data dir {self.data_dir}")
         self.retention_s = float(retention_s)
         self.max_attempts = max_attempts
+        self.address = str(self.data_dir)
         self._clock = clock
         self._lock = threading.RLock()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -271,6 +274,16 @@ class JobStore:
         if not candidate.is_relative_to(self.outputs_dir):
             raise ValueError(f"output path {relative!r} escapes the outputs directory")
         return candidate
+
+    def read_output(self, job_id: str, index: int) -> bytes | None:
+        """Output ``index`` of a COMPLETED job, or None (unknown, not completed, no such output, expired)."""
+        job = self.get(job_id)
+        if job is None or job.status is not JobStatus.COMPLETED or not 0 <= index < len(job.outputs):
+            return None
+        try:
+            return self.resolve_output(job.outputs[index]).read_bytes()
+        except FileNotFoundError:  # purged between the read of the row and of the file
+            return None
 
     def _job_dir(self, job_id: str) -> Path:
         return self.outputs_dir / job_id
@@ -545,6 +558,15 @@ class JobStore:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # -- queries -------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raises sqlite3.Error (or RuntimeError once closed) unless the database answers."""
+        with self._lock:
+            self._db.execute("SELECT 1").fetchone()
+
+    def served_slugs(self) -> dict[str, list[str]]:
+        """Slugs announced by workers of other processes: none, the embedded store has one process."""
+        return {}
 
     def queue_depth(self) -> int:
         with self._lock:

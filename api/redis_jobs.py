@@ -137,6 +137,8 @@ def _flat_to_dict(flat: Sequence[Any]) -> dict[Any, Any]:
 class RedisJobStore:
     """The Redis job store and queue; see the module docstring for the model. Thread-safe."""
 
+    name: Final = "redis"
+
     def __init__(
         self,
         url: str,

@@ -324,7 +324,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     rep.set_defaults(func=cmd_report)
 
     sto = bsub.add_parser("store", help="submit latency of the SQLite job store, synchronous=FULL vs NORMAL",
-                          description="Time JobStore.create (the commit a POST /v2 waits for) with SQLite "
+                          description="Time the job-row commit a POST /v2 waits for with SQLite "
                                       "synchronous=FULL and NORMAL; prints a markdown table.")
     sto.add_argument("--jobs", type=int, default=500, help="creates per mode (default 500)")
     sto.add_argument("--dir", type=Path, help="where the databases go (default: the system temp dir); "
