@@ -1,7 +1,8 @@
 """The job queue interface both stores implement, and the one place that chooses the store.
 
 :class:`JobQueue` is what the HTTP layer (routes, deps) and the runner may ask of a job store:
-enqueue, read status and outputs, cancel, position, purge, readiness. Two implementations:
+enqueue, claim -> lease, heartbeat, complete/fail (fenced by the lease), read status and outputs,
+cancel, position, purge, readiness. Two implementations:
 :class:`api.jobs.JobStore` (SQLite, embedded, one process) and :class:`api.redis_jobs.RedisJobStore`
 (Redis, shared by API replicas and workers). Callers never ask which one they hold; blocking
 calls go through ``asyncio.to_thread`` on both (both are thread-safe).
@@ -13,12 +14,12 @@ credits and rate limits on SQLite or on Redis, once, at start-up.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from api.inputs import InputStore
-from api.jobs import Job, JobStore
+from api.jobs import Claim, Heartbeat, Job, JobStore
 from api.quotas import CreditLedger, RateLimiter
 from api.settings import Settings
 
@@ -51,12 +52,22 @@ class JobQueue(Protocol):
     def read_output(self, job_id: str, index: int) -> bytes | None:
         """Output ``index`` of a COMPLETED job, or None (no such output, or expired)."""
 
+    def claim(self, consumer: str, slugs: Sequence[str], *, block_s: float = 0.0) -> Claim | None:
+        """Lease the next job of ``slugs`` to ``consumer`` (PROCESSING, one more attempt); waits up
+        to ``block_s`` for one to be enqueued. None if none came."""
+
+    def heartbeat(self, claim: Claim) -> Heartbeat:
+        """Keep the lease; says whether it still holds the job and whether a cancel was asked."""
+
     def set_progress(self, job_id: str, step: int, total: int | None) -> bool: ...
 
     def complete(self, job_id: str, outputs: list[bytes], ext: str, metrics: dict[str, Any],
                  seed: int | None) -> Job: ...
 
-    def fail(self, job_id: str, error: str, metrics: dict[str, Any] | None = None) -> Job: ...
+    def fail(self, job_id: str, error: str, metrics: dict[str, Any] | None = None, *,
+             claim: Claim | None = None) -> Job:
+        """FAIL a QUEUED or PROCESSING job (terminal ones unchanged); with ``claim`` only while that
+        lease still holds it."""
 
     def request_cancel(self, job_id: str) -> Job | None:
         """QUEUED fails at once, PROCESSING gets a flag its runner polls; None if unknown/expired."""

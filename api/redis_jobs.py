@@ -47,12 +47,11 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 import redis
 
-from api.jobs import CANCELLED_BY_CLIENT, InvalidJobTransition, Job, JobStatus
+from api.jobs import CANCELLED_BY_CLIENT, Claim, Heartbeat, InvalidJobTransition, Job, JobStatus
 from api.redis_client import connect, describe, guarded, lua
 
 __all__ = [
@@ -75,27 +74,6 @@ class CompletionLost(InvalidJobTransition):
         self.job_id = job_id
         self.status = status
         super().__init__(f"job {job_id} is {status or 'gone'}, not PROCESSING: another outcome was stored first")
-
-
-@dataclass(frozen=True)
-class Claim:
-    """One delivery of a job to one consumer: what heartbeat, complete and fail need to name it."""
-
-    job: Job
-    stream: str
-    entry_id: str
-    consumer: str
-
-    @property
-    def attempt(self) -> int:
-        return self.job.attempts
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    owned: bool
-    """False: the job was reclaimed by another worker or finished elsewhere; stop working on it."""
-    cancel_requested: bool
 
 
 _SCRIPTS: Final = ("create", "claim", "heartbeat", "progress", "complete", "fail", "cancel")

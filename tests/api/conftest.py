@@ -51,8 +51,6 @@ def queue(make_queue) -> JobQueue:
 
 
 def take(store: JobQueue, slug: str) -> Job | None:
-    """Claim the next job of ``slug`` the way a runner of this store does (not yet one protocol call)."""
-    if isinstance(store, JobStore):
-        return store.claim_next()
+    """Lease the next job of ``slug`` without waiting (the job, or None)."""
     claim = store.claim("contract-worker", [slug])
     return None if claim is None else claim.job

@@ -7,7 +7,11 @@ deps never ask which store they hold.
 
 from __future__ import annotations
 
+import threading
 import time
+from dataclasses import replace
+
+import pytest
 
 from api.jobs import CANCELLED_BY_CLIENT, JobStatus
 from api.queue import JobQueue
@@ -97,3 +101,46 @@ def test_a_second_handle_sees_the_same_jobs(make_queue) -> None:
     assert second.get(job.id).status is JobStatus.QUEUED and second.position(job.id) == 0
     assert second.request_cancel(job.id).status is JobStatus.FAILED
     assert first.get(job.id).error == CANCELLED_BY_CLIENT
+
+
+def test_a_blocking_claim_returns_on_an_enqueue(make_queue) -> None:
+    worker, client = make_queue(), make_queue()
+    waiting = threading.Event()
+    got: list = []
+
+    def claim() -> None:
+        waiting.set()
+        got.append(worker.claim("w1", [SLUG], block_s=120.0))
+
+    thread = threading.Thread(target=claim)
+    thread.start()
+    waiting.wait()
+    assert worker.claim("w2", [SLUG]) is None  # nothing queued yet: the other claim is still waiting
+    job = client.create(SLUG, {"prompt": "wake up"})
+    thread.join(timeout=120.0)  # a hang guard, not a speed bound: the enqueue is what ends the wait
+    assert not thread.is_alive() and got[0] is not None and got[0].job.id == job.id
+
+
+def test_claims_take_only_the_slugs_asked_for(queue: JobQueue) -> None:
+    other = queue.create("segmind-vega", {"prompt": "vega"})
+    mine = queue.create(SLUG, {"prompt": "scifi"})
+    claim = queue.claim("w1", [SLUG])
+    assert claim.job.id == mine.id and claim.attempt == 1 and claim.consumer == "w1"
+    assert queue.claim("w1", [SLUG]) is None
+    assert queue.claim("w1", ["segmind-vega", SLUG]).job.id == other.id
+    with pytest.raises(ValueError, match="at least one slug"):
+        queue.claim("w1", [])
+
+
+def test_the_lease_reports_cancel_and_fences_a_stale_failure(queue: JobQueue) -> None:
+    job = queue.create(SLUG, {"prompt": "x"})
+    claim = queue.claim("w1", [SLUG])
+    beat = queue.heartbeat(claim)
+    assert beat.owned and not beat.cancel_requested
+    queue.request_cancel(job.id)
+    assert queue.heartbeat(claim).cancel_requested
+    stale = type(claim)(job=replace(claim.job, attempts=claim.attempt + 1), stream=claim.stream,
+                        entry_id=claim.entry_id, consumer="w-other")
+    assert queue.fail(job.id, "not mine", claim=stale).status is JobStatus.PROCESSING  # fenced off
+    assert queue.fail(job.id, CANCELLED_BY_CLIENT, claim=claim).status is JobStatus.FAILED
+    assert not queue.heartbeat(claim).owned
