@@ -3,9 +3,9 @@
 Roles: ``all`` (today's single process: the routes and the job runner on ``backend``), ``api``
 (a stateless replica on a shared Redis store: the routes, no jobs run here; ``backend`` is a
 ``QueueOnlyBackend``) and ``worker`` (only health and metrics routes; the runner takes the jobs
-of ``backend``'s slugs from Redis). ``settings.redis_url`` chooses the store: None is the
-embedded SQLite store of one process, a URL the Redis store, queue, credits and rate limits
-shared by every replica and worker.
+of ``backend``'s slugs from Redis). ``api.queue.open_stores`` chooses the store from the
+settings: the embedded SQLite store of one process, or the Redis store, queue, credits and rate
+limits shared by every replica and worker; nothing else asks which one it is.
 
 The app owns the job store, the job runner, credits and rate limits for its lifetime (built in
 the lifespan, closed at shutdown, together with the backend it was given). Routes live in
@@ -29,10 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.backend import GenerationBackend
 from api.deps import AppState
 from api.errors import BodyTooLarge, error_response, install_error_handlers
-from api.inputs import InputStore
-from api.jobs import JobStore
 from api.metrics import ApiMetrics, slug_label
-from api.quotas import CreditLedger, RateLimiter
+from api.queue import check_role, open_stores
 from api.routes import events, health, models, openai_images, requests
 from api.routes.openai_images import OPENAI_PREFIX, openai_error_response
 from api.runner import JobRunner
@@ -151,7 +149,7 @@ class QueueOnlyBackend:
 
 def _unavailable_as(default, fn):
     """``fn`` for a metrics collector: while Redis is down the scrape shows ``default``, not a 500."""
-    from api.redis_jobs import StoreUnavailable
+    from api.redis_client import StoreUnavailable
 
     def read():
         try:
@@ -161,45 +159,11 @@ def _unavailable_as(default, fn):
     return read
 
 
-def _open_stores(settings: Settings):
-    """(job store, inputs, credit ledger, rate limiter) on SQLite or, with ``redis_url``, on Redis."""
-    default_credits, credits_by_owner = settings.per_owner(settings.credits)
-    default_rate, rate_by_owner = settings.per_owner(settings.rate_limit_per_minute)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if settings.redis_url is None:
-        store = JobStore(settings.jobs_db_path, outputs_dir=settings.outputs_dir,
-                         retention_s=settings.retention_s, max_attempts=settings.request_max_attempts)
-        inputs = InputStore(settings.inputs_dir)
-        ledger = CreditLedger(settings.data_dir / "credits.sqlite", default_credits, credits_by_owner)
-        return store, inputs, ledger, RateLimiter(default_rate or 0, rate_by_owner)
-    from api.redis_jobs import RedisJobStore, connect
-    from api.redis_quotas import RedisCreditLedger, RedisRateLimiter
-
-    client = connect(settings.redis_url)
-    ns = settings.redis_namespace
-    store = RedisJobStore(settings.redis_url, namespace=ns, retention_s=settings.retention_s,
-                          max_attempts=settings.request_max_attempts, reclaim_idle_s=settings.reclaim_idle_s,
-                          client=client)
-    ledger = RedisCreditLedger(None, default_credits, credits_by_owner, namespace=ns, client=client)
-    limiter = RedisRateLimiter(None, default_rate or 0, rate_by_owner, namespace=ns, client=client)
-    try:
-        persistence = store.persistence()
-        if persistence and (persistence.get("appendonly") != "yes"
-                            or persistence.get("maxmemory-policy") != "noeviction"):
-            logger.warning("Redis persistence %s can lose accepted jobs; run it with appendonly yes, "
-                           "appendfsync always, maxmemory-policy noeviction", persistence)
-    except Exception as exc:  # noqa: BLE001 - Redis may be down at start; service resumes when it returns
-        logger.warning("Redis at %s is not reachable yet: %s", store.address, exc)
-    # InputStore is unused on Redis (inputs travel with the job); it stays for the runner's signature.
-    return store, InputStore(settings.inputs_dir), ledger, limiter
-
-
 def create_app(settings: Settings, backend: GenerationBackend, *, role: str = "all") -> FastAPI:
     """Build the app; it takes ownership of ``backend`` (closed at shutdown)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    if role != "all" and settings.redis_url is None:
-        raise ValueError(f"the {role} role needs a shared store: set DIFFSERVE_REDIS_URL (or --redis-url)")
+    check_role(settings, role)
     unknown = sorted(set(backend.slugs) - set(CATALOG))
     if unknown:
         raise ValueError(f"the backend serves slugs the catalog does not know: {', '.join(unknown)}")
@@ -210,7 +174,8 @@ def create_app(settings: Settings, backend: GenerationBackend, *, role: str = "a
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        store, inputs, ledger, limiter = _open_stores(settings)
+        stores = open_stores(settings, role)
+        store, inputs, ledger, limiter = stores.jobs, stores.inputs, stores.ledger, stores.limiter
         _, models_by_owner = settings.per_owner(settings.key_models)
         metrics.watch_store(_unavailable_as(float("nan"), store.queue_depth),
                             _unavailable_as({}, store.count_by_status))
@@ -229,9 +194,8 @@ def create_app(settings: Settings, backend: GenerationBackend, *, role: str = "a
         )
         if not settings.api_keys and role != "worker":
             logger.warning("no API keys configured: the API is open to anyone who can reach it")
-        where = f"Redis at {store.address}" if settings.redis_url else str(settings.data_dir)
-        logger.info("%s role: %s %s; jobs in %s", role, "queueing" if role == "api" else "serving",
-                    ", ".join(sorted(backend.slugs)) or "no models", where)
+        logger.info("%s role: %s %s; jobs in %s at %s", role, "queueing" if role == "api" else "serving",
+                    ", ".join(sorted(backend.slugs)) or "no models", store.name, store.address)
         try:
             await runner.start()
             yield

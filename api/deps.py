@@ -22,8 +22,9 @@ from api.backend import GenerationBackend
 from api.errors import ApiError
 from api.images import ImageFetchPolicy
 from api.inputs import InputStore
-from api.jobs import Job, JobStore, is_job_id
+from api.jobs import Job, is_job_id
 from api.metrics import ApiMetrics
+from api.queue import JobQueue
 from api.quotas import CreditLedger, RateLimiter, retry_after_header
 from api.runner import JobRunner
 from api.settings import Settings, owner_from_api_key
@@ -36,7 +37,7 @@ class AppState:
 
     settings: Settings
     backend: GenerationBackend
-    store: JobStore
+    store: JobQueue
     runner: JobRunner
     inputs: InputStore
     ledger: CreditLedger
@@ -50,11 +51,10 @@ class AppState:
     _workers_seen: tuple[float, frozenset[str]] = field(default=(0.0, frozenset()), repr=False)
 
     def served_slugs(self) -> list[str]:
-        """Slugs a request may ask for: this process's backend's, and on a shared store every slug
-        a live worker announces (an ``api`` replica serves only those). Read at most once a second."""
+        """Slugs a request may ask for: this process's backend's, and every slug a live worker of
+        another process announces on the store (an ``api`` replica serves only those; the embedded
+        store has none). Read at most once a second; blocking on Redis: call it in a thread."""
         own = set() if self.role == "api" else set(self.backend.slugs)
-        if self.settings.redis_url is None:
-            return sorted(own)
         seen_at, workers = self._workers_seen
         if time.monotonic() - seen_at > 1.0:
             workers = frozenset(self.store.served_slugs())  # StoreUnavailable: a 503 for the request
@@ -116,10 +116,7 @@ CallerDep = Annotated[Caller, Depends(authenticate)]
 
 
 async def rate_limited(caller: CallerDep, state: StateDep) -> Caller:
-    if state.settings.redis_url:
-        wait_s = await asyncio.to_thread(state.limiter.check, caller.bucket, caller.owner)
-    else:
-        wait_s = state.limiter.check(caller.bucket, caller.owner)
+    wait_s = await asyncio.to_thread(state.limiter.check, caller.bucket, caller.owner)
     if wait_s is not None:
         limit = state.limiter.limit(caller.owner)
         raise ApiError(429, f"rate limit exceeded: {limit} generation requests per minute; "
@@ -131,7 +128,7 @@ SubmitterDep = Annotated[Caller, Depends(rate_limited)]
 
 
 async def served_model(slug: str, request: Request, caller: SubmitterDep, state: StateDep) -> ModelSpec:
-    served = await asyncio.to_thread(state.served_slugs) if state.settings.redis_url else state.served_slugs()
+    served = await asyncio.to_thread(state.served_slugs)
     try:
         spec = get_model(slug)
     except UnknownModelError:
@@ -192,13 +189,11 @@ async def read_job(state: AppState, request_id: str) -> Job | None:
     """The job named by a path parameter, or None (malformed, unknown or expired id)."""
     if not is_job_id(request_id):
         return None
-    if state.settings.redis_url:
-        return await asyncio.to_thread(state.store.get, request_id)
-    return state.store.get(request_id)
+    return await asyncio.to_thread(state.store.get, request_id)
 
 
-def get_store(request: Request) -> JobStore:
+def get_store(request: Request) -> JobQueue:
     return get_state(request).store
 
 
-StoreDep = Annotated[JobStore, Depends(get_store)]
+StoreDep = Annotated[JobQueue, Depends(get_store)]

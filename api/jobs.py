@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any, Final
 
 __all__ = [
+    "Claim",
+    "Heartbeat",
     "InvalidJobTransition",
     "Job",
     "JobStatus",
@@ -91,6 +93,28 @@ class Job:
     expires_at: float | None = None
     want_base64: bool = False
     output_format: str = "jpeg"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One delivery of a job to one consumer (a lease): what heartbeat, complete and fail need to
+    name it. On Redis ``stream``/``entry_id`` are the job's stream entry; on SQLite the slug and id."""
+
+    job: Job
+    stream: str
+    entry_id: str
+    consumer: str
+
+    @property
+    def attempt(self) -> int:
+        return self.job.attempts
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    owned: bool
+    """False: the job was reclaimed by another worker or finished elsewhere; stop working on it."""
+    cancel_requested: bool
 
 
 _SCHEMA_V1: Final = """
@@ -158,6 +182,8 @@ def _row_to_job(row: sqlite3.Row) -> Job:
 class JobStore:
     """Thread-safe persistent job queue; see the module docstring for the model."""
 
+    name: Final = "sqlite"
+
     def __init__(
         self,
         path: Path,
@@ -167,9 +193,12 @@ class JobStore:
         max_attempts: int = 2,
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = 10.0,
+        synchronous: str = "FULL",
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         self.path = Path(path).resolve()
         self.data_dir = self.path.parent
         self.outputs_dir = Path(outputs_dir).resolve()
@@ -179,8 +208,11 @@ class JobStore:
             raise ValueError(f"outputs_dir {self.outputs_dir} must be inside the data dir {self.data_dir}")
         self.retention_s = float(retention_s)
         self.max_attempts = max_attempts
+        self.address = str(self.data_dir)
         self._clock = clock
         self._lock = threading.RLock()
+        # Notified on every enqueue, so a blocking claim in this process wakes at once.
+        self._enqueued = threading.Condition(self._lock)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are issued explicitly, so the
@@ -195,9 +227,9 @@ class JobStore:
         )
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable across application crashes in WAL mode; only an
-        # OS crash/power loss can drop the last transactions.
-        self._conn.execute("PRAGMA synchronous=NORMAL")
+        # FULL fsyncs the WAL at every commit, so a job acknowledged to a client survives a
+        # power loss; NORMAL (WAL mode) survives a process crash only. The value is checked above.
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._migrate()
 
@@ -269,6 +301,16 @@ class JobStore:
             raise ValueError(f"output path {relative!r} escapes the outputs directory")
         return candidate
 
+    def read_output(self, job_id: str, index: int) -> bytes | None:
+        """Output ``index`` of a COMPLETED job, or None (unknown, not completed, no such output, expired)."""
+        job = self.get(job_id)
+        if job is None or job.status is not JobStatus.COMPLETED or not 0 <= index < len(job.outputs):
+            return None
+        try:
+            return self.resolve_output(job.outputs[index]).read_bytes()
+        except FileNotFoundError:  # purged between the read of the row and of the file
+            return None
+
     def _job_dir(self, job_id: str) -> Path:
         return self.outputs_dir / job_id
 
@@ -302,6 +344,8 @@ class JobStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, slug, params_json, job.status.value, job.created_at, owner, int(want_base64), output_format),
             )
+        with self._enqueued:
+            self._enqueued.notify_all()
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -313,12 +357,15 @@ class JobStore:
         return job
 
     def claim_next(self) -> Job | None:
-        """Atomically move the oldest QUEUED job to PROCESSING and return it."""
+        """Atomically move the oldest QUEUED job (any slug) to PROCESSING and return it."""
+        return self._claim_oldest(None)
+
+    def _claim_oldest(self, slugs: Sequence[str] | None) -> Job | None:
         now = self._clock()
+        where, args = ("", []) if slugs is None else (f" AND slug IN ({','.join('?' * len(slugs))})", list(slugs))
         with self._write() as db:
-            row = db.execute(
-                "SELECT seq FROM jobs WHERE status = 'QUEUED' ORDER BY seq LIMIT 1"
-            ).fetchone()
+            row = db.execute(f"SELECT seq FROM jobs WHERE status = 'QUEUED'{where} ORDER BY seq LIMIT 1",
+                             args).fetchone()
             if row is None:
                 return None
             db.execute(
@@ -328,6 +375,33 @@ class JobStore:
             )
             claimed = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE seq = ?", (row["seq"],)).fetchone()
         return _row_to_job(claimed)
+
+    def claim(self, consumer: str, slugs: Sequence[str], *, block_s: float = 0.0) -> Claim | None:
+        """Take the oldest QUEUED job of ``slugs`` for ``consumer`` (a trivial lease: one process
+        runs the jobs of a SQLite store, so nothing is reclaimed while it lives; :meth:`recover`
+        requeues what a dead process held). Waits up to ``block_s`` for one to be enqueued."""
+        if not slugs:
+            raise ValueError("claim needs at least one slug")
+        deadline = time.monotonic() + block_s
+        while True:
+            job = self._claim_oldest(slugs)
+            if job is not None:
+                return Claim(job=job, stream=job.slug, entry_id=job.id, consumer=consumer)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            with self._enqueued:
+                # Re-polled at least every half second for jobs another process enqueued.
+                self._enqueued.wait(min(left, 0.5))
+
+    def heartbeat(self, claim: Claim) -> Heartbeat:
+        """Whether ``claim`` still holds its job (same delivery, still PROCESSING) and if it is cancelled."""
+        with self._lock:
+            job = self._fetch(self._db, claim.job.id)
+        if job is None:
+            return Heartbeat(owned=False, cancel_requested=False)
+        owned = job.status is JobStatus.PROCESSING and job.attempts == claim.attempt
+        return Heartbeat(owned=owned, cancel_requested=job.cancel_requested)
 
     def set_progress(self, job_id: str, step: int, total: int | None) -> bool:
         """Record progress of a PROCESSING job; False if it is not processing."""
@@ -400,10 +474,12 @@ class JobStore:
         assert done is not None
         return done
 
-    def fail(self, job_id: str, error: str, metrics: dict[str, Any] | None = None) -> Job:
+    def fail(self, job_id: str, error: str, metrics: dict[str, Any] | None = None, *,
+             claim: Claim | None = None) -> Job:
         """Mark a QUEUED or PROCESSING job FAILED; terminal jobs are returned unchanged.
 
-        Raises KeyError for an unknown job.
+        With ``claim`` the failure applies only while that delivery still holds the job (as on
+        Redis). Raises KeyError for an unknown job.
         """
         now = self._clock()
         with self._write() as db:
@@ -413,6 +489,9 @@ class JobStore:
             if job.status.terminal:
                 # A runner racing a client cancel must not overwrite the outcome.
                 logger.debug("fail(%s) ignored: job already %s", job_id, job.status.value)
+                return job
+            if claim is not None and (job.status is not JobStatus.PROCESSING or job.attempts != claim.attempt):
+                logger.debug("fail(%s) ignored: delivery %d no longer holds it", job_id, claim.attempt)
                 return job
             db.execute(
                 "UPDATE jobs SET status = 'FAILED', error = ?, finished_at = ?, expires_at = ?, "
@@ -542,6 +621,15 @@ class JobStore:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # -- queries -------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raises sqlite3.Error (or RuntimeError once closed) unless the database answers."""
+        with self._lock:
+            self._db.execute("SELECT 1").fetchone()
+
+    def served_slugs(self) -> dict[str, list[str]]:
+        """Slugs announced by workers of other processes: none, the embedded store has one process."""
+        return {}
 
     def queue_depth(self) -> int:
         with self._lock:

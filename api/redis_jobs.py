@@ -42,38 +42,29 @@ snapshots alone lose everything since the last snapshot.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from api.jobs import CANCELLED_BY_CLIENT, InvalidJobTransition, Job, JobStatus
+from api.jobs import CANCELLED_BY_CLIENT, Claim, Heartbeat, InvalidJobTransition, Job, JobStatus
+from api.redis_client import connect, describe, guarded, lua
 
 __all__ = [
     "Claim",
     "CompletionLost",
     "Heartbeat",
     "RedisJobStore",
-    "StoreUnavailable",
-    "connect",
 ]
 
 logger = logging.getLogger(__name__)
 
 GROUP: Final = "workers"
-_T = TypeVar("_T")
-
-
-class StoreUnavailable(RuntimeError):
-    """Redis cannot be reached, is loading its data or refuses writes; the API answers 503."""
+_guarded = guarded("the job store")
 
 
 class CompletionLost(InvalidJobTransition):
@@ -85,263 +76,8 @@ class CompletionLost(InvalidJobTransition):
         super().__init__(f"job {job_id} is {status or 'gone'}, not PROCESSING: another outcome was stored first")
 
 
-@dataclass(frozen=True)
-class Claim:
-    """One delivery of a job to one consumer: what heartbeat, complete and fail need to name it."""
-
-    job: Job
-    stream: str
-    entry_id: str
-    consumer: str
-
-    @property
-    def attempt(self) -> int:
-        return self.job.attempts
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    owned: bool
-    """False: the job was reclaimed by another worker or finished elsewhere; stop working on it."""
-    cancel_requested: bool
-
-
-def connect(url: str, *, timeout_s: float = 2.0) -> redis.Redis:
-    """A client for ``url`` that fails fast (``timeout_s``) and never retries a command by itself.
-
-    The socket timeout leaves room for the 1 s blocking reads of :meth:`RedisJobStore.claim`; the
-    health check pings a pooled connection idle for a second before reuse, so the first call
-    after a Redis restart does not fail on a dead socket.
-    """
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s + 2.0,
-        retry=Retry(NoBackoff(), 0), health_check_interval=1,
-    )
-
-
-_UNAVAILABLE_REPLIES: Final = ("LOADING", "MISCONF", "READONLY", "MASTERDOWN", "NOREPLICAS")
-
-
-def _guarded(method: Callable[..., _T]) -> Callable[..., _T]:
-    @functools.wraps(method)
-    def wrapper(self: RedisJobStore, *args: Any, **kwargs: Any) -> _T:
-        try:
-            return method(self, *args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"the job store (Redis at {self.address}) is unreachable: {exc}") from exc
-        except redis.ResponseError as exc:
-            if str(exc).startswith(_UNAVAILABLE_REPLIES):
-                raise StoreUnavailable(f"the job store (Redis at {self.address}) refuses work: {exc}") from exc
-            raise
-    return wrapper
-
-
-# -- Lua ------------------------------------------------------------------------------------------
-# Every script gets ARGV[1] = key namespace, ARGV[2] = group, ARGV[3] = now (epoch s, the store's
-# clock), ARGV[4] = retention in ms; its own arguments follow. Keys are derived from the namespace
-# inside the scripts; the namespace is a hash tag ({diffserve}), so on a Redis Cluster every key
-# still lives in one slot.
-
-_PRELUDE: Final = """
-local P, GROUP, NOW, RETENTION_MS = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local function jkey(id) return P .. ':job:' .. id end
-local function drop_entry(stream, entry)
-  redis.call('XACK', stream, GROUP, entry)
-  redis.call('XDEL', stream, entry)
-end
--- Everything that reaching COMPLETED or FAILED means, in one place.
-local function settle(id, status)
-  local k = jkey(id)
-  local where = redis.call('HMGET', k, 'stream', 'entry')
-  if where[1] and where[2] then drop_entry(where[1], where[2]) end
-  redis.call('ZREM', P .. ':queued', id)
-  redis.call('SREM', P .. ':processing', id)
-  redis.call('DEL', P .. ':in:' .. id)
-  local expires = tonumber(NOW) + RETENTION_MS / 1000
-  redis.call('HSET', k, 'status', status, 'finished_at', NOW, 'expires_at', string.format('%.6f', expires))
-  redis.call('PEXPIRE', k, RETENTION_MS)
-  redis.call('PEXPIRE', P .. ':out:' .. id, RETENTION_MS)
-  redis.call('ZADD', P .. ':finished:' .. status, expires, id)
-  redis.call('PUBLISH', P .. ':events:' .. id, status)
-end
-local function fail_with(id, err)
-  redis.call('HSET', jkey(id), 'error', err)
-  settle(id, 'FAILED')
-end
-"""
-
-# KEYS: seq counter, job, stream, queued index, inputs. ARGV[5..]: id, slug, params, owner,
-# want_base64, output_format, then input name/bytes pairs.
-_CREATE: Final = _PRELUDE + """
-local id = ARGV[5]
-local seq = redis.call('INCR', KEYS[1])
-redis.pcall('XGROUP', 'CREATE', KEYS[3], GROUP, '0', 'MKSTREAM')  -- BUSYGROUP after the first job
-local entry = redis.call('XADD', KEYS[3], '*', 'job', id)
-redis.call('HSET', KEYS[2], 'id', id, 'slug', ARGV[6], 'params', ARGV[7], 'status', 'QUEUED',
-           'created_at', NOW, 'want_base64', ARGV[9], 'output_format', ARGV[10], 'attempts', '0',
-           'cancel_requested', '0', 'seq', seq, 'stream', KEYS[3], 'entry', entry)
-if ARGV[8] ~= '' then redis.call('HSET', KEYS[2], 'owner', ARGV[8]) end
-redis.call('ZADD', KEYS[4], seq, id)
-if #ARGV > 10 then redis.call('HSET', KEYS[5], unpack(ARGV, 11)) end
-return entry
-"""
-
-# KEYS: the streams of the served slugs. ARGV[5..]: consumer, min idle ms, max attempts.
-# Returns {'job', stream, entry, flat record} or {'none', last generated id of each stream}.
-_CLAIM: Final = _PRELUDE + """
-local consumer, min_idle, max_attempts = ARGV[5], ARGV[6], tonumber(ARGV[7])
-local function field(flat, name)
-  for j = 1, #flat, 2 do if flat[j] == name then return flat[j + 1] end end
-end
-local function parse_id(id)
-  local ms, sq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(sq)
-end
--- Start one delivery of an entry; nil when the entry was stale or its job ended here.
-local function start(stream, entry, id)
-  local k = jkey(id)
-  local rec = redis.call('HMGET', k, 'status', 'attempts', 'cancel_requested')
-  if not rec[1] or rec[1] == 'COMPLETED' or rec[1] == 'FAILED' then
-    drop_entry(stream, entry)
-    return nil
-  end
-  local attempts = tonumber(rec[2]) or 0
-  if rec[3] == '1' then
-    fail_with(id, ARGV[8])
-    return nil
-  end
-  if attempts >= max_attempts then
-    fail_with(id, 'gave up after ' .. attempts .. ' deliveries (request_max_attempts=' .. max_attempts ..
-              '): each worker that took this job stopped heartbeating (crashed, killed or cut off) before it finished')
-    return nil
-  end
-  redis.call('HSET', k, 'status', 'PROCESSING', 'attempts', attempts + 1, 'started_at', NOW, 'worker', consumer)
-  redis.call('HDEL', k, 'progress_step', 'progress_total')
-  redis.call('ZREM', P .. ':queued', id)
-  redis.call('SADD', P .. ':processing', id)
-  return {'job', stream, entry, redis.call('HGETALL', k)}
-end
-
--- 1. Jobs of silent workers first: they are older than anything undelivered.
-for _, stream in ipairs(KEYS) do
-  if redis.call('EXISTS', stream) == 1 then
-    local cursor = '0-0'
-    for _ = 1, 16 do
-      local r = redis.call('XAUTOCLAIM', stream, GROUP, consumer, min_idle, cursor, 'COUNT', 1)
-      cursor = r[1]
-      for _, e in ipairs(r[2]) do
-        local got = start(stream, e[1], field(e[2], 'job'))
-        if got then return got end
-      end
-      if cursor == '0-0' then break end
-    end
-  end
-end
-
--- 2. The oldest undelivered entry across the served streams (entry ids are the server's clock).
-for _ = 1, 64 do
-  local best, best_ms, best_sq = nil, nil, nil
-  for _, stream in ipairs(KEYS) do
-    if redis.call('EXISTS', stream) == 1 then
-      local last = '0-0'
-      for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-        if field(g, 'name') == GROUP then last = field(g, 'last-delivered-id') end
-      end
-      local nxt = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)
-      if #nxt > 0 then
-        local ms, sq = parse_id(nxt[1][1])
-        if best == nil or ms < best_ms or (ms == best_ms and sq < best_sq) then
-          best, best_ms, best_sq = stream, ms, sq
-        end
-      end
-    end
-  end
-  if best == nil then break end
-  local r = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', 1, 'STREAMS', best, '>')
-  local e = r[1][2][1]
-  local got = start(best, e[1], field(e[2], 'job'))
-  if got then return got end
-end
-
-local last_ids = {'none'}
-for _, stream in ipairs(KEYS) do
-  local id = '0-0'
-  if redis.call('EXISTS', stream) == 1 then id = field(redis.call('XINFO', 'STREAM', stream), 'last-generated-id') end
-  table.insert(last_ids, id)
-end
-return last_ids
-"""
-
-# KEYS: stream. ARGV[5..]: consumer, entry, attempt, job id. Returns {owned, cancel_requested}.
-_HEARTBEAT: Final = _PRELUDE + """
-local rec = redis.call('HMGET', jkey(ARGV[8]), 'status', 'attempts', 'cancel_requested')
-local cancel = 0
-if rec[3] == '1' then cancel = 1 end
-if rec[1] ~= 'PROCESSING' or rec[2] ~= ARGV[7] then return {0, cancel} end
-local p = redis.call('XPENDING', KEYS[1], GROUP, ARGV[6], ARGV[6], 1)
-if #p == 0 or p[1][2] ~= ARGV[5] then return {0, cancel} end
-redis.call('XCLAIM', KEYS[1], GROUP, ARGV[5], 0, ARGV[6], 'JUSTID')
-return {1, cancel}
-"""
-
-# ARGV[5..]: id, step, total ('' = none). Returns 1 if recorded.
-_PROGRESS: Final = _PRELUDE + """
-local k = jkey(ARGV[5])
-if redis.call('HGET', k, 'status') ~= 'PROCESSING' then return 0 end
-redis.call('HSET', k, 'progress_step', ARGV[6])
-if ARGV[7] ~= '' then redis.call('HSET', k, 'progress_total', ARGV[7]) else redis.call('HDEL', k, 'progress_total') end
-return 1
-"""
-
-# ARGV[5..]: id, outputs json, metrics json, seed ('' = none), then the output blobs.
-# Returns {1, 'COMPLETED'} for the winner, {0, status} when the job was no longer PROCESSING.
-_COMPLETE: Final = _PRELUDE + """
-local id = ARGV[5]
-local k = jkey(id)
-local status = redis.call('HGET', k, 'status')
-if status ~= 'PROCESSING' then return {0, status or ''} end
-local out = P .. ':out:' .. id
-redis.call('DEL', out)
-for i = 9, #ARGV do redis.call('HSET', out, tostring(i - 9), ARGV[i]) end
-redis.call('HSET', k, 'outputs', ARGV[6], 'metrics', ARGV[7])
-redis.call('HDEL', k, 'error')
-if ARGV[8] ~= '' then redis.call('HSET', k, 'seed', ARGV[8]) else redis.call('HDEL', k, 'seed') end
-settle(id, 'COMPLETED')
-return {1, 'COMPLETED'}
-"""
-
-# ARGV[5..]: id, error, metrics json ('' = keep), attempt fence ('' = any holder).
-# Returns {1, 'FAILED'}, {0, status} when terminal or fenced off, {-1, ''} when unknown.
-_FAIL: Final = _PRELUDE + """
-local id = ARGV[5]
-local k = jkey(id)
-local rec = redis.call('HMGET', k, 'status', 'attempts')
-if not rec[1] then return {-1, ''} end
-if rec[1] == 'COMPLETED' or rec[1] == 'FAILED' then return {0, rec[1]} end
-if ARGV[8] ~= '' and (rec[1] ~= 'PROCESSING' or rec[2] ~= ARGV[8]) then return {0, rec[1]} end
-if ARGV[7] ~= '' then redis.call('HSET', k, 'metrics', ARGV[7]) end
-fail_with(id, ARGV[6])
-return {1, 'FAILED'}
-"""
-
-# ARGV[5..]: id, cancel error. Returns 1 (queued: failed now), 2 (running: flagged), 0 (terminal), -1.
-_CANCEL: Final = _PRELUDE + """
-local id = ARGV[5]
-local k = jkey(id)
-local status = redis.call('HGET', k, 'status')
-if not status then return -1 end
-if status == 'QUEUED' then
-  redis.call('HSET', k, 'cancel_requested', '1')
-  fail_with(id, ARGV[6])
-  return 1
-end
-if status == 'PROCESSING' then
-  redis.call('HSET', k, 'cancel_requested', '1')
-  redis.call('PUBLISH', P .. ':cancel:' .. id, '1')
-  return 2
-end
-return 0
-"""
+_SCRIPTS: Final = ("create", "claim", "heartbeat", "progress", "complete", "fail", "cancel")
+"""The job scripts, ``api/lua/jobs_<name>.lua``, each run with ``jobs_prelude.lua`` before it."""
 
 
 def _text(value: bytes | str | None) -> str | None:
@@ -379,6 +115,8 @@ def _flat_to_dict(flat: Sequence[Any]) -> dict[Any, Any]:
 class RedisJobStore:
     """The Redis job store and queue; see the module docstring for the model. Thread-safe."""
 
+    name: Final = "redis"
+
     def __init__(
         self,
         url: str,
@@ -403,12 +141,10 @@ class RedisJobStore:
         self._clock = clock
         self._owns_client = client is None
         self._redis = client if client is not None else connect(url, timeout_s=timeout_s)
-        kwargs = self._redis.connection_pool.connection_kwargs
-        self.address = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+        self.address = describe(self._redis)
         self._ns = "{" + namespace + "}"
-        scripts = {"create": _CREATE, "claim": _CLAIM, "heartbeat": _HEARTBEAT, "progress": _PROGRESS,
-                   "complete": _COMPLETE, "fail": _FAIL, "cancel": _CANCEL}
-        self._scripts = {name: self._redis.register_script(src) for name, src in scripts.items()}
+        prelude = lua("jobs_prelude")
+        self._scripts = {name: self._redis.register_script(prelude + lua(f"jobs_{name}")) for name in _SCRIPTS}
 
     # -- infrastructure ----------------------------------------------------------------------------
 

@@ -9,93 +9,27 @@ in two hashes (``<ns>:credits:spent``/``:reserved``); allowances come from the s
 Settling a job (debit or release) takes its job id: a marker ``<ns>:credits:settled:<id>`` makes
 the first settlement of a job the only one, so two workers finishing the same job debit once.
 Rate buckets use Redis's clock (TIME inside the script), not each replica's, and expire after a
-minute idle (a full bucket again). Redis unreachable raises :class:`api.redis_jobs.StoreUnavailable`.
+minute idle (a full bucket again). Redis unreachable raises :class:`api.redis_client.StoreUnavailable`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Final
 
 import redis
 
 from api.quotas import InsufficientCredits
-from api.redis_jobs import StoreUnavailable, connect
+from api.redis_client import connect, guarded, lua
 
 __all__ = ["RedisCreditLedger", "RedisRateLimiter"]
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
+_guarded = guarded("the quota store")
 
 # How long a job's settlement marker outlives it; longer than any job stays queued or kept.
 SETTLED_MARKER_TTL_S: Final = 7 * 24 * 3600
-
-
-def _guarded(method: Callable[..., _T]) -> Callable[..., _T]:
-    @functools.wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> _T:
-        try:
-            return method(self, *args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"the quota store (Redis) is unreachable: {exc}") from exc
-        except redis.ResponseError as exc:
-            if str(exc).startswith(("LOADING", "MISCONF", "READONLY", "MASTERDOWN")):
-                raise StoreUnavailable(f"the quota store (Redis) refuses work: {exc}") from exc
-            raise
-    return wrapper
-
-
-# KEYS: spent, reserved. ARGV: owner, allowance, cost. Returns {1, left} or {0, left}.
-_RESERVE: Final = """
-local spent = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-local reserved = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-local left = tonumber(ARGV[2]) - spent - reserved
-local cost = tonumber(ARGV[3])
-if left < cost then return {0, left} end
-redis.call('HINCRBY', KEYS[2], ARGV[1], cost)
-return {1, left - cost}
-"""
-
-# KEYS: spent, reserved, settled marker ('' key name unused when no job id). ARGV: owner, cost,
-# debit (1) or release (0), reserved (1/0), has job id (1/0), marker ttl s. Returns 1 if applied.
-_SETTLE: Final = """
-if ARGV[5] == '1' then
-  if not redis.call('SET', KEYS[3], ARGV[3], 'NX', 'EX', ARGV[6]) then return 0 end
-end
-local cost = tonumber(ARGV[2])
-if ARGV[4] == '1' then
-  local reserved = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-  local after = reserved - cost
-  if after < 0 then after = 0 end
-  redis.call('HSET', KEYS[2], ARGV[1], after)
-end
-if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], ARGV[1], cost) end
-return 1
-"""
-
-# KEYS: bucket. ARGV: capacity (per minute). Returns {allowed 1/0, ms until the next token}.
-_TAKE: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local capacity = tonumber(ARGV[1])
-local rate = capacity / 60
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens, last = tonumber(b[1]), tonumber(b[2])
-if tokens == nil then tokens, last = capacity, now end
-tokens = math.min(capacity, tokens + math.max(0, now - last) * rate)
-local allowed, wait_ms = 0, 0
-if tokens >= 1 then
-  tokens, allowed = tokens - 1, 1
-else
-  wait_ms = math.max(1, math.ceil((1 - tokens) / rate * 1000))
-end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'ts', string.format('%.6f', now))
-redis.call('PEXPIRE', KEYS[1], 61000)
-return {allowed, wait_ms}
-"""
 
 
 class RedisCreditLedger:
@@ -114,8 +48,8 @@ class RedisCreditLedger:
         self._spent_key = f"{ns}:credits:spent"
         self._reserved_key = f"{ns}:credits:reserved"
         self._settled_prefix = f"{ns}:credits:settled:"
-        self._reserve = self._redis.register_script(_RESERVE)
-        self._settle_script = self._redis.register_script(_SETTLE)
+        self._reserve = self._redis.register_script(lua("quota_reserve"))
+        self._settle_script = self._redis.register_script(lua("quota_settle"))
 
     @property
     def enabled(self) -> bool:
@@ -188,7 +122,7 @@ class RedisRateLimiter:
         self._owns_client = client is None
         self._redis = client if client is not None else connect(url, timeout_s=timeout_s)
         self._prefix = "{" + namespace + "}:rate:"
-        self._take = self._redis.register_script(_TAKE)
+        self._take = self._redis.register_script(lua("quota_take"))
 
     def limit(self, owner: str | None) -> int:
         if owner is not None and owner in self._per_owner:

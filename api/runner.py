@@ -46,8 +46,9 @@ import numpy as np
 
 from api.backend import BackendError, GenerationBackend
 from api.inputs import InputsLost, InputStore, pixels_from_bytes, pixels_to_bytes, stored_reference
-from api.jobs import CANCELLED_BY_CLIENT, InvalidJobTransition, Job, JobStatus, JobStore
-from api.redis_jobs import Claim, RedisJobStore, StoreUnavailable
+from api.jobs import CANCELLED_BY_CLIENT, Claim, InvalidJobTransition, Job, JobStatus, JobStore
+from api.redis_client import StoreUnavailable
+from api.redis_jobs import RedisJobStore
 from api.metrics import ApiMetrics
 from api.quotas import CreditLedger
 from engine.catalog import get_model, resolve_seed

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     """How long a finished request's status and images stay available (Segmind: one hour)."""
     purge_interval_s: float = Field(60.0, gt=0)
     """How often expired requests and their files are deleted."""
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    """SQLite ``synchronous`` of the embedded job store. ``FULL``: a submission's 200 is sent after
+    the job is fsynced, so an accepted job survives a power loss or host crash (as on Redis with
+    ``appendfsync always``). ``NORMAL``: one fsync fewer per write (WAL checkpoints only), durable
+    across a crash of the process but a power loss can roll back the last accepted jobs. See
+    ``diffserve bench store`` for the cost on your disk."""
 
     # -- auth and quotas -------------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, repr=False)
@@ -96,9 +102,14 @@ class Settings(BaseSettings):
 
     # -- scale-out (Redis) ------------------------------------------------------------------------
     redis_url: str | None = None
-    """``redis://host:port/db`` of the shared job store, queue, credits and rate limits (API
+    """``redis://host:port/db`` (``rediss://`` for TLS, ``redis://[USER]:PASSWORD@host...`` with
+    credentials) of the shared job store, queue, credits and rate limits (API
     replicas and workers); None: the embedded SQLite store of a single process. Run Redis with
     ``appendonly yes``, ``appendfsync always`` and ``maxmemory-policy noeviction``."""
+    redis_password_file: Path | None = None
+    """A file holding the Redis password (a mounted Docker/Kubernetes secret; ``requirepass`` or
+    an ACL user's, the user then in the URL: ``redis://USER@host:6379/0``). Used when
+    ``redis_url`` carries no password; keeps it out of the environment and process listings."""
     redis_namespace: str = "diffserve"
     """Prefix of every Redis key (one Redis may hold several deployments)."""
     reclaim_idle_s: float = Field(30.0, gt=0)

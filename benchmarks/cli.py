@@ -1,4 +1,4 @@
-"""``diffserve bench engine|serve|capacity|checkpoint|report``: the benchmark commands.
+"""``diffserve bench engine|serve|capacity|checkpoint|report|store``: the benchmark commands.
 
 Wired into the ``diffserve`` CLI by ``add_parsers(sub)``; ``python -m benchmarks.cli ...`` runs
 the same commands without it. Each command writes its JSON, markdown and plots under
@@ -322,6 +322,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--rerender", action="store_true",
                      help="rewrite every result's markdown from its JSON (after a change of the tables)")
     rep.set_defaults(func=cmd_report)
+
+    sto = bsub.add_parser("store", help="submit latency of the SQLite job store, synchronous=FULL vs NORMAL",
+                          description="Time the job-row commit a POST /v2 waits for with SQLite "
+                                      "synchronous=FULL and NORMAL; prints a markdown table.")
+    sto.add_argument("--jobs", type=int, default=500, help="creates per mode (default 500)")
+    sto.add_argument("--dir", type=Path, help="where the databases go (default: the system temp dir); "
+                                              "use the disk DIFFSERVE_DATA_DIR lives on")
+    sto.set_defaults(func=cmd_store)
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from benchmarks.store_bench import run
+
+    print(run(args.jobs, args.dir))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,12 +62,14 @@ class RedisServer:
     """One ``redis-server`` process on 127.0.0.1:<port>, data in ``directory``; restartable on its port."""
 
     def __init__(self, directory: Path, *, binary: str | None = None, port: int | None = None,
-                 appendfsync: str = "always") -> None:
+                 appendfsync: str = "always", password: str | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.binary = binary or redis_server_binary()
         self.port = port or free_port()
         self.appendfsync = appendfsync
+        self.password = password
+        """``requirepass``: clients must authenticate (the shipped deployments set one)."""
         self.log_file = self.directory / "redis.log"
         self._proc: subprocess.Popen | None = None
 
@@ -87,6 +89,8 @@ class RedisServer:
             "--save", "", "--appendonly", "yes", "--appendfsync", self.appendfsync,
             "--maxmemory-policy", "noeviction", "--daemonize", "no", "--logfile", str(self.log_file),
         ]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
@@ -104,6 +108,11 @@ class RedisServer:
         # Raw RESP, so this helper needs no client library; LOADING (AOF replay) is not ready yet.
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                if self.password is not None:
+                    secret = self.password.encode()
+                    sock.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret))
+                    if not sock.recv(64).startswith(b"+OK"):
+                        return False
                 sock.sendall(b"PING\r\n")
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:

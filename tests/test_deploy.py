@@ -60,6 +60,16 @@ def diffserve_commands() -> list[tuple[str, list[str]]]:
     return out
 
 
+def _redis_server_args(command: list[str]) -> list[str]:
+    """The redis-server arguments of a container command, also when a shell starts it (to read the
+    password from a secret file): ``["sh", "-c", "exec redis-server --appendonly yes ..."]``."""
+    if command[:2] == ["sh", "-c"]:
+        command = shlex.split(command[2])
+        command = command[1:] if command[0] == "exec" else command
+    assert command[0] == "redis-server", command
+    return command
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -142,7 +152,7 @@ def test_every_diffserve_variable_is_a_setting_or_read_by_the_code():
 def test_redis_runs_with_the_persistence_that_keeps_accepted_jobs():
     compose = _docs(DEPLOY / "docker-compose.yml")[0]
     redis = compose["services"]["redis"]
-    args = redis["command"]
+    args = _redis_server_args(redis["command"])
     for key, value in PERSISTENCE.items():
         assert args[args.index(f"--{key}") + 1] == value, key
     assert any(v.endswith(":/data") for v in redis["volumes"]) and args[args.index("--dir") + 1] == "/data"
@@ -158,12 +168,79 @@ def test_redis_runs_with_the_persistence_that_keeps_accepted_jobs():
     assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
 
 
+def test_redis_requires_a_password_from_a_secret_and_admits_only_api_and_workers():
+    # Compose: requirepass from the redis_password secret; Redis alone on an internal network with
+    # the API replicas and workers, each of which reads the same secret file.
+    compose = _docs(DEPLOY / "docker-compose.yml")[0]
+    services = compose["services"]
+    assert compose["secrets"]["redis_password"] == {"file": "./redis-password.txt"}
+    assert "/deploy/redis-password.txt" in (ROOT / ".gitignore").read_text().splitlines()
+    redis = services["redis"]
+    args = _redis_server_args(redis["command"])
+    assert args[args.index("--requirepass") + 1] == "$$(cat /run/secrets/redis_password)"
+    assert redis["secrets"] == ["redis_password"] and redis["networks"] == ["store"]
+    assert "REDISCLI_AUTH" in redis["healthcheck"]["test"][1]
+    assert compose["networks"]["store"]["internal"] is True
+    on_store = {name for name, svc in services.items() if "store" in (svc.get("networks") or [])}
+    roles = {name: (svc.get("command") or [None])[0] for name, svc in services.items()}
+    assert on_store == {"redis"} | {n for n, r in roles.items() if r in ("worker", "serve")}
+    assert {"api", "worker-1", "worker-2"} <= on_store and not {"triton-1", "export"} & on_store
+    for name in on_store - {"redis"}:
+        svc = services[name]
+        assert "redis_password" in svc["secrets"], name
+        assert svc["environment"]["DIFFSERVE_REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password", name
+
+    # Kubernetes: the diffserve-redis Secret (generated from a git-ignored file) is Redis's
+    # requirepass, the API's and workers' password file and KEDA's credentials.
+    kustomization = _docs(DEPLOY / "k8s" / "kustomization.yaml")[0]
+    (generated,) = kustomization["secretGenerator"]
+    assert generated["name"] == "diffserve-redis" and generated["files"] == ["password=redis-password.txt"]
+    assert "/deploy/k8s/redis-password.txt" in (ROOT / ".gitignore").read_text().splitlines()
+    docs = {(d["kind"], d["metadata"]["name"]): d for p in (DEPLOY / "k8s").glob("*.yaml") for d in _docs(p)
+            if "metadata" in d}
+
+    def secret_mounts(doc: dict, container: dict) -> set[str]:
+        volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"].get("volumes", [])}
+        return {m["mountPath"] for m in container.get("volumeMounts", [])
+                if (volumes.get(m["name"], {}).get("secret") or {}).get("secretName") == "diffserve-redis"}
+
+    sts = docs[("StatefulSet", "diffserve-redis")]
+    (redis_container,) = _k8s_containers(sts)
+    redis_args = _redis_server_args(redis_container["command"])
+    assert redis_args[redis_args.index("--requirepass") + 1] == "$(cat /run/secrets/redis/password)"
+    assert secret_mounts(sts, redis_container) == {"/run/secrets/redis"}
+    assert "REDISCLI_AUTH" in redis_container["readinessProbe"]["exec"]["command"][2]
+    password_file = docs[("ConfigMap", "diffserve-settings")]["data"]["DIFFSERVE_REDIS_PASSWORD_FILE"]
+    for name, container in (("diffserve-api", "api"), ("diffserve-worker", "worker")):
+        deployment = docs[("Deployment", name)]
+        (c,) = [c for c in _k8s_containers(deployment) if c["name"] == container]
+        assert str(Path(password_file).parent) in secret_mounts(deployment, c), name
+
+    policy = docs[("NetworkPolicy", "diffserve-redis")]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+    peers = [(p.get("namespaceSelector"), p["podSelector"]["matchLabels"]) for p in rule["from"]]
+    in_namespace = [labels for ns, labels in peers if ns is None]
+    assert in_namespace == [{"app.kubernetes.io/name": "diffserve-api"}, {"app.kubernetes.io/name": "diffserve-worker"}]
+    assert [ns for ns, _ in peers if ns is not None] == [{"matchLabels": {"kubernetes.io/metadata.name": "keda"}}]
+    for name in ("diffserve-api", "diffserve-worker"):
+        pod_labels = docs[("Deployment", name)]["spec"]["template"]["metadata"]["labels"]
+        assert {"app.kubernetes.io/name": name}.items() <= pod_labels.items()
+
+    auth = docs[("TriggerAuthentication", "diffserve-redis")]["spec"]["secretTargetRef"]
+    assert auth == [{"parameter": "password", "name": "diffserve-redis", "key": "password"}]
+    for trigger in docs[("ScaledObject", "diffserve-worker")]["spec"]["triggers"]:
+        assert trigger["authenticationRef"] == {"name": "diffserve-redis"}
+
+
 def test_keda_watches_the_job_stores_streams():
     from api.redis_jobs import RedisJobStore
     from engine.catalog import CATALOG
 
     store = RedisJobStore("redis://127.0.0.1:1")  # no connection is made: only the key names are used
-    (scaled,) = _docs(DEPLOY / "k8s" / "keda-scaledobject.yaml")
+    (scaled,) = [d for d in _docs(DEPLOY / "k8s" / "keda-scaledobject.yaml") if d["kind"] == "ScaledObject"]
     assert scaled["kind"] == "ScaledObject" and scaled["spec"]["scaleTargetRef"]["name"] == "diffserve-worker"
     streams = set()
     for trigger in scaled["spec"]["triggers"]:

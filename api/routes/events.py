@@ -25,7 +25,7 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import AppState, OwnedJobDep, StateDep, read_job
 from api.jobs import CANCELLED_BY_CLIENT, Job, JobStatus
-from api.redis_jobs import StoreUnavailable
+from api.redis_client import StoreUnavailable
 from api.routes.requests import _ERRORS, _status_body, result_body
 
 logger = logging.getLogger(__name__)

@@ -53,15 +53,14 @@ async def readyz(state: StateDep) -> JSONResponse:
         logger.warning("backend readiness check failed: %s", exc)
         status, error = {"server": False}, f"backend readiness check failed: {type(exc).__name__}"
     ready = bool(status.get("server")) and all(status.get(slug, False) for slug in models)
-    if state.settings.redis_url:
-        # The shared store: without it nothing can be queued or read (scale-out roles).
-        try:
-            await asyncio.wait_for(asyncio.to_thread(state.store.ping), READY_TIMEOUT_S)
-            status["redis"] = True
-        except Exception as exc:  # noqa: BLE001 - unreachable, loading or read-only: not ready
-            logger.warning("Redis readiness check failed: %s", exc)
-            status["redis"] = False
-            ready = False
+    # The job store: without it nothing can be queued or read.
+    try:
+        await asyncio.wait_for(asyncio.to_thread(state.store.ping), READY_TIMEOUT_S)
+        status[state.store.name] = True
+    except Exception as exc:  # noqa: BLE001 - unreachable, loading, read-only or closed: not ready
+        logger.warning("job store (%s) readiness check failed: %s", state.store.name, exc)
+        status[state.store.name] = False
+        ready = False
     body = Readiness(ready=ready, backend=status, models=models, error=error,
                      unavailable=getattr(state.backend, "unavailable", None) or None)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ready else 503)

@@ -54,10 +54,7 @@ async def _prepare(spec: ModelSpec, payload: dict, caller: Caller, state: AppSta
     except ValidationError as exc:
         raise ApiError(400, f"invalid parameters for {spec.slug}: " + "; ".join(exc.errors)) from None
     # Cheap early refusal before fetching images; the runner's reservation is the binding check.
-    if state.settings.redis_url:
-        remaining = await asyncio.to_thread(state.ledger.remaining, caller.owner)
-    else:
-        remaining = state.ledger.remaining(caller.owner)
+    remaining = await asyncio.to_thread(state.ledger.remaining, caller.owner)
     cost = spec.image_count(params)
     if remaining is not None and remaining < cost:
         raise ApiError(406, str(InsufficientCredits(remaining, cost)))

@@ -33,7 +33,7 @@ from starlette.datastructures import UploadFile
 from api.deps import JsonBodyDep, StateDep, SubmitterDep, served_model
 from api.errors import ApiError, BodyTooLarge, _describe_validation
 from api.openai_schemas import ImagesResponse, OpenAIErrorResponse, OpenAIImage
-from api.redis_jobs import StoreUnavailable
+from api.redis_client import StoreUnavailable
 from api.routes.models import _prepare, run_sync
 from api.runner import ClientGone
 from api.urls import output_urls

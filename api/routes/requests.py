@@ -4,8 +4,8 @@ A FAILED request is served with HTTP 422 on both the status and the result endpo
 still carrying ``status`` and ``error`` (what Segmind's gateway does and what the SDK expects).
 Unknown or expired ids are 404. Output image URLs are capability URLs (128-bit random request
 id): they are served without an API key, like the public storage links Segmind returns, so
-that browsers and plain HTTP clients can fetch them. On the Redis store the images are read
-from Redis (any replica serves any job's outputs); on SQLite from the data directory.
+that browsers and plain HTTP clients can fetch them. They are read through the job store
+(``read_output``): from Redis (any replica serves any job's outputs) or the data directory.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import base64
 import re
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 
 from api.deps import AppState, OwnedJobDep, StateDep, StoreDep, read_job
 from api.errors import ApiError
-from api.jobs import Job, JobStatus, JobStore
+from api.jobs import Job, JobStatus
+from api.queue import JobQueue
 from api.schemas import ErrorResponse, Progress, ResultResponse, StatusResponse
 from api.urls import output_urls
 from engine.imageio import CONTENT_TYPES
@@ -34,7 +35,7 @@ _ERRORS = {
 _OUTPUT_NAME_RE = re.compile(r"^(\d{1,3})(?:\.[A-Za-z0-9]{1,10})?$")
 
 
-def _status_body(job: Job, store: JobStore) -> StatusResponse:
+def _status_body(job: Job, store: JobQueue) -> StatusResponse:
     body = StatusResponse(request_id=job.id, status=job.status.value)
     if job.status is JobStatus.FAILED:
         body.error = job.error or "failed"
@@ -93,7 +94,7 @@ async def cancel_request(job: OwnedJobDep, state: StateDep) -> JSONResponse:
 
 
 @router.get("/{request_id}/outputs/{name}", summary="An output image (no API key needed)",
-            response_class=FileResponse,
+            response_class=Response,
             responses={200: {"content": {t: {} for t in CONTENT_TYPES.values()}},
                        404: {"model": ErrorResponse, "description": "Unknown, expired or not completed"}})
 async def output_image(request_id: str, name: str, request: Request, state: StateDep) -> Response:
@@ -102,20 +103,12 @@ async def output_image(request_id: str, name: str, request: Request, state: Stat
     if job is None or job.status is not JobStatus.COMPLETED or match is None or int(match[1]) >= len(job.outputs):
         raise ApiError(404, f"no output {name!r} for request {request_id!r} (unknown, expired or not completed)")
     request.state.metrics_slug = job.slug
-    if state.settings.redis_url:
-        data = await asyncio.to_thread(state.store.read_output, job.id, int(match[1]))
-        if data is None:
-            raise ApiError(404, f"output {name!r} of request {request_id!r} has expired")
-        return Response(data, media_type=CONTENT_TYPES[job.output_format],
-                        headers={"Cache-Control": "private, max-age=3600"})
-    path = state.store.resolve_output(job.outputs[int(match[1])])
-    if not path.is_file():
+    data = await asyncio.to_thread(state.store.read_output, job.id, int(match[1]))
+    if data is None:
         raise ApiError(404, f"output {name!r} of request {request_id!r} has expired")
-    return FileResponse(path, media_type=CONTENT_TYPES[job.output_format],
-                        headers={"Cache-Control": "private, max-age=3600"})
+    return Response(data, media_type=CONTENT_TYPES[job.output_format],
+                    headers={"Cache-Control": "private, max-age=3600"})
 
 
-def _read_base64(store: JobStore, job: Job) -> list[str]:
-    if hasattr(store, "read_output"):  # the Redis store
-        return [base64.b64encode(store.read_output(job.id, i) or b"").decode("ascii") for i in range(len(job.outputs))]
-    return [base64.b64encode(store.resolve_output(rel).read_bytes()).decode("ascii") for rel in job.outputs]
+def _read_base64(store: JobQueue, job: Job) -> list[str]:
+    return [base64.b64encode(store.read_output(job.id, i) or b"").decode("ascii") for i in range(len(job.outputs))]

@@ -311,3 +311,14 @@ def test_closed_store_refuses(tmp_path: Path, clock: FakeClock) -> None:
 def test_outputs_dir_must_be_inside_data_dir(tmp_path: Path, clock: FakeClock) -> None:
     with pytest.raises(ValueError):
         JobStore(tmp_path / "a" / "jobs.sqlite3", outputs_dir=tmp_path / "b", clock=clock)
+
+
+def test_synchronous_full_by_default_normal_on_request(tmp_path: Path) -> None:
+    full = JobStore(tmp_path / "full" / "jobs.sqlite3", outputs_dir=tmp_path / "full" / "outputs")
+    normal = JobStore(tmp_path / "normal" / "jobs.sqlite3", outputs_dir=tmp_path / "normal" / "outputs",
+                      synchronous="NORMAL")
+    # PRAGMA synchronous reads back 2 for FULL and 1 for NORMAL.
+    assert full._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert normal._db.execute("PRAGMA synchronous").fetchone()[0] == 1
+    with pytest.raises(ValueError, match="FULL or NORMAL"):
+        JobStore(tmp_path / "off" / "jobs.sqlite3", outputs_dir=tmp_path / "off" / "outputs", synchronous="OFF")

@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from api.jobs import CANCELLED_BY_CLIENT, JobStatus
-from api.redis_jobs import CompletionLost, RedisJobStore, StoreUnavailable
+from api.redis_client import StoreUnavailable
+from api.redis_jobs import CompletionLost, RedisJobStore
 from tests.redis_server import redis_server, redis_url  # noqa: F401
 
 # Reclaim after 1 s silent; heartbeats every 0.1 s, so a loaded CI machine has 0.9 s of slack.

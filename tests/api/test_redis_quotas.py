@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from api.quotas import InsufficientCredits
-from api.redis_jobs import CompletionLost, RedisJobStore, StoreUnavailable
+from api.redis_client import StoreUnavailable
+from api.redis_jobs import CompletionLost, RedisJobStore
 from api.redis_quotas import RedisCreditLedger, RedisRateLimiter
 from tests.redis_server import redis_server, redis_url  # noqa: F401
 

@@ -17,7 +17,8 @@ import pytest
 from api.jobs import CANCELLED_BY_CLIENT, JobStatus
 from api.metrics import ApiMetrics
 from api.inputs import InputStore
-from api.redis_jobs import RedisJobStore, StoreUnavailable
+from api.redis_client import StoreUnavailable
+from api.redis_jobs import RedisJobStore
 from api.redis_quotas import RedisCreditLedger
 from api.runner import JobRunner, Submission
 from tests.api.test_runner import FakeBackend

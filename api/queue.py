@@ -1,0 +1,149 @@
+"""The job queue interface both stores implement, and the one place that chooses the store.
+
+:class:`JobQueue` is what the HTTP layer (routes, deps) and the runner may ask of a job store:
+enqueue, claim -> lease, heartbeat, complete/fail (fenced by the lease), read status and outputs,
+cancel, position, purge, readiness. Two implementations:
+:class:`api.jobs.JobStore` (SQLite, embedded, one process) and :class:`api.redis_jobs.RedisJobStore`
+(Redis, shared by API replicas and workers). Callers never ask which one they hold; blocking
+calls go through ``asyncio.to_thread`` on both (both are thread-safe).
+
+:func:`open_stores` is the only code that reads ``settings.redis_url``: it builds the job store,
+credits and rate limits on SQLite or on Redis, once, at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from api.inputs import InputStore
+from api.jobs import Claim, Heartbeat, Job, JobStore
+from api.quotas import CreditLedger, RateLimiter
+from api.settings import Settings
+
+__all__ = ["JobQueue", "Stores", "check_role", "open_stores"]
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class JobQueue(Protocol):
+    """A persistent job queue: records QUEUED -> PROCESSING -> COMPLETED | FAILED with their outputs."""
+
+    name: str
+    """``sqlite`` or ``redis``: the key of the store's entry in ``/readyz``."""
+    address: str
+    """Where the jobs live (a data directory, or Redis's host:port), for logs; never a password."""
+    retention_s: float
+    max_attempts: int
+
+    def ping(self) -> None:
+        """Raise (``StoreUnavailable`` on Redis) unless the store can serve now."""
+
+    def create(self, slug: str, params: dict[str, Any], *, owner: str | None = None, output_format: str = "jpeg",
+               want_base64: bool = False) -> Job:
+        """Enqueue a new QUEUED job and return it."""
+
+    def get(self, job_id: str) -> Job | None:
+        """The job (status, progress, error, outputs' names), or None if unknown or expired."""
+
+    def read_output(self, job_id: str, index: int) -> bytes | None:
+        """Output ``index`` of a COMPLETED job, or None (no such output, or expired)."""
+
+    def claim(self, consumer: str, slugs: Sequence[str], *, block_s: float = 0.0) -> Claim | None:
+        """Lease the next job of ``slugs`` to ``consumer`` (PROCESSING, one more attempt); waits up
+        to ``block_s`` for one to be enqueued. None if none came."""
+
+    def heartbeat(self, claim: Claim) -> Heartbeat:
+        """Keep the lease; says whether it still holds the job and whether a cancel was asked."""
+
+    def set_progress(self, job_id: str, step: int, total: int | None) -> bool: ...
+
+    def complete(self, job_id: str, outputs: list[bytes], ext: str, metrics: dict[str, Any],
+                 seed: int | None) -> Job: ...
+
+    def fail(self, job_id: str, error: str, metrics: dict[str, Any] | None = None, *,
+             claim: Claim | None = None) -> Job:
+        """FAIL a QUEUED or PROCESSING job (terminal ones unchanged); with ``claim`` only while that
+        lease still holds it."""
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """QUEUED fails at once, PROCESSING gets a flag its runner polls; None if unknown/expired."""
+
+    def is_cancel_requested(self, job_id: str) -> bool: ...
+
+    def position(self, job_id: str) -> int | None:
+        """0-based place of a QUEUED job in the order jobs are claimed, else None."""
+
+    def queue_depth(self) -> int: ...
+
+    def count_by_status(self) -> dict[str, int]: ...
+
+    def served_slugs(self) -> Mapping[str, list[str]]:
+        """Slugs other processes' workers announce on this store (none on an embedded store)."""
+
+    def recover(self) -> dict[str, int]: ...
+
+    def purge_expired(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Stores:
+    """What ``open_stores`` built: the job store and the credit and rate bookkeeping beside it."""
+
+    jobs: JobQueue
+    inputs: InputStore
+    """Input images of queued jobs on disk (the embedded runner's; unused on Redis, where they
+    travel with the job)."""
+    ledger: CreditLedger
+    limiter: RateLimiter
+
+
+def check_role(settings: Settings, role: str) -> None:
+    """Raise ValueError when ``role`` (``api``, ``worker``) needs a store shared between processes
+    and the settings name none (checked before a server starts, and again by ``open_stores``)."""
+    if role != "all" and settings.redis_url is None:
+        raise ValueError(f"the {role} role needs a shared store: set DIFFSERVE_REDIS_URL (or --redis-url)")
+
+
+def open_stores(settings: Settings, role: str = "all") -> Stores:
+    """The job store, credits and rate limits on SQLite or, with ``redis_url``, on Redis.
+
+    Raises ValueError when ``role`` (``api``, ``worker``) needs a store shared between processes
+    and none is configured.
+    """
+    check_role(settings, role)
+    default_credits, credits_by_owner = settings.per_owner(settings.credits)
+    default_rate, rate_by_owner = settings.per_owner(settings.rate_limit_per_minute)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.redis_url is None:
+        store = JobStore(settings.jobs_db_path, outputs_dir=settings.outputs_dir,
+                         retention_s=settings.retention_s, max_attempts=settings.request_max_attempts,
+                         synchronous=settings.sqlite_synchronous)
+        ledger = CreditLedger(settings.data_dir / "credits.sqlite", default_credits, credits_by_owner)
+        return Stores(store, InputStore(settings.inputs_dir), ledger, RateLimiter(default_rate or 0, rate_by_owner))
+
+    from api.redis_client import connect, read_password_file
+    from api.redis_jobs import RedisJobStore
+    from api.redis_quotas import RedisCreditLedger, RedisRateLimiter
+
+    client = connect(settings.redis_url, password=read_password_file(settings.redis_password_file))
+    ns = settings.redis_namespace
+    redis_store = RedisJobStore(settings.redis_url, namespace=ns, retention_s=settings.retention_s,
+                                max_attempts=settings.request_max_attempts, reclaim_idle_s=settings.reclaim_idle_s,
+                                client=client)
+    ledger = RedisCreditLedger(None, default_credits, credits_by_owner, namespace=ns, client=client)
+    limiter = RedisRateLimiter(None, default_rate or 0, rate_by_owner, namespace=ns, client=client)
+    try:
+        persistence = redis_store.persistence()
+        if persistence and (persistence.get("appendonly") != "yes"
+                            or persistence.get("maxmemory-policy") != "noeviction"):
+            logger.warning("Redis persistence %s can lose accepted jobs; run it with appendonly yes, "
+                           "appendfsync always, maxmemory-policy noeviction", persistence)
+    except Exception as exc:  # noqa: BLE001 - Redis may be down at start; service resumes when it returns
+        logger.warning("Redis at %s is not reachable yet: %s", redis_store.address, exc)
+    return Stores(redis_store, InputStore(settings.inputs_dir), ledger, limiter)
