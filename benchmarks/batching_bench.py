@@ -4,7 +4,9 @@
 set of torch components. *unbatched*: every thread runs its pipeline alone, the threads sharing the
 CPU or GPU as the local backend did before batching; *batched*: the same threads with
 ``RunControl.driver`` set to one ``engine.batching.StepBatcher`` over the UNet, as the local backend
-runs now. Per point: images/s over the wall time of all requests, and p50/p95 of request latency.
+runs now. Per point: images/s over the wall time of all requests, p50/p95 of request latency, and the
+process's CPU seconds per image — on a machine other processes share, wall-clock figures depend on
+how many threads each mode keeps runnable; CPU seconds per image do not.
 The default request is the catalog's smallest for ``sd1.5-scifi`` (512², 20 steps, CFG), on the
 tiny demo checkpoint unless ``--checkpoint`` names another.
 """
@@ -40,15 +42,17 @@ def _point(components, params: dict[str, Any], concurrency: int, requests: int, 
                 latencies.append(time.perf_counter() - start)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    cpu_start = time.process_time()
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
     images = concurrency * requests * int(params.get("samples", 1))
     return {"concurrency": concurrency, "requests": concurrency * requests, "wall_s": wall,
-            "images_per_s": images / wall, "p50_s": float(np.percentile(latencies, 50)),
+            "images_per_s": images / wall, "cpu_s_per_image": cpu / images, "p50_s": float(np.percentile(latencies, 50)),
             "p95_s": float(np.percentile(latencies, 95)),
             "mean_call_rows": float(np.mean(batcher.calls)) if batcher is not None and batcher.calls else None}
 
@@ -106,10 +110,12 @@ def batching_markdown(report: dict[str, Any]) -> str:
              "(other processes share this machine: compare rows of one run only)",
              f"- max_batch {s['max_batch']}; {s['requests_per_client']} requests per client",
              "",
-             "| concurrency | mode | images/s | vs concurrency 1 | vs unbatched | p50 s | p95 s | mean UNet rows/call |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| concurrency | mode | images/s | vs concurrency 1 | vs unbatched | p50 s | p95 s | CPU s/image "
+             "| mean UNet rows/call |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["points"]:
         rows = "" if r["mean_call_rows"] is None else f"{r['mean_call_rows']:.1f}"
         lines.append(f"| {r['concurrency']} | {r['mode']} | {r['images_per_s']:.3f} | {r['speedup_over_c1']:.2f}x | "
-                     f"{r['over_unbatched']:.2f}x | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {rows} |")
+                     f"{r['over_unbatched']:.2f}x | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
+                     f"{r.get('cpu_s_per_image', float('nan')):.2f} | {rows} |")
     return "\n".join(lines) + "\n"
