@@ -181,7 +181,7 @@ def create_app(settings: Settings, backend: GenerationBackend, *, role: str = "a
                             _unavailable_as({}, store.count_by_status))
         runner = JobRunner(
             store, backend, inputs, ledger, metrics,
-            max_concurrent_jobs=settings.max_concurrent_jobs, max_queued_jobs=settings.max_queued_jobs,
+            max_concurrent_jobs=settings.job_concurrency(backend), max_queued_jobs=settings.max_queued_jobs,
             job_timeout_s=settings.job_timeout_s, cancel_poll_s=settings.cancel_poll_s,
             purge_interval_s=settings.purge_interval_s, run_jobs=role != "api",
         )

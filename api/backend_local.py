@@ -8,6 +8,13 @@ checkpoint is loaded (and its compiled components warmed up) in the pool at star
 ``max_workers`` threads so the event loop stays free; progress comes from the pipeline's
 ``on_step`` hook and cancellation sets a ``threading.Event`` that the pipeline polls before
 every denoising step.
+
+With ``batching`` (``engine.batching.BatchingOptions``; on by default in ``serve``) each checkpoint
+gets one ``StepBatcher`` over its UNet: concurrent requests of the slugs whose loop is a
+``DenoiseLoop`` (``sd1.5-scifi``, ``sd1.5-img2img``, ``segmind-vega``) share UNet calls, while their
+text encoding and VAE run in their own pool threads. ``omni-zero`` and ``ominicontrol`` run one
+request at a time per checkpoint (see the README's batching section for why). The pool then has
+``max_batch`` threads and ``batch_capacity`` tells the job runner to keep that many jobs in flight.
 """
 
 from __future__ import annotations
@@ -32,13 +39,20 @@ class EngineBackend:
     """In-process ``GenerationBackend`` on ``engine.runtime_torch.TorchComponents``."""
 
     def __init__(self, checkpoints: Mapping[str, str | Path], device: str | None = None,
-                 precision: str | None = None, max_workers: int = 1, optimizations: str | None = None):
+                 precision: str | None = None, max_workers: int | None = None, optimizations: str | None = None,
+                 batching: Any = None):
         from engine.catalog import get_model
 
         for slug in checkpoints:
             get_model(slug)  # raises UnknownModelError for a typo
+        self._batching = batching
+        if max_workers is None:
+            max_workers = batching.max_batch if batching is not None else 1
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
+        self._max_workers = max_workers
+        self._batchers: dict[Path, Any] = {}
+        self._unbatched_locks: dict[Path, threading.Lock] = {}
         self._checkpoints = {slug: Path(path).resolve() for slug, path in checkpoints.items()}
         self._device = device
         self._precision = precision
@@ -62,6 +76,11 @@ class EngineBackend:
     @property
     def slugs(self) -> frozenset[str]:
         return frozenset(self._checkpoints)
+
+    @property
+    def batch_capacity(self) -> int:
+        """Requests worth keeping in flight: the batch size with batching, else the pool's threads."""
+        return self._batching.max_batch if self._batching is not None else self._max_workers
 
     # -- GenerationBackend ---------------------------------------------------------------------
 
@@ -103,6 +122,9 @@ class EngineBackend:
         for event in list(self._cancel_events):
             event.set()
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+        for batcher in self._batchers.values():
+            batcher.close()
+        self._batchers.clear()
         self._components.clear()
 
     # -- in the worker thread ------------------------------------------------------------------
@@ -133,21 +155,33 @@ class EngineBackend:
                     f"model {slug!r} is unavailable: its checkpoint could not be loaded ({type(exc).__name__})"
                 ) from exc
             self._components[path] = components
+            self._unbatched_locks[path] = threading.Lock()
+            if self._batching is not None:
+                from engine.batching import StepBatcher
+
+                self._batchers[path] = StepBatcher(components.unet, self._batching, name=f"batcher-{path.name}")
             return components, time.perf_counter() - start
 
     def _generate_blocking(self, slug: str, params: dict[str, Any], request_id: str,
                            on_progress: ProgressCallback | None, cancel: threading.Event,
                            submitted: float) -> BackendResult:
         from engine.catalog import InvalidRequest
-        from engine.pipelines import Cancelled, RunControl, run
+        from engine.pipelines import Cancelled, RunControl, run, step_batched
 
         started = time.perf_counter()
         if cancel.is_set():
             raise Cancelled("cancelled before start")
         components, load_s = self._components_for(slug)
+        path = self._checkpoints[slug]
+        batcher = self._batchers.get(path)
         control = RunControl(on_step=on_progress, is_cancelled=cancel.is_set)
         try:
-            result = run(slug, params, components, control)
+            if batcher is not None and step_batched(slug):
+                control.driver = batcher.run
+                result = run(slug, params, components, control)
+            else:
+                with self._unbatched_locks[path]:  # one unbatched generation per checkpoint at a time
+                    result = run(slug, params, components, control)
         except Cancelled:
             raise
         except InvalidRequest as exc:
@@ -175,4 +209,5 @@ def create_local_backend(settings, demo: bool) -> EngineBackend:
     if not checkpoints:
         raise SystemExit("--backend local needs checkpoints: --checkpoint SLUG=DIR (repeatable) or --demo")
     return EngineBackend(checkpoints, device=settings.device, precision=settings.precision,
-                         max_workers=settings.max_concurrent_jobs, optimizations=settings.torch_optimizations)
+                         max_workers=settings.max_concurrent_jobs, optimizations=settings.torch_optimizations,
+                         batching=settings.batching_options())

@@ -79,8 +79,10 @@ class Settings(BaseSettings):
     """Optional ``{key: [slug, ...]}``: models each listed key may use (others get 403)."""
 
     # -- job queue -------------------------------------------------------------------------------
-    max_concurrent_jobs: int = Field(1, ge=1)
-    """Jobs (v1 and v2 alike) running against the backend at once."""
+    max_concurrent_jobs: int | None = Field(None, ge=1)
+    """Jobs (v1 and v2 alike) running against the backend at once (per worker on Redis). None:
+    the backend's batch capacity (``job_concurrency``), so a batching backend gets enough requests
+    in flight to fill its batches; 1 for a backend that does not batch."""
     max_queued_jobs: int = Field(1000, ge=1)
     """Queued jobs beyond which new submissions get 429."""
     sync_timeout_s: float = Field(300.0, gt=0)
@@ -162,6 +164,13 @@ class Settings(BaseSettings):
     """fp32, fp16 or bf16 for the local backend (default: fp16 on GPU, fp32 on CPU)."""
     torch_optimizations: str | None = None
     """``engine.torch_optimize`` spec for the local backend, e.g. ``fast`` or ``fuse_qkv,compile``."""
+    batching: bool = True
+    """Local backend: step-level batching (``engine.batching``) of concurrent requests per checkpoint."""
+    max_batch: int = Field(8, ge=1)
+    """Local backend: most UNet rows in one batched call (a CFG request with N samples takes 2N)."""
+    batch_buckets: Annotated[list[int], NoDecode] = Field(default_factory=list)
+    """Local backend: batch sizes a call is padded up to (those compiled or captured as CUDA graphs),
+    increasing, the largest at least ``max_batch``; empty: no padding."""
 
     @field_validator("torch_optimizations")
     @classmethod
@@ -172,7 +181,14 @@ class Settings(BaseSettings):
 
         return TorchOptimizations.parse(value).spec()
 
-    @field_validator("api_keys", "image_allowed_formats", "image_allow_networks", mode="before")
+    @field_validator("batch_buckets")
+    @classmethod
+    def _valid_buckets(cls, value: list[int]) -> list[int]:
+        if any(b < 1 for b in value) or value != sorted(set(value)):
+            raise ValueError(f"batch_buckets must be increasing positive sizes, got {value}")
+        return value
+
+    @field_validator("api_keys", "image_allowed_formats", "image_allow_networks", "batch_buckets", mode="before")
     @classmethod
     def _lists_from_text(cls, value: Any) -> Any:
         return _split_list(value)
@@ -216,9 +232,25 @@ class Settings(BaseSettings):
             if unknown:
                 raise ValueError(f"key_models names unknown models: {', '.join(unknown)}")
         self.image_fetch_policy()  # invalid CIDRs fail here, at start-up
+        self.batching_options()
         return self
 
     # -- derived values --------------------------------------------------------------------------
+
+    def batching_options(self):
+        """The local backend's ``engine.batching.BatchingOptions``, or None with batching off."""
+        if not self.batching:
+            return None
+        from engine.batching import BatchingOptions
+
+        return BatchingOptions(max_batch=self.max_batch, buckets=tuple(self.batch_buckets))
+
+    def job_concurrency(self, backend: Any) -> int:
+        """Jobs the runner keeps in flight: ``max_concurrent_jobs`` if set, else the backend's
+        ``batch_capacity`` (1 when it has none)."""
+        if self.max_concurrent_jobs is not None:
+            return self.max_concurrent_jobs
+        return max(1, int(getattr(backend, "batch_capacity", 1)))
 
     def api_key_values(self) -> list[str]:
         return [k.get_secret_value() for k in self.api_keys]

@@ -101,5 +101,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                         "(DIFFSERVE_PORT; default 8000; 0 picks a free one)")
     worker.add_argument("--host", help="interface of the health port (default 127.0.0.1)")
     worker.add_argument("--data-dir", type=Path, help="logs of a Triton this worker starts (default var/api)")
-    worker.add_argument("--concurrency", type=int, help="jobs run at once (DIFFSERVE_MAX_CONCURRENT_JOBS; default 1)")
+    worker.add_argument("--concurrency", type=int, help="jobs run at once (DIFFSERVE_MAX_CONCURRENT_JOBS; default: the backend's batch capacity, 1 without batching)")
     worker.set_defaults(func=cmd_worker)

@@ -1,4 +1,4 @@
-"""``diffserve bench engine|serve|capacity|checkpoint|report|store``: the benchmark commands.
+"""``diffserve bench engine|serve|batching|capacity|checkpoint|report|store``: the benchmark commands.
 
 Wired into the ``diffserve`` CLI by ``add_parsers(sub)``; ``python -m benchmarks.cli ...`` runs
 the same commands without it. Each command writes its JSON, markdown and plots under
@@ -86,6 +86,22 @@ def cmd_engine(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bench engine: {exc}", file=sys.stderr)
         return 2
+    return _finish(report, args)
+
+
+def cmd_batching(args: argparse.Namespace) -> int:
+    from benchmarks.batching_bench import run_batching_bench
+
+    try:
+        concurrency = tuple(int(c) for c in _csv(args.concurrency))
+    except ValueError:
+        print(f"bench batching: --concurrency takes comma-separated integers, got {args.concurrency!r}", file=sys.stderr)
+        return 2
+    report = run_batching_bench(
+        checkpoint=Path(args.checkpoint) if args.checkpoint else None, width=args.size, height=args.size,
+        steps=args.steps, requests=args.requests, concurrency=concurrency, max_batch=args.max_batch,
+        device=args.device, command="diffserve bench " + " ".join(sys.argv[sys.argv.index("batching"):])
+        if "batching" in sys.argv else "diffserve bench batching")
     return _finish(report, args)
 
 
@@ -279,6 +295,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--work-dir", help="cache directory (default $DIFFSERVE_HOME/bench)")
     _common_output(srv)
     srv.set_defaults(func=cmd_serve)
+
+    bat = bsub.add_parser("batching", help="images/s and p50/p95 at concurrency 1-8, step-batched vs not, in-process",
+                          description="Closed-loop clients into one set of sd1.5-scifi torch components, each "
+                                      "request alone or through one StepBatcher (engine.batching).")
+    bat.add_argument("--checkpoint", help="an SD1.5 checkpoint directory (default: the tiny demo checkpoint)")
+    bat.add_argument("--size", type=int, default=512, help="width and height (default 512, the catalog's smallest)")
+    bat.add_argument("--steps", type=int, default=20, help="denoising steps (default 20, the catalog's fewest)")
+    bat.add_argument("--requests", type=int, default=3, help="requests per client thread (default 3)")
+    bat.add_argument("--concurrency", default="1,2,4,8", help="comma list of client threads (default 1,2,4,8)")
+    bat.add_argument("--max-batch", type=int, default=16, help="StepBatcher max_batch in UNet rows (default 16)")
+    bat.add_argument("--device", help="cpu, cuda (default: cuda if available)")
+    _common_output(bat)
+    bat.set_defaults(func=cmd_batching)
 
     cap = bsub.add_parser("capacity", help="$ per 1000 images and GPUs needed, from measured curves",
                           description="Turn serving sweeps (or engine results) into the per-GPU throughput that "

@@ -96,6 +96,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         from benchmarks.batch_sweep import sweep_markdown
 
         return sweep_markdown(report)
+    if kind == "batching":
+        from benchmarks.batching_bench import batching_markdown
+
+        return batching_markdown(report)
     raise ValueError(f"unknown report kind {kind!r}")
 
 

@@ -5,7 +5,8 @@ pipeline's arguments), ``checkpoint`` (a diffusers checkpoint directory's layout
 ``ModelConfig``; ``omni_zero_checkpoint`` for Omni-Zero's additions), ``components`` (the
 ``Components`` protocol pipelines call networks through, and the named-tensor adapter every runtime
 builds on), ``descriptors`` (each network's tensor names and shape profiles), ``pipelines/`` (one
-denoising loop per module; ``pipelines.run`` serves a slug), ``schedulers`` and ``scheduler_plan``,
+denoising loop per module; ``pipelines.run`` serves a slug), ``batching`` (step-level batching of
+concurrent requests' denoising loops), ``schedulers`` and ``scheduler_plan``,
 the runtimes ``runtime_torch`` (with ``torch_optimize``), ``runtime_onnx`` (over the torch-free
 ``onnx_session``) and ``runtime_trt``, the Omni-Zero and OminiControl networks
 (``omni_zero_modules``, ``face_analysis``, ``flux_condition``), ``imageio`` (encoding outputs) and

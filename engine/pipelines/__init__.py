@@ -22,12 +22,18 @@ from engine.catalog import get_model
 from engine.components import Components
 from engine.pipelines.common import Cancelled, GenerationResult, RunControl
 
-__all__ = ["Cancelled", "GenerationResult", "RunControl", "pipeline_module", "run"]
+__all__ = ["Cancelled", "GenerationResult", "RunControl", "pipeline_module", "run", "step_batched"]
 
 
 def pipeline_module(slug: str) -> ModuleType:
     """The module under ``engine.pipelines`` whose ``generate`` runs ``slug`` (``ModelSpec.pipeline``)."""
     return importlib.import_module(f"engine.pipelines.{get_model(slug).pipeline}")
+
+
+def step_batched(slug: str) -> bool:
+    """Whether ``slug``'s pipeline runs its loop as a ``DenoiseLoop`` that a ``RunControl.driver`` (a step
+    batcher) can batch with other requests (its module sets ``STEP_BATCHED``)."""
+    return bool(getattr(pipeline_module(slug), "STEP_BATCHED", False))
 
 
 def run(slug: str, params: dict[str, Any], components: Components,

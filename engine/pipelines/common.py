@@ -33,6 +33,10 @@ class RunControl:
     """Called with (steps done, total steps) after every UNet step."""
     is_cancelled: Callable[[], bool] | None = None
     """Polled before every UNet step; True stops the run with ``Cancelled``."""
+    driver: Callable[["DenoiseLoop", "RunControl"], torch.Tensor] | None = None
+    """Runs a ``DenoiseLoop`` to its final latents (``engine.batching.StepBatcher.run``: batched with
+    other requests); None runs it in the calling thread, alone. Pipelines whose loop is not a
+    ``DenoiseLoop`` (FLUX, Omni-Zero) ignore it."""
 
     def step_done(self, done: int, total: int) -> None:
         if self.on_step is not None:
@@ -233,6 +237,90 @@ def step_kwargs(scheduler, generator: torch.Generator, eta: float = 0.0) -> dict
     return kwargs
 
 
+class DenoiseLoop:
+    """One request's denoising loop as a step object: scale input, UNet, classifier-free guidance, step.
+
+    ``model_inputs()`` gives this step's UNet arguments (twice the rows under CFG) and
+    ``advance(noise_pred)`` applies the request's guidance and scheduler step to the UNet's output
+    for those rows. ``denoise`` drives it alone; ``engine.batching.StepBatcher`` drives many at once,
+    concatenating the inputs of the loops whose ``shape_key`` agree into one UNet call. Everything
+    that makes a request's image — scheduler, generator, guidance — stays inside the loop, so its
+    output is the same alone or batched (up to the UNet's rounding at another batch size).
+
+    With ``components.device_scheduler`` the scheduler runs as a precomputed plan (the same
+    arithmetic up to rounding, nothing read back to the host between steps) where it can.
+    """
+
+    def __init__(self, components: Components, scheduler, latents: torch.Tensor, timesteps: torch.Tensor,
+                 embeds: PromptEmbeds, guidance_scale: float, generator: torch.Generator,
+                 time_ids: torch.Tensor | None = None):
+        self.scheduler = scheduler
+        self.timesteps = timesteps
+        self.embeds = embeds
+        self.guidance_scale = guidance_scale
+        self.guidance = guidance_scale > 1.0
+        self.time_ids = time_ids
+        self.total = len(timesteps)
+        self.done = 0
+        self.latents = latents
+        self._extra = step_kwargs(scheduler, generator)
+        self._planned: PlannedLoop | None = None
+        plan = device_plan(components, scheduler, timesteps, noise=None)
+        if plan is not None:
+            noise = None
+            if plan.noise:
+                # The step would draw one latents-shaped N(0, I) per step from the request's generator
+                # (SDE-DPM++): the same draws, in the same order, before the loop.
+                noise = torch.stack([randn(tuple(latents.shape), generator)
+                                     for _ in range(self.total)]).to(latents.device)
+            self._planned = PlannedLoop(plan, latents, noise)
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+    @property
+    def rows(self) -> int:
+        """Rows this loop adds to a UNet call."""
+        return self.latents.shape[0] * (2 if self.guidance else 1)
+
+    @property
+    def shape_key(self) -> tuple:
+        """Loops with equal keys can share one UNet call (same latent and conditioning shapes)."""
+        pooled = None if self.embeds.pooled is None else tuple(self.embeds.pooled.shape[1:])
+        time_ids = None if self.time_ids is None else tuple(self.time_ids.shape[1:])
+        return (tuple(self.latents.shape[1:]), tuple(self.embeds.hidden.shape[1:]), pooled, time_ids,
+                self.latents.dtype, self.latents.device)
+
+    def model_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                    torch.Tensor | None]:
+        """(sample, timestep [rows], encoder_hidden_states, text_embeds, time_ids) of the current step."""
+        i = self.done
+        if self._planned is not None:
+            model_input = planned_input(self._planned, i, self.guidance)
+            timestep = self._planned.timestep(i, model_input.shape[0])
+        else:
+            t = self.timesteps[i]
+            model_input = torch.cat([self.latents] * 2) if self.guidance else self.latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            timestep = t.to(torch.float32).expand(model_input.shape[0])
+        return model_input, timestep, self.embeds.hidden, self.embeds.pooled, self.time_ids
+
+    def advance(self, noise_pred: torch.Tensor) -> None:
+        """Guide the UNet's output for this loop's rows and take the scheduler step."""
+        i = self.done
+        if self._planned is not None:
+            self.latents = planned_advance(self._planned, i, noise_pred, self.guidance_scale)
+        else:
+            if self.guidance:
+                # Classifier-free guidance, eq. (6) of Ho & Salimans 2022.
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + self.guidance_scale * (cond - uncond)
+            self.latents = self.scheduler.step(noise_pred, self.timesteps[i], self.latents, **self._extra,
+                                               return_dict=False)[0]
+        self.done = i + 1
+
+
 def denoise(
     components: Components,
     scheduler,
@@ -244,44 +332,15 @@ def denoise(
     control: RunControl,
     time_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The denoising loop: scale input, UNet, classifier-free guidance, scheduler step.
-
-    With ``components.device_scheduler`` the scheduler runs as a precomputed plan (the same
-    arithmetic up to rounding, nothing read back to the host between steps) where it can.
-    """
-    guidance = guidance_scale > 1.0
-    total = len(timesteps)
-    plan = device_plan(components, scheduler, timesteps, noise=None)
-    if plan is not None:
-        noise = None
-        if plan.noise:
-            # The step would draw one latents-shaped N(0, I) per step from the request's generator
-            # (SDE-DPM++): the same draws, in the same order, before the loop.
-            noise = torch.stack([randn(tuple(latents.shape), generator) for _ in range(total)]).to(latents.device)
-        loop = PlannedLoop(plan, latents, noise)
-        for i in range(total):
-            control.check()
-            model_input = planned_input(loop, i, guidance)
-            noise_pred = components.unet(model_input, loop.timestep(i, model_input.shape[0]), embeds.hidden,
-                                         embeds.pooled, time_ids)
-            latents = planned_advance(loop, i, noise_pred, guidance_scale)
-            control.step_done(i + 1, total)
-        return latents
-
-    extra = step_kwargs(scheduler, generator)
-    for i, t in enumerate(timesteps):
+    """Run the denoising loop: alone here, or by ``control.driver`` (a step batcher) with other requests."""
+    loop = DenoiseLoop(components, scheduler, latents, timesteps, embeds, guidance_scale, generator, time_ids)
+    if control.driver is not None:
+        return control.driver(loop, control)
+    while not loop.finished:
         control.check()
-        model_input = torch.cat([latents] * 2) if guidance else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        t_batch = t.to(torch.float32).expand(model_input.shape[0])
-        noise_pred = components.unet(model_input, t_batch, embeds.hidden, embeds.pooled, time_ids)
-        if guidance:
-            # Classifier-free guidance, eq. (6) of Ho & Salimans 2022.
-            uncond, cond = noise_pred.chunk(2)
-            noise_pred = uncond + guidance_scale * (cond - uncond)
-        latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
-        control.step_done(i + 1, total)
-    return latents
+        loop.advance(components.unet(*loop.model_inputs()))
+        control.step_done(loop.done, loop.total)
+    return loop.latents
 
 
 def device_plan(components: Components, scheduler, timesteps: torch.Tensor, **kwargs) -> SchedulerPlan | None:

@@ -18,6 +18,9 @@ from engine.pipelines.common import (
 )
 from engine.schedulers import make_scheduler
 
+STEP_BATCHED = True
+"""The loop is a ``DenoiseLoop``: ``control.driver`` may batch it with other requests."""
+
 
 def generate(
     components: Components,

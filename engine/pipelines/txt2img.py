@@ -22,6 +22,8 @@ from engine.pipelines.common import (
 from engine.schedulers import make_scheduler
 
 FAMILIES = ("sd15", "sdxl")
+STEP_BATCHED = True
+"""The loop is a ``DenoiseLoop``: ``control.driver`` may batch it with other requests."""
 
 
 def catalog_entry(family: str) -> ModelSpec:
