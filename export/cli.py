@@ -62,7 +62,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             report = build_demo_repository(Path(args.repository) if args.repository else None,
                                            **{k: v for k, v in asdict(options).items()})
         elif args.models:
-            report = build_repository_from_models(args.models, Path(args.repository or "model_repository"), options)
+            report = build_repository_from_models(args.models, Path(args.repository or "model_repository"), options,
+                                                  args.gpu_memory_gb)
         else:
             if not args.model:
                 print("give --demo, --models FILE or at least one --model SLUG=CHECKPOINT_DIR[:KEY]", file=sys.stderr)
@@ -84,9 +85,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_repository_from_models(models_file: Path, repository: Path, options):
+def build_repository_from_models(models_file: Path, repository: Path, options, gpu_memory_gb: float | None = None):
     """The repository of a ``models.toml``: its complete slugs exported, the others logged and recorded in the
-    manifest (``diffserve models check`` says what to do about them)."""
+    manifest (``diffserve models check`` says what to do about them). A CUDA deployment whose memory plan
+    (``engine.memory_plan``) does not fit the GPU is refused before anything is exported or loaded."""
     from engine.model_config import load_models_config
     from export.repository import build_repository, deployments_from_config
 
@@ -96,7 +98,30 @@ def build_repository_from_models(models_file: Path, repository: Path, options):
     if not deployments:
         raise ValueError(f"no slug of {models_file} has complete artifacts; run `diffserve models check --models "
                          f"{models_file}`")
+    plan = memory_plan({d.slug: d.checkpoint for d in deployments}, options.device, options.precision or None,
+                       gpu_memory_gb, options.gpus)
+    if plan is not None:
+        logger.info("memory plan per GPU:\n%s", plan.format())
+        if not plan.fits:
+            raise ValueError(f"this deployment does not fit the GPU:\n{plan.format()}")
     return build_repository(repository, deployments, options, unavailable=unavailable)
+
+
+def memory_plan(checkpoints: dict[str, Path], device: str, precision: str | None = None,
+                gpu_memory_gb: float | None = None, gpus: tuple[int, ...] = ()):
+    """The per-GPU plan of one fused instance per slug, against ``gpu_memory_gb`` or the smallest GPU named
+    (None on a CPU deployment, or when no size is given and no GPU is visible)."""
+    from engine.memory_plan import plan_deployment
+
+    if not device.startswith("cuda"):
+        return None
+    if gpu_memory_gb is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        gpu_memory_gb = min(torch.cuda.get_device_properties(g).total_memory for g in (gpus or (0,))) / 1e9
+    return plan_deployment(checkpoints, gpu_memory_gb, device, precision)
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
@@ -133,6 +158,8 @@ def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", metavar="0,1", help="GPUs to spread the pipeline instances over (default: all visible)")
     parser.add_argument("--ominicontrol-condition", choices=["joint", "cached"], default="joint",
                         help="OminiControl condition attention: joint (the reference as shipped) or cached")
+    parser.add_argument("--gpu-memory-gb", type=float,
+                        help="memory of each GPU for the memory plan (default: the smallest GPU named)")
     parser.add_argument("--ort-arena", action="store_true", help="ONNX Runtime's CPU memory arena (off: see README)")
     parser.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: ORT's choice)")
 

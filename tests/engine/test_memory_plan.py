@@ -76,3 +76,27 @@ def test_a_deployment_that_does_not_fit_names_what_to_move(tmp_path):
     text = small.format()
     assert "does NOT fit" in text and "serve ominicontrol from another GPU" in text
     assert isinstance(small, DevicePlan) and small.total_bytes > 20 * GB
+
+
+def test_models_check_prints_the_plan_and_export_refuses_what_does_not_fit(tmp_path, diffserve_home, capsys):
+    from api.cli import main
+    from engine.tiny.demo import demo_models_file
+    from export.repository import read_manifest
+
+    models = demo_models_file()
+    assert main(["models", "check", "--models", str(models), "--device", "cuda", "--gpu-memory-gb", "141"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan per GPU" in out and ": fits" in out and "ominicontrol: weights" in out
+    assert main(["models", "check", "--models", str(models), "--device", "cuda", "--gpu-memory-gb", "4"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    repo = tmp_path / "repo"
+    assert main(["export", "--models", str(models), "--device", "cuda", "--gpus", "0,1", "--gpu-memory-gb", "4",
+                 "--repository", str(repo)]) == 2
+    assert "does not fit the GPU" in capsys.readouterr().err and not (repo / "repository.json").exists()
+    assert main(["export", "--models", str(models), "--device", "cuda", "--gpus", "0,1",
+                 "--ominicontrol-condition", "cached", "--repository", str(repo)]) == 0
+    manifest = read_manifest(repo)
+    assert manifest["components"] == {} and {p["mode"] for p in manifest["pipelines"].values()} == {"fused"}
+    assert all(p["devices"] == ["cuda:0", "cuda:1"] for p in manifest["pipelines"].values())
+    assert manifest["engine_options"]["ominicontrol"]["ominicontrol_condition"] == "cached"
+    assert manifest["engine_options"]["ominicontrol"]["precisions"]["transformer"] == "bf16"
