@@ -20,7 +20,11 @@ class OnnxSession:
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int = 0, *,
                  device: str = "cpu", arena: bool = False):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ImportError("onnxruntime is not installed: pip install 'diffserve[cpu]' (or 'diffserve[gpu]' "
+                              "for onnxruntime-gpu, in its place)") from exc
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
