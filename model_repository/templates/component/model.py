@@ -58,9 +58,10 @@ class TritonPythonModel:
         device = torch.device(self.device)
         dtype = DTYPES[options.precision_of(self.component)]
         module = load_component_modules(params.checkpoint, dtype, [self.component])[self.component].to(device)
-        # Compiled at the config's model_warmup (its min batch); other batch sizes compile on first use.
         opts = TorchOptimizations.parse(options.torch_optimizations)
         module = apply_optimizations({self.component: module}, opts, device)[0][self.component]
+        if opts.compile and self.batched:
+            module = self._compile_every_batch(module, params, device, dtype)
 
         @torch.inference_mode()
         def run(feeds):
@@ -71,6 +72,32 @@ class TritonPythonModel:
             return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, outs)}
 
         return run
+
+    def _compile_every_batch(self, module, params, device, dtype):
+        """Static-shape graphs: every batch the dynamic batcher can form is padded to a bucket compiled here,
+        at load, never inside a request (``engine.batch_buckets``)."""
+        import torch
+
+        from engine.batch_buckets import BucketedModule, batch_buckets
+        from engine.checkpoint import read_model_config
+        from engine.descriptors import component_descriptors
+
+        desc = component_descriptors(read_model_config(params.checkpoint))[self.component]
+        low, _, high = desc.profile["batch"]
+        bucketed = BucketedModule(module, batch_buckets(low, high))
+
+        def zeros(batch):
+            out = []
+            for spec in desc.inputs:
+                shape = (batch, *desc.shape(spec, "min")[1:])
+                kind = dtype if spec.dtype == "float32" and spec.name != "timestep" else getattr(torch, spec.dtype)
+                out.append(torch.zeros(shape, dtype=kind, device=device))
+            return out
+
+        with torch.inference_mode():
+            sizes = bucketed.warm_up(zeros)
+        logger.info("%s: compiled for batches %s at load", self.name, sizes)
+        return bucketed
 
     def execute(self, requests):
         responses = [None] * len(requests)
