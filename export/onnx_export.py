@@ -141,6 +141,9 @@ def export_component(module: torch.nn.Module, desc: ComponentDescriptor, checkpo
         logger.debug("%s is up to date: %s", desc.component, path)
         return ExportResult(desc.component, path, skipped=True, seconds=0.0)
 
+    if verify and precision == "bf16" and not torch.cuda.is_available():
+        raise ExportError(f"{desc.component}: a bf16 ONNX export's parity check needs a GPU (ONNX Runtime's CPU "
+                          "provider lacks most bf16 kernels); export on the GPU host, or serve it with --runtime torch")
     t0 = time.perf_counter()
     if path.parent.is_dir():  # the directory belongs to this one artifact: drop stale files
         shutil.rmtree(path.parent)
