@@ -328,7 +328,11 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
         serve_components = "bls" in opts.modes
         if (serve_components and opts.runtime != "torch") or ("fused" in opts.modes
                                                               and opts.fused_runtime == "onnxruntime"):
-            exported = export_components(checkpoint, specs, lambda c: repo / model_names[c] / "1",
+            # Without component models the files live in the first pipeline model's directory, where Triton
+            # ignores a non-numeric sub-directory (a directory of its own would be polled as a model).
+            artifact_dir = ((lambda c: repo / model_names[c] / "1") if serve_components
+                            else (lambda c: repo / group[0].slug / "artifacts" / model_names[c]))
+            exported = export_components(checkpoint, specs, artifact_dir,
                                          engine_options.precisions, force=opts.force,
                                          tensorrt=serve_components and opts.runtime == "tensorrt",
                                          label=", ".join(d.slug for d in group),

@@ -4,6 +4,7 @@ GPUs named, one copy of each slug's weights per GPU, each network's precision in
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,14 @@ def test_engine_options_round_trip_and_refuse_what_they_do_not_know():
         EngineOptions(precisions={"unet": "int8"})
     with pytest.raises(ValueError, match="ominicontrol_condition"):
         EngineOptions(ominicontrol_condition="bogus")
+
+
+def test_a_fused_onnx_repository_has_no_directory_triton_would_take_for_a_model(tmp_path, sd15_dir):
+    report = build_repository(tmp_path / "repo", [Deployment("sd1.5-scifi", sd15_dir)],
+                              RepositoryOptions(modes=("fused",), pipeline_instances=1))
+    assert report.components == {} and list(report.pipelines) == ["sd1.5-scifi"]
+    models = [d for d in (tmp_path / "repo").iterdir() if d.is_dir()]
+    assert [d.name for d in models] == ["sd1.5-scifi"] and (models[0] / "config.pbtxt").is_file()
+    params = PipelineModelParams.from_model_config(_model_config(models[0] / "config.pbtxt"))
+    assert params.artifacts and all(Path(p).is_file() and (models[0] / "artifacts") in Path(p).parents
+                                     for p in params.artifacts.values())
