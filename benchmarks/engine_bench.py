@@ -1126,7 +1126,7 @@ def time_condition_cache(transformer: torch.nn.Module, params: dict[str, Any], d
             "cached_vs_joint": round(cached / default, 4) if default else None,
             "stock_step_ms": joint_step["median_ms"],
             "note": "denoiser work per request only (text encoders and VAE not timed); joint is the default "
-                    "(the reference as shipped), cached the opt-in DIFFSERVE_OMINICONTROL_CONDITION=cached"}
+                    "(the reference as shipped), cached the opt-in --ominicontrol-condition cached"}
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:
