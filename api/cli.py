@@ -119,7 +119,19 @@ def cmd_models_check(args: argparse.Namespace) -> int:
         return 1
     problems = model_config.check(config)
     print(model_config.format_report(config, problems))
-    return 0 if not any(problems.values()) else 1
+    complete = not any(problems.values())
+    if args.device or args.gpu_memory_gb:
+        from export.cli import memory_plan
+
+        checkpoints = model_config.prepare(config).checkpoints
+        plan = memory_plan(checkpoints, args.device or "cuda", args.precision, args.gpu_memory_gb)
+        if plan is None:
+            print("\nmemory plan: give --gpu-memory-gb (no GPU is visible here)" if (args.device or "cuda") != "cpu"
+                  else "\nmemory plan: for GPU deployments (--device cuda)")
+        else:
+            print("\nmemory plan per GPU (one fused instance per slug):\n" + plan.format())
+            complete = complete and plan.fits
+    return 0 if complete else 1
 
 
 def _apply_models_file(args: argparse.Namespace, settings):
@@ -145,12 +157,15 @@ def _apply_models_file(args: argparse.Namespace, settings):
         unavailable = prepared.unavailable()
         settings = settings.model_copy(update={"checkpoints": {**prepared.checkpoints, **settings.checkpoints}})
     else:
-        from export.cli import build_repository_from_models
-        from export.repository import RepositoryOptions
+        from export.cli import build_repository_from_models, deployment_options
 
         repository = settings.repository or home_dir() / "repository"
         try:
-            report = build_repository_from_models(settings.models_file, Path(repository), RepositoryOptions())
+            options = deployment_options(device=settings.device, precision=settings.precision, gpus=args.gpus,
+                                         torch_optimizations=settings.torch_optimizations or "",
+                                         ominicontrol_condition=args.ominicontrol_condition)
+            report = build_repository_from_models(settings.models_file, Path(repository), options,
+                                                  args.gpu_memory_gb)
         except ValueError as exc:
             raise SystemExit(f"serve: {exc}") from None
         unavailable = report.unavailable
@@ -329,8 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "slugs served (triton: exported into --repository, default var/repository)")
     serve.add_argument("--repository", type=Path, help="Triton model repository (triton backend)")
     serve.add_argument("--triton-url", help="gRPC host:port of a running Triton server (default: start one)")
-    serve.add_argument("--device", help="torch device for the local backend")
-    serve.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="local backend precision")
+    serve.add_argument("--device", help="cpu or cuda (default: cuda when torch sees a GPU); with --models and "
+                                        "triton, the device of the repository built")
+    serve.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                       help="denoisers and text encoders (default: fp16, bf16 for FLUX, on GPU; fp32 on CPU)")
+    serve.add_argument("--gpus", metavar="0,1", help="with --models and triton: GPUs to spread the slugs' instances "
+                                                     "over (default: all visible)")
+    serve.add_argument("--gpu-memory-gb", type=float, help="GPU memory for the memory plan (default: detected)")
+    serve.add_argument("--ominicontrol-condition", choices=["joint", "cached"], default="joint",
+                       help="OminiControl condition attention (with --models and triton)")
     serve.add_argument("--optimize", dest="torch_optimizations", metavar="SPEC",
                        help="local backend torch optimizations (see `generate --optimize`)")
     serve.add_argument("--role", choices=["all", "api"], default="all",
@@ -349,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "what to do; exit 0 when every configured slug is complete")
     check.add_argument("--models", type=Path, metavar="FILE", help="models.toml (default DIFFSERVE_MODELS)")
     check.add_argument("--demo", action="store_true", help="the tiny demo's models.toml")
+    check.add_argument("--device", help="print the memory plan for this device (cuda)")
+    check.add_argument("--gpu-memory-gb", type=float, help="GPU memory for the memory plan (default: detected)")
+    check.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="as serve --precision")
     check.set_defaults(func=cmd_models_check)
     from benchmarks.cli import add_parsers as add_bench_parsers
     from export.cli import add_parsers as add_export_parsers

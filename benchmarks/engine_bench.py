@@ -277,7 +277,10 @@ def prepare_runtime(runtime: str, cfg: EngineBenchConfig, checkpoint: Path | Non
         providers = [p for p in providers if p in ort.get_available_providers()]
         if device.type == "cuda" and "CUDAExecutionProvider" not in providers:
             raise RuntimeUnavailable("onnxruntime has no CUDAExecutionProvider here (pip install onnxruntime-gpu)")
-        components = OnnxComponents(source, artifacts, providers=providers)
+        from engine.options import EngineOptions
+
+        components = OnnxComponents(source, artifacts, providers=providers,
+                                    options=EngineOptions(ort_threads=cfg.threads or 0))
         return Prepared("onnxruntime", components, device, notes=[f"providers: {', '.join(providers)}"])
     from engine.runtime_trt import TrtComponents
 
@@ -621,10 +624,7 @@ def run_engine_bench(cfg: EngineBenchConfig, on_update: Callable[[dict[str, Any]
     spec = get_model(cfg.slug)
     sd_pipeline = cfg.slug in DIFFUSERS_PIPELINES
     if cfg.threads:
-        import os
-
         torch.set_num_threads(cfg.threads)
-        os.environ.setdefault("DIFFSERVE_ORT_THREADS", str(cfg.threads))  # engine.runtime_onnx reads it
     device, dtype = resolve_device_dtype(cfg.device, cfg.precision, spec.family)
     precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     params = reference_request(cfg.slug, cfg.params)
@@ -1126,7 +1126,7 @@ def time_condition_cache(transformer: torch.nn.Module, params: dict[str, Any], d
             "cached_vs_joint": round(cached / default, 4) if default else None,
             "stock_step_ms": joint_step["median_ms"],
             "note": "denoiser work per request only (text encoders and VAE not timed); joint is the default "
-                    "(the reference as shipped), cached the opt-in DIFFSERVE_OMINICONTROL_CONDITION=cached"}
+                    "(the reference as shipped), cached the opt-in --ominicontrol-condition cached"}
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:

@@ -134,7 +134,7 @@ def _child_env(threads: int | None) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     env.pop("DIFFSERVE_API_KEYS", None)  # an open API: the benchmark measures serving, not auth
     if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), DIFFSERVE_ORT_THREADS=str(threads))
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # ORT's: the repository's options
     return env
 
 
@@ -263,7 +263,8 @@ async def run_scale_out(cfg: ScaleOutConfig) -> dict[str, Any]:
     series: list[dict[str, Any]] = []
     deployment: Deployment | None = None
     try:
-        repository = build_demo_repository(root / "repo", slugs=(SLUG,), modes=("fused",)).repository
+        repository = build_demo_repository(root / "repo", slugs=(SLUG,), modes=("fused",),
+                                           ort_threads=cfg.threads or 0).repository
         deployment = Deployment(cfg, root / "procs", repository)
         await asyncio.to_thread(deployment.start)
         for n in cfg.workers:

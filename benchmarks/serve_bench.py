@@ -415,14 +415,15 @@ def discover_pipelines(grpc_url: str, slugs: tuple[str, ...]) -> dict[str, dict[
 
 
 def demo_repository(slugs: tuple[str, ...], work_dir: Path, modes: tuple[str, ...],
-                    runtime: str = "onnxruntime", pipeline_instances: int = 2) -> Path:
+                    runtime: str = "onnxruntime", pipeline_instances: int = 2, ort_threads: int = 0) -> Path:
     """The tiny demo checkpoints of ``slugs`` in a model repository of their own under ``work_dir``
     (one per slugs, modes and runtime, so sweeps do not rebuild each other's; cached; torch needs no export)."""
     from export.repository import build_demo_repository
 
     repo = Path(work_dir) / ("triton-repository-" + "+".join(sorted(slugs)) + "-" + "+".join(modes) + f"-{runtime}")
     return build_demo_repository(repo, slugs, modes=modes, runtime=runtime, pipeline_instances=pipeline_instances,
-                                 fused_runtime="torch" if runtime == "torch" else "onnxruntime").repository
+                                 fused_runtime="torch" if runtime == "torch" else "onnxruntime",
+                                 ort_threads=ort_threads).repository
 
 
 # -- the API server ----------------------------------------------------------------------------------
@@ -496,7 +497,7 @@ def _ensure(path: Path) -> Path:
 def _thread_env(threads: int | None) -> dict[str, str]:
     if not threads:
         return {}
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "DIFFSERVE_ORT_THREADS": str(threads)}
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}  # ORT's: the repository's options
 
 
 # -- sweeps ----------------------------------------------------------------------------------------------
@@ -836,7 +837,8 @@ async def _triton_server(cfg: ServeBenchConfig, stack: contextlib.ExitStack, rep
     from export.triton_server import TritonServer, TritonServerConfig
 
     repo = cfg.triton_repository or await asyncio.to_thread(demo_repository, cfg.slugs, cfg.work_dir, cfg.modes,
-                                                            cfg.triton_runtime, cfg.triton_pipeline_instances)
+                                                            cfg.triton_runtime, cfg.triton_pipeline_instances,
+                                                            cfg.threads or 0)
     server = TritonServer(TritonServerConfig(repository=Path(repo), log_file=Path(cfg.work_dir) / "triton.log",
                                              startup_timeout_s=600))
     # Results are in hand when this runs: python stubs that take long to exit are killed after 10 s.

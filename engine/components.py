@@ -43,6 +43,8 @@ class TextEncoderOutput(NamedTuple):
 class Components(Protocol):
     config: ModelConfig
     device: torch.device
+    condition_mode: str
+    """OminiControl's condition mode (``engine.options.OMINICONTROL_CONDITION_MODES``)."""
 
     def tokenizer(self, index: int) -> Any:
         """The CLIP tokenizer of text encoder ``index`` (0, or 1 for SDXL's second encoder)."""
@@ -165,6 +167,8 @@ class NamedTensorComponents:
 
     device_scheduler: bool = False
     """Pipelines run the scheduler as precomputed weights on the device (``engine.scheduler_plan``)."""
+    condition_mode: str = "joint"
+    """OminiControl's condition mode (``EngineOptions.ominicontrol_condition``), set by whoever builds these."""
 
     def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu"):
         self.checkpoint = Path(checkpoint)

@@ -217,7 +217,7 @@ def _flux_descriptors(config: ModelConfig, specs: list[ModelSpec]) -> dict[str, 
             outputs=(TensorSpec("noise_pred", "float32", ("batch", "image_tokens", t.in_channels)),),
             profile={"batch": step_batch, "image_tokens": tokens, "condition_tokens": tokens},
         ),
-        # The cached mode (DIFFSERVE_OMINICONTROL_CONDITION=cached): condition keys/values from condition_kv.
+        # The cached mode (EngineOptions.ominicontrol_condition="cached"): condition keys/values from condition_kv.
         "transformer_cached": ComponentDescriptor(
             component="transformer_cached",
             inputs=(
@@ -372,30 +372,19 @@ def _omni_zero_descriptors(config: ModelConfig, specs: list[ModelSpec]) -> dict[
     }
 
 
-OMINICONTROL_CONDITION_ENV = "DIFFSERVE_OMINICONTROL_CONDITION"
-OMINICONTROL_CONDITION_MODES = ("joint", "cached")
+from engine.options import OMINICONTROL_CONDITION_MODES  # noqa: E402  (re-exported)
 
 
-def ominicontrol_condition_mode() -> str:
-    """``joint`` (default: the reference's attention) or ``cached`` (independent condition, K/V once).
-
-    Read from ``DIFFSERVE_OMINICONTROL_CONDITION``; export and serving must see the same value,
-    since the cached mode needs the ``condition_kv`` and ``transformer_cached`` components.
-    """
-    import os
-
-    mode = os.environ.get(OMINICONTROL_CONDITION_ENV, "joint").strip().lower() or "joint"
-    if mode not in OMINICONTROL_CONDITION_MODES:
-        raise ValueError(f"{OMINICONTROL_CONDITION_ENV}={mode!r}: expected one of {', '.join(OMINICONTROL_CONDITION_MODES)}")
-    return mode
-
-
-def needed_components(config: ModelConfig, specs: list[ModelSpec]) -> list[str]:
-    """Component names the slugs in ``specs`` call (the VAE encoder only for image inputs)."""
+def needed_components(config: ModelConfig, specs: list[ModelSpec], condition_mode: str = "joint") -> list[str]:
+    """Component names the slugs in ``specs`` call (the VAE encoder only for image inputs; the cached
+    OminiControl components only in the ``cached`` condition mode, ``EngineOptions.ominicontrol_condition``)."""
+    if condition_mode not in OMINICONTROL_CONDITION_MODES:
+        raise ValueError(f"condition_mode must be one of {', '.join(OMINICONTROL_CONDITION_MODES)}, "
+                         f"got {condition_mode!r}")
     names = ["text_encoder"] + [f"text_encoder_{i + 1}" for i in range(1, config.num_text_encoders)]
     if config.family == "flux":
         names.append("transformer")
-        if any(s.pipeline == "ominicontrol" for s in specs) and ominicontrol_condition_mode() == "cached":
+        if any(s.pipeline == "ominicontrol" for s in specs) and condition_mode == "cached":
             names += ["condition_kv", "transformer_cached"]
     else:
         if any(s.pipeline != "omni_zero" for s in specs):

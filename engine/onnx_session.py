@@ -1,12 +1,12 @@
 """One ONNX Runtime session with named numpy inputs and outputs.
 
-Kept free of torch so the Triton component models that run ONNX Runtime start light (a python
+Options come from the caller (``engine.options.EngineOptions``: device, arena, threads), never from
+the environment. Kept free of torch so the Triton component models that run ONNX Runtime start light (a python
 backend stub per model instance; importing torch in each would cost ~200 MB apiece).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +18,22 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 class OnnxSession:
     """One ONNX Runtime session with named numpy inputs and outputs."""
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None):
-        import onnxruntime as ort
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int = 0, *,
+                 device: str = "cpu", arena: bool = False):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ImportError("onnxruntime is not installed: pip install 'diffserve[cpu]' (or 'diffserve[gpu]' "
+                              "for onnxruntime-gpu, in its place)") from exc
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # ORT's CPU arena keeps every session at its high-water mark (2 GB for a 1024² VAE), and
-        # a repository runs one process per model: off by default, DIFFSERVE_ORT_ARENA=1 turns it on.
-        options.enable_cpu_mem_arena = os.environ.get("DIFFSERVE_ORT_ARENA", "0") == "1"
-        if threads or os.environ.get("DIFFSERVE_ORT_THREADS"):
-            options.intra_op_num_threads = int(threads or os.environ["DIFFSERVE_ORT_THREADS"])
-        available = ort.get_available_providers()
-        wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        # a repository runs one process per model: off unless the options turn it on.
+        options.enable_cpu_mem_arena = arena
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        wanted = providers or session_providers(device, ort.get_available_providers())
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
         self.input_types = {i.name: _ORT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
@@ -42,3 +46,17 @@ class OnnxSession:
         if missing:
             raise ValueError(f"{self.path.name}: missing inputs {sorted(missing)}")
         return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+
+
+def session_providers(device: str, available: list[str]) -> list[str]:
+    """ONNX Runtime providers for ``device`` (``cpu``, ``cuda`` or ``cuda:N``); CUDA without ORT's CUDA
+    provider is an error rather than a silent CPU run."""
+    if not device.startswith("cuda"):
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        raise RuntimeError(f"device {device} requested but this onnxruntime has no CUDAExecutionProvider "
+                           f"(available: {', '.join(available)}); install the GPU build in place of the CPU "
+                           "one: pip uninstall -y onnxruntime && pip install 'diffserve[gpu]' "
+                           "(or serve with --runtime torch, or --device cpu)")
+    index = int(device.partition(":")[2] or 0)
+    return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]

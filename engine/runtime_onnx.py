@@ -15,6 +15,7 @@ import torch
 
 from engine.components import NamedTensorComponents
 from engine.onnx_session import OnnxSession
+from engine.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +24,12 @@ class OnnxComponents(NamedTensorComponents):
     """``Components`` whose networks are ONNX Runtime sessions."""
 
     def __init__(self, checkpoint: str | Path, artifacts: dict[str, str | Path],
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, options: EngineOptions | None = None):
         super().__init__(checkpoint, "cpu")
-        self.sessions = {name: OnnxSession(path, providers) for name, path in artifacts.items()}
+        options = options or EngineOptions()
+        self.condition_mode = options.ominicontrol_condition
+        self.sessions = {name: OnnxSession(path, providers, options.ort_threads, device=options.device,
+                                           arena=options.ort_arena) for name, path in artifacts.items()}
         logger.info("ONNX Runtime components for %s: %s", self.checkpoint, ", ".join(self.sessions))
 
     def run_component(self, component: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -10,27 +10,60 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 
+def deployment_options(*, device: str | None = None, precision: str | None = None, gpus: str | None = None,
+                       runtime: str | None = None, fused_runtime: str | None = None, modes: str | None = None,
+                       pipeline_instances: int | None = None, demo: bool = False, **rest):
+    """``RepositoryOptions`` from the command line, with the defaults of a deployment.
+
+    A deployment of published weights (``--models``, ``--model``) defaults to the host's GPUs when torch sees
+    any (``--device cuda`` builds one anywhere: writing configs needs no GPU), and to one fused pipeline
+    instance per slug and device: one copy of each slug's weights per GPU (bls would add a component model
+    per network, another copy, and every step's tensors through host memory). On CUDA the networks run in
+    torch (the GPU path that has been measured); on a CPU in ONNX Runtime. The tiny demo keeps both modes.
+    """
+    import torch
+
+    from export.repository import DEMO_OPTIONS, RepositoryOptions
+
+    if device is None:
+        device = "cpu" if demo or not torch.cuda.is_available() else "cuda"
+    cuda = device.startswith("cuda")
+    if gpus:
+        gpu_ids = tuple(int(g) for g in gpus.split(","))
+    else:
+        gpu_ids = tuple(range(torch.cuda.device_count())) if cuda and torch.cuda.is_available() else ()
+    default_runtime = "torch" if cuda else "onnxruntime"
+    default_modes = DEMO_OPTIONS["modes"] if demo else ("fused",)
+    options = dict(rest, device=device, precision=precision or "", gpus=gpu_ids,
+                   runtime=runtime or default_runtime, fused_runtime=fused_runtime or default_runtime,
+                   modes=tuple(modes.split(",")) if modes else default_modes,
+                   pipeline_instances=pipeline_instances or (DEMO_OPTIONS["pipeline_instances"] if demo else 1))
+    return RepositoryOptions(**options)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from export.onnx_export import ExportError
-    from export.repository import Deployment, RepositoryOptions, build_demo_repository, build_repository
+    from export.repository import Deployment, build_demo_repository, build_repository
 
-    options = dict(runtime=args.runtime, modes=tuple(args.modes.split(",")), precision=args.precision,
-                   device=args.device, pipeline_instances=args.pipeline_instances,
-                   component_instances=args.component_instances, fused_runtime=args.fused_runtime,
-                   torch_optimizations=args.torch_optimizations, force=args.force)
-    if options["pipeline_instances"] is None:  # the default of RepositoryOptions, or DEMO_OPTIONS with --demo
-        del options["pipeline_instances"]
     try:
+        options = deployment_options(
+            device=args.device, precision=args.precision, gpus=args.gpus, runtime=args.runtime,
+            fused_runtime=args.fused_runtime, modes=args.modes, pipeline_instances=args.pipeline_instances,
+            demo=args.demo, component_instances=args.component_instances,
+            torch_optimizations=args.torch_optimizations, force=args.force,
+            ominicontrol_condition=args.ominicontrol_condition, ort_arena=args.ort_arena, ort_threads=args.ort_threads)
         if args.demo:
-            report = build_demo_repository(Path(args.repository) if args.repository else None, **options)
+            report = build_demo_repository(Path(args.repository) if args.repository else None,
+                                           **{k: v for k, v in asdict(options).items()})
         elif args.models:
-            report = build_repository_from_models(args.models, Path(args.repository or "model_repository"),
-                                                  RepositoryOptions(**options))
+            report = build_repository_from_models(args.models, Path(args.repository or "model_repository"), options,
+                                                  args.gpu_memory_gb)
         else:
             if not args.model:
                 print("give --demo, --models FILE or at least one --model SLUG=CHECKPOINT_DIR[:KEY]", file=sys.stderr)
@@ -43,8 +76,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                     print(f"--model {item!r}: expected SLUG=CHECKPOINT_DIR[:KEY]", file=sys.stderr)
                     return 2
                 deployments.append(Deployment(slug=slug, checkpoint=Path(path), key=key))
-            report = build_repository(Path(args.repository or "model_repository"), deployments,
-                                      RepositoryOptions(**options))
+            report = build_repository(Path(args.repository or "model_repository"), deployments, options)
     except (ExportError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2
@@ -53,9 +85,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_repository_from_models(models_file: Path, repository: Path, options):
+def build_repository_from_models(models_file: Path, repository: Path, options, gpu_memory_gb: float | None = None):
     """The repository of a ``models.toml``: its complete slugs exported, the others logged and recorded in the
-    manifest (``diffserve models check`` says what to do about them)."""
+    manifest (``diffserve models check`` says what to do about them). A CUDA deployment whose memory plan
+    (``engine.memory_plan``) does not fit the GPU is refused before anything is exported or loaded."""
     from engine.model_config import load_models_config
     from export.repository import build_repository, deployments_from_config
 
@@ -65,7 +98,30 @@ def build_repository_from_models(models_file: Path, repository: Path, options):
     if not deployments:
         raise ValueError(f"no slug of {models_file} has complete artifacts; run `diffserve models check --models "
                          f"{models_file}`")
+    plan = memory_plan({d.slug: d.checkpoint for d in deployments}, options.device, options.precision or None,
+                       gpu_memory_gb, options.gpus)
+    if plan is not None:
+        logger.info("memory plan per GPU:\n%s", plan.format())
+        if not plan.fits:
+            raise ValueError(f"this deployment does not fit the GPU:\n{plan.format()}")
     return build_repository(repository, deployments, options, unavailable=unavailable)
+
+
+def memory_plan(checkpoints: dict[str, Path], device: str, precision: str | None = None,
+                gpu_memory_gb: float | None = None, gpus: tuple[int, ...] = ()):
+    """The per-GPU plan of one fused instance per slug, against ``gpu_memory_gb`` or the smallest GPU named
+    (None on a CPU deployment, or when no size is given and no GPU is visible)."""
+    from engine.memory_plan import plan_deployment
+
+    if not device.startswith("cuda"):
+        return None
+    if gpu_memory_gb is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        gpu_memory_gb = min(torch.cuda.get_device_properties(g).total_memory for g in (gpus or (0,))) / 1e9
+    return plan_deployment(checkpoints, gpu_memory_gb, device, precision)
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
@@ -92,6 +148,22 @@ def cmd_triton(args: argparse.Namespace) -> int:
     return serve_until_stopped(config)
 
 
+def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that shape a deployment's ``EngineOptions`` (``export`` and ``serve --models``)."""
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                        help="denoisers and text encoders (default: fp16 for SD and bf16 for FLUX on CUDA, fp32 on "
+                             "CPU); a VAE whose config forces upcast stays fp32")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when torch sees a GPU; --demo: cpu); "
+                                         "building for cuda needs no GPU")
+    parser.add_argument("--gpus", metavar="0,1", help="GPUs to spread the pipeline instances over (default: all visible)")
+    parser.add_argument("--ominicontrol-condition", choices=["joint", "cached"], default="joint",
+                        help="OminiControl condition attention: joint (the reference as shipped) or cached")
+    parser.add_argument("--gpu-memory-gb", type=float,
+                        help="memory of each GPU for the memory plan (default: the smallest GPU named)")
+    parser.add_argument("--ort-arena", action="store_true", help="ONNX Runtime's CPU memory arena (off: see README)")
+    parser.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: ORT's choice)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser("export", help="export checkpoints to ONNX/TensorRT and write a Triton model repository")
     exp.add_argument("--demo", action="store_true", help="tiny demo checkpoints for every slug")
@@ -102,17 +174,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="serve SLUG from the local diffusers checkpoint DIR (repeatable); slugs sharing a "
                           "KEY share component models")
     exp.add_argument("--repository", help="output repository (default: model_repository/, or the demo one)")
-    exp.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "tensorrt", "torch"],
-                     help="what the component models run")
-    exp.add_argument("--modes", default="bls,fused",
-                     help="pipeline modes, comma separated; the first is served under the slug's own name")
-    exp.add_argument("--fused-runtime", default="onnxruntime", choices=["onnxruntime", "torch"])
+    exp.add_argument("--runtime", choices=["onnxruntime", "tensorrt", "torch"],
+                     help="what the component models run (default: torch on CUDA, onnxruntime on CPU)")
+    exp.add_argument("--modes", help="pipeline modes, comma separated; the first is served under the slug's own "
+                                     "name (default: fused, one copy of each slug's weights per device; "
+                                     "bls,fused with --demo)")
+    exp.add_argument("--fused-runtime", choices=["onnxruntime", "torch"],
+                     help="what fused pipelines run (default: torch on CUDA, onnxruntime on CPU)")
     exp.add_argument("--torch-optimize", dest="torch_optimizations", default="", metavar="SPEC",
                      help="torch optimizations of torch component models and torch fused pipelines: fast, max, "
                           "or e.g. fuse_qkv,channels_last,compile,cuda_graphs (default: none)")
-    exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
-    exp.add_argument("--device", default="cpu", help="cpu or cuda (instance kind and torch device)")
-    exp.add_argument("--pipeline-instances", type=int, help="instances per pipeline model (default 2; 1 with --demo)")
+    add_deployment_arguments(exp)
+    exp.add_argument("--pipeline-instances", type=int,
+                     help="instances per fused pipeline model and device (default 1; each is a copy of the weights)")
     exp.add_argument("--component-instances", type=int, default=1)
     exp.add_argument("--force", action="store_true", help="re-export even when artifacts are up to date")
     exp.set_defaults(func=cmd_export)

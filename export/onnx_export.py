@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +27,11 @@ from engine.descriptors import ComponentDescriptor
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PARITY_TOLERANCE = {"fp32": 5e-3, "fp16": 5e-2, "bf16": 2e-1}
+"""Largest accepted max |onnx - torch| of an export's parity check, relative to max(1, max |torch output|).
+The tiny fp32 models agree to ~1e-5; a wider gap means a wrong graph, not rounding."""
 # Checkpoint sub-directories holding each component's weights, for the up-to-date fingerprint.
 SOURCE_DIRS = {"text_encoder": ("text_encoder",), "text_encoder_2": ("text_encoder_2",), "unet": ("unet",),
                "transformer": ("transformer", "condition_lora"), "transformer_cached": ("transformer",),
@@ -134,18 +141,24 @@ def export_component(module: torch.nn.Module, desc: ComponentDescriptor, checkpo
         logger.debug("%s is up to date: %s", desc.component, path)
         return ExportResult(desc.component, path, skipped=True, seconds=0.0)
 
+    if verify and precision == "bf16" and not torch.cuda.is_available():
+        raise ExportError(f"{desc.component}: a bf16 ONNX export's parity check needs a GPU (ONNX Runtime's CPU "
+                          "provider lacks most bf16 kernels); export on the GPU host, or serve it with --runtime torch")
     t0 = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    device = torch.device("cuda" if precision == "fp16" and torch.cuda.is_available() else "cpu")
-    module = module.to(device, dtype).eval()
+    if path.parent.is_dir():  # the directory belongs to this one artifact: drop stale files
+        shutil.rmtree(path.parent)
+    path.parent.mkdir(parents=True)
+    dtype = DTYPES[precision]
+    device = torch.device("cuda" if precision != "fp32" and torch.cuda.is_available() else "cpu")
+    module = module.to(device, dtype).eval()  # a no-op when loaded in its target dtype (export_components)
     # Trace with batch 2 so no size-1 broadcast is baked into the graph.
     inputs = example_inputs(desc, "opt", batch=min(2, desc.max_batch))
     args = tuple(t.to(device, dtype if t.is_floating_point() and name != "timestep" else t.dtype)
                  for name, t in inputs.items())
     tmp = path.with_suffix(".tmp.onnx")
     _register_symbolics()
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         torch.onnx.export(
             module, args, str(tmp),
             input_names=list(desc.input_names),
@@ -155,12 +168,14 @@ def export_component(module: torch.nn.Module, desc: ComponentDescriptor, checkpo
             do_constant_folding=True,
             dynamo=False,
         )
+    _log_tracer_warnings(desc.component, caught)
     _finalize_onnx(tmp, path)
     result = ExportResult(desc.component, path, skipped=False, seconds=time.perf_counter() - t0)
     if verify:
-        result.max_abs_diff = compare_with_torch(module, desc, path, dtype, device)
+        result.max_abs_diff, scale = compare_with_torch(module, desc, path, dtype, device, with_scale=True)
+        check_parity(desc.component, precision, result.max_abs_diff, scale)
         logger.debug("%s exported in %.1fs, max |onnx - torch| = %.2e", desc.component, result.seconds,
-                    result.max_abs_diff)
+                     result.max_abs_diff)
     path.with_suffix(".json").write_text(json.dumps({
         "component": desc.component, "precision": precision, "toolkit": onnx_toolkit(),
         "fingerprint": fingerprint, "checkpoint": str(checkpoint), "max_abs_diff": result.max_abs_diff,
@@ -225,24 +240,81 @@ def _compare_sessions(source: Path, renamed: Path, desc: ComponentDescriptor) ->
     return max(float(np.abs(got[new] - want[old]).max()) for old, new in zip(original.output_names, desc.output_names))
 
 
+def _log_tracer_warnings(component: str, caught: list[warnings.WarningMessage]) -> None:
+    """The tracer's warnings (about 15 per export: traced Python branches, constant sizes) go to the log."""
+    counts: dict[str, int] = {}
+    for w in caught:
+        text = f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}"
+        counts[text] = counts.get(text, 0) + 1
+    for text, n in counts.items():
+        logger.debug("%s export: %s%s", component, text, f" (x{n})" if n > 1 else "")
+
+
+def check_parity(component: str, precision: str, max_abs_diff: float, scale: float = 1.0) -> None:
+    """Fail an export whose ONNX output is not finite or differs from torch beyond ``PARITY_TOLERANCE``."""
+    limit = PARITY_TOLERANCE[precision] * max(1.0, scale)
+    if not math.isfinite(max_abs_diff):
+        raise ExportError(f"{component}: the {precision} export's parity check is not finite (max |onnx - torch| "
+                          f"= {max_abs_diff}); the network overflows in {precision} (export it in fp32/bf16, or "
+                          "use a VAE that is safe in fp16)")
+    if max_abs_diff > limit:
+        raise ExportError(f"{component}: the {precision} export differs from torch by {max_abs_diff:.3g} "
+                          f"(tolerance {limit:.3g}); the traced graph is wrong")
+
+
 def _finalize_onnx(tmp: Path, path: Path) -> None:
-    """Move the traced model into place; weights over ~2 GB (protobuf's limit) go to one external file."""
+    """Move the traced model into place without reading its weights into memory: a model under protobuf's
+    2 GB limit is one file already (renamed); a larger one (its weights in one file per tensor, as the
+    tracer writes them) gets its tensors streamed into one ``model.onnx.data`` and only the graph rewritten."""
     import onnx
 
-    model = onnx.load(str(tmp), load_external_data=True)
-    large = sum(len(t.raw_data) for t in model.graph.initializer) > 1_800_000_000
-    for f in tmp.parent.iterdir():  # the directory belongs to this one artifact: drop stale files
-        f.unlink()
-    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=path.name + ".data" if large else None)
+    model = onnx.load(str(tmp), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        tmp.replace(path)
+        return
+    data_name = path.name + ".data"
+    offset = 0
+    with open(path.parent / data_name, "wb") as out:
+        for tensor in external:
+            info = {e.key: e.value for e in tensor.external_data}
+            length = int(info["length"]) if "length" in info else None
+            with open(tmp.parent / info["location"], "rb") as src:
+                src.seek(int(info.get("offset", 0)))
+                copied = _copy_stream(src, out, length)
+            pad = -copied % 4096  # page-aligned, so ORT can map each tensor
+            out.write(b"\0" * pad)
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(copied))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += copied + pad
+    onnx.save_model(model, str(path))
+    keep = {path.name, data_name}
+    for f in path.parent.iterdir():
+        if f.name not in keep and f.suffix != ".json":
+            f.unlink()
+
+
+def _copy_stream(src, out, length: int | None, chunk: int = 64 << 20) -> int:
+    copied = 0
+    while length is None or copied < length:
+        block = src.read(chunk if length is None else min(chunk, length - copied))
+        if not block:
+            break
+        out.write(block)
+        copied += len(block)
+    return copied
 
 
 def compare_with_torch(module: torch.nn.Module, desc: ComponentDescriptor, path: Path,
-                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> float:
-    """Max-abs-diff between ONNX Runtime and torch on fresh random inputs at the profile's min shapes."""
+                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                       with_scale: bool = False) -> float | tuple[float, float]:
+    """Max-abs-diff between ONNX Runtime and torch on fresh random inputs at the profile's min shapes (NaN
+    when either output is not finite); with ``with_scale``, also the largest |torch output|."""
     from engine.runtime_onnx import OnnxSession
 
-    session = OnnxSession(path)
+    session = OnnxSession(path, device="cuda" if torch.device(device).type == "cuda" else "cpu")
     inputs = example_inputs(desc, "min", seed=1)
     with torch.inference_mode():
         args = [t.to(device, dtype if t.is_floating_point() and n != "timestep" else t.dtype)
@@ -250,8 +322,38 @@ def compare_with_torch(module: torch.nn.Module, desc: ComponentDescriptor, path:
         ref = module(*args)
     ref = ref if isinstance(ref, tuple) else (ref,)
     got = session.run({k: v.numpy() for k, v in inputs.items()})
-    return max(float(np.abs(got[name].astype(np.float32) - r.float().cpu().numpy()).max())
-               for name, r in zip(desc.output_names, ref))
+    diff, scale = 0.0, 0.0
+    for name, r in zip(desc.output_names, ref):
+        want = r.float().cpu().numpy()
+        have = got[name].astype(np.float32)
+        if not (np.isfinite(want).all() and np.isfinite(have).all()):
+            diff = math.nan
+            break
+        diff = max(diff, float(np.abs(have - want).max()))
+        scale = max(scale, float(np.abs(want).max()))
+    return (diff, scale) if with_scale else diff
+
+
+def tensorrt_fingerprint(onnx_path: Path, desc: ComponentDescriptor, precision: str) -> str:
+    """What a TensorRT plan is built from: the ONNX sidecar's source fingerprint (the checkpoint's weight files),
+    the graph file and every external data file's bytes hashed by size, mtime and first/last MiB, the
+    descriptor and the precision; a fine-tune re-exported over the same architecture gets a new plan."""
+    h = hashlib.sha256()
+    meta = onnx_path.with_suffix(".json")
+    if meta.is_file():
+        h.update(json.loads(meta.read_text()).get("fingerprint", "").encode())
+    h.update(onnx_path.read_bytes() if onnx_path.stat().st_size < 64 << 20 else b"")
+    for f in sorted(p for p in onnx_path.parent.iterdir() if p.name.startswith(onnx_path.name)):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if st.st_size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    h.update(repr(desc).encode())
+    h.update(precision.encode())
+    return h.hexdigest()
 
 
 def build_tensorrt_engine(onnx_path: Path, desc: ComponentDescriptor, out_root: Path, precision: str,
@@ -266,7 +368,7 @@ def build_tensorrt_engine(onnx_path: Path, desc: ComponentDescriptor, out_root: 
     import tensorrt as trt
 
     plan = artifact_path(out_root, desc.component, precision, toolkit, suffix="plan")
-    fingerprint = hashlib.sha256(onnx_path.read_bytes()[:1 << 20] + repr(desc).encode()).hexdigest()
+    fingerprint = tensorrt_fingerprint(onnx_path, desc, precision)
     if not force and _is_current(plan, fingerprint):
         return plan
     plan.parent.mkdir(parents=True, exist_ok=True)
@@ -280,6 +382,8 @@ def build_tensorrt_engine(onnx_path: Path, desc: ComponentDescriptor, out_root: 
     config = builder.create_builder_config()
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
     profile = builder.create_optimization_profile()
     for spec in desc.inputs:
         profile.set_shape(spec.name, *(desc.shape(spec, w) for w in ("min", "opt", "max")))

@@ -29,6 +29,7 @@ from engine import home_dir
 from engine.catalog import ModelSpec, get_model
 from engine.checkpoint import read_model_config
 from engine.descriptors import ComponentDescriptor, component_descriptors, needed_components
+from engine.options import PRECISIONS, EngineOptions, default_precision, network_precisions
 from export.onnx_export import (
     ExportError, ExportResult, build_tensorrt_engine, copy_onnx_component, export_component, tensorrt_toolkit,
 )
@@ -65,14 +66,23 @@ class Deployment:
 class RepositoryOptions:
     runtime: str = "onnxruntime"
     modes: tuple[str, ...] = ("bls", "fused")
-    precision: str = "fp32"
+    precision: str = ""
+    """Precision of the denoisers and text encoders; empty: ``engine.options.default_precision`` per family and
+    device (fp32 on CPU; fp16 for SD, bf16 for FLUX on CUDA). The VAE stays fp32 where its config forces upcast."""
     device: str = "cpu"
+    gpus: tuple[int, ...] = ()
+    """With ``device=cuda``: the GPUs to spread instances over (each fused pipeline model gets ``pipeline_instances``
+    instances on every GPU named; default: GPU 0). Building needs no GPU: only the configs name them."""
     pipeline_instances: int = 2
+    """Instances of each fused pipeline model per device (each is one copy of the slug's weights)."""
     component_instances: int = 1
     max_queue_delay_us: int = 2000
     fused_runtime: str = "onnxruntime"
     torch_optimizations: str = ""
     """``engine.torch_optimize`` spec for torch component models and torch fused pipelines."""
+    ominicontrol_condition: str = "joint"
+    ort_arena: bool = False
+    ort_threads: int = 0
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -83,9 +93,27 @@ class RepositoryOptions:
             raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
         if self.fused_runtime not in FUSED_RUNTIMES:
             raise ValueError(f"fused_runtime must be one of {', '.join(FUSED_RUNTIMES)}")
+        if self.precision and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.gpus and not self.device.startswith("cuda"):
+            raise ValueError("gpus are for --device cuda")
+        if self.device.startswith("cuda") and not self.gpus:
+            self.gpus = (int(self.device.partition(":")[2] or 0),)
+        self.gpus = tuple(int(g) for g in self.gpus)
         from engine.torch_optimize import TorchOptimizations
 
         self.torch_optimizations = TorchOptimizations.parse(self.torch_optimizations).spec()
+
+    def engine_options(self, checkpoint: Path, family: str, components: list[str]) -> EngineOptions:
+        """The options of one checkpoint's models: each network's precision (``network_precisions``) and the
+        device, torch and ORT settings of this repository."""
+        device = "cuda" if self.device.startswith("cuda") else "cpu"
+        precisions = network_precisions(checkpoint, family, components, device, self.precision or None)
+        return EngineOptions(device=device, precisions=precisions,
+                             precision=self.precision or default_precision(family, device),
+                             ominicontrol_condition=self.ominicontrol_condition,
+                             torch_optimizations=self.torch_optimizations, ort_arena=self.ort_arena,
+                             ort_threads=self.ort_threads)
 
 
 @dataclass
@@ -157,7 +185,7 @@ def component_config(name: str, desc: ComponentDescriptor, params: ComponentMode
         "max_batch_size": desc.max_batch if desc.batched else 0,
         "input": tensors(desc.inputs),
         "output": tensors(desc.outputs),
-        "instance_group": [{"count": opts.component_instances, "kind": _kind(opts.device)}],
+        "instance_group": _instance_groups(opts.component_instances, opts),
         "parameters": params.to_parameters(),
         # The smallest batch the graph takes (the depth model's traced graph only takes 2).
         "model_warmup": [{"name": "zeros", "batch_size": desc.profile["batch"][0] if desc.batched else 1,
@@ -187,14 +215,20 @@ def pipeline_config(name: str, params: PipelineModelParams, opts: RepositoryOpti
         "model_transaction_policy": {"decoupled": True},
         "input": inputs,
         "output": outputs,
-        "instance_group": [{"count": opts.pipeline_instances, "kind": "KIND_CPU"}],
+        # A bls pipeline holds no weights (its loop calls the component models): CPU instances.
+        "instance_group": (_instance_groups(opts.pipeline_instances, opts) if params.mode == "fused"
+                           else [{"count": opts.pipeline_instances, "kind": "KIND_CPU"}]),
         "parameters": params.to_parameters(),
     }
     return _pbtxt(config)
 
 
-def _kind(device: str) -> str:
-    return "KIND_GPU" if device.startswith("cuda") else "KIND_CPU"
+def _instance_groups(count: int, opts: RepositoryOptions) -> list[dict[str, Any]]:
+    """``count`` instances on the CPU, or on each GPU of ``opts.gpus`` (Triton hands each instance its
+    ``model_instance_device_id``; the stubs run on ``cuda:<id>``)."""
+    if not opts.device.startswith("cuda"):
+        return [{"count": count, "kind": "KIND_CPU"}]
+    return [{"count": count, "kind": "KIND_GPU", "gpus": [gpu]} for gpu in opts.gpus]
 
 
 def _install_model(model_dir: Path, template: str, config: str) -> None:
@@ -214,35 +248,42 @@ class ExportedComponent:
     """What the runtime loads: the ONNX file, or the TensorRT plan built from it."""
 
 
-def export_components(checkpoint: Path, specs: list[ModelSpec], out_dir: Callable[[str], Path], precision: str, *,
-                      modules: dict[str, Any] | None = None, tensorrt: bool = False, verify: bool = True,
-                      force: bool = False, label: str = "") -> dict[str, ExportedComponent]:
+def export_components(checkpoint: Path, specs: list[ModelSpec], out_dir: Callable[[str], Path],
+                      precision: str | dict[str, str], *, modules: dict[str, Any] | None = None,
+                      tensorrt: bool = False, verify: bool = True, force: bool = False, label: str = "",
+                      condition_mode: str = "joint") -> dict[str, ExportedComponent]:
     """Export every component that ``specs`` need from ``checkpoint`` (cached by source fingerprint).
 
-    ``out_dir(component)`` is the directory its artifacts go under; ``modules`` are the torch
+    ``out_dir(component)`` is the directory its artifacts go under; ``precision`` is one precision for every
+    network or ``{component: precision}`` (``engine.options.network_precisions``); ``modules`` are the torch
     modules to trace (default: loaded from the checkpoint). Logs one line for the whole set.
     """
     checkpoint = Path(checkpoint)
     config = read_model_config(checkpoint)
     descs = component_descriptors(config, specs)
-    names = needed_components(config, specs)
-    if modules is None:
-        from engine.runtime_torch import load_component_modules
+    names = needed_components(config, specs, condition_mode)
+    precisions = precision if isinstance(precision, dict) else dict.fromkeys(names, precision)
+    if modules is None:  # loaded in each network's target dtype: no fp32 copy of an fp16/bf16 network
+        from engine.runtime_torch import DTYPES, load_component_modules
 
-        modules = load_component_modules(checkpoint, components=names)
+        modules = {}
+        for p in sorted(set(precisions.values())):
+            group = [c for c in names if precisions[c] == p]
+            modules.update(load_component_modules(checkpoint, DTYPES[p], components=group))
     t0 = time.perf_counter()
     out: dict[str, ExportedComponent] = {}
     for component in names:
         root = out_dir(component)
         source = getattr(modules[component], "onnx_source", None)
         if source is not None:  # ships as ONNX (face models): copied with renamed I/O
-            result = copy_onnx_component(source, descs[component], checkpoint, root, precision, force=force)
+            result = copy_onnx_component(source, descs[component], checkpoint, root, precisions[component],
+                                         force=force)
         else:
-            result = export_component(modules[component], descs[component], checkpoint, root, precision,
+            result = export_component(modules[component], descs[component], checkpoint, root, precisions[component],
                                       verify=verify, force=force)
         artifact = result.path
         if tensorrt:
-            artifact = build_tensorrt_engine(result.path, descs[component], root, precision, force)
+            artifact = build_tensorrt_engine(result.path, descs[component], root, precisions[component], force)
         out[component] = ExportedComponent(result, artifact)
     fresh = sum(not e.onnx.skipped for e in out.values())
     state = "cached" if not fresh else f"{fresh} exported in {time.perf_counter() - t0:.1f} s"
@@ -265,6 +306,7 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
     if opts.runtime == "tensorrt" and tensorrt_toolkit() is None:
         raise ExportError("TensorRT is unavailable here (no `tensorrt` package); use --runtime onnxruntime")
 
+    engine_by_slug: dict[str, dict[str, Any]] = {}
     by_key: dict[str, list[Deployment]] = {}
     for d in deployments:
         by_key.setdefault(d.key, []).append(d)
@@ -277,16 +319,28 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
         config = read_model_config(checkpoint)
         specs = [get_model(d.slug) for d in group]
         descs = component_descriptors(config, specs)
-        names = needed_components(config, specs)
+        names = needed_components(config, specs, opts.ominicontrol_condition)
+        engine_options = opts.engine_options(checkpoint, config.family, names)
         model_names = {component: f"{key}_{component}" for component in names}
         exported: dict[str, ExportedComponent] = {}
-        if opts.runtime != "torch" or ("fused" in opts.modes and opts.fused_runtime == "onnxruntime"):
-            exported = export_components(checkpoint, specs, lambda c: repo / model_names[c] / "1", opts.precision,
-                                         tensorrt=opts.runtime == "tensorrt", force=opts.force,
-                                         label=", ".join(d.slug for d in group))
-        for component, model_name in model_names.items():
+        # Component models exist only for bls (each holds a copy of its network's weights); fused pipelines
+        # with ONNX Runtime load the exported files themselves.
+        serve_components = "bls" in opts.modes
+        if (serve_components and opts.runtime != "torch") or ("fused" in opts.modes
+                                                              and opts.fused_runtime == "onnxruntime"):
+            # Without component models the files live in the first pipeline model's directory, where Triton
+            # ignores a non-numeric sub-directory (a directory of its own would be polled as a model).
+            artifact_dir = ((lambda c: repo / model_names[c] / "1") if serve_components
+                            else (lambda c: repo / group[0].slug / "artifacts" / model_names[c]))
+            exported = export_components(checkpoint, specs, artifact_dir,
+                                         engine_options.precisions, force=opts.force,
+                                         tensorrt=serve_components and opts.runtime == "tensorrt",
+                                         label=", ".join(d.slug for d in group),
+                                         condition_mode=opts.ominicontrol_condition)
+        for component, model_name in model_names.items() if serve_components else ():
             version = repo / model_name / "1"
-            info: dict[str, Any] = {"component": component, "runtime": opts.runtime}
+            info: dict[str, Any] = {"component": component, "runtime": opts.runtime,
+                                    "precision": engine_options.precision_of(component)}
             artifact = ""
             if component in exported:
                 result = exported[component].onnx
@@ -294,8 +348,7 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
                 info.update(artifact=artifact, skipped=result.skipped, seconds=round(result.seconds, 3),
                             max_abs_diff=result.max_abs_diff)
             params = ComponentModelParams(component=component, runtime=opts.runtime, checkpoint=str(checkpoint),
-                                          precision=opts.precision, device=opts.device,
-                                          torch_optimizations=opts.torch_optimizations, artifact=artifact)
+                                          options=engine_options.to_dict(), artifact=artifact)
             _install_model(repo / model_name, "component", component_config(model_name, descs[component], params, opts))
             report.components[model_name] = info
 
@@ -305,16 +358,23 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
                 name = d.slug if i == 0 else f"{d.slug}__{mode}"
                 params = PipelineModelParams(slug=d.slug, mode=mode, checkpoint=str(checkpoint),
                                              components=model_names, fused_runtime=opts.fused_runtime,
-                                             artifacts=onnx_files, precision=opts.precision, device=opts.device,
-                                             torch_optimizations=opts.torch_optimizations)
+                                             artifacts=onnx_files, options=engine_options.to_dict())
                 _install_model(repo / name, "pipeline", pipeline_config(name, params, opts))
-                report.pipelines[name] = {"slug": d.slug, "mode": mode, "default": i == 0,
-                                          "depends_on": sorted(model_names.values()) if mode == "bls" else []}
-            logger.info("models %s: %s", d.slug, ", ".join(opts.modes))
+                report.pipelines[name] = {
+                    "slug": d.slug, "mode": mode, "default": i == 0,
+                    "depends_on": sorted(model_names.values()) if mode == "bls" else [],
+                    "precisions": engine_options.precisions,
+                    "devices": ([f"cuda:{g}" for g in opts.gpus] if opts.device.startswith("cuda") and mode == "fused"
+                                else ["cpu"]),
+                }
+            engine_by_slug[d.slug] = engine_options.to_dict()
+            logger.info("models %s: %s (%s)", d.slug, ", ".join(opts.modes),
+                        ", ".join(f"{c} {p}" for c, p in engine_options.precisions.items()))
 
     report.unavailable = dict(unavailable or {})
     manifest = {"pipelines": report.pipelines, "components": report.components, "unavailable": report.unavailable,
-                "options": {k: v for k, v in asdict(opts).items() if k != "force"}}
+                "options": {k: v for k, v in asdict(opts).items() if k != "force"},
+                "engine_options": engine_by_slug}
     (repo / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     logger.info("model repository ready in %s: %d pipeline and %d component models", repo, len(report.pipelines),
                 len(report.components))

@@ -30,7 +30,7 @@ _P = TypeVar("_P", bound="_StubParams")
 
 
 class _StubParams:
-    """``to_parameters``/``from_model_config`` for a dataclass of ``str`` and ``dict[str, str]`` fields.
+    """``to_parameters``/``from_model_config`` for a dataclass of ``str`` and ``dict`` fields.
 
     Triton parameters are strings; dict fields travel as JSON. Reading refuses unknown and missing
     keys, so a repository written by another version of export fails at load with the names."""
@@ -70,10 +70,8 @@ class ComponentModelParams(_StubParams):
     """One of ``COMPONENT_RUNTIMES``."""
     checkpoint: str
     """The diffusers checkpoint directory (the torch runtime loads the module from it)."""
-    precision: str
-    device: str
-    torch_optimizations: str = ""
-    """``engine.torch_optimize`` spec for the torch runtime."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """``engine.options.EngineOptions.to_dict()``: device, this network's precision, torch and ORT settings."""
     artifact: str = ""
     """ONNX file or TensorRT plan, relative to the version directory (empty for the torch runtime)."""
 
@@ -98,9 +96,8 @@ class PipelineModelParams(_StubParams):
     """What ``fused`` runs the networks with: one of ``FUSED_RUNTIMES``."""
     artifacts: dict[str, str] = field(default_factory=dict)
     """Component name -> absolute path of its ONNX file (``fused`` with ONNX Runtime)."""
-    precision: str = "fp32"
-    device: str = "cpu"
-    torch_optimizations: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    """``engine.options.EngineOptions.to_dict()`` (parsed by the stub with ``EngineOptions.from_dict``)."""
 
     def __post_init__(self) -> None:
         if self.mode not in PIPELINE_MODES:
@@ -108,6 +105,14 @@ class PipelineModelParams(_StubParams):
         if self.fused_runtime not in FUSED_RUNTIMES:
             raise ValueError(f"{self.slug}: unknown fused_runtime {self.fused_runtime!r}; "
                              f"choose one of {', '.join(FUSED_RUNTIMES)}")
+
+
+def instance_device(device: str, args: Mapping[str, Any]) -> str:
+    """The device of this model instance: ``cuda:<model_instance_device_id>`` for a ``KIND_GPU`` instance
+    (the ``gpus`` of its ``instance_group``), else ``device`` as the options say."""
+    if device.startswith("cuda") and str(args.get("model_instance_kind", "")).upper() == "GPU":
+        return f"cuda:{int(args.get('model_instance_device_id', 0))}"
+    return device
 
 
 def exit_without_teardown() -> None:

@@ -6,7 +6,8 @@ subject sits beside the generated image rather than on it. The condition tokens 
 every block at timestep 0 with the subject LoRA on them alone. Schnell's flow-matching Euler loop
 is ``engine.pipelines.flux``'s; only image tokens are decoded.
 
-Two condition modes (``condition_mode``; the default from ``DIFFSERVE_OMINICONTROL_CONDITION``):
+Two condition modes (``condition_mode``; the default from ``components.condition_mode``, which the
+serving stubs set from ``EngineOptions.ominicontrol_condition``):
 
 * ``joint`` (default) reproduces the reference generation code as shipped
   (Yuanshi9815/OminiControl ``generate`` with ``kv_cache=False``) and the subject LoRA's training
@@ -29,7 +30,7 @@ import torch
 
 from engine.catalog import InvalidRequest, get_model, resolve_seed
 from engine.components import Components, ConditionKV, ConditionTokens
-from engine.descriptors import OMINICONTROL_CONDITION_MODES, ominicontrol_condition_mode
+from engine.descriptors import OMINICONTROL_CONDITION_MODES
 from engine.pipelines import flux
 from engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, image_to_tensor, make_generator, sample_latent_dist,
@@ -129,7 +130,7 @@ def generate(
         raise InvalidRequest(f"num_inference_steps must be at least 1, got {num_inference_steps}")
     if condition_strength < 0:
         raise InvalidRequest(f"condition_strength must be >= 0, got {condition_strength}")
-    mode = condition_mode or ominicontrol_condition_mode()
+    mode = condition_mode or components.condition_mode
     if mode not in OMINICONTROL_CONDITION_MODES:
         raise ValueError(f"condition_mode must be one of {', '.join(OMINICONTROL_CONDITION_MODES)}, got {mode!r}")
     seed = resolve_seed(seed)

@@ -120,17 +120,19 @@ def test_cached_condition_kv_equals_recomputed_and_is_computed_once(components, 
     assert "condition_kv" not in joint.timings
 
 
-def test_condition_mode_comes_from_the_environment(components, subject, monkeypatch):
+def test_condition_mode_comes_from_the_components_not_the_environment(components, subject, monkeypatch):
     from engine.descriptors import needed_components
 
     kw = dict(image=subject, prompt=PROMPT, width=64, height=64, num_inference_steps=1, seed=2)
-    monkeypatch.setenv("DIFFSERVE_OMINICONTROL_CONDITION", "cached")
-    cached = ominicontrol.generate(components, **kw)
-    assert "condition_kv" in cached.timings
-    assert {"condition_kv", "transformer_cached"} <= set(needed_components(components.config,
-                                                                           [get_model("ominicontrol")]))
-    monkeypatch.setenv("DIFFSERVE_OMINICONTROL_CONDITION", "bogus")
-    with pytest.raises(ValueError, match="DIFFSERVE_OMINICONTROL_CONDITION"):
+    monkeypatch.setenv("DIFFSERVE_OMINICONTROL_CONDITION", "cached")  # no longer read
+    assert "condition_kv" not in ominicontrol.generate(components, **kw).timings
+    monkeypatch.setattr(components, "condition_mode", "cached")
+    assert "condition_kv" in ominicontrol.generate(components, **kw).timings
+    spec = [get_model("ominicontrol")]
+    assert not {"condition_kv", "transformer_cached"} & set(needed_components(components.config, spec))
+    assert {"condition_kv", "transformer_cached"} <= set(needed_components(components.config, spec, "cached"))
+    monkeypatch.setattr(components, "condition_mode", "bogus")
+    with pytest.raises(ValueError, match="condition_mode"):
         ominicontrol.generate(components, **kw)
 
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 
 from engine.catalog import get_model
 from engine.checkpoint import read_model_config
 from engine.descriptors import component_descriptors, needed_components
+from engine.onnx_session import OnnxSession, session_providers
 from engine.runtime_onnx import OnnxComponents
 from engine.runtime_torch import load_component_modules
-from export.onnx_export import ExportError, artifact_path, build_tensorrt_engine, export_component, onnx_toolkit
+from export.onnx_export import (
+    ExportError, _finalize_onnx, artifact_path, build_tensorrt_engine, check_parity, export_component, onnx_toolkit,
+    tensorrt_fingerprint,
+)
 from tests.devices import torch_components
 
 
@@ -46,10 +52,10 @@ def test_onnx_runtime_pipeline_equals_torch_pipeline(sd15_exports, sd15_dir):
 
     _, _, _, results = sd15_exports
     onnx = OnnxComponents(sd15_dir, {name: r.path for name, r in results.items()})
-    torch_components = torch_components(sd15_dir, device="cpu")
+    components = torch_components(sd15_dir, device="cpu")
     kw = dict(prompt="a city", width=64, height=96, num_inference_steps=4, num_images=2, seed=3, scheduler="Euler a")
     a = txt2img.generate(onnx, **kw).images
-    b = txt2img.generate(torch_components, **kw).images
+    b = txt2img.generate(components, **kw).images
     assert abs(a - b).max() <= 1e-4
 
 
@@ -100,3 +106,74 @@ def test_export_components_reuses_the_cached_artifacts_and_logs_one_line(sd15_ex
     assert all(e.onnx.skipped for e in exported.values())
     progress = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert progress == [f"export sd1.5-img2img: {len(results)} components (cached)"]
+
+
+class _Overflowing(torch.nn.Module):
+    """A VAE decoder whose output overflows, as the SDXL VAE does in fp16."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, latents):
+        image = self.inner(latents)
+        return image * torch.finfo(image.dtype).max * 4 - image * torch.finfo(image.dtype).max * 4
+
+
+def test_a_parity_check_that_is_not_finite_fails_the_export_naming_the_component(tmp_path, sd15_exports, sd15_dir):
+    _, descs, modules, _ = sd15_exports
+    with pytest.raises(ExportError, match="vae_decoder: the fp32 export's parity check is not finite"):
+        export_component(_Overflowing(modules["vae_decoder"]), descs["vae_decoder"], sd15_dir, tmp_path)
+    assert not (artifact_path(tmp_path, "vae_decoder", "fp32", onnx_toolkit()).with_suffix(".json")).exists()
+
+
+def test_a_parity_gap_beyond_the_tolerance_fails():
+    check_parity("unet", "fp16", 0.04)  # within fp16's 5e-2
+    check_parity("unet", "fp32", 0.02, scale=10.0)  # relative to the output's size
+    with pytest.raises(ExportError, match="unet: the fp32 export differs from torch by 0.1"):
+        check_parity("unet", "fp32", 0.1)
+
+
+def test_tensorrt_fingerprint_changes_with_the_weights(tmp_path, sd15_exports, sd15_dir):
+    _, descs, modules, _ = sd15_exports
+    tuned = copy.deepcopy(modules["vae_decoder"])
+    first = export_component(tuned, descs["vae_decoder"], sd15_dir, tmp_path)
+    before = tensorrt_fingerprint(first.path, descs["vae_decoder"], "fp32")
+    assert tensorrt_fingerprint(first.path, descs["vae_decoder"], "fp32") == before
+    with torch.no_grad():  # a fine-tune: same architecture, same checkpoint layout, other weights
+        next(tuned.parameters()).add_(0.01)
+    again = export_component(tuned, descs["vae_decoder"], sd15_dir, tmp_path, force=True)
+    assert again.path == first.path
+    assert tensorrt_fingerprint(again.path, descs["vae_decoder"], "fp32") != before
+    assert tensorrt_fingerprint(again.path, descs["vae_decoder"], "fp16") != \
+        tensorrt_fingerprint(again.path, descs["vae_decoder"], "fp32")
+
+
+def test_external_data_is_gathered_into_one_file_without_loading_the_weights(tmp_path, sd15_exports):
+    import onnx
+
+    _, _, _, results = sd15_exports
+    model = onnx.load(str(results["vae_decoder"].path))
+    work = tmp_path / "artifact"
+    work.mkdir()
+    tmp = work / "model.tmp.onnx"  # as the tracer writes a >2 GB model: one file per tensor
+    onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(work.iterdir())) > 3
+    _finalize_onnx(tmp, work / "model.onnx")
+    assert sorted(f.name for f in work.iterdir()) == ["model.onnx", "model.onnx.data"]
+    session, reference = OnnxSession(work / "model.onnx"), OnnxSession(results["vae_decoder"].path)
+    latents = {"latents": np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    assert np.array_equal(session.run(latents)["image"], reference.run(latents)["image"])
+
+
+def test_cuda_without_its_execution_provider_is_an_error(sd15_exports):
+    with pytest.raises(RuntimeError, match=r"no CUDAExecutionProvider.*diffserve\[gpu\]"):
+        session_providers("cuda", ["CPUExecutionProvider"])
+    assert session_providers("cuda:1", ["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == \
+        ("CUDAExecutionProvider", {"device_id": 1})
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        _, _, _, results = sd15_exports
+        with pytest.raises(RuntimeError, match="no CUDAExecutionProvider"):
+            OnnxSession(results["unet"].path, device="cuda")

@@ -12,6 +12,7 @@ import pytest
 
 from engine.catalog import get_model, validate
 from engine.request import GenerationRequest, MalformedRequest
+from engine.options import EngineOptions
 from export.repository import Deployment, RepositoryOptions, build_repository, read_manifest
 from export.stub_params import ComponentModelParams, PipelineModelParams
 
@@ -39,9 +40,12 @@ def test_stub_parameters_read_back_what_export_wrote(torch_repository, sd15_dir)
     manifest = read_manifest(torch_repository)
     for name, info in manifest["components"].items():
         params = ComponentModelParams.from_model_config(_model_config(torch_repository / name / "config.pbtxt"))
+        options = EngineOptions.from_dict(params.options)
         assert params == ComponentModelParams(component=info["component"], runtime="torch",
-                                              checkpoint=str(sd15_dir.resolve()), precision="fp32", device="cpu",
-                                              torch_optimizations="channels_last")
+                                              checkpoint=str(sd15_dir.resolve()), options=options.to_dict())
+        assert (options.device, options.precision_of(info["component"]), options.torch_optimizations) == \
+            ("cpu", "fp32", "channels_last")
+        assert manifest["engine_options"]["sd1.5-scifi"] == options.to_dict()
     for name, info in manifest["pipelines"].items():
         params = PipelineModelParams.from_model_config(_model_config(torch_repository / name / "config.pbtxt"))
         assert (params.slug, params.mode, params.artifacts) == (info["slug"], "bls", {})
@@ -55,7 +59,7 @@ def test_stub_parameters_refuse_a_config_of_the_other_kind(torch_repository):
     with pytest.raises(ValueError, match="unknown mode 'eager'"):
         PipelineModelParams(slug="sd1.5-scifi", mode="eager", checkpoint="/c")
     with pytest.raises(ValueError, match="needs an artifact"):
-        ComponentModelParams(component="unet", runtime="onnxruntime", checkpoint="/c", precision="fp32", device="cpu")
+        ComponentModelParams(component="unet", runtime="onnxruntime", checkpoint="/c")
 
 
 def test_stub_module_imports_no_torch():

@@ -155,7 +155,8 @@ def test_fused_torch_pipeline_runs_optimized_components_compiled_at_load(backend
     original = client.get_model_config(model, as_json=True)["config"]
     patched = json.loads(json.dumps(original))
     spec = "fuse_qkv,channels_last,compile,device_scheduler,components=vae_decoder"
-    patched["parameters"].update(fused_runtime={"string_value": "torch"}, torch_optimizations={"string_value": spec})
+    options = json.loads(patched["parameters"]["options"]["string_value"]) | {"torch_optimizations": spec}
+    patched["parameters"].update(fused_runtime={"string_value": "torch"}, options={"string_value": json.dumps(options)})
     client.load_model(model, config=json.dumps(patched))
     try:
         params = request_params("sd1.5-scifi", big_image) | {"samples": 1, "img_height": 512}

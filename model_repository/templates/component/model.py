@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from export.stub_params import ComponentModelParams, exit_without_teardown
+from engine.options import EngineOptions
+from export.stub_params import ComponentModelParams, exit_without_teardown, instance_device
 
 logger = logging.getLogger("diffserve.component")
 
@@ -32,30 +33,35 @@ class TritonPythonModel:
         self.output_names = [o["name"] for o in self.config["output"]]
         self.batched = int(self.config.get("max_batch_size", 0)) > 0
         version_dir = Path(args["model_repository"]) / args["model_version"]
+        options = EngineOptions.from_dict(params.options)
+        self.device = instance_device(options.device, args)
         if params.runtime == "onnxruntime":
             from engine.onnx_session import OnnxSession
 
-            self._run = OnnxSession(version_dir / params.artifact).run
+            self._run = OnnxSession(version_dir / params.artifact, threads=options.ort_threads, device=self.device,
+                                    arena=options.ort_arena).run
         elif params.runtime == "tensorrt":
             from engine.runtime_trt import TrtSession
 
-            self._run = TrtSession(version_dir / params.artifact).run
+            self._run = TrtSession(version_dir / params.artifact, device=self.device).run
         else:
-            self._run = self._torch_runner(params)
-        logger.info("%s: %s ready (%s)", self.name, self.component, params.runtime)
+            self._run = self._torch_runner(params, options)
+        logger.info("%s: %s ready (%s, %s, %s)", self.name, self.component, params.runtime, self.device,
+                    options.precision_of(self.component))
 
-    def _torch_runner(self, params):
+    def _torch_runner(self, params, options):
         import torch
 
         from engine.runtime_torch import DTYPES, load_component_modules
         from engine.torch_optimize import TorchOptimizations, apply_optimizations
 
-        device = torch.device(params.device)
-        dtype = DTYPES[params.precision]
+        device = torch.device(self.device)
+        dtype = DTYPES[options.precision_of(self.component)]
         module = load_component_modules(params.checkpoint, dtype, [self.component])[self.component].to(device)
-        # Compiled at the config's model_warmup (its min batch); other batch sizes compile on first use.
-        opts = TorchOptimizations.parse(params.torch_optimizations)
+        opts = TorchOptimizations.parse(options.torch_optimizations)
         module = apply_optimizations({self.component: module}, opts, device)[0][self.component]
+        if opts.compile and self.batched:
+            module = self._compile_every_batch(module, params, device, dtype)
 
         @torch.inference_mode()
         def run(feeds):
@@ -66,6 +72,32 @@ class TritonPythonModel:
             return {n: o.float().cpu().numpy() for n, o in zip(self.output_names, outs)}
 
         return run
+
+    def _compile_every_batch(self, module, params, device, dtype):
+        """Static-shape graphs: every batch the dynamic batcher can form is padded to a bucket compiled here,
+        at load, never inside a request (``engine.batch_buckets``)."""
+        import torch
+
+        from engine.batch_buckets import BucketedModule, batch_buckets
+        from engine.checkpoint import read_model_config
+        from engine.descriptors import component_descriptors
+
+        desc = component_descriptors(read_model_config(params.checkpoint))[self.component]
+        low, _, high = desc.profile["batch"]
+        bucketed = BucketedModule(module, batch_buckets(low, high))
+
+        def zeros(batch):
+            out = []
+            for spec in desc.inputs:
+                shape = (batch, *desc.shape(spec, "min")[1:])
+                kind = dtype if spec.dtype == "float32" and spec.name != "timestep" else getattr(torch, spec.dtype)
+                out.append(torch.zeros(shape, dtype=kind, device=device))
+            return out
+
+        with torch.inference_mode():
+            sizes = bucketed.warm_up(zeros)
+        logger.info("%s: compiled for batches %s at load", self.name, sizes)
+        return bucketed
 
     def execute(self, requests):
         responses = [None] * len(requests)

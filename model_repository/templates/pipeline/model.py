@@ -31,7 +31,8 @@ from engine.components import NamedTensorComponents
 from engine.descriptors import component_descriptors
 from engine.pipelines import Cancelled, RunControl, run
 from engine.request import REQUEST_TENSOR, GenerationRequest
-from export.stub_params import PipelineModelParams, exit_without_teardown
+from engine.options import EngineOptions
+from export.stub_params import PipelineModelParams, exit_without_teardown, instance_device
 
 logger = logging.getLogger("diffserve.pipeline")
 
@@ -68,16 +69,20 @@ class BlsComponents(NamedTensorComponents):
                 for name in self.outputs[component]}
 
 
-def fused_components(params):
+def fused_components(params, options, device):
     if params.fused_runtime == "torch":
         from engine.runtime_torch import TorchComponents
 
-        # Compiled components are warmed up here, while Triton loads the model.
-        return TorchComponents(params.checkpoint, device=params.device or None, precision=params.precision or None,
-                               optimizations=params.torch_optimizations or None)
-    from engine.runtime_onnx import OnnxComponents
+        # options.precision is the denoisers' and text encoders'; TorchComponents keeps a force_upcast VAE
+        # in fp32, as options.precisions records. Compiled components are warmed up here, at load.
+        components = TorchComponents(params.checkpoint, device=device, precision=options.precision,
+                                     optimizations=options.torch_optimizations or None)
+    else:
+        from engine.runtime_onnx import OnnxComponents
 
-    return OnnxComponents(params.checkpoint, params.artifacts)
+        components = OnnxComponents(params.checkpoint, params.artifacts, options=options)
+    components.condition_mode = options.ominicontrol_condition
+    return components
 
 
 class TritonPythonModel:
@@ -88,17 +93,21 @@ class TritonPythonModel:
         self.slug = params.slug
         self.mode = params.mode
         self.image_params = get_model(self.slug).image_params
+        options = EngineOptions.from_dict(params.options)
         if self.mode == "bls":
             self.components = BlsComponents(params.checkpoint, params.components)
+            self.components.condition_mode = options.ominicontrol_condition
         else:
-            self.components = fused_components(params)
+            self.components = fused_components(params, options, instance_device(options.device, args))
         for index in range(self.components.config.num_text_encoders):
             self.components.tokenizer(index)  # load now, not on the first request
         report = getattr(self.components, "optimization_report", None)  # fused torch components
         self.optimizations = None if report is None else {
             "spec": self.components.optimizations.spec(), "applied": report.applied, "fallbacks": report.fallbacks,
             "warmup_s": report.warmup_seconds}
-        logger.info("%s: %s pipeline ready (%s mode)", self.name, self.slug, self.mode)
+        self.condition_mode = options.ominicontrol_condition
+        logger.info("%s: %s pipeline ready (%s mode, %s)", self.name, self.slug, self.mode,
+                    getattr(self.components, "device", options.device))
 
     def execute(self, requests):
         for request in requests:
@@ -120,6 +129,7 @@ class TritonPythonModel:
             control = RunControl(on_step=on_step, is_cancelled=sender.is_cancelled)
             result = run(self.slug, params, self.components, control)
             info = {"steps": result.steps, "timings": result.timings, "mode": self.mode,
+                    "condition_mode": self.condition_mode,
                     "model_seconds": time.perf_counter() - t0}
             if self.optimizations is not None:
                 info["torch_optimizations"] = self.optimizations

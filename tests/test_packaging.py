@@ -1,0 +1,31 @@
+"""ONNX Runtime comes from exactly one extra: `cpu` (make install, the default image) or `gpu` (in its place)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _names(requirements):
+    return [re.split(r"[<>=\[ ;]", r, maxsplit=1)[0] for r in requirements]
+
+
+def test_onnxruntime_builds_are_exclusive_extras():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not {"onnxruntime", "onnxruntime-gpu"} & set(_names(project["dependencies"]))
+    extras = project["optional-dependencies"]
+    assert _names(extras["cpu"]) == ["onnxruntime"] and _names(extras["gpu"]) == ["onnxruntime-gpu"]
+    assert not any("onnxruntime" in n for name, reqs in extras.items() if name not in ("cpu", "gpu")
+                   for n in _names(reqs))
+
+
+def test_make_install_and_the_image_get_one_onnxruntime():
+    assert '-e ".[dev,cpu]"' in (ROOT / "Makefile").read_text()
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert 'ARG EXTRAS="cpu"' in dockerfile and 'pip install -e ".[${EXTRAS}]"' in dockerfile
