@@ -30,14 +30,13 @@ from tests.serving.test_triton_lifetime import (  # noqa: E402
     BACKOFF_S,
     REQUEST,
     SLUG,
-    _stat,
     alive,
     assert_kill_9_leaves_nothing,
     restarts,
     server_pid,
-    triton_of,
     wait_for,
 )
+from tests.triton_processes import proc_stat, triton_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -127,7 +126,7 @@ def test_killed_triton_of_a_worker_is_restarted_and_runs_jobs_again(worker, api)
     assert restarts(health) == 0
     server, stubs = triton_of(proc.pid)
     assert stubs, "the repository's python models run in stubs under tritonserver"
-    old_group = _stat(server)[3]
+    old_group = proc_stat(server)[3]
 
     os.kill(server, signal.SIGKILL)
     new_server = wait_for(lambda: server_pid(proc.pid) not in (None, server) and server_pid(proc.pid), 60,
@@ -135,9 +134,9 @@ def test_killed_triton_of_a_worker_is_restarted_and_runs_jobs_again(worker, api)
     wait_for(lambda: health.get("/readyz").status_code == 200, 120, "the worker's /readyz back to 200")
     assert not any(alive(p) for p in [server, *stubs]), "old server or stubs survive"
     # The new server runs in a new lifeline group: its leader is a watchdog the worker started.
-    new_group = _stat(new_server)[3]
+    new_group = proc_stat(new_server)[3]
     assert new_group not in (old_group, os.getpgid(proc.pid))
-    assert _stat(new_group) is not None and _stat(new_group)[2] == proc.pid, "group leader is not the worker's"
+    assert proc_stat(new_group) is not None and proc_stat(new_group)[2] == proc.pid, "group leader is not the worker's"
     assert not alive(old_group), "the old lifeline's watchdog survives"
 
     response = api.post(f"/v1/{SLUG}", json=REQUEST)  # sync: queued in Redis, run by the worker
