@@ -3,9 +3,6 @@ name across the machine (other tests may run their own Triton)."""
 
 from __future__ import annotations
 
-import os
-import signal
-from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -47,42 +44,3 @@ def triton_of(serve_pid: int) -> tuple[int, list[int]]:
     [server] = [pid for pid, info in tree.items() if info[0] == "tritonserver"]
     stubs = [pid for pid, info in tree.items() if info[0].startswith("triton_python")]  # comm is cut at 15
     return server, stubs
-
-
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def stubs_of_model(server: int, model: str) -> list[int]:
-    """The python-backend stub processes of one model of the Triton server ``server``.
-
-    A stub's first argument is its model's ``<repository>/<model>/<version>/model.py``.
-    """
-    found = []
-    for pid, info in descendants(server).items():
-        if info[0].startswith("triton_python"):
-            args = _cmdline(pid)
-            if len(args) > 1 and Path(args[1]).parts[-3:-2] == (model,):
-                found.append(pid)
-    return found
-
-
-@contextmanager
-def frozen(pids: list[int]):
-    """SIGSTOP the processes for the block, SIGCONT them after (also when the block fails)."""
-    assert pids, "no process to freeze"
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass

@@ -140,6 +140,7 @@ def test_two_consumers_share_the_group(make_store) -> None:
 def test_claim_takes_oldest_across_slugs_and_blocks_until_work(make_store) -> None:
     store = make_store(reclaim_idle_s=30.0)  # the claimed jobs below are never heartbeated
     first = store.create("b", {}).id
+    time.sleep(0.005)  # stream ids order jobs by the millisecond; within one, by slug
     second = store.create("a", {}).id
     assert store.claim("w", ["a", "b"]).job.id == first
     assert store.claim("w", ["a", "b"]).job.id == second

@@ -26,7 +26,6 @@ from engine.tiny.demo import DEMO_PARAMS
 from engine.catalog import CATALOG, get_model
 from engine.imageio import CONTENT_TYPES
 from engine.tiny.omni_zero import write_demo_inputs
-from tests.triton_processes import frozen, stubs_of_model
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "triton-e2e-key"
@@ -182,11 +181,11 @@ def test_triton_deadline_is_a_504_and_triton_cancels_the_request(triton, demo_re
     proc, url = start_api(triton, demo_repository.repository, tmp_path / "data", DIFFSERVE_TRITON_TIMEOUT_S="1")
     try:
         with httpx.Client(base_url=url, headers={"x-api-key": KEY}, timeout=120) as client:
-            # The pipeline model's stub is stopped (SIGSTOP) while the request is in flight: Triton
-            # cannot answer within the 1 s deadline on any host, however fast. Triton itself stays up.
-            with frozen(stubs_of_model(triton.pid, "sd1.5-scifi")):
-                response = client.post("/v1/sd1.5-scifi", json={"prompt": "long"})
-                assert response.status_code == 504 and "did not answer in time" in response.json()["error"]
+            # 100 steps against a 1 s deadline. Still host-speed dependent: stopping the pipeline
+            # model's stub (SIGSTOP) instead broke the model for every later test (Triton's python
+            # backend gives up on a stub that stops answering), so that construction was dropped.
+            response = client.post("/v1/sd1.5-scifi", json={"prompt": "long", "num_inference_steps": 100})
+            assert response.status_code == 504 and "did not answer in time" in response.json()["error"]
             assert client.get("/readyz").status_code == 200  # a slow request is not an outage
             metrics = client.get("/metrics").text
             assert 'reason="backend_timeout",slug="sd1.5-scifi"' in metrics
