@@ -9,6 +9,7 @@ import base64
 import functools
 import http.server
 import io
+import json
 import os
 import signal
 import subprocess
@@ -177,15 +178,45 @@ def test_omni_zero_errors_through_triton(api, image_url):
         assert faceless.status_code == 400 and "face" in faceless.json()["error"].lower()
 
 
-def test_triton_deadline_is_a_504_and_triton_cancels_the_request(triton, demo_repository, tmp_path):
-    proc, url = start_api(triton, demo_repository.repository, tmp_path / "data", DIFFSERVE_TRITON_TIMEOUT_S="1")
+@pytest.fixture(scope="module")
+def holding_triton(tmp_path_factory):
+    """A Triton server whose ``sd1.5-scifi`` pipeline model (the real pipeline model's config) holds
+    every request until Triton cancels it (``holding_pipeline_model.py``)."""
+    from export.repository import MANIFEST, RepositoryOptions, pipeline_config
+    from export.stub_params import PipelineModelParams
+    from export.triton_server import TritonServer, TritonServerConfig
+
+    repo = tmp_path_factory.mktemp("holding-repository")
+    params = PipelineModelParams(slug="sd1.5-scifi", mode="fused", checkpoint="", fused_runtime="torch")
+    (repo / "sd1.5-scifi" / "1").mkdir(parents=True)
+    (repo / "sd1.5-scifi" / "config.pbtxt").write_text(
+        pipeline_config("sd1.5-scifi", params, RepositoryOptions(modes=("fused",))))
+    (repo / "sd1.5-scifi" / "1" / "model.py").write_text(
+        (Path(__file__).parent / "holding_pipeline_model.py").read_text())
+    (repo / MANIFEST).write_text(json.dumps({"pipelines": {"sd1.5-scifi": {
+        "slug": "sd1.5-scifi", "mode": "fused", "default": True, "depends_on": [], "devices": ["cpu"]}},
+        "components": {}, "unavailable": {}}))
+    server = TritonServer(TritonServerConfig(repository=repo, log_file=repo.parent / "holding-triton.log",
+                                             exit_timeout_s=5))
+    server.start()
+    yield server, repo
+    server.stop()
+
+
+def test_triton_deadline_is_a_504_and_triton_cancels_the_request(holding_triton, tmp_path):
+    server, repo = holding_triton
+    model_dir = repo / "sd1.5-scifi"
+    proc, url = start_api(server, repo, tmp_path / "data", DIFFSERVE_TRITON_TIMEOUT_S="1")
     try:
         with httpx.Client(base_url=url, headers={"x-api-key": KEY}, timeout=120) as client:
-            # 100 steps against a 1 s deadline. Still host-speed dependent: stopping the pipeline
-            # model's stub (SIGSTOP) instead broke the model for every later test (Triton's python
-            # backend gives up on a stub that stops answering), so that construction was dropped.
-            response = client.post("/v1/sd1.5-scifi", json={"prompt": "long", "num_inference_steps": 100})
+            # The pipeline model holds the request until Triton cancels it: only the deadline ends it.
+            response = client.post("/v1/sd1.5-scifi", json={"prompt": "held", "num_inference_steps": 20})
             assert response.status_code == 504 and "did not answer in time" in response.json()["error"]
+            assert [p.name for p in model_dir.glob("received-*")] == ["received-0"]  # reached the model once
+            deadline = time.monotonic() + 60  # bounds a hang only
+            while not list(model_dir.glob("cancelled-*")):
+                assert time.monotonic() < deadline, "Triton never told the model its request was cancelled"
+                time.sleep(0.05)
             assert client.get("/readyz").status_code == 200  # a slow request is not an outage
             metrics = client.get("/metrics").text
             assert 'reason="backend_timeout",slug="sd1.5-scifi"' in metrics
