@@ -416,13 +416,13 @@ def test_serve_config_checks_and_which_checkpoints_the_baseline_uses(tiny_checkp
 
 
 def test_engine_bench_checks_low_precision_against_eager_fp32(tiny_checkpoints, work_dir):
+    # One runtime: bf16 convolutions run ~6x slower than fp32 on a CPU without native bf16, and the
+    # optimized entries' comparison with eager is the fp32 test above.
     report = run_engine_bench(EngineBenchConfig(
         device="cpu",
         slug="sd1.5-scifi", precision="bf16", params=SMALL, warmup=0, repeats=1, stage_repeats=1, baseline=False,
-        work_dir=work_dir, threads=1, fp32_reference=True, optimizations=("fuse_qkv",)))
+        work_dir=work_dir, threads=1, fp32_reference=True))
     assert report["settings"]["precision"] == "bf16" and report["fp32_reference"]
-    eager, fused = report["runtimes"]
-    for entry in (eager, fused):
-        assert 0 < entry["max_abs_diff_vs_fp32"] < 0.1  # bf16 compute: close to fp32, not equal
-    assert fused["max_abs_diff_vs_eager"] < 0.1
+    [eager] = report["runtimes"]
+    assert 0 < eager["max_abs_diff_vs_fp32"] < 0.1  # bf16 compute: close to fp32, not equal
     assert "Max abs pixel difference from eager fp32" in render_markdown({**report, "files": {}})
