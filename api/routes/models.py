@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from api import idempotency, webhooks
 from api.deps import AppState, Caller, JsonBodyDep, ServedModelDep, StateDep, SubmitterDep, served_model
 from api.errors import ApiError
 from api.images import ImageInputError, load_image
@@ -128,13 +130,42 @@ async def generate_sync(request: Request, spec: ServedModelDep, caller: Submitte
 
 
 async def generate_async(request: Request, spec: ServedModelDep, caller: SubmitterDep, payload: JsonBodyDep,
-                         state: StateDep) -> SubmitResponse:
-    submission = await _prepare(spec, payload, caller, state, sync=False)
-    job = await _submit(state, submission)
-    request.state.request_id = job.id
+                         state: StateDep) -> JSONResponse:
     base = state.public_base(request)
-    return SubmitResponse(request_id=job.id, status=JobStatus.QUEUED.value, status_url=status_url(base, job.id),
-                          response_url=result_url(base, job.id), poll_url=status_url(base, job.id))
+    key = request.headers.get(idempotency.HEADER)
+    if key is not None:
+        try:
+            key = idempotency.check_key(key)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+    body_fingerprint = idempotency.fingerprint(spec.slug, payload)  # of the whole body, webhook included
+    try:
+        webhook = await webhooks.requested_webhook(payload, caller.owner, state.webhook_options)
+    except webhooks.WebhookError as exc:
+        raise ApiError(400, str(exc)) from None
+
+    async def submit() -> str:
+        job = await _submit(state, await _prepare(spec, payload, caller, state, sync=False))
+        if webhook is not None:
+            delivery = webhooks.Delivery(job.id, webhook, caller.owner, base, next_at=time.time())
+            await asyncio.to_thread(state.webhooks.add, delivery)
+        return job.id
+
+    headers = {}
+    if key is None:
+        job_id = await submit()
+    else:
+        try:
+            job_id, replayed = await idempotency.submit_once(state.idempotency, caller.owner, key, body_fingerprint,
+                                                             submit)
+        except idempotency.IdempotencyConflict as exc:
+            raise ApiError(exc.status, str(exc), {"Retry-After": "1"} if exc.status == 409 else None) from None
+        if replayed:
+            headers[idempotency.REPLAYED_HEADER] = "true"
+    request.state.request_id = job_id
+    body = SubmitResponse(request_id=job_id, status=JobStatus.QUEUED.value, status_url=status_url(base, job_id),
+                          response_url=result_url(base, job_id), poll_url=status_url(base, job_id))
+    return JSONResponse(body.model_dump(), headers=headers)
 
 
 # -- routes ----------------------------------------------------------------------------------------
