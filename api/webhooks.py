@@ -183,8 +183,9 @@ class WebhookOptions:
 
     @property
     def lease_s(self) -> float:
-        """How long a claimed delivery is withheld from other processes: longer than an attempt."""
-        return 2 * self.timeout_s + 30.0
+        """How long a claimed delivery is withheld from other processes: an attempt (at most
+        ``timeout_s``) and the store writes around it."""
+        return 2 * self.timeout_s + 5.0
 
     def secret_for(self, owner: str | None) -> bytes | None:
         if owner is not None and owner in self.secrets_by_owner:

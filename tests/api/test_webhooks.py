@@ -9,14 +9,9 @@ Signatures are checked here with ``hmac`` from the spec's definition, not with t
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
 import random
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -26,6 +21,7 @@ from api.webhooks import (
     WebhookOptions, WebhookOutbox, decode_secret, generate_secret, requested_webhook, sign,
 )
 from api.images import ImageFetchPolicy
+from tests.webhook_receiver import Receiver, verify
 
 SLUG = "sd1.5-scifi"
 
@@ -37,16 +33,6 @@ def test_signature_reproduces_the_standard_webhooks_test_vector() -> None:
     key = decode_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
     assert sign(key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}') == (
         "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=")
-
-
-def verify(secret: str, headers, body: bytes) -> bool:
-    """A receiver's check, written from the spec: HMAC-SHA256 of "{id}.{timestamp}.{body}" with
-    the base64-decoded secret, compared against each space-separated ``v1,`` signature."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
-    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    return any(hmac.compare_digest(expected, part.partition(",")[2])
-               for part in headers["webhook-signature"].split() if part.startswith("v1,"))
 
 
 def test_secrets_are_checked_at_start() -> None:
@@ -133,38 +119,6 @@ def test_outbox_claims_due_deliveries_once_per_lease(make_outbox) -> None:
 
 
 # -- deliverer -----------------------------------------------------------------------------------
-
-
-class Receiver:
-    """A real HTTP server on loopback that answers each POST with the next of ``statuses``
-    (then 200) and records every request it got."""
-
-    def __init__(self, statuses: list[int] | None = None):
-        self.statuses = list(statuses or [])
-        self.received: list[tuple[dict[str, str], bytes, int]] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with receiver.lock:
-                    status = receiver.statuses.pop(0) if receiver.statuses else 200
-                    receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body, status))
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
