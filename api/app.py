@@ -49,6 +49,8 @@ DESCRIPTION = """Self-hosted serving of the Segmind image models with the same H
 * `POST /v2/{slug}`: queue; poll `GET /v2/requests/{id}/status`; fetch `GET /v2/requests/{id}`.
 * Each served slug has its own pair of operations below, with that model's request schema.
 * `GET /v2/requests/{id}/events`: the same as server-sent events (queued, progress, the result).
+* `POST /v2/{slug}` takes an `Idempotency-Key` header (a retry gets the original request id) and a
+  `webhook` URL in the body (the result is POSTed to it, signed per Standard Webhooks).
 * `POST /v1/images/generations`, `POST /v1/images/edits`: the OpenAI images dialect (errors in
   OpenAI's shape there).
 * Auth: `x-api-key` header (or `Authorization: Bearer`). Errors: JSON `{"error": "..."}`;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 import uuid
 
 import httpx
@@ -18,7 +19,7 @@ import pytest
 
 from api.webhooks import (
     Delivery, RedisWebhookOutbox, RetrySchedule, SqliteWebhookOutbox, WebhookDeliverer, WebhookError,
-    WebhookOptions, WebhookOutbox, decode_secret, generate_secret, requested_webhook, sign,
+    WebhookOptions, WebhookOutbox, decode_secret, generate_secret, requested_webhook, sign, signed_headers,
 )
 from api.images import ImageFetchPolicy
 from tests.webhook_receiver import Receiver, verify
@@ -270,3 +271,29 @@ def test_requested_webhook_goes_through_the_ssrf_guard() -> None:
                             urls_by_owner={"owner-1": "http://127.0.0.1:9/default"})
     assert ask({}, by_key, "owner-1") == "http://127.0.0.1:9/default"
     assert ask({}, by_key, "owner-2") is None
+
+
+def test_the_readme_receiver_snippet_verifies_deliveries() -> None:
+    """The verification code README.md documents for receivers, run as written."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- webhook-verify -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the documented snippet itself
+    verify_webhook = namespace["verify_webhook"]
+
+    body = b'{"request_id":"abc","status":"COMPLETED"}'
+    now = int(time.time())
+    headers = signed_headers(decode_secret(SECRET), "msg_abc", now, body)
+    verify_webhook(SECRET, headers, body)
+    with pytest.raises(ValueError, match="does not match"):
+        verify_webhook(SECRET, headers, body.replace(b"COMPLETED", b"FAILED"))
+    with pytest.raises(ValueError, match="does not match"):
+        verify_webhook(generate_secret(), headers, body)
+    with pytest.raises(ValueError, match="tolerance"):
+        verify_webhook(SECRET, signed_headers(decode_secret(SECRET), "msg_abc", now - 3600, body), body)
+    # The spec's test vector, at its own time.
+    vector = {"webhook-id": "msg_p5jXN8AQM9LWM0D4loKWxJek", "webhook-timestamp": "1614265330",
+              "webhook-signature": "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="}
+    verify_webhook("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", vector, b'{"test": 2432232314}', tolerance_s=10**10)
