@@ -8,9 +8,9 @@ settings: the embedded SQLite store of one process, or the Redis store, queue, c
 limits shared by every replica and worker; nothing else asks which one it is.
 
 The app owns the job store, the job runner, credits and rate limits, idempotency keys and the
-webhook deliverer (``api.webhooks``, in every role: any process with the store delivers) for its
-lifetime (built in the lifespan, closed at shutdown, together with the backend it was given). Routes live in
-``api/routes``; dependencies in ``api/deps``; wire schemas in ``api/schemas``. An outer ASGI
+webhook deliverer (``api.webhooks``, in every role: any process with the store and webhook
+secrets delivers) for its lifetime (built in the lifespan, closed at shutdown, together with the
+backend it was given). Routes live in ``api/routes``; dependencies in ``api/deps``; wire schemas in ``api/schemas``. An outer ASGI
 middleware enforces the body-size limit, records HTTP metrics and adds ``X-remaining-credits``
 to every 200 an authenticated caller gets.
 """

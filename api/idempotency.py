@@ -13,7 +13,9 @@ request from the same API key with the same key
   draft's answer to a concurrent duplicate).
 
 A key is remembered for ``Settings.idempotency_retention_s`` after its request was accepted; a
-reservation whose submitter died lapses after :data:`IN_FLIGHT_S`. Keys are scoped by API key
+reservation whose submitter died lapses after :data:`IN_FLIGHT_S` (a process killed between
+creating the job and recording its id leaves a job the key does not name: a retry after the
+lapse makes a second one). Keys are scoped by API key
 (owner), so two clients never see each other's. Two stores, chosen by ``api.queue.open_stores``:
 :class:`SqliteIdempotencyStore` (a table in its own file: survives restarts) and
 :class:`RedisIdempotencyStore` (``SET NX`` of the body's fingerprint, then the request id: holds

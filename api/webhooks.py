@@ -2,7 +2,8 @@
 
 This module owns the feature; two hooks use it: ``api.routes.models`` records a delivery when it
 accepts a request, ``api.app`` runs the :class:`WebhookDeliverer` for the app's lifetime (in every
-process that has the store, so on Redis any API replica or worker may make an attempt).
+process that has the store and webhook secrets, so on Redis any API replica, or a worker given
+the secrets, may make an attempt).
 
 * **Signing** per Standard Webhooks (https://www.standardwebhooks.com): ``webhook-id``
   (``msg_<request id>``: the same on every retry, so a receiver can drop duplicates),
@@ -18,7 +19,8 @@ process that has the store, so on Redis any API replica or worker may make an at
   :class:`RedisWebhookOutbox` (a sorted set by next-attempt time and a hash per delivery). A
   claim moves the delivery's next-attempt time one lease ahead, so only one process makes an
   attempt; a process that dies mid-attempt leaves the lease to lapse and another attempt
-  follows. Delivery is therefore at least once.
+  follows. Delivery is therefore at least once. One gap remains: the delivery is recorded just after
+  its job is created (the job id is drawn by the store), so a crash between the two loses it.
 * **The result body** is frozen at the first attempt (the same JSON as ``GET
   /v2/requests/{id}``): the job may have expired before the last retry.
 * **SSRF**: the URL goes through the guard of image URLs (``api.images.vet_url``) when the
@@ -186,6 +188,12 @@ class WebhookOptions:
         """How long a claimed delivery is withheld from other processes: an attempt (at most
         ``timeout_s``) and the store writes around it."""
         return 2 * self.timeout_s + 5.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any key has a secret: only then are webhooks accepted and delivered here (a
+        worker configured without secrets must not claim, and drop, the API replicas' deliveries)."""
+        return self.default_secret is not None or bool(self.secrets_by_owner)
 
     def secret_for(self, owner: str | None) -> bytes | None:
         if owner is not None and owner in self.secrets_by_owner:
@@ -418,7 +426,13 @@ class WebhookDeliverer:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="webhook-deliverer")
+        """Start the loop, in a process configured with webhook secrets (else there is nothing it may sign)."""
+        if self.options.enabled:
+            self._task = asyncio.create_task(self._loop(), name="webhook-deliverer")
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
 
     async def stop(self) -> None:
         """Stop; an attempt cut short keeps its lease and is made again once the lease lapses."""

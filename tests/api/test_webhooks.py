@@ -297,3 +297,19 @@ def test_the_readme_receiver_snippet_verifies_deliveries() -> None:
     vector = {"webhook-id": "msg_p5jXN8AQM9LWM0D4loKWxJek", "webhook-timestamp": "1614265330",
               "webhook-signature": "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="}
     verify_webhook("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", vector, b'{"test": 2432232314}', tolerance_s=10**10)
+
+
+def test_a_process_without_secrets_leaves_deliveries_to_those_with_them(queue, make_outbox) -> None:
+    outbox = make_outbox()
+    outbox.add(Delivery("e" * 32, "http://127.0.0.1:9/hook", None, "http://api", next_at=0.0))
+
+    async def runs_with(opts: WebhookOptions) -> bool:
+        deliverer = WebhookDeliverer(outbox, queue, opts, render)
+        await deliverer.start()
+        running = deliverer.running
+        await deliverer.stop()
+        return running
+
+    assert not asyncio.run(runs_with(WebhookOptions(schedule=RetrySchedule((1.0,)), policy=LOOPBACK)))
+    assert outbox.get("e" * 32).attempts == 0
+    assert asyncio.run(runs_with(options()))
