@@ -4,6 +4,8 @@ On Redis: two API replicas on one ``redis-server`` (``serve --demo --backend loc
 runs the jobs, and ``serve --role api``, which only queues). Retries with one key through either
 replica get one request id, one job and one charge, also when they race; the key with another
 body is refused with 422 by both. On SQLite: a key outlives a SIGKILL and restart of the server.
+The same pair of replicas shows that a webhook accepted by the queue-only replica is delivered
+once, though both replicas run a deliverer.
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ import httpx
 import pytest
 
 from api.jobs import JobStore
+from api.webhooks import generate_secret
 from tests.redis_server import redis_server  # noqa: F401 - fixture
 from tests.serving.processes import ServeProcess
+from tests.webhook_receiver import Receiver, verify
 
 KEY = "idem-key"
 CREDITS = 5
 SLUG = "sd1.5-scifi"
 QUICK = {"prompt": "a harbour", "num_inference_steps": 20, "img_width": 512, "img_height": 512, "seed": 3}
-ENV = {"DIFFSERVE_API_KEYS": KEY, "DIFFSERVE_CREDITS": str(CREDITS)}
+SECRET = generate_secret()
+ENV = {"DIFFSERVE_API_KEYS": KEY, "DIFFSERVE_CREDITS": str(CREDITS), "DIFFSERVE_WEBHOOK_SECRET": SECRET,
+       "DIFFSERVE_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8", "DIFFSERVE_WEBHOOK_POLL_S": "0.1"}
 
 
 def post(url: str, body: dict, key: str) -> httpx.Response:
@@ -110,6 +116,28 @@ def test_racing_duplicates_through_two_replicas_make_one_job(replicas, redis_ser
     assert job_count(redis_server.url, namespace) == jobs_before + 1
     before = int(remaining(runs, accepted[0].json()["request_id"]))
     assert before == CREDITS - jobs_before - 1
+
+
+def test_a_webhook_accepted_by_one_replica_is_delivered_once(replicas, redis_server) -> None:  # noqa: F811
+    from api.redis_client import connect
+    from api.webhooks import RedisWebhookOutbox
+
+    (runs, queues), namespace = replicas
+    hook = Receiver()
+    try:
+        response = httpx.post(f"{queues}/v2/{SLUG}", json={**QUICK, "seed": 6, "webhook": hook.url},
+                              headers={"x-api-key": KEY}, timeout=60)
+        request_id = response.json()["request_id"]
+        [(headers, body, status)] = hook.delivered(f"msg_{request_id}")
+        assert status == 200 and verify(SECRET, headers, body) and b'"COMPLETED"' in body
+        # Settled once the sender has read the 2xx: nothing left for the other replica to send again.
+        outbox, deadline = RedisWebhookOutbox(connect(redis_server.url), namespace), time.monotonic() + 30
+        while outbox.pending():
+            assert time.monotonic() < deadline, "the delivery stayed in the outbox after its 2xx"
+            time.sleep(0.05)
+        assert len([h for h, _, _ in hook.received if h["webhook-id"] == f"msg_{request_id}"]) == 1
+    finally:
+        hook.close()
 
 
 def test_a_key_survives_a_sigkill_and_restart_on_sqlite(tmp_path) -> None:
