@@ -30,7 +30,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -38,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 from api.redis_client import guarded, lua
 
 __all__ = ["HEADER", "REPLAYED_HEADER", "IdempotencyConflict", "IdempotencyStore", "RedisIdempotencyStore",
-           "SqliteIdempotencyStore", "check_key", "fingerprint", "submit_once"]
+           "SqliteIdempotencyStore", "check_key", "fingerprint", "requested_key", "submit_once"]
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -181,10 +181,19 @@ def check_key(key: str) -> str:
     return key
 
 
-async def submit_once(store: IdempotencyStore, owner: str | None, key: str, body_fingerprint: str,
+def requested_key(headers: Mapping[str, str]) -> str | None:
+    """The request's ``Idempotency-Key`` (checked), or None when it sent none."""
+    key = headers.get(HEADER)
+    return None if key is None else check_key(key)
+
+
+async def submit_once(store: IdempotencyStore, owner: str | None, key: str | None, body_fingerprint: str,
                       submit: Callable[[], Awaitable[str]]) -> tuple[str, bool]:
     """Run ``submit`` (it returns the new request id) unless ``key`` already names a request of
-    ``owner``: returns (request id, replayed). Raises IdempotencyConflict (422, 409)."""
+    ``owner``: returns (request id, replayed). Without a key ``submit`` simply runs. Raises
+    IdempotencyConflict (422, 409)."""
+    if key is None:
+        return await submit(), False
     recorded = await asyncio.to_thread(store.reserve, owner, key, body_fingerprint)
     if recorded is not None:
         if recorded.fingerprint != body_fingerprint:

@@ -139,16 +139,12 @@ async def generate_sync(request: Request, spec: ServedModelDep, caller: Submitte
 async def generate_async(request: Request, spec: ServedModelDep, caller: SubmitterDep, payload: JsonBodyDep,
                          state: StateDep) -> JSONResponse:
     base = state.public_base(request)
-    key = request.headers.get(idempotency.HEADER)
-    if key is not None:
-        try:
-            key = idempotency.check_key(key)
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-    body_fingerprint = idempotency.fingerprint(spec.slug, payload)  # of the whole body, webhook included
     try:
+        key = idempotency.requested_key(request.headers)
+        # Of the whole body, webhook included (taken out of ``payload`` next).
+        body_fingerprint = "" if key is None else idempotency.fingerprint(spec.slug, payload)
         webhook = await webhooks.requested_webhook(payload, caller.owner, state.webhook_options)
-    except webhooks.WebhookError as exc:
+    except ValueError as exc:  # a malformed key, a refused webhook URL
         raise ApiError(400, str(exc)) from None
 
     async def submit() -> str:
@@ -158,17 +154,12 @@ async def generate_async(request: Request, spec: ServedModelDep, caller: Submitt
             await asyncio.to_thread(state.webhooks.add, delivery)
         return job.id
 
-    headers = {}
-    if key is None:
-        job_id = await submit()
-    else:
-        try:
-            job_id, replayed = await idempotency.submit_once(state.idempotency, caller.owner, key, body_fingerprint,
-                                                             submit)
-        except idempotency.IdempotencyConflict as exc:
-            raise ApiError(exc.status, str(exc), {"Retry-After": "1"} if exc.status == 409 else None) from None
-        if replayed:
-            headers[idempotency.REPLAYED_HEADER] = "true"
+    try:
+        job_id, replayed = await idempotency.submit_once(state.idempotency, caller.owner, key, body_fingerprint,
+                                                         submit)
+    except idempotency.IdempotencyConflict as exc:
+        raise ApiError(exc.status, str(exc), {"Retry-After": "1"} if exc.status == 409 else None) from None
+    headers = {idempotency.REPLAYED_HEADER: "true"} if replayed else {}
     request.state.request_id = job_id
     body = SubmitResponse(request_id=job_id, status=JobStatus.QUEUED.value, status_url=status_url(base, job_id),
                           response_url=result_url(base, job_id), poll_url=status_url(base, job_id))
