@@ -201,7 +201,7 @@ def create_app(settings: Settings, backend: GenerationBackend, *, role: str = "a
             webhook_options=webhook_options,
         )
         deliverer = WebhookDeliverer(stores.webhooks, store, webhook_options,
-                                     functools.partial(result_json, store=store))
+                                     functools.partial(result_json, store=store), metrics=metrics)
         if not settings.api_keys and role != "worker":
             logger.warning("no API keys configured: the API is open to anyone who can reach it")
         logger.info("%s role: %s %s; jobs in %s at %s", role, "queueing" if role == "api" else "serving",

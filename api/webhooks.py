@@ -50,6 +50,7 @@ import httpx
 
 from api.images import ImageFetchPolicy, ImageInputError, send_pinned, vet_url
 from api.jobs import Job
+from api.metrics import ApiMetrics
 from api.redis_client import StoreUnavailable, guarded, lua
 
 __all__ = [
@@ -416,8 +417,10 @@ class WebhookDeliverer:
     """
 
     def __init__(self, outbox: WebhookOutbox, store: Any, options: WebhookOptions,
-                 render: Callable[[Job, str], bytes], *, batch: int = 32, clock: Callable[[], float] = time.time):
+                 render: Callable[[Job, str], bytes], *, metrics: ApiMetrics | None = None, batch: int = 32,
+                 clock: Callable[[], float] = time.time):
         self.outbox = outbox
+        self.metrics = metrics
         self.store = store
         self.options = options
         self.render = render
@@ -466,7 +469,7 @@ class WebhookDeliverer:
             job = await asyncio.to_thread(self.store.get, delivery.job_id)
             if job is None:
                 logger.warning("request %s: webhook dropped: the request expired before it finished", delivery.job_id)
-                await asyncio.to_thread(self.outbox.remove, delivery.job_id)
+                await self._settle(delivery, "dropped")
                 return
             if not job.status.terminal:
                 delivery.next_at = self.clock() + self.options.poll_s
@@ -476,13 +479,13 @@ class WebhookDeliverer:
         key = self.options.secret_for(delivery.owner)
         if key is None:
             logger.error("request %s: webhook dropped: its API key has no webhook secret any more", delivery.job_id)
-            await asyncio.to_thread(self.outbox.remove, delivery.job_id)
+            await self._settle(delivery, "dropped")
             return
         error = await self._post(client, delivery, key)
         if error is None:
             logger.info("request %s: webhook delivered to %s (attempt %d)", delivery.job_id, _short(delivery.url),
                         delivery.attempts + 1)
-            await asyncio.to_thread(self.outbox.remove, delivery.job_id)
+            await self._settle(delivery, "delivered")
             return
         delivery.attempts += 1
         delivery.last_error = error
@@ -490,12 +493,22 @@ class WebhookDeliverer:
         if delay is None:
             logger.error("request %s: webhook to %s given up after %d attempts; last: %s", delivery.job_id,
                          _short(delivery.url), delivery.attempts, error)
-            await asyncio.to_thread(self.outbox.remove, delivery.job_id)
+            await self._settle(delivery, "given_up")
             return
         delivery.next_at = self.clock() + delay
         logger.warning("request %s: webhook attempt %d to %s failed (%s); next in %.0f s", delivery.job_id,
                        delivery.attempts, _short(delivery.url), error, delay)
         await asyncio.to_thread(self.outbox.save, delivery)
+        self._count("retry")
+
+    async def _settle(self, delivery: Delivery, outcome: str) -> None:
+        """The delivery is done with (delivered, given up or dropped): out of the outbox."""
+        await asyncio.to_thread(self.outbox.remove, delivery.job_id)
+        self._count(outcome)
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.webhook_attempts.labels(outcome).inc()
 
     async def _post(self, client: httpx.AsyncClient, delivery: Delivery, key: bytes) -> str | None:
         """One signed POST; None when the receiver answered 2xx, else why the attempt failed."""

@@ -22,6 +22,7 @@ from api.webhooks import (
     WebhookOptions, WebhookOutbox, decode_secret, generate_secret, requested_webhook, sign, signed_headers,
 )
 from api.images import ImageFetchPolicy
+from api.metrics import ApiMetrics
 from tests.webhook_receiver import Receiver, verify
 
 SLUG = "sd1.5-scifi"
@@ -191,7 +192,8 @@ def test_failed_attempts_are_retried_on_schedule_with_the_same_id_and_body(queue
     job = queue.create(SLUG, {"prompt": "x"})
     queue.fail(job.id, "no luck")
     outbox.add(Delivery(job.id, hook.url, None, "http://api", next_at=clock.now))
-    deliverer = WebhookDeliverer(outbox, queue, options(waits=(10.0, 20.0)), render, clock=clock)
+    metrics = ApiMetrics()
+    deliverer = WebhookDeliverer(outbox, queue, options(waits=(10.0, 20.0)), render, metrics=metrics, clock=clock)
 
     run_round(deliverer)
     pending = outbox.get(job.id)
@@ -210,6 +212,9 @@ def test_failed_attempts_are_retried_on_schedule_with_the_same_id_and_body(queue
     assert len({h["webhook-timestamp"] for h, _, _ in hook.received}) == 3  # each attempt signed anew
     assert all(verify(SECRET, h, b) for h, b, _ in hook.received)
     assert outbox.pending() == 0
+    counted = {outcome: metrics.registry.get_sample_value("diffserve_webhook_attempts_total", {"outcome": outcome})
+               for outcome in ("retry", "delivered")}
+    assert counted == {"retry": 2.0, "delivered": 1.0}
 
 
 def test_a_receiver_that_never_answers_2xx_is_given_up_after_the_schedule(queue, make_outbox, receiver) -> None:
