@@ -461,7 +461,11 @@ class WebhookDeliverer:
     async def deliver_due(self, client: httpx.AsyncClient) -> int:
         """Claim the due deliveries and make their attempts; returns how many were claimed."""
         due = await asyncio.to_thread(self.outbox.claim_due, self.clock(), self.options.lease_s, self.batch)
-        await asyncio.gather(*(self._attempt(client, delivery) for delivery in due))
+        outcomes = await asyncio.gather(*(self._attempt(client, delivery) for delivery in due), return_exceptions=True)
+        for delivery, outcome in zip(due, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                # Its lease lapses and another attempt follows (at least once).
+                logger.warning("request %s: webhook attempt not settled: %s", delivery.job_id, outcome)
         return len(due)
 
     async def _attempt(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
