@@ -7,15 +7,17 @@ of ``backend``'s slugs from Redis). ``api.queue.open_stores`` chooses the store 
 settings: the embedded SQLite store of one process, or the Redis store, queue, credits and rate
 limits shared by every replica and worker; nothing else asks which one it is.
 
-The app owns the job store, the job runner, credits and rate limits for its lifetime (built in
-the lifespan, closed at shutdown, together with the backend it was given). Routes live in
-``api/routes``; dependencies in ``api/deps``; wire schemas in ``api/schemas``. An outer ASGI
+The app owns the job store, the job runner, credits and rate limits, idempotency keys and the
+webhook deliverer (``api.webhooks``, in every role: any process with the store and webhook
+secrets delivers) for its lifetime (built in the lifespan, closed at shutdown, together with the
+backend it was given). Routes live in ``api/routes``; dependencies in ``api/deps``; wire schemas in ``api/schemas``. An outer ASGI
 middleware enforces the body-size limit, records HTTP metrics and adds ``X-remaining-credits``
 to every 200 an authenticated caller gets.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -33,8 +35,10 @@ from api.metrics import ApiMetrics, slug_label
 from api.queue import check_role, open_stores
 from api.routes import events, health, models, openai_images, requests
 from api.routes.openai_images import OPENAI_PREFIX, openai_error_response
+from api.routes.requests import result_json
 from api.runner import JobRunner
 from api.settings import Settings
+from api.webhooks import WebhookDeliverer
 from engine.catalog import CATALOG
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,8 @@ DESCRIPTION = """Self-hosted serving of the Segmind image models with the same H
 * `POST /v2/{slug}`: queue; poll `GET /v2/requests/{id}/status`; fetch `GET /v2/requests/{id}`.
 * Each served slug has its own pair of operations below, with that model's request schema.
 * `GET /v2/requests/{id}/events`: the same as server-sent events (queued, progress, the result).
+* `POST /v2/{slug}` takes an `Idempotency-Key` header (a retry gets the original request id) and a
+  `webhook` URL in the body (the result is POSTed to it, signed per Standard Webhooks).
 * `POST /v1/images/generations`, `POST /v1/images/edits`: the OpenAI images dialect (errors in
   OpenAI's shape there).
 * Auth: `x-api-key` header (or `Authorization: Bearer`). Errors: JSON `{"error": "..."}`;
@@ -177,6 +183,7 @@ def create_app(settings: Settings, backend: GenerationBackend, *, role: str = "a
         stores = open_stores(settings, role)
         store, inputs, ledger, limiter = stores.jobs, stores.inputs, stores.ledger, stores.limiter
         _, models_by_owner = settings.per_owner(settings.key_models)
+        webhook_options = settings.webhook_options()
         metrics.watch_store(_unavailable_as(float("nan"), store.queue_depth),
                             _unavailable_as({}, store.count_by_status))
         runner = JobRunner(
@@ -190,19 +197,26 @@ def create_app(settings: Settings, backend: GenerationBackend, *, role: str = "a
             limiter=limiter, metrics=metrics, image_policy=settings.image_fetch_policy(),
             api_keys=[k.encode("utf-8", "surrogateescape") for k in settings.api_key_values()],
             models_by_owner={owner: frozenset(slugs) for owner, slugs in models_by_owner.items()},
-            role=role,
+            role=role, idempotency=stores.idempotency, webhooks=stores.webhooks,
+            webhook_options=webhook_options,
         )
+        deliverer = WebhookDeliverer(stores.webhooks, store, webhook_options,
+                                     functools.partial(result_json, store=store), metrics=metrics)
         if not settings.api_keys and role != "worker":
             logger.warning("no API keys configured: the API is open to anyone who can reach it")
         logger.info("%s role: %s %s; jobs in %s at %s", role, "queueing" if role == "api" else "serving",
                     ", ".join(sorted(backend.slugs)) or "no models", store.name, store.address)
         try:
             await runner.start()
+            await deliverer.start()
             yield
         finally:
+            await deliverer.stop()
             await runner.stop()
             await backend.close()
             ledger.close()
+            stores.idempotency.close()
+            stores.webhooks.close()
             store.close()
 
     app = FastAPI(title="diffserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)

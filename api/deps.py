@@ -20,6 +20,7 @@ from fastapi import Depends, Request
 
 from api.backend import GenerationBackend
 from api.errors import ApiError
+from api.idempotency import IdempotencyStore
 from api.images import ImageFetchPolicy
 from api.inputs import InputStore
 from api.jobs import Job, is_job_id
@@ -28,6 +29,7 @@ from api.queue import JobQueue
 from api.quotas import CreditLedger, RateLimiter, retry_after_header
 from api.runner import JobRunner
 from api.settings import Settings, owner_from_api_key
+from api.webhooks import WebhookOptions, WebhookOutbox
 from engine.catalog import ModelSpec, UnknownModelError, get_model
 
 
@@ -48,6 +50,9 @@ class AppState:
     models_by_owner: dict[str, frozenset[str]]
     role: str = "all"
     """``all``, ``api`` or ``worker`` (``api.app.ROLES``)."""
+    idempotency: IdempotencyStore | None = None
+    webhooks: WebhookOutbox | None = None
+    webhook_options: WebhookOptions | None = None
     _workers_seen: tuple[float, frozenset[str]] = field(default=(0.0, frozenset()), repr=False)
 
     def served_slugs(self) -> list[str]:

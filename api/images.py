@@ -56,7 +56,9 @@ __all__ = [
     "decode_image_bytes",
     "load_image",
     "load_image_or_file",
+    "send_pinned",
     "sniff_format",
+    "vet_url",
 ]
 
 logger = logging.getLogger(__name__)
@@ -498,24 +500,22 @@ async def _resolve_checked(url: httpx.URL, field: str, policy: ImageFetchPolicy)
     return addresses
 
 
-async def _send_pinned(
+async def send_pinned(
     client: httpx.AsyncClient,
+    method: str,
     url: httpx.URL,
     addresses: list[IPAddress],
     field: str,
-    policy: ImageFetchPolicy,
+    *,
+    headers: dict[str, str],
+    timeout_s: float,
+    content: bytes | None = None,
 ) -> httpx.Response:
-    """Send GET ``url`` to one of the vetted ``addresses``; returns a streaming response."""
+    """Send ``method url`` to one of the vetted ``addresses`` (from :func:`vet_url`), never
+    re-resolving the name; returns a streaming response. Also the webhook deliverer's transport."""
     host = url.raw_host.decode("ascii")
-    headers = {
-        # url.netloc is host[:port] (no userinfo), bracketed for IPv6.
-        "Host": url.netloc.decode("ascii"),
-        "Accept": "image/*",
-        # Compressed bodies would make the byte cap meaningless (a small
-        # brotli body can inflate to gigabytes in one chunk).
-        "Accept-Encoding": "identity",
-        "User-Agent": _USER_AGENT,
-    }
+    # url.netloc is host[:port] (no userinfo), bracketed for IPv6.
+    headers = {"Host": url.netloc.decode("ascii"), **headers}
     extensions: dict[str, object] = {}
     if _ip_literal(host) is None:
         # httpcore uses this instead of the URL host for SNI and for
@@ -528,7 +528,7 @@ async def _send_pinned(
         target = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
         pinned = url.copy_with(host=str(target))
         request = client.build_request(
-            "GET", pinned, headers=headers, extensions=extensions, timeout=policy.timeout_s
+            method, pinned, headers=headers, content=content, extensions=extensions, timeout=timeout_s
         )
         try:
             return await client.send(request, stream=True, follow_redirects=False)
@@ -537,6 +537,13 @@ async def _send_pinned(
             logger.info("%s: connect to %s for %s failed: %s", field, ip, host, exc)
             last_error = exc
     raise ImageInputError(f"{field}: could not connect to {host!r} ({last_error})")
+
+
+async def vet_url(text: str, field: str, policy: ImageFetchPolicy) -> tuple[httpx.URL, list[IPAddress]]:
+    """``text`` as an http(s) URL and the addresses its host resolves to, every one allowed by
+    ``policy`` (the SSRF guard, also applied to webhook URLs); ImageInputError otherwise."""
+    url = _parse_url(text, field)
+    return url, await _resolve_checked(url, field, policy)
 
 
 async def _read_capped(response: httpx.Response, url: httpx.URL, field: str, policy: ImageFetchPolicy) -> bytes:
@@ -570,7 +577,13 @@ async def _fetch(url: httpx.URL, field: str, policy: ImageFetchPolicy, client: h
     redirects = 0
     while True:
         addresses = await _resolve_checked(url, field, policy)
-        response = await _send_pinned(client, url, addresses, field, policy)
+        response = await send_pinned(client, "GET", url, addresses, field, timeout_s=policy.timeout_s, headers={
+            "Accept": "image/*",
+            # Compressed bodies would make the byte cap meaningless (a small
+            # brotli body can inflate to gigabytes in one chunk).
+            "Accept-Encoding": "identity",
+            "User-Agent": _USER_AGENT,
+        })
         try:
             status = response.status_code
             if status in _REDIRECT_STATUSES:

@@ -79,6 +79,10 @@ class ApiMetrics:
             "diffserve_job_inference_seconds", "Backend compute time of completed jobs", ["slug"],
             buckets=_JOB_BUCKETS, registry=r)
         self.jobs_running = Gauge("diffserve_jobs_running", "Jobs running on the backend now", registry=r)
+        self.webhook_attempts = Counter(
+            "diffserve_webhook_attempts", "Webhook delivery attempts made by this process, by outcome: delivered, "
+            "retry (failed, another follows), given_up (failed, the last), dropped (request expired or no secret)",
+            ["outcome"], registry=r)
 
     def watch_store(self, queue_depth: Callable[[], int], count_by_status: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_StoreCollector(queue_depth, count_by_status))

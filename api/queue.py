@@ -8,7 +8,7 @@ cancel, position, purge, readiness. Two implementations:
 calls go through ``asyncio.to_thread`` on both (both are thread-safe).
 
 :func:`open_stores` is the only code that reads ``settings.redis_url``: it builds the job store,
-credits and rate limits on SQLite or on Redis, once, at start-up.
+credits, rate limits, idempotency keys and the webhook outbox on SQLite or on Redis, once, at start-up.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from api.idempotency import IdempotencyStore, SqliteIdempotencyStore
 from api.inputs import InputStore
 from api.jobs import Claim, Heartbeat, Job, JobStore
 from api.quotas import CreditLedger, RateLimiter
 from api.settings import Settings
+from api.webhooks import SqliteWebhookOutbox, WebhookOutbox
 
 __all__ = ["JobQueue", "Stores", "check_role", "open_stores"]
 
@@ -101,6 +103,10 @@ class Stores:
     travel with the job)."""
     ledger: CreditLedger
     limiter: RateLimiter
+    idempotency: IdempotencyStore
+    """``Idempotency-Key`` records (api.idempotency)."""
+    webhooks: WebhookOutbox
+    """Pending webhook deliveries (api.webhooks)."""
 
 
 def check_role(settings: Settings, role: str) -> None:
@@ -125,11 +131,15 @@ def open_stores(settings: Settings, role: str = "all") -> Stores:
                          retention_s=settings.retention_s, max_attempts=settings.request_max_attempts,
                          synchronous=settings.sqlite_synchronous)
         ledger = CreditLedger(settings.data_dir / "credits.sqlite", default_credits, credits_by_owner)
-        return Stores(store, InputStore(settings.inputs_dir), ledger, RateLimiter(default_rate or 0, rate_by_owner))
+        return Stores(store, InputStore(settings.inputs_dir), ledger, RateLimiter(default_rate or 0, rate_by_owner),
+                      SqliteIdempotencyStore(settings.data_dir / "idempotency.sqlite", settings.idempotency_retention_s),
+                      SqliteWebhookOutbox(settings.data_dir / "webhooks.sqlite"))
 
+    from api.idempotency import RedisIdempotencyStore
     from api.redis_client import connect, read_password_file
     from api.redis_jobs import RedisJobStore
     from api.redis_quotas import RedisCreditLedger, RedisRateLimiter
+    from api.webhooks import RedisWebhookOutbox
 
     client = connect(settings.redis_url, password=read_password_file(settings.redis_password_file))
     ns = settings.redis_namespace
@@ -146,4 +156,5 @@ def open_stores(settings: Settings, role: str = "all") -> Stores:
                            "appendfsync always, maxmemory-policy noeviction", persistence)
     except Exception as exc:  # noqa: BLE001 - Redis may be down at start; service resumes when it returns
         logger.warning("Redis at %s is not reachable yet: %s", redis_store.address, exc)
-    return Stores(redis_store, InputStore(settings.inputs_dir), ledger, limiter)
+    return Stores(redis_store, InputStore(settings.inputs_dir), ledger, limiter,
+                  RedisIdempotencyStore(client, ns, settings.idempotency_retention_s), RedisWebhookOutbox(client, ns))

@@ -110,11 +110,24 @@ def request_schema(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def request_body_openapi(spec: ModelSpec) -> dict[str, Any]:
-    """``openapi_extra`` of ``spec``'s submit operations (``/v1/<slug>``, ``/v2/<slug>``): its request body."""
+def request_body_openapi(spec: ModelSpec, *, queued: bool = False) -> dict[str, Any]:
+    """``openapi_extra`` of ``spec``'s submit operations (``/v1/<slug>``, ``/v2/<slug>``): its request
+    body; with ``queued`` (``/v2``) also the ``webhook`` field and the ``Idempotency-Key`` header."""
+    schema = request_schema(spec)
+    extra: dict[str, Any] = {}
+    if queued:
+        schema["properties"]["webhook"] = {
+            "type": "string", "format": "uri",
+            "description": "URL POSTed the result (the body of GET /v2/requests/{id}) once the request is "
+                           "COMPLETED or FAILED, signed per Standard Webhooks; retried for hours until it answers 2xx."}
+        extra["parameters"] = [{
+            "name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255},
+            "description": "Retries with the same key and body get the original request id (no second job or "
+                           "charge); the key with another body: 422; while the first is being submitted: 409."}]
     return {
+        **extra,
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": request_schema(spec)}},
+            "content": {"application/json": {"schema": schema}},
         },
     }

@@ -102,6 +102,32 @@ class Settings(BaseSettings):
     """Longest an event stream stays silent: a comment line is sent after this long without an
     event, so proxies do not close an idle connection."""
 
+    # -- idempotency and webhooks (api.idempotency, api.webhooks) -----------------------------------
+    idempotency_retention_s: float = Field(86400.0, gt=0)
+    """How long an ``Idempotency-Key`` of a ``POST /v2/{slug}`` is remembered: a retry with the same
+    key and body within it gets the original request id (and no second job, no second charge)."""
+    webhook_secret: str | dict[str, str] | None = Field(None, repr=False)
+    """Standard Webhooks signing secret (``whsec_`` + base64 of 24 to 64 random bytes): one for
+    every key (and for an open server), or ``{key: secret}``. A request may name a webhook only
+    when its key has a secret: every delivery is signed."""
+    webhook_url: str | dict[str, str] | None = Field(None, repr=False)
+    """Webhook called for a ``/v2`` request that names none: one URL for every key, or ``{key: url}``."""
+    webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0])
+    """Waits before each retry of a failed delivery (non-2xx, connection error, timeout), the
+    Standard Webhooks schedule by default (5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h); after the
+    last one fails the delivery is dropped and logged."""
+    webhook_retry_jitter: float = Field(0.1, ge=0, lt=1)
+    """Each retry wait is drawn from ``wait * (1 ± jitter)`` so receivers that went down together
+    are not hit by every sender at the same instant when they come back."""
+    webhook_timeout_s: float = Field(15.0, gt=0)
+    """Longest one delivery attempt may take (connect, send, answer); past it the attempt failed."""
+    webhook_poll_s: float = Field(1.0, gt=0)
+    """How often the outbox is checked for due deliveries (and pending ones for a finished job)."""
+    webhook_allow_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """CIDRs webhook URLs may point into although they are not public (as
+    ``image_allow_networks``, which stays separate); cloud metadata addresses stay refused."""
+
     # -- scale-out (Redis) ------------------------------------------------------------------------
     redis_url: str | None = None
     """``redis://host:port/db`` (``rediss://`` for TLS, ``redis://[USER]:PASSWORD@host...`` with
@@ -188,7 +214,8 @@ class Settings(BaseSettings):
             raise ValueError(f"batch_buckets must be increasing positive sizes, got {value}")
         return value
 
-    @field_validator("api_keys", "image_allowed_formats", "image_allow_networks", "batch_buckets", mode="before")
+    @field_validator("api_keys", "image_allowed_formats", "image_allow_networks", "batch_buckets",
+                     "webhook_retry_schedule_s", "webhook_allow_networks", mode="before")
     @classmethod
     def _lists_from_text(cls, value: Any) -> Any:
         return _split_list(value)
@@ -208,7 +235,7 @@ class Settings(BaseSettings):
         keys = self.api_key_values()
         if any(not k for k in keys):
             raise ValueError("api_keys contains an empty key")
-        for name in ("credits", "rate_limit_per_minute", "key_models"):
+        for name in ("credits", "rate_limit_per_minute", "key_models", "webhook_secret", "webhook_url"):
             value = getattr(self, name)
             if isinstance(value, dict):
                 if not keys:
@@ -232,6 +259,7 @@ class Settings(BaseSettings):
             if unknown:
                 raise ValueError(f"key_models names unknown models: {', '.join(unknown)}")
         self.image_fetch_policy()  # invalid CIDRs fail here, at start-up
+        self.webhook_options()  # and invalid secrets, default URLs or retry schedules
         self.batching_options()
         return self
 
@@ -272,6 +300,12 @@ class Settings(BaseSettings):
     @property
     def inputs_dir(self) -> Path:
         return self.data_dir / "inputs"
+
+    def webhook_options(self):
+        """The webhook deliverer's ``api.webhooks.WebhookOptions`` (secrets and URLs by owner)."""
+        from api.webhooks import WebhookOptions
+
+        return WebhookOptions.from_settings(self)
 
     def image_fetch_policy(self) -> ImageFetchPolicy:
         return ImageFetchPolicy(

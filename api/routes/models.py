@@ -2,7 +2,9 @@
 
 Both validate against the catalog, check credits, fetch and decode image inputs before anything
 is queued (a bad image is a 400 at once), and submit a job to the runner; ``/v1`` then awaits
-that job, so both share one queue and one concurrency bound.
+that job, so both share one queue and one concurrency bound. ``/v2`` also takes an
+``Idempotency-Key`` (``api.idempotency``: a retry gets the original request id, no second job)
+and a ``webhook`` field (``api.webhooks``: vetted here, recorded in the outbox with the job).
 
 ``generation_router(slugs)`` gives every served slug its own two operations (``POST
 /v1/sd1.5-scifi`` with that slug's request schema from the catalog, and the same for ``/v2``),
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from api import idempotency, webhooks
 from api.deps import AppState, Caller, JsonBodyDep, ServedModelDep, StateDep, SubmitterDep, served_model
 from api.errors import ApiError
 from api.images import ImageInputError, load_image
@@ -38,6 +42,11 @@ _ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in
     403: "Key not allowed to use this model", 404: "Unknown or unserved model", 406: "Insufficient credits",
     413: "Request body too large", 429: "Rate limited or queue full (see Retry-After)",
 }.items()}
+_ASYNC_RESPONSES = {
+    **_ERRORS,
+    409: {"model": ErrorResponse, "description": "A request with this Idempotency-Key is still being submitted"},
+    422: {"model": ErrorResponse, "description": "This Idempotency-Key was used for a different body"},
+}
 _SYNC_RESPONSES = {
     200: {"description": "The image (image/jpeg, image/png or image/webp), or JSON with base64 when base64=true",
           "content": {"image/jpeg": {}, "image/png": {}, "image/webp": {},
@@ -128,13 +137,33 @@ async def generate_sync(request: Request, spec: ServedModelDep, caller: Submitte
 
 
 async def generate_async(request: Request, spec: ServedModelDep, caller: SubmitterDep, payload: JsonBodyDep,
-                         state: StateDep) -> SubmitResponse:
-    submission = await _prepare(spec, payload, caller, state, sync=False)
-    job = await _submit(state, submission)
-    request.state.request_id = job.id
+                         state: StateDep) -> JSONResponse:
     base = state.public_base(request)
-    return SubmitResponse(request_id=job.id, status=JobStatus.QUEUED.value, status_url=status_url(base, job.id),
-                          response_url=result_url(base, job.id), poll_url=status_url(base, job.id))
+    try:
+        key = idempotency.requested_key(request.headers)
+        # Of the whole body, webhook included (taken out of ``payload`` next).
+        body_fingerprint = "" if key is None else idempotency.fingerprint(spec.slug, payload)
+        webhook = await webhooks.requested_webhook(payload, caller.owner, state.webhook_options)
+    except ValueError as exc:  # a malformed key, a refused webhook URL
+        raise ApiError(400, str(exc)) from None
+
+    async def submit() -> str:
+        job = await _submit(state, await _prepare(spec, payload, caller, state, sync=False))
+        if webhook is not None:
+            delivery = webhooks.Delivery(job.id, webhook, caller.owner, base, next_at=time.time())
+            await asyncio.to_thread(state.webhooks.add, delivery)
+        return job.id
+
+    try:
+        job_id, replayed = await idempotency.submit_once(state.idempotency, caller.owner, key, body_fingerprint,
+                                                         submit)
+    except idempotency.IdempotencyConflict as exc:
+        raise ApiError(exc.status, str(exc), {"Retry-After": "1"} if exc.status == 409 else None) from None
+    headers = {idempotency.REPLAYED_HEADER: "true"} if replayed else {}
+    request.state.request_id = job_id
+    body = SubmitResponse(request_id=job_id, status=JobStatus.QUEUED.value, status_url=status_url(base, job_id),
+                          response_url=result_url(base, job_id), poll_url=status_url(base, job_id))
+    return JSONResponse(body.model_dump(), headers=headers)
 
 
 # -- routes ----------------------------------------------------------------------------------------
@@ -163,14 +192,15 @@ def generation_router(slugs: Iterable[str]) -> APIRouter:
         ("v1", generate_sync, "generate and return the image (sync)",
          {"response_class": Response, "responses": _SYNC_RESPONSES}),
         ("v2", generate_async, "queue a request (async); poll status_url, then fetch response_url",
-         {"response_model": SubmitResponse, "responses": _ERRORS}),
+         {"response_model": SubmitResponse, "responses": _ASYNC_RESPONSES}),
     )
     for version, endpoint, summary, kw in operations:
         for slug in sorted(slugs):
             spec = get_model(slug)
             router.add_api_route(
                 f"/{version}/{slug}", _bound_to(slug, endpoint), methods=["POST"], summary=f"{slug}: {summary}",
-                description=f"{spec.title}: {spec.description}", openapi_extra=request_body_openapi(spec),
+                description=f"{spec.title}: {spec.description}",
+                openapi_extra=request_body_openapi(spec, queued=version == "v2"),
                 operation_id=f"{endpoint.__name__}_{slug}".replace(".", "_").replace("-", "_"), **kw)
             _label(router, version, slug)
         # Slugs without an operation of their own: unknown (404), not served (404), or not allowed (403).

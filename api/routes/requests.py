@@ -69,15 +69,23 @@ async def request_result(job: OwnedJobDep, request: Request, state: StateDep) ->
 
 async def result_body(job: Job, request: Request, state: AppState) -> ResultResponse:
     """The body of ``GET /v2/requests/{id}`` (also the terminal event of ``/events``)."""
+    return await asyncio.to_thread(result_of, job, state.public_base(request), state.store)
+
+
+def result_of(job: Job, base: str, store: JobQueue) -> ResultResponse:
+    """The result of ``job`` with output URLs under ``base`` (also a webhook's body); blocking:
+    base64 outputs are read from the store."""
     output = None
     if job.status is JobStatus.COMPLETED:
-        if job.want_base64:
-            output = await asyncio.to_thread(_read_base64, state.store, job)
-        else:
-            output = output_urls(state.public_base(request), job)
+        output = _read_base64(store, job) if job.want_base64 else output_urls(base, job)
     return ResultResponse(request_id=job.id, status=job.status.value, output=output,
                           error=job.error if job.status is JobStatus.FAILED else None,
                           seed=job.seed, metrics=job.metrics)
+
+
+def result_json(job: Job, base: str, store: JobQueue) -> bytes:
+    """``result_of`` as the JSON bytes a webhook carries."""
+    return result_of(job, base, store).model_dump_json().encode()
 
 
 @router.post("/{request_id}/cancel", response_model=StatusResponse, response_model_exclude_none=True,

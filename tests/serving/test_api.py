@@ -528,13 +528,15 @@ def test_health_readiness_metrics_and_docs(http):
     for slug, model in CATALOG.items():
         for version in ("v1", "v2"):
             operation = spec["paths"][f"/{version}/{slug}"]["post"]
-            assert not operation.get("parameters"), (version, slug)
+            # No path parameter; /v2 takes an Idempotency-Key header and a webhook field besides.
+            queued = version == "v2"
+            assert [p["name"] for p in operation.get("parameters", [])] == ["Idempotency-Key"] * queued, (version, slug)
             operation_ids.add(operation["operationId"])
             body = operation["requestBody"]
             schema = body["content"]["application/json"]["schema"]
             assert body["required"] is True and "oneOf" not in schema
             assert schema["title"] == f"{slug} request" and schema["additionalProperties"] is False
-            assert list(schema["properties"]) == [p.name for p in model.params]
+            assert list(schema["properties"]) == [p.name for p in model.params] + ["webhook"] * queued
             assert schema["required"] == [p.name for p in model.params if p.required]
         assert "200" in spec["paths"][f"/v1/{slug}"]["post"]["responses"]
         assert spec["paths"][f"/v2/{slug}"]["post"]["responses"]["200"]["content"]["application/json"]["schema"] == {
