@@ -1,10 +1,12 @@
-"""Persistent store for asynchronous (v2) generation jobs, backed by SQLite.
+"""Persistent store for generation jobs, backed by SQLite: the embedded :class:`api.queue.JobQueue`.
 
 This module owns the lifecycle of queued jobs so that they survive an API
-restart: creation, FIFO claiming by runners, progress, completion (including
-writing output files under the data directory), failure, cancellation,
-crash recovery at start-up, and expiry/purging of finished jobs together with
-their files.
+restart: creation (with the job's decoded input images, kept in the database
+until the job finishes), FIFO claiming by runners under a trivial lease,
+progress, completion (including writing output files under the data
+directory), failure, cancellation, crash recovery at start-up, expiry/purging
+of finished jobs together with their files, and a finished-job feed for
+waiters in this process (:meth:`JobStore.listen_finished`).
 
 Concurrency model: one ``sqlite3`` connection per store, shared by all
 threads and serialised by a lock; WAL journaling plus ``BEGIN IMMEDIATE`` for
@@ -20,13 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -40,13 +43,18 @@ __all__ = [
     "Job",
     "JobStatus",
     "JobStore",
+    "SYNC_PARAM",
     "is_job_id",
 ]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 CANCELLED_BY_CLIENT: Final = "cancelled by client"
+SYNC_PARAM: Final = "_sync"
+"""Reserved key in stored job params marking a job a ``/v1`` request awaits while connected."""
+INTERRUPTED_SYNC: Final = ("interrupted: the synchronous request that submitted this job was lost "
+                           "(server restart or client gone)")
 _EXT_RE: Final = re.compile(r"^[A-Za-z0-9]{1,10}$")
 _JOB_ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
 """A job id: ``uuid4().hex`` (128 random bits, so output URLs can be capability URLs)."""
@@ -145,8 +153,17 @@ CREATE INDEX jobs_status_seq ON jobs (status, seq);
 CREATE INDEX jobs_expires_at ON jobs (expires_at) WHERE expires_at IS NOT NULL;
 """
 
+_SCHEMA_V2: Final = """
+CREATE TABLE job_inputs (
+    job_id TEXT NOT NULL,
+    name   TEXT NOT NULL,
+    data   BLOB NOT NULL,
+    PRIMARY KEY (job_id, name)
+);
+"""
+
 # Index i upgrades user_version i to i + 1.
-_MIGRATIONS: Final[tuple[str, ...]] = (_SCHEMA_V1,)
+_MIGRATIONS: Final[tuple[str, ...]] = (_SCHEMA_V1, _SCHEMA_V2)
 
 _COLUMNS: Final = (
     "id, slug, params, status, error, created_at, started_at, finished_at, progress_step, "
@@ -183,6 +200,9 @@ class JobStore:
     """Thread-safe persistent job queue; see the module docstring for the model."""
 
     name: Final = "sqlite"
+    heartbeat_interval_s: Final = 0.5
+    """How often a runner confirms its lease: a local read; one process runs this store's jobs,
+    so a lease is never taken over while that process lives."""
 
     def __init__(
         self,
@@ -213,6 +233,8 @@ class JobStore:
         self._lock = threading.RLock()
         # Notified on every enqueue, so a blocking claim in this process wakes at once.
         self._enqueued = threading.Condition(self._lock)
+        # One queue per listen_finished call; ids of jobs that became COMPLETED or FAILED.
+        self._listeners: set[queue.SimpleQueue[str]] = set()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are issued explicitly, so the
@@ -324,8 +346,9 @@ class JobStore:
         owner: str | None = None,
         output_format: str = "jpeg",
         want_base64: bool = False,
+        inputs: Mapping[str, bytes] | None = None,
     ) -> Job:
-        """Insert a new QUEUED job and return it."""
+        """Insert a new QUEUED job with its input images (``{param: bytes}``) and return it."""
         job = Job(
             id=uuid.uuid4().hex,
             slug=slug,
@@ -344,6 +367,8 @@ class JobStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, slug, params_json, job.status.value, job.created_at, owner, int(want_base64), output_format),
             )
+            db.executemany("INSERT INTO job_inputs (job_id, name, data) VALUES (?, ?, ?)",
+                           [(job.id, name, data) for name, data in (inputs or {}).items()])
         with self._enqueued:
             self._enqueued.notify_all()
         return job
@@ -356,16 +381,24 @@ class JobStore:
             return None
         return job
 
-    def claim_next(self) -> Job | None:
-        """Atomically move the oldest QUEUED job (any slug) to PROCESSING and return it."""
-        return self._claim_oldest(None)
+    def read_inputs(self, job_id: str) -> dict[str, bytes]:
+        """The input images stored with the job (deleted when it finishes)."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, data FROM job_inputs WHERE job_id = ?", (job_id,)).fetchall()
+        return {row["name"]: bytes(row["data"]) for row in rows}
 
-    def _claim_oldest(self, slugs: Sequence[str] | None) -> Job | None:
+    def _finished(self, db: sqlite3.Connection, job_id: str) -> None:
+        """What reaching COMPLETED or FAILED means besides the row (inside its transaction)."""
+        db.execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
+        for listener in list(self._listeners):
+            listener.put(job_id)
+
+    def _claim_oldest(self, slugs: Sequence[str]) -> Job | None:
         now = self._clock()
-        where, args = ("", []) if slugs is None else (f" AND slug IN ({','.join('?' * len(slugs))})", list(slugs))
+        where = f" AND slug IN ({','.join('?' * len(slugs))})"
         with self._write() as db:
             row = db.execute(f"SELECT seq FROM jobs WHERE status = 'QUEUED'{where} ORDER BY seq LIMIT 1",
-                             args).fetchone()
+                             list(slugs)).fetchone()
             if row is None:
                 return None
             db.execute(
@@ -463,6 +496,7 @@ class JobStore:
                     current = self._fetch(db, job_id)
                     state = current.status.value if current else "gone"
                     raise InvalidJobTransition(f"job {job_id} is {state}, not PROCESSING")
+                self._finished(db, job_id)
                 done = self._fetch(db, job_id)
         except BaseException:
             # Keep the files if some other completion of this job won the race.
@@ -498,6 +532,7 @@ class JobStore:
                 "metrics = COALESCE(?, metrics) WHERE id = ?",
                 (error, now, now + self.retention_s, json.dumps(metrics) if metrics is not None else None, job_id),
             )
+            self._finished(db, job_id)
             failed = self._fetch(db, job_id)
         assert failed is not None
         return failed
@@ -518,6 +553,7 @@ class JobStore:
                     "expires_at = ? WHERE id = ?",
                     (CANCELLED_BY_CLIENT, now, now + self.retention_s, job_id),
                 )
+                self._finished(db, job_id)
             elif job.status is JobStatus.PROCESSING:
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             else:
@@ -531,27 +567,29 @@ class JobStore:
         return bool(row["cancel_requested"]) if row is not None else False
 
     def recover(self) -> dict[str, int]:
-        """Repair jobs left PROCESSING by a dead process; call once at start-up.
+        """Repair jobs left unfinished by a dead process; call once at start-up.
 
-        Each such job is requeued (keeping its original queue position) if it
-        has had fewer than ``max_attempts`` attempts, failed with a reason
-        otherwise, and failed as cancelled if a cancel was pending.  This
-        assumes no other live process is running jobs from the same file.
+        Each job left PROCESSING is requeued (keeping its original queue position) if it has
+        had fewer than ``max_attempts`` attempts, failed with a reason otherwise, and failed as
+        cancelled if a cancel was pending. A job of a ``/v1`` request (``SYNC_PARAM``), queued
+        or running, is failed as interrupted: its client was connected to the dead process.
+        This assumes no other live process is running jobs from the same file.
         Returns counts: ``requeued``, ``failed``, ``cancelled``, ``queued``.
         """
         now = self._clock()
         counts = {"requeued": 0, "failed": 0, "cancelled": 0, "queued": 0}
+        finish = "UPDATE jobs SET status = 'FAILED', error = ?, finished_at = ?, expires_at = ? WHERE id = ?"
         with self._write() as db:
             rows = db.execute(
-                "SELECT id, attempts, cancel_requested FROM jobs WHERE status = 'PROCESSING' ORDER BY seq"
+                "SELECT id, status, attempts, cancel_requested, json_extract(params, '$.' || ?) AS sync FROM jobs "
+                "WHERE status = 'PROCESSING' OR (status = 'QUEUED' AND json_extract(params, '$.' || ?)) "
+                "ORDER BY seq", (SYNC_PARAM, SYNC_PARAM),
             ).fetchall()
             for row in rows:
                 if row["cancel_requested"]:
-                    db.execute(
-                        "UPDATE jobs SET status = 'FAILED', error = ?, finished_at = ?, expires_at = ? WHERE id = ?",
-                        (CANCELLED_BY_CLIENT, now, now + self.retention_s, row["id"]),
-                    )
-                    counts["cancelled"] += 1
+                    error, count = CANCELLED_BY_CLIENT, "cancelled"
+                elif row["sync"]:
+                    error, count = INTERRUPTED_SYNC, "failed"
                 elif row["attempts"] < self.max_attempts:
                     db.execute(
                         "UPDATE jobs SET status = 'QUEUED', started_at = NULL, progress_step = NULL, "
@@ -559,13 +597,12 @@ class JobStore:
                         (row["id"],),
                     )
                     counts["requeued"] += 1
+                    continue
                 else:
-                    reason = f"interrupted by a server restart after {row['attempts']} attempts"
-                    db.execute(
-                        "UPDATE jobs SET status = 'FAILED', error = ?, finished_at = ?, expires_at = ? WHERE id = ?",
-                        (reason, now, now + self.retention_s, row["id"]),
-                    )
-                    counts["failed"] += 1
+                    error, count = f"interrupted by a server restart after {row['attempts']} attempts", "failed"
+                db.execute(finish, (error, now, now + self.retention_s, row["id"]))
+                self._finished(db, row["id"])
+                counts[count] += 1
             counts["queued"] = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'QUEUED'").fetchone()[0]
         # Partial output dirs of requeued/failed jobs are stale; a retry
         # rewrites them and failed jobs have no outputs.
@@ -630,6 +667,34 @@ class JobStore:
     def served_slugs(self) -> dict[str, list[str]]:
         """Slugs announced by workers of other processes: none, the embedded store has one process."""
         return {}
+
+    def advertise(self, worker: str, slugs: Sequence[str], ttl_s: float) -> None:
+        """Nothing to announce: the only process using this store serves its own slugs."""
+
+    def withdraw(self, worker: str) -> None:
+        """Nothing was announced (see :meth:`advertise`)."""
+
+    def finished_ids(self) -> list[str]:
+        """Ids of the unexpired COMPLETED and FAILED jobs."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE status IN ('COMPLETED', 'FAILED') AND expires_at >= ?", (self._clock(),)
+            ).fetchall()
+        return [row["id"] for row in rows]
+
+    def listen_finished(self, on_finished: Callable[[str], None], should_stop: Callable[[], bool]) -> None:
+        """Call ``on_finished(job_id)`` for every job of this store that reaches COMPLETED or
+        FAILED, until ``should_stop()`` (blocking: run it in a thread)."""
+        feed: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._listeners.add(feed)
+        try:
+            while not should_stop():
+                try:
+                    on_finished(feed.get(timeout=0.5))
+                except queue.Empty:
+                    pass
+        finally:
+            self._listeners.discard(feed)
 
     def queue_depth(self) -> int:
         with self._lock:

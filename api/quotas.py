@@ -2,10 +2,14 @@
 
 Credits: one credit is one generated image. A submission reserves its cost up front (so that
 concurrent submissions cannot overspend); the reservation becomes a debit when the job
-completes and is released when it fails or is cancelled, so failed jobs cost nothing. What
-each owner has spent is kept in a small SQLite file next to the job database, so a restart
-does not refill anyone; the allowance itself comes from the settings, so raising it there
-takes effect at the next start. Owners are ``owner_from_api_key`` hashes: keys are never stored.
+completes and is released when it fails or is cancelled, so failed jobs cost nothing. Settling
+a job (debit or release) names the job: the first settlement of a job is the only one, recorded
+in the same transaction as the change of the balance, so a runner that settles a job again (a
+sweep after a crash between storing the outcome and charging it) charges nothing twice. What
+each owner has spent and holds reserved is kept in a small SQLite file next to the job
+database, so a restart neither refills anyone nor forgets a queued job's reservation; the
+allowance itself comes from the settings, so raising it there takes effect at the next start.
+Owners are ``owner_from_api_key`` hashes: keys are never stored.
 
 Rate limits: a token bucket per key (capacity = the per-minute limit, refilled continuously),
 kept in memory.
@@ -19,6 +23,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
+
+SETTLED_MARKER_TTL_S: Final = 7 * 24 * 3600
+"""How long the record that a job was settled is kept; longer than any job stays queued or kept."""
 
 
 class InsufficientCredits(Exception):
@@ -32,19 +40,30 @@ class InsufficientCredits(Exception):
 
 
 class CreditLedger:
-    def __init__(self, path: Path | None, default: int | None, per_owner: dict[str, int]):
+    """Credits of one process, persisted in SQLite at ``path`` (in memory without one)."""
+
+    def __init__(self, path: Path | None, default: int | None, per_owner: dict[str, int],
+                 clock: Callable[[], float] = time.time):
         """``default`` applies to every owner without an entry in ``per_owner``; None: unlimited."""
         self._default = default
         self._per_owner = dict(per_owner)
+        self._clock = clock
         self._lock = threading.Lock()
         self._reserved: dict[str, int] = {}
         self._spent: dict[str, int] = {}
+        self._settled: set[str] = set()
         self._db: sqlite3.Connection | None = None
         if path is not None and self.enabled:
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("CREATE TABLE IF NOT EXISTS spent (owner TEXT PRIMARY KEY, credits INTEGER NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS reserved (owner TEXT PRIMARY KEY, credits INTEGER NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS settled (job_id TEXT PRIMARY KEY, at REAL NOT NULL)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS settled_at ON settled (at)")
+            self._db.execute("DELETE FROM settled WHERE at < ?", (self._clock() - SETTLED_MARKER_TTL_S,))
             self._spent = dict(self._db.execute("SELECT owner, credits FROM spent").fetchall())
+            self._reserved = dict(self._db.execute("SELECT owner, credits FROM reserved").fetchall())
 
     @property
     def enabled(self) -> bool:
@@ -64,6 +83,7 @@ class CreditLedger:
             return max(0, allowance - self._spent.get(owner, 0) - self._reserved.get(owner, 0))
 
     def reserve(self, owner: str | None, cost: int) -> None:
+        """Hold ``cost`` credits for a submission; raises InsufficientCredits when they are not there."""
         allowance = self.allowance(owner)
         if allowance is None:
             return
@@ -71,29 +91,60 @@ class CreditLedger:
             left = allowance - self._spent.get(owner, 0) - self._reserved.get(owner, 0)
             if left < cost:
                 raise InsufficientCredits(max(0, left), cost)
-            self._reserved[owner] = self._reserved.get(owner, 0) + cost
+            self._write(owner, reserved=self._reserved.get(owner, 0) + cost)
 
-    def release(self, owner: str | None, cost: int) -> None:
-        if self.allowance(owner) is None:
-            return
-        with self._lock:
-            self._reserved[owner] = max(0, self._reserved.get(owner, 0) - cost)
+    def release(self, owner: str | None, cost: int, *, job_id: str | None = None) -> bool:
+        """Give back a failed or cancelled job's reservation; with ``job_id`` at most once per job."""
+        return self._settle(owner, cost, debit=False, job_id=job_id)
 
-    def debit(self, owner: str | None, cost: int, *, reserved: bool) -> None:
-        """Charge a completed job; ``reserved``: its cost was reserved by this process."""
+    def debit(self, owner: str | None, cost: int, *, job_id: str | None = None) -> bool:
+        """Charge a completed job (turning its reservation into a debit); with ``job_id`` once per job.
+
+        Returns False when nothing was charged: unlimited owner, or this job was settled already.
+        """
+        return self._settle(owner, cost, debit=True, job_id=job_id)
+
+    def _settle(self, owner: str | None, cost: int, *, debit: bool, job_id: str | None) -> bool:
         if self.allowance(owner) is None:
-            return
+            return False
         with self._lock:
-            if reserved:
-                self._reserved[owner] = max(0, self._reserved.get(owner, 0) - cost)
-            spent = self._spent.get(owner, 0) + cost
+            if job_id is not None and job_id in self._settled:
+                return False
+            # A job reserved before a crash that lost the reservation is charged all the same,
+            # never below zero reserved.
+            reserved = max(0, self._reserved.get(owner, 0) - cost)
+            spent = self._spent.get(owner, 0) + (cost if debit else 0)
+            return self._write(owner, reserved=reserved, spent=spent, settled=job_id)
+
+    def _write(self, owner: str, *, reserved: int, spent: int | None = None, settled: str | None = None) -> bool:
+        """Store an owner's balance (and the settlement of job ``settled``) in one transaction."""
+        if self._db is not None:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if settled is not None:
+                    cur = db.execute("INSERT OR IGNORE INTO settled (job_id, at) VALUES (?, ?)",
+                                     (settled, self._clock()))
+                    if cur.rowcount != 1:  # settled by another handle on the same file
+                        db.execute("ROLLBACK")
+                        self._settled.add(settled)
+                        return False
+                db.execute("INSERT INTO reserved (owner, credits) VALUES (?, ?) "
+                           "ON CONFLICT(owner) DO UPDATE SET credits = excluded.credits", (owner, reserved))
+                if spent is not None:
+                    db.execute("INSERT INTO spent (owner, credits) VALUES (?, ?) "
+                               "ON CONFLICT(owner) DO UPDATE SET credits = excluded.credits", (owner, spent))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        self._reserved[owner] = reserved
+        if spent is not None:
             self._spent[owner] = spent
-            if self._db is not None:
-                self._db.execute(
-                    "INSERT INTO spent (owner, credits) VALUES (?, ?) "
-                    "ON CONFLICT(owner) DO UPDATE SET credits = excluded.credits",
-                    (owner, spent),
-                )
+        if settled is not None:
+            self._settled.add(settled)
+        return True
 
     def close(self) -> None:
         with self._lock:
