@@ -21,7 +21,6 @@ from fastapi import Depends, Request
 from api.backend import GenerationBackend
 from api.errors import ApiError
 from api.images import ImageFetchPolicy
-from api.inputs import InputStore
 from api.jobs import Job, is_job_id
 from api.metrics import ApiMetrics
 from api.queue import JobQueue
@@ -39,7 +38,6 @@ class AppState:
     backend: GenerationBackend
     store: JobQueue
     runner: JobRunner
-    inputs: InputStore
     ledger: CreditLedger
     limiter: RateLimiter
     metrics: ApiMetrics

@@ -1,8 +1,9 @@
 """The job queue interface both stores implement, and the one place that chooses the store.
 
 :class:`JobQueue` is what the HTTP layer (routes, deps) and the runner may ask of a job store:
-enqueue, claim -> lease, heartbeat, complete/fail (fenced by the lease), read status and outputs,
-cancel, position, purge, readiness. Two implementations:
+enqueue (with the job's input images), claim -> lease, heartbeat, complete/fail (fenced by the
+lease), read status, inputs and outputs, cancel, position, purge, readiness, the feed of finished
+jobs that ``/v1`` waits listen to, and the announcement of the slugs a worker takes. Two implementations:
 :class:`api.jobs.JobStore` (SQLite, embedded, one process) and :class:`api.redis_jobs.RedisJobStore`
 (Redis, shared by API replicas and workers). Callers never ask which one they hold; blocking
 calls go through ``asyncio.to_thread`` on both (both are thread-safe).
@@ -14,11 +15,10 @@ credits and rate limits on SQLite or on Redis, once, at start-up.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from api.inputs import InputStore
 from api.jobs import Claim, Heartbeat, Job, JobStore
 from api.quotas import CreditLedger, RateLimiter
 from api.settings import Settings
@@ -38,16 +38,21 @@ class JobQueue(Protocol):
     """Where the jobs live (a data directory, or Redis's host:port), for logs; never a password."""
     retention_s: float
     max_attempts: int
+    heartbeat_interval_s: float
+    """How often a running job's lease is confirmed (:meth:`heartbeat`)."""
 
     def ping(self) -> None:
         """Raise (``StoreUnavailable`` on Redis) unless the store can serve now."""
 
     def create(self, slug: str, params: dict[str, Any], *, owner: str | None = None, output_format: str = "jpeg",
-               want_base64: bool = False) -> Job:
-        """Enqueue a new QUEUED job and return it."""
+               want_base64: bool = False, inputs: Mapping[str, bytes] | None = None) -> Job:
+        """Enqueue a new QUEUED job with its input images (``{param: .npy bytes}``) and return it."""
 
     def get(self, job_id: str) -> Job | None:
         """The job (status, progress, error, outputs' names), or None if unknown or expired."""
+
+    def read_inputs(self, job_id: str) -> dict[str, bytes]:
+        """The input images stored with the job (gone once it finished)."""
 
     def read_output(self, job_id: str, index: int) -> bytes | None:
         """Output ``index`` of a COMPLETED job, or None (no such output, or expired)."""
@@ -84,7 +89,20 @@ class JobQueue(Protocol):
     def served_slugs(self) -> Mapping[str, list[str]]:
         """Slugs other processes' workers announce on this store (none on an embedded store)."""
 
-    def recover(self) -> dict[str, int]: ...
+    def advertise(self, worker: str, slugs: Sequence[str], ttl_s: float) -> None:
+        """Announce that ``worker`` takes jobs of ``slugs`` for the next ``ttl_s`` seconds."""
+
+    def withdraw(self, worker: str) -> None: ...
+
+    def finished_ids(self) -> list[str]:
+        """Ids of the unexpired COMPLETED and FAILED jobs (the runner's settlement sweep)."""
+
+    def listen_finished(self, on_finished: Callable[[str], None], should_stop: Callable[[], bool]) -> None:
+        """Call ``on_finished(job_id)`` for jobs reaching COMPLETED or FAILED until ``should_stop()``
+        (blocking; may miss some, so waiters re-read their job now and then)."""
+
+    def recover(self) -> dict[str, int]:
+        """Start-up repair of what a dead process left (requeue, or fail); counts per outcome."""
 
     def purge_expired(self) -> int: ...
 
@@ -96,9 +114,6 @@ class Stores:
     """What ``open_stores`` built: the job store and the credit and rate bookkeeping beside it."""
 
     jobs: JobQueue
-    inputs: InputStore
-    """Input images of queued jobs on disk (the embedded runner's; unused on Redis, where they
-    travel with the job)."""
     ledger: CreditLedger
     limiter: RateLimiter
 
@@ -125,7 +140,7 @@ def open_stores(settings: Settings, role: str = "all") -> Stores:
                          retention_s=settings.retention_s, max_attempts=settings.request_max_attempts,
                          synchronous=settings.sqlite_synchronous)
         ledger = CreditLedger(settings.data_dir / "credits.sqlite", default_credits, credits_by_owner)
-        return Stores(store, InputStore(settings.inputs_dir), ledger, RateLimiter(default_rate or 0, rate_by_owner))
+        return Stores(store, ledger, RateLimiter(default_rate or 0, rate_by_owner))
 
     from api.redis_client import connect, read_password_file
     from api.redis_jobs import RedisJobStore
@@ -146,4 +161,4 @@ def open_stores(settings: Settings, role: str = "all") -> Stores:
                            "appendfsync always, maxmemory-policy noeviction", persistence)
     except Exception as exc:  # noqa: BLE001 - Redis may be down at start; service resumes when it returns
         logger.warning("Redis at %s is not reachable yet: %s", redis_store.address, exc)
-    return Stores(redis_store, InputStore(settings.inputs_dir), ledger, limiter)
+    return Stores(redis_store, ledger, limiter)

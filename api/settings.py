@@ -52,7 +52,7 @@ class Settings(BaseSettings):
 
     # -- storage ---------------------------------------------------------------------------------
     data_dir: Path = Path("var/api")
-    """Holds the job database, stored image inputs of queued jobs and generated outputs."""
+    """Holds the job database (with the stored image inputs of queued jobs), credits and generated outputs."""
     retention_s: float = Field(3600.0, gt=0)
     """How long a finished request's status and images stay available (Segmind: one hour)."""
     purge_interval_s: float = Field(60.0, gt=0)
@@ -268,10 +268,6 @@ class Settings(BaseSettings):
     @property
     def outputs_dir(self) -> Path:
         return self.data_dir / "outputs"
-
-    @property
-    def inputs_dir(self) -> Path:
-        return self.data_dir / "inputs"
 
     def image_fetch_policy(self) -> ImageFetchPolicy:
         return ImageFetchPolicy(

@@ -289,7 +289,7 @@ def test_sdk_run_img2img_with_an_image_url(sdk, api, image_server):
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/jpeg"
     assert decode_image(fetched.content).size == (512, 512)
     # The decoded input stored for the queued job is gone once it has finished.
-    assert not (api.settings.inputs_dir / result["request_id"]).exists()
+    assert api.server.config.app.state.diffserve.store.read_inputs(result["request_id"]) == {}
 
 
 def test_sdk_submit_async_wait_on_segmind_vega_with_base64(sdk):
