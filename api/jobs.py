@@ -599,7 +599,9 @@ class JobStore:
                     counts["requeued"] += 1
                     continue
                 else:
-                    error, count = f"interrupted by a server restart after {row['attempts']} attempts", "failed"
+                    error = (f"interrupted by a server restart after {row['attempts']} attempts "
+                             f"(request_max_attempts={self.max_attempts})")
+                    count = "failed"
                 db.execute(finish, (error, now, now + self.retention_s, row["id"]))
                 self._finished(db, row["id"])
                 counts[count] += 1

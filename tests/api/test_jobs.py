@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from api.jobs import CANCELLED_BY_CLIENT, InvalidJobTransition, Job, JobStatus, JobStore
+from api.jobs import CANCELLED_BY_CLIENT, SYNC_PARAM, InvalidJobTransition, Job, JobStatus, JobStore
 from api.settings import owner_from_api_key
 
 
@@ -253,10 +253,27 @@ def test_recover_after_crash(tmp_path: Path, clock: FakeClock) -> None:
     assert counts == {"requeued": 0, "failed": 1, "cancelled": 0, "queued": 2}
     gone = third.get(a.id)
     assert gone is not None and gone.status is JobStatus.FAILED
-    assert gone.error == "interrupted by a server restart after 2 attempts"
+    assert gone.error == "interrupted by a server restart after 2 attempts (request_max_attempts=2)"
     assert gone.expires_at is not None
     assert claim_next(third).id == b.id  # type: ignore[union-attr]
     third.close()
+    first.close()
+
+
+def test_recover_fails_the_jobs_of_sync_requests_that_died_with_the_process(tmp_path: Path, clock: FakeClock) -> None:
+    first = open_store(tmp_path, clock)
+    running = first.create("s", {SYNC_PARAM: True}, inputs={"image": b"pixels"})
+    queued = first.create("s", {SYNC_PARAM: True})
+    kept = first.create("s", {})
+    assert claim_next(first).id == running.id  # type: ignore[union-attr]
+    second = open_store(tmp_path, clock)
+    assert second.recover() == {"requeued": 0, "failed": 2, "cancelled": 0, "queued": 1}
+    for job in (running, queued):
+        failed = second.get(job.id)
+        assert failed.status is JobStatus.FAILED and failed.error.startswith("interrupted")  # type: ignore[union-attr]
+    assert second.read_inputs(running.id) == {}  # inputs go with the finished job
+    assert claim_next(second).id == kept.id  # type: ignore[union-attr]
+    second.close()
     first.close()
 
 
