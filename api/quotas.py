@@ -21,7 +21,8 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -40,7 +41,8 @@ class InsufficientCredits(Exception):
 
 
 class CreditLedger:
-    """Credits of one process, persisted in SQLite at ``path`` (in memory without one)."""
+    """Credits in SQLite at ``path`` (in memory without one); every change is one transaction, so
+    several handles on one file (threads or processes) never overspend or settle a job twice."""
 
     def __init__(self, path: Path | None, default: int | None, per_owner: dict[str, int],
                  clock: Callable[[], float] = time.time):
@@ -49,21 +51,44 @@ class CreditLedger:
         self._per_owner = dict(per_owner)
         self._clock = clock
         self._lock = threading.Lock()
-        self._reserved: dict[str, int] = {}
-        self._spent: dict[str, int] = {}
-        self._settled: set[str] = set()
         self._db: sqlite3.Connection | None = None
-        if path is not None and self.enabled:
-            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS spent (owner TEXT PRIMARY KEY, credits INTEGER NOT NULL)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS reserved (owner TEXT PRIMARY KEY, credits INTEGER NOT NULL)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS settled (job_id TEXT PRIMARY KEY, at REAL NOT NULL)")
-            self._db.execute("CREATE INDEX IF NOT EXISTS settled_at ON settled (at)")
-            self._db.execute("DELETE FROM settled WHERE at < ?", (self._clock() - SETTLED_MARKER_TTL_S,))
-            self._spent = dict(self._db.execute("SELECT owner, credits FROM spent").fetchall())
-            self._reserved = dict(self._db.execute("SELECT owner, credits FROM reserved").fetchall())
+        if not self.enabled:
+            return
+        self._db = sqlite3.connect(":memory:" if path is None else str(path), timeout=10.0, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        with self._transaction() as db:
+            for table in ("spent", "reserved"):
+                db.execute(f"CREATE TABLE IF NOT EXISTS {table} (owner TEXT PRIMARY KEY, credits INTEGER NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS settled (job_id TEXT PRIMARY KEY, at REAL NOT NULL)")
+            db.execute("CREATE INDEX IF NOT EXISTS settled_at ON settled (at)")
+            db.execute("DELETE FROM settled WHERE at < ?", (self._clock() - SETTLED_MARKER_TTL_S,))
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._db is None:
+                raise RuntimeError("CreditLedger is closed")
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _balance(db: sqlite3.Connection, table: str, owner: str) -> int:
+        row = db.execute(f"SELECT credits FROM {table} WHERE owner = ?", (owner,)).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    @staticmethod
+    def _set(db: sqlite3.Connection, table: str, owner: str, credits: int) -> None:
+        db.execute(f"INSERT INTO {table} (owner, credits) VALUES (?, ?) "
+                   "ON CONFLICT(owner) DO UPDATE SET credits = excluded.credits", (owner, credits))
 
     @property
     def enabled(self) -> bool:
@@ -79,19 +104,20 @@ class CreditLedger:
         allowance = self.allowance(owner)
         if allowance is None:
             return None
-        with self._lock:
-            return max(0, allowance - self._spent.get(owner, 0) - self._reserved.get(owner, 0))
+        with self._transaction() as db:
+            return max(0, allowance - self._balance(db, "spent", owner) - self._balance(db, "reserved", owner))
 
     def reserve(self, owner: str | None, cost: int) -> None:
         """Hold ``cost`` credits for a submission; raises InsufficientCredits when they are not there."""
         allowance = self.allowance(owner)
         if allowance is None:
             return
-        with self._lock:
-            left = allowance - self._spent.get(owner, 0) - self._reserved.get(owner, 0)
+        with self._transaction() as db:
+            reserved = self._balance(db, "reserved", owner)
+            left = allowance - self._balance(db, "spent", owner) - reserved
             if left < cost:
                 raise InsufficientCredits(max(0, left), cost)
-            self._write(owner, reserved=self._reserved.get(owner, 0) + cost)
+            self._set(db, "reserved", owner, reserved + cost)
 
     def release(self, owner: str | None, cost: int, *, job_id: str | None = None) -> bool:
         """Give back a failed or cancelled job's reservation; with ``job_id`` at most once per job."""
@@ -107,44 +133,15 @@ class CreditLedger:
     def _settle(self, owner: str | None, cost: int, *, debit: bool, job_id: str | None) -> bool:
         if self.allowance(owner) is None:
             return False
-        with self._lock:
-            if job_id is not None and job_id in self._settled:
+        with self._transaction() as db:
+            if job_id is not None and db.execute("INSERT OR IGNORE INTO settled (job_id, at) VALUES (?, ?)",
+                                                 (job_id, self._clock())).rowcount != 1:
                 return False
-            # A job reserved before a crash that lost the reservation is charged all the same,
-            # never below zero reserved.
-            reserved = max(0, self._reserved.get(owner, 0) - cost)
-            spent = self._spent.get(owner, 0) + (cost if debit else 0)
-            return self._write(owner, reserved=reserved, spent=spent, settled=job_id)
-
-    def _write(self, owner: str, *, reserved: int, spent: int | None = None, settled: str | None = None) -> bool:
-        """Store an owner's balance (and the settlement of job ``settled``) in one transaction."""
-        if self._db is not None:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                if settled is not None:
-                    cur = db.execute("INSERT OR IGNORE INTO settled (job_id, at) VALUES (?, ?)",
-                                     (settled, self._clock()))
-                    if cur.rowcount != 1:  # settled by another handle on the same file
-                        db.execute("ROLLBACK")
-                        self._settled.add(settled)
-                        return False
-                db.execute("INSERT INTO reserved (owner, credits) VALUES (?, ?) "
-                           "ON CONFLICT(owner) DO UPDATE SET credits = excluded.credits", (owner, reserved))
-                if spent is not None:
-                    db.execute("INSERT INTO spent (owner, credits) VALUES (?, ?) "
-                               "ON CONFLICT(owner) DO UPDATE SET credits = excluded.credits", (owner, spent))
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        self._reserved[owner] = reserved
-        if spent is not None:
-            self._spent[owner] = spent
-        if settled is not None:
-            self._settled.add(settled)
-        return True
+            # A job whose reservation was lost is charged all the same, never below zero reserved.
+            self._set(db, "reserved", owner, max(0, self._balance(db, "reserved", owner) - cost))
+            if debit:
+                self._set(db, "spent", owner, self._balance(db, "spent", owner) + cost)
+            return True
 
     def close(self) -> None:
         with self._lock:
