@@ -172,6 +172,22 @@ _COLUMNS: Final = (
 )
 
 
+@contextmanager
+def immediate_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` on a connection opened with ``isolation_level=None``
+    (the caller holds the connection's lock); rolled back on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        # Also covers a failed COMMIT, which would otherwise leave the
+        # shared connection stuck inside a transaction.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 def _row_to_job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"],
@@ -266,18 +282,8 @@ class JobStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A locked ``BEGIN IMMEDIATE`` transaction: takes the write lock up front."""
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                # Also covers a failed COMMIT, which would otherwise leave the
-                # shared connection stuck inside a transaction.
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+        with self._lock, immediate_transaction(self._db) as db:
+            yield db
 
     def _migrate(self) -> None:
         with self._write() as db:

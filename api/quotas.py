@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
+from api.jobs import immediate_transaction
+
 SETTLED_MARKER_TTL_S: Final = 7 * 24 * 3600
 """How long the record that a job was settled is kept; longer than any job stays queued or kept."""
 
@@ -70,15 +72,8 @@ class CreditLedger:
         with self._lock:
             if self._db is None:
                 raise RuntimeError("CreditLedger is closed")
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate_transaction(self._db) as db:
                 yield db
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
 
     @staticmethod
     def _balance(db: sqlite3.Connection, table: str, owner: str) -> int:
