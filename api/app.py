@@ -190,6 +190,7 @@ def create_app(settings: Settings, backend: GenerationBackend, *, role: str = "a
             limiter=limiter, metrics=metrics, image_policy=settings.image_fetch_policy(),
             api_keys=[k.encode("utf-8", "surrogateescape") for k in settings.api_key_values()],
             models_by_owner={owner: frozenset(slugs) for owner, slugs in models_by_owner.items()},
+            priority_caps=settings.per_owner(settings.max_priority),
             role=role,
         )
         if not settings.api_keys and role != "worker":

@@ -2,7 +2,8 @@
 
 This module owns the lifecycle of queued jobs so that they survive an API
 restart: creation (with the job's decoded input images, kept in the database
-until the job finishes), FIFO claiming by runners under a trivial lease,
+until the job finishes), claiming by runners under a trivial lease in
+priority order with aging (:func:`claim_rank`; FIFO within a level),
 progress, completion (including writing output files under the data
 directory), failure, cancellation, crash recovery at start-up, expiry/purging
 of finished jobs together with their files, and a finished-job feed for
@@ -43,7 +44,9 @@ __all__ = [
     "Job",
     "JobStatus",
     "JobStore",
+    "MAX_PRIORITY",
     "SYNC_PARAM",
+    "claim_rank",
     "is_job_id",
 ]
 
@@ -51,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 2
 CANCELLED_BY_CLIENT: Final = "cancelled by client"
+MAX_PRIORITY: Final = 9
+"""Priorities run from 0 (the default) to this; higher is claimed first (see :func:`claim_rank`)."""
 SYNC_PARAM: Final = "_sync"
 """Reserved key in stored job params marking a job a ``/v1`` request awaits while connected."""
 INTERRUPTED_SYNC: Final = ("interrupted: the synchronous request that submitted this job was lost "
@@ -58,6 +63,17 @@ INTERRUPTED_SYNC: Final = ("interrupted: the synchronous request that submitted 
 _EXT_RE: Final = re.compile(r"^[A-Za-z0-9]{1,10}$")
 _JOB_ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
 """A job id: ``uuid4().hex`` (128 random bits, so output URLs can be capability URLs)."""
+
+
+def claim_rank(created_at: float, priority: int, aging_s: float) -> float:
+    """Where a queued job stands in the claim order: smaller is claimed first, ties in submission order.
+
+    A job of priority ``p`` ranks as if it had been submitted ``p * aging_s`` earlier: higher
+    priority goes first, and since its advantage is bounded, a waiting job is never overtaken by
+    jobs submitted more than ``MAX_PRIORITY * aging_s`` after it (anti-starvation by aging). The
+    rank is fixed at submission, so queue positions are stable and every store orders by it.
+    """
+    return created_at - priority * aging_s
 
 
 def is_job_id(text: str) -> bool:
@@ -101,6 +117,7 @@ class Job:
     expires_at: float | None = None
     want_base64: bool = False
     output_format: str = "jpeg"
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,6 +177,10 @@ CREATE TABLE job_inputs (
     data   BLOB NOT NULL,
     PRIMARY KEY (job_id, name)
 );
+ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN claim_rank REAL;
+UPDATE jobs SET claim_rank = created_at;
+CREATE INDEX jobs_status_rank ON jobs (status, claim_rank, seq);
 """
 
 # Index i upgrades user_version i to i + 1.
@@ -168,7 +189,7 @@ _MIGRATIONS: Final[tuple[str, ...]] = (_SCHEMA_V1, _SCHEMA_V2)
 _COLUMNS: Final = (
     "id, slug, params, status, error, created_at, started_at, finished_at, progress_step, "
     "progress_total, seed, owner, outputs, metrics, attempts, cancel_requested, expires_at, "
-    "want_base64, output_format"
+    "want_base64, output_format, priority"
 )
 
 
@@ -209,6 +230,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         expires_at=row["expires_at"],
         want_base64=bool(row["want_base64"]),
         output_format=row["output_format"],
+        priority=row["priority"],
     )
 
 
@@ -227,6 +249,7 @@ class JobStore:
         outputs_dir: Path,
         retention_s: float = 3600.0,
         max_attempts: int = 2,
+        priority_aging_s: float = 60.0,
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = 10.0,
         synchronous: str = "FULL",
@@ -244,6 +267,7 @@ class JobStore:
             raise ValueError(f"outputs_dir {self.outputs_dir} must be inside the data dir {self.data_dir}")
         self.retention_s = float(retention_s)
         self.max_attempts = max_attempts
+        self.priority_aging_s = float(priority_aging_s)
         self.address = str(self.data_dir)
         self._clock = clock
         self._lock = threading.RLock()
@@ -353,8 +377,11 @@ class JobStore:
         output_format: str = "jpeg",
         want_base64: bool = False,
         inputs: Mapping[str, bytes] | None = None,
+        priority: int = 0,
     ) -> Job:
         """Insert a new QUEUED job with its input images (``{param: bytes}``) and return it."""
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise ValueError(f"priority must be 0 to {MAX_PRIORITY}, got {priority}")
         job = Job(
             id=uuid.uuid4().hex,
             slug=slug,
@@ -364,14 +391,16 @@ class JobStore:
             owner=owner,
             want_base64=want_base64,
             output_format=output_format,
+            priority=priority,
         )
         # Serialise before taking the write lock so bad params fail cheaply.
         params_json = json.dumps(params)
         with self._write() as db:
             db.execute(
-                "INSERT INTO jobs (id, slug, params, status, created_at, owner, want_base64, output_format) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, slug, params_json, job.status.value, job.created_at, owner, int(want_base64), output_format),
+                "INSERT INTO jobs (id, slug, params, status, created_at, owner, want_base64, output_format, "
+                "priority, claim_rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, slug, params_json, job.status.value, job.created_at, owner, int(want_base64), output_format,
+                 priority, claim_rank(job.created_at, priority, self.priority_aging_s)),
             )
             db.executemany("INSERT INTO job_inputs (job_id, name, data) VALUES (?, ?, ?)",
                            [(job.id, name, data) for name, data in (inputs or {}).items()])
@@ -403,7 +432,7 @@ class JobStore:
         now = self._clock()
         where = f" AND slug IN ({','.join('?' * len(slugs))})"
         with self._write() as db:
-            row = db.execute(f"SELECT seq FROM jobs WHERE status = 'QUEUED'{where} ORDER BY seq LIMIT 1",
+            row = db.execute(f"SELECT seq FROM jobs WHERE status = 'QUEUED'{where} ORDER BY claim_rank, seq LIMIT 1",
                              list(slugs)).fetchone()
             if row is None:
                 return None
@@ -416,9 +445,10 @@ class JobStore:
         return _row_to_job(claimed)
 
     def claim(self, consumer: str, slugs: Sequence[str], *, block_s: float = 0.0) -> Claim | None:
-        """Take the oldest QUEUED job of ``slugs`` for ``consumer`` (a trivial lease: one process
-        runs the jobs of a SQLite store, so nothing is reclaimed while it lives; :meth:`recover`
-        requeues what a dead process held). Waits up to ``block_s`` for one to be enqueued."""
+        """Take the first QUEUED job of ``slugs`` in claim order for ``consumer`` (a trivial lease:
+        one process runs the jobs of a SQLite store, so nothing is reclaimed while it lives;
+        :meth:`recover` requeues what a dead process held). Waits up to ``block_s`` for one to be
+        enqueued."""
         if not slugs:
             raise ValueError("claim needs at least one slug")
         deadline = time.monotonic() + block_s
@@ -722,10 +752,11 @@ class JobStore:
         return counts
 
     def position(self, job_id: str) -> int | None:
-        """0-based place in the queue of a QUEUED job, else None."""
+        """0-based place of a QUEUED job in the order jobs are claimed (``claim_rank``), else None."""
         with self._lock:
             row = self._db.execute(
-                "SELECT (SELECT COUNT(*) FROM jobs q WHERE q.status = 'QUEUED' AND q.seq < j.seq) "
+                "SELECT (SELECT COUNT(*) FROM jobs q WHERE q.status = 'QUEUED' AND (q.claim_rank < j.claim_rank "
+                "OR (q.claim_rank = j.claim_rank AND q.seq < j.seq))) "
                 "FROM jobs j WHERE j.id = ? AND j.status = 'QUEUED'",
                 (job_id,),
             ).fetchone()

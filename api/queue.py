@@ -45,8 +45,9 @@ class JobQueue(Protocol):
         """Raise (``StoreUnavailable`` on Redis) unless the store can serve now."""
 
     def create(self, slug: str, params: dict[str, Any], *, owner: str | None = None, output_format: str = "jpeg",
-               want_base64: bool = False, inputs: Mapping[str, bytes] | None = None) -> Job:
-        """Enqueue a new QUEUED job with its input images (``{param: .npy bytes}``) and return it."""
+               want_base64: bool = False, inputs: Mapping[str, bytes] | None = None, priority: int = 0) -> Job:
+        """Enqueue a new QUEUED job with its input images (``{param: .npy bytes}``) and return it;
+        ``priority`` (0 to ``MAX_PRIORITY``) places it in the claim order (``api.jobs.claim_rank``)."""
 
     def get(self, job_id: str) -> Job | None:
         """The job (status, progress, error, outputs' names), or None if unknown or expired."""
@@ -58,7 +59,7 @@ class JobQueue(Protocol):
         """Output ``index`` of a COMPLETED job, or None (no such output, or expired)."""
 
     def claim(self, consumer: str, slugs: Sequence[str], *, block_s: float = 0.0) -> Claim | None:
-        """Lease the next job of ``slugs`` to ``consumer`` (PROCESSING, one more attempt); waits up
+        """Lease the first job of ``slugs`` in claim order to ``consumer`` (PROCESSING, one more attempt); waits up
         to ``block_s`` for one to be enqueued. None if none came."""
 
     def heartbeat(self, claim: Claim) -> Heartbeat:
@@ -138,7 +139,7 @@ def open_stores(settings: Settings, role: str = "all") -> Stores:
     if settings.redis_url is None:
         store = JobStore(settings.jobs_db_path, outputs_dir=settings.outputs_dir,
                          retention_s=settings.retention_s, max_attempts=settings.request_max_attempts,
-                         synchronous=settings.sqlite_synchronous)
+                         priority_aging_s=settings.priority_aging_s, synchronous=settings.sqlite_synchronous)
         ledger = CreditLedger(settings.data_dir / "credits.sqlite", default_credits, credits_by_owner)
         return Stores(store, ledger, RateLimiter(default_rate or 0, rate_by_owner))
 
@@ -150,7 +151,7 @@ def open_stores(settings: Settings, role: str = "all") -> Stores:
     ns = settings.redis_namespace
     redis_store = RedisJobStore(settings.redis_url, namespace=ns, retention_s=settings.retention_s,
                                 max_attempts=settings.request_max_attempts, reclaim_idle_s=settings.reclaim_idle_s,
-                                client=client)
+                                priority_aging_s=settings.priority_aging_s, client=client)
     ledger = RedisCreditLedger(None, default_credits, credits_by_owner, namespace=ns, client=client)
     limiter = RedisRateLimiter(None, default_rate or 0, rate_by_owner, namespace=ns, client=client)
     try:

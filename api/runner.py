@@ -28,7 +28,7 @@ outcome, and a sweep (at start and every ``purge_interval_s``) settles every fin
 again, so a job whose runner stopped or died between the two, or whose outcome the store
 decided itself (delivery cap, recovery), is charged or released exactly once. A ``/v1``
 request waits for its job through the store's finished-job feed (one subscription per process)
-plus a re-read every second, whichever worker runs it. A store that cannot be reached
+plus a re-read every half second, whichever worker runs it. A store that cannot be reached
 (``StoreUnavailable``) makes workers back off and retry; nothing accepted is dropped.
 """
 
@@ -99,6 +99,8 @@ class Submission:
     output_format: str
     want_base64: bool
     sync: bool
+    priority: int = 0
+    """0 to ``api.jobs.MAX_PRIORITY``, already checked against the caller's cap."""
 
 
 @dataclass
@@ -237,7 +239,8 @@ class JobRunner:
         await asyncio.to_thread(self.ledger.reserve, sub.owner, cost)
         try:
             job = await asyncio.to_thread(self.store.create, sub.slug, stored, owner=sub.owner,
-                                          output_format=sub.output_format, want_base64=sub.want_base64, inputs=blobs)
+                                          output_format=sub.output_format, want_base64=sub.want_base64, inputs=blobs,
+                                          priority=sub.priority)
         except BaseException:
             # A create whose reply was lost may have queued the job; then its settlement finds no
             # reservation (never below zero) instead of the caller paying twice.
@@ -248,8 +251,8 @@ class JobRunner:
             raise
         if sub.sync:
             self._finished_events[job.id] = asyncio.Event()
-        logger.info("request %s queued: %s (%d image%s) owner=%s", job.id, sub.slug, cost,
-                    "" if cost == 1 else "s", (sub.owner or "-")[:12])
+        logger.info("request %s queued: %s (%d image%s, priority %d) owner=%s", job.id, sub.slug, cost,
+                    "" if cost == 1 else "s", sub.priority, (sub.owner or "-")[:12])
         return job
 
     def _finished(self, job_id: str) -> None:
@@ -287,8 +290,9 @@ class JobRunner:
                     raise ClientGone(job_id)
                 event.clear()
                 try:
-                    # The event is the fast path; the re-read covers events the feed dropped.
-                    await asyncio.wait_for(event.wait(), max(0.0, min(deadline - loop.time(), 1.0)))
+                    # The event is the fast path; the re-read covers events the feed dropped, and
+                    # every half second the client is checked for a disconnect.
+                    await asyncio.wait_for(event.wait(), max(0.0, min(deadline - loop.time(), 0.5)))
                 except asyncio.TimeoutError:
                     pass
         except asyncio.CancelledError:
