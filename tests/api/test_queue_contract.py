@@ -187,3 +187,25 @@ def test_finished_jobs_are_fed_to_listeners(queue: JobQueue) -> None:
     finally:
         stop.set()
         listening.join(timeout=30)
+
+
+def test_higher_priority_is_claimed_first_fifo_within_a_level(queue: JobQueue) -> None:
+    priorities = [0, 2, 0, 2, 1, 0]
+    jobs = [queue.create(SLUG, {"prompt": str(i)}, priority=p) for i, p in enumerate(priorities)]
+    expected = [jobs[i] for i in (1, 3, 4, 0, 2, 5)]
+    assert [queue.get(j.id).priority for j in jobs] == priorities
+    assert [queue.position(j.id) for j in expected] == list(range(len(jobs)))  # the order claim will take
+    assert [take(queue, SLUG).id for _ in jobs] == [j.id for j in expected]
+    with pytest.raises(ValueError, match="priority"):
+        queue.create(SLUG, {"prompt": "x"}, priority=10)
+
+
+def test_a_waiting_job_ages_past_later_higher_priority_ones(make_queue) -> None:
+    """With 1 ms of aging per level, a job submitted well before a priority-9 one still runs first."""
+    queue = make_queue(priority_aging_s=0.001)
+    early = queue.create(SLUG, {"prompt": "early"})
+    time.sleep(0.05)  # later by more than 9 levels x 1 ms
+    urgent = queue.create(SLUG, {"prompt": "urgent"}, priority=9)
+    fresh = queue.create(SLUG, {"prompt": "fresh"})
+    assert [queue.position(j.id) for j in (early, urgent, fresh)] == [0, 1, 2]
+    assert [take(queue, SLUG).id for _ in range(3)] == [early.id, urgent.id, fresh.id]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import replace
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -260,6 +261,28 @@ def test_concurrency_is_capped_and_progress_is_stored(make_runner):
             await settled(runner, 10)
         assert backend.peak == 2 and all(j.status is JobStatus.COMPLETED for j in done)
         assert sorted(e[0] for e in events(runner)) == ["debit"] * 5 + ["reserve"] * 5
+
+    asyncio.run(scenario())
+
+
+def test_a_backlog_runs_by_priority_fifo_within_a_level_as_its_positions_say(make_runner):
+    async def scenario():
+        runner = make_runner(max_queued_jobs=6)
+        backend = runner.backend
+        async with running(runner):
+            blocker = await runner.submit(submission("gate:blocker"))
+            await until(lambda: backend.active == 1)
+            priorities = [0, 3, 1, 3, 0, 9]
+            backlog = [await runner.submit(replace(submission("ok", seed=i), priority=p))
+                       for i, p in enumerate(priorities)]
+            with pytest.raises(QueueFull):  # the queue is full: priority does not jump it
+                await runner.submit(replace(submission("ok"), priority=9))
+            expected = [backlog[i].id for i in (5, 1, 3, 2, 0, 4)]
+            assert [runner.store.position(job_id) for job_id in expected] == list(range(6))
+            backend.gates["blocker"].set()
+            for job_id in expected:
+                await finished(runner.store, job_id)
+        assert [call[0] for call in backend.calls] == [blocker.id, *expected]
 
     asyncio.run(scenario())
 
