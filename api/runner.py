@@ -350,9 +350,9 @@ class JobRunner:
             # worker's heartbeat then reports the job gone and it stops.
             job = self.store.fail(job_id, stop.error, metrics={HTTP_STATUS_METRIC: stop.status_code})
         if job is not None and job.status is JobStatus.FAILED and job.error == stop.error:
-            self._settle(job)
             self.metrics.job_failed(job.slug, stop.reason)
             logger.info("request %s failed (%s): %s", job.id, stop.reason, job.error)
+            self._settle(job)
         return job
 
     # -- workers ---------------------------------------------------------------------------------
@@ -505,11 +505,11 @@ class JobRunner:
             if current is not None:
                 await self._until_stored("credits", job, self._settle, current)
             return
-        # Stopped or killed right here, the job is settled by the next sweep (``_settle_finished``).
-        await self._until_stored("credits", job, self._settle, done)
         self.metrics.job_completed(job.slug, queue_s, inference_s)
         logger.info("request %s completed in %.2f s (inference %.2f s, delivery %d)", job.id, metrics["total_time"],
                     inference_s, job.attempts)
+        # Stopped or killed right here, the job is settled by the next sweep (``_settle_finished``).
+        await self._until_stored("credits", job, self._settle, done)
 
     def _settle(self, job: Job) -> None:
         """Debit a COMPLETED job's credits or release a FAILED one's, at most once per job (any process)."""
@@ -531,10 +531,10 @@ class JobRunner:
         except KeyError:
             return
         if failed.status is JobStatus.FAILED:
-            await self._until_stored("credits", job, self._settle, failed)
             if failed.error == error:
                 self.metrics.job_failed(job.slug, reason)
                 logger.info("request %s failed (%s): %s", job.id, reason, error)
+            await self._until_stored("credits", job, self._settle, failed)
 
     # -- housekeeping ----------------------------------------------------------------------------
 

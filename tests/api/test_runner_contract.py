@@ -180,6 +180,14 @@ async def settled(runner: JobRunner, count: int) -> list[tuple[str, str | None, 
     return events(runner)
 
 
+async def debits(*runners: JobRunner) -> list[tuple[str, str | None, int]]:
+    """The debits any of ``runners`` made, once there is one (a worker settles its job, or a sweep does)."""
+    def made():
+        return [event for runner in runners for event in events(runner) if event[0] == "debit"]
+    await until(made)
+    return made()
+
+
 # -- queueing --------------------------------------------------------------------------------------
 
 
@@ -327,7 +335,8 @@ def test_cancel_a_running_job_stops_the_backend_and_releases_once(make_runner):
             await runner.cancel_async(job.id)  # a second cancel of a finished job settles nothing again
             after = await runner.submit(submission("ok"))
             assert (await finished(runner.store, after.id)).status is JobStatus.COMPLETED
-            await until(lambda: runner.ledger.remaining(OWNER) == 99)
+            await settled(runner, 4)
+            assert runner.ledger.remaining(OWNER) == 99
         assert events(runner) == [("reserve", OWNER, 2), ("release", OWNER, 2), ("reserve", OWNER, 1),
                                   ("debit", OWNER, 1)]
 
@@ -414,7 +423,8 @@ def test_a_sync_wait_is_answered_whichever_process_runs_the_job(make_runner):
         async with running(api, worker):
             job = await api.submit(submission("ok", sync=True, samples=2))
             outcome = await api.wait(job.id, 30.0)
-            await until(lambda: api.ledger.remaining(OWNER) == 98)
+            assert await debits(api, worker) == [("debit", OWNER, 2)]
+            assert api.ledger.remaining(OWNER) == 98
         assert outcome.job.status is JobStatus.COMPLETED and outcome.status_code is None
         assert len(outcome.outputs) == 2 and all(data.startswith(b"\xff\xd8\xff") for data in outcome.outputs)
         assert "_sync" not in worker.backend.calls[0][2]  # runner-private keys never reach the backend
@@ -503,9 +513,9 @@ def test_a_dead_workers_job_runs_again_and_is_charged_once(make_runner, kind):
                 done = await finished(api.store, job.id)
                 assert done.status is JobStatus.COMPLETED
                 assert done.metrics["deliveries"] == 2 and done.attempts == 2
-                await until(lambda: api.ledger.remaining(OWNER) == 97)
-                await asyncio.sleep(0.5)  # the settlement sweep runs again: still one debit
-                assert api.ledger.remaining(OWNER) == 97
+                assert await debits(api, second) == [("debit", OWNER, 3)]
+                await asyncio.sleep(0.5)  # the settlement sweeps run again: still one debit
+                assert await debits(api, second) == [("debit", OWNER, 3)] and api.ledger.remaining(OWNER) == 97
 
     asyncio.run(scenario())
 
