@@ -181,22 +181,23 @@ def create_app(settings: Settings, backend: GenerationBackend, *, role: str = "a
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         stores = open_stores(settings, role)
-        store, inputs, ledger, limiter = stores.jobs, stores.inputs, stores.ledger, stores.limiter
+        store, ledger, limiter = stores.jobs, stores.ledger, stores.limiter
         _, models_by_owner = settings.per_owner(settings.key_models)
         webhook_options = settings.webhook_options()
         metrics.watch_store(_unavailable_as(float("nan"), store.queue_depth),
                             _unavailable_as({}, store.count_by_status))
         runner = JobRunner(
-            store, backend, inputs, ledger, metrics,
+            store, backend, ledger, metrics,
             max_concurrent_jobs=settings.job_concurrency(backend), max_queued_jobs=settings.max_queued_jobs,
             job_timeout_s=settings.job_timeout_s, cancel_poll_s=settings.cancel_poll_s,
             purge_interval_s=settings.purge_interval_s, run_jobs=role != "api",
         )
         app.state.diffserve = AppState(
-            settings=settings, backend=backend, store=store, runner=runner, inputs=inputs, ledger=ledger,
+            settings=settings, backend=backend, store=store, runner=runner, ledger=ledger,
             limiter=limiter, metrics=metrics, image_policy=settings.image_fetch_policy(),
             api_keys=[k.encode("utf-8", "surrogateescape") for k in settings.api_key_values()],
             models_by_owner={owner: frozenset(slugs) for owner, slugs in models_by_owner.items()},
+            priority_caps=settings.per_owner(settings.max_priority),
             role=role, idempotency=stores.idempotency, webhooks=stores.webhooks,
             webhook_options=webhook_options,
         )

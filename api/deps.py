@@ -1,10 +1,15 @@
-"""Request dependencies and their ``Annotated`` aliases: app state, caller (auth), rate limit,
-served model, JSON body, and a job owned by the caller.
+"""Request dependencies and their ``Annotated`` aliases: app state, caller (auth), rate limit and
+priority of a submission, served model, JSON body, and a job owned by the caller.
 
 Auth: the key comes from ``x-api-key`` (what the Segmind SDK sends) or ``Authorization: Bearer``;
 it is compared in constant time against every configured key and never logged or stored: the
 caller is identified by ``owner_from_api_key``. With no keys configured the server is open and
 every caller's owner is None.
+
+Priority: a submission may carry ``X-Priority: N`` (0 to 9, default 0), a header rather than a
+body field because it is about the queue, not the image: the model's parameters (the catalog's
+schema, the Segmind SDK's and the OpenAI dialect's bodies) stay as they are, and every submit
+route of every dialect takes it the same way. Above the caller's cap (``max_priority``) is a 403.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import hmac
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -22,8 +27,7 @@ from api.backend import GenerationBackend
 from api.errors import ApiError
 from api.idempotency import IdempotencyStore
 from api.images import ImageFetchPolicy
-from api.inputs import InputStore
-from api.jobs import Job, is_job_id
+from api.jobs import MAX_PRIORITY, Job, is_job_id
 from api.metrics import ApiMetrics
 from api.queue import JobQueue
 from api.quotas import CreditLedger, RateLimiter, retry_after_header
@@ -41,13 +45,14 @@ class AppState:
     backend: GenerationBackend
     store: JobQueue
     runner: JobRunner
-    inputs: InputStore
     ledger: CreditLedger
     limiter: RateLimiter
     metrics: ApiMetrics
     image_policy: ImageFetchPolicy
     api_keys: list[bytes]
     models_by_owner: dict[str, frozenset[str]]
+    priority_caps: tuple[int | None, dict[str, int]] = (0, {})
+    """``Settings.per_owner(max_priority)``: the cap of every caller, or None and a cap per owner."""
     role: str = "all"
     """``all``, ``api`` or ``worker`` (``api.app.ROLES``)."""
     idempotency: IdempotencyStore | None = None
@@ -84,6 +89,8 @@ class Caller:
     """``owner_from_api_key`` of the caller's key; None on an open server."""
     bucket: str
     """Rate-limit bucket: the owner, or the client address on an open server."""
+    priority: int = 0
+    """The submission's ``X-Priority`` (submit routes only: ``SubmitterDep``)."""
 
 
 def _presented_key(request: Request) -> str | None:
@@ -120,7 +127,26 @@ async def authenticate(request: Request, state: StateDep) -> Caller:
 CallerDep = Annotated[Caller, Depends(authenticate)]
 
 
-async def rate_limited(caller: CallerDep, state: StateDep) -> Caller:
+def request_priority(request: Request, caller: Caller, state: AppState) -> int:
+    """The ``X-Priority`` of a submission: 400 unless an integer 0 to 9, 403 above the caller's cap."""
+    raw = request.headers.get("x-priority")
+    if raw is None:
+        return 0
+    try:
+        priority = int(raw.strip())
+    except ValueError:
+        priority = -1
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise ApiError(400, f"X-Priority must be an integer from 0 to {MAX_PRIORITY}, got {raw[:20]!r}")
+    default, by_owner = state.priority_caps
+    cap = by_owner.get(caller.owner, default or 0) if caller.owner is not None else (default or 0)
+    if priority > cap:
+        raise ApiError(403, f"X-Priority {priority} refused: this API key may ask for priority up to {cap}")
+    return priority
+
+
+async def rate_limited(request: Request, caller: CallerDep, state: StateDep) -> Caller:
+    caller = replace(caller, priority=request_priority(request, caller, state))
     wait_s = await asyncio.to_thread(state.limiter.check, caller.bucket, caller.owner)
     if wait_s is not None:
         limit = state.limiter.limit(caller.owner)

@@ -1,10 +1,13 @@
-"""Persistent store for asynchronous (v2) generation jobs, backed by SQLite.
+"""Persistent store for generation jobs, backed by SQLite: the embedded :class:`api.queue.JobQueue`.
 
 This module owns the lifecycle of queued jobs so that they survive an API
-restart: creation, FIFO claiming by runners, progress, completion (including
-writing output files under the data directory), failure, cancellation,
-crash recovery at start-up, and expiry/purging of finished jobs together with
-their files.
+restart: creation (with the job's decoded input images, kept in the database
+until the job finishes), claiming by runners under a trivial lease in
+priority order with aging (:func:`claim_rank`; FIFO within a level),
+progress, completion (including writing output files under the data
+directory), failure, cancellation, crash recovery at start-up, expiry/purging
+of finished jobs together with their files, and a finished-job feed for
+waiters in this process (:meth:`JobStore.listen_finished`).
 
 Concurrency model: one ``sqlite3`` connection per store, shared by all
 threads and serialised by a lock; WAL journaling plus ``BEGIN IMMEDIATE`` for
@@ -20,13 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -40,16 +44,36 @@ __all__ = [
     "Job",
     "JobStatus",
     "JobStore",
+    "MAX_PRIORITY",
+    "SYNC_PARAM",
+    "claim_rank",
     "is_job_id",
 ]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 CANCELLED_BY_CLIENT: Final = "cancelled by client"
+MAX_PRIORITY: Final = 9
+"""Priorities run from 0 (the default) to this; higher is claimed first (see :func:`claim_rank`)."""
+SYNC_PARAM: Final = "_sync"
+"""Reserved key in stored job params marking a job a ``/v1`` request awaits while connected."""
+INTERRUPTED_SYNC: Final = ("interrupted: the synchronous request that submitted this job was lost "
+                           "(server restart or client gone)")
 _EXT_RE: Final = re.compile(r"^[A-Za-z0-9]{1,10}$")
 _JOB_ID_RE: Final = re.compile(r"^[0-9a-f]{32}$")
 """A job id: ``uuid4().hex`` (128 random bits, so output URLs can be capability URLs)."""
+
+
+def claim_rank(created_at: float, priority: int, aging_s: float) -> float:
+    """Where a queued job stands in the claim order: smaller is claimed first, ties in submission order.
+
+    A job of priority ``p`` ranks as if it had been submitted ``p * aging_s`` earlier: higher
+    priority goes first, and since its advantage is bounded, a waiting job is never overtaken by
+    jobs submitted more than ``MAX_PRIORITY * aging_s`` after it (anti-starvation by aging). The
+    rank is fixed at submission, so queue positions are stable and every store orders by it.
+    """
+    return created_at - priority * aging_s
 
 
 def is_job_id(text: str) -> bool:
@@ -93,6 +117,7 @@ class Job:
     expires_at: float | None = None
     want_base64: bool = False
     output_format: str = "jpeg"
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,14 +170,43 @@ CREATE INDEX jobs_status_seq ON jobs (status, seq);
 CREATE INDEX jobs_expires_at ON jobs (expires_at) WHERE expires_at IS NOT NULL;
 """
 
+_SCHEMA_V2: Final = """
+CREATE TABLE job_inputs (
+    job_id TEXT NOT NULL,
+    name   TEXT NOT NULL,
+    data   BLOB NOT NULL,
+    PRIMARY KEY (job_id, name)
+);
+ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN claim_rank REAL;
+UPDATE jobs SET claim_rank = created_at;
+CREATE INDEX jobs_status_rank ON jobs (status, claim_rank, seq);
+"""
+
 # Index i upgrades user_version i to i + 1.
-_MIGRATIONS: Final[tuple[str, ...]] = (_SCHEMA_V1,)
+_MIGRATIONS: Final[tuple[str, ...]] = (_SCHEMA_V1, _SCHEMA_V2)
 
 _COLUMNS: Final = (
     "id, slug, params, status, error, created_at, started_at, finished_at, progress_step, "
     "progress_total, seed, owner, outputs, metrics, attempts, cancel_requested, expires_at, "
-    "want_base64, output_format"
+    "want_base64, output_format, priority"
 )
+
+
+@contextmanager
+def immediate_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` on a connection opened with ``isolation_level=None``
+    (the caller holds the connection's lock); rolled back on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        # Also covers a failed COMMIT, which would otherwise leave the
+        # shared connection stuck inside a transaction.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
@@ -176,6 +230,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         expires_at=row["expires_at"],
         want_base64=bool(row["want_base64"]),
         output_format=row["output_format"],
+        priority=row["priority"],
     )
 
 
@@ -183,6 +238,9 @@ class JobStore:
     """Thread-safe persistent job queue; see the module docstring for the model."""
 
     name: Final = "sqlite"
+    heartbeat_interval_s: Final = 0.5
+    """How often a runner confirms its lease: a local read; one process runs this store's jobs,
+    so a lease is never taken over while that process lives."""
 
     def __init__(
         self,
@@ -191,6 +249,7 @@ class JobStore:
         outputs_dir: Path,
         retention_s: float = 3600.0,
         max_attempts: int = 2,
+        priority_aging_s: float = 60.0,
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = 10.0,
         synchronous: str = "FULL",
@@ -208,11 +267,14 @@ class JobStore:
             raise ValueError(f"outputs_dir {self.outputs_dir} must be inside the data dir {self.data_dir}")
         self.retention_s = float(retention_s)
         self.max_attempts = max_attempts
+        self.priority_aging_s = float(priority_aging_s)
         self.address = str(self.data_dir)
         self._clock = clock
         self._lock = threading.RLock()
         # Notified on every enqueue, so a blocking claim in this process wakes at once.
         self._enqueued = threading.Condition(self._lock)
+        # One queue per listen_finished call; ids of jobs that became COMPLETED or FAILED.
+        self._listeners: set[queue.SimpleQueue[str]] = set()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are issued explicitly, so the
@@ -244,18 +306,8 @@ class JobStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A locked ``BEGIN IMMEDIATE`` transaction: takes the write lock up front."""
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                # Also covers a failed COMMIT, which would otherwise leave the
-                # shared connection stuck inside a transaction.
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+        with self._lock, immediate_transaction(self._db) as db:
+            yield db
 
     def _migrate(self) -> None:
         with self._write() as db:
@@ -324,8 +376,12 @@ class JobStore:
         owner: str | None = None,
         output_format: str = "jpeg",
         want_base64: bool = False,
+        inputs: Mapping[str, bytes] | None = None,
+        priority: int = 0,
     ) -> Job:
-        """Insert a new QUEUED job and return it."""
+        """Insert a new QUEUED job with its input images (``{param: bytes}``) and return it."""
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise ValueError(f"priority must be 0 to {MAX_PRIORITY}, got {priority}")
         job = Job(
             id=uuid.uuid4().hex,
             slug=slug,
@@ -335,15 +391,19 @@ class JobStore:
             owner=owner,
             want_base64=want_base64,
             output_format=output_format,
+            priority=priority,
         )
         # Serialise before taking the write lock so bad params fail cheaply.
         params_json = json.dumps(params)
         with self._write() as db:
             db.execute(
-                "INSERT INTO jobs (id, slug, params, status, created_at, owner, want_base64, output_format) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, slug, params_json, job.status.value, job.created_at, owner, int(want_base64), output_format),
+                "INSERT INTO jobs (id, slug, params, status, created_at, owner, want_base64, output_format, "
+                "priority, claim_rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, slug, params_json, job.status.value, job.created_at, owner, int(want_base64), output_format,
+                 priority, claim_rank(job.created_at, priority, self.priority_aging_s)),
             )
+            db.executemany("INSERT INTO job_inputs (job_id, name, data) VALUES (?, ?, ?)",
+                           [(job.id, name, data) for name, data in (inputs or {}).items()])
         with self._enqueued:
             self._enqueued.notify_all()
         return job
@@ -356,16 +416,24 @@ class JobStore:
             return None
         return job
 
-    def claim_next(self) -> Job | None:
-        """Atomically move the oldest QUEUED job (any slug) to PROCESSING and return it."""
-        return self._claim_oldest(None)
+    def read_inputs(self, job_id: str) -> dict[str, bytes]:
+        """The input images stored with the job (deleted when it finishes)."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, data FROM job_inputs WHERE job_id = ?", (job_id,)).fetchall()
+        return {row["name"]: bytes(row["data"]) for row in rows}
 
-    def _claim_oldest(self, slugs: Sequence[str] | None) -> Job | None:
+    def _finished(self, db: sqlite3.Connection, job_id: str) -> None:
+        """What reaching COMPLETED or FAILED means besides the row (inside its transaction)."""
+        db.execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
+        for listener in list(self._listeners):
+            listener.put(job_id)
+
+    def _claim_oldest(self, slugs: Sequence[str]) -> Job | None:
         now = self._clock()
-        where, args = ("", []) if slugs is None else (f" AND slug IN ({','.join('?' * len(slugs))})", list(slugs))
+        where = f" AND slug IN ({','.join('?' * len(slugs))})"
         with self._write() as db:
-            row = db.execute(f"SELECT seq FROM jobs WHERE status = 'QUEUED'{where} ORDER BY seq LIMIT 1",
-                             args).fetchone()
+            row = db.execute(f"SELECT seq FROM jobs WHERE status = 'QUEUED'{where} ORDER BY claim_rank, seq LIMIT 1",
+                             list(slugs)).fetchone()
             if row is None:
                 return None
             db.execute(
@@ -377,9 +445,10 @@ class JobStore:
         return _row_to_job(claimed)
 
     def claim(self, consumer: str, slugs: Sequence[str], *, block_s: float = 0.0) -> Claim | None:
-        """Take the oldest QUEUED job of ``slugs`` for ``consumer`` (a trivial lease: one process
-        runs the jobs of a SQLite store, so nothing is reclaimed while it lives; :meth:`recover`
-        requeues what a dead process held). Waits up to ``block_s`` for one to be enqueued."""
+        """Take the first QUEUED job of ``slugs`` in claim order for ``consumer`` (a trivial lease:
+        one process runs the jobs of a SQLite store, so nothing is reclaimed while it lives;
+        :meth:`recover` requeues what a dead process held). Waits up to ``block_s`` for one to be
+        enqueued."""
         if not slugs:
             raise ValueError("claim needs at least one slug")
         deadline = time.monotonic() + block_s
@@ -463,6 +532,7 @@ class JobStore:
                     current = self._fetch(db, job_id)
                     state = current.status.value if current else "gone"
                     raise InvalidJobTransition(f"job {job_id} is {state}, not PROCESSING")
+                self._finished(db, job_id)
                 done = self._fetch(db, job_id)
         except BaseException:
             # Keep the files if some other completion of this job won the race.
@@ -498,6 +568,7 @@ class JobStore:
                 "metrics = COALESCE(?, metrics) WHERE id = ?",
                 (error, now, now + self.retention_s, json.dumps(metrics) if metrics is not None else None, job_id),
             )
+            self._finished(db, job_id)
             failed = self._fetch(db, job_id)
         assert failed is not None
         return failed
@@ -518,6 +589,7 @@ class JobStore:
                     "expires_at = ? WHERE id = ?",
                     (CANCELLED_BY_CLIENT, now, now + self.retention_s, job_id),
                 )
+                self._finished(db, job_id)
             elif job.status is JobStatus.PROCESSING:
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             else:
@@ -531,27 +603,29 @@ class JobStore:
         return bool(row["cancel_requested"]) if row is not None else False
 
     def recover(self) -> dict[str, int]:
-        """Repair jobs left PROCESSING by a dead process; call once at start-up.
+        """Repair jobs left unfinished by a dead process; call once at start-up.
 
-        Each such job is requeued (keeping its original queue position) if it
-        has had fewer than ``max_attempts`` attempts, failed with a reason
-        otherwise, and failed as cancelled if a cancel was pending.  This
-        assumes no other live process is running jobs from the same file.
+        Each job left PROCESSING is requeued (keeping its original queue position) if it has
+        had fewer than ``max_attempts`` attempts, failed with a reason otherwise, and failed as
+        cancelled if a cancel was pending. A job of a ``/v1`` request (``SYNC_PARAM``), queued
+        or running, is failed as interrupted: its client was connected to the dead process.
+        This assumes no other live process is running jobs from the same file.
         Returns counts: ``requeued``, ``failed``, ``cancelled``, ``queued``.
         """
         now = self._clock()
         counts = {"requeued": 0, "failed": 0, "cancelled": 0, "queued": 0}
+        finish = "UPDATE jobs SET status = 'FAILED', error = ?, finished_at = ?, expires_at = ? WHERE id = ?"
         with self._write() as db:
             rows = db.execute(
-                "SELECT id, attempts, cancel_requested FROM jobs WHERE status = 'PROCESSING' ORDER BY seq"
+                "SELECT id, status, attempts, cancel_requested, json_extract(params, '$.' || ?) AS sync FROM jobs "
+                "WHERE status = 'PROCESSING' OR (status = 'QUEUED' AND json_extract(params, '$.' || ?)) "
+                "ORDER BY seq", (SYNC_PARAM, SYNC_PARAM),
             ).fetchall()
             for row in rows:
                 if row["cancel_requested"]:
-                    db.execute(
-                        "UPDATE jobs SET status = 'FAILED', error = ?, finished_at = ?, expires_at = ? WHERE id = ?",
-                        (CANCELLED_BY_CLIENT, now, now + self.retention_s, row["id"]),
-                    )
-                    counts["cancelled"] += 1
+                    error, count = CANCELLED_BY_CLIENT, "cancelled"
+                elif row["sync"]:
+                    error, count = INTERRUPTED_SYNC, "failed"
                 elif row["attempts"] < self.max_attempts:
                     db.execute(
                         "UPDATE jobs SET status = 'QUEUED', started_at = NULL, progress_step = NULL, "
@@ -559,13 +633,14 @@ class JobStore:
                         (row["id"],),
                     )
                     counts["requeued"] += 1
+                    continue
                 else:
-                    reason = f"interrupted by a server restart after {row['attempts']} attempts"
-                    db.execute(
-                        "UPDATE jobs SET status = 'FAILED', error = ?, finished_at = ?, expires_at = ? WHERE id = ?",
-                        (reason, now, now + self.retention_s, row["id"]),
-                    )
-                    counts["failed"] += 1
+                    error = (f"interrupted by a server restart after {row['attempts']} attempts "
+                             f"(request_max_attempts={self.max_attempts})")
+                    count = "failed"
+                db.execute(finish, (error, now, now + self.retention_s, row["id"]))
+                self._finished(db, row["id"])
+                counts[count] += 1
             counts["queued"] = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'QUEUED'").fetchone()[0]
         # Partial output dirs of requeued/failed jobs are stale; a retry
         # rewrites them and failed jobs have no outputs.
@@ -631,6 +706,34 @@ class JobStore:
         """Slugs announced by workers of other processes: none, the embedded store has one process."""
         return {}
 
+    def advertise(self, worker: str, slugs: Sequence[str], ttl_s: float) -> None:
+        """Nothing to announce: the only process using this store serves its own slugs."""
+
+    def withdraw(self, worker: str) -> None:
+        """Nothing was announced (see :meth:`advertise`)."""
+
+    def finished_ids(self) -> list[str]:
+        """Ids of the unexpired COMPLETED and FAILED jobs."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE status IN ('COMPLETED', 'FAILED') AND expires_at >= ?", (self._clock(),)
+            ).fetchall()
+        return [row["id"] for row in rows]
+
+    def listen_finished(self, on_finished: Callable[[str], None], should_stop: Callable[[], bool]) -> None:
+        """Call ``on_finished(job_id)`` for every job of this store that reaches COMPLETED or
+        FAILED, until ``should_stop()`` (blocking: run it in a thread)."""
+        feed: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._listeners.add(feed)
+        try:
+            while not should_stop():
+                try:
+                    on_finished(feed.get(timeout=0.5))
+                except queue.Empty:
+                    pass
+        finally:
+            self._listeners.discard(feed)
+
     def queue_depth(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'QUEUED'").fetchone()[0]
@@ -649,10 +752,11 @@ class JobStore:
         return counts
 
     def position(self, job_id: str) -> int | None:
-        """0-based place in the queue of a QUEUED job, else None."""
+        """0-based place of a QUEUED job in the order jobs are claimed (``claim_rank``), else None."""
         with self._lock:
             row = self._db.execute(
-                "SELECT (SELECT COUNT(*) FROM jobs q WHERE q.status = 'QUEUED' AND q.seq < j.seq) "
+                "SELECT (SELECT COUNT(*) FROM jobs q WHERE q.status = 'QUEUED' AND (q.claim_rank < j.claim_rank "
+                "OR (q.claim_rank = j.claim_rank AND q.seq < j.seq))) "
                 "FROM jobs j WHERE j.id = ? AND j.status = 'QUEUED'",
                 (job_id,),
             ).fetchone()

@@ -1,8 +1,9 @@
 """The job queue interface both stores implement, and the one place that chooses the store.
 
 :class:`JobQueue` is what the HTTP layer (routes, deps) and the runner may ask of a job store:
-enqueue, claim -> lease, heartbeat, complete/fail (fenced by the lease), read status and outputs,
-cancel, position, purge, readiness. Two implementations:
+enqueue (with the job's input images), claim -> lease, heartbeat, complete/fail (fenced by the
+lease), read status, inputs and outputs, cancel, position, purge, readiness, the feed of finished
+jobs that ``/v1`` waits listen to, and the announcement of the slugs a worker takes. Two implementations:
 :class:`api.jobs.JobStore` (SQLite, embedded, one process) and :class:`api.redis_jobs.RedisJobStore`
 (Redis, shared by API replicas and workers). Callers never ask which one they hold; blocking
 calls go through ``asyncio.to_thread`` on both (both are thread-safe).
@@ -14,12 +15,11 @@ credits, rate limits, idempotency keys and the webhook outbox on SQLite or on Re
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from api.idempotency import IdempotencyStore, SqliteIdempotencyStore
-from api.inputs import InputStore
 from api.jobs import Claim, Heartbeat, Job, JobStore
 from api.quotas import CreditLedger, RateLimiter
 from api.settings import Settings
@@ -40,22 +40,28 @@ class JobQueue(Protocol):
     """Where the jobs live (a data directory, or Redis's host:port), for logs; never a password."""
     retention_s: float
     max_attempts: int
+    heartbeat_interval_s: float
+    """How often a running job's lease is confirmed (:meth:`heartbeat`)."""
 
     def ping(self) -> None:
         """Raise (``StoreUnavailable`` on Redis) unless the store can serve now."""
 
     def create(self, slug: str, params: dict[str, Any], *, owner: str | None = None, output_format: str = "jpeg",
-               want_base64: bool = False) -> Job:
-        """Enqueue a new QUEUED job and return it."""
+               want_base64: bool = False, inputs: Mapping[str, bytes] | None = None, priority: int = 0) -> Job:
+        """Enqueue a new QUEUED job with its input images (``{param: .npy bytes}``) and return it;
+        ``priority`` (0 to ``MAX_PRIORITY``) places it in the claim order (``api.jobs.claim_rank``)."""
 
     def get(self, job_id: str) -> Job | None:
         """The job (status, progress, error, outputs' names), or None if unknown or expired."""
+
+    def read_inputs(self, job_id: str) -> dict[str, bytes]:
+        """The input images stored with the job (gone once it finished)."""
 
     def read_output(self, job_id: str, index: int) -> bytes | None:
         """Output ``index`` of a COMPLETED job, or None (no such output, or expired)."""
 
     def claim(self, consumer: str, slugs: Sequence[str], *, block_s: float = 0.0) -> Claim | None:
-        """Lease the next job of ``slugs`` to ``consumer`` (PROCESSING, one more attempt); waits up
+        """Lease the first job of ``slugs`` in claim order to ``consumer`` (PROCESSING, one more attempt); waits up
         to ``block_s`` for one to be enqueued. None if none came."""
 
     def heartbeat(self, claim: Claim) -> Heartbeat:
@@ -86,7 +92,20 @@ class JobQueue(Protocol):
     def served_slugs(self) -> Mapping[str, list[str]]:
         """Slugs other processes' workers announce on this store (none on an embedded store)."""
 
-    def recover(self) -> dict[str, int]: ...
+    def advertise(self, worker: str, slugs: Sequence[str], ttl_s: float) -> None:
+        """Announce that ``worker`` takes jobs of ``slugs`` for the next ``ttl_s`` seconds."""
+
+    def withdraw(self, worker: str) -> None: ...
+
+    def finished_ids(self) -> list[str]:
+        """Ids of the unexpired COMPLETED and FAILED jobs (the runner's settlement sweep)."""
+
+    def listen_finished(self, on_finished: Callable[[str], None], should_stop: Callable[[], bool]) -> None:
+        """Call ``on_finished(job_id)`` for jobs reaching COMPLETED or FAILED until ``should_stop()``
+        (blocking; may miss some, so waiters re-read their job now and then)."""
+
+    def recover(self) -> dict[str, int]:
+        """Start-up repair of what a dead process left (requeue, or fail); counts per outcome."""
 
     def purge_expired(self) -> int: ...
 
@@ -98,9 +117,6 @@ class Stores:
     """What ``open_stores`` built: the job store and the credit and rate bookkeeping beside it."""
 
     jobs: JobQueue
-    inputs: InputStore
-    """Input images of queued jobs on disk (the embedded runner's; unused on Redis, where they
-    travel with the job)."""
     ledger: CreditLedger
     limiter: RateLimiter
     idempotency: IdempotencyStore
@@ -129,9 +145,9 @@ def open_stores(settings: Settings, role: str = "all") -> Stores:
     if settings.redis_url is None:
         store = JobStore(settings.jobs_db_path, outputs_dir=settings.outputs_dir,
                          retention_s=settings.retention_s, max_attempts=settings.request_max_attempts,
-                         synchronous=settings.sqlite_synchronous)
+                         priority_aging_s=settings.priority_aging_s, synchronous=settings.sqlite_synchronous)
         ledger = CreditLedger(settings.data_dir / "credits.sqlite", default_credits, credits_by_owner)
-        return Stores(store, InputStore(settings.inputs_dir), ledger, RateLimiter(default_rate or 0, rate_by_owner),
+        return Stores(store, ledger, RateLimiter(default_rate or 0, rate_by_owner),
                       SqliteIdempotencyStore(settings.data_dir / "idempotency.sqlite", settings.idempotency_retention_s),
                       SqliteWebhookOutbox(settings.data_dir / "webhooks.sqlite"))
 
@@ -145,7 +161,7 @@ def open_stores(settings: Settings, role: str = "all") -> Stores:
     ns = settings.redis_namespace
     redis_store = RedisJobStore(settings.redis_url, namespace=ns, retention_s=settings.retention_s,
                                 max_attempts=settings.request_max_attempts, reclaim_idle_s=settings.reclaim_idle_s,
-                                client=client)
+                                priority_aging_s=settings.priority_aging_s, client=client)
     ledger = RedisCreditLedger(None, default_credits, credits_by_owner, namespace=ns, client=client)
     limiter = RedisRateLimiter(None, default_rate or 0, rate_by_owner, namespace=ns, client=client)
     try:
@@ -156,5 +172,5 @@ def open_stores(settings: Settings, role: str = "all") -> Stores:
                            "appendfsync always, maxmemory-policy noeviction", persistence)
     except Exception as exc:  # noqa: BLE001 - Redis may be down at start; service resumes when it returns
         logger.warning("Redis at %s is not reachable yet: %s", redis_store.address, exc)
-    return Stores(redis_store, InputStore(settings.inputs_dir), ledger, limiter,
+    return Stores(redis_store, ledger, limiter,
                   RedisIdempotencyStore(client, ns, settings.idempotency_retention_s), RedisWebhookOutbox(client, ns))

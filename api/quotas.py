@@ -2,10 +2,14 @@
 
 Credits: one credit is one generated image. A submission reserves its cost up front (so that
 concurrent submissions cannot overspend); the reservation becomes a debit when the job
-completes and is released when it fails or is cancelled, so failed jobs cost nothing. What
-each owner has spent is kept in a small SQLite file next to the job database, so a restart
-does not refill anyone; the allowance itself comes from the settings, so raising it there
-takes effect at the next start. Owners are ``owner_from_api_key`` hashes: keys are never stored.
+completes and is released when it fails or is cancelled, so failed jobs cost nothing. Settling
+a job (debit or release) names the job: the first settlement of a job is the only one, recorded
+in the same transaction as the change of the balance, so a runner that settles a job again (a
+sweep after a crash between storing the outcome and charging it) charges nothing twice. What
+each owner has spent and holds reserved is kept in a small SQLite file next to the job
+database, so a restart neither refills anyone nor forgets a queued job's reservation; the
+allowance itself comes from the settings, so raising it there takes effect at the next start.
+Owners are ``owner_from_api_key`` hashes: keys are never stored.
 
 Rate limits: a token bucket per key (capacity = the per-minute limit, refilled continuously),
 kept in memory.
@@ -17,8 +21,15 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Final
+
+from api.jobs import immediate_transaction
+
+SETTLED_MARKER_TTL_S: Final = 7 * 24 * 3600
+"""How long the record that a job was settled is kept; longer than any job stays queued or kept."""
 
 
 class InsufficientCredits(Exception):
@@ -32,19 +43,47 @@ class InsufficientCredits(Exception):
 
 
 class CreditLedger:
-    def __init__(self, path: Path | None, default: int | None, per_owner: dict[str, int]):
+    """Credits in SQLite at ``path`` (in memory without one); every change is one transaction, so
+    several handles on one file (threads or processes) never overspend or settle a job twice."""
+
+    def __init__(self, path: Path | None, default: int | None, per_owner: dict[str, int],
+                 clock: Callable[[], float] = time.time):
         """``default`` applies to every owner without an entry in ``per_owner``; None: unlimited."""
         self._default = default
         self._per_owner = dict(per_owner)
+        self._clock = clock
         self._lock = threading.Lock()
-        self._reserved: dict[str, int] = {}
-        self._spent: dict[str, int] = {}
         self._db: sqlite3.Connection | None = None
-        if path is not None and self.enabled:
-            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS spent (owner TEXT PRIMARY KEY, credits INTEGER NOT NULL)")
-            self._spent = dict(self._db.execute("SELECT owner, credits FROM spent").fetchall())
+        if not self.enabled:
+            return
+        self._db = sqlite3.connect(":memory:" if path is None else str(path), timeout=10.0, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        with self._transaction() as db:
+            for table in ("spent", "reserved"):
+                db.execute(f"CREATE TABLE IF NOT EXISTS {table} (owner TEXT PRIMARY KEY, credits INTEGER NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS settled (job_id TEXT PRIMARY KEY, at REAL NOT NULL)")
+            db.execute("CREATE INDEX IF NOT EXISTS settled_at ON settled (at)")
+            db.execute("DELETE FROM settled WHERE at < ?", (self._clock() - SETTLED_MARKER_TTL_S,))
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._db is None:
+                raise RuntimeError("CreditLedger is closed")
+            with immediate_transaction(self._db) as db:
+                yield db
+
+    @staticmethod
+    def _balance(db: sqlite3.Connection, table: str, owner: str) -> int:
+        row = db.execute(f"SELECT credits FROM {table} WHERE owner = ?", (owner,)).fetchone()
+        return int(row[0]) if row is not None else 0
+
+    @staticmethod
+    def _set(db: sqlite3.Connection, table: str, owner: str, credits: int) -> None:
+        db.execute(f"INSERT INTO {table} (owner, credits) VALUES (?, ?) "
+                   "ON CONFLICT(owner) DO UPDATE SET credits = excluded.credits", (owner, credits))
 
     @property
     def enabled(self) -> bool:
@@ -60,40 +99,44 @@ class CreditLedger:
         allowance = self.allowance(owner)
         if allowance is None:
             return None
-        with self._lock:
-            return max(0, allowance - self._spent.get(owner, 0) - self._reserved.get(owner, 0))
+        with self._transaction() as db:
+            return max(0, allowance - self._balance(db, "spent", owner) - self._balance(db, "reserved", owner))
 
     def reserve(self, owner: str | None, cost: int) -> None:
+        """Hold ``cost`` credits for a submission; raises InsufficientCredits when they are not there."""
         allowance = self.allowance(owner)
         if allowance is None:
             return
-        with self._lock:
-            left = allowance - self._spent.get(owner, 0) - self._reserved.get(owner, 0)
+        with self._transaction() as db:
+            reserved = self._balance(db, "reserved", owner)
+            left = allowance - self._balance(db, "spent", owner) - reserved
             if left < cost:
                 raise InsufficientCredits(max(0, left), cost)
-            self._reserved[owner] = self._reserved.get(owner, 0) + cost
+            self._set(db, "reserved", owner, reserved + cost)
 
-    def release(self, owner: str | None, cost: int) -> None:
-        if self.allowance(owner) is None:
-            return
-        with self._lock:
-            self._reserved[owner] = max(0, self._reserved.get(owner, 0) - cost)
+    def release(self, owner: str | None, cost: int, *, job_id: str | None = None) -> bool:
+        """Give back a failed or cancelled job's reservation; with ``job_id`` at most once per job."""
+        return self._settle(owner, cost, debit=False, job_id=job_id)
 
-    def debit(self, owner: str | None, cost: int, *, reserved: bool) -> None:
-        """Charge a completed job; ``reserved``: its cost was reserved by this process."""
+    def debit(self, owner: str | None, cost: int, *, job_id: str | None = None) -> bool:
+        """Charge a completed job (turning its reservation into a debit); with ``job_id`` once per job.
+
+        Returns False when nothing was charged: unlimited owner, or this job was settled already.
+        """
+        return self._settle(owner, cost, debit=True, job_id=job_id)
+
+    def _settle(self, owner: str | None, cost: int, *, debit: bool, job_id: str | None) -> bool:
         if self.allowance(owner) is None:
-            return
-        with self._lock:
-            if reserved:
-                self._reserved[owner] = max(0, self._reserved.get(owner, 0) - cost)
-            spent = self._spent.get(owner, 0) + cost
-            self._spent[owner] = spent
-            if self._db is not None:
-                self._db.execute(
-                    "INSERT INTO spent (owner, credits) VALUES (?, ?) "
-                    "ON CONFLICT(owner) DO UPDATE SET credits = excluded.credits",
-                    (owner, spent),
-                )
+            return False
+        with self._transaction() as db:
+            if job_id is not None and db.execute("INSERT OR IGNORE INTO settled (job_id, at) VALUES (?, ?)",
+                                                 (job_id, self._clock())).rowcount != 1:
+                return False
+            # A job whose reservation was lost is charged all the same, never below zero reserved.
+            self._set(db, "reserved", owner, max(0, self._balance(db, "reserved", owner) - cost))
+            if debit:
+                self._set(db, "spent", owner, self._balance(db, "spent", owner) + cost)
+            return True
 
     def close(self) -> None:
         with self._lock:

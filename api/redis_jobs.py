@@ -5,12 +5,14 @@ This module owns the scale-out job store: the same record contract as :class:`ap
 metrics, owner; finished jobs kept for the retention period, then gone) with Redis as the one
 shared truth. Every state change is one Lua script, so it is atomic against every other process.
 
-Queue: one Redis Stream per model slug (``<ns>:queue:<slug>``) with one consumer group
-(``workers``), so a worker reads only the slugs its Triton serves and an autoscaler (KEDA's Redis
-Streams scaler) can watch each stream's consumer-group lag. :meth:`RedisJobStore.claim` takes work
-for a named consumer: first entries of silent workers (XAUTOCLAIM, idle longer than
-``reclaim_idle_s``), else the oldest undelivered entry across the served streams (XREADGROUP), and
-marks the job PROCESSING in the same script. While a job runs its worker calls
+Queue: one Redis Stream per model slug and priority (``<ns>:queue:<slug>`` for priority 0,
+``<ns>:queue:<slug>:p<N>`` above) with one consumer group (``workers``), so a worker reads only the
+slugs its Triton serves and an autoscaler (KEDA's Redis Streams scaler) can watch each stream's
+consumer-group lag. :meth:`RedisJobStore.claim` takes work for a named consumer: first entries of
+silent workers (XAUTOCLAIM, idle longer than ``reclaim_idle_s``), else the first undelivered entry
+in claim order (:func:`api.jobs.claim_rank`: priority with aging, FIFO within a level, on the
+server's clock) across the served streams (XREADGROUP), and marks the job PROCESSING in the same
+script. The ``queued`` index is scored by the same rank, so a position is the order jobs run in. While a job runs its worker calls
 :meth:`~RedisJobStore.heartbeat` every few seconds: XCLAIM ... JUSTID to itself resets the entry's
 idle time (without counting a delivery), so a long live job is never reclaimed (the
 taskiq-redis#101 pitfall); the heartbeat also reports the cancel flag and whether this worker still
@@ -51,7 +53,7 @@ from typing import Any, Final
 
 import redis
 
-from api.jobs import CANCELLED_BY_CLIENT, Claim, Heartbeat, InvalidJobTransition, Job, JobStatus
+from api.jobs import MAX_PRIORITY, CANCELLED_BY_CLIENT, Claim, Heartbeat, InvalidJobTransition, Job, JobStatus
 from api.redis_client import connect, describe, guarded, lua
 
 __all__ = [
@@ -105,6 +107,7 @@ def _record_to_job(record: Mapping[bytes | str, bytes | str]) -> Job:
         owner=h.get("owner"), outputs=json.loads(h["outputs"]) if h.get("outputs") else [], metrics=metrics,
         attempts=attempts, cancel_requested=h.get("cancel_requested") == "1", expires_at=num("expires_at"),
         want_base64=h.get("want_base64") == "1", output_format=h.get("output_format") or "jpeg",
+        priority=int(h.get("priority") or 0),
     )
 
 
@@ -125,6 +128,7 @@ class RedisJobStore:
         retention_s: float = 3600.0,
         max_attempts: int = 2,
         reclaim_idle_s: float = 30.0,
+        priority_aging_s: float = 60.0,
         clock: Callable[[], float] = time.time,
         timeout_s: float = 2.0,
         client: redis.Redis | None = None,
@@ -136,6 +140,7 @@ class RedisJobStore:
         self.retention_s = float(retention_s)
         self.max_attempts = max_attempts
         self.reclaim_idle_s = float(reclaim_idle_s)
+        self.priority_aging_s = float(priority_aging_s)
         # A worker heartbeats several times per idle period, so one late beat is not a reclaim.
         self.heartbeat_interval_s = self.reclaim_idle_s / 4
         self._clock = clock
@@ -151,8 +156,11 @@ class RedisJobStore:
     def _key(self, *parts: str) -> str:
         return ":".join((self._ns, *parts))
 
-    def stream_key(self, slug: str) -> str:
-        return self._key("queue", slug)
+    def stream_key(self, slug: str, priority: int = 0) -> str:
+        return self._key("queue", slug) if priority == 0 else self._key("queue", slug, f"p{priority}")
+
+    def _streams(self, slug: str) -> list[str]:
+        return [self.stream_key(slug, priority) for priority in range(MAX_PRIORITY + 1)]
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         base = [self._ns, GROUP, repr(float(self._clock())), int(round(self.retention_s * 1000))]
@@ -194,17 +202,21 @@ class RedisJobStore:
         output_format: str = "jpeg",
         want_base64: bool = False,
         inputs: Mapping[str, bytes] | None = None,
+        priority: int = 0,
     ) -> Job:
         """Queue a new job (with its input images, if any) and return it."""
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise ValueError(f"priority must be 0 to {MAX_PRIORITY}, got {priority}")
         job_id = uuid.uuid4().hex
         params_json = json.dumps(params)
         blobs: list[Any] = []
         for name, payload in (inputs or {}).items():
             blobs += [name, payload]
         self._run("create",
-                  [self._key("seq"), self._key("job", job_id), self.stream_key(slug), self._key("queued"),
+                  [self._key("seq"), self._key("job", job_id), self.stream_key(slug, priority), self._key("queued"),
                    self._key("in", job_id)],
-                  [job_id, slug, params_json, owner or "", int(want_base64), output_format, *blobs])
+                  [job_id, slug, params_json, owner or "", int(want_base64), output_format, int(priority),
+                   int(round(self.priority_aging_s * 1000)), *blobs])
         job = self.get(job_id)
         assert job is not None
         return job
@@ -222,14 +234,15 @@ class RedisJobStore:
 
     @_guarded
     def claim(self, consumer: str, slugs: Sequence[str], *, block_s: float = 0.0) -> Claim | None:
-        """Take one job of ``slugs`` for ``consumer``: a silent worker's first, else the oldest queued.
+        """Take one job of ``slugs`` for ``consumer``: a silent worker's first, else the first
+        queued in claim order.
 
         Waits up to ``block_s`` (at most 1 s per blocking read, so silent workers' jobs are
         reclaimed while waiting) for one to arrive; None if none did.
         """
         if not slugs:
             raise ValueError("claim needs at least one slug")
-        streams = [self.stream_key(slug) for slug in slugs]
+        streams = [stream for slug in slugs for stream in self._streams(slug)]
         deadline = time.monotonic() + block_s
         while True:
             found = self._run("claim", streams, [consumer, int(self.reclaim_idle_s * 1000), self.max_attempts,
@@ -387,27 +400,30 @@ class RedisJobStore:
 
     @_guarded
     def position(self, job_id: str) -> int | None:
-        """0-based place in the (all-slug, submission-ordered) queue of a QUEUED job, else None."""
+        """0-based place of a QUEUED job in the (all-slug) claim order, else None."""
         rank = self._redis.zrank(self._key("queued"), job_id)
         return int(rank) if rank is not None else None
 
     @_guarded
     def lag(self, slug: str) -> int:
-        """Entries of ``slug``'s stream not yet delivered to any worker.
+        """Entries of ``slug``'s streams (every priority) not yet delivered to any worker.
 
         Counted as stream length minus pending entries, which is exact because an entry is
         deleted when acknowledged; Redis's own group ``lag`` turns null once entries in the
         middle of the stream were deleted (cancelled queued jobs), so it is not used. An
-        autoscaler gets the same number from KEDA's ``streamLength`` (queued + running).
+        autoscaler gets the same number from KEDA's ``streamLength`` (queued + running) summed
+        over the slug's streams.
         """
-        key = self.stream_key(slug)
-        if not self._redis.exists(key):
-            return 0
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.xlen(key)
-        pipe.xpending(key, GROUP)
-        length, pending = pipe.execute()
-        return max(0, int(length) - int(pending["pending"]))
+        waiting = 0
+        for key in self._streams(slug):
+            if not self._redis.exists(key):
+                continue
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xlen(key)
+            pipe.xpending(key, GROUP)
+            length, pending = pipe.execute()
+            waiting += max(0, int(length) - int(pending["pending"]))
+        return waiting
 
     # -- workers and events ----------------------------------------------------------------------
 

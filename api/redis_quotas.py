@@ -15,11 +15,10 @@ minute idle (a full bucket again). Redis unreachable raises :class:`api.redis_cl
 from __future__ import annotations
 
 import logging
-from typing import Final
 
 import redis
 
-from api.quotas import InsufficientCredits
+from api.quotas import SETTLED_MARKER_TTL_S, InsufficientCredits
 from api.redis_client import connect, guarded, lua
 
 __all__ = ["RedisCreditLedger", "RedisRateLimiter"]
@@ -27,9 +26,6 @@ __all__ = ["RedisCreditLedger", "RedisRateLimiter"]
 logger = logging.getLogger(__name__)
 
 _guarded = guarded("the quota store")
-
-# How long a job's settlement marker outlives it; longer than any job stays queued or kept.
-SETTLED_MARKER_TTL_S: Final = 7 * 24 * 3600
 
 
 class RedisCreditLedger:
@@ -84,23 +80,23 @@ class RedisCreditLedger:
 
     def release(self, owner: str | None, cost: int, *, job_id: str | None = None) -> bool:
         """Give back a failed or cancelled job's reservation; with ``job_id`` at most once per job."""
-        return self._settle(owner, cost, debit=False, reserved=True, job_id=job_id)
+        return self._settle(owner, cost, debit=False, job_id=job_id)
 
-    def debit(self, owner: str | None, cost: int, *, reserved: bool = True, job_id: str | None = None) -> bool:
+    def debit(self, owner: str | None, cost: int, *, job_id: str | None = None) -> bool:
         """Charge a completed job (turning its reservation into a debit); with ``job_id`` once per job.
 
         Returns False when nothing was charged: unlimited owner, or this job was settled already.
         """
-        return self._settle(owner, cost, debit=True, reserved=reserved, job_id=job_id)
+        return self._settle(owner, cost, debit=True, job_id=job_id)
 
     @_guarded
-    def _settle(self, owner: str | None, cost: int, *, debit: bool, reserved: bool, job_id: str | None) -> bool:
+    def _settle(self, owner: str | None, cost: int, *, debit: bool, job_id: str | None) -> bool:
         if self.allowance(owner) is None:
             return False
         marker = self._settled_prefix + (job_id or "")
         applied = self._settle_script(
             keys=[self._spent_key, self._reserved_key, marker],
-            args=[owner, int(cost), int(debit), int(reserved), int(job_id is not None), SETTLED_MARKER_TTL_S])
+            args=[owner, int(cost), int(debit), int(job_id is not None), SETTLED_MARKER_TTL_S])
         if not applied:
             logger.info("request %s: credits already settled; %s skipped", job_id, "debit" if debit else "release")
         return bool(applied)

@@ -19,6 +19,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.images import ImageFetchPolicy
+from api.jobs import MAX_PRIORITY
 MIB = 1024 * 1024
 
 
@@ -52,7 +53,7 @@ class Settings(BaseSettings):
 
     # -- storage ---------------------------------------------------------------------------------
     data_dir: Path = Path("var/api")
-    """Holds the job database, stored image inputs of queued jobs and generated outputs."""
+    """Holds the job database (with the stored image inputs of queued jobs), credits and generated outputs."""
     retention_s: float = Field(3600.0, gt=0)
     """How long a finished request's status and images stay available (Segmind: one hour)."""
     purge_interval_s: float = Field(60.0, gt=0)
@@ -77,6 +78,9 @@ class Settings(BaseSettings):
     client address. Polling endpoints are not limited (the SDK polls every second)."""
     key_models: dict[str, list[str]] | None = Field(None, repr=False)
     """Optional ``{key: [slug, ...]}``: models each listed key may use (others get 403)."""
+    max_priority: int | dict[str, int] = Field(0, repr=False)
+    """Highest ``X-Priority`` (0 to 9) a caller may ask for: an int for every key (and every
+    caller of an open server) or ``{key: cap}`` (keys not listed: 0). Higher asks get 403."""
 
     # -- job queue -------------------------------------------------------------------------------
     max_concurrent_jobs: int | None = Field(None, ge=1)
@@ -95,6 +99,10 @@ class Settings(BaseSettings):
     Redis it caps deliveries: a job whose worker went silent this many times ends FAILED."""
     cancel_poll_s: float = Field(0.2, gt=0)
     """How often a running job's cancel flag, progress and deadline are checked."""
+    priority_aging_s: float = Field(60.0, gt=0)
+    """Anti-starvation: a queued job of priority ``p`` is ordered as if submitted ``p`` times this
+    earlier, so higher priority goes first but no job is overtaken by jobs submitted more than
+    9 times this after it."""
     events_poll_s: float = Field(0.25, gt=0)
     """How often ``GET /v2/requests/{id}/events`` re-reads its job from the store (any replica
     serves any job's events because it reads the shared store)."""
@@ -235,7 +243,8 @@ class Settings(BaseSettings):
         keys = self.api_key_values()
         if any(not k for k in keys):
             raise ValueError("api_keys contains an empty key")
-        for name in ("credits", "rate_limit_per_minute", "key_models", "webhook_secret", "webhook_url"):
+        for name in ("credits", "rate_limit_per_minute", "key_models", "max_priority", "webhook_secret",
+                     "webhook_url"):
             value = getattr(self, name)
             if isinstance(value, dict):
                 if not keys:
@@ -252,6 +261,9 @@ class Settings(BaseSettings):
                   else list(self.rate_limit_per_minute.values()))
         if any(n < 0 for n in limits):
             raise ValueError("rate_limit_per_minute must be >= 0")
+        caps = [self.max_priority] if isinstance(self.max_priority, int) else list(self.max_priority.values())
+        if any(not 0 <= n <= MAX_PRIORITY for n in caps):
+            raise ValueError(f"max_priority must be 0 to {MAX_PRIORITY}")
         if self.key_models:
             from engine.catalog import CATALOG
 
@@ -296,10 +308,6 @@ class Settings(BaseSettings):
     @property
     def outputs_dir(self) -> Path:
         return self.data_dir / "outputs"
-
-    @property
-    def inputs_dir(self) -> Path:
-        return self.data_dir / "inputs"
 
     def webhook_options(self):
         """The webhook deliverer's ``api.webhooks.WebhookOptions`` (secrets and URLs by owner)."""

@@ -1,12 +1,8 @@
--- KEYS: the streams of the served slugs. ARGV[5..]: consumer, min idle ms, max attempts.
+-- KEYS: the streams of the served slugs, every priority. ARGV[5..]: consumer, min idle ms, max attempts.
 -- Returns {'job', stream, entry, flat record} or {'none', last generated id of each stream}.
 local consumer, min_idle, max_attempts = ARGV[5], ARGV[6], tonumber(ARGV[7])
 local function field(flat, name)
   for j = 1, #flat, 2 do if flat[j] == name then return flat[j + 1] end end
-end
-local function parse_id(id)
-  local ms, sq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(sq)
 end
 -- Start one delivery of an entry; nil when the entry was stale or its job ended here.
 local function start(stream, entry, id)
@@ -49,9 +45,11 @@ for _, stream in ipairs(KEYS) do
   end
 end
 
--- 2. The oldest undelivered entry across the served streams (entry ids are the server's clock).
+-- 2. The first undelivered entry in claim order across the served streams (one stream per slug and
+-- priority, each in submission order, so the best head is the best entry): the smallest rank, ties
+-- by job id, as the queued index orders them.
 for _ = 1, 64 do
-  local best, best_ms, best_sq = nil, nil, nil
+  local best, best_rank, best_id = nil, nil, nil
   for _, stream in ipairs(KEYS) do
     if redis.call('EXISTS', stream) == 1 then
       local last = '0-0'
@@ -60,9 +58,11 @@ for _ = 1, 64 do
       end
       local nxt = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)
       if #nxt > 0 then
-        local ms, sq = parse_id(nxt[1][1])
-        if best == nil or ms < best_ms or (ms == best_ms and sq < best_sq) then
-          best, best_ms, best_sq = stream, ms, sq
+        local id = field(nxt[1][2], 'job')
+        -- A record gone (expired) ranks first, so start() drops its entry at once.
+        local rank = tonumber(redis.call('HGET', jkey(id), 'rank') or '-1e300')
+        if best == nil or rank < best_rank or (rank == best_rank and id < best_id) then
+          best, best_rank, best_id = stream, rank, id
         end
       end
     end

@@ -81,6 +81,7 @@ async def _prepare(spec: ModelSpec, payload: dict, caller: Caller, state: AppSta
         output_format=params.get("image_format") or spec.output_format,
         want_base64=bool(params.get("base64")),
         sync=sync,
+        priority=caller.priority,
     )
 
 

@@ -24,11 +24,16 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_queue(kind: str, tmp_path, request: pytest.FixtureRequest) -> Iterator:
+def namespace() -> str:
+    """The Redis key namespace of this test's stores (and credits)."""
+    return f"contract-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def make_queue(kind: str, namespace: str, tmp_path, request: pytest.FixtureRequest) -> Iterator:
     """``make_queue(**kw)``: a store of this test's kind; every one made shares its data (a second
     handle is a second process's view of the same jobs)."""
     stores: list[JobQueue] = []
-    namespace = f"contract-{uuid.uuid4().hex[:8]}"
 
     def make(**kw) -> JobQueue:
         if kind == "sqlite":

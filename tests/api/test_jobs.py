@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 from collections import Counter
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from api.jobs import CANCELLED_BY_CLIENT, InvalidJobTransition, JobStatus, JobStore
+from api.jobs import CANCELLED_BY_CLIENT, SYNC_PARAM, InvalidJobTransition, Job, JobStatus, JobStore
 from api.settings import owner_from_api_key
 
 
@@ -31,6 +32,12 @@ def clock() -> FakeClock:
 
 def open_store(tmp_path: Path, clock: FakeClock, **kw: object) -> JobStore:
     return JobStore(tmp_path / "jobs.sqlite3", outputs_dir=tmp_path / "outputs", clock=clock, **kw)  # type: ignore[arg-type]
+
+
+def claim_next(store: JobStore) -> Job | None:
+    """Lease the oldest queued job (these tests queue the slugs ``s`` and ``sdxl``)."""
+    claim = store.claim("test", ["s", "sdxl"])
+    return None if claim is None else claim.job
 
 
 @pytest.fixture
@@ -57,7 +64,7 @@ def test_create_and_get_roundtrip(store: JobStore, clock: FakeClock) -> None:
 def test_schema_version_and_wal(store: JobStore, tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "jobs.sqlite3")
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("SELECT typeof(created_at) FROM jobs").fetchall() == []
     finally:
@@ -87,7 +94,7 @@ def test_fifo_claim_position_and_depth(store: JobStore, clock: FakeClock) -> Non
     assert store.queue_depth() == 4
     assert [store.position(j.id) for j in jobs] == [0, 1, 2, 3]
 
-    first = store.claim_next()
+    first = claim_next(store)
     assert first is not None and first.id == jobs[0].id
     assert first.status is JobStatus.PROCESSING
     assert first.attempts == 1
@@ -95,8 +102,8 @@ def test_fifo_claim_position_and_depth(store: JobStore, clock: FakeClock) -> Non
     assert store.position(jobs[0].id) is None
     assert [store.position(j.id) for j in jobs[1:]] == [0, 1, 2]
 
-    assert [store.claim_next().id for _ in range(3)] == [j.id for j in jobs[1:]]  # type: ignore[union-attr]
-    assert store.claim_next() is None
+    assert [claim_next(store).id for _ in range(3)] == [j.id for j in jobs[1:]]  # type: ignore[union-attr]
+    assert claim_next(store) is None
     assert store.queue_depth() == 0
     assert store.count_by_status() == {"QUEUED": 0, "PROCESSING": 4, "COMPLETED": 0, "FAILED": 0}
 
@@ -119,7 +126,8 @@ def test_concurrent_claim_each_job_once(tmp_path: Path, clock: FakeClock, separa
     results: list[list[str]] = [[] for _ in range(n_threads)]
     barrier = threading.Barrier(n_threads)
     threads = [
-        threading.Thread(target=_claim_all, args=(stores[i].claim_next, results[i], barrier)) for i in range(n_threads)
+        threading.Thread(target=_claim_all, args=(functools.partial(claim_next, stores[i]), results[i], barrier))
+        for i in range(n_threads)
     ]
     for t in threads:
         t.start()
@@ -139,7 +147,7 @@ def test_concurrent_claim_each_job_once(tmp_path: Path, clock: FakeClock, separa
 def test_progress(store: JobStore) -> None:
     job = store.create("s", {})
     assert store.set_progress(job.id, 1, 10) is False  # not processing yet
-    store.claim_next()
+    claim_next(store)
     assert store.set_progress(job.id, 3, 10) is True
     got = store.get(job.id)
     assert got is not None and (got.progress_step, got.progress_total) == (3, 10)
@@ -147,7 +155,7 @@ def test_progress(store: JobStore) -> None:
 
 def test_complete_writes_files(store: JobStore, clock: FakeClock, tmp_path: Path) -> None:
     job = store.create("s", {})
-    store.claim_next()
+    claim_next(store)
     clock.advance(5)
     done = store.complete(job.id, [b"first", b"second"], "png", {"inference_s": 1.5}, seed=42)
     assert done.status is JobStatus.COMPLETED
@@ -168,7 +176,7 @@ def test_complete_writes_files(store: JobStore, clock: FakeClock, tmp_path: Path
 
 def test_complete_rejects_bad_extension_and_unknown_job(store: JobStore) -> None:
     job = store.create("s", {})
-    store.claim_next()
+    claim_next(store)
     with pytest.raises(ValueError):
         store.complete(job.id, [b"x"], "../evil", {}, seed=None)
     with pytest.raises(KeyError):
@@ -177,7 +185,7 @@ def test_complete_rejects_bad_extension_and_unknown_job(store: JobStore) -> None
 
 def test_fail(store: JobStore, clock: FakeClock) -> None:
     job = store.create("s", {})
-    store.claim_next()
+    claim_next(store)
     failed = store.fail(job.id, "CUDA out of memory", {"inference_s": 0.1})
     assert failed.status is JobStatus.FAILED
     assert failed.error == "CUDA out of memory"
@@ -198,14 +206,14 @@ def test_cancel_queued_fails_immediately(store: JobStore) -> None:
     assert cancelled.error == CANCELLED_BY_CLIENT
     assert cancelled.expires_at is not None
     assert store.position(b.id) == 0
-    claimed = store.claim_next()
+    claimed = claim_next(store)
     assert claimed is not None and claimed.id == b.id  # the cancelled job is never claimed
     assert store.request_cancel("missing") is None
 
 
 def test_cancel_processing_sets_flag(store: JobStore) -> None:
     job = store.create("s", {})
-    store.claim_next()
+    claim_next(store)
     assert store.is_cancel_requested(job.id) is False
     flagged = store.request_cancel(job.id)
     assert flagged is not None
@@ -222,7 +230,7 @@ def test_recover_after_crash(tmp_path: Path, clock: FakeClock) -> None:
     a = first.create("s", {"n": "a"})
     b = first.create("s", {"n": "b"})
     c = first.create("s", {"n": "c"})
-    assert first.claim_next().id == a.id  # type: ignore[union-attr]
+    assert claim_next(first).id == a.id  # type: ignore[union-attr]
     first.set_progress(a.id, 5, 10)
     # "Crash": the store is abandoned without completing the job or closing;
     # a new store on the same file plays the restarted process.
@@ -236,7 +244,7 @@ def test_recover_after_crash(tmp_path: Path, clock: FakeClock) -> None:
     assert requeued.started_at is None and requeued.progress_step is None
     # Original order is kept: the interrupted job runs first again.
     assert [second.position(j.id) for j in (a, b, c)] == [0, 1, 2]
-    retry = second.claim_next()
+    retry = claim_next(second)
     assert retry is not None and retry.id == a.id and retry.attempts == 2
     second.close()
 
@@ -245,17 +253,34 @@ def test_recover_after_crash(tmp_path: Path, clock: FakeClock) -> None:
     assert counts == {"requeued": 0, "failed": 1, "cancelled": 0, "queued": 2}
     gone = third.get(a.id)
     assert gone is not None and gone.status is JobStatus.FAILED
-    assert gone.error == "interrupted by a server restart after 2 attempts"
+    assert gone.error == "interrupted by a server restart after 2 attempts (request_max_attempts=2)"
     assert gone.expires_at is not None
-    assert third.claim_next().id == b.id  # type: ignore[union-attr]
+    assert claim_next(third).id == b.id  # type: ignore[union-attr]
     third.close()
+    first.close()
+
+
+def test_recover_fails_the_jobs_of_sync_requests_that_died_with_the_process(tmp_path: Path, clock: FakeClock) -> None:
+    first = open_store(tmp_path, clock)
+    running = first.create("s", {SYNC_PARAM: True}, inputs={"image": b"pixels"})
+    queued = first.create("s", {SYNC_PARAM: True})
+    kept = first.create("s", {})
+    assert claim_next(first).id == running.id  # type: ignore[union-attr]
+    second = open_store(tmp_path, clock)
+    assert second.recover() == {"requeued": 0, "failed": 2, "cancelled": 0, "queued": 1}
+    for job in (running, queued):
+        failed = second.get(job.id)
+        assert failed.status is JobStatus.FAILED and failed.error.startswith("interrupted")  # type: ignore[union-attr]
+    assert second.read_inputs(running.id) == {}  # inputs go with the finished job
+    assert claim_next(second).id == kept.id  # type: ignore[union-attr]
+    second.close()
     first.close()
 
 
 def test_recover_honours_pending_cancel(tmp_path: Path, clock: FakeClock) -> None:
     first = open_store(tmp_path, clock)
     job = first.create("s", {})
-    first.claim_next()
+    claim_next(first)
     first.request_cancel(job.id)
     first.close()
     second = open_store(tmp_path, clock)
@@ -270,9 +295,9 @@ def test_expired_jobs_hidden_then_purged(tmp_path: Path, clock: FakeClock) -> No
     done = store.create("s", {})
     failed = store.create("s", {})
     pending = store.create("s", {})
-    store.claim_next()
+    claim_next(store)
     store.complete(done.id, [b"img"], "jpeg", {}, seed=1)
-    store.claim_next()
+    claim_next(store)
     store.fail(failed.id, "boom")
     out_dir = tmp_path / "outputs" / done.id
     assert out_dir.is_dir()

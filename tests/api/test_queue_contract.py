@@ -144,3 +144,68 @@ def test_the_lease_reports_cancel_and_fences_a_stale_failure(queue: JobQueue) ->
     assert queue.fail(job.id, "not mine", claim=stale).status is JobStatus.PROCESSING  # fenced off
     assert queue.fail(job.id, CANCELLED_BY_CLIENT, claim=claim).status is JobStatus.FAILED
     assert not queue.heartbeat(claim).owned
+
+
+def test_inputs_travel_with_the_job_until_it_finishes(make_queue) -> None:
+    client, worker = make_queue(), make_queue()
+    job = client.create("sd1.5-img2img", {"prompt": "x"}, inputs={"image": b"npy-bytes", "mask": b"other"})
+    plain = client.create(SLUG, {"prompt": "y"})
+    assert worker.read_inputs(job.id) == {"image": b"npy-bytes", "mask": b"other"}
+    assert worker.read_inputs(plain.id) == {}
+    take(worker, "sd1.5-img2img")
+    worker.complete(job.id, [b"out"], "png", {}, seed=1)
+    assert client.read_inputs(job.id) == {}  # gone with the finished job
+
+
+def test_finished_jobs_are_fed_to_listeners(queue: JobQueue) -> None:
+    seen: list[str] = []
+    stop = threading.Event()
+    listening = threading.Thread(target=queue.listen_finished, args=(seen.append, stop.is_set))
+    listening.start()
+
+    def until_seen(job_id: str) -> bool:
+        for _ in range(600):  # a hang guard: the job's own event ends the wait
+            if job_id in seen:
+                return True
+            time.sleep(0.05)
+        return False
+
+    try:
+        # The feed starts listening at some point after the thread starts: cancel jobs until it hears one.
+        probes = []
+        while not seen and len(probes) < 600:
+            probes.append(queue.create(SLUG, {"prompt": "probe"}).id)
+            queue.request_cancel(probes[-1])
+            time.sleep(0.05)
+        assert seen
+        done, failed = queue.create(SLUG, {"prompt": "d"}), queue.create(SLUG, {"prompt": "f"})
+        take(queue, SLUG)
+        queue.complete(done.id, [b"x"], "png", {}, seed=None)
+        queue.fail(failed.id, "broken")
+        assert until_seen(done.id) and until_seen(failed.id)
+        assert set(queue.finished_ids()) == {done.id, failed.id, *probes}
+    finally:
+        stop.set()
+        listening.join(timeout=30)
+
+
+def test_higher_priority_is_claimed_first_fifo_within_a_level(queue: JobQueue) -> None:
+    priorities = [0, 2, 0, 2, 1, 0]
+    jobs = [queue.create(SLUG, {"prompt": str(i)}, priority=p) for i, p in enumerate(priorities)]
+    expected = [jobs[i] for i in (1, 3, 4, 0, 2, 5)]
+    assert [queue.get(j.id).priority for j in jobs] == priorities
+    assert [queue.position(j.id) for j in expected] == list(range(len(jobs)))  # the order claim will take
+    assert [take(queue, SLUG).id for _ in jobs] == [j.id for j in expected]
+    with pytest.raises(ValueError, match="priority"):
+        queue.create(SLUG, {"prompt": "x"}, priority=10)
+
+
+def test_a_waiting_job_ages_past_later_higher_priority_ones(make_queue) -> None:
+    """With 1 ms of aging per level, a job submitted well before a priority-9 one still runs first."""
+    queue = make_queue(priority_aging_s=0.001)
+    early = queue.create(SLUG, {"prompt": "early"})
+    time.sleep(0.05)  # later by more than 9 levels x 1 ms
+    urgent = queue.create(SLUG, {"prompt": "urgent"}, priority=9)
+    fresh = queue.create(SLUG, {"prompt": "fresh"})
+    assert [queue.position(j.id) for j in (early, urgent, fresh)] == [0, 1, 2]
+    assert [take(queue, SLUG).id for _ in range(3)] == [early.id, urgent.id, fresh.id]

@@ -16,7 +16,7 @@ def test_no_allowance_means_unlimited_and_no_file(tmp_path):
     ledger = CreditLedger(tmp_path / "credits.sqlite", None, {})
     assert not ledger.enabled and ledger.remaining("anyone") is None
     ledger.reserve("anyone", 10**9)
-    ledger.debit("anyone", 10**9, reserved=True)
+    ledger.debit("anyone", 10**9, job_id="j0")
     assert ledger.remaining("anyone") is None
     assert not (tmp_path / "credits.sqlite").exists()
 
@@ -36,9 +36,11 @@ def test_reserve_release_debit(tmp_path):
     ledger.release("a", 4)  # a failed job costs nothing
     assert ledger.remaining("a") == 10
     ledger.reserve("a", 4)
-    ledger.debit("a", 4, reserved=True)  # the reservation becomes the debit, not both
+    assert ledger.debit("a", 4, job_id="j1")  # the reservation becomes the debit, not both
     assert ledger.remaining("a") == 6
-    ledger.debit("a", 2, reserved=False)  # a job reserved by an earlier process
+    assert not ledger.debit("a", 4, job_id="j1") and not ledger.release("a", 4, job_id="j1")  # once per job
+    assert ledger.remaining("a") == 6
+    ledger.debit("a", 2, job_id="j2")  # a job whose reservation was lost
     assert ledger.remaining("a") == 4
     assert ledger.remaining("rich") == 100  # owners are counted apart
     ledger.close()
@@ -61,7 +63,7 @@ def test_remaining_and_reservations_never_go_negative(tmp_path):
     ledger = CreditLedger(None, 2, {})
     ledger.release("a", 5)  # releasing more than was reserved does not create credit
     assert ledger.remaining("a") == 2
-    ledger.debit("a", 5, reserved=False)  # a debit past the allowance (allowance lowered at restart)
+    ledger.debit("a", 5, job_id="j1")  # a debit past the allowance (allowance lowered at restart)
     assert ledger.remaining("a") == 0
 
 
@@ -69,11 +71,13 @@ def test_spent_credits_survive_a_restart_and_the_allowance_comes_from_settings(t
     path = tmp_path / "credits.sqlite"
     ledger = CreditLedger(path, 10, {})
     ledger.reserve("a", 3)
-    ledger.debit("a", 3, reserved=True)
-    ledger.reserve("a", 5)  # reserved, never debited: dies with the process
+    ledger.debit("a", 3, job_id="j1")
+    ledger.reserve("a", 5)  # a job still queued at the restart keeps its reservation
     ledger.close()
     again = CreditLedger(path, 10, {})
-    assert again.remaining("a") == 7
+    assert again.remaining("a") == 2
+    assert not again.debit("a", 3, job_id="j1")  # settled before the restart: not charged twice
+    assert again.release("a", 5, job_id="j2") and again.remaining("a") == 7
     again.close()
     raised = CreditLedger(path, 20, {})  # the allowance was raised in the settings
     assert raised.remaining("a") == 17

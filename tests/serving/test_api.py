@@ -79,6 +79,7 @@ class CountingBackend:
         self.active = 0
         self.peak = 0
         self.calls = 0
+        self.started: list[str] = []  # request ids in the order their generations began
 
     @property
     def slugs(self):
@@ -87,6 +88,7 @@ class CountingBackend:
     async def generate(self, slug, params, *, request_id, on_progress=None):
         self.active += 1
         self.calls += 1
+        self.started.append(request_id)
         self.peak = max(self.peak, self.active)
         try:
             return await self.inner.generate(slug, params, request_id=request_id, on_progress=on_progress)
@@ -234,14 +236,17 @@ def api(request, tiny_checkpoints, tmp_path_factory):
         credits={POOR_KEY: 0, ONE_CREDIT_KEY: 1},
         rate_limit_per_minute={LIMITED_KEY: 2},
         key_models={SCIFI_ONLY_KEY: ["sd1.5-scifi"]},
+        max_priority={KEY: 9},
         max_concurrent_jobs=1,
         max_body_bytes=MAX_BODY,
         image_allow_networks=["127.0.0.0/8"],
         cancel_poll_s=0.05,
     )
     backend = CountingBackend(EngineBackend(tiny_checkpoints))
-    with ServerThread(create_app(settings, backend)) as server:
+    holding = HoldingBackend(backend)
+    with ServerThread(create_app(settings, holding)) as server:
         server.backend = backend
+        server.holding = holding
         server.settings = settings
         yield server
     assert backend.peak <= 1, "max_concurrent_jobs=1 was exceeded"
@@ -289,7 +294,33 @@ def test_sdk_run_img2img_with_an_image_url(sdk, api, image_server):
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/jpeg"
     assert decode_image(fetched.content).size == (512, 512)
     # The decoded input stored for the queued job is gone once it has finished.
-    assert not (api.settings.inputs_dir / result["request_id"]).exists()
+    assert api.server.config.app.state.diffserve.store.read_inputs(result["request_id"]) == {}
+
+
+def test_a_backlog_runs_in_priority_order_and_status_shows_it(api, http):
+    with httpx.Client(base_url=api.url, headers={"x-api-key": OTHER_KEY}, timeout=120) as other:
+        capped = other.post("/v2/sd1.5-img2img", json=cheap_img2img(), headers={"X-Priority": "1"})
+    assert capped.status_code == 403 and "up to 0" in capped.json()["error"]
+    for bad in ("10", "-1", "high"):
+        refused = http.post("/v2/sd1.5-img2img", json=cheap_img2img(), headers={"X-Priority": bad})
+        assert refused.status_code == 400 and "X-Priority" in refused.json()["error"]
+    api.holding.release.clear()
+    try:
+        # One job holds the only worker, so the others queue up behind it.
+        blocker = http.post("/v2/sd1.5-img2img", json=cheap_img2img(prompt=HOLD)).json()["request_id"]
+        wait_for(lambda: blocker in api.holding.held, "the blocking job started")
+        priorities = ["0", "5", "0", "9", "5"]
+        ids = [http.post("/v2/sd1.5-img2img", json=cheap_img2img(seed=i),
+                         headers={"X-Priority": p}).json()["request_id"] for i, p in enumerate(priorities)]
+        expected = [ids[i] for i in (3, 1, 4, 0, 2)]
+        positions = [http.get(f"/v2/requests/{request_id}/status").json()["queue_position"] for request_id in expected]
+        assert positions == [0, 1, 2, 3, 4]
+    finally:
+        api.holding.release.set()
+    for request_id in ids:
+        assert wait_status(http, request_id, {"COMPLETED", "FAILED"})["status"] == "COMPLETED"
+    started = [request_id for request_id in api.backend.started if request_id in ids]
+    assert started == expected
 
 
 def test_sdk_submit_async_wait_on_segmind_vega_with_base64(sdk):
@@ -642,7 +673,7 @@ def test_storage_stays_inside_the_data_dir(tight_api):
     cwd = Path.cwd()
     before, cwd_before = _files_outside(parent, data_dir), {p.name for p in cwd.iterdir()}
     with httpx.Client(base_url=tight_api.url, timeout=120) as client:
-        # An async img2img job writes its input, then its output, then deletes the input.
+        # An async img2img job stores its input, then writes its output, then deletes the input.
         request_id = client.post("/v2/sd1.5-img2img", json=cheap_img2img()).json()["request_id"]
         wait_status(client, request_id, {"COMPLETED"})
         output = client.get(f"/v2/requests/{request_id}").json()["output"][0]
@@ -653,9 +684,10 @@ def test_storage_stays_inside_the_data_dir(tight_api):
             assert client.get(path).status_code == 404, path
     assert _files_outside(parent, data_dir) == before  # nothing created or changed outside the data dir
     assert {p.name for p in cwd.iterdir()} == cwd_before  # nor in the working directory (no relative var/)
-    assert {"jobs.sqlite", "outputs", "inputs"} <= {p.name for p in data_dir.iterdir()}
+    assert {"jobs.sqlite", "outputs"} <= {p.name for p in data_dir.iterdir()}
     assert (data_dir / "outputs" / request_id).is_dir()
-    assert list((data_dir / "inputs").iterdir()) == []  # the job's input was deleted when it finished
+    # The job's input lived in the job database and was deleted when it finished.
+    assert tight_api.server.config.app.state.diffserve.store.read_inputs(request_id) == {}
 
 
 # -- real failures: a broken deployment, a faceless portrait, a job past its deadline -------------
