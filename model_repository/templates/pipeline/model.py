@@ -8,7 +8,8 @@ Runs ``engine.pipelines.run`` — the same code as the in-process engine — wit
 * ``fused``: the networks run in this process (ONNX Runtime or torch); no per-step IPC.
 
 The model is decoupled and takes many requests in flight: ``execute`` parses each request and hands
-it to a pool of worker threads, then returns at once; a worker runs it through the instance's
+it to a pool of worker threads, then returns at once (a model that runs one request at a time runs it
+in ``execute``, and Triton's queue holds the others); a worker runs it through the instance's
 ``engine.batching.PipelineRunner`` and sends its responses through the request's response sender — a
 ``PROGRESS`` response after every UNet step, then one final response with ``IMAGES`` (uint8 NHWC),
 ``SEED`` and ``INFO`` (JSON: timings, and ``batch``, the most requests and UNet rows of one batched
@@ -19,7 +20,7 @@ A fused instance with batching on (``EngineOptions.batching``, from ``config.pbt
 SD slugs: ``max_batch`` worker threads, each with its own text encoding and VAE, share one
 ``StepBatcher`` over the UNet — one copy of the weights per instance whatever the load. Omni-Zero,
 OminiControl, a bls pipeline (its UNet model's dynamic batcher merges steps instead) and batching off
-run one request at a time: one worker thread.
+run one request at a time.
 
 Wire format: ``engine.request.GenerationRequest`` — ``REQUEST`` is JSON ``{"slug", "params"}``
 with the parameters the API validated; image parameters travel as separate UINT8 [H, W, 3] inputs
@@ -117,7 +118,10 @@ class TritonPythonModel:
         self.batching = ({"max_batch": batching.max_batch, "buckets": list(batching.buckets)}
                          if self.runner.batches(self.slug) else None)
         self.closing = False
-        self.pool = ThreadPoolExecutor(max_workers=self.runner.capacity(self.slug), thread_name_prefix=self.name)
+        capacity = self.runner.capacity(self.slug)
+        # One request at a time: execute runs it and Triton's own queue holds the others, as before batching.
+        self.pool = (ThreadPoolExecutor(max_workers=capacity, thread_name_prefix=self.name) if capacity > 1
+                     else None)
         for index in range(self.components.config.num_text_encoders):
             self.components.tokenizer(index)  # load now, not on the first request
         report = getattr(self.components, "optimization_report", None)  # fused torch components
@@ -130,7 +134,8 @@ class TritonPythonModel:
                     f"step-batched up to {batching.max_batch} rows" if self.batching else "one request at a time")
 
     def execute(self, requests):
-        """Parse each request and queue it for a worker thread; responses come from there."""
+        """Parse each request and queue it for a worker thread (or, one at a time, run it); each request's
+        responses go through its own response sender."""
         for request in requests:
             sender = request.get_response_sender()
             request_id = request.request_id()
@@ -144,7 +149,10 @@ class TritonPythonModel:
                 logger.exception("%s: request %s could not be read", self.name, request_id)
                 self._send_error(sender, f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
                 continue
-            self.pool.submit(self._handle, sender, request_id, params, wanted, time.perf_counter())
+            if self.pool is None:
+                self._handle(sender, request_id, params, wanted, time.perf_counter())
+            else:
+                self.pool.submit(self._handle, sender, request_id, params, wanted, time.perf_counter())
         return None
 
     def _handle(self, sender, request_id, params, wanted, queued_at):
@@ -210,6 +218,7 @@ class TritonPythonModel:
         # queued ones are answered at once; then the workers and the batcher thread end.
         self.closing = True
         self.runner.close()
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
         logger.info("%s unloaded", self.name)
         atexit.register(exit_without_teardown)  # the last registered: runs first
