@@ -10,7 +10,7 @@ checkpoint is loaded (and its compiled components warmed up) in the pool at star
 every denoising step.
 
 With ``batching`` (``engine.batching.BatchingOptions``; on by default in ``serve``) each checkpoint
-gets one ``StepBatcher`` over its UNet: concurrent requests of the slugs whose loop is a
+gets one ``engine.batching.PipelineRunner`` (as a Triton fused pipeline instance does): concurrent requests of the slugs whose loop is a
 ``DenoiseLoop`` (``sd1.5-scifi``, ``sd1.5-img2img``, ``segmind-vega``) share UNet calls, while their
 text encoding and VAE run in their own pool threads. ``omni-zero`` and ``ominicontrol`` run one
 request at a time per checkpoint (see the README's batching section for why). The pool then has
@@ -51,14 +51,13 @@ class EngineBackend:
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
         self._max_workers = max_workers
-        self._batchers: dict[Path, Any] = {}
-        self._unbatched_locks: dict[Path, threading.Lock] = {}
+        self._runners: dict[Path, Any] = {}
+        """Checkpoint -> its ``engine.batching.PipelineRunner`` (the loaded components and their batcher)."""
         self._checkpoints = {slug: Path(path).resolve() for slug, path in checkpoints.items()}
         self._device = device
         self._precision = precision
         self._optimizations = optimizations
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="engine")
-        self._components: dict[Path, Any] = {}
         self._load_lock = threading.Lock()
         self._cancel_events: set[threading.Event] = set()
         self._closed = False
@@ -113,7 +112,7 @@ class EngineBackend:
     async def ready(self) -> dict[str, bool]:
         status = {"server": not self._closed}
         for slug, path in self._checkpoints.items():
-            loadable = path in self._components or (path not in self._preloading and (path / "model_index.json").is_file())
+            loadable = path in self._runners or (path not in self._preloading and (path / "model_index.json").is_file())
             status[slug] = not self._closed and loadable
         return status
 
@@ -122,27 +121,27 @@ class EngineBackend:
         for event in list(self._cancel_events):
             event.set()
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
-        for batcher in self._batchers.values():
-            batcher.close()
-        self._batchers.clear()
-        self._components.clear()
+        for runner in self._runners.values():
+            runner.close()
+        self._runners.clear()
 
     # -- in the worker thread ------------------------------------------------------------------
 
     def _preload(self, slug: str) -> None:
         try:
-            self._components_for(slug)
+            self._runner_for(slug)
         except BackendUnavailable:
             pass  # logged; requests for the slug get the same error
         finally:
             self._preloading.discard(self._checkpoints[slug])
 
-    def _components_for(self, slug: str) -> tuple[Any, float]:
-        """The (possibly shared) components of ``slug``'s checkpoint and the seconds spent loading."""
+    def _runner_for(self, slug: str) -> tuple[Any, float]:
+        """The (possibly shared) ``PipelineRunner`` of ``slug``'s checkpoint and the seconds spent loading."""
         path = self._checkpoints[slug]
         with self._load_lock:
-            if path in self._components:
-                return self._components[path], 0.0
+            if path in self._runners:
+                return self._runners[path], 0.0
+            from engine.batching import PipelineRunner
             from engine.runtime_torch import TorchComponents
 
             start = time.perf_counter()
@@ -154,34 +153,21 @@ class EngineBackend:
                 raise BackendUnavailable(
                     f"model {slug!r} is unavailable: its checkpoint could not be loaded ({type(exc).__name__})"
                 ) from exc
-            self._components[path] = components
-            self._unbatched_locks[path] = threading.Lock()
-            if self._batching is not None:
-                from engine.batching import StepBatcher
-
-                self._batchers[path] = StepBatcher(components.unet, self._batching, name=f"batcher-{path.name}")
-            return components, time.perf_counter() - start
+            runner = self._runners[path] = PipelineRunner(components, self._batching, name=f"batcher-{path.name}")
+            return runner, time.perf_counter() - start
 
     def _generate_blocking(self, slug: str, params: dict[str, Any], request_id: str,
                            on_progress: ProgressCallback | None, cancel: threading.Event,
                            submitted: float) -> BackendResult:
         from engine.catalog import InvalidRequest
-        from engine.pipelines import Cancelled, RunControl, run, step_batched
+        from engine.pipelines import Cancelled, RunControl
 
         started = time.perf_counter()
         if cancel.is_set():
             raise Cancelled("cancelled before start")
-        components, load_s = self._components_for(slug)
-        path = self._checkpoints[slug]
-        batcher = self._batchers.get(path)
-        control = RunControl(on_step=on_progress, is_cancelled=cancel.is_set)
+        runner, load_s = self._runner_for(slug)
         try:
-            if batcher is not None and step_batched(slug):
-                control.driver = batcher.run
-                result = run(slug, params, components, control)
-            else:
-                with self._unbatched_locks[path]:  # one unbatched generation per checkpoint at a time
-                    result = run(slug, params, components, control)
+            result = runner.run(slug, params, RunControl(on_step=on_progress, is_cancelled=cancel.is_set))
         except Cancelled:
             raise
         except InvalidRequest as exc:

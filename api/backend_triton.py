@@ -46,6 +46,15 @@ class TritonBackend:
     def slugs(self) -> Collection[str]:
         return tuple(self.client.models)
 
+    @property
+    def batch_capacity(self) -> int:
+        """Requests worth keeping in flight (``Settings.job_concurrency``): the most that one served pipeline
+        model works on at once, as the repository manifest records it (``batch_capacity``: ``max_batch`` per
+        step-batching fused instance, one per other instance). A repository built before batching records
+        none: 1."""
+        return max((int(self.client.pipelines[name].get("batch_capacity", 1)) for name in self.client.models.values()),
+                   default=1)
+
     async def infer(self, model: str, params: dict[str, Any], **kw) -> TritonOutput:
         """One pipeline-model request, its failure raised as the API's ``BackendError``."""
         try:
@@ -122,7 +131,7 @@ def create_triton_backend(settings: Settings, demo: bool) -> TritonBackend:
     if demo:
         from export.repository import build_demo_repository
 
-        repository = build_demo_repository(repository).repository
+        repository = build_demo_repository(repository, **settings.repository_batching()).repository
     if repository is None:
         raise SystemExit("--backend triton needs a model repository: --repository DIR "
                          "(built by `diffserve export`) or --demo")

@@ -163,7 +163,8 @@ def _apply_models_file(args: argparse.Namespace, settings):
         try:
             options = deployment_options(device=settings.device, precision=settings.precision, gpus=args.gpus,
                                          torch_optimizations=settings.torch_optimizations or "",
-                                         ominicontrol_condition=args.ominicontrol_condition)
+                                         ominicontrol_condition=args.ominicontrol_condition,
+                                         **settings.repository_batching())
             report = build_repository_from_models(settings.models_file, Path(repository), options,
                                                   args.gpu_memory_gb)
         except ValueError as exc:

@@ -199,12 +199,14 @@ class Settings(BaseSettings):
     torch_optimizations: str | None = None
     """``engine.torch_optimize`` spec for the local backend, e.g. ``fast`` or ``fuse_qkv,compile``."""
     batching: bool = True
-    """Local backend: step-level batching (``engine.batching``) of concurrent requests per checkpoint."""
+    """Step-level batching (``engine.batching``) of concurrent requests: per checkpoint in the local
+    backend; per fused pipeline instance in a Triton repository that ``serve`` builds (``--demo``,
+    ``--models``; a repository built by ``diffserve export`` carries its own, ``--no-batching``)."""
     max_batch: int = Field(8, ge=1)
-    """Local backend: most UNet rows in one batched call (a CFG request with N samples takes 2N)."""
+    """Most UNet rows in one batched call (a CFG request with N samples takes 2N); as ``batching``."""
     batch_buckets: Annotated[list[int], NoDecode] = Field(default_factory=list)
-    """Local backend: batch sizes a call is padded up to (those compiled or captured as CUDA graphs),
-    increasing, the largest at least ``max_batch``; empty: no padding."""
+    """Batch sizes a call is padded up to (those compiled or captured as CUDA graphs), increasing, the
+    largest at least ``max_batch``; empty: no padding. As ``batching``."""
 
     @field_validator("torch_optimizations")
     @classmethod
@@ -278,12 +280,16 @@ class Settings(BaseSettings):
     # -- derived values --------------------------------------------------------------------------
 
     def batching_options(self):
-        """The local backend's ``engine.batching.BatchingOptions``, or None with batching off."""
+        """The local backend's ``engine.options.BatchingOptions``, or None with batching off."""
         if not self.batching:
             return None
-        from engine.batching import BatchingOptions
+        from engine.options import BatchingOptions
 
         return BatchingOptions(max_batch=self.max_batch, buckets=tuple(self.batch_buckets))
+
+    def repository_batching(self) -> dict[str, Any]:
+        """The batching fields of ``export.repository.RepositoryOptions`` for a repository ``serve`` builds."""
+        return {"batching": self.batching, "max_batch": self.max_batch, "batch_buckets": tuple(self.batch_buckets)}
 
     def job_concurrency(self, backend: Any) -> int:
         """Jobs the runner keeps in flight: ``max_concurrent_jobs`` if set, else the backend's

@@ -125,11 +125,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             triton=args.triton, triton_url=args.triton_url,
             triton_repository=Path(args.triton_repository) if args.triton_repository else None,
             modes=tuple(_csv(args.modes)), triton_runtime=args.triton_runtime,
-            triton_pipeline_instances=args.triton_pipeline_instances, engine_baseline=args.engine_baseline,
+            triton_pipeline_instances=args.triton_pipeline_instances, fused_variants=tuple(_csv(args.fused_variants)),
+            engine_baseline=args.engine_baseline,
             engine_repeats=args.engine_repeats, device=args.device, precision=args.precision,
             work_dir=Path(args.work_dir) if args.work_dir else _work_dir(), seed=args.seed, threads=args.threads,
             predict=args.predict, service_requests=args.service_requests, servers=args.servers)
         report = asyncio.run(run_serve_bench(cfg))
+        report["command"] = "diffserve bench " + " ".join(sys.argv[sys.argv.index("serve"):]) if "serve" in sys.argv \
+            else "diffserve bench serve"
+        report["notes"] += list(args.note or [])
     except ValidationError as exc:
         print("invalid --params:\n  " + "\n  ".join(exc.errors), file=sys.stderr)
         return 2
@@ -277,6 +281,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="runtime of the demo repository's components and fused pipelines (default onnxruntime)")
     srv.add_argument("--triton-pipeline-instances", type=int, default=2,
                      help="instances per pipeline model in the demo repository (default 2)")
+    srv.add_argument("--fused-variants", default="", metavar="batched,unbatched,unbatched-x2",
+                     help="run the fused mode once per variant: its model reloaded with step batching on or off and "
+                          "-xN instances (default: the fused model as built)")
     srv.add_argument("--engine-baseline", default="auto",
                      help="auto: time the request in-process on the server's checkpoint (demo server); "
                           "none; or the path of an engine report")
@@ -293,6 +300,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="servers the queueing model assumes: workers x DIFFSERVE_MAX_CONCURRENT_JOBS (default 1)")
     srv.add_argument("--threads", type=int, help="CPU threads for torch/ORT here, in the started server and Triton")
     srv.add_argument("--work-dir", help="cache directory (default $DIFFSERVE_HOME/bench)")
+    srv.add_argument("--note", action="append", help="a note to record with the results (repeatable), e.g. what "
+                                                     "else loaded the machine")
     _common_output(srv)
     srv.set_defaults(func=cmd_serve)
 

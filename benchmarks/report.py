@@ -79,9 +79,10 @@ def _header(report: dict[str, Any], title: str) -> list[str]:
              f"- GPU: {gpu['name']} ({gpu['memory_gb']} GB, CUDA {gpu['cuda']}, driver {gpu.get('driver')})"
              if gpu else "- GPU: none" + ("" if report["kind"] == "capacity"
                                           else " (CPU run: no fraction of the compute floor is computed)"),
-             "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-             ""]
-    return lines
+             "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items())]
+    if report.get("command"):
+        lines.append(f"- command: `{report['command']}`")
+    return lines + [""]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -257,6 +258,20 @@ def render_serve_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {m['slug']} | {m['level']} | {format_ms(m['bls_p50_ms'])} | {format_ms(m['fused_p50_ms'])} "
                          f"| {format_num(m['fused_over_bls'], '{:.3f}')} | {format_num(m['bls_rps'], '{:.3f}')} "
                          f"| {format_num(m['fused_rps'], '{:.3f}')} |")
+    if report.get("fused_variants"):
+        lines += ["", "## Step-level batching (Triton fused pipeline model): batched vs unbatched", "",
+                  "| slug | variant | level | images/s | vs lowest level | vs unbatched | p50 | p95 "
+                  "| requests per UNet call (mean of each request's largest) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for v in report["fused_variants"]:
+            lines.append(f"| {v['slug']} | {v['variant']} | {v['level']} | {format_num(v['images_per_s'], '{:.3f}')} "
+                         f"| {format_num(v['vs_lowest_level'], '{:.2f}x')} | {format_num(v['vs_unbatched'], '{:.2f}x')} "
+                         f"| {format_ms(v['p50_ms'])} | {format_ms(v['p95_ms'])} "
+                         f"| {format_num(v['batch_requests_mean'], '{:.2f}')} |")
+        lines += ["", "Variants: the fused model reloaded with step batching on (`batched`: one instance takes "
+                      "`max_batch` requests in flight) or off (`unbatched`: one request at a time per instance), "
+                      "`-xN`: N instances (N copies of the weights). A batched instance answers from worker threads "
+                      "after `execute` has returned, so Triton's queue/compute columns do not describe it."]
     queueing = [(series, q) for series in report["series"] for q in series.get("queueing") or []]
     if queueing:
         lines += ["", "## Queueing model: predicted vs measured p95 (open loop)", "",

@@ -11,7 +11,10 @@ Targets:
   ``export.triton_client.TritonPipelineClient``, the client the API's Triton backend uses; a
   Triton server started here serves ``export.repository``'s demo repository of the swept
   slugs), once per pipeline mode — ``bls`` (components are separate Triton
-  models) and ``fused`` (components in-process in the pipeline model) — to compare the modes.
+  models) and ``fused`` (components in-process in the pipeline model) — to compare the modes;
+  with ``fused_variants`` the fused model runs once per variant, reloaded with step batching on
+  or off and an instance count (``batched``, ``unbatched``, ``unbatched-x2``: the Triton server
+  then runs in explicit model-control mode), to measure what step-level batching gives.
 
 Load is closed-loop (``concurrency`` clients sending back to back, swept 1, 2, 4, 8, ...) or
 open-loop (Poisson arrivals at each offered rate; a request's latency counts from its
@@ -63,6 +66,7 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENDPOINTS = ("sync", "async")
 _READY_RE = re.compile(r"diffserve API ready at (\S+)")
+_VARIANT_RE = re.compile(r"(batched|unbatched)(-x([1-9][0-9]*))?")
 
 
 @dataclass
@@ -96,6 +100,10 @@ class ServeBenchConfig:
     """Runtime of the demo repository's component models and fused pipelines: onnxruntime or torch."""
     triton_pipeline_instances: int = 2
     """Instances of each pipeline model in the demo repository (requests beyond them queue in Triton)."""
+    fused_variants: tuple[str, ...] = ()
+    """Series of the fused mode, each on the fused model reloaded as ``batched`` or ``unbatched`` (step-level
+    batching on or off), ``-xN`` for N instances (e.g. ``unbatched-x2``: two copies of the weights); empty:
+    the fused model as the repository built it."""
     engine_baseline: str = "auto"
     """``auto`` (time in-process on the demo checkpoint when this run started the server), ``none``,
     or the path of an engine report."""
@@ -139,6 +147,9 @@ class ServeBenchConfig:
             raise ValueError("the queueing model's prediction is checked against an open-loop run (--loop open)")
         if self.service_requests < 2 or self.servers < 1:
             raise ValueError("service_requests must be >= 2 and servers >= 1")
+        bad = [v for v in self.fused_variants if not _VARIANT_RE.fullmatch(v)]
+        if bad:
+            raise ValueError(f"fused variants look like batched, unbatched or unbatched-x2; got {', '.join(bad)}")
 
 
 @dataclass
@@ -333,6 +344,10 @@ def summarize_level(level: float, records: list[Record], elapsed_s: float, image
         "samples_ms": [round(v, 3) for v in lat],
         "triton": triton,
     }
+    batch = [r.metrics["batch_requests"] for r in ok if r.metrics.get("batch_requests")]
+    if batch:
+        # Step batching (fused model's INFO): requests in the largest UNet call each request took part in.
+        out["batch_requests_mean"] = round(float(np.mean(batch)), 3)
     return out
 
 
@@ -627,10 +642,63 @@ async def sweep_triton(cfg: ServeBenchConfig, backend, model: str, mode: str, sl
         compute = float(out.info.get("model_seconds", latency))
         rec = Record(True, "OK", latency, scheduled - t_zero)
         rec.metrics = {"inference_time": compute, "backend_queue_time": max(0.0, latency - compute),
-                       "queue_time": 0.0}
+                       "queue_time": 0.0, "batch_requests": (out.info.get("batch") or {}).get("requests", 0)}
         return rec
 
     return await run_levels(cfg, series, send, None, stats, model)
+
+
+def load_fused_variant(grpc_url: str, model: str, variant: str) -> Callable[[], None]:
+    """Reload the fused pipeline ``model`` as ``variant`` (``batched``/``unbatched``, ``-xN``: N instances)
+    through Triton's model control; returns what loads its original config back."""
+    import json
+
+    import tritonclient.grpc as grpcclient
+
+    match = _VARIANT_RE.fullmatch(variant)
+    if match is None:
+        raise ValueError(f"unknown fused variant {variant!r}")
+    client = grpcclient.InferenceServerClient(grpc_url)
+    original = client.get_model_config(model, as_json=True)["config"]
+    patched = json.loads(json.dumps(original))
+    options = json.loads(patched["parameters"]["options"]["string_value"])
+    options["batching"] = match.group(1) == "batched"
+    patched["parameters"]["options"]["string_value"] = json.dumps(options, sort_keys=True)
+    for group in patched["instance_group"]:
+        group["count"] = int(match.group(3) or 1)
+    client.load_model(model, config=json.dumps(patched))
+
+    def restore() -> None:
+        try:
+            client.load_model(model, config=json.dumps(original))
+        finally:
+            client.close()
+
+    return restore
+
+
+def variant_rows(series_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per slug and level of the fused variants: images/s against the same variant at the lowest level and
+    against ``unbatched`` (one instance) at the same level, p50/p95, requests per batched UNet call."""
+    by = {(s["slug"], s["endpoint"].removeprefix("fused-")): s for s in series_list
+          if s["target"] == "triton" and s["endpoint"].startswith("fused-")}
+    rows = []
+    for (slug, variant), series in by.items():
+        levels = series["levels"]
+        if not levels:
+            continue
+        first = levels[0]["images_per_s"]
+        unbatched = {lv["level"]: lv for lv in (by.get((slug, "unbatched")) or {"levels": []})["levels"]}
+        for lv in levels:
+            ref = unbatched.get(lv["level"])
+            ips = lv["images_per_s"]
+            rows.append({"slug": slug, "variant": variant, "level": lv["level"], "images_per_s": ips,
+                         "vs_lowest_level": round(ips / first, 3) if ips and first else None,
+                         "vs_unbatched": round(ips / ref["images_per_s"], 3) if ips and ref and ref["images_per_s"]
+                         else None,
+                         "p50_ms": lv["latency"]["p50_ms"], "p95_ms": lv["latency"]["p95_ms"],
+                         "batch_requests_mean": lv.get("batch_requests_mean")})
+    return rows
 
 
 # -- engine baseline, overhead, modes --------------------------------------------------------------------
@@ -758,6 +826,7 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
         "requests_per_level": cfg.requests_per_level, "min_duration_s": cfg.min_duration_s,
         "poll_interval_s": cfg.poll_interval_s, "warmup_requests": cfg.warmup_requests,
         "triton": {"enabled": cfg.triton, "url": cfg.triton_url, "modes": list(cfg.modes),
+                   "fused_variants": list(cfg.fused_variants),
                    "repository": str(cfg.triton_repository) if cfg.triton_repository else
                    f"demo ({cfg.triton_runtime}, {cfg.triton_pipeline_instances} instance(s) per pipeline model)"},
         "threads": cfg.threads, "device": device,
@@ -820,6 +889,7 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
             await _triton_series(cfg, triton_url, report, requests, image)
     report["overhead"] = overhead_rows(report["series"], baselines)
     report["modes"] = mode_rows(report["series"])
+    report["fused_variants"] = variant_rows(report["series"])
     if cfg.loop == "closed" and any(s["target"] == "api" for s in report["series"]):
         report["notes"].append("the API runs at most DIFFSERVE_MAX_CONCURRENT_JOBS jobs at once (default 1): "
                                "beyond it, requests wait in the API queue (see the split)")
@@ -839,8 +909,10 @@ async def _triton_server(cfg: ServeBenchConfig, stack: contextlib.ExitStack, rep
     repo = cfg.triton_repository or await asyncio.to_thread(demo_repository, cfg.slugs, cfg.work_dir, cfg.modes,
                                                             cfg.triton_runtime, cfg.triton_pipeline_instances,
                                                             cfg.threads or 0)
+    # Fused variants reload the fused model with another config: explicit model control.
+    control = {"model_control_mode": "explicit", "load_models": ["*"]} if cfg.fused_variants else {}
     server = TritonServer(TritonServerConfig(repository=Path(repo), log_file=Path(cfg.work_dir) / "triton.log",
-                                             startup_timeout_s=600))
+                                             startup_timeout_s=600, **control))
     # Results are in hand when this runs: python stubs that take long to exit are killed after 10 s.
     stack.callback(server.stop, 10)
     ready = asyncio.ensure_future(asyncio.to_thread(server.start))
@@ -865,8 +937,18 @@ async def _triton_series(cfg: ServeBenchConfig, url: str, report: dict[str, Any]
                 if model is None:
                     report["notes"].append(f"Triton serves no {mode} pipeline model for {slug}")
                     continue
-                report["series"].append(await sweep_triton(cfg, backend, model, mode, slug, params, ipr,
-                                                           floors.steps_run(slug, requests[slug]), stats))
+                steps = floors.steps_run(slug, requests[slug])
+                if mode != "fused" or not cfg.fused_variants:
+                    report["series"].append(await sweep_triton(cfg, backend, model, mode, slug, params, ipr, steps,
+                                                               stats))
+                    continue
+                for variant in cfg.fused_variants:
+                    restore = await asyncio.to_thread(load_fused_variant, url, model, variant)
+                    try:
+                        report["series"].append(await sweep_triton(cfg, backend, model, f"fused-{variant}", slug,
+                                                                   params, ipr, steps, stats))
+                    finally:
+                        await asyncio.to_thread(restore)
     finally:
         await backend.close()
         stats.close()

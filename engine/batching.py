@@ -23,6 +23,10 @@ its rows of the output.
 * **buckets**: the call's rows are padded (by repeating the last row) up to the smallest bucket that
   holds them — the sizes compiled or captured as CUDA graphs; above the largest bucket, no padding.
 
+``PipelineRunner`` is what a server holds per set of loaded components (the local backend per checkpoint,
+a Triton fused pipeline instance for its slug): it runs the slugs whose pipeline is step-batched through
+its ``StepBatcher`` and every other request one at a time.
+
 ``StepBatcher`` owns one denoiser and a worker thread and runs that policy; ``run(loop, control)``
 blocks the calling thread until its loop is done. Per request: progress (``control.on_step``),
 cancellation (``control.is_cancelled``, polled every tick) and a deadline fail or report that request
@@ -32,6 +36,8 @@ input fails that request only.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -41,6 +47,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import torch
 
+from engine.options import BatchingOptions  # noqa: F401  (the batcher's options, re-exported)
 from engine.pipelines.common import Cancelled
 
 logger = logging.getLogger(__name__)
@@ -71,41 +78,6 @@ class BatchedLoop(Protocol):
 
 
 # -- the policy ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BatchingOptions:
-    max_batch: int = 8
-    """Most rows in one denoiser call (a CFG request with N samples takes 2N rows)."""
-    buckets: tuple[int, ...] = ()
-    """Batch sizes the denoiser is compiled or captured for; a call is padded up to the next one."""
-    max_wait_ticks: int = 4
-    """Ticks the head of the queue waits for room before it joins an active set that is full."""
-    max_active: int | None = None
-    """Most rows active at once when the wait bound admits past ``max_batch`` (default 2 * max_batch)."""
-
-    def __post_init__(self):
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        if any(b < 1 for b in self.buckets) or list(self.buckets) != sorted(set(self.buckets)):
-            raise ValueError(f"buckets must be increasing positive sizes, got {list(self.buckets)}")
-        if self.buckets and self.buckets[-1] < self.max_batch:
-            raise ValueError(f"the largest bucket ({self.buckets[-1]}) must hold max_batch ({self.max_batch})")
-        if self.max_wait_ticks < 0:
-            raise ValueError(f"max_wait_ticks must be >= 0, got {self.max_wait_ticks}")
-        if self.max_active is not None and self.max_active < self.max_batch:
-            raise ValueError(f"max_active ({self.max_active}) must be >= max_batch ({self.max_batch})")
-
-    @property
-    def active_limit(self) -> int:
-        return self.max_active if self.max_active is not None else 2 * self.max_batch
-
-    def padded(self, rows: int) -> int:
-        """The call size for ``rows`` rows: the smallest bucket that holds them, else ``rows``."""
-        for bucket in self.buckets:
-            if bucket >= rows:
-                return bucket
-        return rows
-
 
 @dataclass(eq=False)
 class Entry:
@@ -207,6 +179,10 @@ class _Request:
     deadline: float | None
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    batch_requests: int = 0
+    """Most requests in one denoiser call this request took part in."""
+    batch_rows: int = 0
+    """Most rows (before padding) in one denoiser call this request took part in."""
 
 
 def concat_inputs(inputs: list[Sequence[torch.Tensor | None]], pad_to: int) -> list[torch.Tensor | None]:
@@ -267,16 +243,20 @@ class StepBatcher:
             self._finish(entry, None)
         return entry, request
 
-    def run(self, loop: BatchedLoop, control: Any = None, deadline: float | None = None) -> torch.Tensor:
+    def run(self, loop: BatchedLoop, control: Any = None, deadline: float | None = None,
+            report: dict[str, int] | None = None) -> torch.Tensor:
         """Run ``loop`` to the end with the other requests; returns its final latents.
 
         ``control`` is an ``engine.pipelines.RunControl`` (its ``on_step`` and ``is_cancelled`` are used),
-        so this is a ``RunControl.driver``. Raises what failed this request: ``Cancelled``,
+        so this is a ``RunControl.driver``. ``report`` receives ``requests`` and ``rows``: the most of each
+        in one denoiser call this loop took part in. Raises what failed this request: ``Cancelled``,
         ``DeadlineExceeded`` or the denoiser's or step's own error.
         """
         _, request = self.submit(loop, on_step=getattr(control, "on_step", None),
                                  is_cancelled=getattr(control, "is_cancelled", None), deadline=deadline)
         request.done.wait()
+        if report is not None:
+            report.update(requests=request.batch_requests, rows=request.batch_rows)
         if request.error is not None:
             raise request.error
         return loop.latents  # type: ignore[attr-defined]
@@ -329,6 +309,10 @@ class StepBatcher:
         if not ok:
             return
         rows = sum(e.rows for e in ok)
+        for entry in ok:
+            request: _Request = entry.payload
+            request.batch_requests = max(request.batch_requests, len(ok))
+            request.batch_rows = max(request.batch_rows, rows)
         try:
             output = self._call(inputs, self.options.padded(rows), rows)
         except Exception as exc:  # noqa: BLE001 - find whose input fails: each request alone
@@ -388,3 +372,51 @@ class StepBatcher:
             except Exception:  # noqa: BLE001 - never let the worker die; requests were failed in tick
                 logger.exception("batcher tick failed")
 
+
+
+class PipelineRunner:
+    """Runs requests on one set of components, as many in flight as the batcher takes.
+
+    With ``options`` (batching on), the requests of a slug whose pipeline loop is a ``DenoiseLoop``
+    (``engine.pipelines.step_batched``: the SD pipelines) go through one ``StepBatcher`` over the UNet, each
+    in its caller's thread for its own text encoding and VAE; every other request (Omni-Zero, OminiControl,
+    or all of them with batching off) runs one at a time. One copy of the weights serves them all: at full
+    size the memory cost of more requests in flight is their activations (one batched UNet call of
+    ``max_batch`` rows), not another instance's weights and CUDA context.
+    """
+
+    def __init__(self, components: Any, options: BatchingOptions | None = None, *, name: str = "batcher"):
+        self.components = components
+        self.options = options
+        self.batcher = StepBatcher(components.unet, options, name=name) if options is not None else None
+        self._alone = threading.Lock()
+
+    def batches(self, slug: str) -> bool:
+        """Whether ``slug``'s requests are step-batched here."""
+        from engine.pipelines import step_batched
+
+        return self.batcher is not None and step_batched(slug)
+
+    def capacity(self, slug: str) -> int:
+        """Requests of ``slug`` worth having in flight: ``max_batch`` when they batch, else 1."""
+        return self.options.max_batch if self.options is not None and self.batches(slug) else 1
+
+    def run(self, slug: str, params: dict[str, Any], control: Any = None):
+        """``engine.pipelines.run`` for one request, batched with the others where ``batches(slug)``; the
+        result's ``batch`` says how. Raises what failed this request only."""
+        from engine.pipelines import RunControl, run
+
+        control = control if control is not None else RunControl()
+        if not self.batches(slug):
+            with self._alone:
+                return run(slug, params, self.components, control)
+        report: dict[str, int] = {}
+        driven = dataclasses.replace(control, driver=functools.partial(self.batcher.run, report=report))
+        result = run(slug, params, self.components, driven)
+        result.batch = dict(report)
+        return result
+
+    def close(self) -> None:
+        """Fail the requests still in the batcher and stop its thread."""
+        if self.batcher is not None:
+            self.batcher.close()

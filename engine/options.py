@@ -6,6 +6,9 @@ manifest and into every model's ``config.pbtxt`` parameters (``options``, JSON),
 stubs parse it back and hand it to the engine. The engine reads no environment variable on the
 request path: what a pipeline or a runtime needs to know comes from here.
 
+``BatchingOptions`` are the step batcher's limits (``engine.batching``); they live here, torch-free, so the
+ONNX Runtime component stub can parse ``EngineOptions`` without importing torch.
+
 ``network_precisions`` is the one rule for the dtype of each network on a device (fp16 for the
 UNets and CLIP text encoders, the VAE in fp32 where its config forces upcast, bf16 for FLUX).
 """
@@ -23,6 +26,43 @@ OMINICONTROL_CONDITION_MODES = ("joint", "cached")
 ``cached``: the independent-condition mode, condition K/V computed once per request."""
 ONNX_FP32_COMPONENTS = ("face_detector", "face_recognizer")
 """Networks that ship as ONNX and are installed unconverted (float32 whatever the repository asks)."""
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """The step batcher's limits (``engine.batching.StepScheduler``)."""
+
+    max_batch: int = 8
+    """Most rows in one denoiser call (a CFG request with N samples takes 2N rows)."""
+    buckets: tuple[int, ...] = ()
+    """Batch sizes the denoiser is compiled or captured for; a call is padded up to the next one."""
+    max_wait_ticks: int = 4
+    """Ticks the head of the queue waits for room before it joins an active set that is full."""
+    max_active: int | None = None
+    """Most rows active at once when the wait bound admits past ``max_batch`` (default 2 * max_batch)."""
+
+    def __post_init__(self):
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if any(b < 1 for b in self.buckets) or list(self.buckets) != sorted(set(self.buckets)):
+            raise ValueError(f"buckets must be increasing positive sizes, got {list(self.buckets)}")
+        if self.buckets and self.buckets[-1] < self.max_batch:
+            raise ValueError(f"the largest bucket ({self.buckets[-1]}) must hold max_batch ({self.max_batch})")
+        if self.max_wait_ticks < 0:
+            raise ValueError(f"max_wait_ticks must be >= 0, got {self.max_wait_ticks}")
+        if self.max_active is not None and self.max_active < self.max_batch:
+            raise ValueError(f"max_active ({self.max_active}) must be >= max_batch ({self.max_batch})")
+
+    @property
+    def active_limit(self) -> int:
+        return self.max_active if self.max_active is not None else 2 * self.max_batch
+
+    def padded(self, rows: int) -> int:
+        """The call size for ``rows`` rows: the smallest bucket that holds them, else ``rows``."""
+        for bucket in self.buckets:
+            if bucket >= rows:
+                return bucket
+        return rows
 
 
 @dataclass(frozen=True)
@@ -44,8 +84,17 @@ class EngineOptions:
     (2 GB for a 1024² VAE) and a repository runs one process per model."""
     ort_threads: int = 0
     """ONNX Runtime intra-op threads (0: ORT's default, one per core)."""
+    batching: bool = True
+    """Step-level batching (``engine.batching``) of the requests in flight in one fused pipeline instance: one
+    UNet call per tick over every request of the same shapes. Off: the instance runs one request at a time."""
+    max_batch: int = 8
+    """Most UNet rows in one batched call (a CFG request with N samples takes 2N rows); also how many requests
+    one instance takes in flight."""
+    batch_buckets: tuple[int, ...] = ()
+    """Batch sizes a call is padded up to (those compiled or captured as CUDA graphs); empty: no padding."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "batch_buckets", tuple(int(b) for b in self.batch_buckets))  # JSON gives a list
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         bad = {k: v for k, v in {"": self.precision, **self.precisions}.items() if v not in PRECISIONS}
@@ -56,12 +105,20 @@ class EngineOptions:
                              f"got {self.ominicontrol_condition!r}")
         if self.ort_threads < 0:
             raise ValueError(f"ort_threads must be >= 0, got {self.ort_threads}")
+        self.batching_options(check=True)
+
+    def batching_options(self, check: bool = False) -> BatchingOptions | None:
+        """The ``BatchingOptions`` of this deployment, or None with batching off (``check``: validate the limits
+        even then)."""
+        options = BatchingOptions(max_batch=self.max_batch, buckets=self.batch_buckets)
+        return options if self.batching else None
 
     def precision_of(self, component: str) -> str:
         return self.precisions.get(component, self.precision)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-native values (``batch_buckets`` as a list), so a dict read back from JSON compares equal."""
+        return asdict(self) | {"batch_buckets": list(self.batch_buckets)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -57,7 +57,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             fused_runtime=args.fused_runtime, modes=args.modes, pipeline_instances=args.pipeline_instances,
             demo=args.demo, component_instances=args.component_instances,
             torch_optimizations=args.torch_optimizations, force=args.force,
-            ominicontrol_condition=args.ominicontrol_condition, ort_arena=args.ort_arena, ort_threads=args.ort_threads)
+            ominicontrol_condition=args.ominicontrol_condition, ort_arena=args.ort_arena, ort_threads=args.ort_threads,
+            batching=not args.no_batching, max_batch=args.max_batch,
+            batch_buckets=tuple(int(b) for b in args.batch_buckets.split(",")) if args.batch_buckets else ())
         if args.demo:
             report = build_demo_repository(Path(args.repository) if args.repository else None,
                                            **{k: v for k, v in asdict(options).items()})
@@ -188,6 +190,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--pipeline-instances", type=int,
                      help="instances per fused pipeline model and device (default 1; each is a copy of the weights)")
     exp.add_argument("--component-instances", type=int, default=1)
+    exp.add_argument("--no-batching", action="store_true",
+                     help="fused pipeline instances run one request at a time (default: step-level batching of the "
+                          "SD slugs' requests in flight)")
+    exp.add_argument("--max-batch", type=int, default=8,
+                     help="most UNet rows in one batched call, and requests in flight per instance (default 8)")
+    exp.add_argument("--batch-buckets", metavar="1,2,4,8",
+                     help="batch sizes a call is padded up to (those compiled or captured; default: none)")
     exp.add_argument("--force", action="store_true", help="re-export even when artifacts are up to date")
     exp.set_defaults(func=cmd_export)
 

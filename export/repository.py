@@ -29,7 +29,7 @@ from engine import home_dir
 from engine.catalog import ModelSpec, get_model
 from engine.checkpoint import read_model_config
 from engine.descriptors import ComponentDescriptor, component_descriptors, needed_components
-from engine.options import PRECISIONS, EngineOptions, default_precision, network_precisions
+from engine.options import PRECISIONS, BatchingOptions, EngineOptions, default_precision, network_precisions
 from export.onnx_export import (
     ExportError, ExportResult, build_tensorrt_engine, copy_onnx_component, export_component, tensorrt_toolkit,
 )
@@ -83,6 +83,12 @@ class RepositoryOptions:
     ominicontrol_condition: str = "joint"
     ort_arena: bool = False
     ort_threads: int = 0
+    batching: bool = True
+    """Step-level batching in each fused pipeline instance (``EngineOptions.batching``): one instance takes
+    ``max_batch`` requests in flight. bls pipelines run one request per instance (their UNet model's dynamic
+    batcher merges steps instead)."""
+    max_batch: int = 8
+    batch_buckets: tuple[int, ...] = ()
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -100,6 +106,8 @@ class RepositoryOptions:
         if self.device.startswith("cuda") and not self.gpus:
             self.gpus = (int(self.device.partition(":")[2] or 0),)
         self.gpus = tuple(int(g) for g in self.gpus)
+        self.batch_buckets = tuple(int(b) for b in self.batch_buckets)
+        BatchingOptions(max_batch=self.max_batch, buckets=self.batch_buckets)  # refuse bad limits before exporting
         from engine.torch_optimize import TorchOptimizations
 
         self.torch_optimizations = TorchOptimizations.parse(self.torch_optimizations).spec()
@@ -113,7 +121,19 @@ class RepositoryOptions:
                              precision=self.precision or default_precision(family, device),
                              ominicontrol_condition=self.ominicontrol_condition,
                              torch_optimizations=self.torch_optimizations, ort_arena=self.ort_arena,
-                             ort_threads=self.ort_threads)
+                             ort_threads=self.ort_threads, batching=self.batching, max_batch=self.max_batch,
+                             batch_buckets=tuple(self.batch_buckets))
+
+    def batch_capacity(self, slug: str, mode: str) -> int:
+        """Requests one pipeline model works on at once: each fused instance takes ``max_batch`` of a slug it
+        step-batches (``engine.batching.PipelineRunner.capacity``), any other instance one."""
+        instances = self.pipeline_instances * (len(self.gpus) if mode == "fused" and self.gpus else 1)
+        if mode == "fused" and self.batching:
+            from engine.pipelines import step_batched
+
+            if step_batched(slug):
+                return instances * self.max_batch
+        return instances
 
 
 @dataclass
@@ -366,6 +386,7 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
                     "precisions": engine_options.precisions,
                     "devices": ([f"cuda:{g}" for g in opts.gpus] if opts.device.startswith("cuda") and mode == "fused"
                                 else ["cpu"]),
+                    "batch_capacity": opts.batch_capacity(d.slug, mode),
                 }
             engine_by_slug[d.slug] = engine_options.to_dict()
             logger.info("models %s: %s (%s)", d.slug, ", ".join(opts.modes),

@@ -56,6 +56,9 @@ class GenerationResult:
     """UNet evaluations run (one per scheduler timestep; a CFG pair counts once)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage: encode_text, encode_image, denoise, decode, total."""
+    batch: dict[str, int] = field(default_factory=dict)
+    """Step batching of this run (``engine.batching.PipelineRunner``): ``requests`` and ``rows``, the most of
+    each in one UNet call it took part in; empty when it ran alone."""
 
     def to_uint8(self) -> np.ndarray:
         return to_uint8(self.images)

@@ -413,6 +413,25 @@ def test_serve_config_checks_and_which_checkpoints_the_baseline_uses(tiny_checkp
     assert _served_checkpoints(ServeBenchConfig(triton=True, triton_repository=Path("r"))) is None
     own = {"sd1.5-scifi": Path("/models/sd15")}
     assert _served_checkpoints(ServeBenchConfig(start_server=True, server_checkpoints=own)) == own
+    with pytest.raises(ValueError, match="fused variants"):
+        ServeBenchConfig(triton=True, fused_variants=("batched", "fast"))
+    ServeBenchConfig(triton=True, fused_variants=("batched", "unbatched", "unbatched-x2"))
+
+
+def test_fused_variant_rows_compare_each_level_with_unbatched_and_with_its_lowest_level():
+    from benchmarks.serve_bench import variant_rows
+
+    def series(endpoint, images_per_s, batch=None):
+        return {"slug": "sd1.5-scifi", "target": "triton", "endpoint": endpoint, "levels": [
+            {"level": lv, "images_per_s": ips, "latency": {"p50_ms": 1000.0 * lv, "p95_ms": 1200.0 * lv}}
+            | ({"batch_requests_mean": batch[i]} if batch else {}) for i, (lv, ips) in enumerate(images_per_s)]}
+
+    rows = variant_rows([series("bls", [(1, 0.5)]), series("fused-unbatched", [(1, 0.5), (8, 0.6)]),
+                         series("fused-batched", [(1, 0.5), (8, 1.2)], batch=[1.0, 7.5])])
+    batched = [r for r in rows if r["variant"] == "batched"]
+    assert [(r["level"], r["vs_lowest_level"], r["vs_unbatched"], r["batch_requests_mean"]) for r in batched] == [
+        (1, 1.0, 1.0, 1.0), (8, 2.4, 2.0, 7.5)]
+    assert len(rows) == 4  # bls is not a fused variant
 
 
 def test_engine_bench_checks_low_precision_against_eager_fp32(tiny_checkpoints, work_dir):

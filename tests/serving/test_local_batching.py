@@ -52,7 +52,8 @@ def test_concurrent_requests_are_batched_and_equal_their_images_alone(tiny_check
     backend = EngineBackend({"sd1.5-scifi": tiny_checkpoints["sd1.5-scifi"]}, batching=settings.batching_options())
     with ServerThread(create_app(settings, backend)) as server, httpx.Client(base_url=server.url, timeout=120) as http:
         alone = [_image(http.post("/v1/sd1.5-scifi", json=body)) for body in REQUESTS]
-        (batcher,) = backend._batchers.values()
+        (runner,) = backend._runners.values()
+        batcher = runner.batcher
         assert max(batcher.calls) == 2  # one CFG request at a time
         with ThreadPoolExecutor(len(REQUESTS)) as pool:
             together = list(pool.map(lambda body: _image(http.post("/v1/sd1.5-scifi", json=body)), REQUESTS))

@@ -7,9 +7,20 @@ Runs ``engine.pipelines.run`` — the same code as the in-process engine — wit
   the UNet model's dynamic batcher merges steps of concurrent requests);
 * ``fused``: the networks run in this process (ONNX Runtime or torch); no per-step IPC.
 
-The model is decoupled: it streams a ``PROGRESS`` response after every UNet step, then one final
-response with ``IMAGES`` (uint8 NHWC), ``SEED`` and ``INFO`` (JSON timings), and ``IMAGES_FLOAT``
-when the client asks for it. Between steps it polls for client cancellation.
+The model is decoupled and takes many requests in flight: ``execute`` parses each request and hands
+it to a pool of worker threads, then returns at once (a model that runs one request at a time runs it
+in ``execute``, and Triton's queue holds the others); a worker runs it through the instance's
+``engine.batching.PipelineRunner`` and sends its responses through the request's response sender — a
+``PROGRESS`` response after every UNet step, then one final response with ``IMAGES`` (uint8 NHWC),
+``SEED`` and ``INFO`` (JSON: timings, and ``batch``, the most requests and UNet rows of one batched
+call it took part in), and ``IMAGES_FLOAT`` when the client asks for it. Between steps it polls for
+client cancellation; an error answers its own request only.
+
+A fused instance with batching on (``EngineOptions.batching``, from ``config.pbtxt``) step-batches the
+SD slugs: ``max_batch`` worker threads, each with its own text encoding and VAE, share one
+``StepBatcher`` over the UNet — one copy of the weights per instance whatever the load. Omni-Zero,
+OminiControl, a bls pipeline (its UNet model's dynamic batcher merges steps instead) and batching off
+run one request at a time.
 
 Wire format: ``engine.request.GenerationRequest`` — ``REQUEST`` is JSON ``{"slug", "params"}``
 with the parameters the API validated; image parameters travel as separate UINT8 [H, W, 3] inputs
@@ -21,15 +32,17 @@ import atexit
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from engine.batching import PipelineRunner
 from engine.catalog import InvalidRequest, get_model
 from engine.components import NamedTensorComponents
 from engine.descriptors import component_descriptors
-from engine.pipelines import Cancelled, RunControl, run
+from engine.pipelines import Cancelled, RunControl
 from engine.request import REQUEST_TENSOR, GenerationRequest
 from engine.options import EngineOptions
 from export.stub_params import PipelineModelParams, exit_without_teardown, instance_device
@@ -97,8 +110,18 @@ class TritonPythonModel:
         if self.mode == "bls":
             self.components = BlsComponents(params.checkpoint, params.components)
             self.components.condition_mode = options.ominicontrol_condition
+            batching = None
         else:
             self.components = fused_components(params, options, instance_device(options.device, args))
+            batching = options.batching_options()
+        self.runner = PipelineRunner(self.components, batching, name=f"batcher-{self.name}")
+        self.batching = ({"max_batch": batching.max_batch, "buckets": list(batching.buckets)}
+                         if self.runner.batches(self.slug) else None)
+        self.closing = False
+        capacity = self.runner.capacity(self.slug)
+        # One request at a time: execute runs it and Triton's own queue holds the others, as before batching.
+        self.pool = (ThreadPoolExecutor(max_workers=capacity, thread_name_prefix=self.name) if capacity > 1
+                     else None)
         for index in range(self.components.config.num_text_encoders):
             self.components.tokenizer(index)  # load now, not on the first request
         report = getattr(self.components, "optimization_report", None)  # fused torch components
@@ -106,31 +129,48 @@ class TritonPythonModel:
             "spec": self.components.optimizations.spec(), "applied": report.applied, "fallbacks": report.fallbacks,
             "warmup_s": report.warmup_seconds}
         self.condition_mode = options.ominicontrol_condition
-        logger.info("%s: %s pipeline ready (%s mode, %s)", self.name, self.slug, self.mode,
-                    getattr(self.components, "device", options.device))
+        logger.info("%s: %s pipeline ready (%s mode, %s, %s)", self.name, self.slug, self.mode,
+                    getattr(self.components, "device", options.device),
+                    f"step-batched up to {batching.max_batch} rows" if self.batching else "one request at a time")
 
     def execute(self, requests):
+        """Parse each request and queue it for a worker thread (or, one at a time, run it); each request's
+        responses go through its own response sender."""
         for request in requests:
-            self._handle(request)
+            sender = request.get_response_sender()
+            request_id = request.request_id()
+            try:
+                params = self._request(request).pipeline_params()
+                wanted = set(request.requested_output_names() or [])
+            except InvalidRequest as exc:
+                self._send_error(sender, f"invalid request: {exc}", pb_utils.TritonError.INVALID_ARG)
+                continue
+            except Exception as exc:  # answer with an error; never take the model down
+                logger.exception("%s: request %s could not be read", self.name, request_id)
+                self._send_error(sender, f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+                continue
+            if self.pool is None:
+                self._handle(sender, request_id, params, wanted, time.perf_counter())
+            else:
+                self.pool.submit(self._handle, sender, request_id, params, wanted, time.perf_counter())
         return None
 
-    def _handle(self, request):
-        sender = request.get_response_sender()
+    def _handle(self, sender, request_id, params, wanted, queued_at):
         t0 = time.perf_counter()
         try:
-            params = self._request(request).pipeline_params()
-            wanted = set(request.requested_output_names() or [])
+            if self.closing:
+                raise Cancelled("the model is unloading")
 
             def on_step(done, total):
                 if "PROGRESS" in wanted:
                     progress = pb_utils.Tensor("PROGRESS", np.array([done, total], dtype=np.int32))
                     sender.send(pb_utils.InferenceResponse(output_tensors=[progress]))
 
-            control = RunControl(on_step=on_step, is_cancelled=sender.is_cancelled)
-            result = run(self.slug, params, self.components, control)
+            control = RunControl(on_step=on_step, is_cancelled=lambda: self.closing or sender.is_cancelled())
+            result = self.runner.run(self.slug, params, control)
             info = {"steps": result.steps, "timings": result.timings, "mode": self.mode,
-                    "condition_mode": self.condition_mode,
-                    "model_seconds": time.perf_counter() - t0}
+                    "condition_mode": self.condition_mode, "batching": self.batching, "batch": result.batch,
+                    "model_seconds": time.perf_counter() - t0, "pool_wait_seconds": t0 - queued_at}
             if self.optimizations is not None:
                 info["torch_optimizations"] = self.optimizations
             outputs = [
@@ -141,17 +181,21 @@ class TritonPythonModel:
             if "IMAGES_FLOAT" in wanted:
                 outputs.append(pb_utils.Tensor("IMAGES_FLOAT", result.images.astype(np.float32)))
             sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=FINAL)
-        except InvalidRequest as exc:  # a malformed request, or one the pipeline refuses (a faceless portrait)
+        except InvalidRequest as exc:  # one the pipeline refuses (a faceless portrait)
             self._send_error(sender, f"invalid request: {exc}", pb_utils.TritonError.INVALID_ARG)
-        except Cancelled:
-            logger.info("%s: request cancelled by the client", self.name)
-            self._send_error(sender, "cancelled", pb_utils.TritonError.CANCELLED)
-        except ComponentError as exc:
-            logger.error("%s: component failed: %s", self.name, exc)
-            self._send_error(sender, f"component failed: {exc}", pb_utils.TritonError.UNAVAILABLE)
         except Exception as exc:  # answer with an error; never take the model down
-            logger.exception("%s failed", self.name)
-            self._send_error(sender, f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+            if self.closing:
+                logger.info("%s: request %s stopped: the model is unloading", self.name, request_id)
+                self._send_error(sender, "the model is unloading", pb_utils.TritonError.UNAVAILABLE)
+            elif isinstance(exc, Cancelled):
+                logger.info("%s: request %s cancelled by the client", self.name, request_id)
+                self._send_error(sender, "cancelled", pb_utils.TritonError.CANCELLED)
+            elif isinstance(exc, ComponentError):
+                logger.error("%s: request %s: component failed: %s", self.name, request_id, exc)
+                self._send_error(sender, f"component failed: {exc}", pb_utils.TritonError.UNAVAILABLE)
+            else:
+                logger.exception("%s: request %s failed", self.name, request_id)
+                self._send_error(sender, f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
 
     def _request(self, request):
         raw = pb_utils.get_input_tensor_by_name(request, REQUEST_TENSOR)
@@ -159,7 +203,7 @@ class TritonPythonModel:
         for name in self.image_params:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
-                images[name] = tensor.as_numpy()
+                images[name] = tensor.as_numpy().copy()  # a worker thread reads it after execute returns
         return GenerationRequest.decode(self.slug, None if raw is None else raw.as_numpy().reshape(-1)[0], images)
 
     @staticmethod
@@ -170,5 +214,11 @@ class TritonPythonModel:
             logger.debug("could not send error response: %s", message)
 
     def finalize(self):
+        # Requests in flight stop at their next step (is_cancelled sees closing) and are answered UNAVAILABLE;
+        # queued ones are answered at once; then the workers and the batcher thread end.
+        self.closing = True
+        self.runner.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
         logger.info("%s unloaded", self.name)
         atexit.register(exit_without_teardown)  # the last registered: runs first
