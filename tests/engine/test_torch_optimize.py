@@ -152,7 +152,8 @@ def test_local_backend_compiles_at_start_not_on_a_request(sd15_dir):
         while not all((await backend.ready()).values()):
             assert time.monotonic() < deadline, "the preload never finished"
             await asyncio.sleep(0.2)
-        (components,) = backend._components.values()  # one load for the two slugs sharing it
+        (runner,) = backend._runners.values()  # one load for the two slugs sharing it
+        components = runner.components
         assert set(components.optimization_report.warmup_seconds) == {"vae_decoder"}
         graphs = dynamo_utils.counters["stats"]["unique_graphs"]
         result = await backend.generate("sd1.5-scifi", _params("sd1.5-scifi"), request_id="compiled")
