@@ -327,7 +327,9 @@ def test_cancel_a_running_job_stops_the_backend_and_releases_once(make_runner):
         async with running(runner):
             job = await runner.submit(submission("hang", samples=2))
             await until(lambda: backend.active == 1)
-            assert (await runner.cancel_async(job.id)).status is JobStatus.PROCESSING  # the worker stops it
+            # The worker stops it: the answer is PROCESSING, or already FAILED where the worker's
+            # heartbeat saw the flag before the store was read back (Redis, a loaded host).
+            assert (await runner.cancel_async(job.id)).status in (JobStatus.PROCESSING, JobStatus.FAILED)
             failed = await finished(runner.store, job.id)
             assert failed.status is JobStatus.FAILED and failed.error == CANCELLED_BY_CLIENT
             await until(lambda: runner.running_count == 0)
@@ -349,7 +351,7 @@ def test_cancel_from_another_process_reaches_the_worker_through_its_lease(make_r
         async with running(api, worker):
             job = await api.submit(submission("hang", samples=2))
             await until(lambda: worker.backend.active == 1)
-            assert (await api.cancel_async(job.id)).status is JobStatus.PROCESSING
+            assert (await api.cancel_async(job.id)).status in (JobStatus.PROCESSING, JobStatus.FAILED)  # as above
             failed = await finished(api.store, job.id)
             assert failed.error == CANCELLED_BY_CLIENT
             await until(lambda: worker.backend.cancelled == [job.id])
