@@ -5,7 +5,7 @@ Kubernetes container ``command``, the Dockerfile's ``CMD``) parses with the real
 (``api.cli.build_parser()``: sub-commands, flags, choices and required arguments); every
 ``DIFFSERVE_*`` name they mention is a field of ``api.settings.Settings`` or a variable the code
 reads by that name; the Redis configs carry the persistence that "no accepted job lost" rests
-on; the KEDA triggers watch the streams the job store writes; probes hit the ports the commands
+on; the KEDA triggers watch the demand sets the job store keeps; probes hit the ports the commands
 listen on. Nothing is started: this is a check of names, not a deployment.
 """
 
@@ -235,21 +235,21 @@ def test_redis_requires_a_password_from_a_secret_and_admits_only_api_and_workers
         assert trigger["authenticationRef"] == {"name": "diffserve-redis"}
 
 
-def test_keda_watches_the_job_stores_streams():
+def test_keda_watches_every_slugs_demand_set():
     from api.redis_jobs import RedisJobStore
     from engine.catalog import CATALOG
 
     store = RedisJobStore("redis://127.0.0.1:1")  # no connection is made: only the key names are used
     (scaled,) = [d for d in _docs(DEPLOY / "k8s" / "keda-scaledobject.yaml") if d["kind"] == "ScaledObject"]
     assert scaled["kind"] == "ScaledObject" and scaled["spec"]["scaleTargetRef"]["name"] == "diffserve-worker"
-    streams = set()
+    keys = []
     for trigger in scaled["spec"]["triggers"]:
         meta = trigger["metadata"]
-        assert trigger["type"] == "redis-streams" and meta["address"] == "diffserve-redis:6379"
-        # XLEN (queued + running): with a consumerGroup KEDA would read the pending count or lag instead.
-        assert "consumerGroup" not in meta and int(meta["streamLength"]) >= 1
-        streams.add(meta["stream"])
-    assert streams == {store.stream_key(slug) for slug in CATALOG}
+        # The `redis` scaler counts a set with SCARD: queued + running jobs at every priority.
+        assert trigger["type"] == "redis" and meta["address"] == "diffserve-redis:6379"
+        assert int(meta["listLength"]) >= 1
+        keys.append(meta["listName"])
+    assert sorted(keys) == sorted(store.demand_key(slug) for slug in CATALOG)
 
 
 def test_probes_hit_the_ports_the_commands_listen_on():

@@ -15,5 +15,6 @@ redis.call('HSET', KEYS[2], 'id', id, 'slug', ARGV[6], 'params', ARGV[7], 'statu
            'rank', string.format('%d', rank))
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[2], 'owner', ARGV[8]) end
 redis.call('ZADD', KEYS[4], rank, id)
+redis.call('SADD', demand_key(ARGV[6]), id)
 if #ARGV > 12 then redis.call('HSET', KEYS[5], unpack(ARGV, 13)) end
 return entry
