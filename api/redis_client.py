@@ -57,13 +57,9 @@ def read_password_file(path: Path | None) -> str | None:
     """The password in ``path`` (a mounted Docker or Kubernetes secret), without its final newline."""
     if path is None:
         return None
-    try:
-        text = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        raise ValueError(f"cannot read the Redis password file {path}: {exc}") from exc
-    if not text:
-        raise ValueError(f"the Redis password file {path} is empty")
-    return text
+    from api.settings import read_secret_file
+
+    return read_secret_file(path, "Redis password", strip=lambda text: text.rstrip("\r\n"))
 
 
 def describe(client: redis.Redis) -> str:
