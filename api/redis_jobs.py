@@ -49,13 +49,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import redis
 
-from api.jobs import MAX_PRIORITY, CANCELLED_BY_CLIENT, Claim, Heartbeat, InvalidJobTransition, Job, JobStatus
+from api.jobs import (
+    MAX_PRIORITY, CANCELLED_BY_CLIENT, Claim, DuplicateJob, Heartbeat, InvalidJobTransition, Job, JobStatus,
+    chosen_job_id,
+)
 from api.redis_client import connect, describe, guarded, lua
 
 __all__ = [
@@ -209,20 +211,24 @@ class RedisJobStore:
         want_base64: bool = False,
         inputs: Mapping[str, bytes] | None = None,
         priority: int = 0,
+        job_id: str | None = None,
     ) -> Job:
-        """Queue a new job (with its input images, if any) and return it."""
+        """Queue a new job (with its input images, if any) and return it; with ``job_id`` under that
+        id (raises :class:`DuplicateJob` if a job record has it)."""
         if not 0 <= priority <= MAX_PRIORITY:
             raise ValueError(f"priority must be 0 to {MAX_PRIORITY}, got {priority}")
-        job_id = uuid.uuid4().hex
+        job_id = chosen_job_id(job_id)
         params_json = json.dumps(params)
         blobs: list[Any] = []
         for name, payload in (inputs or {}).items():
             blobs += [name, payload]
-        self._run("create",
-                  [self._key("seq"), self._key("job", job_id), self.stream_key(slug, priority), self._key("queued"),
-                   self._key("in", job_id)],
-                  [job_id, slug, params_json, owner or "", int(want_base64), output_format, int(priority),
-                   int(round(self.priority_aging_s * 1000)), *blobs])
+        entry = self._run("create",
+                          [self._key("seq"), self._key("job", job_id), self.stream_key(slug, priority),
+                           self._key("queued"), self._key("in", job_id)],
+                          [job_id, slug, params_json, owner or "", int(want_base64), output_format, int(priority),
+                           int(round(self.priority_aging_s * 1000)), *blobs])
+        if entry is None:
+            raise DuplicateJob(job_id)
         job = self.get(job_id)
         assert job is not None
         return job

@@ -3,7 +3,9 @@
 -- name/bytes pairs. The claim rank (api.jobs.claim_rank) is computed on the server's clock (the
 -- stream entry's milliseconds), the same for every replica; the sequence number orders jobs of one
 -- millisecond. The queued index is scored by it, so positions are the order claim takes jobs in.
+-- Returns false (nothing written) when a job with this id exists already.
 local id = ARGV[5]
+if redis.call('EXISTS', KEYS[2]) == 1 then return false end
 local seq = redis.call('INCR', KEYS[1])
 redis.pcall('XGROUP', 'CREATE', KEYS[3], GROUP, '0', 'MKSTREAM')  -- BUSYGROUP after the first job
 local entry = redis.call('XADD', KEYS[3], '*', 'job', id)
