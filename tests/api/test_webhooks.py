@@ -157,6 +157,20 @@ def test_outbox_claims_due_deliveries_once_per_lease(make_outbox) -> None:
     assert outbox.pending() == 0 and other.get("a" * 32) is None
 
 
+def test_recording_a_jobs_delivery_twice_is_a_no_op(make_outbox) -> None:
+    # An idempotent retry that adopts a job whose submitter died records its webhook again.
+    outbox, other = make_outbox(), make_outbox()
+    outbox.add(Delivery("c" * 32, "https://example.com/hook", "owner-1", "http://api", next_at=100.0))
+    (claimed,) = outbox.claim_due(100.0, 60.0, 10)
+    claimed.attempts, claimed.next_at, claimed.last_error = 2, 500.0, "HTTP 503"
+    outbox.save(claimed)
+    other.add(Delivery("c" * 32, "https://example.com/other", None, "http://api", next_at=100.0))
+    stored = outbox.get("c" * 32)
+    assert (stored.url, stored.owner, stored.attempts, stored.next_at, stored.last_error) == (
+        "https://example.com/hook", "owner-1", 2, 500.0, "HTTP 503")
+    assert outbox.pending() == 1 and outbox.claim_due(499.0, 60.0, 10) == []
+
+
 # -- deliverer -----------------------------------------------------------------------------------
 
 
