@@ -131,6 +131,19 @@ class Submitter:
             self.adopted.append(job_id)
         return found
 
+    async def stalled(self, keys: IdempotencyStore, key: str) -> tuple[asyncio.Task, asyncio.Event]:
+        """A ``submit_once`` through ``keys`` whose submission, once started, waits for the event."""
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def submit(job_id: str | None) -> str:
+            started.set()
+            await release.wait()
+            return await self.submit(job_id)
+
+        task = asyncio.create_task(submit_once(keys, "o", key, "fp", submit, self.adopt))
+        await started.wait()
+        return task, release
+
 
 def test_submit_once_submits_once_and_answers_conflicts(make_keys, queue) -> None:
     keys, replica = make_keys(), make_keys()
@@ -154,15 +167,7 @@ def test_submit_once_submits_once_and_answers_conflicts(make_keys, queue) -> Non
         assert not replayed and second == jobs.created[-1]
 
         # A duplicate that arrives while the first is being submitted: 409.
-        started, release = asyncio.Event(), asyncio.Event()
-
-        async def slow(job_id: str | None) -> str:
-            started.set()
-            await release.wait()
-            return await jobs.submit(job_id)
-
-        pending = asyncio.create_task(submit_once(keys, "o", "k3", "fp", slow, jobs.adopt))
-        await started.wait()
+        pending, release = await jobs.stalled(keys, "k3")
         with pytest.raises(IdempotencyConflict) as conflict:
             await submit_once(replica, "o", "k3", "fp", jobs.submit, jobs.adopt)
         assert conflict.value.status == 409
@@ -228,15 +233,7 @@ def test_a_stalled_submitter_and_a_taker_make_one_job(make_keys, queue) -> None:
     jobs = Submitter(queue)
 
     async def scenario() -> None:
-        started, release = asyncio.Event(), asyncio.Event()
-
-        async def stalled(job_id: str | None) -> str:
-            started.set()
-            await release.wait()
-            return await jobs.submit(job_id)
-
-        first = asyncio.create_task(submit_once(keys, "o", "k", "fp", stalled, jobs.adopt))
-        await started.wait()
+        first, release = await jobs.stalled(keys, "k")
         now[0] += IN_FLIGHT_S  # the first looks dead: a retry takes over and creates the job
         job_id, replayed = await submit_once(replica, "o", "k", "fp", jobs.submit, jobs.adopt)
         assert not replayed
