@@ -18,6 +18,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from api.secret_files import read_secret_file
+
 __all__ = ["StoreUnavailable", "connect", "describe", "guarded", "lua", "read_password_file"]
 
 _T = TypeVar("_T")
@@ -57,8 +59,6 @@ def read_password_file(path: Path | None) -> str | None:
     """The password in ``path`` (a mounted Docker or Kubernetes secret), without its final newline."""
     if path is None:
         return None
-    from api.settings import read_secret_file
-
     return read_secret_file(path, "Redis password", strip=lambda text: text.rstrip("\r\n"))
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, TypeAdapter, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.images import ImageFetchPolicy
+from api.secret_files import read_secret_file
 from api.jobs import MAX_PRIORITY
 MIB = 1024 * 1024
 
@@ -38,18 +38,6 @@ def _split_list(value: Any) -> Any:
             return json.loads(text)
         return [item.strip() for item in text.split(",") if item.strip()]
     return value
-
-
-def read_secret_file(path: Path, what: str, *, strip: Callable[[str], str] = str.strip) -> str:
-    """The content of a mounted secret file, ``strip``-ped; ValueError naming ``what`` when the file
-    cannot be read or holds nothing."""
-    try:
-        text = strip(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"cannot read the {what} file {path}: {exc}") from exc
-    if not text:
-        raise ValueError(f"the {what} file {path} is empty")
-    return text
 
 
 def _secret_or_json(text: str, annotation: Any) -> Any:
