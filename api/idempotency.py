@@ -79,6 +79,8 @@ class Recorded:
     reserved_at: float | None = None
     lapsed: bool = False
     """In flight for :data:`IN_FLIGHT_S` or longer, by the store's clock."""
+    taken_over: bool = False
+    """In flight for a retry that took the reservation over (its first submitter can no longer release it)."""
 
 
 def fingerprint(slug: str, payload: dict) -> str:
@@ -105,8 +107,8 @@ class IdempotencyStore(Protocol):
         """Mark the key's request ``job_id`` accepted (kept for the retention)."""
 
     def release(self, owner: str | None, key: str, fingerprint: str, job_id: str) -> None:
-        """Drop the reservation of ``job_id`` while still in flight (its submission was refused:
-        the key may be retried)."""
+        """Drop the reservation of ``job_id`` while still in flight and not taken over (its
+        submission was refused: the key may be retried)."""
 
     def close(self) -> None: ...
 
@@ -135,6 +137,8 @@ class SqliteIdempotencyStore:
             self._db.execute("UPDATE idempotency_keys SET accepted = 0 WHERE job_id IS NULL")
         if "reserved_at" not in columns:
             self._db.execute("ALTER TABLE idempotency_keys ADD COLUMN reserved_at REAL")
+        if "taken_over" not in columns:
+            self._db.execute("ALTER TABLE idempotency_keys ADD COLUMN taken_over INTEGER NOT NULL DEFAULT 0")
         self._db.execute("CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency_keys (expires_at)")
 
     def _expires(self, now: float) -> float:
@@ -151,7 +155,7 @@ class SqliteIdempotencyStore:
                     "expires_at) VALUES (?, ?, ?, ?, 0, ?, ?)",
                     (_scope(owner), key, fingerprint, job_id, now, self._expires(now))).rowcount
                 row = None if inserted else self._db.execute(
-                    "SELECT fingerprint, job_id, accepted, reserved_at FROM idempotency_keys "
+                    "SELECT fingerprint, job_id, accepted, reserved_at, taken_over FROM idempotency_keys "
                     "WHERE scope = ? AND key = ?", (_scope(owner), key)).fetchone()
                 self._db.execute("COMMIT")
             except BaseException:
@@ -159,15 +163,16 @@ class SqliteIdempotencyStore:
                 raise
         if row is None:
             return None
-        held_fp, held_id, accepted, reserved_at = row
-        return Recorded(held_fp, held_id, bool(accepted), reserved_at, not accepted and _lapsed(reserved_at, now))
+        held_fp, held_id, accepted, reserved_at, taken_over = row
+        return Recorded(held_fp, held_id, bool(accepted), reserved_at, not accepted and _lapsed(reserved_at, now),
+                        bool(taken_over))
 
     def take_over(self, owner: str | None, key: str, held: Recorded) -> bool:
         now = self._clock()
         with self._lock:
             return self._db.execute(
-                "UPDATE idempotency_keys SET reserved_at = ?, expires_at = ? WHERE scope = ? AND key = ? "
-                "AND fingerprint = ? AND job_id = ? AND accepted = 0 AND reserved_at = ?",
+                "UPDATE idempotency_keys SET reserved_at = ?, expires_at = ?, taken_over = 1 "
+                "WHERE scope = ? AND key = ? AND fingerprint = ? AND job_id = ? AND accepted = 0 AND reserved_at = ?",
                 (now, self._expires(now), _scope(owner), key, held.fingerprint, held.job_id,
                  held.reserved_at)).rowcount == 1
 
@@ -180,7 +185,8 @@ class SqliteIdempotencyStore:
     def release(self, owner: str | None, key: str, fingerprint: str, job_id: str) -> None:
         with self._lock:
             self._db.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND fingerprint = ? "
-                             "AND job_id = ? AND accepted = 0", (_scope(owner), key, fingerprint, job_id))
+                             "AND job_id = ? AND accepted = 0 AND taken_over = 0",
+                             (_scope(owner), key, fingerprint, job_id))
 
     def close(self) -> None:
         with self._lock:
@@ -189,7 +195,8 @@ class SqliteIdempotencyStore:
 
 class RedisIdempotencyStore:
     """Key records on the shared Redis: ``<ns>:idem:<owner>:<sha256 of the key>`` holds
-    ``<fingerprint>:<request id>:<reserved at>`` while in flight (``SET NX``) and
+    ``<fingerprint>:<request id>:<reserved at>`` while in flight (``SET NX``; ``:taken`` appended
+    once a retry took it over) and
     ``<fingerprint>:<request id>`` once accepted, each for the retention. Takeover and release
     are compare-and-set scripts (``idempotency_swap.lua``)."""
 
@@ -208,8 +215,8 @@ class RedisIdempotencyStore:
         return int(max(self.retention_s, IN_FLIGHT_S) * 1000)
 
     @staticmethod
-    def _in_flight(fingerprint: str, job_id: str, reserved_at: float) -> str:
-        return f"{fingerprint}:{job_id}:{reserved_at!r}"
+    def _in_flight(fingerprint: str, job_id: str, reserved_at: float, taken_over: bool = False) -> str:
+        return f"{fingerprint}:{job_id}:{reserved_at!r}" + (":taken" if taken_over else "")
 
     @guarded("the idempotency keys")
     def reserve(self, owner: str | None, key: str, fingerprint: str, job_id: str) -> Recorded | None:
@@ -222,17 +229,17 @@ class RedisIdempotencyStore:
             if held is None:  # it expired between the two commands: try again
                 continue
             parts = held.decode().split(":")
-            if len(parts) == 3:
+            if len(parts) >= 3:
                 reserved_at = float(parts[2])
-                return Recorded(parts[0], parts[1], False, reserved_at, _lapsed(reserved_at, now))
+                return Recorded(parts[0], parts[1], False, reserved_at, _lapsed(reserved_at, now), len(parts) > 3)
             # "<fingerprint>:<request id>" accepted, or "<fingerprint>:" (in flight, written before
             # reservations drew the id; it lapses by its own TTL).
             return Recorded(parts[0], parts[1] or None, bool(parts[1]))
 
     @guarded("the idempotency keys")
     def take_over(self, owner: str | None, key: str, held: Recorded) -> bool:
-        old = self._in_flight(held.fingerprint, held.job_id, held.reserved_at)
-        new = self._in_flight(held.fingerprint, held.job_id, self._clock())
+        old = self._in_flight(held.fingerprint, held.job_id, held.reserved_at, held.taken_over)
+        new = self._in_flight(held.fingerprint, held.job_id, self._clock(), True)
         return bool(self._swap(keys=[self._key(owner, key)], args=[old, 1, new, self._ttl_ms()]))
 
     @guarded("the idempotency keys")

@@ -90,7 +90,12 @@ def test_a_lapsed_reservation_is_taken_over_once(make_keys) -> None:
     assert replica.take_over("o", "k", held)
     assert not keys.take_over("o", "k", held)  # a second retry with the same view loses
     again = keys.reserve("o", "k", "fp", "job-3")
-    assert (again.job_id, again.lapsed) == ("job-1", False)  # a fresh in-flight period, the same id
+    assert (again.job_id, again.lapsed, again.taken_over) == ("job-1", False, True)  # a fresh period, the same id
+    keys.release("o", "k", "fp", "job-1")  # the first submitter, refused late, no longer frees the key
+    assert keys.reserve("o", "k", "fp", "job-3").job_id == "job-1"
+    now[0] += IN_FLIGHT_S  # a taken-over reservation lapses and is taken over again like any other
+    again = keys.reserve("o", "k", "fp", "job-3")
+    assert again.lapsed and keys.take_over("o", "k", again) and not replica.take_over("o", "k", again)
     replica.complete("o", "k", "fp", "job-1")
     assert keys.reserve("o", "k", "fp", "job-4").accepted
 
@@ -244,3 +249,23 @@ def test_a_stalled_submitter_and_a_taker_make_one_job(make_keys, queue) -> None:
     assert len(jobs.created) == 1 and queue.queue_depth() == 1
     with pytest.raises(DuplicateJob):
         queue.create(SLUG, {}, job_id=jobs.created[0])
+
+
+def test_sqlite_keys_written_before_reservations_drew_the_id_keep_their_meaning(tmp_path) -> None:
+    import sqlite3
+
+    path = tmp_path / "idempotency.sqlite"
+    old = sqlite3.connect(str(path))
+    old.execute("""CREATE TABLE idempotency_keys (scope TEXT NOT NULL, key TEXT NOT NULL, fingerprint TEXT NOT NULL,
+                   job_id TEXT, expires_at REAL NOT NULL, PRIMARY KEY (scope, key))""")
+    later = time.time() + 3600
+    old.executemany("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?)",
+                    [("o", "done", "fp", "job-1", later), ("o", "busy", "fp", None, later)])
+    old.commit()
+    old.close()
+    keys = SqliteIdempotencyStore(path, 3600.0)
+    done = keys.reserve("o", "done", "fp", "job-2")
+    assert (done.job_id, done.accepted) == ("job-1", True)
+    busy = keys.reserve("o", "busy", "fp", "job-2")
+    assert (busy.job_id, busy.accepted, busy.lapsed) == (None, False, False)  # in flight until it expires: 409
+    keys.close()
