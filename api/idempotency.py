@@ -22,9 +22,13 @@ submitter and a taker racing to create the same id meet in ``DuplicateJob``: exa
 the one refused answers with its id. So a process killed between creating the job and recording
 it under the key no longer makes a retry create a second job. A submission refused after
 reserving (no credits, a bad image, a full queue) frees the key so a corrected retry can use it;
-a refused takeover keeps the key reserved (the first submitter may still be creating the job).
+a refused takeover keeps the key reserved (the first submitter may still be creating the job),
+and once a reservation was taken over its first submitter's refusal no longer frees it. The job
+is looked up in the job store, so one already past the job retention when the retry comes looks
+never created (and is made again).
 
-A key is remembered for ``Settings.idempotency_retention_s`` after its reservation. Keys are scoped
+A key is remembered for ``Settings.idempotency_retention_s`` from its reservation, and again from
+its acceptance. Keys are scoped
 by API key (owner), so two clients never see each other's. Two stores, chosen by
 ``api.queue.open_stores``: :class:`SqliteIdempotencyStore` (a table in its own file: survives
 restarts) and :class:`RedisIdempotencyStore` (``SET NX`` of the body's fingerprint and the request

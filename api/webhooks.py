@@ -9,7 +9,7 @@ the secrets, may make an attempt).
   (``msg_<request id>``: the same on every retry, so a receiver can drop duplicates),
   ``webhook-timestamp`` (Unix seconds of this attempt) and ``webhook-signature``
   (``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``), keyed by the API key's ``whsec_``
-  secret (``Settings.webhook_secret``).
+  secret (``Settings.webhook_secret``, or read from ``Settings.webhook_secret_file``).
 * **Retries** (:class:`RetrySchedule`): after a non-2xx answer, a connection error or a timeout,
   the next attempt follows the configured schedule (Standard Webhooks': 5 s, 5 min, 30 min, 2 h,
   5 h, 10 h, 10 h), each wait jittered; after the last the delivery is dropped and logged.
