@@ -39,6 +39,7 @@ from typing import Any, Final
 
 __all__ = [
     "Claim",
+    "DuplicateJob",
     "Heartbeat",
     "InvalidJobTransition",
     "Job",
@@ -48,6 +49,7 @@ __all__ = [
     "SYNC_PARAM",
     "claim_rank",
     "is_job_id",
+    "new_job_id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,20 @@ def is_job_id(text: str) -> bool:
     return _JOB_ID_RE.fullmatch(text) is not None
 
 
+def new_job_id() -> str:
+    """A fresh job id (what ``create`` draws when it is given none)."""
+    return uuid.uuid4().hex
+
+
+def chosen_job_id(job_id: str | None) -> str:
+    """The id a ``create`` uses: ``job_id`` (ValueError unless it has a job id's form) or a new one."""
+    if job_id is None:
+        return new_job_id()
+    if not is_job_id(job_id):
+        raise ValueError(f"not a job id: {job_id!r}")
+    return job_id
+
+
 class JobStatus(str, Enum):
     QUEUED = "QUEUED"
     PROCESSING = "PROCESSING"
@@ -94,6 +110,14 @@ class JobStatus(str, Enum):
 
 class InvalidJobTransition(RuntimeError):
     """A state change was asked of a job that is not in a state allowing it."""
+
+
+class DuplicateJob(ValueError):
+    """``create`` was given the id of a job that exists already (nothing was queued)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"a job with id {job_id} exists already")
 
 
 @dataclass
@@ -378,12 +402,14 @@ class JobStore:
         want_base64: bool = False,
         inputs: Mapping[str, bytes] | None = None,
         priority: int = 0,
+        job_id: str | None = None,
     ) -> Job:
-        """Insert a new QUEUED job with its input images (``{param: bytes}``) and return it."""
+        """Insert a new QUEUED job with its input images (``{param: bytes}``) and return it; with
+        ``job_id`` under that id (raises :class:`DuplicateJob` if a job has it, an expired one until purged)."""
         if not 0 <= priority <= MAX_PRIORITY:
             raise ValueError(f"priority must be 0 to {MAX_PRIORITY}, got {priority}")
         job = Job(
-            id=uuid.uuid4().hex,
+            id=chosen_job_id(job_id),
             slug=slug,
             params=params,
             status=JobStatus.QUEUED,
@@ -396,12 +422,15 @@ class JobStore:
         # Serialise before taking the write lock so bad params fail cheaply.
         params_json = json.dumps(params)
         with self._write() as db:
-            db.execute(
-                "INSERT INTO jobs (id, slug, params, status, created_at, owner, want_base64, output_format, "
-                "priority, claim_rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, slug, params_json, job.status.value, job.created_at, owner, int(want_base64), output_format,
-                 priority, claim_rank(job.created_at, priority, self.priority_aging_s)),
-            )
+            try:
+                db.execute(
+                    "INSERT INTO jobs (id, slug, params, status, created_at, owner, want_base64, output_format, "
+                    "priority, claim_rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job.id, slug, params_json, job.status.value, job.created_at, owner, int(want_base64),
+                     output_format, priority, claim_rank(job.created_at, priority, self.priority_aging_s)),
+                )
+            except sqlite3.IntegrityError:
+                raise DuplicateJob(job.id) from None
             db.executemany("INSERT INTO job_inputs (job_id, name, data) VALUES (?, ?, ?)",
                            [(job.id, name, data) for name, data in (inputs or {}).items()])
         with self._enqueued:

@@ -47,9 +47,12 @@ class JobQueue(Protocol):
         """Raise (``StoreUnavailable`` on Redis) unless the store can serve now."""
 
     def create(self, slug: str, params: dict[str, Any], *, owner: str | None = None, output_format: str = "jpeg",
-               want_base64: bool = False, inputs: Mapping[str, bytes] | None = None, priority: int = 0) -> Job:
+               want_base64: bool = False, inputs: Mapping[str, bytes] | None = None, priority: int = 0,
+               job_id: str | None = None) -> Job:
         """Enqueue a new QUEUED job with its input images (``{param: .npy bytes}``) and return it;
-        ``priority`` (0 to ``MAX_PRIORITY``) places it in the claim order (``api.jobs.claim_rank``)."""
+        ``priority`` (0 to ``MAX_PRIORITY``) places it in the claim order (``api.jobs.claim_rank``).
+        ``job_id`` (drawn beforehand, e.g. by an idempotency reservation) is the new job's id: raises
+        ``api.jobs.DuplicateJob`` when a job has it already, and nothing is queued."""
 
     def get(self, job_id: str) -> Job | None:
         """The job (status, progress, error, outputs' names), or None if unknown or expired."""

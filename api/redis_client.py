@@ -18,6 +18,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from api.secret_files import read_secret_file
+
 __all__ = ["StoreUnavailable", "connect", "describe", "guarded", "lua", "read_password_file"]
 
 _T = TypeVar("_T")
@@ -57,13 +59,7 @@ def read_password_file(path: Path | None) -> str | None:
     """The password in ``path`` (a mounted Docker or Kubernetes secret), without its final newline."""
     if path is None:
         return None
-    try:
-        text = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        raise ValueError(f"cannot read the Redis password file {path}: {exc}") from exc
-    if not text:
-        raise ValueError(f"the Redis password file {path} is empty")
-    return text
+    return read_secret_file(path, "Redis password", strip=lambda text: text.rstrip("\r\n"))
 
 
 def describe(client: redis.Redis) -> str:

@@ -7,8 +7,10 @@ shared truth. Every state change is one Lua script, so it is atomic against ever
 
 Queue: one Redis Stream per model slug and priority (``<ns>:queue:<slug>`` for priority 0,
 ``<ns>:queue:<slug>:p<N>`` above) with one consumer group (``workers``), so a worker reads only the
-slugs its Triton serves and an autoscaler (KEDA's Redis Streams scaler) can watch each stream's
-consumer-group lag. :meth:`RedisJobStore.claim` takes work for a named consumer: first entries of
+slugs its Triton serves. Beside them a set per slug (``<ns>:demand:<slug>``) holds the ids of its
+queued and running jobs at every priority, added by the create script and removed by the one that
+ends the job (complete, fail, cancel, the delivery cap): an autoscaler (KEDA's ``redis`` scaler,
+SCARD) reads each slug's demand from one key. :meth:`RedisJobStore.claim` takes work for a named consumer: first entries of
 silent workers (XAUTOCLAIM, idle longer than ``reclaim_idle_s``), else the first undelivered entry
 in claim order (:func:`api.jobs.claim_rank`: priority with aging, FIFO within a level, on the
 server's clock) across the served streams (XREADGROUP), and marks the job PROCESSING in the same
@@ -47,13 +49,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import redis
 
-from api.jobs import MAX_PRIORITY, CANCELLED_BY_CLIENT, Claim, Heartbeat, InvalidJobTransition, Job, JobStatus
+from api.jobs import (
+    MAX_PRIORITY, CANCELLED_BY_CLIENT, Claim, DuplicateJob, Heartbeat, InvalidJobTransition, Job, JobStatus,
+    chosen_job_id,
+)
 from api.redis_client import connect, describe, guarded, lua
 
 __all__ = [
@@ -159,6 +163,10 @@ class RedisJobStore:
     def stream_key(self, slug: str, priority: int = 0) -> str:
         return self._key("queue", slug) if priority == 0 else self._key("queue", slug, f"p{priority}")
 
+    def demand_key(self, slug: str) -> str:
+        """The set of ``slug``'s queued and running job ids at every priority (what KEDA scales on)."""
+        return self._key("demand", slug)
+
     def _streams(self, slug: str) -> list[str]:
         return [self.stream_key(slug, priority) for priority in range(MAX_PRIORITY + 1)]
 
@@ -203,20 +211,24 @@ class RedisJobStore:
         want_base64: bool = False,
         inputs: Mapping[str, bytes] | None = None,
         priority: int = 0,
+        job_id: str | None = None,
     ) -> Job:
-        """Queue a new job (with its input images, if any) and return it."""
+        """Queue a new job (with its input images, if any) and return it; with ``job_id`` under that
+        id (raises :class:`DuplicateJob` if a job record has it)."""
         if not 0 <= priority <= MAX_PRIORITY:
             raise ValueError(f"priority must be 0 to {MAX_PRIORITY}, got {priority}")
-        job_id = uuid.uuid4().hex
+        job_id = chosen_job_id(job_id)
         params_json = json.dumps(params)
         blobs: list[Any] = []
         for name, payload in (inputs or {}).items():
             blobs += [name, payload]
-        self._run("create",
-                  [self._key("seq"), self._key("job", job_id), self.stream_key(slug, priority), self._key("queued"),
-                   self._key("in", job_id)],
-                  [job_id, slug, params_json, owner or "", int(want_base64), output_format, int(priority),
-                   int(round(self.priority_aging_s * 1000)), *blobs])
+        entry = self._run("create",
+                          [self._key("seq"), self._key("job", job_id), self.stream_key(slug, priority),
+                           self._key("queued"), self._key("in", job_id)],
+                          [job_id, slug, params_json, owner or "", int(want_base64), output_format, int(priority),
+                           int(round(self.priority_aging_s * 1000)), *blobs])
+        if entry is None:
+            raise DuplicateJob(job_id)
         job = self.get(job_id)
         assert job is not None
         return job
@@ -411,8 +423,7 @@ class RedisJobStore:
         Counted as stream length minus pending entries, which is exact because an entry is
         deleted when acknowledged; Redis's own group ``lag`` turns null once entries in the
         middle of the stream were deleted (cancelled queued jobs), so it is not used. An
-        autoscaler gets the same number from KEDA's ``streamLength`` (queued + running) summed
-        over the slug's streams.
+        autoscaler reads queued + running from :meth:`demand` instead.
         """
         waiting = 0
         for key in self._streams(slug):
@@ -424,6 +435,11 @@ class RedisJobStore:
             length, pending = pipe.execute()
             waiting += max(0, int(length) - int(pending["pending"]))
         return waiting
+
+    @_guarded
+    def demand(self, slug: str) -> int:
+        """``slug``'s queued + running jobs at every priority: the SCARD KEDA's ``redis`` scaler reads."""
+        return int(self._redis.scard(self.demand_key(slug)))
 
     # -- workers and events ----------------------------------------------------------------------
 

@@ -101,6 +101,8 @@ class Submission:
     sync: bool
     priority: int = 0
     """0 to ``api.jobs.MAX_PRIORITY``, already checked against the caller's cap."""
+    job_id: str | None = None
+    """The id the job is created under (an idempotency reservation's); None: the store draws one."""
 
 
 @dataclass
@@ -220,7 +222,8 @@ class JobRunner:
 
     async def submit(self, sub: Submission) -> Job:
         """Persist a new QUEUED job with its inputs; raises ``QueueFull``,
-        ``quotas.InsufficientCredits`` or ``StoreUnavailable``."""
+        ``quotas.InsufficientCredits``, ``StoreUnavailable`` or ``api.jobs.DuplicateJob`` (a job has
+        ``sub.job_id`` already; its credits were not taken)."""
         depth = await asyncio.to_thread(self.store.queue_depth)
         if depth >= self.max_queued_jobs:
             raise QueueFull(f"the queue is full ({depth} requests waiting); retry later")
@@ -240,7 +243,7 @@ class JobRunner:
         try:
             job = await asyncio.to_thread(self.store.create, sub.slug, stored, owner=sub.owner,
                                           output_format=sub.output_format, want_base64=sub.want_base64, inputs=blobs,
-                                          priority=sub.priority)
+                                          priority=sub.priority, job_id=sub.job_id)
         except BaseException:
             # A create whose reply was lost may have queued the job; then its settlement finds no
             # reservation (never below zero) instead of the caller paying twice.

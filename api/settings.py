@@ -15,10 +15,11 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, TypeAdapter, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.images import ImageFetchPolicy
+from api.secret_files import read_secret_file
 from api.jobs import MAX_PRIORITY
 MIB = 1024 * 1024
 
@@ -37,6 +38,16 @@ def _split_list(value: Any) -> Any:
             return json.loads(text)
         return [item.strip() for item in text.split(",") if item.strip()]
     return value
+
+
+def _secret_or_json(text: str, annotation: Any) -> Any:
+    """A secret file's text as its setting's type: JSON (``{key: secret}``) when it parses as JSON,
+    else the text itself, as pydantic-settings reads the same value from the environment."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    return TypeAdapter(annotation).validate_python(value)
 
 
 class Settings(BaseSettings):
@@ -118,6 +129,11 @@ class Settings(BaseSettings):
     """Standard Webhooks signing secret (``whsec_`` + base64 of 24 to 64 random bytes): one for
     every key (and for an open server), or ``{key: secret}``. A request may name a webhook only
     when its key has a secret: every delivery is signed."""
+    webhook_secret_file: Path | None = None
+    """A file holding ``webhook_secret`` (a mounted Docker/Kubernetes secret), in the same forms:
+    one secret, or JSON ``{key: secret}``; surrounding whitespace is stripped. Keeps the secrets
+    out of the environment and process listings; setting both this and ``webhook_secret`` is an
+    error."""
     webhook_url: str | dict[str, str] | None = Field(None, repr=False)
     """Webhook called for a ``/v2`` request that names none: one URL for every key, or ``{key: url}``."""
     webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(
@@ -242,6 +258,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Settings:
+        if self.webhook_secret_file is not None:
+            if self.webhook_secret is not None:
+                raise ValueError("set webhook_secret or webhook_secret_file, not both")
+            self.webhook_secret = _secret_or_json(read_secret_file(self.webhook_secret_file, "webhook secret"),
+                                                  type(self).model_fields["webhook_secret"].annotation)
         keys = self.api_key_values()
         if any(not k for k in keys):
             raise ValueError("api_keys contains an empty key")

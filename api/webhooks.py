@@ -9,7 +9,7 @@ the secrets, may make an attempt).
   (``msg_<request id>``: the same on every retry, so a receiver can drop duplicates),
   ``webhook-timestamp`` (Unix seconds of this attempt) and ``webhook-signature``
   (``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``), keyed by the API key's ``whsec_``
-  secret (``Settings.webhook_secret``).
+  secret (``Settings.webhook_secret``, or read from ``Settings.webhook_secret_file``).
 * **Retries** (:class:`RetrySchedule`): after a non-2xx answer, a connection error or a timeout,
   the next attempt follows the configured schedule (Standard Webhooks': 5 s, 5 min, 30 min, 2 h,
   5 h, 10 h, 10 h), each wait jittered; after the last the delivery is dropped and logged.
@@ -255,7 +255,7 @@ class WebhookOutbox(Protocol):
     """Durable pending deliveries, ordered by next-attempt time."""
 
     def add(self, delivery: Delivery) -> None:
-        """Record a new delivery (due at ``delivery.next_at``)."""
+        """Record a new delivery (due at ``delivery.next_at``); a no-op while one for its job is recorded."""
 
     def claim_due(self, now: float, lease_s: float, limit: int) -> list[Delivery]:
         """Up to ``limit`` deliveries due at ``now``, withheld from other claims for ``lease_s``."""
@@ -291,7 +291,8 @@ class SqliteWebhookOutbox:
 
     def add(self, delivery: Delivery) -> None:
         with self._lock:
-            self._db.execute(f"INSERT INTO deliveries ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+            self._db.execute(f"INSERT OR IGNORE INTO deliveries ({', '.join(_COLUMNS)}) "
+                             f"VALUES ({', '.join('?' * len(_COLUMNS))})",
                              [getattr(delivery, c) for c in _COLUMNS])
 
     def claim_due(self, now: float, lease_s: float, limit: int) -> list[Delivery]:
@@ -344,6 +345,7 @@ class RedisWebhookOutbox:
         self._due = f"{namespace}:webhooks:due"
         self._prefix = f"{namespace}:webhook:"
         self._claim = client.register_script(lua("webhooks_claim"))
+        self._add = client.register_script(lua("webhooks_add"))
 
     def _fields(self, delivery: Delivery) -> dict[str, Any]:
         values = {c: getattr(delivery, c) for c in _COLUMNS}
@@ -363,10 +365,9 @@ class RedisWebhookOutbox:
 
     @guarded("the webhook outbox")
     def add(self, delivery: Delivery) -> None:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(self._prefix + delivery.job_id, mapping=self._fields(delivery))
-        pipe.zadd(self._due, {delivery.job_id: delivery.next_at})
-        pipe.execute()
+        pairs = [item for field_value in self._fields(delivery).items() for item in field_value]
+        self._add(keys=[self._prefix + delivery.job_id, self._due],
+                  args=[delivery.job_id, repr(float(delivery.next_at)), *pairs])
 
     @guarded("the webhook outbox")
     def claim_due(self, now: float, lease_s: float, limit: int) -> list[Delivery]:

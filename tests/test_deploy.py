@@ -5,7 +5,7 @@ Kubernetes container ``command``, the Dockerfile's ``CMD``) parses with the real
 (``api.cli.build_parser()``: sub-commands, flags, choices and required arguments); every
 ``DIFFSERVE_*`` name they mention is a field of ``api.settings.Settings`` or a variable the code
 reads by that name; the Redis configs carry the persistence that "no accepted job lost" rests
-on; the KEDA triggers watch the streams the job store writes; probes hit the ports the commands
+on; the KEDA triggers watch the demand sets the job store keeps; probes hit the ports the commands
 listen on. Nothing is started: this is a check of names, not a deployment.
 """
 
@@ -193,16 +193,14 @@ def test_redis_requires_a_password_from_a_secret_and_admits_only_api_and_workers
     # Kubernetes: the diffserve-redis Secret (generated from a git-ignored file) is Redis's
     # requirepass, the API's and workers' password file and KEDA's credentials.
     kustomization = _docs(DEPLOY / "k8s" / "kustomization.yaml")[0]
-    (generated,) = kustomization["secretGenerator"]
-    assert generated["name"] == "diffserve-redis" and generated["files"] == ["password=redis-password.txt"]
+    generated = {g["name"]: g for g in kustomization["secretGenerator"]}["diffserve-redis"]
+    assert generated["files"] == ["password=redis-password.txt"]
     assert "/deploy/k8s/redis-password.txt" in (ROOT / ".gitignore").read_text().splitlines()
     docs = {(d["kind"], d["metadata"]["name"]): d for p in (DEPLOY / "k8s").glob("*.yaml") for d in _docs(p)
             if "metadata" in d}
 
     def secret_mounts(doc: dict, container: dict) -> set[str]:
-        volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"].get("volumes", [])}
-        return {m["mountPath"] for m in container.get("volumeMounts", [])
-                if (volumes.get(m["name"], {}).get("secret") or {}).get("secretName") == "diffserve-redis"}
+        return _secret_mounts(doc, container, "diffserve-redis")
 
     sts = docs[("StatefulSet", "diffserve-redis")]
     (redis_container,) = _k8s_containers(sts)
@@ -235,21 +233,61 @@ def test_redis_requires_a_password_from_a_secret_and_admits_only_api_and_workers
         assert trigger["authenticationRef"] == {"name": "diffserve-redis"}
 
 
-def test_keda_watches_the_job_stores_streams():
+def _secret_mounts(doc: dict, container: dict, secret: str) -> set[str]:
+    volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"].get("volumes", [])}
+    return {m["mountPath"] for m in container.get("volumeMounts", [])
+            if (volumes.get(m["name"], {}).get("secret") or {}).get("secretName") == secret}
+
+
+def test_webhook_secret_is_a_file_in_the_api_pods_only():
+    # The API replicas vet a request's webhook and run the deliverer that signs it (it starts only
+    # where a secret is configured); workers get no secret, so they neither need nor see it.
+    gitignore = (ROOT / ".gitignore").read_text().splitlines()
+    kustomization = _docs(DEPLOY / "k8s" / "kustomization.yaml")[0]
+    generated = {g["name"]: g for g in kustomization["secretGenerator"]}["diffserve-webhook"]
+    assert generated["files"] == ["secret=webhook-secret.txt"] and generated["options"]["disableNameSuffixHash"]
+    assert "/deploy/k8s/webhook-secret.txt" in gitignore
+    docs = {(d["kind"], d["metadata"]["name"]): d for p in (DEPLOY / "k8s").glob("*.yaml") for d in _docs(p)
+            if "metadata" in d}
+    assert "DIFFSERVE_WEBHOOK_SECRET_FILE" not in docs[("ConfigMap", "diffserve-settings")]["data"]
+    api = docs[("Deployment", "diffserve-api")]
+    (container,) = [c for c in _k8s_containers(api) if c["name"] == "api"]
+    (path,) = [e["value"] for e in container.get("env", []) if e["name"] == "DIFFSERVE_WEBHOOK_SECRET_FILE"]
+    assert _secret_mounts(api, container, "diffserve-webhook") == {str(Path(path).parent)}
+    assert Path(path).name == "secret"  # the key the Secret is generated with
+    worker = docs[("Deployment", "diffserve-worker")]
+    for c in _k8s_containers(worker):
+        assert not _secret_mounts(worker, c, "diffserve-webhook"), c["name"]
+        assert all(e["name"] != "DIFFSERVE_WEBHOOK_SECRET_FILE" for e in c.get("env", [])), c["name"]
+
+    compose = _docs(DEPLOY / "docker-compose.yml")[0]
+    assert compose["secrets"]["webhook_secret"] == {"file": "./webhook-secret.txt"}
+    assert "/deploy/webhook-secret.txt" in gitignore
+    for name, svc in compose["services"].items():
+        if name == "api":
+            assert "webhook_secret" in svc["secrets"]
+            assert svc["environment"]["DIFFSERVE_WEBHOOK_SECRET_FILE"] == "/run/secrets/webhook_secret"
+            assert svc["environment"]["DIFFSERVE_REDIS_URL"]  # the shared settings are kept
+        else:
+            assert "webhook_secret" not in (svc.get("secrets") or []), name
+            assert "DIFFSERVE_WEBHOOK_SECRET_FILE" not in (svc.get("environment") or {}), name
+
+
+def test_keda_watches_every_slugs_demand_set():
     from api.redis_jobs import RedisJobStore
     from engine.catalog import CATALOG
 
     store = RedisJobStore("redis://127.0.0.1:1")  # no connection is made: only the key names are used
     (scaled,) = [d for d in _docs(DEPLOY / "k8s" / "keda-scaledobject.yaml") if d["kind"] == "ScaledObject"]
     assert scaled["kind"] == "ScaledObject" and scaled["spec"]["scaleTargetRef"]["name"] == "diffserve-worker"
-    streams = set()
+    keys = []
     for trigger in scaled["spec"]["triggers"]:
         meta = trigger["metadata"]
-        assert trigger["type"] == "redis-streams" and meta["address"] == "diffserve-redis:6379"
-        # XLEN (queued + running): with a consumerGroup KEDA would read the pending count or lag instead.
-        assert "consumerGroup" not in meta and int(meta["streamLength"]) >= 1
-        streams.add(meta["stream"])
-    assert streams == {store.stream_key(slug) for slug in CATALOG}
+        # The `redis` scaler counts a set with SCARD: queued + running jobs at every priority.
+        assert trigger["type"] == "redis" and meta["address"] == "diffserve-redis:6379"
+        assert int(meta["listLength"]) >= 1
+        keys.append(meta["listName"])
+    assert sorted(keys) == sorted(store.demand_key(slug) for slug in CATALOG)
 
 
 def test_probes_hit_the_ports_the_commands_listen_on():

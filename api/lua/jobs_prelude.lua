@@ -4,6 +4,8 @@
 -- namespace is a hash tag ({diffserve}), so on a Redis Cluster every key still lives in one slot.
 local P, GROUP, NOW, RETENTION_MS = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local function jkey(id) return P .. ':job:' .. id end
+-- The ids of a slug's queued and running jobs at every priority (KEDA's worker demand, SCARD).
+local function demand_key(slug) return P .. ':demand:' .. slug end
 local function drop_entry(stream, entry)
   redis.call('XACK', stream, GROUP, entry)
   redis.call('XDEL', stream, entry)
@@ -11,8 +13,9 @@ end
 -- Everything that reaching COMPLETED or FAILED means, in one place.
 local function settle(id, status)
   local k = jkey(id)
-  local where = redis.call('HMGET', k, 'stream', 'entry')
+  local where = redis.call('HMGET', k, 'stream', 'entry', 'slug')
   if where[1] and where[2] then drop_entry(where[1], where[2]) end
+  if where[3] then redis.call('SREM', demand_key(where[3]), id) end
   redis.call('ZREM', P .. ':queued', id)
   redis.call('SREM', P .. ':processing', id)
   redis.call('DEL', P .. ':in:' .. id)

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -148,16 +149,27 @@ async def generate_async(request: Request, spec: ServedModelDep, caller: Submitt
     except ValueError as exc:  # a malformed key, a refused webhook URL
         raise ApiError(400, str(exc)) from None
 
-    async def submit() -> str:
-        job = await _submit(state, await _prepare(spec, payload, caller, state, sync=False))
-        if webhook is not None:
-            delivery = webhooks.Delivery(job.id, webhook, caller.owner, base, next_at=time.time())
+    async def record_webhook(job_id: str) -> None:
+        if webhook is not None:  # a second record of one job's webhook is a no-op
+            delivery = webhooks.Delivery(job_id, webhook, caller.owner, base, next_at=time.time())
             await asyncio.to_thread(state.webhooks.add, delivery)
+
+    async def submit(job_id: str | None) -> str:
+        submission = replace(await _prepare(spec, payload, caller, state, sync=False), job_id=job_id)
+        job = await _submit(state, submission)
+        await record_webhook(job.id)
         return job.id
+
+    async def adopt(job_id: str) -> bool:
+        """A lapsed reservation's job exists: its submitter died after creating it."""
+        if await asyncio.to_thread(state.store.get, job_id) is None:
+            return False
+        await record_webhook(job_id)
+        return True
 
     try:
         job_id, replayed = await idempotency.submit_once(state.idempotency, caller.owner, key, body_fingerprint,
-                                                         submit)
+                                                         submit, adopt)
     except idempotency.IdempotencyConflict as exc:
         raise ApiError(exc.status, str(exc), {"Retry-After": "1"} if exc.status == 409 else None) from None
     headers = {idempotency.REPLAYED_HEADER: "true"} if replayed else {}

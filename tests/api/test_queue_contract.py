@@ -209,3 +209,24 @@ def test_a_waiting_job_ages_past_later_higher_priority_ones(make_queue) -> None:
     fresh = queue.create(SLUG, {"prompt": "fresh"})
     assert [queue.position(j.id) for j in (early, urgent, fresh)] == [0, 1, 2]
     assert [take(queue, SLUG).id for _ in range(3)] == [early.id, urgent.id, fresh.id]
+
+
+def test_create_under_a_chosen_id_refuses_a_duplicate(queue: JobQueue) -> None:
+    from api.jobs import DuplicateJob, new_job_id
+
+    job_id = new_job_id()
+    job = queue.create(SLUG, {"prompt": "first"}, job_id=job_id, inputs={"image": b"pixels"})
+    assert job.id == job_id and queue.get(job_id).params == {"prompt": "first"}
+    with pytest.raises(DuplicateJob) as duplicate:
+        queue.create(SLUG, {"prompt": "second"}, job_id=job_id, priority=3)
+    assert duplicate.value.job_id == job_id
+    # Nothing of the refused one was written: the first job, its inputs and the queue are as they were.
+    assert queue.get(job_id).params == {"prompt": "first"} and queue.read_inputs(job_id) == {"image": b"pixels"}
+    assert queue.queue_depth() == 1 and take(queue, SLUG).id == job_id and take(queue, SLUG) is None
+    # Finished, it still holds its id.
+    queue.complete(job_id, [b"x"], "png", {}, seed=1)
+    with pytest.raises(DuplicateJob):
+        queue.create(SLUG, {"prompt": "third"}, job_id=job_id)
+    with pytest.raises(ValueError, match="not a job id"):
+        queue.create(SLUG, {}, job_id="../etc")
+    assert queue.count_by_status()["QUEUED"] == 0

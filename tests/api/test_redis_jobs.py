@@ -296,3 +296,34 @@ def test_accepted_jobs_survive_a_redis_crash(make_store, redis_server) -> None: 
     time.sleep(IDLE_S + 0.2)  # w1 died with Redis' clients; its job is reclaimed
     reclaimed = store.claim("w2", ["sdxl"])
     assert reclaimed.job.id == running.job.id and reclaimed.attempt == 2
+
+
+def test_demand_set_counts_queued_and_running_jobs_at_every_priority(make_store) -> None:
+    # KEDA scales on SCARD of <ns>:demand:<slug>: it must count every priority and shrink on every end.
+    store = make_store(namespace="demand-test", max_attempts=1)
+    other = "sd1.5-img2img"
+    jobs = [store.create("sdxl", {"i": i}, priority=p) for i, p in enumerate((0, 3, 9, 0, 5, 0))]
+    store.create(other, {})
+    assert store.demand("sdxl") == 6 and store.demand(other) == 1
+    assert store.demand_key("sdxl") == "{demand-test}:demand:sdxl"
+    running = [store.claim("w", ["sdxl"]) for _ in range(3)]  # PROCESSING still counts
+    assert all(running) and store.demand("sdxl") == 6
+    store.complete(running[0].job.id, [b"x"], "jpeg", {}, None)
+    assert store.demand("sdxl") == 5
+    store.fail(running[1].job.id, "boom", claim=running[1])
+    assert store.demand("sdxl") == 4
+    queued = [j for j in jobs if store.get(j.id).status is JobStatus.QUEUED]
+    assert len(queued) == 3
+    assert store.request_cancel(queued[0].id).status is JobStatus.FAILED
+    assert store.demand("sdxl") == 3
+    # running[2]'s worker goes silent; with max_attempts=1 the reclaim drops it at the cap.
+    time.sleep(IDLE_S + 0.2)
+    claimed = store.claim("w2", ["sdxl"])
+    dropped = store.get(running[2].job.id)
+    assert dropped.status is JobStatus.FAILED and "request_max_attempts=1" in dropped.error
+    assert claimed is not None and claimed.job.id in {j.id for j in queued[1:]}
+    assert store.demand("sdxl") == 2  # one queued, one running
+    store.complete(claimed.job.id, [b"x"], "jpeg", {}, None)
+    last = store.claim("w2", ["sdxl"])
+    store.fail(last.job.id, "boom")
+    assert store.demand("sdxl") == 0 and store.demand(other) == 1

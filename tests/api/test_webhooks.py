@@ -51,6 +51,43 @@ def test_secrets_are_checked_at_start() -> None:
         Settings(api_keys=["a"], webhook_secret={"b": generate_secret()})
 
 
+def test_webhook_secret_file_gives_one_secret_or_secrets_per_key(tmp_path, monkeypatch) -> None:
+    from api.settings import Settings, owner_from_api_key
+
+    one, per_a = generate_secret(), generate_secret()
+    single = tmp_path / "single"
+    single.write_text(f"  {one}\n")
+    options = Settings(webhook_secret_file=single).webhook_options()
+    assert options.default_secret == decode_secret(one) and not options.secrets_by_owner
+    per_key = tmp_path / "per-key"
+    per_key.write_text(json.dumps({"a": per_a}) + "\n")
+    options = Settings(api_keys=["a", "b"], webhook_secret_file=per_key).webhook_options()
+    assert options.default_secret is None and options.secrets_by_owner == {owner_from_api_key("a"): decode_secret(per_a)}
+    # The environment variable, as a deployment sets it; the checks of webhook_secret apply to the file's content.
+    monkeypatch.setenv("DIFFSERVE_WEBHOOK_SECRET_FILE", str(single))
+    assert Settings().webhook_options().default_secret == decode_secret(one)
+    monkeypatch.delenv("DIFFSERVE_WEBHOOK_SECRET_FILE")
+    with pytest.raises(ValueError, match="webhook_secret names a key that is not in api_keys"):
+        Settings(api_keys=["b"], webhook_secret_file=per_key)
+    (tmp_path / "bad").write_text("plain-text")
+    with pytest.raises(ValueError, match="whsec_"):
+        Settings(webhook_secret_file=tmp_path / "bad")
+
+
+def test_webhook_secret_file_problems_stop_start_up(tmp_path) -> None:
+    from api.settings import Settings
+
+    secret = tmp_path / "secret"
+    secret.write_text(generate_secret())
+    with pytest.raises(ValueError, match="webhook_secret or webhook_secret_file, not both"):
+        Settings(webhook_secret=generate_secret(), webhook_secret_file=secret)
+    with pytest.raises(ValueError, match="cannot read the webhook secret file"):
+        Settings(webhook_secret_file=tmp_path / "missing")
+    (tmp_path / "blank").write_text(" \n")
+    with pytest.raises(ValueError, match="webhook secret file .* is empty"):
+        Settings(webhook_secret_file=tmp_path / "blank")
+
+
 # -- retry schedule ------------------------------------------------------------------------------
 
 
@@ -118,6 +155,20 @@ def test_outbox_claims_due_deliveries_once_per_lease(make_outbox) -> None:
     assert [d.payload for d in other.claim_due(300.0, 60.0, 10)] == [b'{"x":1}']
     outbox.remove("a" * 32)
     assert outbox.pending() == 0 and other.get("a" * 32) is None
+
+
+def test_recording_a_jobs_delivery_twice_is_a_no_op(make_outbox) -> None:
+    # An idempotent retry that adopts a job whose submitter died records its webhook again.
+    outbox, other = make_outbox(), make_outbox()
+    outbox.add(Delivery("c" * 32, "https://example.com/hook", "owner-1", "http://api", next_at=100.0))
+    (claimed,) = outbox.claim_due(100.0, 60.0, 10)
+    claimed.attempts, claimed.next_at, claimed.last_error = 2, 500.0, "HTTP 503"
+    outbox.save(claimed)
+    other.add(Delivery("c" * 32, "https://example.com/other", None, "http://api", next_at=100.0))
+    stored = outbox.get("c" * 32)
+    assert (stored.url, stored.owner, stored.attempts, stored.next_at, stored.last_error) == (
+        "https://example.com/hook", "owner-1", 2, 500.0, "HTTP 503")
+    assert outbox.pending() == 1 and outbox.claim_due(499.0, 60.0, 10) == []
 
 
 # -- deliverer -----------------------------------------------------------------------------------
