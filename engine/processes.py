@@ -138,7 +138,8 @@ class ChildProcess:
             raise RuntimeError(f"{self.name} was already started")
         for path in (self._log, self._stderr):
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(OSError):
+                    path.parent.mkdir(parents=True, exist_ok=True)
         err_fh = open(self._stderr, "ab") if self._stderr is not None else None  # noqa: SIM115
         self._lifeline = Lifeline() if self._use_lifeline else None
         group = {"process_group": self._lifeline.pgid} if self._lifeline else {"start_new_session": True}
@@ -162,7 +163,12 @@ class ChildProcess:
 
     def _pump(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
-        log_fh = open(self._log, "a", encoding="utf-8", buffering=1) if self._log else None  # noqa: SIM115
+        log_fh = None
+        if self._log is not None:
+            try:
+                log_fh = open(self._log, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            except OSError as exc:
+                LOGGER.warning("cannot open the log file %s of %s: %s", self._log, self.name, exc)
         try:
             for raw in self._proc.stdout:
                 line = raw.rstrip("\r\n")
@@ -221,8 +227,8 @@ class ChildProcess:
         checked = 0
         while True:
             code = self.returncode
-            if code is not None and self._reader is not None:
-                self._reader.join(5)  # the lines it printed before it exited count too
+            if code is not None:
+                self.drain_output()  # the lines it printed before it exited count too
             if callable(ready):
                 if ready():
                     return None
@@ -242,6 +248,11 @@ class ChildProcess:
             with self._cond:
                 if self._seen <= checked or callable(ready):
                     self._cond.wait(min(left, 0.1))
+
+    def drain_output(self, timeout: float = 5.0) -> None:
+        """Wait (up to ``timeout``) until the output of an exited child has all been read."""
+        if self._reader is not None:
+            self._reader.join(timeout)
 
     def _failure(self, headline: str) -> str:
         tail = self.tail(40)
@@ -288,8 +299,7 @@ class ChildProcess:
             self.signal_group(signals.SIGKILL)
         code = self._proc.wait()
         self._ended = True  # the group id may be reused from now on: signal it no more
-        if self._reader is not None:
-            self._reader.join(5)
+        self.drain_output()
         return code
 
     def __enter__(self) -> ChildProcess:
