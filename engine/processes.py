@@ -110,19 +110,21 @@ class ChildProcess:
     """``cmd`` run in a process group of its own (or in a :class:`Lifeline` group, ``lifeline=True``).
 
     Its stdout (and stderr, unless ``stderr`` names a file to append it to) is read line by line:
-    each line goes to ``log`` (appended) when given, to ``on_line``, and to :meth:`tail`. ``stop``
-    signals the whole group unless ``term_leader_only`` (for a leader that ends its own children in
-    order), and always SIGKILLs what is left of the group once the leader has exited.
+    each line goes to ``log`` (appended) when given, to ``on_line``, and to :meth:`tail`; with
+    ``pipe_output=False`` the child writes to this process's stdout and stderr instead. ``stop``
+    sends SIGTERM to the whole group (in a lifeline group to the leader alone, which ends its own
+    children in order), and always SIGKILLs what is left of the group once the leader has exited.
     """
 
     def __init__(self, cmd: Sequence[str], *, name: str | None = None, cwd: str | Path | None = None,
                  env: Mapping[str, str] | None = None, log: Path | None = None, stderr: Path | None = None,
                  on_line: Callable[[str], None] | None = None, lifeline: bool = False,
-                 term_leader_only: bool = False, tail_lines: int = 200) -> None:
+                 pipe_output: bool = True, tail_lines: int = 200) -> None:
         self.cmd = [str(c) for c in cmd]
         self.name = name or Path(self.cmd[0]).name
         self._cwd, self._env, self._log, self._stderr = cwd, env, log, stderr
-        self._on_line, self._use_lifeline, self._leader_only = on_line, lifeline, term_leader_only
+        self._on_line, self._use_lifeline = on_line, lifeline
+        self._pipe = pipe_output
         self._lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=tail_lines)
         self._seen = 0
         self._cond = threading.Condition()
@@ -141,14 +143,14 @@ class ChildProcess:
                 with contextlib.suppress(OSError):
                     path.parent.mkdir(parents=True, exist_ok=True)
         err_fh = open(self._stderr, "ab") if self._stderr is not None else None  # noqa: SIM115
+        out = subprocess.PIPE if self._pipe else None
+        err = err_fh if err_fh is not None else subprocess.STDOUT if self._pipe else None
         self._lifeline = Lifeline() if self._use_lifeline else None
         group = {"process_group": self._lifeline.pgid} if self._lifeline else {"start_new_session": True}
         try:
             self._proc = subprocess.Popen(
                 self.cmd, cwd=self._cwd, env=dict(self._env) if self._env is not None else None,
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=err_fh if err_fh is not None else subprocess.STDOUT,
-                text=True, errors="replace", **group)
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True, errors="replace", **group)
         except BaseException:
             if self._lifeline is not None:
                 self._lifeline.close()
@@ -157,8 +159,9 @@ class ChildProcess:
             if err_fh is not None:
                 err_fh.close()
         self.pgid = self._lifeline.pgid if self._lifeline else self._proc.pid
-        self._reader = threading.Thread(target=self._pump, name=f"{self.name}-output", daemon=True)
-        self._reader.start()
+        if self._pipe:
+            self._reader = threading.Thread(target=self._pump, name=f"{self.name}-output", daemon=True)
+            self._reader.start()
         return self
 
     def _pump(self) -> None:
@@ -278,7 +281,7 @@ class ChildProcess:
         if self._proc is None:
             return None
         if self._proc.poll() is None:
-            if self._leader_only or self._lifeline is not None:
+            if self._lifeline is not None:
                 self.signal(signals.SIGTERM)
             else:
                 self.signal_group(signals.SIGTERM)
