@@ -145,15 +145,16 @@ class ChildProcess:
         err_fh = open(self._stderr, "ab") if self._stderr is not None else None  # noqa: SIM115
         out = subprocess.PIPE if self._pipe else None
         err = err_fh if err_fh is not None else subprocess.STDOUT if self._pipe else None
-        self._lifeline = Lifeline() if self._use_lifeline else None
-        group = {"process_group": self._lifeline.pgid} if self._lifeline else {"start_new_session": True}
         try:
+            self._lifeline = Lifeline() if self._use_lifeline else None
+            group = {"process_group": self._lifeline.pgid} if self._lifeline else {"start_new_session": True}
             self._proc = subprocess.Popen(
                 self.cmd, cwd=self._cwd, env=dict(self._env) if self._env is not None else None,
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True, errors="replace", **group)
         except BaseException:
             if self._lifeline is not None:
                 self._lifeline.close()
+                self._lifeline = None
             raise
         finally:
             if err_fh is not None:

@@ -118,3 +118,10 @@ def test_lifeline_child_dies_with_the_group():
     assert child.pid in child.lifeline.alive_members()
     assert child.stop(5) == -signal.SIGTERM
     assert not alive(child.pgid), "the lifeline's watchdog is reaped with the group"
+
+
+def test_a_command_that_cannot_run_raises_and_leaves_no_lifeline(tmp_path):
+    child = ChildProcess([str(tmp_path / "missing")], lifeline=True)
+    with pytest.raises(OSError):
+        child.start()
+    assert child.lifeline is None and child.stop() is None
