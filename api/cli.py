@@ -178,15 +178,12 @@ def _apply_models_file(args: argparse.Namespace, settings):
 
 DEMO_ECHO = (" export.repository: ", "ready at", " WARNING ", " ERROR ", " CRITICAL ", "Traceback")
 """What ``diffserve demo`` shows of its server's output: one line per stage and slug, problems, the URL."""
+DEMO_READY_TIMEOUT_S = 3600.0  # a first run exports every slug before the server is ready
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start ``diffserve serve --demo``, send every slug's seed example through the official SDK,
     save the images, stop the server. The server's whole output goes to ``$DIFFSERVE_HOME/demo-serve.log``."""
-    import queue
-    import signal
-    import subprocess
-    import threading
     import time
 
     try:
@@ -195,6 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise SystemExit("the demo talks to the server through the official `segmind` SDK: "
                          "pip install segmind (make demo installs it)") from None
     from engine.imageio import CONTENT_TYPES, EXTENSIONS
+    from engine.processes import ChildNotReady, ChildProcess
     from engine.tiny.demo import demo_payloads
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the SDK's request lines
@@ -204,27 +202,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "api.cli", "serve", "--demo", "--backend", args.backend, "--port", "0"]
     print(f"starting: diffserve serve --demo --backend {args.backend}  (first run exports the tiny models; "
           f"its log: {log_path})", flush=True)
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ready: queue.Queue[str | None] = queue.Queue()
 
-    def pump() -> None:  # the whole output to the log, the lines that matter to the terminal
-        with open(log_path, "w", encoding="utf-8") as log:
-            for line in server.stdout:
-                log.write(line)
-                log.flush()
-                if any(mark in line for mark in DEMO_ECHO):
-                    print("  | " + line.rstrip(), flush=True)
-                if "ready at" in line:
-                    ready.put(line.split("ready at", 1)[1].split()[0])
-        ready.put(None)
+    def echo(line: str) -> None:  # the whole output goes to the log, the lines that matter to the terminal
+        if any(mark in line for mark in DEMO_ECHO):
+            print("  | " + line, flush=True)
 
-    threading.Thread(target=pump, daemon=True).start()
+    log_path.unlink(missing_ok=True)  # this run's output only
+    server = ChildProcess(cmd, name="diffserve serve", log=log_path, on_line=echo).start()
     try:
-        url = ready.get()
-        if url is None:
-            print(f"the server exited with status {server.wait()} before it was ready; see {log_path}",
-                  file=sys.stderr)
+        try:
+            line = server.wait_ready("ready at", DEMO_READY_TIMEOUT_S) or ""
+        except ChildNotReady as exc:
+            state = (f"was not ready within {DEMO_READY_TIMEOUT_S:g} s" if exc.returncode is None
+                     else f"exited with status {exc.returncode} before it was ready")
+            print(f"the server {state}; see {log_path}", file=sys.stderr)
             return 1
+        url = line.split("ready at", 1)[1].split()[0]
         client = SegmindClient(base_url=f"{url}/v1", timeout=600)  # the demo server is open (no keys)
         kinds = {v: k for k, v in CONTENT_TYPES.items()}
         for slug, payload in demo_payloads().items():
@@ -238,12 +231,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"demo images written to {out}")
         return 0
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        server.stop(120)  # SIGTERM: the server stops the API, then its Triton; SIGKILL after 120 s
 
 
 def _parse_checkpoint(text: str) -> tuple[str, Path]:

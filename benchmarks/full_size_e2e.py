@@ -18,9 +18,7 @@ import io
 import json
 import logging
 import os
-import queue
 import resource
-import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from engine.processes import ChildProcess
 
 logger = logging.getLogger(__name__)
 
@@ -134,25 +134,14 @@ def serve_and_request(repository: Path, slugs: list[str], log: Path, timeout_s: 
 
     cmd = [sys.executable, "-m", "api.cli", "serve", "--repository", str(repository), "--port", "0"]
     t0 = time.perf_counter()
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ready: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        with open(log, "w") as out:
-            for line in server.stdout:
-                out.write(line)
-                out.flush()
-                if "ready at" in line:
-                    ready.put(line.split("ready at", 1)[1].split()[0])
-        ready.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
+    log.unlink(missing_ok=True)  # this run's output only
+    server = ChildProcess(cmd, name="diffserve serve", log=log).start()
     result: dict[str, Any] = {"requests": {}}
     try:
         with ServingRss(server.pid) as rss:
-            url = ready.get(timeout=timeout_s)
-            if url is None:
-                raise RuntimeError(f"the server exited with status {server.wait()} before it was ready; see {log}")
+            # ChildNotReady (a RuntimeError) names the exit status or the timeout, the log and its tail
+            line = server.wait_ready("ready at", timeout_s) or ""
+            url = line.split("ready at", 1)[1].split()[0]
             result["ready_s"] = round(time.perf_counter() - t0, 1)
             with httpx.Client(base_url=url, timeout=timeout_s) as client:
                 for slug in slugs:
@@ -164,12 +153,7 @@ def serve_and_request(repository: Path, slugs: list[str], log: Path, timeout_s: 
                     result["requests"][slug] = {"latency_s": round(latency, 2), **image_checks(response.content)}
         result["serving_peak_rss_gib"] = round(rss.peak_gib, 2)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        server.stop(120)
     return result
 
 

@@ -19,22 +19,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import logging
 import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from engine.processes import ChildNotReady, ChildProcess
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +72,7 @@ def free_port() -> int:
 class Child:
     """A server process in its own process group; ready when ``marker`` appears in its output.
 
-    Its output goes to ``log`` (a reader thread keeps the pipe drained); ``url`` is the marker's
-    first group when it has one.
+    Its output goes to ``log``; ``url`` is the marker's first group when it has one.
     """
 
     def __init__(self, name: str, cmd: list[str], log: Path, marker: str, env: dict[str, str] | None = None):
@@ -83,47 +80,22 @@ class Child:
         self.cmd = cmd
         self.url: str | None = None
         self._marker = re.compile(marker)
-        self._tail: collections.deque[str] = collections.deque(maxlen=40)
-        self._seen = threading.Event()
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log, "w", encoding="utf-8")
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
-        self._reader = threading.Thread(target=self._pump, name=f"{name}-output", daemon=True)
-        self._reader.start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._log.write(line)
-            self._log.flush()
-            self._tail.append(line.rstrip())
-            match = self._marker.search(line)
-            if match and not self._seen.is_set():
-                self.url = match.group(1) if match.groups() else ""
-                self._seen.set()
-        self._seen.set()  # exited: wait_ready stops waiting
+        log.unlink(missing_ok=True)  # this run's output only
+        self.proc = ChildProcess(cmd, name=name, cwd=REPO_ROOT, env=env, log=log).start()
 
     def wait_ready(self, timeout_s: float) -> None:
-        if not self._seen.wait(timeout_s) or self.url is None:
+        try:
+            line = self.proc.wait_ready(self._marker, timeout_s) or ""
+        except ChildNotReady:
             raise RuntimeError(f"{self.name} did not start ({' '.join(self.cmd)}); its output:\n"
-                               + "\n".join(self._tail))
+                               + "\n".join(self.proc.tail(40))) from None
+        match = self._marker.search(line)
+        self.url = match.group(1) if match and match.groups() else ""
         logger.info("%s ready (pid %d)%s", self.name, self.proc.pid, f" at {self.url}" if self.url else "")
 
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM the group, SIGKILL it after ``grace_s``; then SIGKILL whatever of the group is left."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop in %g s: SIGKILL", self.name, grace_s)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the group (the leader is gone or going)
-        self.proc.wait(10)
-        self._reader.join(5)
-        self._log.close()
+        self.proc.stop(grace_s)
 
 
 def _diffserve(*args: str) -> list[str]:

@@ -48,10 +48,8 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +58,7 @@ from typing import Any, Awaitable, Callable, Iterator
 import numpy as np
 
 from benchmarks import floors
+from engine.processes import ChildNotReady, ChildProcess
 
 logger = logging.getLogger(__name__)
 
@@ -466,41 +465,18 @@ def started_api_server(cfg: ServeBenchConfig, triton_url: str | None = None,
     if cfg.precision:
         cmd += ["--precision", cfg.precision]
     env = dict(os.environ, **_thread_env(cfg.threads))
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    ready: list[str] = []
-    seen = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            tail.append(line.rstrip())
-            m = _READY_RE.search(line)
-            if m and not ready:
-                ready.append(m.group(1))
-                seen.set()
-        seen.set()
-
-    reader = threading.Thread(target=pump, name="api-server-output", daemon=True)
-    reader.start()
+    proc = ChildProcess(cmd, name="diffserve serve", cwd=REPO_ROOT, env=env).start()
     try:
-        if not seen.wait(300) or not ready:
+        try:
+            line = proc.wait_ready(_READY_RE, 300) or ""
+        except ChildNotReady:
             raise RuntimeError(f"`diffserve serve` did not start ({' '.join(cmd[2:])}); its output:\n"
-                               + "\n".join(tail))
-        logger.info("started %s at %s (pid %d)", " ".join(cmd[3:]), ready[0], proc.pid)
-        yield ready[0]
+                               + "\n".join(proc.tail(40))) from None
+        url = line.split("ready at ", 1)[1].split()[0]
+        logger.info("started %s at %s (pid %d)", " ".join(cmd[3:]), url, proc.pid)
+        yield url
     finally:
-        if proc.poll() is None:
-            proc.terminate()  # uvicorn shuts down gracefully on SIGTERM
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        reader.join(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        proc.stop(60)  # uvicorn shuts down gracefully on SIGTERM
         shutil.rmtree(data_dir, ignore_errors=True)
 
 

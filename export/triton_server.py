@@ -4,11 +4,11 @@ This module owns everything between "a model repository on disk" and "a Triton s
 on HTTP/gRPC": locating the ``tritonserver`` binary shipped inside the ``nvidia-pytriton`` wheel,
 building a private backend directory with the python-backend stub that matches the running
 interpreter, preparing the process environment (library path, Python import path), choosing
-ports, spawning the server in its own process group, writing its whole output to a log file and
-its warnings and errors to the ``diffserve.triton`` logger, waiting for readiness and shutting it down (SIGTERM, then SIGKILL
-of the whole group). It ties the server's lifetime to the process that started it (a lifeline
-watchdog, see :class:`Lifeline`) and, through :class:`TritonSupervisor`, restarts a server that
-died under it. It never modifies site-packages; all generated files live in a temporary
+ports, spawning the server (an :class:`engine.processes.ChildProcess` in a
+:class:`~engine.processes.Lifeline` group, so it and its stubs die with the process that started them),
+writing its whole output to a log file and its warnings and errors to the ``diffserve.triton`` logger,
+waiting for readiness and shutting it down (SIGTERM, then SIGKILL of the whole group); through
+:class:`TritonSupervisor` it restarts a server that died under it. It never modifies site-packages; all generated files live in a temporary
 work directory that is removed by :meth:`TritonServer.stop`.
 
 How the python-backend stub gets the right interpreter (verified with nvidia-pytriton 0.7.0,
@@ -40,7 +40,6 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -52,6 +51,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from engine.processes import ChildProcess, Lifeline
 
 __all__ = [
     "Lifeline",
@@ -111,77 +112,6 @@ def find_free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-# The watchdog of a Lifeline, run as `python -I -S -c`: it blocks on the read end of a pipe whose
-# only write end the launching process holds, so end-of-file means that process is gone, however
-# it ended (SIGKILL and the OOM killer included); it then SIGKILLs its own process group, which
-# holds Triton and, as Triton's children, every python-backend stub. Signals a terminal or a
-# group-wide `kill -TERM` sends are ignored: the watchdog must outlive what it guards.
-_WATCHDOG_SOURCE = """\
-import os, signal, sys
-for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    signal.signal(s, signal.SIG_IGN)
-fd = int(sys.argv[1])
-while os.read(fd, 4096):
-    pass
-os.killpg(0, signal.SIGKILL)
-"""
-
-
-class Lifeline:
-    """A process group that dies with the process that created it, whatever kills that process.
-
-    Creating one starts a tiny watchdog process as the leader of a new process group (in this
-    session, so members can join it) and keeps the write end of a pipe whose read end only the
-    watchdog holds. Processes started with ``process_group=lifeline.pgid`` join the group, and so
-    do their children. When this process exits or is killed, the kernel closes the write end; the
-    watchdog reads end-of-file and SIGKILLs the group. A parent-death signal (PR_SET_PDEATHSIG)
-    would not do: it fires when the *thread* that forked exits, and reaches only the direct child,
-    not Triton's stubs. Processes this one forks without exec (``multiprocessing`` "fork")
-    inherit the write end and keep the group alive until they exit too.
-    """
-
-    def __init__(self) -> None:
-        read_fd, self._write_fd = os.pipe()  # both close-on-exec: no other child inherits them
-        try:
-            self._watchdog: subprocess.Popen[bytes] | None = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _WATCHDOG_SOURCE, str(read_fd)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                pass_fds=(read_fd,), process_group=0,
-            )
-        except BaseException:
-            os.close(self._write_fd)
-            raise
-        finally:
-            os.close(read_fd)
-        self.pgid = self._watchdog.pid
-        """Process group id to start members in (the watchdog's pid)."""
-
-    def close(self) -> None:
-        """Kill every member of the group now and reap the watchdog (idempotent)."""
-        if self._watchdog is None:
-            return
-        os.close(self._write_fd)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pgid, signal.SIGKILL)
-        self._watchdog.wait()
-        self._watchdog = None
-
-    def alive_members(self) -> list[int]:
-        """Pids of the group's live processes (from /proc), the watchdog included."""
-        members = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                # Fields after the parenthesised command: state ppid pgrp ...
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[2]) == self.pgid and fields[0] not in ("Z", "X"):
-                members.append(int(entry.name))
-        return members
 
 
 def _running_python_version() -> str:
@@ -393,9 +323,7 @@ class TritonServer:
         self.http_port = pick(config.http_port)
         self.grpc_port = pick(config.grpc_port)
         self.metrics_port = pick(config.metrics_port)
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._lifeline: Lifeline | None = None
-        self._reader: threading.Thread | None = None
+        self._child: ChildProcess | None = None
         self._workdir: Path | None = None
         self._shm_prefix = ""
         self._tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
@@ -418,23 +346,23 @@ class TritonServer:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._child.pid if self._child is not None else None
 
     @property
     def process_group(self) -> int | None:
         """Process group of the server and its stubs (that of its :class:`Lifeline` watchdog)."""
-        return self._lifeline.pgid if self._lifeline is not None else None
+        return self._child.pgid if self._child is not None else None
 
     @property
     def returncode(self) -> int | None:
         """Exit code once the process has ended (None while it runs or before it started)."""
-        if self._proc is not None:
-            return self._proc.poll()
+        if self._child is not None:
+            return self._child.returncode
         return self._returncode
 
     def is_alive(self) -> bool:
         """True while the server process runs."""
-        return self._proc is not None and self._proc.poll() is None
+        return self._child is not None and self._child.alive()
 
     def is_ready(self) -> bool:
         """True when the process runs and ``/v2/health/ready`` answers 200."""
@@ -461,7 +389,7 @@ class TritonServer:
         """
         if self.is_alive():
             raise TritonLaunchError(f"Triton is already running (pid {self.pid})")
-        if self._proc is not None:  # died on its own since the last start: reap and clean up
+        if self._child is not None:  # died on its own since the last start: reap and clean up
             self.stop()
         cfg = self.config
         repository = cfg.repository.resolve()
@@ -496,46 +424,32 @@ class TritonServer:
         )
         LOGGER.debug("command: %s", " ".join(cmd))
         try:
-            self._lifeline = Lifeline()
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env=env,
-                # the lifeline's group: stop() kills stubs too, and all die with this process
-                process_group=self._lifeline.pgid,
-            )
+            # A lifeline group: stop() kills the stubs too, and all die with this process.
+            self._child = ChildProcess(cmd, name="Triton", env=env, log=cfg.log_file, on_line=self._on_line,
+                                       lifeline=True, tail_lines=_TAIL_LINES).start()
         except OSError as exc:
-            if self._lifeline is not None:
-                self._lifeline.close()
-                self._lifeline = None
             self._cleanup_files()
             raise TritonLaunchError(f"cannot execute {dist.binary}: {exc}") from exc
-        self._reader = threading.Thread(
-            target=self._pump_output, args=(self._proc,), name="triton-log", daemon=True
-        )
-        self._reader.start()
         _LIVE_SERVERS.add(self)
         try:
             self.wait_ready(cfg.startup_timeout_s, abort)
         except BaseException:
             self.stop(timeout=10)
             raise
-        LOGGER.info("Triton ready (pid %d) at http=%s grpc=%s", self._proc.pid, self.http_url,
+        LOGGER.info("Triton ready (pid %d) at http=%s grpc=%s", self._child.pid, self.http_url,
                     self.grpc_url)
 
     def wait_ready(self, timeout: float, abort: threading.Event | None = None) -> None:
         """Poll readiness; raise :class:`TritonLaunchError` if the server dies, times out or
         ``abort`` is set."""
-        if self._proc is None:
+        if self._child is None:
             raise TritonLaunchError("Triton has not been started")
         deadline = time.monotonic() + timeout
         delay = 0.05
         while True:
-            code = self._proc.poll()
+            code = self._child.returncode
             if code is not None:
-                self._drain_reader()
+                self._child.drain_output()
                 raise TritonLaunchError(
                     self._failure_message(f"Triton exited during start-up with code {code}")
                 )
@@ -563,25 +477,16 @@ class TritonServer:
         """
         if timeout is None:
             timeout = math.ceil(self.config.exit_timeout_s) + 10.0
-        proc = self._proc
-        if proc is None:
+        child = self._child
+        if child is None:
             self._cleanup_files()
             return self._returncode if self._returncode is not None else 0
-        if proc.poll() is None:
-            LOGGER.info("stopping Triton (pid %d)", proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                LOGGER.warning("Triton did not exit within %.0f s; killing its process group", timeout)
-                self._kill_group()
-                proc.wait()
-        # Python-backend stubs live in the server's process group; make sure none survive.
-        self._kill_group()
-        self._drain_reader()
-        self._returncode = proc.returncode
-        self._proc = None
+        if child.alive():
+            LOGGER.info("stopping Triton (pid %d)", child.pid)
+        # SIGTERM to the server alone, SIGKILL to its group after the timeout; the python-backend
+        # stubs live in that group, and none survive it.
+        self._returncode = child.stop(timeout)
+        self._child = None
         _LIVE_SERVERS.discard(self)
         self._cleanup_files()
         LOGGER.info("Triton stopped with exit code %s", self._returncode)
@@ -605,6 +510,7 @@ class TritonServer:
             self._tail.clear()
             self._errors.clear()
         self._returncode = None
+        self._level = logging.INFO
         self._shm_prefix = f"diffserve_{os.getpid()}_{secrets.token_hex(4)}_"
 
     def _prepare_backends(self, dist: TritonDistribution, stub: Path) -> Path:
@@ -696,46 +602,20 @@ class TritonServer:
         cmd += list(cfg.extra_args)
         return cmd
 
-    def _pump_output(self, proc: subprocess.Popen[bytes]) -> None:
-        """Background thread: server output -> tail buffer, log file and logger.
-
-        The log file gets every line; the logger gets warnings and errors, and the rest at DEBUG
-        (a model repository's start-up is a few hundred lines of Triton's INFO).
-        """
-        log_fh = None
-        if self.config.log_file is not None:
-            try:
-                self.config.log_file.parent.mkdir(parents=True, exist_ok=True)
-                log_fh = open(self.config.log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-            except OSError as exc:
-                LOGGER.warning("cannot open Triton log file %s: %s", self.config.log_file, exc)
-        level = logging.INFO
-        assert proc.stdout is not None
-        try:
-            for raw in iter(proc.stdout.readline, b""):
-                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-                if log_fh is not None:
-                    log_fh.write(line + "\n")
-                match = _LOG_LINE_RE.match(line)
-                harmless = any(s in line for s in _HARMLESS_ON_CPU)
-                if match:  # unprefixed lines continue the last prefixed one, at its level
-                    level = {"I": logging.DEBUG, "W": logging.WARNING, "E": logging.ERROR}[match[1]]
-                    if harmless:
-                        level = logging.DEBUG
-                with self._lock:
-                    self._tail.append(line)
-                    if (match and match[1] == "E" or line.startswith("error:")) and not harmless:
-                        self._errors.append(line)
-                SERVER_LOGGER.log(level, "%s", line)
-        except (OSError, ValueError) as exc:  # pipe closed under us
-            LOGGER.debug("Triton output reader stopped: %s", exc)
-        finally:
-            if log_fh is not None:
-                log_fh.close()
-
-    def _drain_reader(self, timeout: float = 5.0) -> None:
-        if self._reader is not None:
-            self._reader.join(timeout)
+    def _on_line(self, line: str) -> None:
+        """Each line of the server's output (the log file has them all): to the tail buffer, and
+        warnings and errors to the logger, the rest at DEBUG (a model repository's start-up is a few
+        hundred lines of Triton's INFO)."""
+        match = _LOG_LINE_RE.match(line)
+        harmless = any(s in line for s in _HARMLESS_ON_CPU)
+        if match:  # unprefixed lines continue the last prefixed one, at its level
+            level = {"I": logging.DEBUG, "W": logging.WARNING, "E": logging.ERROR}[match[1]]
+            self._level = logging.DEBUG if harmless else level
+        with self._lock:
+            self._tail.append(line)
+            if (match and match[1] == "E" or line.startswith("error:")) and not harmless:
+                self._errors.append(line)
+        SERVER_LOGGER.log(self._level, "%s", line)
 
     def _failure_message(self, headline: str) -> str:
         with self._lock:
@@ -751,12 +631,6 @@ class TritonServer:
         if self.config.log_file is not None:
             parts.append(f"Full log: {self.config.log_file}")
         return "\n".join(parts)
-
-    def _kill_group(self) -> None:
-        """SIGKILL the server's process group (stubs, watchdog) and reap the watchdog."""
-        if self._lifeline is not None:
-            self._lifeline.close()
-            self._lifeline = None
 
     def _cleanup_files(self) -> None:
         if self._shm_prefix:

@@ -18,13 +18,13 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+from engine.processes import ChildNotReady, ChildProcess
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class RedisServer:
         self.password = password
         """``requirepass``: clients must authenticate (the shipped deployments set one)."""
         self.log_file = self.directory / "redis.log"
-        self._proc: subprocess.Popen | None = None
+        self._proc: ChildProcess | None = None
 
     @property
     def url(self) -> str:
@@ -79,7 +79,7 @@ class RedisServer:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._proc.alive()
 
     def start(self, timeout_s: float = 20.0) -> None:
         if self.running:
@@ -91,18 +91,15 @@ class RedisServer:
         ]
         if self.password is not None:
             args += ["--requirepass", self.password]
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self._proc.returncode}; see {self.log_file}")
-            if self._ping():
-                logger.info("redis-server up on port %d (pid %d)", self.port, self._proc.pid)
-                return
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s:g} s")
+        self._proc = ChildProcess(args, name="redis-server").start()
+        try:
+            self._proc.wait_ready(self._ping, timeout_s)
+        except ChildNotReady as exc:
+            if exc.returncode is not None:
+                raise RuntimeError(f"redis-server exited with {exc.returncode}; see {self.log_file}") from None
+            self.kill()
+            raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout_s:g} s") from None
+        logger.info("redis-server up on port %d (pid %d)", self.port, self._proc.pid)
 
     def _ping(self) -> bool:
         # Raw RESP, so this helper needs no client library; LOADING (AOF replay) is not ready yet.
@@ -119,23 +116,17 @@ class RedisServer:
             return False
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Graceful stop (SIGTERM: Redis flushes and fsyncs its append-only file first)."""
-        self._end(signal.SIGTERM, timeout_s)
+        """Graceful stop (SIGTERM: Redis flushes and fsyncs its append-only file first; SIGKILL after
+        ``timeout_s``)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.stop(timeout_s)
 
     def kill(self) -> None:
         """kill -9, as a crash or the OOM killer does."""
-        self._end(signal.SIGKILL, 10.0)
-
-    def _end(self, sig: int, timeout_s: float) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+        if proc is not None:
             proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

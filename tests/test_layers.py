@@ -160,3 +160,45 @@ def test_only_api_cli_composes_the_command_line(graph):
     composers = sorted(src for src, edges in graph.items()
                        if {"export.cli", "benchmarks.cli"} & set(edges) and src.split(".")[0] != "tests")
     assert composers == ["api.cli"]
+
+
+CHILD_PROCESS_HOME = "engine/processes.py"
+CHILD_PROCESS_CALLS = {"Popen", "killpg", "setsid", "setpgid", "fork", "forkpty"}
+CHILD_PROCESS_KEYWORDS = {"start_new_session", "process_group", "preexec_fn"}
+
+
+def child_process_code(source: str) -> list[str]:
+    """Calls in ``source`` that start a long-lived child or handle a process group: ``Popen`` (however
+    imported), ``os.killpg``/``setsid``/``setpgid``/``fork``, or a call with ``start_new_session``,
+    ``process_group`` or ``preexec_fn``; as ``line name``. Code inside strings (a child's own
+    ``python -c``) is not read."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+        keywords = sorted({k.arg for k in node.keywords if k.arg} & CHILD_PROCESS_KEYWORDS)
+        if name in CHILD_PROCESS_CALLS or keywords:
+            found.append(" ".join([str(node.lineno), name or "(call)", *keywords]))
+    return found
+
+
+def test_the_child_process_scan_sees_popen_killpg_and_sessions():
+    source = ("import os, subprocess\nfrom subprocess import Popen\nsubprocess.Popen(['x'])\nPopen(['x'])\n"
+              "os.killpg(1, 9)\nsubprocess.run(['x'], start_new_session=True)\n"
+              "subprocess.run(['x'])\ncode = 'subprocess.Popen([])'\n")
+    assert child_process_code(source) == ["3 Popen", "4 Popen", "5 killpg", "6 run start_new_session"]
+
+
+def test_no_child_process_code_outside_the_helper():
+    """Children are started, watched and stopped by engine/processes.py alone; everything else (the
+    Triton launcher, the benchmarks, the demo, the tests) goes through its ChildProcess. One-shot
+    commands run to completion (``subprocess.run``) are not child-process handling."""
+    offenders = []
+    for package in (*PACKAGES, "tests"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            where = path.relative_to(ROOT).as_posix()
+            if where != CHILD_PROCESS_HOME:
+                offenders += [f"{where}:{hit}" for hit in child_process_code(path.read_text(encoding="utf-8"))]
+    assert offenders == []

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -42,6 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from engine.processes import ChildProcess
 
 logger = logging.getLogger("benchmarks.gpu")
 
@@ -456,13 +457,12 @@ class Orchestrator:
         cmd = [sys.executable, "-m", "benchmarks.gpu.runner", "--step", step.name, "--step-out", str(work)]
         t0 = time.time()
         # Own process group: a step cut off at the deadline takes its compile workers with it.
-        proc = subprocess.Popen(cmd, start_new_session=True)
+        proc = ChildProcess(cmd, name=f"step {step.name}", pipe_output=False).start()
         try:
             rc = proc.wait(timeout=timeout)
             why = None if rc == 0 else f"exit status {rc}; see run.log"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            proc.kill()
             rc, why = None, f"stopped at the deadline after {time.time() - t0:.0f} s"
         wall = round(time.time() - t0, 1)
         final = sorted(p for p in work.glob("*.json") if not p.name.endswith(".partial.json"))

@@ -6,17 +6,12 @@ with the reason on /readyz; a served slug generates, a left-out one is a 404 nam
 
 import base64
 import io
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import numpy as np
 import PIL.Image
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.serving.processes import start_cli
 
 
 def test_serve_skips_incomplete_slug_and_readyz_names_it(tmp_path, tiny_checkpoints, diffserve_home):
@@ -25,18 +20,9 @@ def test_serve_skips_incomplete_slug_and_readyz_names_it(tmp_path, tiny_checkpoi
     models.write_text(f'["sd1.5-scifi"]\ncheckpoint = "{demo}/sd/missing.safetensors"\n'
                       f'["sd1.5-img2img"]\ncheckpoint = "{demo}/sd/stable-diffusion-v1-5"\n')
     log = tmp_path / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--backend", "local", "--models", str(models),
-         "--port", "0", "--data-dir", str(tmp_path / "api")],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True, env=dict(os.environ),  # noqa: SIM115
-    )
+    proc, url = start_cli(["serve", "--backend", "local", "--models", str(models), "--port", "0", "--data-dir",
+                           str(tmp_path / "api")], log)  # raises with the log's tail when serve did not start
     try:
-        url = None
-        for line in proc.stdout:
-            if "ready at" in line:
-                url = line.split("ready at", 1)[1].split()[0]
-                break
-        assert url, f"serve did not start:\n{log.read_text()[-3000:]}"
         with httpx.Client(base_url=url, timeout=300) as client:
             body = client.get("/readyz").json()
             assert body["models"] == ["sd1.5-img2img"]
@@ -52,9 +38,4 @@ def test_serve_skips_incomplete_slug_and_readyz_names_it(tmp_path, tiny_checkpoi
             image = np.asarray(PIL.Image.open(io.BytesIO(served.content)))
             assert image.shape == (512, 512, 3) and image.std() > 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.stop(60)

@@ -5,8 +5,8 @@ real processes (it dies with its creator, SIGKILL included), and TritonSuperviso
 from __future__ import annotations
 
 import os
+import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -14,19 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from export.triton_server import Lifeline, TritonLaunchError, TritonSupervisor
+from engine.processes import ChildProcess
+from export.triton_server import TritonLaunchError, TritonSupervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # A parent that puts a child and a grandchild into a Lifeline group, prints their pids, then waits.
 PARENT = """\
-import subprocess, sys, time
-from export.triton_server import Lifeline
-lifeline = Lifeline()
-child = subprocess.Popen(["sh", "-c", "sleep 120 & echo $!; wait"], stdout=subprocess.PIPE, text=True,
-                         process_group=lifeline.pgid)
-grandchild = int(child.stdout.readline())
-print(lifeline.pgid, child.pid, grandchild, flush=True)
+import re, time
+from engine.processes import ChildProcess
+child = ChildProcess(["sh", "-c", "sleep 120 & echo $!; wait"], lifeline=True).start()
+grandchild = int(child.wait_ready(re.compile(r"^[0-9]+$"), 30))
+print(child.pgid, child.pid, grandchild, flush=True)
 time.sleep(120)
 """
 
@@ -48,28 +47,26 @@ def _wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_lifeline_group_dies_with_its_creator(sig):
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    try:
-        pgid, child, grandchild = map(int, parent.stdout.readline().split())
+    parent = ChildProcess([sys.executable, "-c", PARENT], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    with parent:
+        pgid, child, grandchild = map(int, parent.wait_ready(re.compile(r"^[0-9]+ [0-9]+ [0-9]+$"), 30).split())
         members = [pgid, child, grandchild]
         assert all(_alive(p) for p in members)
-        parent.send_signal(sig)
+        parent.signal(sig)
         parent.wait(10)
         assert _wait_gone(members) == [], "members of the lifeline group outlived their creator"
-    finally:
-        parent.kill()
-        parent.wait()
 
 
 def test_lifeline_close_kills_the_group_and_reaps_the_watchdog():
-    lifeline = Lifeline()
-    sleeper = subprocess.Popen(["sleep", "120"], process_group=lifeline.pgid)
+    sleeper = ChildProcess(["sleep", "120"], lifeline=True).start()
+    lifeline = sleeper.lifeline
+    assert lifeline is not None
     assert set(lifeline.alive_members()) == {lifeline.pgid, sleeper.pid}
     lifeline.close()
     assert sleeper.wait(5) == -signal.SIGKILL
     assert not _alive(lifeline.pgid)
     lifeline.close()  # idempotent
+    assert sleeper.kill() == -signal.SIGKILL
 
 
 class ScriptedServer:

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,24 +15,17 @@ from pathlib import Path
 import httpx
 import PIL.Image
 
-REPO = Path(__file__).resolve().parents[2]
+from engine.processes import ChildProcess
+from tests.serving.processes import start_cli
+
 KEY = "restart-key"
 
 
-def start_server(data_dir: Path, log: Path, triton, repository: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--backend", "triton", "--triton-url", triton.grpc_url,
-         "--repository", str(repository), "--port", "0", "--data-dir", str(data_dir), "--api-key", KEY],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True,
-        env=dict(os.environ, DIFFSERVE_CANCEL_POLL_S="0.05"),
-    )
-    deadline = time.monotonic() + 180
-    assert proc.stdout is not None
-    for line in proc.stdout:  # the CLI prints one line when the server is ready
-        if "ready at" in line:
-            return proc, line.split("ready at", 1)[1].split()[0]
-        assert time.monotonic() < deadline
-    raise AssertionError(f"server exited ({proc.wait()}) without becoming ready:\n{log.read_text()[-3000:]}")
+def start_server(data_dir: Path, log: Path, triton, repository: Path) -> tuple[ChildProcess, str]:
+    # the CLI prints one line when the server is ready
+    return start_cli(["serve", "--backend", "triton", "--triton-url", triton.grpc_url, "--repository",
+                      str(repository), "--port", "0", "--data-dir", str(data_dir), "--api-key", KEY], log,
+                     env={"DIFFSERVE_CANCEL_POLL_S": "0.05"}, timeout_s=180)
 
 
 def image_b64() -> str:
@@ -76,7 +66,7 @@ def test_kill_9_then_restart_finishes_every_accepted_request(tmp_path, triton, d
                     break
                 assert time.monotonic() < deadline, "the first job never started"
                 time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
+        proc.signal(signal.SIGKILL)
         proc.wait(30)
 
         proc, url = start_server(data_dir, log, triton, repository)
@@ -104,12 +94,10 @@ def test_kill_9_then_restart_finishes_every_accepted_request(tmp_path, triton, d
         assert len(rows) == 1 and rows[0][0] == "FAILED" and "interrupted" in rows[0][1], rows
         assert left == 0, "inputs of finished jobs were left behind"
 
-        proc.send_signal(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+        proc.kill()  # SIGKILL to what is left of its group (nothing, once it has exited)
 
 
 def job_count(client: httpx.Client) -> int:

@@ -10,10 +10,7 @@ import functools
 import http.server
 import io
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,8 +24,9 @@ from engine.tiny.demo import DEMO_PARAMS
 from engine.catalog import CATALOG, get_model
 from engine.imageio import CONTENT_TYPES
 from engine.tiny.omni_zero import write_demo_inputs
+from engine.processes import ChildProcess
+from tests.serving.processes import start_cli
 
-REPO = Path(__file__).resolve().parents[2]
 KEY = "triton-e2e-key"
 SLUGS = list(CATALOG)
 
@@ -77,25 +75,19 @@ def image_url(tmp_path_factory):
     server.shutdown()
 
 
-def start_api(triton, repository: Path, data_dir: Path, **env: str) -> tuple[subprocess.Popen, str]:
+def start_api(triton, repository: Path, data_dir: Path, **env: str) -> tuple[ChildProcess, str]:
     """``diffserve serve --backend triton`` on the shared Triton server; returns (process, URL)."""
     log = data_dir / "api.log"
     data_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--backend", "triton", "--repository", str(repository),
-         "--triton-url", triton.grpc_url, "--port", "0", "--data-dir", str(data_dir), "--api-key", KEY],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True,
-        env=dict(os.environ, DIFFSERVE_IMAGE_ALLOW_NETWORKS="127.0.0.1/32", DIFFSERVE_CANCEL_POLL_S="0.05", **env),
-    )
-    for line in proc.stdout:
-        if "ready at" in line:
-            return proc, line.split("ready at", 1)[1].split()[0]
-    raise AssertionError(f"API did not start:\n{log.read_text()[-3000:]}")
+    return start_cli(["serve", "--backend", "triton", "--repository", str(repository), "--triton-url",
+                      triton.grpc_url, "--port", "0", "--data-dir", str(data_dir), "--api-key", KEY], log,
+                     env={"DIFFSERVE_IMAGE_ALLOW_NETWORKS": "127.0.0.1/32", "DIFFSERVE_CANCEL_POLL_S": "0.05", **env})
 
 
-def stop_api(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
+def stop_api(proc: ChildProcess) -> None:
+    proc.signal(signal.SIGTERM)
     assert proc.wait(60) == 0
+    proc.kill()  # what is left of its group
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,7 @@ streamed by the other replica; Redis stopped under load (503s, never a 500) and 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,8 +21,8 @@ import redis
 from segmind import SegmindClient
 
 from tests.redis_server import RedisServer
+from tests.serving.processes import start_cli
 
-REPO = Path(__file__).resolve().parents[2]
 KEY = "scale-out-key"
 SLUG = "sd1.5-scifi"
 CREDITS = 1000
@@ -43,31 +39,15 @@ class Proc:
     """A ``diffserve`` sub-command as a process; ``url`` is what it printed when ready."""
 
     def __init__(self, args: list[str], log: Path, ready_marker: str, url_after: str):
-        log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "api.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=open(log, "ab"), text=True, env=dict(os.environ, **ENV))
-        for line in self.proc.stdout:
-            if ready_marker in line:
-                self.url = line.split(url_after, 1)[1].split()[0].removesuffix("/readyz")
-                break
-        else:
-            raise AssertionError(f"{args[0]} did not start:\n{log.read_text()[-3000:]}")
-        # Keep reading stdout so the child never blocks on a full pipe.
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        self.proc, self.url = start_cli(args, log, env=ENV, ready=ready_marker, url_after=url_after)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.proc.stop(60)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +204,7 @@ def test_a_worker_killed_mid_job_finishes_on_the_other_once_and_is_charged_once(
         consumer = store.hget(f"{{{NAMESPACE}}}:job:{request_id}", "worker").decode()
         victim = next(name for name in ("worker0", "worker1") if f"-{cluster[name].pid}-" in consumer)
         survivor = "worker1" if victim == "worker0" else "worker0"
-        os.kill(cluster[victim].pid, signal.SIGKILL)
+        cluster[victim].proc.signal(signal.SIGKILL)
         cluster[victim].proc.wait(10)
 
         done = wait_status(b, request_id, {"COMPLETED", "FAILED"}, timeout=240)

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.serving.processes import start_cli
 from tests.triton_processes import all_processes, descendants, proc_stat, triton_of
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (ships tritonserver) is not installed")
 
-REPO = Path(__file__).resolve().parents[2]
 SLUG = "sd1.5-scifi"
 BACKOFF_S = 0.5
 UNHEALTHY_AFTER_S = 3.0
@@ -74,33 +72,16 @@ def serve(repository, tmp_path_factory):
     """A ``diffserve serve`` that starts its own Triton; yields (process, httpx client)."""
     data_dir = tmp_path_factory.mktemp("lifetime-data")
     log = data_dir / "serve.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--backend", "triton", "--repository", str(repository),
-         "--port", "0", "--data-dir", str(data_dir)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True,  # noqa: SIM115
-        env=dict(os.environ, DIFFSERVE_TRITON_RESTART_BACKOFF_S=str(BACKOFF_S),
-                 DIFFSERVE_TRITON_UNHEALTHY_AFTER_S=str(UNHEALTHY_AFTER_S)),
-    )
-    url = None
-    for line in proc.stdout:
-        if "ready at" in line:
-            url = line.split("ready at", 1)[1].split()[0]
-            break
-    if url is None:
-        proc.kill()
-        raise AssertionError(f"serve did not start:\n{log.read_text()[-3000:]}")
+    proc, url = start_cli(["serve", "--backend", "triton", "--repository", str(repository), "--port", "0",
+                           "--data-dir", str(data_dir)], log,
+                          env={"DIFFSERVE_TRITON_RESTART_BACKOFF_S": str(BACKOFF_S),
+                               "DIFFSERVE_TRITON_UNHEALTHY_AFTER_S": str(UNHEALTHY_AFTER_S)})
     client = httpx.Client(base_url=url, timeout=120)
     try:
         yield proc, client
     finally:
         client.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
+        proc.stop(60)
 
 
 def test_killed_triton_is_restarted_and_serves_again(serve):
@@ -160,7 +141,7 @@ def assert_kill_9_leaves_nothing(proc, what: str) -> None:
     groups = {info[3] for info in tree.values()} - {own_group}
     assert groups, "Triton runs in a process group of its own"
 
-    os.kill(proc.pid, signal.SIGKILL)
+    proc.signal(signal.SIGKILL)
     proc.wait(10)
 
     def leftovers() -> dict[int, tuple]:

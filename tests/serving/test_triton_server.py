@@ -116,11 +116,15 @@ def process_gone(pid: int) -> bool:
 
 
 def group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+    """No process of group ``pgid`` is left (zombies aside: they are reaped by their parents)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state ppid pgrp ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -306,47 +310,32 @@ def test_config_validation_and_free_port(tmp_path: Path) -> None:
 
 
 def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
+    import re
     import signal
-    import subprocess
-    import threading
+
+    from engine.processes import ChildNotReady, ChildProcess
 
     repo = tmp_path / "repo"
     add_model(repo, "add_one", ADD_ONE)
     grpc_port, log = find_free_port(), tmp_path / "triton.log"
-    proc = subprocess.Popen(
+    proc = ChildProcess(
         [sys.executable, "-m", "api.cli", "triton", "--repository", str(repo), "--grpc-port", str(grpc_port),
          "--exit-timeout", "20", "--log-file", str(log), "--", "--log-info=true"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    lines: list[str] = []
-    got_urls = threading.Event()
-
-    def read_stdout() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.append(line)
-            if line.strip().startswith("grpc:"):
-                got_urls.set()
-        got_urls.set()  # EOF: let the test fail with a clear message
-
-    threading.Thread(target=read_stdout, daemon=True).start()
+        name="diffserve triton", cwd=ROOT, stderr=Path(os.devnull),
+    ).start()
     try:
-        assert got_urls.wait(90), "CLI printed no URLs"
-        grpc = [x.split()[-1] for x in lines if x.strip().startswith("grpc:")]
-        assert grpc, f"CLI exited early with {proc.poll()}: {lines}"
-        host, port = grpc[0].rsplit(":", 1)
+        try:
+            grpc = proc.wait_ready(re.compile(r"^\s*grpc:"), 90).split()[-1]  # type: ignore[union-attr]
+        except ChildNotReady as exc:  # exited early, or printed no URLs
+            raise AssertionError(f"CLI printed no URLs: {exc}") from None
+        host, port = grpc.rsplit(":", 1)
         assert int(port) == grpc_port and not port_is_free(int(port), host)
-        proc.send_signal(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert port_is_free(int(port), host)
         assert "Started GRPCInferenceService" in log.read_text()
     finally:
-        if proc.poll() is None:  # SIGTERM lets the CLI stop Triton; SIGKILL would orphan it
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        proc.stop(60)  # SIGTERM lets the CLI stop Triton (SIGKILL would orphan it); SIGKILL after 60 s
 
 
 def test_readiness_timeout_reports_log_and_cleans_up(tmp_path: Path) -> None:

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import httpx
@@ -25,7 +22,9 @@ import pytest
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (ships tritonserver) is not installed")
 
+from engine.processes import ChildProcess  # noqa: E402
 from tests.redis_server import redis_server  # noqa: E402, F401
+from tests.serving.processes import start_cli  # noqa: E402
 from tests.serving.test_triton_lifetime import (  # noqa: E402
     BACKOFF_S,
     REQUEST,
@@ -38,35 +37,16 @@ from tests.serving.test_triton_lifetime import (  # noqa: E402
 )
 from tests.triton_processes import proc_stat, triton_of  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def start(args: list[str], log: Path, marker: str, url_after: str,
-          env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+          env: dict[str, str]) -> tuple[ChildProcess, str]:
     """A ``diffserve`` sub-command as a process and the URL it printed once ready."""
-    proc = subprocess.Popen([sys.executable, "-m", "api.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=open(log, "ab"), text=True, env=dict(os.environ, **env))  # noqa: SIM115
-    for line in proc.stdout:
-        if marker in line:
-            url = line.split(url_after, 1)[1].split()[0].removesuffix("/readyz")
-            break
-    else:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"{args[0]} did not start:\n{log.read_text()[-3000:]}")
-    # Keep reading stdout so the child never blocks on a full pipe.
-    threading.Thread(target=proc.stdout.read, daemon=True).start()
-    return proc, url
+    return start_cli(args, log, env=env, ready=marker, url_after=url_after)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait()
+def stop(proc: ChildProcess) -> None:
+    proc.stop(60)
 
 
 @pytest.fixture(scope="module")
