@@ -3,6 +3,10 @@
 # installed first when the venv has no torch, so pip never pulls a multi-GB CUDA build.
 PYTHON ?= python3
 VENV   ?= .venv
+# Test processes (pytest-xdist). A test module stays on one worker (--dist loadfile), so its
+# module-scoped servers are started once; the session fixtures (tiny checkpoints, the demo
+# repository) are built once per worker.
+TEST_WORKERS ?= 2
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.diffserve-installed
 
@@ -18,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/diffserve demo

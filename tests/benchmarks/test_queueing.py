@@ -101,14 +101,14 @@ def test_open_loop_run_reports_predicted_and_measured_p95(tiny_checkpoints, tmp_
 
     # img2img at strength 0.1 runs 2 denoising steps: a short service time, so low rates stay stable.
     cfg = ServeBenchConfig(slugs=("sd1.5-img2img",), start_server=True, server_backend="triton", endpoints=("sync",),
-                           loop="open", levels=(0.1, 0.2), requests_per_level=3, params={"strength": 0.1},
+                           loop="open", levels=(0.4, 0.8), requests_per_level=3, params={"strength": 0.1},
                            predict=True, service_requests=4, modes=("fused",), triton_runtime="torch",
                            triton_pipeline_instances=1, engine_baseline="none", work_dir=tmp_path, threads=1)
     report = asyncio.run(run_serve_bench(cfg))
     (series,) = report["series"]
     assert series["service"]["ok"] == 4 and len(series["service"]["samples_ms"]) == 4
     rows = series["queueing"]
-    assert [q["arrival_rate"] for q in rows] == [0.1, 0.2]
+    assert [q["arrival_rate"] for q in rows] == [0.4, 0.8]
     for q, lv in zip(rows, series["levels"]):
         assert q["measured_p95_ms"] == lv["latency"]["p95_ms"] and q["measured_p95_ms"] > 0
         assert q["servers"] == 1 and q["reason"] is None and q["predicted_p95_ms"] > 0
