@@ -3,9 +3,9 @@
 # installed first when the venv has no torch, so pip never pulls a multi-GB CUDA build.
 PYTHON ?= python3
 VENV   ?= .venv
-# Test processes (pytest-xdist). A test module stays on one worker (--dist loadfile), so its
-# module-scoped servers are started once; the session fixtures (tiny checkpoints, the demo
-# repository) are built once per worker.
+# Test processes (pytest-xdist). A test module stays on one worker and the tests that start a
+# Triton server share one (--dist loadgroup; groups in tests/conftest.py), so module-scoped
+# servers start once and one Triton runs at a time; session fixtures are built once per worker.
 TEST_WORKERS ?= 2
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.diffserve-installed
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/diffserve demo

@@ -24,8 +24,18 @@ def pytest_configure(config):
             raise pytest.UsageError("--device cuda: no CUDA device is visible to torch here")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need a CUDA device: they are skipped, with the reason, where none is."""
+    """Tests marked ``gpu`` need a CUDA device: they are skipped, with the reason, where none is.
+
+    Under pytest-xdist (``make test``: ``--dist loadgroup``) a test module is one unit of work, so
+    its module-scoped servers start once, and every test marked ``triton_server`` joins one unit:
+    a Triton server with the demo repository is ~35 python stubs of up to 0.7 GB each, and two at
+    once on two workers ran a 24 GiB machine out of memory (the kernel killed a worker).
+    """
+    for item in items:
+        group = "triton_server" if item.get_closest_marker("triton_server") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

@@ -249,6 +249,7 @@ def test_engine_bench_ominicontrol_times_every_network_call(tiny_checkpoints, wo
 # -- serving -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
 def test_serve_bench_api_and_triton_modes(tiny_checkpoints, work_dir, results_dir):
     import asyncio
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.full_size_e2e import main
+
+
+pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
 
 
 def test_full_size_e2e_wiring_on_the_tiny_models(tmp_path, diffserve_home):

@@ -17,6 +17,9 @@ import pytest
 from benchmarks import capacity
 
 
+pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
+
+
 @pytest.fixture(scope="module")
 def exponential_service_s() -> np.ndarray:
     return np.random.default_rng(1).exponential(1.0, 50_000)  # mean 1 s

@@ -10,8 +10,12 @@ import io
 import httpx
 import numpy as np
 import PIL.Image
+import pytest
 
 from tests.serving.processes import start_cli
+
+
+pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
 
 
 def test_serve_skips_incomplete_slug_and_readyz_names_it(tmp_path, tiny_checkpoints, diffserve_home):

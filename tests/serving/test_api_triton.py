@@ -27,6 +27,9 @@ from engine.tiny.omni_zero import write_demo_inputs
 from engine.processes import ChildProcess
 from tests.serving.processes import start_cli
 
+pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
+
+
 KEY = "triton-e2e-key"
 SLUGS = list(CATALOG)
 

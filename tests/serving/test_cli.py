@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 import PIL.Image
+import pytest
+
+
+pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
 
 
 def diffserve(*args: str, home: Path) -> subprocess.CompletedProcess:

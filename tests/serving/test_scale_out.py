@@ -23,6 +23,9 @@ from segmind import SegmindClient
 from tests.redis_server import RedisServer
 from tests.serving.processes import start_cli
 
+pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
+
+
 KEY = "scale-out-key"
 SLUG = "sd1.5-scifi"
 CREDITS = 1000

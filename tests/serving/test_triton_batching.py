@@ -19,6 +19,9 @@ from api.settings import Settings
 from engine.catalog import validate
 from export.repository import read_manifest
 
+pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
+
+
 MODEL = "sd1.5-scifi__fused"
 TOL = 2e-4  # README: reordered fp32 sums in a batched UNet call, SD1.5
 REQUESTS = [  # different seeds, schedulers, step counts, guidance and sample counts; one resolution

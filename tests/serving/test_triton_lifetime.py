@@ -25,6 +25,9 @@ from tests.triton_processes import all_processes, descendants, proc_stat, triton
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (ships tritonserver) is not installed")
 
+pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
+
+
 SLUG = "sd1.5-scifi"
 BACKOFF_S = 0.5
 UNHEALTHY_AFTER_S = 3.0

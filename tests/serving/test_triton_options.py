@@ -13,6 +13,9 @@ from engine.catalog import validate
 from export.repository import Deployment, RepositoryOptions, build_repository
 
 
+pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
+
+
 @pytest.fixture(scope="module")
 def cached_ominicontrol(tmp_path_factory, tiny_checkpoints, monkeypatch_module):
     from export.triton_server import TritonServer, TritonServerConfig

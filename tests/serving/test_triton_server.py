@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
+
+
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # also work under a bare `pytest` invocation
     sys.path.insert(0, str(ROOT))

@@ -23,6 +23,9 @@ from engine.pipelines import run
 from engine.tiny.omni_zero import synthetic_portrait
 from tests.devices import torch_components
 
+pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
+
+
 TOL = 1e-4
 
 

@@ -39,6 +39,9 @@ from tests.triton_processes import proc_stat, triton_of  # noqa: E402
 
 
 
+pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
+
+
 def start(args: list[str], log: Path, marker: str, url_after: str,
           env: dict[str, str]) -> tuple[ChildProcess, str]:
     """A ``diffserve`` sub-command as a process and the URL it printed once ready."""
