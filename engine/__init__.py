@@ -2,7 +2,7 @@
 
 Its rooms: ``catalog`` (every slug's parameters, defaults and ranges, and how they map onto a
 pipeline's arguments), ``checkpoint`` (a diffusers checkpoint directory's layout read into a
-``ModelConfig``; ``omni_zero_checkpoint`` for Omni-Zero's additions), ``components`` (the
+``CheckpointArchitecture``; ``omni_zero_checkpoint`` for Omni-Zero's additions), ``components`` (the
 ``Components`` protocol pipelines call networks through, and the named-tensor adapter every runtime
 builds on), ``descriptors`` (each network's tensor names and shape profiles), ``pipelines/`` (one
 denoising loop per module; ``pipelines.run`` serves a slug), ``batching`` (step-level batching of

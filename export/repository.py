@@ -27,7 +27,7 @@ from typing import Any
 
 from engine import home_dir
 from engine.catalog import ModelSpec, get_model
-from engine.checkpoint import read_model_config
+from engine.checkpoint import read_architecture
 from engine.descriptors import ComponentDescriptor, component_descriptors, needed_components
 from engine.options import PRECISIONS, BatchingOptions, EngineOptions, default_precision, network_precisions
 from export.onnx_export import (
@@ -279,7 +279,7 @@ def export_components(checkpoint: Path, specs: list[ModelSpec], out_dir: Callabl
     modules to trace (default: loaded from the checkpoint). Logs one line for the whole set.
     """
     checkpoint = Path(checkpoint)
-    config = read_model_config(checkpoint)
+    config = read_architecture(checkpoint)
     descs = component_descriptors(config, specs)
     names = needed_components(config, specs, condition_mode)
     precisions = precision if isinstance(precision, dict) else dict.fromkeys(names, precision)
@@ -336,7 +336,7 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
         if len(checkpoints) != 1:
             raise ValueError(f"deployments with key {key!r} point at different checkpoints: {checkpoints}")
         checkpoint = checkpoints.pop()
-        config = read_model_config(checkpoint)
+        config = read_architecture(checkpoint)
         specs = [get_model(d.slug) for d in group]
         descs = component_descriptors(config, specs)
         names = needed_components(config, specs, opts.ominicontrol_condition)

@@ -79,10 +79,10 @@ class TritonPythonModel:
         import torch
 
         from engine.batch_buckets import BucketedModule, batch_buckets
-        from engine.checkpoint import read_model_config
+        from engine.checkpoint import read_architecture
         from engine.descriptors import component_descriptors
 
-        desc = component_descriptors(read_model_config(params.checkpoint))[self.component]
+        desc = component_descriptors(read_architecture(params.checkpoint))[self.component]
         low, _, high = desc.profile["batch"]
         bucketed = BucketedModule(module, batch_buckets(low, high))
 
