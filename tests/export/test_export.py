@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from engine.catalog import get_model
 from engine.checkpoint import read_architecture
 from engine.descriptors import component_descriptors, needed_components
-from engine.onnx_session import OnnxSession, session_providers
+from engine.ort_session import OrtSession, session_providers
 from engine.runtime_onnx import OnnxComponents
 from engine.runtime_torch import load_component_modules
 from export.onnx_export import (
@@ -161,7 +163,7 @@ def test_external_data_is_gathered_into_one_file_without_loading_the_weights(tmp
     assert len(list(work.iterdir())) > 3
     _finalize_onnx(tmp, work / "model.onnx")
     assert sorted(f.name for f in work.iterdir()) == ["model.onnx", "model.onnx.data"]
-    session, reference = OnnxSession(work / "model.onnx"), OnnxSession(results["vae_decoder"].path)
+    session, reference = OrtSession(work / "model.onnx"), OrtSession(results["vae_decoder"].path)
     latents = {"latents": np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)}
     assert np.array_equal(session.run(latents)["image"], reference.run(latents)["image"])
 
@@ -176,4 +178,11 @@ def test_cuda_without_its_execution_provider_is_an_error(sd15_exports):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         _, _, _, results = sd15_exports
         with pytest.raises(RuntimeError, match="no CUDAExecutionProvider"):
-            OnnxSession(results["unet"].path, device="cuda")
+            OrtSession(results["unet"].path, device="cuda")
+
+
+def test_ort_session_imports_no_torch():
+    """The ONNX Runtime component stubs open sessions through ``engine.ort_session`` and read ``engine.options``:
+    both stay free of torch, so those stubs start without it."""
+    code = "import sys, engine.options, engine.ort_session; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
