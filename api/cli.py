@@ -86,23 +86,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate_checkpoint(args: argparse.Namespace) -> Path:
     """``--checkpoint``, else the slug's artifacts from ``--models``/``DIFFSERVE_MODELS`` materialized, else the
     tiny demo checkpoint."""
-    from engine import model_config
+    from engine import models_file as models_toml
     from engine.tiny.demo import demo_checkpoints
 
     if args.checkpoint:
         return Path(args.checkpoint)
     models_file = args.models or (Path(os.environ["DIFFSERVE_MODELS"]) if os.environ.get("DIFFSERVE_MODELS") else None)
     if models_file is not None:
-        config = model_config.load_models_config(models_file)
+        config = models_toml.load_models_file(models_file)
         if args.slug not in config.entries:
             raise ValueError(f"{models_file} has no [{args.slug}] table")
-        return model_config.materialize(args.slug, config.entries[args.slug])
+        return models_toml.materialize(args.slug, config.entries[args.slug])
     return demo_checkpoints()[args.slug]
 
 
 def cmd_models_check(args: argparse.Namespace) -> int:
     """``diffserve models check``: every configured artifact found or missing, architecture checks, what to do."""
-    from engine import model_config
+    from engine import models_file as models_toml
 
     models_file = args.models or (Path(os.environ["DIFFSERVE_MODELS"]) if os.environ.get("DIFFSERVE_MODELS") else None)
     if args.demo:
@@ -113,17 +113,17 @@ def cmd_models_check(args: argparse.Namespace) -> int:
         print("models check: give --models FILE (or set DIFFSERVE_MODELS), or --demo", file=sys.stderr)
         return 2
     try:
-        config = model_config.load_models_config(models_file)
-    except model_config.ModelConfigError as exc:
+        config = models_toml.load_models_file(models_file)
+    except models_toml.ModelsFileError as exc:
         print(f"models check: {exc}", file=sys.stderr)
         return 1
-    problems = model_config.check(config)
-    print(model_config.format_report(config, problems))
+    problems = models_toml.check(config)
+    print(models_toml.format_report(config, problems))
     complete = not any(problems.values())
     if args.device or args.gpu_memory_gb:
         from export.cli import memory_plan
 
-        checkpoints = model_config.prepare(config).checkpoints
+        checkpoints = models_toml.prepare(config).checkpoints
         plan = memory_plan(checkpoints, args.device or "cuda", args.precision, args.gpu_memory_gb)
         if plan is None:
             print("\nmemory plan: give --gpu-memory-gb (no GPU is visible here)" if (args.device or "cuda") != "cpu"
@@ -146,14 +146,14 @@ def _apply_models_file(args: argparse.Namespace, settings):
             except FileNotFoundError:
                 return settings, {}
         return settings, {}
-    from engine import model_config
+    from engine import models_file as models_toml
 
     try:
-        config = model_config.load_models_config(settings.models_file)
-    except model_config.ModelConfigError as exc:
+        config = models_toml.load_models_file(settings.models_file)
+    except models_toml.ModelsFileError as exc:
         raise SystemExit(f"serve: {exc}") from None
     if args.backend == "local":
-        prepared = model_config.prepare(config)
+        prepared = models_toml.prepare(config)
         unavailable = prepared.unavailable()
         settings = settings.model_copy(update={"checkpoints": {**prepared.checkpoints, **settings.checkpoints}})
     else:
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="outputs", help="directory for the images")
     gen.add_argument("--checkpoint", help="local diffusers checkpoint directory (default: tiny demo checkpoint)")
     gen.add_argument("--models", type=Path, metavar="FILE",
-                     help="model configuration (models.toml; default DIFFSERVE_MODELS): the slug's published artifacts")
+                     help="models file (models.toml; default DIFFSERVE_MODELS): the slug's published artifacts")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     gen.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
     gen.add_argument("--optimize", dest="torch_optimizations", metavar="SPEC",
@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--checkpoint", action="append", type=_parse_checkpoint, metavar="SLUG=DIR",
                        help="local diffusers checkpoint for a slug (repeatable; local backend)")
     serve.add_argument("--models", dest="models_file", type=Path, metavar="FILE",
-                       help="model configuration (models.toml; default DIFFSERVE_MODELS): checked at start, complete "
+                       help="models file (models.toml; default DIFFSERVE_MODELS): checked at start, complete "
                             "slugs served (triton: exported into --repository, default var/repository)")
     serve.add_argument("--repository", type=Path, help="Triton model repository (triton backend)")
     serve.add_argument("--triton-url", help="gRPC host:port of a running Triton server (default: start one)")
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_worker_parser(sub)
 
-    models = sub.add_parser("models", help="the model configuration (models.toml)")
+    models = sub.add_parser("models", help="the models file (models.toml)")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     check = models_sub.add_parser("check", help="per slug: every artifact found or missing, architecture checks, "
                                                 "what to do; exit 0 when every configured slug is complete")

@@ -201,7 +201,7 @@ class Settings(BaseSettings):
 
     # -- models ----------------------------------------------------------------------------------
     models_file: Path | None = Field(None, validation_alias=AliasChoices("models_file", "DIFFSERVE_MODELS"))
-    """The model configuration (``models.toml``, env ``DIFFSERVE_MODELS``): each slug's published artifacts.
+    """The models file (``models.toml``, env ``DIFFSERVE_MODELS``): each slug's published artifacts.
     ``serve`` checks it at start and serves the complete slugs (local backend: materialized checkpoints;
     triton: a repository built from it); ``diffserve models check`` prints what is missing."""
 

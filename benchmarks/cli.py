@@ -53,9 +53,9 @@ def _models_checkpoints(models_file: Path | None, slugs: list[str]) -> dict[str,
     """The materialized checkpoints of ``slugs`` from a ``models.toml`` (``--models``); incomplete ones are errors."""
     if models_file is None:
         return {}
-    from engine.model_config import load_models_config, prepare
+    from engine.models_file import load_models_file, prepare
 
-    prepared = prepare(load_models_config(models_file), slugs=slugs)
+    prepared = prepare(load_models_file(models_file), slugs=slugs)
     broken = {s: p for s, p in prepared.unavailable().items() if s in slugs}
     if broken:
         raise ValueError("incomplete artifacts (see `diffserve models check`): " + "; ".join(sum(broken.values(), [])))
@@ -223,7 +223,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="real architectures (benchmarks/configs) with random weights, built on the device")
     eng.add_argument("--checkpoint", help="local diffusers checkpoint (default: the tiny demo checkpoint)")
     eng.add_argument("--models", type=Path, metavar="FILE",
-                     help="model configuration (models.toml): the slug's published artifacts, materialized")
+                     help="models file (models.toml): the slug's published artifacts, materialized")
     eng.add_argument("--params", help="JSON (or @file) overriding the reference request, e.g. "
                                       "'{\"num_inference_steps\": 20, \"img_height\": 512}'")
     eng.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
@@ -254,7 +254,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--server-backend", choices=["local", "triton"], default="local",
                      help="backend of the started server (default local)")
     srv.add_argument("--models", type=Path, metavar="FILE",
-                     help="model configuration (models.toml): checkpoints of the started local-backend server")
+                     help="models file (models.toml): checkpoints of the started local-backend server")
     srv.add_argument("--server-checkpoint", action="append", type=_slug_dir, metavar="SLUG=DIR",
                      help="checkpoint of the started local-backend server (repeatable), e.g. one written by "
                           "`diffserve bench checkpoint`")

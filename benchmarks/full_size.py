@@ -13,7 +13,7 @@ on the host, and the initialisers run on the GPU: building any slug's networks t
 
 ``full_size_setup`` returns what the engine benchmark needs for a slug: a weight-less
 "skeleton" checkpoint directory (model_index.json, component configs, scheduler config and an
-offline tokenizer, so ``read_model_config`` and tokenisation work exactly as with a real
+offline tokenizer, so ``read_architecture`` and tokenisation work exactly as with a real
 checkpoint), ``Components`` over the in-memory modules (the same ``run_component`` as
 ``TorchComponents``), and the raw diffusers/transformers modules for diffusers' own pipeline.
 """
@@ -198,7 +198,7 @@ def save_checkpoint(slug: str, out_dir: Path, *, device: str | None = None, prec
     import diffusers
 
     from engine.catalog import get_model
-    from engine.checkpoint import read_model_config
+    from engine.checkpoint import read_architecture
 
     spec = get_model(slug)
     if spec.pipeline not in PIPELINES_AT_FULL_SIZE:
@@ -208,7 +208,7 @@ def save_checkpoint(slug: str, out_dir: Path, *, device: str | None = None, prec
     dev, dtype = resolve_device_dtype(device, precision, spec.family)
     raw = {role: build_module(name, dev, dtype, config_dir, seed=i)
            for i, (role, name) in enumerate(SLUG_ARCHITECTURES[slug].items())}
-    config = read_model_config(skeleton)
+    config = read_architecture(skeleton)
     from transformers import CLIPTokenizer
 
     from engine.schedulers import make_scheduler

@@ -3,10 +3,10 @@
 This module owns what a checkpoint directory looks like on disk — ``model_index.json``, the
 ``unet/`` or ``transformer/``, ``vae/``, ``text_encoder*/``, ``tokenizer*/`` and ``scheduler/``
 configs, and the ``condition_lora/`` folder OminiControl adds to a FLUX directory — and turns it
-into a ``ModelConfig`` that every runtime (torch, ONNX Runtime, TensorRT, Triton BLS) reads the
+into a ``CheckpointArchitecture`` that every runtime (torch, ONNX Runtime, TensorRT, Triton BLS) reads the
 same way. Only configs, tokenizers and file names are touched here, never network weights, so
 reading a checkpoint stays cheap. Omni-Zero's additions to an SDXL directory have their own
-reader, ``engine.omni_zero_checkpoint``, which ``read_model_config`` calls for SDXL checkpoints.
+reader, ``engine.omni_zero_checkpoint``, which ``read_architecture`` calls for SDXL checkpoints.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ class TransformerConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Checkpoint facts the pipelines read; built by ``read_model_config``."""
+class CheckpointArchitecture:
+    """A checkpoint's architecture as the pipelines read it (family, latent and tokenizer sizes, scheduler
+    config, FLUX transformer and Omni-Zero parts); built by ``read_architecture``."""
 
     family: str
     """``sd15``, ``sdxl`` or ``flux``."""
@@ -79,7 +80,7 @@ class ModelConfig:
     """Omni-Zero checkpoints only: image encoder, adapters, face and depth models (``engine.omni_zero_checkpoint``)."""
 
 
-def read_model_config(checkpoint: str | Path) -> ModelConfig:
+def read_architecture(checkpoint: str | Path) -> CheckpointArchitecture:
     """Read a local diffusers checkpoint directory's configs (no weights are touched)."""
     root = Path(checkpoint)
     if not (root / "model_index.json").is_file():
@@ -96,7 +97,7 @@ def read_model_config(checkpoint: str | Path) -> ModelConfig:
     enc_cfgs = [_load_json(root / e / "config.json") for e in encoders]
     max_len = _tokenizer_max_length(tokenizer_dir(root, 0), 77)
     family = "sdxl" if unet.get("addition_embed_type") == "text_time" else "sd15"
-    return ModelConfig(
+    return CheckpointArchitecture(
         family=family,
         num_text_encoders=len(encoders),
         vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
@@ -166,7 +167,7 @@ def _tokenizer_max_length(path: Path, default: int) -> int:
     return default if max_len > 10_000 else max_len  # some tokenizer configs store "infinity"
 
 
-def _read_flux_config(root: Path) -> ModelConfig:
+def _read_flux_config(root: Path) -> CheckpointArchitecture:
     t = _load_json(root / "transformer" / "config.json")
     vae = _load_json(root / "vae" / "config.json")
     clip = _load_json(root / "text_encoder" / "config.json")
@@ -186,7 +187,7 @@ def _read_flux_config(root: Path) -> ModelConfig:
         raise ValueError(f"{root}: transformer in_channels {transformer.in_channels} is not 4 x the VAE's "
                          f"{latent_channels} latent channels (2x2 packing)")
     vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return ModelConfig(
+    return CheckpointArchitecture(
         family="flux",
         num_text_encoders=2,
         vae_scale_factor=vae_scale_factor,

@@ -4,7 +4,7 @@ Pipelines in ``engine/pipelines/`` own the math (tokenisation, guidance, schedul
 call the networks only through this small protocol, so the same loop runs with in-process
 torch modules, ONNX Runtime sessions, TensorRT engines or Triton BLS calls. Every method takes
 and returns float32 CPU-or-device torch tensors; an implementation casts to its own precision
-inside. ``config`` is the checkpoint's ``engine.checkpoint.ModelConfig``, read once from the local
+inside. ``config`` is the checkpoint's ``engine.checkpoint.CheckpointArchitecture``, read once from the local
 diffusers directory by every runtime alike; ``NamedTensorComponents`` adapts any runtime that
 maps (component, named tensors) -> named tensors to this protocol.
 
@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from engine.checkpoint import ModelConfig, load_tokenizer, read_model_config
+from engine.checkpoint import CheckpointArchitecture, load_tokenizer, read_architecture
 
 
 class TextEncoderOutput(NamedTuple):
@@ -41,7 +41,7 @@ class TextEncoderOutput(NamedTuple):
 
 @runtime_checkable
 class Components(Protocol):
-    config: ModelConfig
+    config: CheckpointArchitecture
     device: torch.device
     condition_mode: str
     """OminiControl's condition mode (``engine.options.OMINICONTROL_CONDITION_MODES``)."""
@@ -172,7 +172,7 @@ class NamedTensorComponents:
 
     def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu"):
         self.checkpoint = Path(checkpoint)
-        self.config: ModelConfig = read_model_config(self.checkpoint)
+        self.config: CheckpointArchitecture = read_architecture(self.checkpoint)
         self.device = torch.device(device)
         self._tokenizers: dict[int, Any] = {}
 

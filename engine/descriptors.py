@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from engine.catalog import CATALOG, ModelSpec
-from engine.checkpoint import ModelConfig
+from engine.checkpoint import CheckpointArchitecture
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
 
@@ -72,7 +72,7 @@ class ComponentDescriptor:
         return {t.name: self.shape(t, which) for t in self.inputs}
 
 
-def resolution_axes(config: ModelConfig, width: int, height: int) -> dict[str, int]:
+def resolution_axes(config: CheckpointArchitecture, width: int, height: int) -> dict[str, int]:
     """The size of every resolution-dependent axis for a ``width`` x ``height`` image."""
     f = config.vae_scale_factor
     if width % (2 * f) or height % (2 * f):
@@ -87,11 +87,11 @@ def _span(values: Iterable[int], opt: int | None = None) -> tuple[int, int, int]
     return values[0], opt if opt is not None else values[0], values[-1]
 
 
-def family_specs(config: ModelConfig) -> list[ModelSpec]:
+def family_specs(config: CheckpointArchitecture) -> list[ModelSpec]:
     return [s for s in CATALOG.values() if s.family == config.family]
 
 
-def component_descriptors(config: ModelConfig,
+def component_descriptors(config: CheckpointArchitecture,
                           specs: list[ModelSpec] | None = None) -> dict[str, ComponentDescriptor]:
     """Descriptors for the components a checkpoint needs to serve ``specs`` (default: its family's slugs)."""
     specs = specs or family_specs(config)
@@ -157,7 +157,7 @@ def component_descriptors(config: ModelConfig,
     return out
 
 
-def _flux_descriptors(config: ModelConfig, specs: list[ModelSpec]) -> dict[str, ComponentDescriptor]:
+def _flux_descriptors(config: CheckpointArchitecture, specs: list[ModelSpec]) -> dict[str, ComponentDescriptor]:
     """CLIP (pooled), T5 (sequence), the transformer on packed tokens, the condition K/V, the VAE.
 
     Packed tokens are 2x2 latent patches, so a W x H image has (W/16)(H/16) tokens at scale factor 8.
@@ -258,7 +258,7 @@ def _flux_descriptors(config: ModelConfig, specs: list[ModelSpec]) -> dict[str, 
     }
 
 
-def _omni_zero_descriptors(config: ModelConfig, specs: list[ModelSpec]) -> dict[str, ComponentDescriptor]:
+def _omni_zero_descriptors(config: CheckpointArchitecture, specs: list[ModelSpec]) -> dict[str, ComponentDescriptor]:
     """Omni-Zero's image encoder, adapter projections, fused ControlNet+UNet step, face and depth models.
 
     Images fit 1024 px on the long side at any aspect ratio (sides are multiples of 8 from 64 up),
@@ -375,7 +375,7 @@ def _omni_zero_descriptors(config: ModelConfig, specs: list[ModelSpec]) -> dict[
 from engine.options import OMINICONTROL_CONDITION_MODES  # noqa: E402  (re-exported)
 
 
-def needed_components(config: ModelConfig, specs: list[ModelSpec], condition_mode: str = "joint") -> list[str]:
+def needed_components(config: CheckpointArchitecture, specs: list[ModelSpec], condition_mode: str = "joint") -> list[str]:
     """Component names the slugs in ``specs`` call (the VAE encoder only for image inputs; the cached
     OminiControl components only in the ``cached`` condition mode, ``EngineOptions.ominicontrol_condition``)."""
     if condition_mode not in OMINICONTROL_CONDITION_MODES:

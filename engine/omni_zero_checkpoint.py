@@ -13,7 +13,7 @@
 
 Real deployments copy or link the released files into these places under their release names;
 the tiny test checkpoints (``engine.tiny.omni_zero``) use the same layout. This module reads
-only configs and tensor shapes (no network is built), so ``read_model_config`` stays cheap.
+only configs and tensor shapes (no network is built), so ``read_architecture`` stays cheap.
 """
 
 from __future__ import annotations

@@ -252,11 +252,11 @@ class OnnxModelModule(nn.Module):
 
     def __init__(self, path: str | Path):
         super().__init__()
-        from engine.runtime_onnx import OnnxSession
+        from engine.ort_session import OrtSession
 
         self.path = Path(path)
         self.onnx_source = self.path  # export copies this file instead of tracing
-        self.session = OnnxSession(path)
+        self.session = OrtSession(path)
         self.input_names = list(self.session.input_types)
 
     def forward(self, *inputs):

@@ -1,8 +1,10 @@
 """ONNX Runtime implementation of ``Components``, from the artifacts ``diffserve export`` writes.
 
-Used by the fused Triton pipeline models, by the ORT component models, and by the export
-checks. Inputs and outputs are bound by the descriptor names; fp16 models receive fp16
-inputs and return float32 to the pipeline.
+Used by the fused Triton pipeline models, the engine benchmarks and the export checks; the Triton
+component models that run ONNX Runtime skip this module and call ``engine.ort_session`` directly,
+which stays free of torch (this module adapts its numpy sessions to torch tensors). Inputs and
+outputs are bound by the descriptor names; fp16 models receive fp16 inputs and return float32 to
+the pipeline.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 from engine.components import NamedTensorComponents
-from engine.onnx_session import OnnxSession
+from engine.ort_session import OrtSession
 from engine.options import EngineOptions
 
 logger = logging.getLogger(__name__)
@@ -28,8 +30,8 @@ class OnnxComponents(NamedTensorComponents):
         super().__init__(checkpoint, "cpu")
         options = options or EngineOptions()
         self.condition_mode = options.ominicontrol_condition
-        self.sessions = {name: OnnxSession(path, providers, options.ort_threads, device=options.device,
-                                           arena=options.ort_arena) for name, path in artifacts.items()}
+        self.sessions = {name: OrtSession(path, providers, options.ort_threads, device=options.device,
+                                          arena=options.ort_arena) for name, path in artifacts.items()}
         logger.info("ONNX Runtime components for %s: %s", self.checkpoint, ", ".join(self.sessions))
 
     def run_component(self, component: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

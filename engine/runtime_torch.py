@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.checkpoint import CONDITION_LORA_DIR, find_condition_lora, read_model_config, weights_variant
+from engine.checkpoint import CONDITION_LORA_DIR, find_condition_lora, read_architecture, weights_variant
 from engine.components import NamedTensorComponents
 from engine.descriptors import component_descriptors, resolution_axes
 from engine.omni_zero_checkpoint import OMNI_ZERO_COMPONENTS, is_omni_zero_checkpoint
@@ -168,7 +168,7 @@ def load_component_modules(checkpoint: str | Path, dtype: torch.dtype = torch.fl
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = Path(checkpoint)
-    if read_model_config(root).family == "flux":
+    if read_architecture(root).family == "flux":
         wanted = set(components or ["text_encoder", "text_encoder_2", "transformer", "condition_kv",
                                     "transformer_cached", "vae_encoder", "vae_decoder"])
         if components is None and find_condition_lora(root) is None and condition_lora is None:
@@ -209,7 +209,7 @@ class TorchComponents(NamedTensorComponents):
     def __init__(self, checkpoint: str | Path, *, device: str | None = None, precision: str | None = None,
                  condition_lora: str | Path | None = None,
                  optimizations: str | TorchOptimizations | None = None):
-        family = read_model_config(checkpoint).family
+        family = read_architecture(checkpoint).family
         dev, dtype = resolve_device_dtype(device, precision, family)
         modules = load_component_modules(checkpoint, dtype, condition_lora=condition_lora)
         self._setup(checkpoint, dev, dtype, modules, optimizations)

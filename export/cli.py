@@ -91,10 +91,10 @@ def build_repository_from_models(models_file: Path, repository: Path, options, g
     """The repository of a ``models.toml``: its complete slugs exported, the others logged and recorded in the
     manifest (``diffserve models check`` says what to do about them). A CUDA deployment whose memory plan
     (``engine.memory_plan``) does not fit the GPU is refused before anything is exported or loaded."""
-    from engine.model_config import load_models_config
+    from engine.models_file import load_models_file
     from export.repository import build_repository, deployments_from_config
 
-    deployments, unavailable = deployments_from_config(load_models_config(models_file))
+    deployments, unavailable = deployments_from_config(load_models_file(models_file))
     for slug, problems in unavailable.items():
         logger.error("%s is left out of the repository: %s", slug, "; ".join(problems))
     if not deployments:
@@ -170,7 +170,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser("export", help="export checkpoints to ONNX/TensorRT and write a Triton model repository")
     exp.add_argument("--demo", action="store_true", help="tiny demo checkpoints for every slug")
     exp.add_argument("--models", type=Path, metavar="FILE",
-                     help="model configuration (models.toml: each slug's published artifacts); slugs whose "
+                     help="models file (models.toml: each slug's published artifacts); slugs whose "
                           "artifacts are incomplete are left out (see `diffserve models check`)")
     exp.add_argument("--model", action="append", metavar="SLUG=DIR[:KEY]",
                      help="serve SLUG from the local diffusers checkpoint DIR (repeatable); slugs sharing a "

@@ -231,9 +231,9 @@ def copy_onnx_component(source: Path, desc: ComponentDescriptor, checkpoint: Pat
 
 def _compare_sessions(source: Path, renamed: Path, desc: ComponentDescriptor) -> float:
     """The renamed copy computes what the original does (names aside)."""
-    from engine.runtime_onnx import OnnxSession
+    from engine.ort_session import OrtSession
 
-    original, copy = OnnxSession(source), OnnxSession(renamed)
+    original, copy = OrtSession(source), OrtSession(renamed)
     feeds = {k: v.numpy() for k, v in example_inputs(desc, "min", seed=1).items()}
     want = original.run(dict(zip(original.input_types, feeds.values())))
     got = copy.run(feeds)
@@ -312,9 +312,9 @@ def compare_with_torch(module: torch.nn.Module, desc: ComponentDescriptor, path:
                        with_scale: bool = False) -> float | tuple[float, float]:
     """Max-abs-diff between ONNX Runtime and torch on fresh random inputs at the profile's min shapes (NaN
     when either output is not finite); with ``with_scale``, also the largest |torch output|."""
-    from engine.runtime_onnx import OnnxSession
+    from engine.ort_session import OrtSession
 
-    session = OnnxSession(path, device="cuda" if torch.device(device).type == "cuda" else "cpu")
+    session = OrtSession(path, device="cuda" if torch.device(device).type == "cuda" else "cpu")
     inputs = example_inputs(desc, "min", seed=1)
     with torch.inference_mode():
         args = [t.to(device, dtype if t.is_floating_point() and n != "timestep" else t.dtype)

@@ -1,4 +1,4 @@
-"""Build a Triton model repository from local diffusers checkpoints or a model configuration.
+"""Build a Triton model repository from local diffusers checkpoints or a models file.
 
 For each checkpoint: one python-backend component model per network it serves
 (``<key>_text_encoder``, ``<key>_unet``, ...), with the exported artifact in its version
@@ -10,7 +10,7 @@ catalog and the component descriptors, its ``parameters`` from the typed datacla
 components (the engine benchmark uses it too); it and the model writing log one line per
 checkpoint and per slug. ``repository.json`` records what was built, for the server launcher
 and the API, and which configured slugs were left out and why (``deployments_from_config``:
-a ``models.toml`` checked and materialized by ``engine.model_config``).
+a ``models.toml`` checked and materialized by ``engine.models_file``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 from engine import home_dir
 from engine.catalog import ModelSpec, get_model
-from engine.checkpoint import read_model_config
+from engine.checkpoint import read_architecture
 from engine.descriptors import ComponentDescriptor, component_descriptors, needed_components
 from engine.options import PRECISIONS, BatchingOptions, EngineOptions, default_precision, network_precisions
 from export.onnx_export import (
@@ -279,7 +279,7 @@ def export_components(checkpoint: Path, specs: list[ModelSpec], out_dir: Callabl
     modules to trace (default: loaded from the checkpoint). Logs one line for the whole set.
     """
     checkpoint = Path(checkpoint)
-    config = read_model_config(checkpoint)
+    config = read_architecture(checkpoint)
     descs = component_descriptors(config, specs)
     names = needed_components(config, specs, condition_mode)
     precisions = precision if isinstance(precision, dict) else dict.fromkeys(names, precision)
@@ -336,7 +336,7 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
         if len(checkpoints) != 1:
             raise ValueError(f"deployments with key {key!r} point at different checkpoints: {checkpoints}")
         checkpoint = checkpoints.pop()
-        config = read_model_config(checkpoint)
+        config = read_architecture(checkpoint)
         specs = [get_model(d.slug) for d in group]
         descs = component_descriptors(config, specs)
         names = needed_components(config, specs, opts.ominicontrol_condition)
@@ -418,7 +418,7 @@ def shared_deployments(checkpoints: dict[str, Path], cache_root: Path | None = N
     """One deployment per slug, keyed by the content of its checkpoint: slugs whose checkpoints hold the
     same files (the demo's two SD1.5 slugs: one single file and the diffusers folder it was written
     from) share one checkpoint and one set of component models."""
-    from engine.model_config import content_digest
+    from engine.models_file import content_digest
 
     first_by_digest: dict[str, tuple[str, Path]] = {}
     out = []
@@ -443,9 +443,9 @@ DEMO_KEYS = {"sd1.5-scifi": "tiny_sd15", "sd1.5-img2img": "tiny_sd15", "segmind-
 
 
 def deployments_from_config(config, cache_root: Path | None = None) -> tuple[list[Deployment], dict[str, list[str]]]:
-    """Deployments of the complete slugs of a model configuration (``engine.model_config``), materialized,
+    """Deployments of the complete slugs of a models file (``engine.models_file``), materialized,
     and ``{slug: [problem, ...]}`` of the slugs left out — the check ``diffserve models check`` runs."""
-    from engine.model_config import prepare
+    from engine.models_file import prepare
 
     prepared = prepare(config, cache_root)
     return shared_deployments(prepared.checkpoints, cache_root), prepared.unavailable()

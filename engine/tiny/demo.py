@@ -3,7 +3,7 @@ page's example request.
 
 ``diffserve demo``, ``serve --demo``, ``export --demo``, the benchmarks and the tests all take
 their checkpoints and payloads from here, so they exercise one and the same set — and, because
-the artifacts are written in their publishers' layouts and materialized by ``engine.model_config``,
+the artifacts are written in their publishers' layouts and materialized by ``engine.models_file``,
 the same loading code as a real download.
 """
 
@@ -17,7 +17,7 @@ from engine.catalog import CATALOG
 from engine.tiny.omni_zero import write_demo_inputs
 
 DEMO_MODELS_FILE = "models.toml"
-"""The demo's model configuration, written next to the tiny published artifacts it names."""
+"""The demo's models file, written next to the tiny published artifacts it names."""
 
 
 def write_demo_artifacts(root: str | Path) -> Path:
@@ -29,7 +29,7 @@ def write_demo_artifacts(root: str | Path) -> Path:
     and ``engine.published.ominicontrol`` (SDXL base, IP-Adapter, InstantID, ControlNets, antelopev2,
     ZoeDepth ``.pt``; FLUX.1-schnell folder and the OminiControl LoRA).
     """
-    from engine.model_config import slug_module
+    from engine.models_file import slug_module
     from engine.published import sd
 
     root = Path(root)
@@ -52,10 +52,10 @@ def build_demo_checkpoints(root: str | Path) -> dict[str, Path]:
     """Tiny checkpoints for every slug: ``{slug: engine checkpoint dir}``, materialized from the demo's
     ``models.toml`` (``root/published/``) into ``root/materialized/`` by the same code a real download goes
     through."""
-    from engine.model_config import load_models_config, prepare
+    from engine.models_file import load_models_file, prepare
 
     root = Path(root)
-    prepared = prepare(load_models_config(write_demo_artifacts(root / "published")), root / "materialized")
+    prepared = prepare(load_models_file(write_demo_artifacts(root / "published")), root / "materialized")
     broken = prepared.unavailable()
     if broken:
         raise RuntimeError("the tiny demo artifacts fail their checks: " + "; ".join(sum(broken.values(), [])))

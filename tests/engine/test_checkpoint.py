@@ -8,13 +8,13 @@ import shutil
 import pytest
 
 from engine.checkpoint import (
-    CONDITION_LORA_DIR, FLUX_MAX_SEQUENCE_LENGTH, find_condition_lora, load_tokenizer, read_model_config,
+    CONDITION_LORA_DIR, FLUX_MAX_SEQUENCE_LENGTH, find_condition_lora, load_tokenizer, read_architecture,
     tokenizer_dir,
 )
 
 
 def test_sd15_checkpoint_reads_as_the_sd15_family(sd15_dir):
-    cfg = read_model_config(sd15_dir)
+    cfg = read_architecture(sd15_dir)
     vae = json.loads((sd15_dir / "vae" / "config.json").read_text())
     unet = json.loads((sd15_dir / "unet" / "config.json").read_text())
     assert cfg.family == "sd15" and cfg.num_text_encoders == 1
@@ -28,7 +28,7 @@ def test_sd15_checkpoint_reads_as_the_sd15_family(sd15_dir):
 
 
 def test_sdxl_checkpoint_reads_both_encoders_and_its_micro_conditioning(sdxl_dir):
-    cfg = read_model_config(sdxl_dir)
+    cfg = read_architecture(sdxl_dir)
     assert cfg.family == "sdxl" and cfg.num_text_encoders == 2 and len(cfg.text_hidden_sizes) == 2
     assert cfg.addition_time_embed_dim is not None and cfg.text_encoder_projection_dim is not None
     assert cfg.force_zeros_for_empty_prompt  # SDXL's default where model_index.json says nothing else
@@ -36,13 +36,13 @@ def test_sdxl_checkpoint_reads_both_encoders_and_its_micro_conditioning(sdxl_dir
 
 
 def test_omni_zero_checkpoint_is_sdxl_with_its_additions(tiny_checkpoints):
-    cfg = read_model_config(tiny_checkpoints["omni-zero"])
+    cfg = read_architecture(tiny_checkpoints["omni-zero"])
     assert cfg.family == "sdxl" and cfg.omni_zero is not None
 
 
 def test_flux_checkpoint_reads_its_transformer_and_sequence_length(tiny_checkpoints):
     root = tiny_checkpoints["ominicontrol"]
-    cfg = read_model_config(root)
+    cfg = read_architecture(root)
     t = json.loads((root / "transformer" / "config.json").read_text())
     assert cfg.family == "flux" and cfg.transformer is not None
     assert cfg.transformer.in_channels == 4 * cfg.latent_channels
@@ -54,7 +54,7 @@ def test_flux_checkpoint_reads_its_transformer_and_sequence_length(tiny_checkpoi
 
 def test_not_a_checkpoint_directory_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
-        read_model_config(tmp_path)
+        read_architecture(tmp_path)
 
 
 def test_flux_transformer_width_must_pack_the_vae_latents(tiny_checkpoints, tmp_path):
@@ -64,7 +64,7 @@ def test_flux_transformer_width_must_pack_the_vae_latents(tiny_checkpoints, tmp_
     config["in_channels"] += 4
     (root / "transformer" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="2x2 packing"):
-        read_model_config(root)
+        read_architecture(root)
 
 
 def test_an_infinite_tokenizer_length_falls_back_to_clip_s_77(sd15_dir, tmp_path):
@@ -74,7 +74,7 @@ def test_an_infinite_tokenizer_length_falls_back_to_clip_s_77(sd15_dir, tmp_path
     config = json.loads(path.read_text())
     config["model_max_length"] = int(1e30)
     path.write_text(json.dumps(config))
-    assert read_model_config(root).tokenizer_max_length == 77
+    assert read_architecture(root).tokenizer_max_length == 77
 
 
 def test_condition_lora_is_the_one_safetensors_file_or_none(tmp_path):

@@ -260,12 +260,12 @@ def test_explicit_lora_path_overrides_the_checkpoint_one(flux_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(flux_dir, tmp_path_factory):
-    from engine.checkpoint import read_model_config
+    from engine.checkpoint import read_architecture
     from engine.descriptors import component_descriptors, needed_components
     from engine.runtime_torch import load_component_modules
     from export.onnx_export import export_component
 
-    config = read_model_config(flux_dir)
+    config = read_architecture(flux_dir)
     specs = [get_model("ominicontrol")]
     # The default (joint) components, and the cached mode's two as well.
     names = needed_components(config, specs) + ["condition_kv", "transformer_cached"]

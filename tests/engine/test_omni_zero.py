@@ -331,7 +331,7 @@ def test_seed_page_example_runs_through_the_catalog(components, images):
 
 def test_traced_components_export_to_onnx_equal_to_torch(omni_dir, components, tmp_path):
     """The new traced components export through export_component; the step graph stays shape-general."""
-    from engine.runtime_onnx import OnnxSession
+    from engine.ort_session import OrtSession
     from export.onnx_export import example_inputs, export_component
 
     names = ["image_encoder", "ip_projection", "depth_estimator", "controlnet_unet"]
@@ -340,7 +340,7 @@ def test_traced_components_export_to_onnx_equal_to_torch(omni_dir, components, t
         assert result.max_abs_diff is not None and result.max_abs_diff <= TOL, (name, result.max_abs_diff)
     # Traced at 1024 px (latent 128), the step still runs at sides that are not multiples of 4.
     desc = components.descriptors["controlnet_unet"]
-    session = OnnxSession(result.path)
+    session = OrtSession(result.path)
     inputs = example_inputs(desc, "min", seed=3, batch=2)
     latent = (6, 13)
     inputs["sample"] = torch.randn(2, 4, *latent)

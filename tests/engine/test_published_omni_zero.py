@@ -85,9 +85,9 @@ def test_transformers_zoedepth_without_preprocessor_config_keeps_zoedepth_paddin
     shutil.copytree(artifacts["base"].parent / "zoedepth-tiny", folder)
     (folder / "preprocessor_config.json").unlink()
     out = published.materialize(SLUG, dict(artifacts, depth_estimator=folder), tmp_path / "m")
-    from engine.checkpoint import read_model_config
+    from engine.checkpoint import read_architecture
 
-    processor = read_model_config(out).omni_zero.depth_processor
+    processor = read_architecture(out).omni_zero.depth_processor
     assert processor["do_pad"] is True and processor["size"] == {"height": 384, "width": 512}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import model_config
+from engine import models_file
 from engine.published.sd import materialize_checkpoint, write_tiny_single_file, write_tiny_sdxl_single_file
 from engine.tiny.checkpoints import build_tiny_sd15, build_tiny_sdxl
 from tests.devices import torch_components
@@ -66,14 +66,14 @@ def test_single_file_output_equals_folder_output(sdxl):
 
 
 def test_check_slug_accepts_the_single_file(sdxl):
-    assert model_config.check_slug("segmind-vega", {"checkpoint": sdxl["single"]}) == []
+    assert models_file.check_slug("segmind-vega", {"checkpoint": sdxl["single"]}) == []
     # omni-zero's SDXL base takes the same check; its other (unconfigured) roles report themselves.
-    problems = model_config.check_slug("omni-zero", {"base": sdxl["single"]})
+    problems = models_file.check_slug("omni-zero", {"base": sdxl["single"]})
     assert problems and [p for p in problems if p.role == "base"] == []
 
 
 def test_sd15_single_file_is_the_wrong_family(tmp_path):
     sd15 = write_tiny_single_file(tmp_path / "scifi.safetensors", build_tiny_sd15(tmp_path / "sd15"))
-    (problem,) = model_config.check_slug("segmind-vega", {"checkpoint": sd15})
+    (problem,) = models_file.check_slug("segmind-vega", {"checkpoint": sd15})
     assert problem.role == "checkpoint"
     assert "SD1.5-family single file" in problem.message and "needs an SDXL-family" in problem.message

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.catalog import get_model, validate
-from engine.checkpoint import read_model_config
+from engine.checkpoint import read_architecture
 from engine.pipelines import Cancelled, RunControl, run, txt2img
 from engine.schedulers import make_scheduler
 
@@ -79,6 +79,6 @@ def test_run_through_the_catalog_equals_generate(sdxl):
 
 
 def test_a_flux_checkpoint_is_refused(tiny_checkpoints):
-    flux = SimpleNamespace(config=read_model_config(tiny_checkpoints["ominicontrol"]), device=torch.device("cpu"))
+    flux = SimpleNamespace(config=read_architecture(tiny_checkpoints["ominicontrol"]), device=torch.device("cpu"))
     with pytest.raises(ValueError, match="sd15 and sdxl"):
         txt2img.generate(flux, prompt="a photo", width=64, height=64)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from engine.catalog import get_model
-from engine.checkpoint import read_model_config
+from engine.checkpoint import read_architecture
 from engine.descriptors import component_descriptors, needed_components
-from engine.onnx_session import OnnxSession, session_providers
+from engine.ort_session import OrtSession, session_providers
 from engine.runtime_onnx import OnnxComponents
 from engine.runtime_torch import load_component_modules
 from export.onnx_export import (
@@ -25,7 +27,7 @@ from tests.devices import torch_components
 @pytest.fixture(scope="module")
 def sd15_exports(tmp_path_factory, sd15_dir):
     out = tmp_path_factory.mktemp("onnx-sd15")
-    config = read_model_config(sd15_dir)
+    config = read_architecture(sd15_dir)
     descs = component_descriptors(config)
     modules = load_component_modules(sd15_dir)
     results = {name: export_component(modules[name], descs[name], sd15_dir, out)
@@ -60,7 +62,7 @@ def test_onnx_runtime_pipeline_equals_torch_pipeline(sd15_exports, sd15_dir):
 
 
 def test_fp16_export_runs_within_half_precision_tolerance(tmp_path, sd15_dir):
-    config = read_model_config(sd15_dir)
+    config = read_architecture(sd15_dir)
     desc = component_descriptors(config)["unet"]
     module = load_component_modules(sd15_dir, components=["unet"])["unet"]
     result = export_component(module, desc, sd15_dir, tmp_path, "fp16")
@@ -69,7 +71,7 @@ def test_fp16_export_runs_within_half_precision_tolerance(tmp_path, sd15_dir):
 
 
 def test_unknown_precision_is_rejected(tmp_path, sd15_dir):
-    desc = component_descriptors(read_model_config(sd15_dir))["unet"]
+    desc = component_descriptors(read_architecture(sd15_dir))["unet"]
     with pytest.raises(ExportError, match="precision"):
         export_component(None, desc, sd15_dir, tmp_path, "int4")
 
@@ -83,7 +85,7 @@ def test_tensorrt_unavailable_is_said_clearly(tmp_path, sd15_exports):
 
 
 def test_profiles_cover_every_catalog_resolution_and_batch(sd15_dir):
-    config = read_model_config(sd15_dir)
+    config = read_architecture(sd15_dir)
     descs = component_descriptors(config, [get_model("sd1.5-scifi"), get_model("sd1.5-img2img")])
     unet = descs["unet"]
     assert unet.profile["batch"] == (1, 2, 8)  # 4 samples x CFG
@@ -99,7 +101,7 @@ def test_export_components_reuses_the_cached_artifacts_and_logs_one_line(sd15_ex
 
     out, _, modules, results = sd15_exports
     caplog.set_level(logging.DEBUG, logger="export")
-    specs = family_specs(read_model_config(sd15_dir))  # what the fixture's descriptors were made for
+    specs = family_specs(read_architecture(sd15_dir))  # what the fixture's descriptors were made for
     exported = export_components(sd15_dir, specs, lambda _component: out, "fp32", modules=modules,
                                  label="sd1.5-img2img")
     assert {name: e.artifact for name, e in exported.items()} == {name: r.path for name, r in results.items()}
@@ -161,7 +163,7 @@ def test_external_data_is_gathered_into_one_file_without_loading_the_weights(tmp
     assert len(list(work.iterdir())) > 3
     _finalize_onnx(tmp, work / "model.onnx")
     assert sorted(f.name for f in work.iterdir()) == ["model.onnx", "model.onnx.data"]
-    session, reference = OnnxSession(work / "model.onnx"), OnnxSession(results["vae_decoder"].path)
+    session, reference = OrtSession(work / "model.onnx"), OrtSession(results["vae_decoder"].path)
     latents = {"latents": np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)}
     assert np.array_equal(session.run(latents)["image"], reference.run(latents)["image"])
 
@@ -176,4 +178,11 @@ def test_cuda_without_its_execution_provider_is_an_error(sd15_exports):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         _, _, _, results = sd15_exports
         with pytest.raises(RuntimeError, match="no CUDAExecutionProvider"):
-            OnnxSession(results["unet"].path, device="cuda")
+            OrtSession(results["unet"].path, device="cuda")
+
+
+def test_ort_session_imports_no_torch():
+    """The ONNX Runtime component stubs open sessions through ``engine.ort_session`` and read ``engine.options``:
+    both stay free of torch, so those stubs start without it."""
+    code = "import sys, engine.options, engine.ort_session; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

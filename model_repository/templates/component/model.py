@@ -36,10 +36,10 @@ class TritonPythonModel:
         options = EngineOptions.from_dict(params.options)
         self.device = instance_device(options.device, args)
         if params.runtime == "onnxruntime":
-            from engine.onnx_session import OnnxSession
+            from engine.ort_session import OrtSession
 
-            self._run = OnnxSession(version_dir / params.artifact, threads=options.ort_threads, device=self.device,
-                                    arena=options.ort_arena).run
+            self._run = OrtSession(version_dir / params.artifact, threads=options.ort_threads, device=self.device,
+                                   arena=options.ort_arena).run
         elif params.runtime == "tensorrt":
             from engine.runtime_trt import TrtSession
 
@@ -79,10 +79,10 @@ class TritonPythonModel:
         import torch
 
         from engine.batch_buckets import BucketedModule, batch_buckets
-        from engine.checkpoint import read_model_config
+        from engine.checkpoint import read_architecture
         from engine.descriptors import component_descriptors
 
-        desc = component_descriptors(read_model_config(params.checkpoint))[self.component]
+        desc = component_descriptors(read_architecture(params.checkpoint))[self.component]
         low, _, high = desc.profile["batch"]
         bucketed = BucketedModule(module, batch_buckets(low, high))
 

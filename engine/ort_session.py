@@ -1,8 +1,12 @@
-"""One ONNX Runtime session with named numpy inputs and outputs.
+"""The torch-free ONNX Runtime session: one ``.onnx`` file, named numpy inputs and outputs.
 
-Options come from the caller (``engine.options.EngineOptions``: device, arena, threads), never from
-the environment. Kept free of torch so the Triton component models that run ONNX Runtime start light (a python
-backend stub per model instance; importing torch in each would cost ~200 MB apiece).
+This module owns opening an ONNX Runtime session (graph optimisation, CPU arena, threads, the
+execution providers for a device) and running it on numpy arrays. It is kept apart from
+``engine.runtime_onnx``, which adapts these sessions to the torch-tensor ``Components`` protocol,
+because the Triton component models that run ONNX Runtime import only this module: one python
+backend stub process per model instance, and torch imported in each would make every one of them
+start slower and hold more memory than the session it serves. Options come from the caller
+(``engine.options.EngineOptions``: device, arena, threads), never from the environment.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(int32)": np.int32}
 
 
-class OnnxSession:
-    """One ONNX Runtime session with named numpy inputs and outputs."""
+class OrtSession:
+    """One ONNX Runtime session with named numpy inputs and outputs (no torch)."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int = 0, *,
                  device: str = "cpu", arena: bool = False):

@@ -1,4 +1,4 @@
-"""The model configuration: one TOML file naming, per slug, each published artifact as downloaded.
+"""A deployment's models file (``models.toml``): one TOML file naming, per slug, each published artifact.
 
 ```toml
 [sd1.5-scifi]
@@ -52,13 +52,13 @@ SLUG_MODULES = {
 MARKER = ".diffserve_materialized.json"
 
 
-class ModelConfigError(ValueError):
-    """The configuration file cannot be used as written (syntax, unknown slug or role, wrong value type)."""
+class ModelsFileError(ValueError):
+    """The models file cannot be used as written (syntax, unknown slug or role, wrong value type)."""
 
 
 @dataclass(frozen=True)
-class ModelsConfig:
-    """The parsed configuration: ``{slug: {role: absolute path}}`` in file order."""
+class ModelsFile:
+    """A parsed models file: ``{slug: {role: absolute path}}`` in file order."""
 
     entries: dict[str, dict[str, Path]]
     path: Path | None = None
@@ -104,44 +104,44 @@ def _flatten_slugs(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def parse_models_config(data: Mapping[str, Any], base_dir: Path | None = None,
-                        source: Path | None = None) -> ModelsConfig:
+def parse_models_file(data: Mapping[str, Any], base_dir: Path | None = None,
+                        source: Path | None = None) -> ModelsFile:
     """Validate parsed TOML; relative paths are taken relative to ``base_dir``."""
     where = f"{source}: " if source else ""
     data = _flatten_slugs(data)
     unknown = [s for s in data if s not in SLUG_MODULES]
     if unknown:
-        raise ModelConfigError(f"{where}unknown slug [{unknown[0]}]; valid slugs: {', '.join(SLUG_MODULES)}")
+        raise ModelsFileError(f"{where}unknown slug [{unknown[0]}]; valid slugs: {', '.join(SLUG_MODULES)}")
     entries: dict[str, dict[str, Path]] = {}
     for slug, table in data.items():
         if not isinstance(table, Mapping):
-            raise ModelConfigError(f"{where}[{slug}] must be a table of role = \"path\" entries")
+            raise ModelsFileError(f"{where}[{slug}] must be a table of role = \"path\" entries")
         valid = roles(slug)
         entry: dict[str, Path] = {}
         for role, value in table.items():
             if role not in valid:
-                raise ModelConfigError(f"{where}[{slug}] has unknown role {role!r}; valid roles: {', '.join(valid)}")
+                raise ModelsFileError(f"{where}[{slug}] has unknown role {role!r}; valid roles: {', '.join(valid)}")
             if not isinstance(value, str) or not value:
-                raise ModelConfigError(f"{where}[{slug}] {role} must be a path string, got {value!r}")
+                raise ModelsFileError(f"{where}[{slug}] {role} must be a path string, got {value!r}")
             path = Path(os.path.expanduser(value))
             if not path.is_absolute() and base_dir is not None:
                 path = base_dir / path
             entry[role] = path.absolute()
         entries[slug] = entry
-    return ModelsConfig(entries=entries, path=source)
+    return ModelsFile(entries=entries, path=source)
 
 
-def load_models_config(path: str | Path) -> ModelsConfig:
+def load_models_file(path: str | Path) -> ModelsFile:
     """Read ``models.toml``."""
     path = Path(path).absolute()
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ModelConfigError(f"model configuration {path} does not exist") from None
+        raise ModelsFileError(f"models file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ModelConfigError(f"{path}: {exc}") from None
-    return parse_models_config(data, path.parent, path)
+        raise ModelsFileError(f"{path}: {exc}") from None
+    return parse_models_file(data, path.parent, path)
 
 
 def check_slug(slug: str, entry: Mapping[str, Path]) -> list[ArtifactProblem]:
@@ -155,7 +155,7 @@ def check_slug(slug: str, entry: Mapping[str, Path]) -> list[ArtifactProblem]:
     return problems + list(module.check(slug, {r: p for r, p in entry.items()}))
 
 
-def check(config: ModelsConfig) -> dict[str, list[ArtifactProblem]]:
+def check(config: ModelsFile) -> dict[str, list[ArtifactProblem]]:
     """``{slug: problems}`` for every configured slug (an empty list: complete)."""
     return {slug: check_slug(slug, entry) for slug, entry in config.entries.items()}
 
@@ -217,7 +217,7 @@ def materialize(slug: str, entry: Mapping[str, Path], cache_root: str | Path | N
     return out
 
 
-def prepare(config: ModelsConfig, cache_root: str | Path | None = None,
+def prepare(config: ModelsFile, cache_root: str | Path | None = None,
             slugs: list[str] | None = None) -> Materialized:
     """Check every configured slug and materialize the complete ones; the others are logged and left out."""
     result = Materialized()
@@ -246,9 +246,9 @@ def describe(slug: str, entry: Mapping[str, Path]) -> list[str]:
         return [f"(could not describe: {exc})"]
 
 
-def format_report(config: ModelsConfig, problems: Mapping[str, list[ArtifactProblem]]) -> str:
+def format_report(config: ModelsFile, problems: Mapping[str, list[ArtifactProblem]]) -> str:
     """``diffserve models check``'s text: per slug every artifact found or missing, then what to do."""
-    lines = [f"model configuration: {config.path or '(in code)'}"]
+    lines = [f"models file: {config.path or '(in code)'}"]
     for slug in SLUG_MODULES:
         if slug not in config.entries:
             lines.append(f"\n{slug}: not configured (not served)")

@@ -1,4 +1,4 @@
-"""models.toml: parsing, the artifact checks, single-file conversion, materialization (engine.model_config)."""
+"""models.toml: parsing, the artifact checks, single-file conversion, materialization (engine.models_file)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import model_config
-from engine.model_config import ModelConfigError, load_models_config, parse_models_config
+from engine import models_file
+from engine.models_file import ModelsFileError, load_models_file, parse_models_file
 from tests.devices import torch_components
 
 
@@ -21,23 +21,23 @@ def demo_models(tiny_checkpoints, diffserve_home) -> Path:
 def test_parse_relative_paths_and_dotted_slugs(tmp_path):
     f = tmp_path / "models.toml"
     f.write_text('[sd1.5-scifi]\ncheckpoint = "weights/scifi.safetensors"\n["segmind-vega"]\ncheckpoint = "/abs/vega"\n')
-    config = load_models_config(f)
+    config = load_models_file(f)
     assert config.entries["sd1.5-scifi"]["checkpoint"] == tmp_path / "weights" / "scifi.safetensors"
     assert config.entries["segmind-vega"]["checkpoint"] == Path("/abs/vega")
 
 
 def test_unknown_slug_and_role_name_the_valid_ones():
-    with pytest.raises(ModelConfigError, match="valid slugs: sd1.5-scifi, sd1.5-img2img"):
-        parse_models_config({"sdxl-turbo": {"checkpoint": "x"}})
-    with pytest.raises(ModelConfigError, match="unknown role 'unet'; valid roles: checkpoint"):
-        parse_models_config({"sd1.5-scifi": {"unet": "x"}})
+    with pytest.raises(ModelsFileError, match="valid slugs: sd1.5-scifi, sd1.5-img2img"):
+        parse_models_file({"sdxl-turbo": {"checkpoint": "x"}})
+    with pytest.raises(ModelsFileError, match="unknown role 'unet'; valid roles: checkpoint"):
+        parse_models_file({"sd1.5-scifi": {"unet": "x"}})
 
 
 def test_demo_models_are_complete(demo_models):
-    config = load_models_config(demo_models)
-    problems = model_config.check(config)
+    config = load_models_file(demo_models)
+    problems = models_file.check(config)
     assert problems == {slug: [] for slug in config.entries}
-    report = model_config.format_report(config, problems)
+    report = models_file.format_report(config, problems)
     assert "sd1.5-scifi: OK" in report and "single file, the tiny demo SD1.5" in report
 
 
@@ -47,7 +47,7 @@ def test_single_file_equals_diffusers_folder(tiny_checkpoints, demo_models):
     from engine.catalog import get_model
     from engine.pipelines import run
 
-    entries = load_models_config(demo_models).entries
+    entries = load_models_file(demo_models).entries
     assert entries["sd1.5-scifi"]["checkpoint"].suffix == ".safetensors"
     assert (entries["sd1.5-img2img"]["checkpoint"] / "model_index.json").is_file()
     params = get_model("sd1.5-scifi").validate({"prompt": "a city", "num_inference_steps": 20, "seed": 7,
@@ -61,33 +61,33 @@ def test_single_file_equals_diffusers_folder(tiny_checkpoints, demo_models):
 def _config(tmp_path: Path, text: str):
     f = tmp_path / "models.toml"
     f.write_text(text)
-    return load_models_config(f)
+    return load_models_file(f)
 
 
 def test_missing_artifact_is_named(tmp_path):
     config = _config(tmp_path, '["sd1.5-scifi"]\ncheckpoint = "nowhere.safetensors"\n')
-    (problem,) = model_config.check(config)["sd1.5-scifi"]
+    (problem,) = models_file.check(config)["sd1.5-scifi"]
     assert problem.role == "checkpoint" and "missing" in problem.message and "download" in problem.fix
 
 
 def test_wrong_architecture_folder_is_named(tmp_path, demo_models):
-    vega = load_models_config(demo_models).entries["segmind-vega"]["checkpoint"]
+    vega = load_models_file(demo_models).entries["segmind-vega"]["checkpoint"]
     config = _config(tmp_path, f'["sd1.5-img2img"]\ncheckpoint = "{vega}"\n')
-    (problem,) = model_config.check(config)["sd1.5-img2img"]
+    (problem,) = models_file.check(config)["sd1.5-img2img"]
     assert "SDXL-family UNet" in problem.message and "SD1.5" in problem.message
 
 
 def test_wrong_shape_single_file_is_named(tmp_path, demo_models):
     from safetensors.torch import load_file, save_file
 
-    single = load_models_config(demo_models).entries["sd1.5-scifi"]["checkpoint"]
+    single = load_models_file(demo_models).entries["sd1.5-scifi"]["checkpoint"]
     weights = load_file(str(single))
     key = "model.diffusion_model.input_blocks.0.0.weight"  # conv_in: 4 latent channels
     weights[key] = torch.zeros(weights[key].shape[0], 9, *weights[key].shape[2:])
     bad = tmp_path / "inpainting.safetensors"
     save_file(weights, str(bad))
     config = _config(tmp_path, f'["sd1.5-scifi"]\ncheckpoint = "{bad.name}"\n')
-    (problem,) = model_config.check(config)["sd1.5-scifi"]
+    (problem,) = models_file.check(config)["sd1.5-scifi"]
     assert "matches no known SD1.5 architecture" in problem.message and key in problem.message
     assert "Stable Diffusion 1.5 (859.5M)" in problem.message
 
@@ -113,15 +113,15 @@ def test_clip_vocabulary_from_the_shipped_bpe(tmp_path):
 
 
 def test_materialize_is_cached_and_follows_the_inputs(tmp_path, demo_models):
-    single = load_models_config(demo_models).entries["sd1.5-scifi"]["checkpoint"]
+    single = load_models_file(demo_models).entries["sd1.5-scifi"]["checkpoint"]
     copy = tmp_path / "scifi.safetensors"
     shutil.copy(single, copy)
     entry = {"checkpoint": copy}
-    first = model_config.materialize("sd1.5-scifi", entry, tmp_path / "cache")
+    first = models_file.materialize("sd1.5-scifi", entry, tmp_path / "cache")
     assert (first / "unet" / "config.json").is_file()
-    assert model_config.materialize("sd1.5-scifi", entry, tmp_path / "cache") == first
+    assert models_file.materialize("sd1.5-scifi", entry, tmp_path / "cache") == first
     copy.touch()  # a new download: a new fingerprint
-    assert model_config.materialize("sd1.5-scifi", entry, tmp_path / "cache") != first
+    assert models_file.materialize("sd1.5-scifi", entry, tmp_path / "cache") != first
 
 
 def test_models_check_cli_exit_codes(tmp_path, demo_models, capsys):
