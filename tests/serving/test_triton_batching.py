@@ -17,7 +17,7 @@ import pytest
 from api.backend_triton import TritonBackend
 from api.settings import Settings
 from engine.catalog import validate
-from export.repository import read_manifest
+from triton_serving.manifest import read_manifest
 
 MODEL = "sd1.5-scifi__fused"
 TOL = 2e-4  # README: reordered fp32 sums in a batched UNet call, SD1.5

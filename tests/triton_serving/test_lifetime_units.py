@@ -1,4 +1,4 @@
-"""The lifetime pieces of export.triton_server without Triton: the Lifeline process group with
+"""The lifetime pieces of triton_serving.server without Triton: the Lifeline process group with
 real processes (it dies with its creator, SIGKILL included), and TritonSupervisor's restart logic
 (backoff, counting, down time, stop) over a scripted stand-in for the server."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from engine.processes import ChildProcess
-from export.triton_server import TritonLaunchError, TritonSupervisor
+from triton_serving.server import TritonLaunchError, TritonSupervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 
