@@ -125,7 +125,8 @@ def create_triton_backend(settings: Settings, demo: bool) -> TritonBackend:
     supervised: it dies with this process and is restarted when it dies first.
     """
     from triton_serving.manifest import read_manifest
-    from triton_serving.server import TritonServer, TritonServerConfig, TritonSupervisor
+    from triton_serving.server import TritonServer, TritonServerConfig
+    from triton_serving.supervisor import TritonSupervisor
 
     repository = settings.repository
     if demo:

@@ -21,13 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # also work under a bare `pytest` invocation
     sys.path.insert(0, str(ROOT))
 
-from triton_serving.server import (  # noqa: E402
-    TritonLaunchError,
-    TritonServer,
-    TritonServerConfig,
-    find_free_port,
-    find_libpython,
-)
+from triton_serving.distribution import find_libpython  # noqa: E402
+from triton_serving.server import TritonLaunchError, TritonServer, TritonServerConfig, find_free_port  # noqa: E402
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (ships tritonserver) is not installed")
 
