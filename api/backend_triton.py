@@ -1,4 +1,4 @@
-"""``GenerationBackend`` over Triton: the pipeline client of ``export.triton_client``, its
+"""``GenerationBackend`` over Triton: the pipeline client of ``triton_serving.client``, its
 failures mapped to the API's backend errors, and the server start-up of ``serve`` (a Triton this
 process starts is supervised: restarted when it dies, and reported unhealthy when it stays down)."""
 
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from api.backend import (
     BackendError, BackendResult, BackendTimeout, BackendUnavailable, GenerationFailed, InputRejected, ProgressCallback,
 )
-from export.triton_client import (
+from triton_serving.client import (
     TritonGenerationFailed, TritonOutput, TritonPipelineClient, TritonRequestError, TritonRequestRejected,
     TritonTimeout, TritonUnavailable,
 )
@@ -38,7 +38,7 @@ class TritonBackend:
 
     @classmethod
     def from_repository(cls, grpc_url: str, repository: str | Path, **kw) -> TritonBackend:
-        from export.repository import read_manifest
+        from triton_serving.manifest import read_manifest
 
         return cls(grpc_url, read_manifest(repository)["pipelines"], **kw)
 
@@ -124,8 +124,9 @@ def create_triton_backend(settings: Settings, demo: bool) -> TritonBackend:
     repository (the demo repository with ``demo``: tiny checkpoints, exported on first use),
     supervised: it dies with this process and is restarted when it dies first.
     """
-    from export.repository import read_manifest
-    from export.triton_server import TritonServer, TritonServerConfig, TritonSupervisor
+    from triton_serving.manifest import read_manifest
+    from triton_serving.server import TritonServer, TritonServerConfig
+    from triton_serving.supervisor import TritonSupervisor
 
     repository = settings.repository
     if demo:

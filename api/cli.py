@@ -139,7 +139,7 @@ def _apply_models_file(args: argparse.Namespace, settings):
     backend) or a repository built from them (triton); returns (settings, {slug: [problem, ...]} not served)."""
     if settings.models_file is None:
         if args.backend == "triton" and settings.repository is not None:
-            from export.repository import read_manifest
+            from triton_serving.manifest import read_manifest
 
             try:
                 return settings, dict(read_manifest(settings.repository).get("unavailable") or {})

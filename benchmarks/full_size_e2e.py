@@ -169,7 +169,7 @@ def run(slugs: list[str], work_dir: Path, *, tiny: bool = False, timeout_s: floa
         key = keys.setdefault(Path(path).resolve(), slug.replace("-", "_").replace(".", "_"))
         cmd += ["--model", f"{slug}={path}:{key}"]
     export_s, export_rss = _run_measured(cmd, work_dir / "export.log")
-    from export.repository import read_manifest
+    from triton_serving.manifest import read_manifest
 
     manifest = read_manifest(repository)
     served = serve_and_request(repository, slugs, work_dir / "serve.log", timeout_s)

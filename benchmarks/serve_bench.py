@@ -8,7 +8,7 @@ Targets:
   ``status_url`` until COMPLETED, then ``response_url`` and the output image are fetched; a
   request's latency runs until its image bytes have arrived;
 * **Triton's pipeline models directly** (``--triton``: gRPC streaming through
-  ``export.triton_client.TritonPipelineClient``, the client the API's Triton backend uses; a
+  ``triton_serving.client.TritonPipelineClient``, the client the API's Triton backend uses; a
   Triton server started here serves ``export.repository``'s demo repository of the swept
   slugs), once per pipeline mode — ``bls`` (components are separate Triton
   models) and ``fused`` (components in-process in the pipeline model) — to compare the modes;
@@ -880,7 +880,7 @@ async def _triton_server(cfg: ServeBenchConfig, stack: contextlib.ExitStack, rep
         if cfg.start_server and cfg.server_backend == "triton" and cfg.triton_repository is None:
             raise ValueError("an API started on an external Triton needs its --triton-repository (for the manifest)")
         return cfg.triton_url, cfg.triton_repository, None
-    from export.triton_server import TritonServer, TritonServerConfig
+    from triton_serving.server import TritonServer, TritonServerConfig
 
     repo = cfg.triton_repository or await asyncio.to_thread(demo_repository, cfg.slugs, cfg.work_dir, cfg.modes,
                                                             cfg.triton_runtime, cfg.triton_pipeline_instances,
@@ -898,7 +898,7 @@ async def _triton_server(cfg: ServeBenchConfig, stack: contextlib.ExitStack, rep
 
 async def _triton_series(cfg: ServeBenchConfig, url: str, report: dict[str, Any],
                          requests: dict[str, dict[str, Any]], image) -> None:
-    from export.triton_client import TritonPipelineClient
+    from triton_serving.client import TritonPipelineClient
     from benchmarks.engine_bench import with_images
 
     pipelines = await asyncio.to_thread(discover_pipelines, url, cfg.slugs)

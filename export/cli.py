@@ -1,7 +1,7 @@
 """``diffserve export`` and ``diffserve triton``: build a model repository, run Triton on it.
 
 The one command line of the export package (``api/cli.py`` attaches these sub-commands); the
-work is done by ``export.repository`` and ``export.triton_server``.
+work is done by ``export.repository`` and ``triton_serving.server``.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def memory_plan(checkpoints: dict[str, Path], device: str, precision: str | None
 def cmd_triton(args: argparse.Namespace) -> int:
     from engine import home_dir
     from export.repository import build_demo_repository
-    from export.triton_server import TritonServerConfig, serve_until_stopped
+    from triton_serving.server import TritonServerConfig, serve_until_stopped
 
     repo = args.repository
     if args.demo:
@@ -200,7 +200,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--force", action="store_true", help="re-export even when artifacts are up to date")
     exp.set_defaults(func=cmd_export)
 
-    from export.triton_server import MODEL_CONTROL_MODES
+    from triton_serving.server import MODEL_CONTROL_MODES
 
     tri = sub.add_parser("triton", help="run tritonserver (from the nvidia-pytriton wheel) on a model repository "
                                         "until Ctrl-C/SIGTERM")

@@ -6,7 +6,7 @@ directory and dynamic batching. For each slug: a decoupled pipeline model named 
 (Triton accepts ``.`` and ``-`` in model names) in the first requested mode, plus
 ``<slug>__<mode>`` for each further mode. Every ``config.pbtxt`` is generated from the
 catalog and the component descriptors, its ``parameters`` from the typed dataclasses of
-``export.stub_params``. ``export_components`` is the one export loop over a checkpoint's
+``triton_serving.stub_params``. ``export_components`` is the one export loop over a checkpoint's
 components (the engine benchmark uses it too); it and the model writing log one line per
 checkpoint and per slug. ``repository.json`` records what was built, for the server launcher
 and the API, and which configured slugs were left out and why (``deployments_from_config``:
@@ -33,7 +33,8 @@ from engine.options import PRECISIONS, BatchingOptions, EngineOptions, default_p
 from export.onnx_export import (
     ExportError, ExportResult, build_tensorrt_engine, copy_onnx_component, export_component, tensorrt_toolkit,
 )
-from export.stub_params import (
+from triton_serving.manifest import MANIFEST
+from triton_serving.stub_params import (
     COMPONENT_RUNTIMES, FUSED_RUNTIMES, PIPELINE_MODES, ComponentModelParams, PipelineModelParams,
 )
 
@@ -42,7 +43,6 @@ logger = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository" / "templates"
 RUNTIMES = COMPONENT_RUNTIMES
 MODES = PIPELINE_MODES
-MANIFEST = "repository.json"
 _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                  "uint8": "TYPE_UINT8", "bytes": "TYPE_STRING"}
 
@@ -400,13 +400,6 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
     logger.info("model repository ready in %s: %d pipeline and %d component models", repo, len(report.pipelines),
                 len(report.components))
     return report
-
-
-def read_manifest(repository: str | Path) -> dict[str, Any]:
-    path = Path(repository) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{repository} has no {MANIFEST}; build it with `diffserve export`")
-    return json.loads(path.read_text())
 
 
 TRITON_SLUGS = ("sd1.5-scifi", "sd1.5-img2img", "segmind-vega", "omni-zero", "ominicontrol")

@@ -115,7 +115,7 @@ def triton(demo_repository, tmp_path_factory):
     with another config; its ports are fixed at construction, so a test that stops it can start
     it again on the same addresses. Tests leave it as they found it.
     """
-    from export.triton_server import TritonServer, TritonServerConfig
+    from triton_serving.server import TritonServer, TritonServerConfig
 
     log = tmp_path_factory.mktemp("triton-log") / "triton.log"
     # Triton's python backend now and then never finalizes one decoupled pipeline instance (gdb: its

@@ -106,7 +106,7 @@ def known_variables() -> tuple[set[str], str]:
     from api.settings import Settings
 
     names = {"DIFFSERVE_" + name.upper() for name in Settings.model_fields}
-    source = "\n".join(p.read_text() for pkg in ("engine", "export", "api", "benchmarks")
+    source = "\n".join(p.read_text() for pkg in ("engine", "triton_serving", "export", "api", "benchmarks")
                        for p in (ROOT / pkg).rglob("*.py"))
     return names, source
 

@@ -2,8 +2,9 @@
 
 Every ``import`` statement of every module is read with ``ast`` — at module level and inside
 functions alike, since a lazy import is still a dependency — and resolved to a module of this
-project. Layers, lowest first: ``engine`` → ``export`` → ``benchmarks`` → ``api``; the Triton
-stub templates under ``model_repository`` sit on top and may import ``engine`` and ``export``.
+project. Layers, lowest first: ``engine`` → ``triton_serving`` → ``export`` → ``benchmarks`` → ``api``;
+the Triton stub templates under ``model_repository`` sit on top and may import ``engine`` and
+``triton_serving``, never the exporter.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("engine", "export", "benchmarks", "api", "model_repository")
+PACKAGES = ("engine", "triton_serving", "export", "benchmarks", "api", "model_repository")
 LAYER = {name: i for i, name in enumerate(PACKAGES)}
 FORBIDDEN = {
-    "engine": {"export", "benchmarks", "api", "model_repository"},
+    "engine": {"triton_serving", "export", "benchmarks", "api", "model_repository"},
+    "triton_serving": {"export", "benchmarks", "api", "model_repository"},
     "export": {"benchmarks", "api", "model_repository"},
     "benchmarks": {"api", "model_repository"},
+    "model_repository": {"export", "benchmarks", "api"},
 }
 THIRD_PARTY_FORBIDDEN_IN_ENGINE = ("fastapi", "tritonclient", "triton_python_backend_utils", "uvicorn", "starlette")
 

@@ -81,7 +81,7 @@ def test_a_deployment_that_does_not_fit_names_what_to_move(tmp_path):
 def test_models_check_prints_the_plan_and_export_refuses_what_does_not_fit(tmp_path, diffserve_home, capsys):
     from api.cli import main
     from engine.tiny.demo import demo_models_file
-    from export.repository import read_manifest
+    from triton_serving.manifest import read_manifest
 
     models = demo_models_file()
     assert main(["models", "check", "--models", str(models), "--device", "cuda", "--gpu-memory-gb", "141"]) == 0

@@ -177,9 +177,10 @@ def test_omni_zero_errors_through_triton(api, image_url):
 def holding_triton(tmp_path_factory):
     """A Triton server whose ``sd1.5-scifi`` pipeline model (the real pipeline model's config) holds
     every request until Triton cancels it (``holding_pipeline_model.py``)."""
-    from export.repository import MANIFEST, RepositoryOptions, pipeline_config
-    from export.stub_params import PipelineModelParams
-    from export.triton_server import TritonServer, TritonServerConfig
+    from export.repository import RepositoryOptions, pipeline_config
+    from triton_serving.manifest import MANIFEST
+    from triton_serving.server import TritonServer, TritonServerConfig
+    from triton_serving.stub_params import PipelineModelParams
 
     repo = tmp_path_factory.mktemp("holding-repository")
     params = PipelineModelParams(slug="sd1.5-scifi", mode="fused", checkpoint="", fused_runtime="torch")

@@ -71,7 +71,7 @@ def redis_proc(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tritons(repository, tmp_path_factory):
-    from export.triton_server import TritonServer, TritonServerConfig
+    from triton_serving.server import TritonServer, TritonServerConfig
 
     logs = tmp_path_factory.mktemp("scale-triton")
     servers = [TritonServer(TritonServerConfig(repository=repository, log_file=logs / f"triton-{i}.log",

@@ -17,7 +17,7 @@ import pytest
 from api.backend_triton import TritonBackend
 from api.settings import Settings
 from engine.catalog import validate
-from export.repository import read_manifest
+from triton_serving.manifest import read_manifest
 
 pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
 

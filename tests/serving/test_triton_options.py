@@ -18,7 +18,7 @@ pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (test
 
 @pytest.fixture(scope="module")
 def cached_ominicontrol(tmp_path_factory, tiny_checkpoints, monkeypatch_module):
-    from export.triton_server import TritonServer, TritonServerConfig
+    from triton_serving.server import TritonServer, TritonServerConfig
 
     # The environment says joint (the variable the engine used to read); the repository says cached.
     monkeypatch_module.setenv("DIFFSERVE_OMINICONTROL_CONDITION", "joint")

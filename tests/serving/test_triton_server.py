@@ -1,4 +1,4 @@
-"""Real-server tests for export.triton_server (no mocks): the tritonserver from the pytriton wheel.
+"""Real-server tests for triton_serving.server (no mocks): the tritonserver from the pytriton wheel.
 
 Start-up policy under test: with model_control_mode="none", a model whose initialize() raises makes
 Triton exit, and TritonServer.start() raises TritonLaunchError containing the model's error text.
@@ -24,13 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # also work under a bare `pytest` invocation
     sys.path.insert(0, str(ROOT))
 
-from export.triton_server import (  # noqa: E402
-    TritonLaunchError,
-    TritonServer,
-    TritonServerConfig,
-    find_free_port,
-    find_libpython,
-)
+from triton_serving.distribution import find_libpython  # noqa: E402
+from triton_serving.server import TritonLaunchError, TritonServer, TritonServerConfig, find_free_port  # noqa: E402
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (ships tritonserver) is not installed")
 

@@ -299,7 +299,7 @@ def test_a_stub_whose_exit_handlers_hang_still_unloads(repository, tmp_path):
     templates end their process before those handlers run."""
     import shutil
 
-    from export.triton_server import TritonServer, TritonServerConfig
+    from triton_serving.server import TritonServer, TritonServerConfig
 
     name = "tiny_sd15_vae_decoder"
     repo = tmp_path / "repo"

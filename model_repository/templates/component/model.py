@@ -5,7 +5,7 @@ Runs the component with ONNX Runtime, TensorRT or torch, as the ``runtime`` para
 steps of concurrent pipeline requests — which are concatenated along the batch axis when their
 other dimensions agree, run as one batch, and split back into one response per request.
 Models served unbatched (``max_batch_size: 0``, the face detector) run one request at a time.
-Its ``config.pbtxt`` parameters are ``export.stub_params.ComponentModelParams``; the ONNX Runtime
+Its ``config.pbtxt`` parameters are ``triton_serving.stub_params.ComponentModelParams``; the ONNX Runtime
 path imports no torch.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from engine.options import EngineOptions
-from export.stub_params import ComponentModelParams, exit_without_teardown, instance_device
+from triton_serving.stub_params import ComponentModelParams, exit_without_teardown, instance_device
 
 logger = logging.getLogger("diffserve.component")
 

@@ -25,7 +25,7 @@ run one request at a time.
 Wire format: ``engine.request.GenerationRequest`` — ``REQUEST`` is JSON ``{"slug", "params"}``
 with the parameters the API validated; image parameters travel as separate UINT8 [H, W, 3] inputs
 named after the parameter. The model trusts the values and refuses (INVALID_ARG) only what cannot
-be a validated request. Its ``config.pbtxt`` parameters are ``export.stub_params.PipelineModelParams``.
+be a validated request. Its ``config.pbtxt`` parameters are ``triton_serving.stub_params.PipelineModelParams``.
 """
 
 import atexit
@@ -45,7 +45,7 @@ from engine.descriptors import component_descriptors
 from engine.pipelines import Cancelled, RunControl
 from engine.request import REQUEST_TENSOR, GenerationRequest
 from engine.options import EngineOptions
-from export.stub_params import PipelineModelParams, exit_without_teardown, instance_device
+from triton_serving.stub_params import PipelineModelParams, exit_without_teardown, instance_device
 
 logger = logging.getLogger("diffserve.pipeline")
 

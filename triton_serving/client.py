@@ -80,7 +80,7 @@ class TritonPipelineClient:
 
     @classmethod
     def from_repository(cls, grpc_url: str, repository: str | Path, **kw) -> TritonPipelineClient:
-        from export.repository import read_manifest
+        from triton_serving.manifest import read_manifest
 
         return cls(grpc_url, read_manifest(repository)["pipelines"], **kw)
 

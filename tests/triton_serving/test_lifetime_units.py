@@ -1,4 +1,4 @@
-"""The lifetime pieces of export.triton_server without Triton: the Lifeline process group with
+"""The lifetime pieces of triton_serving without Triton: the Lifeline process group with
 real processes (it dies with its creator, SIGKILL included), and TritonSupervisor's restart logic
 (backoff, counting, down time, stop) over a scripted stand-in for the server."""
 
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from engine.processes import ChildProcess
-from export.triton_server import TritonLaunchError, TritonSupervisor
+from triton_serving.distribution import TritonLaunchError
+from triton_serving.supervisor import TritonSupervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 

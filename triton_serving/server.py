@@ -1,30 +1,12 @@
-"""Start, supervise and stop a real Triton Inference Server process for diffserve.
+"""The ``tritonserver`` process: start it on a model repository, watch its output, stop it.
 
-This module owns everything between "a model repository on disk" and "a Triton server answering
-on HTTP/gRPC": locating the ``tritonserver`` binary shipped inside the ``nvidia-pytriton`` wheel,
-building a private backend directory with the python-backend stub that matches the running
-interpreter, preparing the process environment (library path, Python import path), choosing
-ports, spawning the server (an :class:`engine.processes.ChildProcess` in a
-:class:`~engine.processes.Lifeline` group, so it and its stubs die with the process that started them),
-writing its whole output to a log file and its warnings and errors to the ``diffserve.triton`` logger,
-waiting for readiness and shutting it down (SIGTERM, then SIGKILL of the whole group); through
-:class:`TritonSupervisor` it restarts a server that died under it. It never modifies site-packages; all generated files live in a temporary
-work directory that is removed by :meth:`TritonServer.stop`.
-
-How the python-backend stub gets the right interpreter (verified with nvidia-pytriton 0.7.0,
-Triton 2.51, CPython 3.11):
-
-* The stub links ``libpython3.X.so.1.0``; ``sysconfig LIBDIR`` is put first in
-  ``LD_LIBRARY_PATH`` so it loads the running interpreter's libpython and not a system copy of a
-  different patch release (which fails on stdlib C extensions with ``undefined symbol:
-  _PyModule_Add``). The wheel's ``nvidia_pytriton.libs`` follows it.
-* The stub initialises Python in *isolated* mode (``sys.flags.isolated == 1``), so
-  ``PYTHONPATH`` is ignored inside model.py files. Python instead locates its prefix by
-  searching ``python3`` on ``PATH``; we therefore put a private, venv-like directory first on
-  ``PATH`` (``bin/python3`` -> the running interpreter, ``pyvenv.cfg``, and a ``.pth`` hook in its
-  site-packages) that adds the running environment's site-packages (with their ``.pth`` files,
-  so editable installs work), the project root and :attr:`TritonServerConfig.extra_pythonpath`.
-  ``PYTHONPATH`` is still exported for subprocesses that models may spawn.
+This module owns one server's life: choosing its ports, its command line, spawning it (an
+:class:`engine.processes.ChildProcess` in a lifeline group, so it and its python-backend stubs die
+with the process that started them), writing its whole output to a log file and its warnings and
+errors to the ``diffserve.triton`` logger, waiting for readiness, and shutting it down (SIGTERM,
+then SIGKILL of the whole group) with its work directory and shared-memory regions removed.
+Where the binary comes from and how the stubs get our interpreter is ``distribution``'s;
+restarting a server that died is ``supervisor``'s; ``serve_until_stopped`` is ``diffserve triton``.
 """
 
 from __future__ import annotations
@@ -41,28 +23,26 @@ import shutil
 import signal
 import socket
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from engine.processes import ChildProcess, Lifeline
+from engine.processes import ChildProcess
+from triton_serving.distribution import (
+    TritonDistribution, TritonLaunchError, find_libpython, prepare_launch, running_python_version,
+)
 
 __all__ = [
-    "Lifeline",
-    "TritonDistribution",
+    "MODEL_CONTROL_MODES",
     "TritonLaunchError",
     "TritonServer",
     "TritonServerConfig",
-    "TritonSupervisor",
     "find_free_port",
-    "find_libpython",
     "serve_until_stopped",
 ]
 
@@ -70,7 +50,6 @@ LOGGER = logging.getLogger(__name__)
 #: Logger receiving the server's warnings and errors (every other line at DEBUG).
 SERVER_LOGGER = logging.getLogger("diffserve.triton")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CONTROL_MODES = ("none", "explicit")
 _TAIL_LINES = 40
 _LOG_LINE_RE = re.compile(r"^([IWE])\d{4} ")
@@ -98,10 +77,6 @@ def _stop_live_servers() -> None:
             server.stop(timeout=10)
 
 
-class TritonLaunchError(RuntimeError):
-    """Triton could not be started (missing pieces, early exit, readiness timeout)."""
-
-
 def find_free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port that is free on ``host`` right now (the OS picks it).
 
@@ -112,111 +87,6 @@ def find_free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def _running_python_version() -> str:
-    return f"{sys.version_info.major}.{sys.version_info.minor}"
-
-
-@dataclass(frozen=True)
-class TritonDistribution:
-    """Paths of the Triton server shipped inside the ``nvidia-pytriton`` wheel."""
-
-    root: Path  #: the ``pytriton`` package directory
-    binary: Path  #: ``tritonserver/bin/tritonserver``
-    python_backend_dir: Path  #: ``libtriton_python.so`` and ``triton_python_backend_utils.py``
-    stubs_dir: Path  #: ``<X.Y>/triton_python_backend_stub`` per Python version
-    libs_dir: Path  #: ``nvidia_pytriton.libs`` (vendored shared libraries)
-
-    @classmethod
-    def locate(cls, pytriton_root: Path | None = None) -> TritonDistribution:
-        """Find the distribution in the installed ``pytriton`` package (or ``pytriton_root``)."""
-        if pytriton_root is None:
-            import importlib.util
-
-            spec = importlib.util.find_spec("pytriton")
-            if spec is None or not spec.submodule_search_locations:
-                raise TritonLaunchError(
-                    "the 'pytriton' package is not installed in this environment "
-                    f"({sys.prefix}); install it with: pip install nvidia-pytriton==0.7.0"
-                )
-            pytriton_root = Path(next(iter(spec.submodule_search_locations)))
-        root = Path(pytriton_root)
-        server_dir = root / "tritonserver"
-        dist = cls(
-            root=root,
-            binary=server_dir / "bin" / "tritonserver",
-            python_backend_dir=server_dir / "backends" / "python",
-            stubs_dir=server_dir / "python_backend_stubs",
-            libs_dir=root.parent / "nvidia_pytriton.libs",
-        )
-        if not dist.binary.is_file():
-            raise TritonLaunchError(
-                f"tritonserver binary not found at {dist.binary}; the nvidia-pytriton wheel "
-                "(manylinux, x86_64/aarch64) ships it - reinstall it with: "
-                "pip install --force-reinstall nvidia-pytriton==0.7.0"
-            )
-        if not os.access(dist.binary, os.X_OK):
-            raise TritonLaunchError(f"tritonserver binary {dist.binary} is not executable")
-        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-            if not (dist.python_backend_dir / name).is_file():
-                raise TritonLaunchError(
-                    f"python backend file {name} missing in {dist.python_backend_dir}; "
-                    "the nvidia-pytriton installation is incomplete, reinstall it"
-                )
-        if not dist.libs_dir.is_dir():
-            LOGGER.warning("nvidia_pytriton.libs not found at %s; relying on RPATH", dist.libs_dir)
-        return dist
-
-    def available_stub_versions(self) -> list[str]:
-        """Python versions (``"3.11"``) for which the wheel ships a python-backend stub."""
-        if not self.stubs_dir.is_dir():
-            return []
-        found = [p.parent.name for p in self.stubs_dir.glob("*/triton_python_backend_stub")]
-        return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit()))
-
-    def stub_for(self, python_version: str) -> Path:
-        """The stub for ``python_version`` (``"3.11"``); raises :class:`TritonLaunchError`."""
-        stub = self.stubs_dir / python_version / "triton_python_backend_stub"
-        if not stub.is_file():
-            available = ", ".join(self.available_stub_versions()) or "none"
-            raise TritonLaunchError(
-                f"nvidia-pytriton has no python-backend stub for Python {python_version} "
-                f"(looked for {stub}; available: {available}). Run diffserve with one of the "
-                "available Python versions or install an nvidia-pytriton release that supports "
-                f"Python {python_version}."
-            )
-        return stub
-
-
-def find_libpython(config_vars: Mapping[str, object] | None = None) -> Path:
-    """Path of the running interpreter's shared libpython (what the stub must load).
-
-    ``config_vars`` defaults to :func:`sysconfig.get_config_vars` and can be injected for tests.
-    Raises :class:`TritonLaunchError` for statically linked interpreters or a missing library.
-    """
-    cfg = sysconfig.get_config_vars() if config_vars is None else config_vars
-    if not cfg.get("Py_ENABLE_SHARED"):
-        raise TritonLaunchError(
-            f"this Python ({sys.executable}) is statically linked (Py_ENABLE_SHARED=0), but "
-            "Triton's python-backend stub needs a shared libpython of the same version. Use a "
-            "Python built with --enable-shared (pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared, "
-            "distribution and conda Pythons are shared) for the diffserve virtualenv."
-        )
-    libdir = cfg.get("LIBDIR")
-    soname = cfg.get("INSTSONAME") or cfg.get("LDLIBRARY")
-    if not libdir or not soname:
-        raise TritonLaunchError(
-            f"cannot locate libpython: sysconfig LIBDIR={libdir!r} INSTSONAME={soname!r}"
-        )
-    path = Path(str(libdir)) / str(soname)
-    if not path.exists():
-        raise TritonLaunchError(
-            f"libpython not found at {path} (sysconfig LIBDIR/INSTSONAME); the python-backend "
-            "stub would load a different libpython and fail. Reinstall Python with its shared "
-            "library or point diffserve at an interpreter whose LIBDIR contains it."
-        )
-    return path
 
 
 @dataclass
@@ -284,21 +154,6 @@ def _connect_host(host: str) -> str:
     if ":" in host and not host.startswith("["):
         return f"[{host}]"
     return host
-
-
-def _pth_hook_source(front: Sequence[str], site_dirs: Sequence[str]) -> str:
-    return (
-        '"""Generated by diffserve export.triton_server: import paths for Triton python models."""\n'
-        "import os, site, sys\n\n"
-        f"FRONT = {list(front)!r}\n"
-        f"SITE_DIRS = {list(site_dirs)!r}\n\n"
-        "_here = os.path.dirname(os.path.abspath(__file__))\n"
-        "_at = sys.path.index(_here) if _here in sys.path else len(sys.path)\n"
-        "sys.path[_at:_at] = [p for p in FRONT if p not in sys.path]\n"
-        "for _d in SITE_DIRS:\n"
-        "    if os.path.isdir(_d):\n"
-        "        site.addsitedir(_d)\n"
-    )
 
 
 class TritonServer:
@@ -397,7 +252,7 @@ class TritonServer:
             raise TritonLaunchError(f"model repository {repository} is not a directory")
 
         dist = TritonDistribution.locate(cfg.pytriton_root)
-        running = _running_python_version()
+        running = running_python_version()
         version = cfg.python_version or running
         stub = dist.stub_for(version)
         if version != running:
@@ -410,9 +265,7 @@ class TritonServer:
         self._reset_state()
         self._workdir = Path(tempfile.mkdtemp(prefix="diffserve-triton-"))
         try:
-            backend_dir = self._prepare_backends(dist, stub)
-            shim_bin = self._prepare_python_shim(version)
-            env = self._environment(dist, libpython, shim_bin)
+            backend_dir, env = prepare_launch(self._workdir, dist, stub, version, libpython, cfg.extra_pythonpath)
             cmd = self._command(dist, repository, backend_dir)
         except OSError as exc:
             self._cleanup_files()
@@ -513,71 +366,6 @@ class TritonServer:
         self._level = logging.INFO
         self._shm_prefix = f"diffserve_{os.getpid()}_{secrets.token_hex(4)}_"
 
-    def _prepare_backends(self, dist: TritonDistribution, stub: Path) -> Path:
-        """``<work>/backends/python/`` with symlinks to the wheel's files and the right stub."""
-        assert self._workdir is not None
-        backend_root = self._workdir / "backends"
-        python_dir = backend_root / "python"
-        python_dir.mkdir(parents=True)
-        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-            (python_dir / name).symlink_to(dist.python_backend_dir / name)
-        # A symlink keeps the stub's RPATH ($ORIGIN/../../../../nvidia_pytriton.libs) valid.
-        (python_dir / "triton_python_backend_stub").symlink_to(stub)
-        return backend_root
-
-    def _prepare_python_shim(self, version: str) -> Path:
-        """Venv-like dir whose ``bin/python3`` the isolated stub finds on PATH (see docstring)."""
-        assert self._workdir is not None
-        shim = self._workdir / "python"
-        bin_dir = shim / "bin"
-        site_dir = shim / "lib" / f"python{version}" / "site-packages"
-        bin_dir.mkdir(parents=True)
-        site_dir.mkdir(parents=True)
-        real_exe = Path(os.path.realpath(sys.executable))
-        base_exe = Path(os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable))
-        for name in ("python3", "python", f"python{version}"):
-            (bin_dir / name).symlink_to(real_exe)
-        (shim / "pyvenv.cfg").write_text(
-            f"home = {base_exe.parent}\n"
-            "include-system-site-packages = false\n"
-            f"version = {'.'.join(map(str, sys.version_info[:3]))}\n",
-            encoding="utf-8",
-        )
-        front = [str(p) for p in self._pythonpath_front()]
-        (site_dir / "_diffserve_triton_paths.py").write_text(
-            _pth_hook_source(front, self._site_dirs()), encoding="utf-8"
-        )
-        (site_dir / "_diffserve_triton_paths.pth").write_text(
-            "import _diffserve_triton_paths\n", encoding="utf-8"
-        )
-        return bin_dir
-
-    def _pythonpath_front(self) -> list[Path]:
-        paths = [p.resolve() for p in self.config.extra_pythonpath] + [PROJECT_ROOT]
-        paths += [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        return list(dict.fromkeys(paths))
-
-    @staticmethod
-    def _site_dirs() -> list[str]:
-        import site
-
-        dirs = list(site.getsitepackages())
-        if site.ENABLE_USER_SITE:
-            dirs.append(site.getusersitepackages())
-        return list(dict.fromkeys(dirs))
-
-    def _environment(
-        self, dist: TritonDistribution, libpython: Path, shim_bin: Path
-    ) -> dict[str, str]:
-        env = dict(os.environ)
-        ld = [str(libpython.parent), str(dist.libs_dir)]
-        ld += [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(dict.fromkeys(ld))
-        py = [str(p) for p in self._pythonpath_front()] + self._site_dirs()
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(py))
-        env["PATH"] = os.pathsep.join([str(shim_bin), env.get("PATH", os.defpath)])
-        env.pop("PYTHONHOME", None)
-        return env
 
     def _command(self, dist: TritonDistribution, repository: Path, backend_dir: Path) -> list[str]:
         cfg = self.config
@@ -643,106 +431,6 @@ class TritonServer:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
-
-
-# ---------------------------------------------------------------------- keep it running
-def _short_reason(exc: BaseException) -> str:
-    """One line for a launch error: its headline and the server's first reported error."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-    if len(lines) > 2 and lines[1].startswith("Errors reported by the server"):
-        return f"{lines[0]} {lines[2]}"
-    return lines[0]
-
-
-class TritonSupervisor:
-    """Keeps a :class:`TritonServer` this process started running: restarts it when it dies.
-
-    :meth:`start` starts the server (raising like :meth:`TritonServer.start`) and a watcher
-    thread that polls the process every ``poll_s``. When the server has died, the watcher reaps
-    it and its stubs at once, waits ``backoff_s`` and starts it again on the same ports (so
-    clients' URLs stay right); each attempt is logged, counted in :attr:`restarts` and reported
-    to ``on_restart``. The wait doubles after every attempt up to ``max_backoff_s`` and is back to
-    ``backoff_s`` once the server has stayed up for ``max_backoff_s``, so a server that crashes
-    right after start-up is retried ever more slowly instead of in a tight loop.
-    :meth:`down_for` says how long the server has been down (for liveness probes).
-    """
-
-    def __init__(self, server: TritonServer, *, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
-                 poll_s: float = 0.5, on_restart: Callable[[], None] | None = None) -> None:
-        if backoff_s <= 0 or max_backoff_s < backoff_s or poll_s <= 0:
-            raise ValueError("need 0 < backoff_s <= max_backoff_s and poll_s > 0")
-        self.server = server
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self.poll_s = poll_s
-        self.on_restart = on_restart
-        self.restarts = 0
-        """Restart attempts so far (successful or not)."""
-        self.last_error: str | None = None
-        """First line of the last failed restart's error, None once the server is back."""
-        self._down_since: float | None = None
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Start the server (blocking until ready) and the watcher thread."""
-        self.server.start(abort=self._stopping)
-        self._thread = threading.Thread(target=self._watch, name="triton-supervisor", daemon=True)
-        self._thread.start()
-
-    def down_for(self) -> float | None:
-        """Seconds since the server was found dead, None while it is up (or being stopped)."""
-        since = self._down_since
-        return None if since is None or self._stopping.is_set() else time.monotonic() - since
-
-    def stop(self, timeout: float | None = None) -> int:
-        """Stop watching (ending a restart in progress), then stop the server; its exit code."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(60)
-        return self.server.stop(timeout)
-
-    def _watch(self) -> None:
-        backoff = self.backoff_s
-        up_since = time.monotonic()
-        while not self._stopping.wait(self.poll_s):
-            if self.server.is_alive():
-                if time.monotonic() - up_since >= self.max_backoff_s:
-                    backoff = self.backoff_s
-                continue
-            self._down_since = time.monotonic()
-            pid, code = self.server.pid, self.server.returncode
-            LOGGER.error("Triton (pid %s) exited with code %s; restarting it in %.1f s; last lines:\n%s",
-                         pid, code, backoff, "\n".join(self.server.log_tail()[-5:]))
-            self.server.stop(timeout=5)  # reap it, kill its stubs, free its shared memory now
-            backoff = self._restart(backoff)
-            up_since = time.monotonic()
-
-    def _restart(self, backoff: float) -> float:
-        """Attempt restarts, ``backoff`` apart and doubling, until one succeeds or stop() is
-        called; returns the wait before the next restart (doubled after each attempt)."""
-        while not self._stopping.wait(backoff):
-            self.restarts += 1
-            if self.on_restart is not None:
-                self.on_restart()
-            down = time.monotonic() - (self._down_since or time.monotonic())
-            LOGGER.warning("restarting Triton (restart %d; down for %.1f s)", self.restarts, down)
-            try:
-                self.server.start(abort=self._stopping)
-            except Exception as exc:  # noqa: BLE001 - whatever it was, try again later
-                if self._stopping.is_set():
-                    break
-                self.last_error = _short_reason(exc)
-                backoff = min(backoff * 2, self.max_backoff_s)
-                LOGGER.error("Triton restart %d failed: %s; next attempt in %.1f s", self.restarts,
-                             self.last_error, backoff)
-                continue
-            LOGGER.info("Triton is back (pid %s) after %.1f s down", self.server.pid,
-                        time.monotonic() - (self._down_since or time.monotonic()))
-            self._down_since = None
-            self.last_error = None
-            break
-        return min(backoff * 2, self.max_backoff_s)
 
 
 # ---------------------------------------------------------------------- run in the foreground
