@@ -6,7 +6,8 @@ pipeline's arguments), ``checkpoint`` (a diffusers checkpoint directory's layout
 ``Components`` protocol pipelines call networks through, and the named-tensor adapter every runtime
 builds on), ``descriptors`` (each network's tensor names and shape profiles), ``pipelines/`` (one
 denoising loop per module; ``pipelines.run`` serves a slug), ``batching`` (step-level batching of
-concurrent requests' denoising loops), ``schedulers`` and ``scheduler_plan``,
+concurrent requests' denoising loops), ``schedulers`` (API scheduler names -> fresh diffusers
+schedulers) and ``planned_loop`` (those schedulers as precomputed weights, run on the device),
 the runtimes ``runtime_torch`` (with ``torch_optimize``), ``runtime_onnx`` (over the torch-free
 ``ort_session``) and ``runtime_trt``, the Omni-Zero and OminiControl networks
 (``omni_zero_modules``, ``face_analysis``, ``flux_condition``), ``imageio`` (encoding outputs) and

@@ -166,7 +166,7 @@ class NamedTensorComponents:
     """
 
     device_scheduler: bool = False
-    """Pipelines run the scheduler as precomputed weights on the device (``engine.scheduler_plan``)."""
+    """Pipelines run the scheduler as precomputed weights on the device (``engine.planned_loop``)."""
     condition_mode: str = "joint"
     """OminiControl's condition mode (``EngineOptions.ominicontrol_condition``), set by whoever builds these."""
 

@@ -19,7 +19,7 @@ A ``TorchOptimizations`` spec is a comma-separated list, e.g. ``fuse_qkv,channel
     ``max-autotune`` over ``max-autotune-no-cudagraphs``); implies ``compile``.
 ``device_scheduler``
     The denoising loop runs the scheduler as precomputed weights on the device
-    (``engine.scheduler_plan``): no host synchronisation between steps. Schedulers that draw their
+    (``engine.planned_loop``): no host synchronisation between steps. Schedulers that draw their
     own noise (``Euler a``, ``DDPM``, ...) keep the stock step with a log line.
 ``vae=fp32|fp16|bf16``
     The VAE's own precision (default: the model precision, fp32 where the VAE config forces upcast).
@@ -85,7 +85,7 @@ class TorchOptimizations:
     warmup_sizes: tuple[tuple[int, int], ...] = ()
     """(width, height) compiled at load besides the descriptors' opt shapes."""
     device_scheduler: bool = False
-    """Pipelines run the scheduler as a ``engine.scheduler_plan`` (one matrix-vector product per step)."""
+    """Pipelines run the scheduler as a planned loop (``engine.planned_loop``: one matrix-vector product per step)."""
 
     @classmethod
     def parse(cls, spec: str | None) -> "TorchOptimizations":

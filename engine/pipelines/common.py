@@ -18,7 +18,7 @@ import torch
 
 from engine.catalog import InvalidRequest
 from engine.components import Components
-from engine.scheduler_plan import PlannedLoop, SchedulerPlan, try_plan
+from engine.planned_loop import PlannedLoop, SchedulerPlan, try_plan
 
 
 class Cancelled(RuntimeError):

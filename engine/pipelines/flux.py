@@ -21,7 +21,7 @@ from engine.components import Components, ConditionKV, ConditionTokens
 from engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, device_plan, make_generator, randn, tokenize,
 )
-from engine.scheduler_plan import PlannedLoop
+from engine.planned_loop import PlannedLoop
 
 
 @dataclass

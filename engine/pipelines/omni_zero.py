@@ -55,7 +55,7 @@ from engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, decode_latents, device_plan, encode_prompt_sdxl, image_to_tensor,
     make_generator, planned_advance, planned_input, randn, sample_latent_dist, sdxl_time_ids,
 )
-from engine.scheduler_plan import PlannedLoop, SchedulerPlan
+from engine.planned_loop import PlannedLoop, SchedulerPlan
 
 __all__ = ["NoFaceDetected", "generate"]
 

@@ -1,4 +1,4 @@
-"""Scheduler steps as precomputed weights: a denoising loop with no host synchronisation.
+"""The planned loop: a scheduler's steps as precomputed weights, run on the device with no host sync.
 
 Every deterministic diffusers scheduler the engine serves is linear in what it is given. With
 ``x_0`` the initial latents, ``e_j`` the (guided) model output of step ``j`` and ``n_j`` the

@@ -21,7 +21,7 @@ from engine.catalog import validate
 from engine.pipelines import RunControl, run
 from engine.pipelines.common import step_kwargs
 from engine.runtime_torch import TorchComponents
-from engine.scheduler_plan import PlannedLoop, SchedulerPlan, plan_scheduler, try_plan
+from engine.planned_loop import PlannedLoop, SchedulerPlan, plan_scheduler, try_plan
 from engine.schedulers import SCHEDULER_NAMES, make_scheduler
 from engine.torch_optimize import TorchOptimizations
 from tests.engine.test_torch_optimize import _image, _params
@@ -72,7 +72,7 @@ def test_the_plan_reproduces_every_deterministic_scheduler(name, begin, caplog):
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(begin * sched.order)
     x0 = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)) * sched.init_noise_sigma
-    with caplog.at_level(logging.INFO, logger="engine.scheduler_plan"):
+    with caplog.at_level(logging.INFO, logger="engine.planned_loop"):
         plan = try_plan(sched, timesteps, init_sigma=float(sched.init_noise_sigma), noise=None)
     if name in STOCHASTIC:
         assert plan is None
