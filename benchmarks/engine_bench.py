@@ -625,7 +625,7 @@ def run_engine_bench(cfg: EngineBenchConfig, on_update: Callable[[dict[str, Any]
     sd_pipeline = cfg.slug in DIFFUSERS_PIPELINES
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device, dtype = resolve_device_dtype(cfg.device, cfg.precision, spec.family)
+    device, dtype = resolve_device_dtype(cfg.device, cfg.precision, spec.architecture)
     precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     params = reference_request(cfg.slug, cfg.params)
     image = demo_image(cfg.work_dir)
@@ -1075,7 +1075,7 @@ def time_condition_cache(transformer: torch.nn.Module, params: dict[str, Any], d
                          dtype: torch.dtype, repeats: int, joint_step: dict[str, Any]) -> dict[str, Any]:
     """OminiControl's condition at full size, in both of our modes, on the networks (no T5/CLIP/VAE configs).
 
-    The default (``engine.flux_condition.FluxTransformerModule`` with condition tokens) reproduces the
+    The default (``engine.models.ominicontrol.condition.FluxTransformerModule`` with condition tokens) reproduces the
     reference as shipped: every step runs text, image and the 1024 condition tokens (rank-16 LoRA on
     the condition rows, timestep 0) through one joint attention. The opt-in cached mode computes the
     condition keys/values once (``ConditionKVModule``) and then runs a step over text and image tokens
@@ -1084,7 +1084,7 @@ def time_condition_cache(transformer: torch.nn.Module, params: dict[str, Any], d
     condition_kv + steps x cached step. Installs the condition attention processors on ``transformer``
     (run last).
     """
-    from engine.flux_condition import (
+    from engine.models.ominicontrol.condition import (
         ConditionKVModule, FluxCachedConditionTransformerModule, FluxTransformerModule, condition_lora_targets,
     )
 

@@ -129,7 +129,7 @@ def write_skeleton_checkpoint(slug: str, root: Path, config_dir: Path | None = N
     from engine.tiny.checkpoints import SD15_SCHEDULER, SDXL_SCHEDULER, build_clip_tokenizer
 
     arch = SLUG_ARCHITECTURES[slug]
-    family = get_model(slug).family
+    family = get_model(slug).architecture
     if get_model(slug).pipeline not in PIPELINES_AT_FULL_SIZE:
         raise ValueError(f"{slug}: only {', '.join(PIPELINES_AT_FULL_SIZE)} run end to end at full size")
     root = Path(root)
@@ -205,7 +205,7 @@ def save_checkpoint(slug: str, out_dir: Path, *, device: str | None = None, prec
         raise ValueError(f"{slug}: only {', '.join(PIPELINES_AT_FULL_SIZE)} have every network's config")
     out_dir = Path(out_dir)
     skeleton = write_skeleton_checkpoint(slug, out_dir / ".skeleton", config_dir)
-    dev, dtype = resolve_device_dtype(device, precision, spec.family)
+    dev, dtype = resolve_device_dtype(device, precision, spec.architecture)
     raw = {role: build_module(name, dev, dtype, config_dir, seed=i)
            for i, (role, name) in enumerate(SLUG_ARCHITECTURES[slug].items())}
     config = read_architecture(skeleton)
@@ -213,9 +213,9 @@ def save_checkpoint(slug: str, out_dir: Path, *, device: str | None = None, prec
 
     from engine.schedulers import make_scheduler
 
-    scheduler = make_scheduler("PNDM" if spec.family == "sd15" else "Euler", config.scheduler_config)
+    scheduler = make_scheduler("PNDM" if spec.architecture == "sd15" else "Euler", config.scheduler_config)
     tokenizer = CLIPTokenizer.from_pretrained(skeleton / "tokenizer")
-    if spec.family == "sdxl":
+    if spec.architecture == "sdxl":
         pipe = diffusers.StableDiffusionXLPipeline(
             vae=raw["vae"], text_encoder=raw["text_encoder"], text_encoder_2=raw["text_encoder_2"],
             tokenizer=tokenizer, tokenizer_2=CLIPTokenizer.from_pretrained(skeleton / "tokenizer_2"),
@@ -247,7 +247,7 @@ def full_size_setup(slug: str, *, device: str | None, precision: str | None, ske
 
     if slug not in SLUG_ARCHITECTURES:
         raise ValueError(f"no full-size architecture for {slug!r}; have: {', '.join(SLUG_ARCHITECTURES)}")
-    dev, dtype = resolve_device_dtype(device, precision, get_model(slug).family)
+    dev, dtype = resolve_device_dtype(device, precision, get_model(slug).architecture)
     t0 = time.perf_counter()
     raw: dict[str, nn.Module] = {}
     for i, (role, name) in enumerate(SLUG_ARCHITECTURES[slug].items()):

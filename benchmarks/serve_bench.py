@@ -724,7 +724,7 @@ def engine_baseline(cfg: ServeBenchConfig, slug: str, runtime: str, request: dic
     from engine.catalog import get_model
     from engine.runtime_torch import DTYPES, resolve_device_dtype
 
-    device, dtype = resolve_device_dtype(cfg.device, cfg.precision, get_model(slug).family)
+    device, dtype = resolve_device_dtype(cfg.device, cfg.precision, get_model(slug).architecture)
     precision = next(name for name, d in DTYPES.items() if d == dtype)
     bench = EngineBenchConfig(slug=slug, runtimes=(runtime,), device=str(device), precision=precision,
                               work_dir=cfg.work_dir, threads=cfg.threads)

@@ -20,6 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from engine.models import OMINICONTROL, OMNI_ZERO, SD, ModelFamily
 from engine.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, canonical_scheduler_name
 
 
@@ -58,10 +59,13 @@ class ModelSpec:
     slug: str
     title: str
     seed_document: str
+    family: ModelFamily
+    """The model family that serves this slug (``engine.models``): its pipelines, published artifacts,
+    tiny writer and benchmark constants."""
     pipeline: str
-    """Module name under ``engine.pipelines`` whose ``generate`` runs this slug."""
-    family: str
-    """Checkpoint family the pipeline loads: ``sd15``, ``sdxl``, ``flux``."""
+    """Which of the family's pipelines runs this slug (a key of ``ModelFamily.pipelines``)."""
+    architecture: str
+    """Checkpoint architecture the pipeline loads: ``sd15``, ``sdxl``, ``flux``."""
     params: tuple[Param, ...]
     batch_param: str | None
     """Name of the parameter holding the number of images per request (``None``: always one)."""
@@ -276,7 +280,7 @@ _LIMIT_NOTE = "implementation limit; the Segmind page states none"
 RESPONSE_PARAMS = ("base64", "image_format", "image_quality")
 """Parameters that shape the response (encoding, format, quality), applied by the API, never by a pipeline."""
 
-# The keyword arguments of ``engine.pipelines.txt2img.generate``, shared by img2img.
+# The keyword arguments of ``engine.models.sd.txt2img.generate``, shared by img2img.
 _SD_ARGUMENTS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "img_width": "width", "img_height": "height",
     "num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale", "samples": "num_images",
@@ -331,8 +335,9 @@ SD15_SCIFI = ModelSpec(
     slug="sd1.5-scifi",
     title="Scifi",
     seed_document="004_334d4105feb30352.txt",
+    family=SD,
     pipeline="txt2img",
-    family="sd15",
+    architecture="sd15",
     batch_param="samples",
     arguments=_SD_ARGUMENTS,
     description="Photorealistic SD1.5 fine-tune; text-to-image with classifier-free guidance.",
@@ -355,8 +360,9 @@ SD15_IMG2IMG = ModelSpec(
     slug="sd1.5-img2img",
     title="Stable Diffusion img2img",
     seed_document="001_3a5c22b129d5eb5f.txt",
+    family=SD,
     pipeline="sd15_img2img",
-    family="sd15",
+    architecture="sd15",
     batch_param="samples",
     arguments=_SD_ARGUMENTS | {"image": "image", "strength": "strength"},
     description="SDEdit image-to-image on SD1.5: the input image is noised to `strength` and denoised.",
@@ -383,8 +389,9 @@ SEGMIND_VEGA = ModelSpec(
     slug="segmind-vega",
     title="Segmind-Vega",
     seed_document="003_ebc2898775efb629.txt",
+    family=SD,
     pipeline="txt2img",
-    family="sdxl",
+    architecture="sdxl",
     batch_param="samples",
     arguments=_SD_ARGUMENTS,
     description="Distilled SDXL (745M-parameter UNet); text-to-image at 1024x1024.",
@@ -416,8 +423,9 @@ OMNI_ZERO = ModelSpec(
     slug="omni-zero",
     title="Omni Zero",
     seed_document="000_854337d1223b1b8a.txt",
+    family=OMNI_ZERO,
     pipeline="omni_zero",
-    family="sdxl",
+    architecture="sdxl",
     batch_param="number_of_images",
     arguments={
         **{name: name for name in (
@@ -456,8 +464,9 @@ OMINICONTROL = ModelSpec(
     slug="ominicontrol",
     title="OminiControl",
     seed_document="002_39985c154ef1b632.txt",
+    family=OMINICONTROL,
     pipeline="ominicontrol",
-    family="flux",
+    architecture="flux",
     batch_param=None,
     arguments={"image": "image", "prompt": "prompt", "steps": "num_inference_steps", "seed": "seed"},
     output_format="png",

@@ -88,7 +88,7 @@ def _span(values: Iterable[int], opt: int | None = None) -> tuple[int, int, int]
 
 
 def family_specs(config: CheckpointArchitecture) -> list[ModelSpec]:
-    return [s for s in CATALOG.values() if s.family == config.family]
+    return [s for s in CATALOG.values() if s.architecture == config.family]
 
 
 def component_descriptors(config: CheckpointArchitecture,
@@ -266,8 +266,8 @@ def _omni_zero_descriptors(config: CheckpointArchitecture, specs: list[ModelSpec
     letterboxed 640x640 image and, like insightface's SCRFD exports, returns per-anchor rows
     without a batch axis (a Triton model for it has ``max_batch_size: 0``).
     """
-    from engine.face_analysis import ANCHORS_PER_CELL, DET_SIZE, STRIDES
-    from engine.omni_zero_checkpoint import (
+    from engine.models.omni_zero.face_analysis import ANCHORS_PER_CELL, DET_SIZE, STRIDES
+    from engine.models.omni_zero.checkpoint import (
         FACE_EMBEDDING_DIM, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SIZE_MULTIPLE, depth_input_size, depth_padding,
     )
 
@@ -390,7 +390,7 @@ def needed_components(config: CheckpointArchitecture, specs: list[ModelSpec], co
         if any(s.pipeline != "omni_zero" for s in specs):
             names.append("unet")
         if config.omni_zero is not None and any(s.pipeline == "omni_zero" for s in specs):
-            from engine.omni_zero_checkpoint import OMNI_ZERO_COMPONENTS
+            from engine.models.omni_zero.checkpoint import OMNI_ZERO_COMPONENTS
 
             names.extend(OMNI_ZERO_COMPONENTS)
     if any(s.image_params for s in specs):

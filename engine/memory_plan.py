@@ -120,7 +120,7 @@ def activation_bytes(slug: str) -> int:
     """The estimate for the slug's largest allowed request (largest resolution, most images)."""
     spec = get_model(slug)
     width, height = max(spec.resolutions() or [(1024, 1024)], key=lambda r: r[0] * r[1])
-    return int(ACTIVATION_GB_PER_MEGAPIXEL[spec.family] * GB * spec.max_batch() * width * height / 1e6)
+    return int(ACTIVATION_GB_PER_MEGAPIXEL[spec.architecture] * GB * spec.max_batch() * width * height / 1e6)
 
 
 def plan_slug(slug: str, checkpoint: str | Path, device: str = "cuda", precision: str | None = None,
@@ -128,7 +128,7 @@ def plan_slug(slug: str, checkpoint: str | Path, device: str = "cuda", precision
     """Weights of every network under ``checkpoint`` at their serving precision, activations, ``processes``
     serving processes (one fused pipeline instance: 1)."""
     root = Path(checkpoint)
-    family = get_model(slug).family
+    family = get_model(slug).architecture
     base = precision or default_precision(family, device)
     upcast = vae_forces_upcast(root)
     weights = [plan_network(d, network_precision(d.name, base, upcast)) for d in sorted(root.iterdir())

@@ -10,21 +10,19 @@ checkpoint = "/models/Segmind-Vega"
 This module owns that file (``models.toml``; setting ``models_file``, flag ``--models``): parsing
 it (relative paths are relative to the file; an unknown slug or role is an error naming the
 valid ones), checking every slug's artifacts (``check``: missing files, architecture checks by
-the slug's ``engine.published`` module) and assembling from them the one checkpoint directory
+the slug's family, ``ModelFamily.published``) and assembling from them the one checkpoint directory
 in the engine's internal layout that the rest of the stack loads (``materialize``), under
 ``$DIFFSERVE_HOME/models/<slug>-<fingerprint>/``, cached by a fingerprint of the inputs (paths,
 sizes, modification times and the converter's version), so a second start costs a stat per file.
 
-Each slug's artifacts are handled by one module of ``engine.published`` (``sd``, ``omni_zero``,
-``ominicontrol``) exposing ``ROLES``, ``check``, ``materialize`` and ``write_tiny``; they are
-imported lazily. ``omni-zero`` and ``ominicontrol`` also accept ``checkpoint``: a directory
+Each slug's artifacts are handled by its family's ``published`` module (``engine.models.<family>.published``)
+exposing ``ROLES``, ``check``, ``materialize`` and ``write_tiny``, imported on first use. ``omni-zero`` and ``ominicontrol`` also accept ``checkpoint``: a directory
 already in the engine's layout, used as it is.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -36,18 +34,10 @@ from types import ModuleType
 from typing import Any, Mapping
 
 from engine import home_dir
+from engine.catalog import CATALOG, get_model
 from engine.published import ArtifactProblem
 
 logger = logging.getLogger(__name__)
-
-SLUG_MODULES = {
-    "sd1.5-scifi": "engine.published.sd",
-    "sd1.5-img2img": "engine.published.sd",
-    "segmind-vega": "engine.published.sd",
-    "omni-zero": "engine.published.omni_zero",
-    "ominicontrol": "engine.published.ominicontrol",
-}
-"""Slug -> the module that checks and materializes its artifacts."""
 
 MARKER = ".diffserve_materialized.json"
 
@@ -82,8 +72,8 @@ class Materialized:
 
 
 def slug_module(slug: str) -> ModuleType:
-    """The ``engine.published`` module that reads ``slug``'s artifacts."""
-    return importlib.import_module(SLUG_MODULES[slug])
+    """The module that checks and materializes ``slug``'s artifacts: its family's ``published``."""
+    return get_model(slug).family.published
 
 
 def roles(slug: str) -> dict[str, bool]:
@@ -96,7 +86,7 @@ def _flatten_slugs(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = prefix + key
-        if name not in SLUG_MODULES and isinstance(value, Mapping) and value and all(
+        if name not in CATALOG and isinstance(value, Mapping) and value and all(
                 isinstance(v, Mapping) for v in value.values()):
             out.update(_flatten_slugs(value, name + "."))
         else:
@@ -109,9 +99,9 @@ def parse_models_file(data: Mapping[str, Any], base_dir: Path | None = None,
     """Validate parsed TOML; relative paths are taken relative to ``base_dir``."""
     where = f"{source}: " if source else ""
     data = _flatten_slugs(data)
-    unknown = [s for s in data if s not in SLUG_MODULES]
+    unknown = [s for s in data if s not in CATALOG]
     if unknown:
-        raise ModelsFileError(f"{where}unknown slug [{unknown[0]}]; valid slugs: {', '.join(SLUG_MODULES)}")
+        raise ModelsFileError(f"{where}unknown slug [{unknown[0]}]; valid slugs: {', '.join(CATALOG)}")
     entries: dict[str, dict[str, Path]] = {}
     for slug, table in data.items():
         if not isinstance(table, Mapping):
@@ -249,7 +239,7 @@ def describe(slug: str, entry: Mapping[str, Path]) -> list[str]:
 def format_report(config: ModelsFile, problems: Mapping[str, list[ArtifactProblem]]) -> str:
     """``diffserve models check``'s text: per slug every artifact found or missing, then what to do."""
     lines = [f"models file: {config.path or '(in code)'}"]
-    for slug in SLUG_MODULES:
+    for slug in CATALOG:
         if slug not in config.entries:
             lines.append(f"\n{slug}: not configured (not served)")
             continue

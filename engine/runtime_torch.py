@@ -8,7 +8,7 @@ transformer and T5 overflow in fp16). Attention uses PyTorch SDPA (diffusers' de
 on torch 2).
 
 An Omni-Zero checkpoint (SDXL plus image encoder, adapters, ControlNets, face and depth models;
-``engine.omni_zero_checkpoint``) loads its extra components through ``engine.omni_zero_modules``.
+``engine.models.omni_zero.checkpoint``) loads its extra components through ``engine.models.omni_zero.modules``.
 
 A FLUX checkpoint directory may hold the OminiControl subject LoRA under ``condition_lora/`` (one
 ``.safetensors`` file, e.g. a copy of or link to ``subject_512.safetensors``); an explicit
@@ -26,8 +26,8 @@ from torch import nn
 from engine.checkpoint import CONDITION_LORA_DIR, find_condition_lora, read_architecture, weights_variant
 from engine.components import NamedTensorComponents
 from engine.descriptors import component_descriptors, resolution_axes
-from engine.omni_zero_checkpoint import OMNI_ZERO_COMPONENTS, is_omni_zero_checkpoint
-from engine.omni_zero_modules import load_omni_zero_modules
+from engine.models.omni_zero.checkpoint import OMNI_ZERO_COMPONENTS, is_omni_zero_checkpoint
+from engine.models.omni_zero.modules import load_omni_zero_modules
 from engine.torch_optimize import CompiledRunner, TorchOptimizations, apply_optimizations
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def _load_flux_modules(root: Path, dtype: torch.dtype, wanted: set[str],
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from engine.flux_condition import (
+    from engine.models.ominicontrol.condition import (
         ConditionKVModule, FluxCachedConditionTransformerModule, FluxTransformerModule, LoRALinear,
         read_condition_lora,
     )

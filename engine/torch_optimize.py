@@ -199,7 +199,7 @@ def fuse_qkv_projections(module: nn.Module) -> tuple[int, int]:
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
-    from engine.flux_condition import ConditionedFluxAttnProcessor
+    from engine.models.ominicontrol.condition import ConditionedFluxAttnProcessor
 
     fused = kept = 0
     for attn in module.modules():

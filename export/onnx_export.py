@@ -37,7 +37,7 @@ SOURCE_DIRS = {"text_encoder": ("text_encoder",), "text_encoder_2": ("text_encod
                "transformer": ("transformer", "condition_lora"), "transformer_cached": ("transformer",),
                "condition_kv": ("transformer", "condition_lora"),
                "vae_encoder": ("vae",), "vae_decoder": ("vae",)}
-# Omni-Zero (engine.omni_zero_checkpoint). The face models ship as ONNX and are not traced.
+# Omni-Zero (engine.models.omni_zero.checkpoint). The face models ship as ONNX and are not traced.
 SOURCE_DIRS.update({"image_encoder": ("image_encoder",), "ip_projection": ("ip_adapter",),
                     "controlnet_unet": ("unet", "controlnet_identity", "controlnet_depth", "ip_adapter"),
                     "depth_estimator": ("depth_estimator",), "face_detector": ("face_analysis",),

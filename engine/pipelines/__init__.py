@@ -1,10 +1,8 @@
-"""Denoising pipelines: one readable module per pipeline, and ``run``, which serves a slug with one.
+"""Running a slug's denoising pipeline, and the machinery every family's pipelines share.
 
-* ``txt2img`` — text-to-image for the SD1.5 and SDXL families (``sd1.5-scifi``, ``segmind-vega``);
-* ``sd15_img2img`` — SDEdit image-to-image on SD1.5 (``sd1.5-img2img``);
-* ``omni_zero`` — SDXL ControlNet img2img with three IP-Adapters (``omni-zero``);
-* ``flux`` — the FLUX.1-schnell flow-matching loop, and ``ominicontrol`` on top of it (``ominicontrol``);
-* ``common`` — the pieces they share (prompt encoding, noise, the CFG loop, decoding, ``RunControl``).
+Each family's pipelines live in its folder (``engine.models.<family>``); this package holds what they
+share (``common``: prompt encoding, noise, the CFG loop as a ``DenoiseLoop``, decoding, ``RunControl``)
+and ``run``, which finds the pipeline of a slug through its family object (``ModelSpec.family``).
 
 Each module's ``generate(components, **arguments)`` is the pipeline; it takes decoded images as uint8
 arrays [H, W, 3] and returns a ``GenerationResult``. ``run`` translates a validated request into those
@@ -14,7 +12,6 @@ module restates the API's parameter names.
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import Any
 
@@ -26,8 +23,9 @@ __all__ = ["Cancelled", "GenerationResult", "RunControl", "pipeline_module", "ru
 
 
 def pipeline_module(slug: str) -> ModuleType:
-    """The module under ``engine.pipelines`` whose ``generate`` runs ``slug`` (``ModelSpec.pipeline``)."""
-    return importlib.import_module(f"engine.pipelines.{get_model(slug).pipeline}")
+    """The module whose ``generate`` runs ``slug``: its family's pipeline named ``ModelSpec.pipeline``."""
+    spec = get_model(slug)
+    return spec.family.pipeline(spec.pipeline)
 
 
 def step_batched(slug: str) -> bool:

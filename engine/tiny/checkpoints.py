@@ -8,7 +8,7 @@ FLUX, with its shift factor), a VAE that downsamples by 8, 77-token CLIP and 512
 prompts, SDXL's two encoders, pooled embeds and time ids, FLUX's double and single blocks, and
 an OminiControl-format subject LoRA.
 The Omni-Zero checkpoint (SDXL plus image encoder, adapters, ControlNets, face and depth models)
-is built by ``engine.tiny.omni_zero``; ``engine.tiny.demo`` builds one checkpoint per slug.
+is built by ``engine.models.omni_zero.tiny``; ``engine.tiny.demo`` builds one checkpoint per slug.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 
 from engine import home_dir
 from engine.catalog import CATALOG
-from engine.tiny.omni_zero import write_demo_inputs
+from engine.models.omni_zero.tiny import write_demo_inputs
 
 DEMO_MODELS_FILE = "models.toml"
 """The demo's models file, written next to the tiny published artifacts it names."""
@@ -24,18 +24,17 @@ def write_demo_artifacts(root: str | Path) -> Path:
     """Tiny artifacts of every slug in their publishers' layouts under ``root``, and the ``models.toml``
     naming them (paths relative to it); returns the file.
 
-    SD slugs: ``engine.published.sd.write_tiny`` (sd1.5-scifi an LDM single file, sd1.5-img2img and
-    segmind-vega diffusers folders as published); omni-zero and ominicontrol: ``engine.published.omni_zero``
-    and ``engine.published.ominicontrol`` (SDXL base, IP-Adapter, InstantID, ControlNets, antelopev2,
-    ZoeDepth ``.pt``; FLUX.1-schnell folder and the OminiControl LoRA).
+    Each family writes its own (``ModelFamily.write_tiny``, under ``root/<family>``): SD an LDM single
+    file (sd1.5-scifi) and diffusers folders; Omni-Zero the SDXL base, IP-Adapter, InstantID, ControlNets,
+    antelopev2 and ZoeDepth ``.pt``; OminiControl the FLUX.1-schnell folder and the subject LoRA.
     """
-    from engine.models_file import slug_module
-    from engine.published import sd
+    from engine.models import FAMILIES
 
     root = Path(root)
-    tables: dict[str, dict[str, Path]] = {slug: {"checkpoint": p} for slug, p in sd.write_tiny(root / "sd").items()}
-    for slug in ("omni-zero", "ominicontrol"):
-        tables[slug] = dict(slug_module(slug).write_tiny(root / slug))
+    tables: dict[str, dict[str, Path]] = {}
+    for family in FAMILIES.values():
+        slugs = [slug for slug, spec in CATALOG.items() if spec.family is family]
+        tables.update(family.write_tiny(root / family.name, slugs))
     lines = ["# The tiny demo models, written by engine.tiny.demo in their publishers' layouts.\n"]
     for slug in CATALOG:
         lines.append(f'["{slug}"]')
@@ -72,43 +71,8 @@ def demo_checkpoints() -> dict[str, Path]:
     return build_demo_checkpoints(home_dir() / "checkpoints")
 
 
-DEMO_PARAMS: dict[str, dict[str, Any]] = {
-    # The seed pages' example payloads, with the example input image replaced by a local one.
-    "sd1.5-scifi": {
-        "prompt": "futuristic sci-fi high-tech city of Atlantis in late afternoon light, wispy clouds in a blue sky",
-        "negative_prompt": "blurry, blurred, amateur, ugly, low quality, sketch, low resolution, warped, crooked, "
-                           "deformed, cartoony, low detail",
-        "scheduler": "dpmpp_2m", "num_inference_steps": 30, "guidance_scale": 5, "samples": 1,
-        "seed": 516797155652, "img_width": 512, "img_height": 768, "base64": False,
-    },
-    "sd1.5-img2img": {
-        "image": "<local>", "samples": 1, "prompt": "A fantasy landscape, trending on artstation, mystical sky",
-        "negative_prompt": "nude, disfigured, blurry", "scheduler": "DDIM", "num_inference_steps": 25,
-        "guidance_scale": 10.5, "strength": 0.75, "seed": 98877465625, "img_width": 512, "img_height": 512,
-        "base64": False,
-    },
-    "segmind-vega": {
-        "prompt": "cinematic photo detailed closeup portrait of a Beautiful cyberpunk woman, robotic parts, cables, "
-                  "lights, high quality photography, 3 point lighting, flash with softbox, 4k",
-        "negative_prompt": "(worst quality, low quality)", "samples": 1, "scheduler": "UniPC",
-        "num_inference_steps": 25, "guidance_scale": 9, "seed": 1232788698, "img_width": 1024,
-        "img_height": 1024, "base64": False,
-    },
-}
-
-DEMO_PARAMS["ominicontrol"] = {
-    "image": "<local>", "prompt": "photo of this orange sofa in a modern living room", "steps": 8,
-    "seed": 4710825087, "image_format": "png", "image_quality": 90, "base64": False,
-}
-
-# The seed page's example payload; its image URLs become the tiny demo portraits (see cmd_demo).
-DEMO_PARAMS["omni-zero"] = {
-    "seed": 42, "prompt": "A person", "base_image": "<omni-base>", "style_image": "<omni-style>",
-    "guidance_scale": 3, "identity_image": "<omni-identity>", "negative_prompt": "blurry, out of focus",
-    "number_of_steps": 10, "number_of_images": 1, "composition_image": "<omni-base>", "base_image_strength": 0.15,
-    "depth_image_strength": 0.5, "style_image_strength": 1, "identity_image_strength": 1,
-    "composition_image_strength": 1,
-}
+DEMO_PARAMS: dict[str, dict[str, Any]] = {slug: dict(spec.family.demo_params[slug]) for slug, spec in CATALOG.items()}
+"""The seed pages' example payloads, as each family declares them (input images as local placeholders)."""
 
 
 def demo_input_image(path: Path) -> Path:

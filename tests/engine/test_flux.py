@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from engine.catalog import get_model, validate
-from engine.pipelines import RunControl, flux, ominicontrol, run
+from engine.models.ominicontrol import flux, pipeline as ominicontrol
+from engine.pipelines import RunControl, run
 from tests.devices import torch_components
 
 TOL = 1e-4
@@ -153,7 +154,7 @@ def test_condition_branch_is_flux_on_the_condition_tokens_alone_with_the_lora_me
 
     from diffusers.models.embeddings import apply_rotary_emb
 
-    from engine.flux_condition import ConditionKVModule, read_condition_lora
+    from engine.models.ominicontrol.condition import ConditionKVModule, read_condition_lora
     from engine.checkpoint import find_condition_lora
 
     transformer = flux_pipe.transformer
@@ -210,7 +211,7 @@ def test_seed_page_example_runs_through_the_catalog(components, subject):
 def test_lora_file_is_in_the_diffusers_peft_format(flux_dir, flux_pipe, tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 
-    from engine.flux_condition import read_condition_lora
+    from engine.models.ominicontrol.condition import read_condition_lora
     from engine.checkpoint import find_condition_lora
 
     path = find_condition_lora(flux_dir)

@@ -93,7 +93,7 @@ def test_wrong_shape_single_file_is_named(tmp_path, demo_models):
 
 
 def test_sd15_full_size_shapes_are_859_5m():
-    from engine.published.sd import _count_m, expected_ldm_shapes
+    from engine.models.sd.published import _count_m, expected_ldm_shapes
 
     shapes = expected_ldm_shapes("sd15")
     unet = {k: s for k, s in shapes.items() if k.startswith("model.diffusion_model.")}
@@ -105,7 +105,7 @@ def test_sd15_full_size_shapes_are_859_5m():
 def test_clip_vocabulary_from_the_shipped_bpe(tmp_path):
     from transformers import CLIPTokenizer
 
-    from engine.published.sd import local_config_dir
+    from engine.models.sd.published import local_config_dir
 
     tok = CLIPTokenizer.from_pretrained(local_config_dir("sd15", tmp_path) / "tokenizer")
     assert len(tok) == 49408 and tok.bos_token_id == 49406 and tok.eos_token_id == 49407

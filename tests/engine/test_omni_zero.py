@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from engine.catalog import validate
-from engine.face_analysis import NoFaceDetected
-from engine.pipelines import RunControl, omni_zero, run
-from engine.tiny.omni_zero import featureless_image, synthetic_portrait
+from engine.models.omni_zero.face_analysis import NoFaceDetected
+from engine.models.omni_zero import pipeline as omni_zero
+from engine.pipelines import RunControl, run
+from engine.models.omni_zero.tiny import featureless_image, synthetic_portrait
 from tests.devices import torch_components
 
 TOL = 1e-4
@@ -129,7 +130,7 @@ def test_ip_adapter_unet_matches_diffusers_loader_with_the_reference_scales(omni
     """Our adapter attention and placement equal diffusers' IP-Adapter UNet under the reference's scales."""
     from diffusers import UNet2DConditionModel
 
-    from engine.omni_zero_checkpoint import find_ip_adapters, read_ip_adapter
+    from engine.models.omni_zero.checkpoint import find_ip_adapters, read_ip_adapter
 
     identity_s, style_s, composition_s = 0.7, 0.9, 0.6
     files = find_ip_adapters(omni_dir)

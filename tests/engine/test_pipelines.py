@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from engine.catalog import validate
-from engine.pipelines import Cancelled, RunControl, run, sd15_img2img, txt2img
+from engine.models.sd import img2img as sd15_img2img, txt2img
+from engine.pipelines import Cancelled, RunControl, run
 from engine.schedulers import SCHEDULER_NAMES, make_scheduler
 
 TOL = 1e-4

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.checkpoint import find_condition_lora
-from engine.published import ominicontrol as published
+from engine.models.ominicontrol import published
 from tests.devices import torch_components
 
 SLUG = "ominicontrol"

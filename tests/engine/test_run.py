@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import engine.pipelines
+from engine.models import SD
 from engine.catalog import CATALOG, RESPONSE_PARAMS, InvalidRequest, ModelSpec, Param, ParamType, get_model, validate
 from engine.pipelines import RunControl, pipeline_module, run
 from engine.pipelines.common import image_to_tensor
@@ -75,13 +76,13 @@ def test_a_left_out_optional_parameter_takes_its_default_a_required_one_is_an_er
 
 def test_a_spec_must_route_every_parameter():
     params = (Param("prompt", ParamType.STRING, "p"), Param("base64", ParamType.BOOLEAN, "b"))
-    ModelSpec(slug="s", title="t", seed_document="d", pipeline="txt2img", family="sd15", params=params,
+    ModelSpec(slug="s", title="t", seed_document="d", family=SD, pipeline="txt2img", architecture="sd15", params=params,
               batch_param=None, arguments={"prompt": "prompt"})
     with pytest.raises(ValueError, match="neither the pipeline nor the response"):
-        ModelSpec(slug="s", title="t", seed_document="d", pipeline="txt2img", family="sd15", params=params,
+        ModelSpec(slug="s", title="t", seed_document="d", family=SD, pipeline="txt2img", architecture="sd15", params=params,
                   batch_param=None)
     with pytest.raises(ValueError, match="unknown parameters"):
-        ModelSpec(slug="s", title="t", seed_document="d", pipeline="txt2img", family="sd15", params=params,
+        ModelSpec(slug="s", title="t", seed_document="d", family=SD, pipeline="txt2img", architecture="sd15", params=params,
                   batch_param=None, arguments={"prompt": "prompt", "steps": "num_inference_steps"})
 
 

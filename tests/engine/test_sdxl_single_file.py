@@ -1,5 +1,5 @@
 """SDXL single-file checkpoints (segmind-vega, omni-zero's base): the SGM layout written by
-engine.published.ldm_keys, converted by diffusers' single-file loading (engine.published.sd), equals the
+engine.models.sd.ldm_keys, converted by diffusers' single-file loading (engine.models.sd.published), equals the
 diffusers folder it was written from."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine import models_file
-from engine.published.sd import materialize_checkpoint, write_tiny_single_file, write_tiny_sdxl_single_file
+from engine.models.sd.published import materialize_checkpoint, write_tiny_single_file, write_tiny_sdxl_single_file
 from engine.tiny.checkpoints import build_tiny_sd15, build_tiny_sdxl
 from tests.devices import torch_components
 
@@ -29,7 +29,7 @@ def sdxl(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_layout_is_sgm(sdxl):
-    from engine.published.sd import read_shapes
+    from engine.models.sd.published import read_shapes
 
     keys = set(read_shapes(sdxl["single"]))
     assert "model.diffusion_model.label_emb.0.0.weight" in keys

@@ -14,7 +14,7 @@ import torch
 
 from engine.catalog import validate
 from engine.pipelines import run
-from engine.tiny.omni_zero import synthetic_portrait
+from engine.models.omni_zero.tiny import synthetic_portrait
 from engine.torch_optimize import PRESETS, TorchOptimizations
 from tests.devices import torch_components
 

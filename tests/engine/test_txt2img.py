@@ -13,7 +13,8 @@ import torch
 
 from engine.catalog import get_model, validate
 from engine.checkpoint import read_architecture
-from engine.pipelines import Cancelled, RunControl, run, txt2img
+from engine.models.sd import txt2img
+from engine.pipelines import Cancelled, RunControl, run
 from engine.schedulers import make_scheduler
 
 

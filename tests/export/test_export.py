@@ -50,7 +50,7 @@ def test_artifact_path_is_a_pure_function_and_reexport_skips(sd15_exports, sd15_
 
 
 def test_onnx_runtime_pipeline_equals_torch_pipeline(sd15_exports, sd15_dir):
-    from engine.pipelines import txt2img
+    from engine.models.sd import txt2img
 
     _, _, _, results = sd15_exports
     onnx = OnnxComponents(sd15_dir, {name: r.path for name, r in results.items()})

@@ -23,7 +23,7 @@ from segmind import InferenceFailed, SegmindClient
 from engine.tiny.demo import DEMO_PARAMS
 from engine.catalog import CATALOG, get_model
 from engine.imageio import CONTENT_TYPES
-from engine.tiny.omni_zero import write_demo_inputs
+from engine.models.omni_zero.tiny import write_demo_inputs
 from engine.processes import ChildProcess
 from tests.serving.processes import start_cli
 

@@ -20,7 +20,7 @@ from api.backend_triton import TritonBackend
 from engine.catalog import validate
 from export.repository import TRITON_SLUGS
 from engine.pipelines import run
-from engine.tiny.omni_zero import synthetic_portrait
+from engine.models.omni_zero.tiny import synthetic_portrait
 from tests.devices import torch_components
 
 pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)

@@ -56,7 +56,7 @@ def check(slug: str, artifacts: Mapping[str, Path]) -> list[ArtifactProblem]:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from engine.flux_condition import condition_lora_targets
+    from engine.models.ominicontrol.condition import condition_lora_targets
 
     problems = []
     paths = {r: Path(p) for r, p in artifacts.items()}

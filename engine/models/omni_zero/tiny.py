@@ -1,4 +1,4 @@
-"""A tiny random-weight Omni-Zero checkpoint, in the real layout (``engine.omni_zero_checkpoint``).
+"""A tiny random-weight Omni-Zero checkpoint, in the real layout (``engine.models.omni_zero.checkpoint``).
 
 Every part has its release's structure at toy width, saved the way the release ships it, so the
 tiny directory loads through the same code as a real one:
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.face_analysis import ANCHORS_PER_CELL, ARCFACE_TEMPLATE, DET_SIZE, FACE_SIZE, STRIDES, letterbox
-from engine.omni_zero_checkpoint import (
+from engine.models.omni_zero.face_analysis import ANCHORS_PER_CELL, ARCFACE_TEMPLATE, DET_SIZE, FACE_SIZE, STRIDES, letterbox
+from engine.models.omni_zero.checkpoint import (
     CONTROLNET_DEPTH_DIR, CONTROLNET_IDENTITY_DIR, DEPTH_ESTIMATOR_DIR, FACE_ANALYSIS_DIR, FACE_EMBEDDING_DIM,
     IMAGE_ENCODER_DIR, IP_ADAPTER_DIR, fit_size,
 )

@@ -4,7 +4,7 @@ The input image is center-cropped to a square, resized to 512², VAE-encoded and
 1024 condition tokens whose RoPE ids are shifted by ``POSITION_DELTA`` = (0, 32) columns, so the
 subject sits beside the generated image rather than on it. The condition tokens run through
 every block at timestep 0 with the subject LoRA on them alone. Schnell's flow-matching Euler loop
-is ``engine.pipelines.flux``'s; only image tokens are decoded.
+is ``engine.models.ominicontrol.flux``'s; only image tokens are decoded.
 
 Two condition modes (``condition_mode``; the default from ``components.condition_mode``, which the
 serving stubs set from ``EngineOptions.ominicontrol_condition``):
@@ -31,7 +31,7 @@ import torch
 from engine.catalog import InvalidRequest, get_model, resolve_seed
 from engine.components import Components, ConditionKV, ConditionTokens
 from engine.descriptors import OMINICONTROL_CONDITION_MODES
-from engine.pipelines import flux
+from engine.models.ominicontrol import flux
 from engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, image_to_tensor, make_generator, sample_latent_dist,
 )

@@ -4,7 +4,7 @@ Reproduces ``diffusers.FluxPipeline`` without true CFG (schnell is guidance-dist
 latents are packed into 2x2 patches (64-wide tokens) with (0, row, column) position ids, and
 ``FlowMatchEulerDiscreteScheduler`` integrates the predicted velocity over the sigmas
 ``linspace(1, 1/n, n)`` (schnell's config: no shift). The pieces are public so OminiControl
-(``engine.pipelines.ominicontrol``) runs this same loop with condition tokens; ``generate`` is the
+(``engine.models.ominicontrol.pipeline``) runs this same loop with condition tokens; ``generate`` is the
 plain loop, not served under a slug of its own.
 """
 

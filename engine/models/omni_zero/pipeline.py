@@ -44,11 +44,11 @@ import torch.nn.functional as F
 
 from engine.catalog import InvalidRequest, resolve_seed
 from engine.components import Components, IPTokens
-from engine.face_analysis import (
+from engine.models.omni_zero.face_analysis import (
     DET_SIZE, Face, NoFaceDetected, align_face, decode_detections, draw_keypoints, largest_face, letterbox,
     recognition_input,
 )
-from engine.omni_zero_checkpoint import (
+from engine.models.omni_zero.checkpoint import (
     MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, depth_input_size, depth_padding, fit_size,
 )
 from engine.pipelines.common import (
@@ -319,7 +319,7 @@ def generate(
     if cfg.omni_zero is None:
         # A deployment error, not a bad request (ValueError would reach the client as a 400).
         raise RuntimeError("this checkpoint has no Omni-Zero parts (image encoder, adapters, ControlNets, face and "
-                           "depth models); see engine.omni_zero_checkpoint for the layout")
+                           "depth models); see engine.models.omni_zero.checkpoint for the layout")
     timer = StageTimer(components.device)
 
     # 1. Check inputs

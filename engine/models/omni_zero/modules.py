@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.omni_zero_checkpoint import (
+from engine.models.omni_zero.checkpoint import (
     CONTROLNET_DEPTH_DIR, CONTROLNET_IDENTITY_DIR, DEPTH_ESTIMATOR_DIR, FACE_ANALYSIS_DIR, IMAGE_ENCODER_DIR,
     OMNI_ZERO_COMPONENTS, find_ip_adapters, read_ip_adapter,
 )
@@ -267,8 +267,8 @@ class OnnxModelModule(nn.Module):
 
 
 def load_omni_zero_modules(root: str | Path, dtype: torch.dtype, wanted: set[str]) -> dict[str, nn.Module]:
-    """The Omni-Zero component modules of a checkpoint (see ``engine.omni_zero_checkpoint``)."""
-    from engine.face_analysis import find_face_models
+    """The Omni-Zero component modules of a checkpoint (see ``engine.models.omni_zero.checkpoint``)."""
+    from engine.models.omni_zero.face_analysis import find_face_models
 
     root = Path(root)
     kw = {"torch_dtype": dtype}

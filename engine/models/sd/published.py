@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from engine.published import ArtifactProblem
-from engine.published.ldm_keys import SD15_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ldm_shapes
+from engine.models.sd.ldm_keys import SD15_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ldm_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ CODE_VERSION = 1
 
 ROLES = {"checkpoint": True}
 """Role -> required."""
-
-SLUG_FAMILY = {"sd1.5-scifi": "sd15", "sd1.5-img2img": "sd15", "segmind-vega": "sdxl"}
-"""Slugs this module serves; an SDXL base of another slug (omni-zero) is checked with family ``sdxl``."""
-
 
 @dataclass(frozen=True)
 class Architecture:
@@ -82,7 +78,10 @@ _WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mo
 
 
 def family_of(slug: str) -> str:
-    return SLUG_FAMILY.get(slug, "sdxl")
+    """The architecture ``slug``'s checkpoint must have (the catalog's ``ModelSpec.architecture``)."""
+    from engine.catalog import get_model
+
+    return get_model(slug).architecture
 
 
 def _download_hint(slug: str) -> str:
@@ -443,7 +442,7 @@ def write_tiny_single_file(path: Path, source: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
-    from engine.published.ldm_keys import to_ldm_state_dict
+    from engine.models.sd.ldm_keys import to_ldm_state_dict
 
     unet = UNet2DConditionModel.from_pretrained(source / "unet")
     vae = AutoencoderKL.from_pretrained(source / "vae")
@@ -463,7 +462,7 @@ def write_tiny_sdxl_single_file(path: Path, source: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine.published.ldm_keys import to_sdxl_ldm_state_dict
+    from engine.models.sd.ldm_keys import to_sdxl_ldm_state_dict
 
     unet = UNet2DConditionModel.from_pretrained(source / "unet")
     vae = AutoencoderKL.from_pretrained(source / "vae")

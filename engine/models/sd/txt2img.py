@@ -29,7 +29,7 @@ STEP_BATCHED = True
 def catalog_entry(family: str) -> ModelSpec:
     """The catalog entry this pipeline serves for checkpoints of ``family``."""
     for spec in CATALOG.values():
-        if spec.pipeline == "txt2img" and spec.family == family:
+        if spec.pipeline == "txt2img" and spec.architecture == family:
             return spec
     raise ValueError(f"txt2img runs {' and '.join(FAMILIES)} checkpoints, not {family!r} ones")
 

@@ -1,0 +1,21 @@
+"""The model families, one folder each, registered here (see ``engine.models.core``).
+
+* ``sd`` — Stable Diffusion 1.5 and SDXL text-to-image and SD1.5 img2img (``sd1.5-scifi``,
+  ``sd1.5-img2img``, ``segmind-vega``);
+* ``omni_zero`` — SDXL with IP-Adapters, InstantID, ControlNets, face analysis and depth (``omni-zero``);
+* ``ominicontrol`` — FLUX.1-schnell with the OminiControl subject LoRA (``ominicontrol``).
+
+Adding a family: its folder (an ``__init__`` building a ``ModelFamily``, its pipelines, ``published``)
+and one line in ``FAMILIES``; its slugs go in the catalog.
+"""
+
+from __future__ import annotations
+
+from engine.models.core import ModelFamily
+from engine.models.omni_zero import OMNI_ZERO
+from engine.models.ominicontrol import OMINICONTROL
+from engine.models.sd import SD
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD, OMNI_ZERO, OMINICONTROL)}
+
+__all__ = ["FAMILIES", "ModelFamily", "OMINICONTROL", "OMNI_ZERO", "SD"]

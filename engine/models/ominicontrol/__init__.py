@@ -1,0 +1,23 @@
+"""The OminiControl family: FLUX.1-schnell with the OminiControl subject LoRA.
+
+* ``flux`` — the FLUX flow-matching loop; ``pipeline`` — OminiControl on top of it (condition tokens
+  of the subject image); ``condition`` — the LoRA-on-condition-tokens transformer; ``published`` — the
+  FLUX folder and the LoRA checked and assembled.
+"""
+
+from __future__ import annotations
+
+from engine.models.core import ModelFamily
+
+
+OMINICONTROL = ModelFamily(
+    name="ominicontrol",
+    package=__name__,
+    pipelines={"ominicontrol": "pipeline"},
+    demo_params={
+        "ominicontrol": {
+            "image": "<local>", "prompt": "photo of this orange sofa in a modern living room", "steps": 8,
+            "seed": 4710825087, "image_format": "png", "image_quality": 90, "base64": False,
+        },
+    },
+)
