@@ -6,7 +6,8 @@
 * ``ominicontrol`` — FLUX.1-schnell with the OminiControl subject LoRA (``ominicontrol``).
 
 Adding a family: its folder (an ``__init__`` building a ``ModelFamily``, its pipelines, ``published``)
-and one line in ``FAMILIES``; its slugs go in the catalog.
+and one line in ``FAMILIES``; its slugs go in the catalog. Its checkpoint hooks (``ModelFamily.recognizes``,
+``component_descriptors``, ``needed_components``, ``load_modules``) read its ``descriptors`` and ``modules``.
 """
 
 from __future__ import annotations
@@ -18,4 +19,16 @@ from engine.models.sd import SD
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD, OMNI_ZERO, OMINICONTROL)}
 
-__all__ = ["FAMILIES", "ModelFamily", "OMINICONTROL", "OMNI_ZERO", "SD"]
+
+
+def family_of_checkpoint(architecture) -> ModelFamily:
+    """The one registered family that recognizes a checkpoint of this ``engine.checkpoint.CheckpointArchitecture``
+    (``ModelFamily.recognizes``): for callers holding a checkpoint directory and no slug."""
+    found = [f for f in FAMILIES.values() if f.recognizes(architecture)]
+    if len(found) != 1:
+        raise ValueError(f"a {architecture.family} checkpoint is recognized by "
+                         f"{', '.join(f.name for f in found) or 'no family'}; exactly one family must own it")
+    return found[0]
+
+
+__all__ = ["FAMILIES", "ModelFamily", "OMINICONTROL", "OMNI_ZERO", "SD", "family_of_checkpoint"]

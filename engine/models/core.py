@@ -53,3 +53,39 @@ class ModelFamily:
         the ``published`` module writes one set of artifacts that every slug of the family uses."""
         roles = dict(self.published.write_tiny(Path(root)))
         return {slug: roles for slug in slugs}
+
+    # ---- Checkpoint hooks: the networks a family's checkpoints hold (issue #22) ----------------------
+    # Each reads a module of the family's folder by convention, imported on first use (so a family
+    # object still imports nothing heavy and nothing above it):
+    #   ``descriptors``: ``recognizes(architecture)``, ``component_descriptors(config, specs)``,
+    #                    ``needed_components(config, specs, condition_mode)`` (engine.descriptors asks);
+    #   ``modules``:     ``load_modules(root, dtype, components, **options)`` (engine.runtime_torch asks).
+    # ``architecture``/``config`` is an ``engine.checkpoint.CheckpointArchitecture``; ``specs`` are
+    # ``engine.catalog.ModelSpec``s (passed in: a family never imports the catalog).
+
+    def recognizes(self, architecture: Any) -> bool:
+        """Whether a checkpoint of this ``CheckpointArchitecture`` is one of this family's (exactly one
+        registered family recognizes a checkpoint: ``engine.models.family_of_checkpoint``)."""
+        return bool(self.module("descriptors").recognizes(architecture))
+
+    def component_descriptors(self, config: Any, specs: list[Any]) -> dict[str, Any]:
+        """``{component: engine.descriptors.ComponentDescriptor}`` of a checkpoint of this family serving
+        ``specs`` (shape profiles span every size and batch the specs allow)."""
+        return self.module("descriptors").component_descriptors(config, specs)
+
+    def needed_components(self, config: Any, specs: list[Any], condition_mode: str = "joint") -> list[str]:
+        """The component names ``specs`` call on a checkpoint of this family, in export order
+        (``condition_mode``: ``EngineOptions.ominicontrol_condition``)."""
+        return list(self.module("descriptors").needed_components(config, specs, condition_mode))
+
+    def load_modules(self, root: Path, dtype: Any, components: list[str] | None = None,
+                     **options: Any) -> dict[str, Any]:
+        """The descriptor-ordered torch wrapper modules of checkpoint ``root`` in ``dtype`` (``components``:
+        the ones to load; None: the family's default set). ``options`` are family-specific (OminiControl:
+        ``condition_lora``); a family ignores the ones it does not know."""
+        return self.module("modules").load_modules(Path(root), dtype, components, **options)
+
+    def demo_key(self, spec: Any) -> str:
+        """Stem of the demo deployment's Triton model names for ``spec``'s tiny checkpoint (``tiny_sd15``:
+        ``tiny_sd15_unet``...): ``tiny_<architecture>`` unless the family says otherwise."""
+        return f"tiny_{spec.architecture}"
