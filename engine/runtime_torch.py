@@ -7,12 +7,13 @@ traces these same wrappers. fp32 on CPU; fp16 or bf16 on GPU (bf16 by default fo
 transformer and T5 overflow in fp16). Attention uses PyTorch SDPA (diffusers' default processor
 on torch 2).
 
-An Omni-Zero checkpoint (SDXL plus image encoder, adapters, ControlNets, face and depth models;
-``engine.models.omni_zero.checkpoint``) loads its extra components through ``engine.models.omni_zero.modules``.
-
-A FLUX checkpoint directory may hold the OminiControl subject LoRA under ``condition_lora/`` (one
-``.safetensors`` file, e.g. a copy of or link to ``subject_512.safetensors``); an explicit
-``condition_lora`` path overrides it.
+Which networks a checkpoint holds is its family's business: ``load_component_modules`` asks the family
+that recognizes the checkpoint (``engine.models.family_of_checkpoint``, ``ModelFamily.load_modules``,
+``engine/models/<family>/modules.py``). The Stable Diffusion networks (CLIP text encoders, UNet, VAE)
+load here, in ``load_base_modules``, for every family that has them: an Omni-Zero checkpoint adds its
+image encoder, adapters, ControlNets, face and depth models (``engine.models.omni_zero.modules``); a
+FLUX checkpoint loads its T5 and transformer, with the OminiControl subject LoRA found under
+``condition_lora/`` or given as ``condition_lora`` (``engine.models.ominicontrol.modules``).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.checkpoint import CONDITION_LORA_DIR, find_condition_lora, read_architecture, weights_variant
+from engine.checkpoint import read_architecture, weights_variant
 from engine.components import NamedTensorComponents
 from engine.descriptors import component_descriptors, resolution_axes
-from engine.models.omni_zero.checkpoint import OMNI_ZERO_COMPONENTS, is_omni_zero_checkpoint
-from engine.models.omni_zero.modules import load_omni_zero_modules
+from engine.models import family_of_checkpoint
+from engine.options import default_precision
 from engine.torch_optimize import CompiledRunner, TorchOptimizations, apply_optimizations
 
 logger = logging.getLogger(__name__)
@@ -46,12 +47,15 @@ def from_pretrained(cls, path: Path, dtype: torch.dtype):
 
 def resolve_device_dtype(device: str | None, precision: str | None,
                          family: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """The torch device and dtype of a run: ``precision`` (``fp32``/``fp16``/``bf16``), else
+    ``engine.options.default_precision`` of the checkpoint architecture ``family`` (``sd15``, ``sdxl``,
+    ``flux``) on that device."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
         raise ValueError(f"device {dev} requested but {why} (torch {torch.__version__}); use --device cpu")
     if precision is None:
-        precision = ("bf16" if family == "flux" else "fp16") if dev.type == "cuda" else "fp32"
+        precision = default_precision(family or "", str(dev))
     if precision not in DTYPES:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
     dtype = DTYPES[precision]
@@ -75,17 +79,6 @@ class TextEncoderModule(nn.Module):
         out = self.encoder(input_ids, output_hidden_states=True)
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
         return out.last_hidden_state, out.hidden_states[-2], pooled
-
-
-class T5EncoderModule(nn.Module):
-    """input_ids -> last_hidden_state (FLUX's sequence conditioning; no attention mask, as FluxPipeline)."""
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids):
-        return self.encoder(input_ids, output_hidden_states=False)[0]
 
 
 class UNetModule(nn.Module):
@@ -124,65 +117,13 @@ class VaeDecoderModule(nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
-def _load_flux_modules(root: Path, dtype: torch.dtype, wanted: set[str],
-                       condition_lora: str | Path | None) -> dict[str, nn.Module]:
-    from diffusers import FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5EncoderModel
-
-    from engine.models.ominicontrol.condition import (
-        ConditionKVModule, FluxCachedConditionTransformerModule, FluxTransformerModule, LoRALinear,
-        read_condition_lora,
-    )
-
-    mods: dict[str, nn.Module] = {}
-    if "text_encoder" in wanted:
-        mods["text_encoder"] = TextEncoderModule(from_pretrained(CLIPTextModel, root / "text_encoder", dtype))
-    if "text_encoder_2" in wanted:
-        mods["text_encoder_2"] = T5EncoderModule(from_pretrained(T5EncoderModel, root / "text_encoder_2", dtype))
-    if wanted & {"transformer", "condition_kv", "transformer_cached"}:
-        # One set of weights serves all three: the condition branch reuses the image-stream layers.
-        transformer = from_pretrained(FluxTransformer2DModel, root / "transformer", dtype)
-        lora_path = Path(condition_lora) if condition_lora else find_condition_lora(root)
-        lora = None
-        if lora_path is not None:
-            weights = read_condition_lora(lora_path, transformer)
-            lora = nn.ModuleDict({name.replace(".", "-"): LoRALinear(*w) for name, w in weights.items()}).to(dtype)
-            logger.info("condition LoRA %s: %d adapted layers", lora_path, len(weights))
-        elif wanted & {"condition_kv"}:
-            raise FileNotFoundError(f"no condition LoRA: put the OminiControl subject LoRA (.safetensors) in "
-                                    f"{root / CONDITION_LORA_DIR}/ or pass its path")
-        if "transformer" in wanted:
-            mods["transformer"] = FluxTransformerModule(transformer, lora)
-        if "transformer_cached" in wanted:
-            mods["transformer_cached"] = FluxCachedConditionTransformerModule(transformer)
-        if "condition_kv" in wanted:
-            mods["condition_kv"] = ConditionKVModule(transformer, lora)
-    return mods
-
-
-def load_component_modules(checkpoint: str | Path, dtype: torch.dtype = torch.float32,
-                           components: list[str] | None = None,
-                           condition_lora: str | Path | None = None) -> dict[str, nn.Module]:
-    """The wrapper modules of a local diffusers checkpoint, in eval mode on the CPU."""
+def load_base_modules(root: Path, dtype: torch.dtype, wanted: set[str]) -> dict[str, nn.Module]:
+    """The Stable Diffusion networks among ``wanted``: the CLIP text encoder(s) (``text_encoder_2`` where the
+    checkpoint has one), the UNet, the VAE encoder and decoder. Other names are left to the family."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    root = Path(checkpoint)
-    if read_architecture(root).family == "flux":
-        wanted = set(components or ["text_encoder", "text_encoder_2", "transformer", "condition_kv",
-                                    "transformer_cached", "vae_encoder", "vae_decoder"])
-        if components is None and find_condition_lora(root) is None and condition_lora is None:
-            wanted -= {"condition_kv", "transformer_cached"}  # plain FLUX checkpoint
-        mods = _load_flux_modules(root, dtype, wanted, condition_lora)
-        wanted -= {"text_encoder", "text_encoder_2", "transformer", "condition_kv", "transformer_cached"}
-    elif is_omni_zero_checkpoint(root):
-        # Omni-Zero's denoiser is ``controlnet_unet``; the plain UNet loads only when asked for.
-        wanted = set(components or ["text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder",
-                                    *OMNI_ZERO_COMPONENTS])
-        mods = load_omni_zero_modules(root, dtype, wanted & set(OMNI_ZERO_COMPONENTS))
-    else:
-        wanted = set(components or ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"])
-        mods = {}
+    mods: dict[str, nn.Module] = {}
     if "text_encoder" in wanted:
         mods["text_encoder"] = TextEncoderModule(from_pretrained(CLIPTextModel, root / "text_encoder", dtype))
     if "text_encoder_2" in wanted and (root / "text_encoder_2").is_dir():
@@ -196,6 +137,18 @@ def load_component_modules(checkpoint: str | Path, dtype: torch.dtype = torch.fl
             mods["vae_encoder"] = VaeEncoderModule(vae)
         if "vae_decoder" in wanted:
             mods["vae_decoder"] = VaeDecoderModule(vae)
+    return mods
+
+
+def load_component_modules(checkpoint: str | Path, dtype: torch.dtype = torch.float32,
+                           components: list[str] | None = None,
+                           condition_lora: str | Path | None = None) -> dict[str, nn.Module]:
+    """The wrapper modules of a local diffusers checkpoint, in eval mode on the CPU: ``components`` (default:
+    the checkpoint family's set), loaded by the family that recognizes it (``ModelFamily.load_modules``).
+    ``condition_lora``: OminiControl's subject LoRA, where not under the checkpoint's ``condition_lora/``."""
+    root = Path(checkpoint)
+    family = family_of_checkpoint(read_architecture(root))
+    mods = family.load_modules(root, dtype, components, condition_lora=condition_lora)
     return {k: m.eval() for k, m in mods.items()}
 
 

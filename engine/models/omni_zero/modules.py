@@ -44,7 +44,7 @@ COMPOSITION_BLOCK = "down_blocks.2.attentions.1"
 
 __all__ = ["ADAPTERS", "COMPOSITION_BLOCK", "OMNI_ZERO_COMPONENTS", "STYLE_BLOCK", "ControlNetUNetModule",
            "DepthEstimatorModule", "IPAdapterAttnProcessor", "IPAdapterInputs", "IPProjectionModule",
-           "ImageEncoderModule", "OnnxModelModule", "install_ip_adapters", "load_omni_zero_modules"]
+           "ImageEncoderModule", "OnnxModelModule", "install_ip_adapters", "load_modules", "load_omni_zero_modules"]
 
 
 class IPAdapterInputs:
@@ -264,6 +264,21 @@ class OnnxModelModule(nn.Module):
         outs = self.session.run(feed)
         device = inputs[0].device
         return tuple(torch.from_numpy(outs[name]).to(device) for name in self.session.output_names)
+
+
+def load_modules(root: Path, dtype: torch.dtype, components: list[str] | None = None,
+                 **_options) -> dict[str, nn.Module]:
+    """``components`` of an Omni-Zero checkpoint (``ModelFamily.load_modules``; default: the SDXL text
+    encoders and VAE and every Omni-Zero component). Its denoiser is ``controlnet_unet``: the plain UNet
+    loads only when asked for."""
+    from engine.runtime_torch import load_base_modules
+
+    root = Path(root)
+    wanted = set(components or ["text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder",
+                                *OMNI_ZERO_COMPONENTS])
+    mods = load_omni_zero_modules(root, dtype, wanted & set(OMNI_ZERO_COMPONENTS))
+    mods.update(load_base_modules(root, dtype, wanted - set(OMNI_ZERO_COMPONENTS)))
+    return mods
 
 
 def load_omni_zero_modules(root: str | Path, dtype: torch.dtype, wanted: set[str]) -> dict[str, nn.Module]:
