@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import home_dir
-from engine.catalog import ModelSpec, get_model
+from engine.catalog import CATALOG, ModelSpec, get_model
 from engine.checkpoint import read_architecture
 from engine.descriptors import ComponentDescriptor, component_descriptors, needed_components
 from engine.options import PRECISIONS, BatchingOptions, EngineOptions, default_precision, network_precisions
@@ -402,8 +402,8 @@ def build_repository(repository: str | Path, deployments: list[Deployment],
     return report
 
 
-TRITON_SLUGS = ("sd1.5-scifi", "sd1.5-img2img", "segmind-vega", "omni-zero", "ominicontrol")
-"""Slugs the repository builder serves (every one) and the Triton tests cover."""
+TRITON_SLUGS = tuple(CATALOG)
+"""Slugs the repository builder serves (every slug of the catalog) and the Triton tests cover."""
 
 
 def shared_deployments(checkpoints: dict[str, Path], cache_root: Path | None = None,
@@ -431,8 +431,9 @@ def demo_deployments(checkpoints: dict[str, Path]) -> list[Deployment]:
     return shared_deployments(checkpoints, keys=DEMO_KEYS)
 
 
-DEMO_KEYS = {"sd1.5-scifi": "tiny_sd15", "sd1.5-img2img": "tiny_sd15", "segmind-vega": "tiny_sdxl",
-             "omni-zero": "tiny_omni_zero", "ominicontrol": "tiny_flux"}
+DEMO_KEYS = {slug: spec.family.demo_key(spec) for slug, spec in CATALOG.items()}
+"""Slug -> the demo deployment's key (``ModelFamily.demo_key``: ``tiny_sd15``, ``tiny_sdxl``,
+``tiny_omni_zero``, ``tiny_flux``): the component model names the tests and benchmarks know."""
 
 
 def deployments_from_config(config, cache_root: Path | None = None) -> tuple[list[Deployment], dict[str, list[str]]]:

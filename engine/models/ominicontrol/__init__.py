@@ -2,7 +2,8 @@
 
 * ``flux`` — the FLUX flow-matching loop; ``pipeline`` — OminiControl on top of it (condition tokens
   of the subject image); ``condition`` — the LoRA-on-condition-tokens transformer; ``published`` — the
-  FLUX folder and the LoRA checked and assembled.
+  FLUX folder and the LoRA checked and assembled; ``descriptors`` and ``modules`` — the checkpoint's
+  networks (``ModelFamily`` hooks): CLIP, T5, the transformer in joint or cached condition mode, the VAE.
 """
 
 from __future__ import annotations

@@ -5,15 +5,25 @@ two ControlNets (identity keypoints, depth), face analysis and a depth estimator
   layout and config; ``modules`` — their torch modules; ``face_analysis`` — insightface's antelopev2
   detector and recognizer as the reference calls them; ``published`` and ``zoedepth`` — the published
   artifacts checked and assembled (ZoeDepth's original ``.pt`` converted); ``tiny`` — tiny random
-  weights in those layouts and the demo portraits.
+  weights in those layouts and the demo portraits; ``descriptors`` — the components' tensors (the
+  SDXL base set extended), which ``modules`` loads (``ModelFamily`` hooks).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from engine.models.core import ModelFamily
 
 
-OMNI_ZERO = ModelFamily(
+# ---- Family hooks that need code (issue #22; the checkpoint hooks read ``descriptors`` and ``modules``) ----
+class OmniZeroFamily(ModelFamily):
+    def demo_key(self, spec: Any) -> str:
+        # Its tiny checkpoint is an SDXL one with Omni-Zero's additions, deployed apart from Segmind-Vega's.
+        return f"tiny_{self.name}"
+
+
+OMNI_ZERO = OmniZeroFamily(
     name="omni_zero",
     package=__name__,
     pipelines={"omni_zero": "pipeline"},

@@ -3,7 +3,9 @@
 * ``txt2img`` — diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` loop;
 * ``img2img`` — SDEdit on SD1.5 (``StableDiffusionImg2ImgPipeline``);
 * ``published`` — diffusers folders and LDM single files, checked and converted with the
-  architecture configs in ``configs/`` (``ldm_keys``: the single-file key layout).
+  architecture configs in ``configs/`` (``ldm_keys``: the single-file key layout);
+* ``descriptors`` and ``modules`` — its checkpoints' networks (``ModelFamily`` hooks): the shared SD
+  base set of ``engine.descriptors`` and ``engine.runtime_torch`` (CLIP text encoders, UNet, VAE).
 """
 
 from __future__ import annotations
