@@ -85,6 +85,11 @@ class ModelFamily:
         ``condition_lora``); a family ignores the ones it does not know."""
         return self.module("modules").load_modules(Path(root), dtype, components, **options)
 
+    def demo_inputs(self, directory: Path) -> dict[str, Path]:
+        """``{placeholder: local file}`` for the input images of this family's ``demo_params`` written under
+        ``directory`` (beside the shared ``<local>`` picture of ``engine.tiny.demo``); none by default."""
+        return {}
+
     def demo_key(self, spec: Any) -> str:
         """Stem of the demo deployment's Triton model names for ``spec``'s tiny checkpoint (``tiny_sd15``:
         ``tiny_sd15_unet``...): ``tiny_<architecture>`` unless the family says otherwise."""

@@ -11,6 +11,7 @@ two ControlNets (identity keypoints, depth), face analysis and a depth estimator
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from engine.models.core import ModelFamily
@@ -21,6 +22,10 @@ class OmniZeroFamily(ModelFamily):
     def demo_key(self, spec: Any) -> str:
         # Its tiny checkpoint is an SDXL one with Omni-Zero's additions, deployed apart from Segmind-Vega's.
         return f"tiny_{self.name}"
+
+    def demo_inputs(self, directory: Path) -> dict[str, Path]:
+        # The demo portraits behind ``demo_params``' ``<omni-identity>``, ``<omni-style>``, ``<omni-base>``.
+        return {f"<omni-{k}>": v for k, v in self.module("tiny").write_demo_inputs(directory).items()}
 
 
 OMNI_ZERO = OmniZeroFamily(
