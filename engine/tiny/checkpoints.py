@@ -338,6 +338,3 @@ def build_tiny_flux(path: str | Path, *, force: bool = False) -> Path:
     _mark(path, "flux")
     logger.info("built tiny FLUX checkpoint in %s", path)
     return path
-
-
-BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux}

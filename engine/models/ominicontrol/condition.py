@@ -242,6 +242,8 @@ class ConditionedFluxAttnProcessor:
 
     _attention_backend = None
     _parallel_config = None
+    reads_fused_projections = True
+    """Projects through diffusers' ``_get_qkv_projections``: ``engine.torch_optimize`` may fuse its q/k/v."""
 
     def __init__(self, block: int):
         self.block = block
