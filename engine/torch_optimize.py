@@ -199,8 +199,6 @@ def fuse_qkv_projections(module: nn.Module) -> tuple[int, int]:
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
-    from engine.models.ominicontrol.condition import ConditionedFluxAttnProcessor
-
     fused = kept = 0
     for attn in module.modules():
         if isinstance(attn, Attention) and type(attn.processor) is AttnProcessor2_0:
@@ -211,8 +209,10 @@ def fuse_qkv_projections(module: nn.Module) -> tuple[int, int]:
                 _add_fused_kv(attn)
             attn.set_processor(FusedAttnProcessor2_0())
             fused += 1
-        elif isinstance(attn, AttentionModuleMixin) and isinstance(attn.processor, ConditionedFluxAttnProcessor) \
+        elif isinstance(attn, AttentionModuleMixin) and getattr(attn.processor, "reads_fused_projections", False) \
                 and attn._supports_qkv_fusion:
+            # A family's processor that reads fused weights when the module has them (OminiControl's
+            # ConditionedFluxAttnProcessor) says so with this attribute.
             attn.fuse_projections()  # the processor picks the fused weights up through _get_qkv_projections
             fused += 1
         elif isinstance(attn, (Attention, AttentionModuleMixin)):

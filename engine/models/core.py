@@ -53,3 +53,8 @@ class ModelFamily:
         the ``published`` module writes one set of artifacts that every slug of the family uses."""
         roles = dict(self.published.write_tiny(Path(root)))
         return {slug: roles for slug in slugs}
+
+    def write_demo_inputs(self, directory: Path) -> dict[str, Path]:
+        """Input images of the demo payloads that only this family uses: ``{placeholder: file}`` for the
+        placeholders of ``demo_params`` (``<local>``, the shared img2img picture, is the demo's)."""
+        return {}

@@ -14,7 +14,6 @@ from typing import Any
 
 from engine import home_dir
 from engine.catalog import CATALOG
-from engine.models.omni_zero.tiny import write_demo_inputs
 
 DEMO_MODELS_FILE = "models.toml"
 """The demo's models file, written next to the tiny published artifacts it names."""
@@ -94,10 +93,12 @@ def demo_payloads() -> dict[str, dict[str, Any]]:
     """The seed examples of every slug, input images inlined as base64."""
     import base64
 
-
     inputs = home_dir() / "demo-inputs"
-    files = {"<local>": demo_input_image(inputs / "sd-img2img-input.jpeg"),
-             **{f"<omni-{k}>": v for k, v in write_demo_inputs(inputs).items()}}
+    from engine.models import FAMILIES
+
+    files = {"<local>": demo_input_image(inputs / "sd-img2img-input.jpeg")}
+    for family in FAMILIES.values():
+        files.update(family.write_demo_inputs(inputs))
     inline = {key: base64.b64encode(path.read_bytes()).decode() for key, path in files.items()}
     return {slug: {k: inline.get(v, v) if isinstance(v, str) else v for k, v in DEMO_PARAMS[slug].items()}
             for slug in CATALOG}

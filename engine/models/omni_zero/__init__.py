@@ -10,15 +10,23 @@ two ControlNets (identity keypoints, depth), face analysis and a depth estimator
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from engine.models.core import ModelFamily
 
 
-OMNI_ZERO = ModelFamily(
+class OmniZeroFamily(ModelFamily):
+    def write_demo_inputs(self, directory: Path) -> dict[str, Path]:
+        # Synthetic portraits standing in for the seed page's identity, style and base image URLs.
+        return {f"<omni-{k}>": v for k, v in self.module("tiny").write_demo_inputs(directory).items()}
+
+
+OMNI_ZERO = OmniZeroFamily(
     name="omni_zero",
     package=__name__,
     pipelines={"omni_zero": "pipeline"},
     demo_params={
-        # The seed page's example payload; its image URLs become the tiny demo portraits.
+        # The seed page's example payload; its image URLs become the tiny demo portraits (write_demo_inputs).
         "omni-zero": {
             "seed": 42, "prompt": "A person", "base_image": "<omni-base>", "style_image": "<omni-style>",
             "guidance_scale": 3, "identity_image": "<omni-identity>", "negative_prompt": "blurry, out of focus",
