@@ -11,6 +11,7 @@ two ControlNets (identity keypoints, depth), face analysis and a depth estimator
 from __future__ import annotations
 
 from engine.models.core import ModelFamily
+from engine.models.omni_zero import figures
 
 
 OMNI_ZERO = ModelFamily(
@@ -27,4 +28,6 @@ OMNI_ZERO = ModelFamily(
             "identity_image_strength": 1, "composition_image_strength": 1,
         },
     },
+    benchmarks=figures.BENCHMARKS,
+    denoiser_tflop=figures.DENOISER_TFLOP,
 )
