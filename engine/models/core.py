@@ -34,8 +34,9 @@ class BenchmarkFigures:
     """Key of the family's ``denoiser_tflop`` whose per-evaluation FLOPs give this slug's floor for any
     request (steps, CFG, samples, resolution, plus the VAE); None: ``floor_ms`` is a constant, scaled by
     the steps a request runs against ``reference_steps``."""
-    vae_encode: bool = False
-    """The request also runs the VAE encoder on an input image (img2img): part of the FLOP floor."""
+    img2img: bool = False
+    """SDEdit img2img: a request runs ``int(steps x strength)`` of its steps and VAE-encodes its input
+    image (both in the FLOP floor)."""
     reference_steps: int | None = None
     """Denoising steps of ``reference_request`` where ``floor_ms`` is a constant."""
     published: str | None = None

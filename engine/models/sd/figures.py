@@ -15,7 +15,7 @@ BENCHMARKS = {
     ),
     "sd1.5-img2img": BenchmarkFigures(
         floor_ms=41.0, reference_request="512x512, 25 steps x strength 0.75 = 18 steps, CFG, 1 image",
-        floor_denoiser="sd15_unet", vae_encode=True, published="SD1.5 512x512 UNet",
+        floor_denoiser="sd15_unet", img2img=True, published="SD1.5 512x512 UNet",
         diffusers_pipeline="StableDiffusionImg2ImgPipeline", full_size=_SD15_FULL_SIZE, full_size_end_to_end=True,
         e2e_size=512,
     ),
