@@ -7,7 +7,8 @@ only, one instance), ``diffserve serve --repository`` (Triton and the API), then
 slug at 512x512 (1024² for Vega), 20 steps. It writes one JSON: export seconds and peak RSS of the export
 process, seconds until the server was ready (Triton's load), each request's latency, the peak RSS of the
 serving process tree, and whether each image is finite and not uniform. ``--tiny`` runs the same wiring
-on the tiny demo checkpoints (what the test runs); the full-size run needs ~20 GB of RAM and hours on 2 cores.
+on the tiny demo checkpoints (what the test runs); the full-size run's memory and time are in its results
+(``benchmarks/results/``) and the README.
 """
 
 from __future__ import annotations
