@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.models.core import ModelFamily
+from engine.models.omni_zero import figures
 
 
 class OmniZeroFamily(ModelFamily):
@@ -35,4 +36,6 @@ OMNI_ZERO = OmniZeroFamily(
             "identity_image_strength": 1, "composition_image_strength": 1,
         },
     },
+    benchmarks=figures.BENCHMARKS,
+    denoiser_tflop=figures.DENOISER_TFLOP,
 )
