@@ -27,11 +27,9 @@ Images: input images of a job (``<ns>:in:<id>``) and its outputs (``<ns>:out:<id
 hashes of bytes beside the record. Inputs are written with the job in one script and deleted when
 it finishes; outputs get the record's TTL (the retention), so the three go together. Redis over an
 S3-compatible store because outputs live only for the retention period and the stack then has one
-stateful service. Measured on loopback (redis-py 8.1 without hiredis, Redis 7.0.15, one client, a
-2-core machine at load average 6-10): 1 MB blobs SET at 93-139/s (7-11 ms each) with
-``appendfsync everysec``, 56-70/s (14-18 ms) with ``always``, GET at ~94/s (~11 ms): a few
-hundredths of a second per image against a generation's seconds. The cost is memory: retention x
-output rate x image size must fit in Redis's ``maxmemory``.
+stateful service; a blob's write and read cost a small fraction of a generation (``diffserve bench
+store`` measures them; the README keeps the figures). The cost is memory: retention x output rate x
+image size must fit in Redis's ``maxmemory``.
 
 Faults: no command is retried blindly (a script whose reply was lost may have run, and a second
 ``create`` would queue the job twice); a Redis that cannot be reached, is loading its data set or
@@ -40,7 +38,7 @@ across a Redis restart when Redis runs with ``appendonly yes`` and ``maxmemory-p
 (an evicting policy would drop job records). ``appendfsync always``: a write is fsynced before
 its reply, so an acknowledged job survives a kill -9 of Redis and a host crash. ``everysec``:
 the write reaches the kernel before the reply, so it survives a Redis crash, but a host crash
-or power loss can drop the last ~1 s (up to 2 s while a slow fsync postpones writes). RDB
+or power loss can drop the last second or two of writes (Redis's documented ``everysec`` window). RDB
 snapshots alone lose everything since the last snapshot.
 """
 

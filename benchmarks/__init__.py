@@ -6,7 +6,8 @@ importing the API). The results side, each module importing only those before it
 (where a run happened), ``record`` (the JSON record), ``plots``, ``report`` (markdown and the files
 on disk), ``index`` (the results table). The measurements use it, never the reverse:
 ``engine_bench`` (one slug in-process, against diffusers; with ``full_size``, the published
-architectures with random weights, and ``floors``, the H100 compute floors), ``serve_bench`` (load
+architectures with random weights, and ``floors``, the H100 compute floors; ``figures`` reads each
+slug's constants from its model family), ``serve_bench`` (load
 on the HTTP API and on Triton's pipeline models), ``capacity`` (cost and GPUs from the measured
 curves); ``cli`` composes the commands.
 """

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 
 from benchmarks import floors
+from benchmarks.figures import all_figures
 
 logger = logging.getLogger(__name__)
 
-SWEEP_SHAPES: dict[str, tuple[int, int]] = {"sd1.5-scifi": (512, 512), "segmind-vega": (1024, 1024)}
-"""The slugs swept and their resolution: batching pays at 512², little at 1024² (sglang PR #22183)."""
+SWEEP_SHAPES: dict[str, tuple[int, int]] = {slug: fig.sweep_shape for slug, _, fig in all_figures() if fig.sweep_shape}
+"""The slugs swept and their resolution, as their families state them (``BenchmarkFigures.sweep_shape``):
+batching pays at 512², little at 1024² (sglang PR #22183)."""
 BATCHES = (1, 2, 4, 8, 16)
 
 

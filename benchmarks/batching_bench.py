@@ -25,6 +25,8 @@ from benchmarks.environment import environment
 from benchmarks.record import new_report
 
 CONCURRENCY = (1, 2, 4, 8)
+SLUG = "sd1.5-scifi"
+"""The slug this benchmark times (a setting of the run, as ``scale_out.SLUG``; its figures are its family's)."""
 
 
 def _point(components, params: dict[str, Any], concurrency: int, requests: int, batcher) -> dict[str, Any]:
@@ -37,7 +39,7 @@ def _point(components, params: dict[str, Any], concurrency: int, requests: int, 
         for k in range(requests):
             control = RunControl(driver=batcher.run if batcher is not None else None)
             start = time.perf_counter()
-            run("sd1.5-scifi", dict(params, seed=1000 * index + k), components, control)
+            run(SLUG, dict(params, seed=1000 * index + k), components, control)
             with lock:
                 latencies.append(time.perf_counter() - start)
 
@@ -67,15 +69,15 @@ def run_batching_bench(*, checkpoint: Path | None = None, width: int = 512, heig
     if checkpoint is None:
         from engine.tiny.demo import demo_checkpoints
 
-        checkpoint = Path(demo_checkpoints()["sd1.5-scifi"])
+        checkpoint = Path(demo_checkpoints()[SLUG])
     components = TorchComponents(checkpoint, device=device)
-    params = validate("sd1.5-scifi", {"prompt": "a city at night", "img_width": width, "img_height": height,
-                                      "num_inference_steps": steps})
+    params = validate(SLUG, {"prompt": "a city at night", "img_width": width, "img_height": height,
+                             "num_inference_steps": steps})
     from engine.pipelines import run
 
-    run("sd1.5-scifi", dict(params, seed=1), components)  # warm-up
+    run(SLUG, dict(params, seed=1), components)  # warm-up
     report = new_report("batching", environment(components.device))
-    report["settings"] = {"slug": "sd1.5-scifi", "checkpoint": str(checkpoint), "width": width, "height": height,
+    report["settings"] = {"slug": SLUG, "checkpoint": str(checkpoint), "width": width, "height": height,
                           "steps": steps, "requests_per_client": requests, "max_batch": max_batch,
                           "device": str(components.device), "command": command,
                           "load_average_at_start": list(os.getloadavg())}

@@ -45,9 +45,14 @@ logger = logging.getLogger(__name__)
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
 STAGES = ("encode_text", "unet_step", "controlnet_step", "transformer_step", "vae_encode", "vae_decode",
           "image_encode")
-DIFFUSERS_PIPELINES = {"sd1.5-scifi": "StableDiffusionPipeline",
-                       "sd1.5-img2img": "StableDiffusionImg2ImgPipeline",
-                       "segmind-vega": "StableDiffusionXLPipeline"}
+
+
+def diffusers_pipeline_name(slug: str) -> str | None:
+    """diffusers' pipeline class a user would run for ``slug`` (its family's ``BenchmarkFigures``); None: none."""
+    from benchmarks.figures import figures
+
+    fig = figures(slug)
+    return None if fig is None else fig.diffusers_pipeline
 
 
 @dataclass
@@ -239,7 +244,7 @@ def prepare_runtime(runtime: str, cfg: EngineBenchConfig, checkpoint: Path | Non
         components = TorchComponents(checkpoint, device=str(device), precision=precision,
                                      optimizations=cfg._vae_token() or None)
         raw = None
-        if cfg.slug in DIFFUSERS_PIPELINES:  # diffusers can share these modules
+        if diffusers_pipeline_name(cfg.slug):  # diffusers can share these modules
             raw = {"text_encoder": components.modules["text_encoder"].encoder,
                    "unet": components.modules["unet"].unet, "vae": components.modules["vae_decoder"].vae}
             if "text_encoder_2" in components.modules:
@@ -333,68 +338,22 @@ def _stage_calls(slug: str, components, params: dict[str, Any], image, images_ui
 
 
 def _raw_stage_calls(slug: str, raw: dict[str, torch.nn.Module], params: dict[str, Any], device: torch.device,
-                     dtype: torch.dtype) -> tuple[dict[str, Callable[[], Any]], Callable[[dict[str, float]], float], str]:
-    """Network stages of slugs not run end to end at full size, on full-size modules; plus an end-to-end estimate."""
+                     dtype: torch.dtype):
+    """Network stages of slugs not run end to end at full size, on full-size modules; plus an end-to-end estimate.
+
+    The slug's family times them (its ``BenchmarkFigures.network_stages`` module): (calls, estimate, note, module).
+    """
+    from benchmarks.figures import figures
     from engine.catalog import get_model
-    from engine.imageio import encode_image
 
-    g = torch.Generator("cpu").manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(shape, generator=g).to(device, dtype)
-
-    fmt = params.get("image_format") or get_model(slug).output_format
-    calls: dict[str, Callable[[], Any]] = {}
-    if slug == "omni-zero":
-        # Shapes from the modules' own configs, so the same code times tiny test configs.
-        unet, vae, te1, te2 = raw["unet"].config, raw["vae"].config, raw["text_encoder"].config, raw["text_encoder_2"].config
-        size, steps, cfg_batch = 1024, int(params["number_of_steps"]), 2
-        latent = size // 2 ** (len(vae.block_out_channels) - 1)
-        ids = torch.randint(0, te1.vocab_size, (1, te1.max_position_embeddings), generator=g).to(device)
-        lat = rand(cfg_batch, unet.in_channels, latent, latent)
-        t = torch.full((cfg_batch,), 999.0, device=device, dtype=dtype)
-        hidden = rand(cfg_batch, te1.max_position_embeddings, unet.cross_attention_dim)
-        n_ids = (unet.projection_class_embeddings_input_dim - te2.projection_dim) // unet.addition_time_embed_dim
-        added = {"text_embeds": rand(cfg_batch, te2.projection_dim), "time_ids": rand(cfg_batch, n_ids)}
-        cond = rand(cfg_batch, 3, size, size)
-        calls["encode_text"] = lambda: [raw[k](ids, output_hidden_states=True) for k in ("text_encoder", "text_encoder_2")
-                                        for _ in range(2)]
-        calls["unet_step"] = lambda: raw["unet"](lat, t, encoder_hidden_states=hidden, added_cond_kwargs=added)
-        calls["controlnet_step"] = lambda: [raw[k](lat, t, encoder_hidden_states=hidden, controlnet_cond=cond,
-                                                   added_cond_kwargs=added, return_dict=False)
-                                            for k in ("controlnet", "controlnet_2")]
-        image = rand(1, 3, size, size)
-        calls["vae_encode"] = lambda: raw["vae"].encode(image)
-        calls["vae_decode"] = lambda: raw["vae"].decode(lat[:1])
-        pixels = (np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8)
-        calls["image_encode"] = lambda: encode_image(pixels, fmt)
-        note = ("estimate = encode_text + steps x (unet_step + controlnet_step) + vae_encode + vae_decode + "
-                "image_encode; the IP-Adapter image encoder and face analysis are not timed")
-
-        def estimate(m: dict[str, float]) -> float:
-            return (m["encode_text"] + steps * (m["unet_step"] + m["controlnet_step"]) + m["vae_encode"]
-                    + m["vae_decode"] + m["image_encode"])
-    elif slug == "ominicontrol":
-        flux = raw["transformer"].config
-        steps, text_tokens = int(params["steps"]), 256  # FLUX.1-schnell's max_sequence_length
-        tokens = 2 * (512 // 16) ** 2  # 1024 image tokens at 512x512, plus as many condition tokens
-        hidden, text = rand(1, tokens, flux.in_channels), rand(1, text_tokens, flux.joint_attention_dim)
-        pooled, t = rand(1, flux.pooled_projection_dim), torch.full((1,), 1.0, device=device, dtype=dtype)
-        img_ids = torch.zeros(tokens, 3, device=device, dtype=dtype)
-        txt_ids = torch.zeros(text_tokens, 3, device=device, dtype=dtype)
-        calls["transformer_step"] = lambda: raw["transformer"](
-            hidden_states=hidden, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-            img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
-        pixels = (np.random.RandomState(0).rand(512, 512, 3) * 255).astype(np.uint8)
-        calls["image_encode"] = lambda: encode_image(pixels, fmt, int(params.get("image_quality") or 95))
-        note = ("estimate = steps x transformer_step + image_encode at 512x512 with 1024 condition tokens; "
-                "the T5/CLIP text encoders and the FLUX VAE are not timed")
-
-        def estimate(m: dict[str, float]) -> float:
-            return steps * m["transformer_step"] + m["image_encode"]
-    else:
+    spec = get_model(slug)
+    fig = figures(slug)
+    if fig is None or fig.network_stages is None:
         raise ValueError(f"{slug} runs end to end at full size; its stages run through Components")
-    return calls, estimate, note
+    module = spec.family.module(fig.network_stages)
+    fmt = params.get("image_format") or spec.output_format
+    calls, estimate, note = module.network_stages(raw, params, device, dtype, fmt)
+    return calls, estimate, note, module
 
 
 DENOISERS = ("unet", "transformer", "controlnet_unet")
@@ -531,7 +490,7 @@ def diffusers_pipeline(slug: str, prepared: Prepared):
     import diffusers
 
     comps, raw = prepared.components, prepared.raw
-    cls = getattr(diffusers, DIFFUSERS_PIPELINES[slug])
+    cls = getattr(diffusers, diffusers_pipeline_name(slug))
     sched = _scheduler(slug, comps, "DDIM")
     if comps.config.family == "sdxl":
         pipe = cls(vae=raw["vae"], text_encoder=raw["text_encoder"], text_encoder_2=raw["text_encoder_2"],
@@ -552,14 +511,14 @@ def _scheduler(slug: str, components, name: str):
 
 def diffusers_call(slug: str, pipe, components, params: dict[str, Any]) -> np.ndarray:
     """Run the request through diffusers (fresh scheduler, same seed); float NHWC images."""
-    from engine.catalog import get_model
+    from benchmarks.figures import figures
 
     pipe.scheduler = _scheduler(slug, components, params["scheduler"])
     kwargs = dict(prompt=params["prompt"], negative_prompt=params.get("negative_prompt"),
                   num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
                   num_images_per_prompt=params["samples"], output_type="np",
                   generator=torch.Generator("cpu").manual_seed(int(params["seed"])))
-    if get_model(slug).pipeline == "sd15_img2img":
+    if figures(slug).img2img:
         kwargs.update(image=params["image"], strength=params["strength"])
     else:
         kwargs.update(width=params["img_width"], height=params["img_height"])
@@ -622,7 +581,7 @@ def run_engine_bench(cfg: EngineBenchConfig, on_update: Callable[[dict[str, Any]
     from engine.runtime_torch import resolve_device_dtype
 
     spec = get_model(cfg.slug)
-    sd_pipeline = cfg.slug in DIFFUSERS_PIPELINES
+    sd_pipeline = diffusers_pipeline_name(cfg.slug) is not None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, dtype = resolve_device_dtype(cfg.device, cfg.precision, spec.architecture)
@@ -1057,76 +1016,18 @@ def _bench_networks_only(cfg: EngineBenchConfig, full, params: dict[str, Any], d
                                        "stages only, end to end estimated from them"]}
     if cfg.runtimes != ("torch",):
         entry["notes"].append("only the torch runtime times networks outside a pipeline")
-    calls, estimate, note = _raw_stage_calls(cfg.slug, full.raw, params, device, full.dtype)
+    calls, estimate, note, module = _raw_stage_calls(cfg.slug, full.raw, params, device, full.dtype)
     with _progress(len(calls), f"{cfg.slug} networks") as bar:
         entry["stages"] = time_stages(calls, cfg.stage_repeats, device, bar)
     est = estimate({k: v["median_ms"] for k, v in entry["stages"].items()})
-    if cfg.slug == "ominicontrol":
-        entry["condition_cache"] = time_condition_cache(full.raw["transformer"], params, device, full.dtype,
-                                                        cfg.stage_repeats, entry["stages"]["transformer_step"])
+    if hasattr(module, "extra_timings"):  # e.g. OminiControl's two condition modes
+        entry.update(module.extra_timings(full.raw, params, device, full.dtype, cfg.stage_repeats, entry["stages"],
+                                          time_stages))
     entry["end_to_end"] = {"estimated_ms": round(est, 3), "estimate": note}
     entry["fraction_of_floor"] = _round(floors.fraction_of_floor(floor.floor_ms, est, str(device)))
     if device.type == "cuda":
         entry["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return entry
-
-
-def time_condition_cache(transformer: torch.nn.Module, params: dict[str, Any], device: torch.device,
-                         dtype: torch.dtype, repeats: int, joint_step: dict[str, Any]) -> dict[str, Any]:
-    """OminiControl's condition at full size, in both of our modes, on the networks (no T5/CLIP/VAE configs).
-
-    The default (``engine.models.ominicontrol.condition.FluxTransformerModule`` with condition tokens) reproduces the
-    reference as shipped: every step runs text, image and the 1024 condition tokens (rank-16 LoRA on
-    the condition rows, timestep 0) through one joint attention. The opt-in cached mode computes the
-    condition keys/values once (``ConditionKVModule``) and then runs a step over text and image tokens
-    attending to them (``FluxCachedConditionTransformerModule``). ``joint_step`` is the stock step
-    without condition tokens, for scale. Estimates per request: joint = steps x joint step; cached =
-    condition_kv + steps x cached step. Installs the condition attention processors on ``transformer``
-    (run last).
-    """
-    from engine.models.ominicontrol.condition import (
-        ConditionKVModule, FluxCachedConditionTransformerModule, FluxTransformerModule, condition_lora_targets,
-    )
-
-    flux = transformer.config
-    steps, text_tokens, tokens = int(params["steps"]), 256, (512 // 16) ** 2
-    g = torch.Generator("cpu").manual_seed(1)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(shape, generator=g) * scale).to(device, dtype)
-
-    modules = dict(transformer.named_modules())
-    lora = {}
-    for name in condition_lora_targets(len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)):
-        linear = modules.get(name)
-        if isinstance(linear, torch.nn.Linear):
-            lora[name] = (torch.randn(16, linear.in_features, generator=g) * 0.01,
-                          torch.randn(linear.out_features, 16, generator=g) * 0.01)
-    branch = ConditionKVModule(transformer, lora).to(device, dtype)
-    joint = FluxTransformerModule(transformer, lora).to(device, dtype)
-    cached_step = FluxCachedConditionTransformerModule(transformer)
-    cond, ids = rand(1, tokens, flux.in_channels), torch.zeros(1, tokens, 3, device=device, dtype=dtype)
-    pooled, scale = rand(1, flux.pooled_projection_dim), torch.ones(1, 1, device=device, dtype=dtype)
-    hidden, text = rand(1, tokens, flux.in_channels), rand(1, text_tokens, flux.joint_attention_dim)
-    t = torch.full((1,), 1.0, device=device, dtype=dtype)
-    txt_ids = torch.zeros(1, text_tokens, 3, device=device, dtype=dtype)
-    bias = torch.zeros(1, 1, device=device, dtype=dtype)
-    with torch.inference_mode():
-        key, value = branch(cond, ids, pooled, scale)
-        calls = {"condition_kv": lambda: branch(cond, ids, pooled, scale),
-                 "cached_step": lambda: cached_step(hidden, t, text, pooled, ids, txt_ids, key, value, bias),
-                 "joint_step_with_condition": lambda: joint(hidden, t, text, pooled, ids, txt_ids, cond, ids, scale,
-                                                                   bias)}
-        stages = time_stages(calls, repeats, device)
-    kv_ms, step_ms = stages["condition_kv"]["median_ms"], stages["cached_step"]["median_ms"]
-    joint_ms = stages["joint_step_with_condition"]["median_ms"]
-    cached, default = kv_ms + steps * step_ms, steps * joint_ms
-    return {"stages": stages, "steps": steps, "condition_tokens": tokens, "lora_rank": 16,
-            "cached_estimate_ms": round(cached, 3), "joint_estimate_ms": round(default, 3),
-            "cached_vs_joint": round(cached / default, 4) if default else None,
-            "stock_step_ms": joint_step["median_ms"],
-            "note": "denoiser work per request only (text encoders and VAE not timed); joint is the default "
-                    "(the reference as shipped), cached the opt-in --ominicontrol-condition cached"}
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:

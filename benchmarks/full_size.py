@@ -52,23 +52,32 @@ EXPECTED_PARAMS_M: dict[str, float] = {
     "sdxl_controlnet": 1251.0,
 }
 
-# Networks per slug: role -> config name. Roles match the checkpoint sub-directories.
-SLUG_ARCHITECTURES: dict[str, dict[str, str]] = {
-    "sd1.5-scifi": {"text_encoder": "clip_vit_l_text_encoder", "unet": "sd15_unet", "vae": "sd_vae"},
-    "sd1.5-img2img": {"text_encoder": "clip_vit_l_text_encoder", "unet": "sd15_unet", "vae": "sd_vae"},
-    "segmind-vega": {"text_encoder": "clip_vit_l_text_encoder", "text_encoder_2": "openclip_bigg_text_encoder",
-                     "unet": "segmind_vega_unet", "vae": "sdxl_vae"},
-    "omni-zero": {"text_encoder": "clip_vit_l_text_encoder", "text_encoder_2": "openclip_bigg_text_encoder",
-                  "unet": "sdxl_unet", "vae": "sdxl_vae", "controlnet": "sdxl_controlnet",
-                  "controlnet_2": "sdxl_controlnet"},
-    "ominicontrol": {"transformer": "flux1_schnell_transformer"},
-}
-"""omni-zero's IP-Adapter image encoder and face analysis, and FLUX's T5/CLIP text encoders and
-16-channel VAE, have no config here: their stages are not timed at full size."""
-
 _TRANSFORMERS_CLASSES = {"CLIPTextModel", "CLIPTextModelWithProjection"}
-PIPELINES_AT_FULL_SIZE = ("txt2img", "sd15_img2img")
-"""Pipelines whose every network has a config here: they run end to end at full size."""
+
+
+def _slug_architectures() -> dict[str, dict[str, str]]:
+    from benchmarks.figures import all_figures
+
+    return {slug: dict(fig.full_size) for slug, _, fig in all_figures() if fig.full_size}
+
+
+SLUG_ARCHITECTURES: dict[str, dict[str, str]] = _slug_architectures()
+"""Networks per slug: role -> config name (roles match the checkpoint sub-directories), as each slug's
+family states them (``BenchmarkFigures.full_size``). Omni-Zero's IP-Adapter image encoder and face
+analysis, and FLUX's T5/CLIP text encoders and 16-channel VAE, have no config here: their stages are
+not timed at full size."""
+
+
+def end_to_end_at_full_size(slug: str) -> bool:
+    """Whether every network of ``slug``'s pipeline has a config here, so it runs end to end at full size."""
+    from benchmarks.figures import figures
+
+    fig = figures(slug)
+    return fig is not None and fig.full_size_end_to_end
+
+
+def _end_to_end_slugs() -> str:
+    return ", ".join(slug for slug in SLUG_ARCHITECTURES if end_to_end_at_full_size(slug))
 
 
 def config_names(config_dir: Path | None = None) -> list[str]:
@@ -130,8 +139,8 @@ def write_skeleton_checkpoint(slug: str, root: Path, config_dir: Path | None = N
 
     arch = SLUG_ARCHITECTURES[slug]
     family = get_model(slug).architecture
-    if get_model(slug).pipeline not in PIPELINES_AT_FULL_SIZE:
-        raise ValueError(f"{slug}: only {', '.join(PIPELINES_AT_FULL_SIZE)} run end to end at full size")
+    if not end_to_end_at_full_size(slug):
+        raise ValueError(f"{slug}: only {_end_to_end_slugs()} run end to end at full size")
     root = Path(root)
     marker = root / "diffserve_full_size.json"
     stamp = {"slug": slug, "configs": {role: load_config(name, config_dir) for role, name in arch.items()}}
@@ -181,7 +190,8 @@ class FullSizeSetup:
     raw: dict[str, nn.Module]
     """role -> diffusers/transformers module (``text_encoder``, ``unet``, ``vae``, ``controlnet``, ...)."""
     components: InMemoryTorchComponents | None
-    """None unless the slug's pipeline is in ``PIPELINES_AT_FULL_SIZE`` (else only its networks are timed)."""
+    """None unless the slug runs end to end at full size (``end_to_end_at_full_size``; else only its networks
+    are timed)."""
     checkpoint: Path | None
     parameters_m: dict[str, float] = field(default_factory=dict)
     build_seconds: float = 0.0
@@ -201,8 +211,8 @@ def save_checkpoint(slug: str, out_dir: Path, *, device: str | None = None, prec
     from engine.checkpoint import read_architecture
 
     spec = get_model(slug)
-    if spec.pipeline not in PIPELINES_AT_FULL_SIZE:
-        raise ValueError(f"{slug}: only {', '.join(PIPELINES_AT_FULL_SIZE)} have every network's config")
+    if not end_to_end_at_full_size(slug):
+        raise ValueError(f"{slug}: only {_end_to_end_slugs()} have every network's config")
     out_dir = Path(out_dir)
     skeleton = write_skeleton_checkpoint(slug, out_dir / ".skeleton", config_dir)
     dev, dtype = resolve_device_dtype(device, precision, spec.architecture)
@@ -255,7 +265,7 @@ def full_size_setup(slug: str, *, device: str | None, precision: str | None, ske
         raw[role] = build_module(name, dev, dtype, config_dir, seed=i)
     params = {role: round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for role, m in raw.items()}
     components = checkpoint = None
-    if get_model(slug).pipeline in PIPELINES_AT_FULL_SIZE:
+    if end_to_end_at_full_size(slug):
         checkpoint = write_skeleton_checkpoint(slug, Path(skeleton_root) / slug, config_dir)
         components = InMemoryTorchComponents(checkpoint, raw, dev, dtype, optimizations=optimizations)
     if dev.type == "cuda":

@@ -7,7 +7,8 @@ only, one instance), ``diffserve serve --repository`` (Triton and the API), then
 slug at 512x512 (1024² for Vega), 20 steps. It writes one JSON: export seconds and peak RSS of the export
 process, seconds until the server was ready (Triton's load), each request's latency, the peak RSS of the
 serving process tree, and whether each image is finite and not uniform. ``--tiny`` runs the same wiring
-on the tiny demo checkpoints (what the test runs); the full-size run needs ~20 GB of RAM and hours on 2 cores.
+on the tiny demo checkpoints (what the test runs); the full-size run's memory and time are in its results
+(``benchmarks/results/``) and the README.
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.figures import all_figures, figures
 from engine.processes import ChildProcess
 
 logger = logging.getLogger(__name__)
 
-SIZES = {"sd1.5-scifi": 512, "sd1.5-img2img": 512, "segmind-vega": 1024}
+
+def sizes() -> dict[str, int]:
+    """The slugs this runs and each one's (square) request size, as their families state them
+    (``BenchmarkFigures.e2e_size``)."""
+    return {slug: fig.e2e_size for slug, _, fig in all_figures() if fig.e2e_size}
+
+
+SIZES = sizes()
 
 
 def write_checkpoints(slugs: list[str], work_dir: Path, tiny: bool) -> dict[str, Path]:
@@ -41,12 +50,12 @@ def write_checkpoints(slugs: list[str], work_dir: Path, tiny: bool) -> dict[str,
         from engine.tiny.demo import demo_checkpoints
 
         return {s: p for s, p in demo_checkpoints().items() if s in slugs}
-    from benchmarks.full_size import save_checkpoint
+    from benchmarks.full_size import SLUG_ARCHITECTURES, save_checkpoint
 
     out = {}
     for slug in slugs:
-        arch = "sd15" if slug.startswith("sd1.5") else slug
-        path = work_dir / "checkpoints" / arch
+        # Slugs with the same full-size networks share one checkpoint, named by its denoiser's config.
+        path = work_dir / "checkpoints" / SLUG_ARCHITECTURES[slug]["unet"]
         if not (path / "diffserve_full_size.json").is_file():
             save_checkpoint(slug, path, device="cpu", precision="fp32")
         out[slug] = path
@@ -116,7 +125,7 @@ def payload(slug: str) -> dict[str, Any]:
     size = SIZES[slug]
     body: dict[str, Any] = {"prompt": "a futuristic city at dusk", "img_width": size, "img_height": size,
                             "num_inference_steps": 20, "samples": 1, "seed": 7, "base64": False}
-    if slug == "sd1.5-img2img":
+    if figures(slug).img2img:
         body.update(image=_input_image(size), strength=0.75)
     return body
 

@@ -3,8 +3,9 @@
 Writes a header-only skeleton of each slug (safetensors headers with the real tensor shapes of the full-size
 configs in ``benchmarks/configs``, data left sparse on disk; networks without a config there get one tensor
 of their published parameter count, and files that ship as ``.bin``/``.onnx``/``.pt`` a sparse file of their
-published size) and runs ``engine.memory_plan`` on it, as ``diffserve models check --device cuda`` does on
-downloaded weights. ``python -m benchmarks.memory_plan_published --out benchmarks/results``.
+published size, as each slug's family states them in ``BenchmarkFigures``) and runs ``engine.memory_plan``
+on it, as ``diffserve models check --device cuda`` does on downloaded weights.
+``python -m benchmarks.memory_plan_published --out benchmarks/results``.
 """
 
 from __future__ import annotations
@@ -15,20 +16,9 @@ import struct
 import tempfile
 from pathlib import Path
 
+from benchmarks.figures import figures
 from benchmarks.full_size import SLUG_ARCHITECTURES, build_module, load_config
 from engine.memory_plan import GB, plan_deployment
-
-PUBLISHED_PARAMS_M = {
-    "ominicontrol": {"text_encoder": 123.1, "text_encoder_2": 4762.3, "vae": 83.8, "condition_lora": 14.2},
-    "omni-zero": {"image_encoder": 632.1},
-}
-"""Millions of parameters of networks without a config in benchmarks/configs (model cards / file headers):
-FLUX's CLIP-L and T5-XXL encoder and 16-channel VAE, the subject LoRA (rank 16); IP-Adapter's ViT-H/14."""
-PUBLISHED_FILES_GB = {
-    "omni-zero": {"ip_adapter": 1.70 + 0.85, "face_analysis": 0.36, "depth_estimator": 1.44},
-}
-"""Files counted by size as stored: InstantID ip-adapter.bin (1.70 GB) + ip-adapter-plus_sdxl_vit-h (0.85 GB),
-antelopev2's ONNX files (0.36 GB), ZoeD_M12_N.pt (1.44 GB)."""
 
 
 def _write_header(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:
@@ -48,22 +38,23 @@ def _write_header(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> None
 
 
 def write_skeleton(slug: str, root: Path) -> Path:
-    roles = dict(SLUG_ARCHITECTURES[slug])
-    if slug == "ominicontrol":
-        roles.pop("text_encoder", None)
+    fig = figures(slug)
+    # A network the family counts by its published size replaces a full-size config of the same folder.
+    roles = {role: config for role, config in SLUG_ARCHITECTURES[slug].items()
+             if fig.published_folders.get(role, role) not in fig.published_params_m}
     for role, config in roles.items():
-        sub = {"controlnet": "controlnet_identity", "controlnet_2": "controlnet_depth"}.get(role, role)
+        sub = fig.published_folders.get(role, role)
         module = build_module(config, "meta")
         _write_header(root / sub / "model.safetensors",
                       {k: ("F32", list(t.shape)) for k, t in module.state_dict().items()})
         if role == "vae":
             cfg = {k: v for k, v in load_config(config).items() if k != "_source"}
             (root / "vae" / "config.json").write_text(json.dumps(cfg | {"force_upcast": True}))
-    for sub, millions in PUBLISHED_PARAMS_M.get(slug, {}).items():
+    for sub, millions in fig.published_params_m.items():
         _write_header(root / sub / "model.safetensors", {"weight": ("F32", [int(millions * 1e6)])})
         if sub == "vae":
             (root / "vae" / "config.json").write_text(json.dumps({"force_upcast": True}))
-    for sub, gb in PUBLISHED_FILES_GB.get(slug, {}).items():
+    for sub, gb in fig.published_files_gb.items():
         (root / sub).mkdir(parents=True, exist_ok=True)
         with open(root / sub / "weights.bin", "wb") as f:
             f.truncate(int(gb * GB))

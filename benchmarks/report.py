@@ -164,7 +164,7 @@ def render_engine_markdown(report: dict[str, Any]) -> str:
                           "calls inside it, per step — scheduler, guidance, copies, Python): " + ", ".join(f"{runtime_label(r)} {format_ms(r.get('loop_overhead_per_step_ms'))}"
                                                            for r in ok)]
         if any(r.get("denoise_its") is not None for r in ok):
-            published = floors.PUBLISHED_FOR_SLUG.get(s["slug"])
+            published = floors.published_for_slug(s["slug"])
             lines += ["", "Iterations per second (one denoising step with both CFG halves; in the end-to-end "
                           "runs / the denoiser call alone): " + ", ".join(
                               f"{runtime_label(r)} {format_num(r.get('denoise_its'), '{:.1f}')} / "

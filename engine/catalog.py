@@ -56,6 +56,9 @@ class Param:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """One served slug's API contract: its parameters as the Segmind page states them, how a request
+    maps onto the pipeline's arguments, and which model family (``engine.models``) serves it."""
+
     slug: str
     title: str
     seed_document: str

@@ -211,8 +211,8 @@ def fuse_qkv_projections(module: nn.Module) -> tuple[int, int]:
             fused += 1
         elif isinstance(attn, AttentionModuleMixin) and getattr(attn.processor, "reads_fused_projections", False) \
                 and attn._supports_qkv_fusion:
-            # A family's own processor that projects through diffusers' ``_get_qkv_projections`` (OminiControl's
-            # ``ConditionedFluxAttnProcessor``) says so with ``reads_fused_projections``.
+            # A family's processor that reads fused weights when the module has them (OminiControl's
+            # ConditionedFluxAttnProcessor) says so with this attribute.
             attn.fuse_projections()  # the processor picks the fused weights up through _get_qkv_projections
             fused += 1
         elif isinstance(attn, (Attention, AttentionModuleMixin)):

@@ -8,8 +8,8 @@ the stub that matches the interpreter, a venv-like Python shim, and the process 
 (``prepare_launch``). It never modifies site-packages; everything it writes lives in the work
 directory the caller owns and removes.
 
-How the python-backend stub gets the right interpreter (verified with nvidia-pytriton 0.7.0,
-Triton 2.51, CPython 3.11):
+How the python-backend stub gets the right interpreter (verified with the nvidia-pytriton that
+pyproject.toml pins and the Triton it ships):
 
 * The stub links ``libpython3.X.so.1.0``; ``sysconfig LIBDIR`` is put first in
   ``LD_LIBRARY_PATH`` so it loads the running interpreter's libpython and not a system copy of a

@@ -4,8 +4,8 @@
 model's ``config.pbtxt`` ``parameters`` (``to_parameters``); the stub templates under
 ``model_repository/templates/`` read the same dataclass back from the model config Triton hands
 them (``from_model_config``), so a parameter's name and type are written once. The module imports
-only the standard library: the ONNX Runtime component stub imports it and must stay torch-free
-(~70 MB per process instead of ~300).
+only the standard library: the ONNX Runtime component stub imports it and must stay torch-free (an
+import of torch would multiply the resident memory of every component process).
 """
 
 from __future__ import annotations

@@ -18,6 +18,56 @@ from types import ModuleType
 from typing import Any, Mapping
 
 
+@dataclass(frozen=True)
+class BenchmarkFigures:
+    """One slug's benchmark constants (read by ``benchmarks/``; the formulas and the hardware stay there).
+
+    The numbers are DESIGN.md's ("Compute floors") and the README's; ``benchmarks.floors`` turns them
+    into per-request floors at 800 TFLOP/s (H100 dense bf16).
+    """
+
+    floor_ms: float
+    """DESIGN.md's compute floor of ``reference_request`` on an H100 (dense bf16), ms."""
+    reference_request: str
+    """The request ``floor_ms`` is for, in words."""
+    floor_denoiser: str | None = None
+    """Key of the family's ``denoiser_tflop`` whose per-evaluation FLOPs give this slug's floor for any
+    request (steps, CFG, samples, resolution, plus the VAE); None: ``floor_ms`` is a constant, scaled by
+    the steps a request runs against ``reference_steps``."""
+    img2img: bool = False
+    """SDEdit img2img: a request runs ``int(steps x strength)`` of its steps and VAE-encodes its input
+    image (both in the FLOP floor)."""
+    reference_steps: int | None = None
+    """Denoising steps of ``reference_request`` where ``floor_ms`` is a constant."""
+    published: str | None = None
+    """Key of ``benchmarks.floors.PUBLISHED_H100``: the best published H100 figure shown next to ours."""
+    diffusers_pipeline: str | None = None
+    """diffusers' pipeline class a user would run instead (the engine benchmark's baseline); None: none."""
+    full_size: Mapping[str, str] = field(default_factory=dict)
+    """Role -> ``benchmarks/configs`` name of each network that has a full-size config (roles as in the
+    checkpoint sub-directories)."""
+    full_size_end_to_end: bool = False
+    """Every network of the slug's pipeline is in ``full_size``: it runs end to end at full size."""
+    network_stages: str | None = None
+    """Module of the family folder timing the ``full_size`` networks alone, where the pipeline does not run
+    end to end at full size: ``network_stages(raw, params, device, dtype, fmt)`` -> (stage calls, end-to-end
+    estimate from their medians, note); optional ``extra_timings(raw, params, device, dtype, repeats,
+    stages, time_stages)`` -> {report key: entry}."""
+    published_params_m: Mapping[str, float] = field(default_factory=dict)
+    """Folder -> millions of parameters of published networks with no full-size config (the memory plan of
+    the published slugs writes one tensor of that size)."""
+    published_files_gb: Mapping[str, float] = field(default_factory=dict)
+    """Folder -> GB of published files counted by size as stored (``.bin``/``.onnx``/``.pt``)."""
+    published_folders: Mapping[str, str] = field(default_factory=dict)
+    """Full-size role -> its folder in the published layout, where the two differ."""
+    gpu_tolerance: float | None = None
+    """README's largest pixel difference of the optimised path from eager torch at the same precision (fp32)."""
+    sweep_shape: tuple[int, int] | None = None
+    """(width, height) of the UNet batch sweep; None: not swept."""
+    e2e_size: int | None = None
+    """Square size of the full-size end-to-end request (``benchmarks.full_size_e2e``); None: not run."""
+
+
 @dataclass(frozen=True, eq=False)
 class ModelFamily:
     """One model family (compared by identity)."""
@@ -30,6 +80,13 @@ class ModelFamily:
     """Pipeline name (``ModelSpec.pipeline``) -> module of this folder whose ``generate`` runs it."""
     demo_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Slug -> the seed page's example payload for the demo (local placeholders for input images)."""
+
+    # -- benchmark constants (benchmarks/ reads them; no slug-keyed table there) --
+    benchmarks: Mapping[str, BenchmarkFigures] = field(default_factory=dict)
+    """Slug -> its benchmark constants (``BenchmarkFigures``)."""
+    denoiser_tflop: Mapping[str, Mapping[tuple[int, int], float]] = field(default_factory=dict)
+    """Denoising network (its ``benchmarks/configs`` name) -> TFLOP of one evaluation for one image, keyed
+    by (width, height) in pixels (DESIGN.md)."""
 
     def module(self, name: str) -> ModuleType:
         """A module of this family's folder, imported on first use."""
@@ -53,6 +110,11 @@ class ModelFamily:
         the ``published`` module writes one set of artifacts that every slug of the family uses."""
         roles = dict(self.published.write_tiny(Path(root)))
         return {slug: roles for slug in slugs}
+
+    def write_demo_inputs(self, directory: Path) -> dict[str, Path]:
+        """Input images of the demo payloads that only this family uses: ``{placeholder: file}`` for the
+        placeholders of ``demo_params`` (``<local>``, the shared img2img picture, is the demo's)."""
+        return {}
 
     # ---- Checkpoint hooks: the networks a family's checkpoints hold (issue #22) ----------------------
     # Each reads a module of the family's folder by convention, imported on first use (so a family
@@ -84,11 +146,6 @@ class ModelFamily:
         the ones to load; None: the family's default set). ``options`` are family-specific (OminiControl:
         ``condition_lora``); a family ignores the ones it does not know."""
         return self.module("modules").load_modules(Path(root), dtype, components, **options)
-
-    def demo_inputs(self, directory: Path) -> dict[str, Path]:
-        """``{placeholder: local file}`` for the input images of this family's ``demo_params`` written under
-        ``directory`` (beside the shared ``<local>`` picture of ``engine.tiny.demo``); none by default."""
-        return {}
 
     def demo_key(self, spec: Any) -> str:
         """Stem of the demo deployment's Triton model names for ``spec``'s tiny checkpoint (``tiny_sd15``:

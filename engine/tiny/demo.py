@@ -93,12 +93,12 @@ def demo_payloads() -> dict[str, dict[str, Any]]:
     """The seed examples of every slug, input images inlined as base64."""
     import base64
 
-
+    inputs = home_dir() / "demo-inputs"
     from engine.models import FAMILIES
 
-    inputs = home_dir() / "demo-inputs"
-    files = {"<local>": demo_input_image(inputs / "sd-img2img-input.jpeg"),
-             **{k: v for family in FAMILIES.values() for k, v in family.demo_inputs(inputs).items()}}
+    files = {"<local>": demo_input_image(inputs / "sd-img2img-input.jpeg")}
+    for family in FAMILIES.values():
+        files.update(family.write_demo_inputs(inputs))
     inline = {key: base64.b64encode(path.read_bytes()).decode() for key, path in files.items()}
     return {slug: {k: inline.get(v, v) if isinstance(v, str) else v for k, v in DEMO_PARAMS[slug].items()}
             for slug in CATALOG}

@@ -77,6 +77,25 @@ def test_floors_reproduce_design_numbers_at_the_reference_requests():
     assert "102 ms" in floors.floors_markdown()
 
 
+def test_every_catalog_slug_has_its_familys_benchmark_figures_and_they_resolve():
+    # The families hold the per-slug benchmark constants; benchmarks/ keeps no slug-keyed table of its own.
+    from benchmarks.figures import all_figures
+    from engine.catalog import CATALOG
+
+    seen = set()
+    for slug, family, fig in all_figures():
+        assert CATALOG[slug].family is family and slug not in seen, slug
+        seen.add(slug)
+        assert set(family.denoiser_tflop) <= set(full_size.EXPECTED_PARAMS_M), family.name
+        assert (fig.floor_denoiser in family.denoiser_tflop) if fig.floor_denoiser else fig.reference_steps, slug
+        assert set(fig.full_size.values()) <= set(full_size.EXPECTED_PARAMS_M), slug
+        assert fig.published is None or fig.published in floors.PUBLISHED_H100, slug
+        assert fig.full_size_end_to_end != bool(fig.network_stages), slug
+        if fig.network_stages:
+            assert callable(family.module(fig.network_stages).network_stages), slug
+    assert seen == set(CATALOG)
+
+
 # -- engine ------------------------------------------------------------------------------------------
 
 def _check_engine(report: dict, repeats: int) -> None:

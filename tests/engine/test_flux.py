@@ -249,7 +249,7 @@ def test_lora_file_is_in_the_diffusers_peft_format(flux_dir, flux_pipe, tmp_path
 
 def test_explicit_lora_path_overrides_the_checkpoint_one(flux_dir, tmp_path):
     from engine.runtime_torch import load_component_modules
-    from engine.tiny.checkpoints import build_condition_lora
+    from engine.models.ominicontrol.tiny import build_condition_lora
 
     transformer = load_component_modules(flux_dir, components=["transformer"])["transformer"].transformer
     other = build_condition_lora(tmp_path / "other.safetensors", transformer, seed=5)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from engine.models.core import ModelFamily
+from engine.models.ominicontrol import figures
 
 
 OMINICONTROL = ModelFamily(
@@ -21,4 +22,6 @@ OMINICONTROL = ModelFamily(
             "seed": 4710825087, "image_format": "png", "image_quality": 90, "base64": False,
         },
     },
+    benchmarks=figures.BENCHMARKS,
+    denoiser_tflop=figures.DENOISER_TFLOP,
 )

@@ -149,7 +149,7 @@ def materialize(slug: str, artifacts: Mapping[str, Path], out: Path, **_deps) ->
 
 def write_tiny(root: Path) -> dict[str, Path]:
     """The tiny FLUX.1-schnell folder and the subject LoRA at ``OminiControl/omini/subject_512.safetensors``."""
-    from engine.tiny.checkpoints import build_tiny_flux
+    from engine.models.ominicontrol.tiny import build_tiny_flux
 
     root = Path(root)
     base, lora = root / "FLUX.1-schnell", root / "OminiControl" / "omini" / "subject_512.safetensors"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.models.core import ModelFamily
+from engine.models.omni_zero import figures
 
 
 # ---- Family hooks that need code (issue #22; the checkpoint hooks read ``descriptors`` and ``modules``) ----
@@ -23,8 +24,8 @@ class OmniZeroFamily(ModelFamily):
         # Its tiny checkpoint is an SDXL one with Omni-Zero's additions, deployed apart from Segmind-Vega's.
         return f"tiny_{self.name}"
 
-    def demo_inputs(self, directory: Path) -> dict[str, Path]:
-        # The demo portraits behind ``demo_params``' ``<omni-identity>``, ``<omni-style>``, ``<omni-base>``.
+    def write_demo_inputs(self, directory: Path) -> dict[str, Path]:
+        # Synthetic portraits standing in for the seed page's identity, style and base image URLs.
         return {f"<omni-{k}>": v for k, v in self.module("tiny").write_demo_inputs(directory).items()}
 
 
@@ -33,7 +34,7 @@ OMNI_ZERO = OmniZeroFamily(
     package=__name__,
     pipelines={"omni_zero": "pipeline"},
     demo_params={
-        # The seed page's example payload; its image URLs become the tiny demo portraits.
+        # The seed page's example payload; its image URLs become the tiny demo portraits (write_demo_inputs).
         "omni-zero": {
             "seed": 42, "prompt": "A person", "base_image": "<omni-base>", "style_image": "<omni-style>",
             "guidance_scale": 3, "identity_image": "<omni-identity>", "negative_prompt": "blurry, out of focus",
@@ -42,4 +43,6 @@ OMNI_ZERO = OmniZeroFamily(
             "identity_image_strength": 1, "composition_image_strength": 1,
         },
     },
+    benchmarks=figures.BENCHMARKS,
+    denoiser_tflop=figures.DENOISER_TFLOP,
 )

@@ -3,8 +3,8 @@
 The denoiser of one step is a single component, ``controlnet_unet``: IdentityNet (whose
 cross-attention reads the face-adapter tokens) and the depth ControlNet produce residuals, each
 scaled per batch row, and the SDXL UNet runs with those residuals and with IP-Adapter attention.
-Keeping the three networks in one graph avoids moving ~30 residual tensors (about 100 MB per
-SDXL step at 1024 px) between processes at every step, and lets Triton batch whole steps of
+Keeping the three networks in one graph avoids moving every ControlNet residual tensor between
+processes at every step, and lets Triton batch whole steps of
 concurrent requests.
 
 IP-Adapter attention (Ye et al. 2023, "decoupled cross-attention", eq. 5): every cross-attention

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.models.core import ModelFamily
+from engine.models.sd import figures
 
 
 class SdFamily(ModelFamily):
@@ -49,4 +50,6 @@ SD = SdFamily(
             "img_height": 1024, "base64": False,
         },
     },
+    benchmarks=figures.BENCHMARKS,
+    denoiser_tflop=figures.DENOISER_TFLOP,
 )
