@@ -3,12 +3,12 @@
 Roles: ``all`` (today's single process: the routes and the job runner on ``backend``), ``api``
 (a stateless replica on a shared Redis store: the routes, no jobs run here; ``backend`` is a
 ``QueueOnlyBackend``) and ``worker`` (only health and metrics routes; the runner takes the jobs
-of ``backend``'s slugs from Redis). ``api.queue.open_stores`` chooses the store from the
+of ``backend``'s slugs from Redis). ``diffserve.api.queue.open_stores`` chooses the store from the
 settings: the embedded SQLite store of one process, or the Redis store, queue, credits and rate
 limits shared by every replica and worker; nothing else asks which one it is.
 
 The app owns the job store, the job runner, credits and rate limits, idempotency keys and the
-webhook deliverer (``api.webhooks``, in every role: any process with the store and webhook
+webhook deliverer (``diffserve.api.webhooks``, in every role: any process with the store and webhook
 secrets delivers) for its lifetime (built in the lifespan, closed at shutdown, together with the
 backend it was given). Routes live in ``api/routes``; dependencies in ``api/deps``; wire schemas in ``api/schemas``. An outer ASGI
 middleware enforces the body-size limit, records HTTP metrics and adds ``X-remaining-credits``
@@ -28,18 +28,18 @@ from fastapi import FastAPI
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.backend import GenerationBackend
-from api.deps import AppState
-from api.errors import BodyTooLarge, error_response, install_error_handlers
-from api.metrics import ApiMetrics, slug_label
-from api.queue import check_role, open_stores
-from api.routes import events, health, models, openai_images, requests
-from api.routes.openai_images import OPENAI_PREFIX, openai_error_response
-from api.routes.requests import result_json
-from api.runner import JobRunner
-from api.settings import Settings
-from api.webhooks import WebhookDeliverer
-from engine.catalog import CATALOG
+from diffserve.api.backend import GenerationBackend
+from diffserve.api.deps import AppState
+from diffserve.api.errors import BodyTooLarge, error_response, install_error_handlers
+from diffserve.api.metrics import ApiMetrics, slug_label
+from diffserve.api.queue import check_role, open_stores
+from diffserve.api.routes import events, health, models, openai_images, requests
+from diffserve.api.routes.openai_images import OPENAI_PREFIX, openai_error_response
+from diffserve.api.routes.requests import result_json
+from diffserve.api.runner import JobRunner
+from diffserve.api.settings import Settings
+from diffserve.api.webhooks import WebhookDeliverer
+from diffserve.engine.catalog import CATALOG
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class RequestGuard:
             await self.app(scope, limited_receive, send_with_headers)
         finally:
             route = scope.get("route")
-            # Per-slug generation routes carry the label of their family (api.routes.models).
+            # Per-slug generation routes carry the label of their family (diffserve.api.routes.models).
             endpoint = getattr(route, "metrics_path", None) or getattr(route, "path", None) or "unmatched"
             slug = (state.get("metrics_slug") or getattr(route, "metrics_slug", None)
                     or scope.get("path_params", {}).get("slug"))
@@ -155,7 +155,7 @@ class QueueOnlyBackend:
 
 def _unavailable_as(default, fn):
     """``fn`` for a metrics collector: while Redis is down the scrape shows ``default``, not a 500."""
-    from api.redis_client import StoreUnavailable
+    from diffserve.api.redis_client import StoreUnavailable
 
     def read():
         try:

@@ -2,7 +2,7 @@
 
 The API validates a request against the catalog, decodes its images (to uint8 ``[H, W, 3]``
 arrays, the form they keep down to the pipeline) and hands the job runner a plain parameter
-dict; the runner calls a ``GenerationBackend`` and encodes the uint8 images it gets back. Two implementations: ``api.backend_local.EngineBackend`` (pipelines in this process,
+dict; the runner calls a ``GenerationBackend`` and encodes the uint8 images it gets back. Two implementations: ``diffserve.api.backend_local.EngineBackend`` (pipelines in this process,
 in a thread pool) and the Triton backend (pipeline models behind gRPC). Neither knows about
 HTTP, the job store or credits; the API never imports engine runtimes.
 
@@ -101,7 +101,7 @@ class GenerationBackend(Protocol):
         """Run one request.
 
         ``params`` is the catalog-validated dict (``ModelSpec.validate``) in which every image
-        parameter holds a decoded uint8 ``[H, W, 3]`` numpy array (``api.images``) or None;
+        parameter holds a decoded uint8 ``[H, W, 3]`` numpy array (``diffserve.api.images``) or None;
         ``seed`` is never -1 (the API draws it so that a retried job repeats the same image). ``request_id`` is for logs and tracing.
         Cancellation is cancelling the asyncio task awaiting this call: the backend stops the
         work as soon as it can (between denoising steps) and re-raises ``CancelledError`` once

@@ -9,8 +9,8 @@ checkpoint is loaded (and its compiled components warmed up) in the pool at star
 ``on_step`` hook and cancellation sets a ``threading.Event`` that the pipeline polls before
 every denoising step.
 
-With ``batching`` (``engine.batching.BatchingOptions``; on by default in ``serve``) each checkpoint
-gets one ``engine.batching.PipelineRunner`` (as a Triton fused pipeline instance does): concurrent requests of the slugs whose loop is a
+With ``batching`` (``diffserve.engine.batching.BatchingOptions``; on by default in ``serve``) each checkpoint
+gets one ``diffserve.engine.batching.PipelineRunner`` (as a Triton fused pipeline instance does): concurrent requests of the slugs whose loop is a
 ``DenoiseLoop`` (``sd1.5-scifi``, ``sd1.5-img2img``, ``segmind-vega``) share UNet calls, while their
 text encoding and VAE run in their own pool threads. ``omni-zero`` and ``ominicontrol`` run one
 request at a time per checkpoint (see the README's batching section for why). The pool then has
@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from api.backend import (
+from diffserve.api.backend import (
     BackendResult, BackendUnavailable, GenerationFailed, InputRejected, ProgressCallback,
 )
 
@@ -36,12 +36,12 @@ logger = logging.getLogger(__name__)
 
 
 class EngineBackend:
-    """In-process ``GenerationBackend`` on ``engine.runtime_torch.TorchComponents``."""
+    """In-process ``GenerationBackend`` on ``diffserve.engine.runtime_torch.TorchComponents``."""
 
     def __init__(self, checkpoints: Mapping[str, str | Path], device: str | None = None,
                  precision: str | None = None, max_workers: int | None = None, optimizations: str | None = None,
                  batching: Any = None):
-        from engine.catalog import get_model
+        from diffserve.engine.catalog import get_model
 
         for slug in checkpoints:
             get_model(slug)  # raises UnknownModelError for a typo
@@ -52,7 +52,7 @@ class EngineBackend:
             raise ValueError("max_workers must be >= 1")
         self._max_workers = max_workers
         self._runners: dict[Path, Any] = {}
-        """Checkpoint -> its ``engine.batching.PipelineRunner`` (the loaded components and their batcher)."""
+        """Checkpoint -> its ``diffserve.engine.batching.PipelineRunner`` (the loaded components and their batcher)."""
         self._checkpoints = {slug: Path(path).resolve() for slug, path in checkpoints.items()}
         self._device = device
         self._precision = precision
@@ -63,7 +63,7 @@ class EngineBackend:
         self._closed = False
         self._preloading: set[Path] = set()
         if optimizations:
-            from engine.torch_optimize import TorchOptimizations
+            from diffserve.engine.torch_optimize import TorchOptimizations
 
             if TorchOptimizations.parse(optimizations).compile:
                 # One slug per checkpoint directory: the load is shared.
@@ -141,8 +141,8 @@ class EngineBackend:
         with self._load_lock:
             if path in self._runners:
                 return self._runners[path], 0.0
-            from engine.batching import PipelineRunner
-            from engine.runtime_torch import TorchComponents
+            from diffserve.engine.batching import PipelineRunner
+            from diffserve.engine.runtime_torch import TorchComponents
 
             start = time.perf_counter()
             try:
@@ -159,8 +159,8 @@ class EngineBackend:
     def _generate_blocking(self, slug: str, params: dict[str, Any], request_id: str,
                            on_progress: ProgressCallback | None, cancel: threading.Event,
                            submitted: float) -> BackendResult:
-        from engine.catalog import InvalidRequest
-        from engine.pipelines import Cancelled, RunControl
+        from diffserve.engine.catalog import InvalidRequest
+        from diffserve.engine.pipelines import Cancelled, RunControl
 
         started = time.perf_counter()
         if cancel.is_set():
@@ -188,7 +188,7 @@ class EngineBackend:
 def create_local_backend(settings, demo: bool) -> EngineBackend:
     """The backend ``diffserve serve --backend local`` uses: the ``settings.checkpoints`` directories
     (``--checkpoint``/``DIFFSERVE_CHECKPOINTS``), over the tiny demo checkpoints with ``demo``."""
-    from engine.tiny.demo import demo_checkpoints
+    from diffserve.engine.tiny.demo import demo_checkpoints
 
     checkpoints = dict(demo_checkpoints()) if demo else {}
     checkpoints.update(settings.checkpoints)

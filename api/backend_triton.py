@@ -1,4 +1,4 @@
-"""``GenerationBackend`` over Triton: the pipeline client of ``triton_serving.client``, its
+"""``GenerationBackend`` over Triton: the pipeline client of ``diffserve.triton_serving.client``, its
 failures mapped to the API's backend errors, and the server start-up of ``serve`` (a Triton this
 process starts is supervised: restarted when it dies, and reported unhealthy when it stays down)."""
 
@@ -11,16 +11,16 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from api.backend import (
+from diffserve.api.backend import (
     BackendError, BackendResult, BackendTimeout, BackendUnavailable, GenerationFailed, InputRejected, ProgressCallback,
 )
-from triton_serving.client import (
+from diffserve.triton_serving.client import (
     TritonGenerationFailed, TritonOutput, TritonPipelineClient, TritonRequestError, TritonRequestRejected,
     TritonTimeout, TritonUnavailable,
 )
 
 if TYPE_CHECKING:
-    from api.settings import Settings
+    from diffserve.api.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class TritonBackend:
 
     @classmethod
     def from_repository(cls, grpc_url: str, repository: str | Path, **kw) -> TritonBackend:
-        from triton_serving.manifest import read_manifest
+        from diffserve.triton_serving.manifest import read_manifest
 
         return cls(grpc_url, read_manifest(repository)["pipelines"], **kw)
 
@@ -124,13 +124,13 @@ def create_triton_backend(settings: Settings, demo: bool) -> TritonBackend:
     repository (the demo repository with ``demo``: tiny checkpoints, exported on first use),
     supervised: it dies with this process and is restarted when it dies first.
     """
-    from triton_serving.manifest import read_manifest
-    from triton_serving.server import TritonServer, TritonServerConfig
-    from triton_serving.supervisor import TritonSupervisor
+    from diffserve.triton_serving.manifest import read_manifest
+    from diffserve.triton_serving.server import TritonServer, TritonServerConfig
+    from diffserve.triton_serving.supervisor import TritonSupervisor
 
     repository = settings.repository
     if demo:
-        from export.repository import build_demo_repository
+        from diffserve.export.repository import build_demo_repository
 
         repository = build_demo_repository(repository, **settings.repository_batching()).repository
     if repository is None:

@@ -2,7 +2,7 @@
 
 This is the one module that composes the command line: argument parsing and the command
 functions of generate, demo and serve here, the export and bench parsers added from
-``export.cli`` and ``benchmarks.cli``. Each sub-command imports what it needs only when it runs,
+``diffserve.export.cli`` and ``diffserve.benchmarks.cli``. Each sub-command imports what it needs only when it runs,
 so ``diffserve --help`` is instant and the engine-only commands never load the API or Triton
 modules.
 """
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine import home_dir
+from diffserve.engine import home_dir
 
 logger = logging.getLogger("diffserve")
 
@@ -27,11 +27,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from api.images import ImageFetchPolicy, ImageInputError, load_image_or_file
-    from engine.catalog import ValidationError, get_model, read_params_argument
-    from engine.imageio import EXTENSIONS, encode_image
-    from engine.pipelines import RunControl, run
-    from engine.runtime_torch import TorchComponents
+    from diffserve.api.images import ImageFetchPolicy, ImageInputError, load_image_or_file
+    from diffserve.engine.catalog import ValidationError, get_model, read_params_argument
+    from diffserve.engine.imageio import EXTENSIONS, encode_image
+    from diffserve.engine.pipelines import RunControl, run
+    from diffserve.engine.runtime_torch import TorchComponents
 
     spec = get_model(args.slug)
     try:
@@ -86,8 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate_checkpoint(args: argparse.Namespace) -> Path:
     """``--checkpoint``, else the slug's artifacts from ``--models``/``DIFFSERVE_MODELS`` materialized, else the
     tiny demo checkpoint."""
-    from engine import models_file as models_toml
-    from engine.tiny.demo import demo_checkpoints
+    from diffserve.engine import models_file as models_toml
+    from diffserve.engine.tiny.demo import demo_checkpoints
 
     if args.checkpoint:
         return Path(args.checkpoint)
@@ -102,11 +102,11 @@ def _generate_checkpoint(args: argparse.Namespace) -> Path:
 
 def cmd_models_check(args: argparse.Namespace) -> int:
     """``diffserve models check``: every configured artifact found or missing, architecture checks, what to do."""
-    from engine import models_file as models_toml
+    from diffserve.engine import models_file as models_toml
 
     models_file = args.models or (Path(os.environ["DIFFSERVE_MODELS"]) if os.environ.get("DIFFSERVE_MODELS") else None)
     if args.demo:
-        from engine.tiny.demo import demo_models_file
+        from diffserve.engine.tiny.demo import demo_models_file
 
         models_file = demo_models_file()
     if models_file is None:
@@ -121,7 +121,7 @@ def cmd_models_check(args: argparse.Namespace) -> int:
     print(models_toml.format_report(config, problems))
     complete = not any(problems.values())
     if args.device or args.gpu_memory_gb:
-        from export.cli import memory_plan
+        from diffserve.export.cli import memory_plan
 
         checkpoints = models_toml.prepare(config).checkpoints
         plan = memory_plan(checkpoints, args.device or "cuda", args.precision, args.gpu_memory_gb)
@@ -139,14 +139,14 @@ def _apply_models_file(args: argparse.Namespace, settings):
     backend) or a repository built from them (triton); returns (settings, {slug: [problem, ...]} not served)."""
     if settings.models_file is None:
         if args.backend == "triton" and settings.repository is not None:
-            from triton_serving.manifest import read_manifest
+            from diffserve.triton_serving.manifest import read_manifest
 
             try:
                 return settings, dict(read_manifest(settings.repository).get("unavailable") or {})
             except FileNotFoundError:
                 return settings, {}
         return settings, {}
-    from engine import models_file as models_toml
+    from diffserve.engine import models_file as models_toml
 
     try:
         config = models_toml.load_models_file(settings.models_file)
@@ -157,7 +157,7 @@ def _apply_models_file(args: argparse.Namespace, settings):
         unavailable = prepared.unavailable()
         settings = settings.model_copy(update={"checkpoints": {**prepared.checkpoints, **settings.checkpoints}})
     else:
-        from export.cli import build_repository_from_models, deployment_options
+        from diffserve.export.cli import build_repository_from_models, deployment_options
 
         repository = settings.repository or home_dir() / "repository"
         try:
@@ -176,7 +176,7 @@ def _apply_models_file(args: argparse.Namespace, settings):
     return settings, unavailable
 
 
-DEMO_ECHO = (" export.repository: ", "ready at", " WARNING ", " ERROR ", " CRITICAL ", "Traceback")
+DEMO_ECHO = (" diffserve.export.repository: ", "ready at", " WARNING ", " ERROR ", " CRITICAL ", "Traceback")
 """What ``diffserve demo`` shows of its server's output: one line per stage and slug, problems, the URL."""
 DEMO_READY_TIMEOUT_S = 3600.0  # a first run exports every slug before the server is ready
 
@@ -191,15 +191,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ImportError:
         raise SystemExit("the demo talks to the server through the official `segmind` SDK: "
                          "pip install segmind (make demo installs it)") from None
-    from engine.imageio import CONTENT_TYPES, EXTENSIONS
-    from engine.processes import ChildNotReady, ChildProcess
-    from engine.tiny.demo import demo_payloads
+    from diffserve.engine.imageio import CONTENT_TYPES, EXTENSIONS
+    from diffserve.engine.processes import ChildNotReady, ChildProcess
+    from diffserve.engine.tiny.demo import demo_payloads
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the SDK's request lines
     out = home_dir() / "demo-outputs"
     out.mkdir(parents=True, exist_ok=True)
     log_path = home_dir() / "demo-serve.log"
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--demo", "--backend", args.backend, "--port", "0"]
+    cmd = [sys.executable, "-m", "diffserve.api.cli", "serve", "--demo", "--backend", args.backend, "--port", "0"]
     print(f"starting: diffserve serve --demo --backend {args.backend}  (first run exports the tiny models; "
           f"its log: {log_path})", flush=True)
 
@@ -244,9 +244,9 @@ def _parse_checkpoint(text: str) -> tuple[str, Path]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError as SettingsError
 
-    from api.app import create_app
-    from api.server import run_until_stopped
-    from api.settings import Settings
+    from diffserve.api.app import create_app
+    from diffserve.api.server import run_until_stopped
+    from diffserve.api.settings import Settings
 
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "data_dir", "device", "precision", "repository", "triton_url",
@@ -271,17 +271,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if settings.redis_url is None:
             raise SystemExit("serve --role api needs the shared store: --redis-url redis://HOST:PORT/0 "
                              "(or DIFFSERVE_REDIS_URL)")
-        from api.app import QueueOnlyBackend
+        from diffserve.api.app import QueueOnlyBackend
 
         backend = QueueOnlyBackend()
     else:
         settings, unavailable = _apply_models_file(args, settings)
         if args.backend == "local":
-            from api.backend_local import create_local_backend
+            from diffserve.api.backend_local import create_local_backend
 
             backend = create_local_backend(settings, demo=args.demo)
         else:
-            from api.backend_triton import create_triton_backend
+            from diffserve.api.backend_triton import create_triton_backend
 
             backend = create_triton_backend(settings, demo=args.demo)
     backend.unavailable = unavailable  # read by /readyz: why a configured slug is not served
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", help="shared store for scale-out, e.g. redis://redis:6379/0 "
                                            "(DIFFSERVE_REDIS_URL; default: SQLite under --data-dir)")
     serve.set_defaults(func=cmd_serve)
-    from api.worker import add_parser as add_worker_parser
+    from diffserve.api.worker import add_parser as add_worker_parser
 
     add_worker_parser(sub)
 
@@ -364,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--gpu-memory-gb", type=float, help="GPU memory for the memory plan (default: detected)")
     check.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="as serve --precision")
     check.set_defaults(func=cmd_models_check)
-    from benchmarks.cli import add_parsers as add_bench_parsers
-    from export.cli import add_parsers as add_export_parsers
+    from diffserve.benchmarks.cli import add_parsers as add_bench_parsers
+    from diffserve.export.cli import add_parsers as add_export_parsers
 
     add_export_parsers(sub)
     add_bench_parsers(sub)

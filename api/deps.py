@@ -23,18 +23,18 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from api.backend import GenerationBackend
-from api.errors import ApiError
-from api.idempotency import IdempotencyStore
-from api.images import ImageFetchPolicy
-from api.jobs import MAX_PRIORITY, Job, is_job_id
-from api.metrics import ApiMetrics
-from api.queue import JobQueue
-from api.quotas import CreditLedger, RateLimiter, retry_after_header
-from api.runner import JobRunner
-from api.settings import Settings, owner_from_api_key
-from api.webhooks import WebhookOptions, WebhookOutbox
-from engine.catalog import ModelSpec, UnknownModelError, get_model
+from diffserve.api.backend import GenerationBackend
+from diffserve.api.errors import ApiError
+from diffserve.api.idempotency import IdempotencyStore
+from diffserve.api.images import ImageFetchPolicy
+from diffserve.api.jobs import MAX_PRIORITY, Job, is_job_id
+from diffserve.api.metrics import ApiMetrics
+from diffserve.api.queue import JobQueue
+from diffserve.api.quotas import CreditLedger, RateLimiter, retry_after_header
+from diffserve.api.runner import JobRunner
+from diffserve.api.settings import Settings, owner_from_api_key
+from diffserve.api.webhooks import WebhookOptions, WebhookOutbox
+from diffserve.engine.catalog import ModelSpec, UnknownModelError, get_model
 
 
 @dataclass
@@ -54,7 +54,7 @@ class AppState:
     priority_caps: tuple[int | None, dict[str, int]] = (0, {})
     """``Settings.per_owner(max_priority)``: the cap of every caller, or None and a cap per owner."""
     role: str = "all"
-    """``all``, ``api`` or ``worker`` (``api.app.ROLES``)."""
+    """``all``, ``api`` or ``worker`` (``diffserve.api.app.ROLES``)."""
     idempotency: IdempotencyStore | None = None
     webhooks: WebhookOutbox | None = None
     webhook_options: WebhookOptions | None = None

@@ -69,7 +69,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
         return error_response(413, str(exc), {"Connection": "close"})
 
-    from api.redis_client import StoreUnavailable
+    from diffserve.api.redis_client import StoreUnavailable
 
     @app.exception_handler(StoreUnavailable)
     async def _store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:

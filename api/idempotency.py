@@ -30,7 +30,7 @@ never created (and is made again).
 A key is remembered for ``Settings.idempotency_retention_s`` from its reservation, and again from
 its acceptance. Keys are scoped
 by API key (owner), so two clients never see each other's. Two stores, chosen by
-``api.queue.open_stores``: :class:`SqliteIdempotencyStore` (a table in its own file: survives
+``diffserve.api.queue.open_stores``: :class:`SqliteIdempotencyStore` (a table in its own file: survives
 restarts) and :class:`RedisIdempotencyStore` (``SET NX`` of the body's fingerprint and the request
 id: holds across API replicas).
 """
@@ -48,8 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from api.jobs import DuplicateJob, new_job_id
-from api.redis_client import guarded, lua
+from diffserve.api.jobs import DuplicateJob, new_job_id
+from diffserve.api.redis_client import guarded, lua
 
 __all__ = ["HEADER", "REPLAYED_HEADER", "IdempotencyConflict", "IdempotencyStore", "RedisIdempotencyStore",
            "SqliteIdempotencyStore", "check_key", "fingerprint", "requested_key", "submit_once"]
@@ -282,7 +282,7 @@ async def submit_once(store: IdempotencyStore, owner: str | None, key: str | Non
     """Submit a request at most once per ``key`` of ``owner``: returns (request id, replayed).
 
     ``submit(job_id)`` creates the job under ``job_id`` (None without a key: the store draws one)
-    and whatever goes with it, and returns its id; it raises ``api.jobs.DuplicateJob`` when a job
+    and whatever goes with it, and returns its id; it raises ``diffserve.api.jobs.DuplicateJob`` when a job
     has that id already. ``adopt(job_id)`` says whether that job exists and, if it does, records
     again what goes with it (a no-op where already recorded): the answer for a lapsed reservation
     whose submitter created the job and died. Raises IdempotencyConflict (422, 409).

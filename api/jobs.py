@@ -1,4 +1,4 @@
-"""Persistent store for generation jobs, backed by SQLite: the embedded :class:`api.queue.JobQueue`.
+"""Persistent store for generation jobs, backed by SQLite: the embedded :class:`diffserve.api.queue.JobQueue`.
 
 This module owns the lifecycle of queued jobs so that they survive an API
 restart: creation (with the job's decoded input images, kept in the database

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from engine.catalog import CATALOG
+from diffserve.engine.catalog import CATALOG
 
 __all__ = ["CONTENT_TYPE_LATEST", "ApiMetrics", "slug_label"]
 

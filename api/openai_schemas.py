@@ -1,5 +1,5 @@
-"""Wire shapes of the OpenAI images dialect (``api.routes.openai_images``): the response and the
-error body the ``openai`` SDK reads. Kept apart from ``api.schemas`` (the Segmind contract) so
+"""Wire shapes of the OpenAI images dialect (``diffserve.api.routes.openai_images``): the response and the
+error body the ``openai`` SDK reads. Kept apart from ``diffserve.api.schemas`` (the Segmind contract) so
 neither dialect's shapes leak into the other's routes.
 """
 

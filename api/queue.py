@@ -4,7 +4,7 @@
 enqueue (with the job's input images), claim -> lease, heartbeat, complete/fail (fenced by the
 lease), read status, inputs and outputs, cancel, position, purge, readiness, the feed of finished
 jobs that ``/v1`` waits listen to, and the announcement of the slugs a worker takes. Two implementations:
-:class:`api.jobs.JobStore` (SQLite, embedded, one process) and :class:`api.redis_jobs.RedisJobStore`
+:class:`diffserve.api.jobs.JobStore` (SQLite, embedded, one process) and :class:`diffserve.api.redis_jobs.RedisJobStore`
 (Redis, shared by API replicas and workers). Callers never ask which one they hold; blocking
 calls go through ``asyncio.to_thread`` on both (both are thread-safe).
 
@@ -19,11 +19,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from api.idempotency import IdempotencyStore, SqliteIdempotencyStore
-from api.jobs import Claim, Heartbeat, Job, JobStore
-from api.quotas import CreditLedger, RateLimiter
-from api.settings import Settings
-from api.webhooks import SqliteWebhookOutbox, WebhookOutbox
+from diffserve.api.idempotency import IdempotencyStore, SqliteIdempotencyStore
+from diffserve.api.jobs import Claim, Heartbeat, Job, JobStore
+from diffserve.api.quotas import CreditLedger, RateLimiter
+from diffserve.api.settings import Settings
+from diffserve.api.webhooks import SqliteWebhookOutbox, WebhookOutbox
 
 __all__ = ["JobQueue", "Stores", "check_role", "open_stores"]
 
@@ -50,9 +50,9 @@ class JobQueue(Protocol):
                want_base64: bool = False, inputs: Mapping[str, bytes] | None = None, priority: int = 0,
                job_id: str | None = None) -> Job:
         """Enqueue a new QUEUED job with its input images (``{param: .npy bytes}``) and return it;
-        ``priority`` (0 to ``MAX_PRIORITY``) places it in the claim order (``api.jobs.claim_rank``).
+        ``priority`` (0 to ``MAX_PRIORITY``) places it in the claim order (``diffserve.api.jobs.claim_rank``).
         ``job_id`` (drawn beforehand, e.g. by an idempotency reservation) is the new job's id: raises
-        ``api.jobs.DuplicateJob`` when a job has it already, and nothing is queued."""
+        ``diffserve.api.jobs.DuplicateJob`` when a job has it already, and nothing is queued."""
 
     def get(self, job_id: str) -> Job | None:
         """The job (status, progress, error, outputs' names), or None if unknown or expired."""
@@ -123,9 +123,9 @@ class Stores:
     ledger: CreditLedger
     limiter: RateLimiter
     idempotency: IdempotencyStore
-    """``Idempotency-Key`` records (api.idempotency)."""
+    """``Idempotency-Key`` records (diffserve.api.idempotency)."""
     webhooks: WebhookOutbox
-    """Pending webhook deliveries (api.webhooks)."""
+    """Pending webhook deliveries (diffserve.api.webhooks)."""
 
 
 def check_role(settings: Settings, role: str) -> None:
@@ -154,11 +154,11 @@ def open_stores(settings: Settings, role: str = "all") -> Stores:
                       SqliteIdempotencyStore(settings.data_dir / "idempotency.sqlite", settings.idempotency_retention_s),
                       SqliteWebhookOutbox(settings.data_dir / "webhooks.sqlite"))
 
-    from api.idempotency import RedisIdempotencyStore
-    from api.redis_client import connect, read_password_file
-    from api.redis_jobs import RedisJobStore
-    from api.redis_quotas import RedisCreditLedger, RedisRateLimiter
-    from api.webhooks import RedisWebhookOutbox
+    from diffserve.api.idempotency import RedisIdempotencyStore
+    from diffserve.api.redis_client import connect, read_password_file
+    from diffserve.api.redis_jobs import RedisJobStore
+    from diffserve.api.redis_quotas import RedisCreditLedger, RedisRateLimiter
+    from diffserve.api.webhooks import RedisWebhookOutbox
 
     client = connect(settings.redis_url, password=read_password_file(settings.redis_password_file))
     ns = settings.redis_namespace

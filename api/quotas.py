@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
-from api.jobs import immediate_transaction
+from diffserve.api.jobs import immediate_transaction
 
 SETTLED_MARKER_TTL_S: Final = 7 * 24 * 3600
 """How long the record that a job was settled is kept; longer than any job stays queued or kept."""

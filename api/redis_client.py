@@ -18,7 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from api.secret_files import read_secret_file
+from diffserve.api.secret_files import read_secret_file
 
 __all__ = ["StoreUnavailable", "connect", "describe", "guarded", "lua", "read_password_file"]
 

@@ -1,6 +1,6 @@
 """Job records, the job queue and job images on Redis, shared by every API replica and worker.
 
-This module owns the scale-out job store: the same record contract as :class:`api.jobs.JobStore`
+This module owns the scale-out job store: the same record contract as :class:`diffserve.api.jobs.JobStore`
 (``Job``/``JobStatus``, QUEUED -> PROCESSING -> COMPLETED | FAILED, progress, a cancel flag,
 metrics, owner; finished jobs kept for the retention period, then gone) with Redis as the one
 shared truth. Every state change is one Lua script, so it is atomic against every other process.
@@ -12,7 +12,7 @@ queued and running jobs at every priority, added by the create script and remove
 ends the job (complete, fail, cancel, the delivery cap): an autoscaler (KEDA's ``redis`` scaler,
 SCARD) reads each slug's demand from one key. :meth:`RedisJobStore.claim` takes work for a named consumer: first entries of
 silent workers (XAUTOCLAIM, idle longer than ``reclaim_idle_s``), else the first undelivered entry
-in claim order (:func:`api.jobs.claim_rank`: priority with aging, FIFO within a level, on the
+in claim order (:func:`diffserve.api.jobs.claim_rank`: priority with aging, FIFO within a level, on the
 server's clock) across the served streams (XREADGROUP), and marks the job PROCESSING in the same
 script. The ``queued`` index is scored by the same rank, so a position is the order jobs run in. While a job runs its worker calls
 :meth:`~RedisJobStore.heartbeat` every few seconds: XCLAIM ... JUSTID to itself resets the entry's
@@ -52,11 +52,11 @@ from typing import Any, Final
 
 import redis
 
-from api.jobs import (
+from diffserve.api.jobs import (
     MAX_PRIORITY, CANCELLED_BY_CLIENT, Claim, DuplicateJob, Heartbeat, InvalidJobTransition, Job, JobStatus,
     chosen_job_id,
 )
-from api.redis_client import connect, describe, guarded, lua
+from diffserve.api.redis_client import connect, describe, guarded, lua
 
 __all__ = [
     "Claim",

@@ -1,6 +1,6 @@
 """Per-key credits and rate limits on Redis, shared by every API replica and worker.
 
-Same semantics as :mod:`api.quotas` (one credit is one image; a submission reserves its cost, the
+Same semantics as :mod:`diffserve.api.quotas` (one credit is one image; a submission reserves its cost, the
 reservation becomes a debit when the job completes and is released when it fails or is cancelled;
 a token bucket per key with capacity = the per-minute limit, refilled continuously), with the
 state in Redis and every read-modify-write one Lua script, so concurrent replicas can neither
@@ -9,7 +9,7 @@ in two hashes (``<ns>:credits:spent``/``:reserved``); allowances come from the s
 Settling a job (debit or release) takes its job id: a marker ``<ns>:credits:settled:<id>`` makes
 the first settlement of a job the only one, so two workers finishing the same job debit once.
 Rate buckets use Redis's clock (TIME inside the script), not each replica's, and expire after a
-minute idle (a full bucket again). Redis unreachable raises :class:`api.redis_client.StoreUnavailable`.
+minute idle (a full bucket again). Redis unreachable raises :class:`diffserve.api.redis_client.StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import logging
 
 import redis
 
-from api.quotas import SETTLED_MARKER_TTL_S, InsufficientCredits
-from api.redis_client import connect, guarded, lua
+from diffserve.api.quotas import SETTLED_MARKER_TTL_S, InsufficientCredits
+from diffserve.api.redis_client import connect, guarded, lua
 
 __all__ = ["RedisCreditLedger", "RedisRateLimiter"]
 
@@ -29,7 +29,7 @@ _guarded = guarded("the quota store")
 
 
 class RedisCreditLedger:
-    """Credits shared through Redis; the interface of :class:`api.quotas.CreditLedger`."""
+    """Credits shared through Redis; the interface of :class:`diffserve.api.quotas.CreditLedger`."""
 
     def __init__(self, url: str | None, default: int | None, per_owner: dict[str, int], *,
                  namespace: str = "diffserve", client: redis.Redis | None = None, timeout_s: float = 2.0):
@@ -107,7 +107,7 @@ class RedisCreditLedger:
 
 
 class RedisRateLimiter:
-    """Token buckets in Redis keyed by caller; the interface of :class:`api.quotas.RateLimiter`."""
+    """Token buckets in Redis keyed by caller; the interface of :class:`diffserve.api.quotas.RateLimiter`."""
 
     def __init__(self, url: str | None, default_per_minute: int, per_owner: dict[str, int], *,
                  namespace: str = "diffserve", client: redis.Redis | None = None, timeout_s: float = 2.0):

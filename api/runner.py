@@ -1,6 +1,6 @@
 """The job runner: every generation, sync (``/v1``) or async (``/v2``), is a job in the job queue.
 
-One code path against :class:`api.queue.JobQueue`, whichever store holds the jobs (the embedded
+One code path against :class:`diffserve.api.queue.JobQueue`, whichever store holds the jobs (the embedded
 SQLite store or Redis shared by API replicas and workers). ``max_concurrent_jobs`` asyncio
 workers lease jobs with ``claim`` (only the slugs their backend serves, in the store's claim
 order), call ``backend.generate`` and store the encoded images (``complete``) or the reason of
@@ -16,8 +16,8 @@ when the heartbeat says it no longer holds it (reclaimed, or failed elsewhere). 
 in this process stops its running job at once. Stopping a job is cancelling the task that
 awaits ``generate``.
 
-Inputs: the decoded uint8 ``[H, W, 3]`` arrays ``api.images`` made at submission are stored with
-the job as ``.npy`` blobs (``api.inputs``), so whichever worker takes the job, after a restart
+Inputs: the decoded uint8 ``[H, W, 3]`` arrays ``diffserve.api.images`` made at submission are stored with
+the job as ``.npy`` blobs (``diffserve.api.inputs``), so whichever worker takes the job, after a restart
 too, runs on exactly those pixels. Restarts: ``start`` calls the store's ``recover`` (the
 embedded store requeues what a dead process left PROCESSING and fails the jobs of ``/v1``
 requests that died with it; on Redis reclaim covers dead workers).
@@ -48,15 +48,15 @@ from typing import Any
 
 import numpy as np
 
-from api.backend import BackendError, GenerationBackend
-from api.inputs import InputsLost, pixels_from_bytes, pixels_to_bytes, stored_reference
-from api.jobs import CANCELLED_BY_CLIENT, SYNC_PARAM, Claim, InvalidJobTransition, Job, JobStatus
-from api.metrics import ApiMetrics
-from api.queue import JobQueue
-from api.quotas import CreditLedger
-from api.redis_client import StoreUnavailable
-from engine.catalog import get_model, resolve_seed
-from engine.imageio import DEFAULT_QUALITY, EXTENSIONS, encode_image
+from diffserve.api.backend import BackendError, GenerationBackend
+from diffserve.api.inputs import InputsLost, pixels_from_bytes, pixels_to_bytes, stored_reference
+from diffserve.api.jobs import CANCELLED_BY_CLIENT, SYNC_PARAM, Claim, InvalidJobTransition, Job, JobStatus
+from diffserve.api.metrics import ApiMetrics
+from diffserve.api.queue import JobQueue
+from diffserve.api.quotas import CreditLedger
+from diffserve.api.redis_client import StoreUnavailable
+from diffserve.engine.catalog import get_model, resolve_seed
+from diffserve.engine.imageio import DEFAULT_QUALITY, EXTENSIONS, encode_image
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +94,13 @@ class Submission:
     params: dict[str, Any]
     """Catalog-validated params; image params are replaced from ``images``."""
     images: dict[str, np.ndarray | None]
-    """Every image param of the slug: its decoded uint8 [H, W, 3] pixels (``api.images``) or None."""
+    """Every image param of the slug: its decoded uint8 [H, W, 3] pixels (``diffserve.api.images``) or None."""
     owner: str | None
     output_format: str
     want_base64: bool
     sync: bool
     priority: int = 0
-    """0 to ``api.jobs.MAX_PRIORITY``, already checked against the caller's cap."""
+    """0 to ``diffserve.api.jobs.MAX_PRIORITY``, already checked against the caller's cap."""
     job_id: str | None = None
     """The id the job is created under (an idempotency reservation's); None: the store draws one."""
 
@@ -222,7 +222,7 @@ class JobRunner:
 
     async def submit(self, sub: Submission) -> Job:
         """Persist a new QUEUED job with its inputs; raises ``QueueFull``,
-        ``quotas.InsufficientCredits``, ``StoreUnavailable`` or ``api.jobs.DuplicateJob`` (a job has
+        ``quotas.InsufficientCredits``, ``StoreUnavailable`` or ``diffserve.api.jobs.DuplicateJob`` (a job has
         ``sub.job_id`` already; its credits were not taken)."""
         depth = await asyncio.to_thread(self.store.queue_depth)
         if depth >= self.max_queued_jobs:

@@ -1,8 +1,8 @@
 """Pydantic response schemas of the HTTP API and the OpenAPI request schemas read from the catalog.
 
 These are the wire shapes (Segmind's contract plus what the official SDK reads); they are kept
-apart from ``api.jobs.Job`` and the engine's types so either side can change without the other.
-Request bodies are not pydantic models: they are validated by ``engine.catalog`` (one source of
+apart from ``diffserve.api.jobs.Job`` and the engine's types so either side can change without the other.
+Request bodies are not pydantic models: they are validated by ``diffserve.engine.catalog`` (one source of
 truth for every parameter), and their OpenAPI schemas are generated from it here.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from engine.catalog import ModelSpec, ParamType
+from diffserve.engine.catalog import ModelSpec, ParamType
 
 
 class ErrorResponse(BaseModel):

@@ -18,9 +18,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, TypeAdapter, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from api.images import ImageFetchPolicy
-from api.secret_files import read_secret_file
-from api.jobs import MAX_PRIORITY
+from diffserve.api.images import ImageFetchPolicy
+from diffserve.api.secret_files import read_secret_file
+from diffserve.api.jobs import MAX_PRIORITY
 MIB = 1024 * 1024
 
 
@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     """Longest an event stream stays silent: a comment line is sent after this long without an
     event, so proxies do not close an idle connection."""
 
-    # -- idempotency and webhooks (api.idempotency, api.webhooks) -----------------------------------
+    # -- idempotency and webhooks (diffserve.api.idempotency, diffserve.api.webhooks) -----------------------------------
     idempotency_retention_s: float = Field(86400.0, gt=0)
     """How long an ``Idempotency-Key`` of a ``POST /v2/{slug}`` is remembered: a retry with the same
     key and body within it gets the original request id (and no second job, no second charge)."""
@@ -213,9 +213,9 @@ class Settings(BaseSettings):
     precision: str | None = None
     """fp32, fp16 or bf16 for the local backend (default: fp16 on GPU, fp32 on CPU)."""
     torch_optimizations: str | None = None
-    """``engine.torch_optimize`` spec for the local backend, e.g. ``fast`` or ``fuse_qkv,compile``."""
+    """``diffserve.engine.torch_optimize`` spec for the local backend, e.g. ``fast`` or ``fuse_qkv,compile``."""
     batching: bool = True
-    """Step-level batching (``engine.batching``) of concurrent requests: per checkpoint in the local
+    """Step-level batching (``diffserve.engine.batching``) of concurrent requests: per checkpoint in the local
     backend; per fused pipeline instance in a Triton repository that ``serve`` builds (``--demo``,
     ``--models``; a repository built by ``diffserve export`` carries its own, ``--no-batching``)."""
     max_batch: int = Field(8, ge=1)
@@ -229,7 +229,7 @@ class Settings(BaseSettings):
     def _valid_optimizations(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        from engine.torch_optimize import TorchOptimizations
+        from diffserve.engine.torch_optimize import TorchOptimizations
 
         return TorchOptimizations.parse(value).spec()
 
@@ -288,7 +288,7 @@ class Settings(BaseSettings):
         if any(not 0 <= n <= MAX_PRIORITY for n in caps):
             raise ValueError(f"max_priority must be 0 to {MAX_PRIORITY}")
         if self.key_models:
-            from engine.catalog import CATALOG
+            from diffserve.engine.catalog import CATALOG
 
             unknown = sorted({s for slugs in self.key_models.values() for s in slugs} - set(CATALOG))
             if unknown:
@@ -301,15 +301,15 @@ class Settings(BaseSettings):
     # -- derived values --------------------------------------------------------------------------
 
     def batching_options(self):
-        """The local backend's ``engine.options.BatchingOptions``, or None with batching off."""
+        """The local backend's ``diffserve.engine.options.BatchingOptions``, or None with batching off."""
         if not self.batching:
             return None
-        from engine.options import BatchingOptions
+        from diffserve.engine.options import BatchingOptions
 
         return BatchingOptions(max_batch=self.max_batch, buckets=tuple(self.batch_buckets))
 
     def repository_batching(self) -> dict[str, Any]:
-        """The batching fields of ``export.repository.RepositoryOptions`` for a repository ``serve`` builds."""
+        """The batching fields of ``diffserve.export.repository.RepositoryOptions`` for a repository ``serve`` builds."""
         return {"batching": self.batching, "max_batch": self.max_batch, "batch_buckets": tuple(self.batch_buckets)}
 
     def job_concurrency(self, backend: Any) -> int:
@@ -337,8 +337,8 @@ class Settings(BaseSettings):
         return self.data_dir / "outputs"
 
     def webhook_options(self):
-        """The webhook deliverer's ``api.webhooks.WebhookOptions`` (secrets and URLs by owner)."""
-        from api.webhooks import WebhookOptions
+        """The webhook deliverer's ``diffserve.api.webhooks.WebhookOptions`` (secrets and URLs by owner)."""
+        from diffserve.api.webhooks import WebhookOptions
 
         return WebhookOptions.from_settings(self)
 

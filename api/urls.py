@@ -7,7 +7,7 @@ with the output URLs; both route modules build them here so the layout is writte
 
 from __future__ import annotations
 
-from api.jobs import Job
+from diffserve.api.jobs import Job
 
 
 def status_url(base: str, job_id: str) -> str:

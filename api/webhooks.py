@@ -1,7 +1,7 @@
 """Webhooks: a ``/v2`` request's result POSTed to the client's URL once it is COMPLETED or FAILED.
 
-This module owns the feature; two hooks use it: ``api.routes.models`` records a delivery when it
-accepts a request, ``api.app`` runs the :class:`WebhookDeliverer` for the app's lifetime (in every
+This module owns the feature; two hooks use it: ``diffserve.api.routes.models`` records a delivery when it
+accepts a request, ``diffserve.api.app`` runs the :class:`WebhookDeliverer` for the app's lifetime (in every
 process that has the store and webhook secrets, so on Redis any API replica, or a worker given
 the secrets, may make an attempt).
 
@@ -23,7 +23,7 @@ the secrets, may make an attempt).
   its job is created (the job id is drawn by the store), so a crash between the two loses it.
 * **The result body** is frozen at the first attempt (the same JSON as ``GET
   /v2/requests/{id}``): the job may have expired before the last retry.
-* **SSRF**: the URL goes through the guard of image URLs (``api.images.vet_url``) when the
+* **SSRF**: the URL goes through the guard of image URLs (``diffserve.api.images.vet_url``) when the
   request is accepted (a 400) and again before every attempt, and the connection goes to the
   vetted address; redirects are not followed (a 3xx is a failed attempt).
 """
@@ -48,10 +48,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
-from api.images import ImageFetchPolicy, ImageInputError, send_pinned, vet_url
-from api.jobs import Job
-from api.metrics import ApiMetrics
-from api.redis_client import StoreUnavailable, guarded, lua
+from diffserve.api.images import ImageFetchPolicy, ImageInputError, send_pinned, vet_url
+from diffserve.api.jobs import Job
+from diffserve.api.metrics import ApiMetrics
+from diffserve.api.redis_client import StoreUnavailable, guarded, lua
 
 __all__ = [
     "Delivery", "RedisWebhookOutbox", "RetrySchedule", "SqliteWebhookOutbox", "WebhookDeliverer",

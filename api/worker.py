@@ -4,7 +4,7 @@ A worker takes from Redis only the jobs of the slugs its Triton serves (read fro
 repository's manifest with ``--repository``, else from the server's model index: every model
 named like a catalog slug is that slug's default pipeline, as ``diffserve export`` names them), runs them through that Triton, heartbeats while each runs, and stores
 the outcome; API replicas (``diffserve serve --role api``) answer the clients. It is the app of
-``api.app.create_app(..., role="worker")``: the same job runner as ``serve``, with only the
+``diffserve.api.app.create_app(..., role="worker")``: the same job runner as ``serve``, with only the
 health routes, served on ``--health-port``: ``/healthz``, ``/readyz`` (Redis and its Triton)
 and ``/metrics``. Without ``--triton-url`` it starts its own Triton on ``--repository``.
 """
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 def worker_settings(args: argparse.Namespace):
     from pydantic import ValidationError as SettingsError
 
-    from api.settings import Settings
+    from diffserve.api.settings import Settings
 
     overrides: dict[str, Any] = {}
     for name, field in (("host", "host"), ("health_port", "port"), ("data_dir", "data_dir"),
@@ -51,7 +51,7 @@ def pipelines_from_server(grpc_url: str, timeout_s: float = 60.0) -> dict[str, d
 
     import tritonclient.grpc as grpcclient
 
-    from engine.catalog import CATALOG
+    from diffserve.engine.catalog import CATALOG
 
     deadline = time.monotonic() + timeout_s
     client = grpcclient.InferenceServerClient(grpc_url)
@@ -70,13 +70,13 @@ def pipelines_from_server(grpc_url: str, timeout_s: float = 60.0) -> dict[str, d
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from api.app import create_app
-    from api.backend_triton import create_triton_backend
-    from api.server import run_until_stopped
+    from diffserve.api.app import create_app
+    from diffserve.api.backend_triton import create_triton_backend
+    from diffserve.api.server import run_until_stopped
 
     settings = worker_settings(args)
     if settings.repository is None:
-        from api.backend_triton import TritonBackend
+        from diffserve.api.backend_triton import TritonBackend
 
         backend = TritonBackend(settings.triton_url, pipelines_from_server(settings.triton_url),
                                 timeout_s=settings.triton_timeout_s or settings.job_timeout_s)

@@ -1,7 +1,7 @@
 """Latency, throughput, serving-overhead, cost and capacity benchmarks (``diffserve bench``).
 
 Above ``engine``, ``triton_serving`` and ``export``, below ``api`` (whose CLI mounts
-``benchmarks.cli``; the serving benchmark starts ``diffserve serve`` as a child process rather than
+``diffserve.benchmarks.cli``; the serving benchmark starts ``diffserve serve`` as a child process rather than
 importing the API). The results side, each module importing only those before it: ``environment``
 (where a run happened), ``record`` (the JSON record), ``plots``, ``report`` (markdown and the files
 on disk), ``index`` (the results table). The measurements use it, never the reverse:

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks import floors
-from benchmarks.figures import all_figures
+from diffserve.benchmarks import floors
+from diffserve.benchmarks.figures import all_figures
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _unet_inputs(config, batch: int, width: int, height: int, device: torch.devi
 
 def _time(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:
     """Median seconds of ``fn`` (synchronised)."""
-    from benchmarks.engine_bench import measure
+    from diffserve.benchmarks.engine_bench import measure
 
     return float(np.median(measure(fn, repeats, device, warmup=warmup)))
 
@@ -88,7 +88,7 @@ def sweep_unet(slug: str, *, device: torch.device, dtype: torch.dtype, batches: 
                size: tuple[int, int] | None = None) -> dict[str, Any]:
     """One slug's UNet over ``batches`` at ``size`` (default ``SWEEP_SHAPES``): per point eager and
     graph-replay time, throughput, checks."""
-    from benchmarks.full_size import SLUG_ARCHITECTURES, build_module
+    from diffserve.benchmarks.full_size import SLUG_ARCHITECTURES, build_module
 
     width, height = size or SWEEP_SHAPES[slug]
     t0 = time.perf_counter()
@@ -158,9 +158,9 @@ def run_batch_sweep(*, device: str | None, precision: str | None, slugs: tuple[s
                     cuda_graphs: bool = True, size: tuple[int, int] | None = None) -> dict[str, Any]:
     """The sweep of every slug in ``slugs``, as a report (``kind`` ``batch-sweep``); ``size`` replaces
     every slug's resolution (the CPU dry run's small one)."""
-    from benchmarks.environment import environment
-    from benchmarks.record import new_report
-    from engine.runtime_torch import resolve_device_dtype
+    from diffserve.benchmarks.environment import environment
+    from diffserve.benchmarks.record import new_report
+    from diffserve.engine.runtime_torch import resolve_device_dtype
 
     dev, dtype = resolve_device_dtype(device, precision, "sd15")
     report = new_report("batch-sweep", environment(dev))

@@ -3,7 +3,7 @@
 ``concurrency`` client threads each send ``requests`` requests back to back (a closed loop) into one
 set of torch components. *unbatched*: every thread runs its pipeline alone, the threads sharing the
 CPU or GPU as the local backend did before batching; *batched*: the same threads with
-``RunControl.driver`` set to one ``engine.batching.StepBatcher`` over the UNet, as the local backend
+``RunControl.driver`` set to one ``diffserve.engine.batching.StepBatcher`` over the UNet, as the local backend
 runs now. Per point: images/s over the wall time of all requests, p50/p95 of request latency, and the
 process's CPU seconds per image — on a machine other processes share, wall-clock figures depend on
 how many threads each mode keeps runnable; CPU seconds per image do not.
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.environment import environment
-from benchmarks.record import new_report
+from diffserve.benchmarks.environment import environment
+from diffserve.benchmarks.record import new_report
 
 CONCURRENCY = (1, 2, 4, 8)
 SLUG = "sd1.5-scifi"
@@ -30,7 +30,7 @@ SLUG = "sd1.5-scifi"
 
 
 def _point(components, params: dict[str, Any], concurrency: int, requests: int, batcher) -> dict[str, Any]:
-    from engine.pipelines import RunControl, run
+    from diffserve.engine.pipelines import RunControl, run
 
     latencies: list[float] = []
     lock = threading.Lock()
@@ -62,18 +62,18 @@ def _point(components, params: dict[str, Any], concurrency: int, requests: int, 
 def run_batching_bench(*, checkpoint: Path | None = None, width: int = 512, height: int = 512, steps: int = 20,
                        requests: int = 3, concurrency: tuple[int, ...] = CONCURRENCY, max_batch: int = 16,
                        device: str | None = None, command: str = "") -> dict[str, Any]:
-    from engine.batching import BatchingOptions, StepBatcher
-    from engine.catalog import validate
-    from engine.runtime_torch import TorchComponents
+    from diffserve.engine.batching import BatchingOptions, StepBatcher
+    from diffserve.engine.catalog import validate
+    from diffserve.engine.runtime_torch import TorchComponents
 
     if checkpoint is None:
-        from engine.tiny.demo import demo_checkpoints
+        from diffserve.engine.tiny.demo import demo_checkpoints
 
         checkpoint = Path(demo_checkpoints()[SLUG])
     components = TorchComponents(checkpoint, device=device)
     params = validate(SLUG, {"prompt": "a city at night", "img_width": width, "img_height": height,
                              "num_inference_steps": steps})
-    from engine.pipelines import run
+    from diffserve.engine.pipelines import run
 
     run(SLUG, dict(params, seed=1), components)  # warm-up
     report = new_report("batching", environment(components.device))

@@ -20,7 +20,7 @@ load measured misses the objective, and more GPUs do not lower latency.
 An engine result is a single point: throughput = 1000 / median ms (one request at a time, no
 batching across requests), p95 taken as the end-to-end p90 (the closest statistic it keeps).
 It is a conservative estimate for a server that overlaps requests. The capacity report's
-markdown (``benchmarks.report``) restates these formulas for its readers.
+markdown (``diffserve.benchmarks.report``) restates these formulas for its readers.
 
 Queueing model (``--arrival-rate``, below): a measured curve answers only for the loads that
 were measured. The M/G/c model predicts p95 latency for any arrival rate and number of GPUs
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.environment import environment
-from benchmarks.record import load_report, new_report, stored_reports
+from diffserve.benchmarks.environment import environment
+from diffserve.benchmarks.record import load_report, new_report, stored_reports
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """``diffserve bench engine|serve|batching|capacity|checkpoint|report|store``: the benchmark commands.
 
-Wired into the ``diffserve`` CLI by ``add_parsers(sub)``; ``python -m benchmarks.cli ...`` runs
+Wired into the ``diffserve`` CLI by ``add_parsers(sub)``; ``python -m diffserve.benchmarks.cli ...`` runs
 the same commands without it. Each command writes its JSON, markdown and plots under
 ``benchmarks/results/`` (``--out`` elsewhere) and prints the markdown.
 """
@@ -35,13 +35,13 @@ def _slug_dir(text: str) -> tuple[str, Path]:
 
 
 def _work_dir() -> Path:
-    from engine import home_dir
+    from diffserve.engine import home_dir
 
     return home_dir() / "bench"
 
 
 def _finish(report: dict[str, Any], args: argparse.Namespace) -> int:
-    from benchmarks.report import render_markdown, write_report
+    from diffserve.benchmarks.report import render_markdown, write_report
 
     paths = write_report(report, Path(args.out) if args.out else None, args.name, plots=not args.no_plots)
     print(render_markdown(report))
@@ -53,7 +53,7 @@ def _models_checkpoints(models_file: Path | None, slugs: list[str]) -> dict[str,
     """The materialized checkpoints of ``slugs`` from a ``models.toml`` (``--models``); incomplete ones are errors."""
     if models_file is None:
         return {}
-    from engine.models_file import load_models_file, prepare
+    from diffserve.engine.models_file import load_models_file, prepare
 
     prepared = prepare(load_models_file(models_file), slugs=slugs)
     broken = {s: p for s, p in prepared.unavailable().items() if s in slugs}
@@ -63,8 +63,8 @@ def _models_checkpoints(models_file: Path | None, slugs: list[str]) -> dict[str,
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
-    from benchmarks.engine_bench import EngineBenchConfig, run_engine_bench
-    from engine.catalog import CATALOG, ValidationError, read_params_argument
+    from diffserve.benchmarks.engine_bench import EngineBenchConfig, run_engine_bench
+    from diffserve.engine.catalog import CATALOG, ValidationError, read_params_argument
 
     if args.slug not in CATALOG:
         print(f"unknown slug {args.slug!r}; available: {', '.join(CATALOG)}", file=sys.stderr)
@@ -90,7 +90,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_batching(args: argparse.Namespace) -> int:
-    from benchmarks.batching_bench import run_batching_bench
+    from diffserve.benchmarks.batching_bench import run_batching_bench
 
     try:
         concurrency = tuple(int(c) for c in _csv(args.concurrency))
@@ -108,8 +108,8 @@ def cmd_batching(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from benchmarks.serve_bench import ServeBenchConfig, run_serve_bench
-    from engine.catalog import ValidationError, read_params_argument
+    from diffserve.benchmarks.serve_bench import ServeBenchConfig, run_serve_bench
+    from diffserve.engine.catalog import ValidationError, read_params_argument
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
 
@@ -144,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    from benchmarks.capacity import CapacityInputs, QueueingInputs, capacity_report, latest_reports
+    from diffserve.benchmarks.capacity import CapacityInputs, QueueingInputs, capacity_report, latest_reports
 
     plan_args = (args.slo_p95_ms, args.target_rps, args.gpu_hour_usd)
     if not args.arrival_rate and None in plan_args:
@@ -176,7 +176,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    from benchmarks.full_size import save_checkpoint
+    from diffserve.benchmarks.full_size import save_checkpoint
 
     try:
         path = save_checkpoint(args.slug, Path(args.out), device=args.device, precision=args.precision)
@@ -188,8 +188,8 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from benchmarks.index import results_index, write_results_index
-    from benchmarks.report import rerender_markdown
+    from diffserve.benchmarks.index import results_index, write_results_index
+    from diffserve.benchmarks.report import rerender_markdown
 
     root = Path(args.results_dir) if args.results_dir else None
     if args.rerender:
@@ -307,7 +307,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     bat = bsub.add_parser("batching", help="images/s and p50/p95 at concurrency 1-8, step-batched vs not, in-process",
                           description="Closed-loop clients into one set of sd1.5-scifi torch components, each "
-                                      "request alone or through one StepBatcher (engine.batching).")
+                                      "request alone or through one StepBatcher (diffserve.engine.batching).")
     bat.add_argument("--checkpoint", help="an SD1.5 checkpoint directory (default: the tiny demo checkpoint)")
     bat.add_argument("--size", type=int, default=512, help="width and height (default 512, the catalog's smallest)")
     bat.add_argument("--steps", type=int, default=20, help="denoising steps (default 20, the catalog's fewest)")
@@ -371,14 +371,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from benchmarks.store_bench import run
+    from diffserve.benchmarks.store_bench import run
 
     print(run(args.jobs, args.dir))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cli", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m diffserve.benchmarks.cli", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parsers(sub)

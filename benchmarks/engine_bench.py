@@ -8,11 +8,11 @@ and a request (the seed page's example request, with overrides), it measures:
   evaluation at the request's batch: 2 x samples under CFG), ``vae_encode``, ``vae_decode``
   (with the latent scaling and the copy to host) and ``image_encode`` (the API's jpeg/png
   encoding of the request's images);
-* **end to end**: ``engine.pipelines.run`` on the validated request, ``repeats`` times after
+* **end to end**: ``diffserve.engine.pipelines.run`` on the validated request, ``repeats`` times after
   ``warmup`` runs, with the pipeline's own stage split (encode_text, encode_image, denoise,
   decode) per run;
 * **the baseline a user would pick instead**: diffusers' pipeline class for the slug built from
-  the *same* module objects, the same scheduler (``engine.schedulers.make_scheduler``), the same
+  the *same* module objects, the same scheduler (``diffserve.engine.schedulers.make_scheduler``), the same
   seed and parameters, ``output_type="np"``; and the ratio ours / diffusers (below 1: faster),
   plus the largest pixel difference between the two outputs (they compute the same image).
 
@@ -20,7 +20,7 @@ Every timing synchronises the device before and after (``torch.cuda.synchronize`
 work is attributed to the call that queued it. Statistics are median and p90 in ms.
 
 ``--full-size`` builds the slug's networks from ``benchmarks/configs`` with random weights
-directly on the device (``benchmarks.full_size``) instead of loading a checkpoint; slugs whose
+directly on the device (``diffserve.benchmarks.full_size``) instead of loading a checkpoint; slugs whose
 pipeline needs networks with no full-size config here (omni-zero: the IP-Adapter image encoder
 and face models; ominicontrol: the T5/CLIP text encoders and FLUX VAE) then get the network
 stages that have one timed and an end-to-end estimate from them.
@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from benchmarks import floors
+from diffserve.benchmarks import floors
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ STAGES = ("encode_text", "unet_step", "controlnet_step", "transformer_step", "va
 
 def diffusers_pipeline_name(slug: str) -> str | None:
     """diffusers' pipeline class a user would run for ``slug`` (its family's ``BenchmarkFigures``); None: none."""
-    from benchmarks.figures import figures
+    from diffserve.benchmarks.figures import figures
 
     fig = figures(slug)
     return None if fig is None else fig.diffusers_pipeline
@@ -80,7 +80,7 @@ class EngineBenchConfig:
     """Also run the request once in eager fp32 on the same weights and report every entry's largest
     pixel difference from it (the numerical check of fp16/bf16 and of the optimisations)."""
     optimizations: tuple[str, ...] = ()
-    """``engine.torch_optimize`` specs; each adds a torch entry with those optimizations (``fast``, ...),
+    """``diffserve.engine.torch_optimize`` specs; each adds a torch entry with those optimizations (``fast``, ...),
     compared with eager torch and diffusers in the same run."""
     threads: int | None = None
     """torch CPU threads (``torch.set_num_threads``); default: torch's own choice. On a shared CPU,
@@ -94,7 +94,7 @@ class EngineBenchConfig:
         bad = [r for r in self.runtimes if r not in RUNTIMES]
         if bad or not self.runtimes:
             raise ValueError(f"runtimes must be among {', '.join(RUNTIMES)}, got {', '.join(self.runtimes) or 'none'}")
-        from engine.torch_optimize import TorchOptimizations
+        from diffserve.engine.torch_optimize import TorchOptimizations
 
         if self.vae_precision is not None:
             TorchOptimizations.parse(f"vae={self.vae_precision}")  # refuses an unknown precision here
@@ -148,20 +148,20 @@ def demo_image(work_dir: Path):
     """The deterministic 512x512 demo picture (as a PIL image) used for image inputs."""
     import PIL.Image
 
-    from engine.tiny.demo import demo_input_image
+    from diffserve.engine.tiny.demo import demo_input_image
 
     with PIL.Image.open(demo_input_image(Path(work_dir) / "inputs" / "sd-img2img-input.jpeg")) as im:
         return im.convert("RGB")
 
 
 def reference_request(slug: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The seed page's example request (``engine.tiny.demo.DEMO_PARAMS``) with overrides, catalog-validated.
+    """The seed page's example request (``diffserve.engine.tiny.demo.DEMO_PARAMS``) with overrides, catalog-validated.
 
     Image parameters keep a placeholder string; ``seed=-1`` is resolved once here so every run
     (ours and diffusers') computes the same image.
     """
-    from engine.tiny.demo import DEMO_PARAMS
-    from engine.catalog import get_model, resolve_seed
+    from diffserve.engine.tiny.demo import DEMO_PARAMS
+    from diffserve.engine.catalog import get_model, resolve_seed
 
     spec = get_model(slug)
     payload = {k: v for k, v in DEMO_PARAMS.get(slug, {}).items() if k != "base64"}
@@ -183,7 +183,7 @@ def with_images(slug: str, params: dict[str, Any], image, *, as_array: bool = Fa
     """
     import numpy as np
 
-    from engine.catalog import get_model
+    from diffserve.engine.catalog import get_model
 
     out = dict(params)
     size = (int(params["img_width"]), int(params["img_height"])) if "img_width" in params else None
@@ -220,8 +220,8 @@ class RuntimeUnavailable(RuntimeError):
 def _export_artifacts(slug: str, checkpoint: Path, modules: dict[str, torch.nn.Module], out_root: Path,
                       precision: str, tensorrt: bool) -> dict[str, Path]:
     """ONNX (and TensorRT plans) of the slug's components; cached by source fingerprint."""
-    from engine.catalog import get_model
-    from export.repository import export_components
+    from diffserve.engine.catalog import get_model
+    from diffserve.export.repository import export_components
 
     exported = export_components(checkpoint, [get_model(slug)], lambda _component: out_root, precision,
                                  modules=modules, tensorrt=tensorrt, verify=False, label=slug)
@@ -239,7 +239,7 @@ def prepare_runtime(runtime: str, cfg: EngineBenchConfig, checkpoint: Path | Non
                     device: torch.device, precision: str) -> Prepared:
     """Components for ``runtime``; onnxruntime/tensorrt export from the checkpoint (or the full-size modules)."""
     if runtime == "torch":
-        from engine.runtime_torch import TorchComponents
+        from diffserve.engine.runtime_torch import TorchComponents
 
         components = TorchComponents(checkpoint, device=str(device), precision=precision,
                                      optimizations=cfg._vae_token() or None)
@@ -252,7 +252,7 @@ def prepare_runtime(runtime: str, cfg: EngineBenchConfig, checkpoint: Path | Non
         return Prepared("torch", components, components.device, raw)
 
     if runtime == "tensorrt":
-        from export.onnx_export import tensorrt_toolkit
+        from diffserve.export.onnx_export import tensorrt_toolkit
 
         if tensorrt_toolkit() is None:
             raise RuntimeUnavailable("the `tensorrt` package is not installed (pip install 'diffserve[tensorrt]')")
@@ -267,7 +267,7 @@ def prepare_runtime(runtime: str, cfg: EngineBenchConfig, checkpoint: Path | Non
         modules = torch_prepared.components.modules  # exported after the torch runs are done
         source = torch_prepared.components.checkpoint
     else:
-        from engine.runtime_torch import load_component_modules
+        from diffserve.engine.runtime_torch import load_component_modules
 
         modules = load_component_modules(checkpoint)
         source = checkpoint
@@ -276,18 +276,18 @@ def prepare_runtime(runtime: str, cfg: EngineBenchConfig, checkpoint: Path | Non
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
-        from engine.runtime_onnx import OnnxComponents
+        from diffserve.engine.runtime_onnx import OnnxComponents
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
         providers = [p for p in providers if p in ort.get_available_providers()]
         if device.type == "cuda" and "CUDAExecutionProvider" not in providers:
             raise RuntimeUnavailable("onnxruntime has no CUDAExecutionProvider here (pip install onnxruntime-gpu)")
-        from engine.options import EngineOptions
+        from diffserve.engine.options import EngineOptions
 
         components = OnnxComponents(source, artifacts, providers=providers,
                                     options=EngineOptions(ort_threads=cfg.threads or 0))
         return Prepared("onnxruntime", components, device, notes=[f"providers: {', '.join(providers)}"])
-    from engine.runtime_trt import TrtComponents
+    from diffserve.engine.runtime_trt import TrtComponents
 
     return Prepared("tensorrt", TrtComponents(source, artifacts, device=str(device)), device)
 
@@ -297,9 +297,9 @@ def prepare_runtime(runtime: str, cfg: EngineBenchConfig, checkpoint: Path | Non
 def _stage_calls(slug: str, components, params: dict[str, Any], image, images_uint8: np.ndarray | None
                  ) -> dict[str, Callable[[], Any]]:
     """One callable per stage of the request, on the runtime's ``Components``."""
-    from engine.catalog import get_model
-    from engine.imageio import DEFAULT_QUALITY, encode_image
-    from engine.pipelines.common import (
+    from diffserve.engine.catalog import get_model
+    from diffserve.engine.imageio import DEFAULT_QUALITY, encode_image
+    from diffserve.engine.pipelines.common import (
         decode_latents, encode_prompt_sd15, encode_prompt_sdxl, image_to_tensor, sdxl_time_ids,
     )
 
@@ -343,8 +343,8 @@ def _raw_stage_calls(slug: str, raw: dict[str, torch.nn.Module], params: dict[st
 
     The slug's family times them (its ``BenchmarkFigures.network_stages`` module): (calls, estimate, note, module).
     """
-    from benchmarks.figures import figures
-    from engine.catalog import get_model
+    from diffserve.benchmarks.figures import figures
+    from diffserve.engine.catalog import get_model
 
     spec = get_model(slug)
     fig = figures(slug)
@@ -413,7 +413,7 @@ def loop_overhead(slug: str, components, request: dict[str, Any], device) -> dic
     The pipeline's ``denoise`` stage minus the denoiser calls made inside it (each synchronised),
     divided by the steps: scheduler math, guidance, copies and Python between the calls.
     """
-    from engine.pipelines import run
+    from diffserve.engine.pipelines import run
 
     timed = TimedComponents(components, device)
     with torch.inference_mode():
@@ -431,9 +431,9 @@ def loop_overhead(slug: str, components, request: dict[str, Any], device) -> dic
 def time_component_calls(slug: str, components, request: dict[str, Any], device, runs: int,
                          images_uint8: np.ndarray, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per-network call statistics over ``runs`` instrumented pipeline runs, plus image encoding."""
-    from engine.catalog import get_model
-    from engine.imageio import DEFAULT_QUALITY, encode_image
-    from engine.pipelines import run
+    from diffserve.engine.catalog import get_model
+    from diffserve.engine.imageio import DEFAULT_QUALITY, encode_image
+    from diffserve.engine.pipelines import run
 
     timed = TimedComponents(components, device)
     with torch.inference_mode():
@@ -462,7 +462,7 @@ def time_stages(calls: dict[str, Callable[[], Any]], repeats: int, device, progr
 def time_pipeline(slug: str, components, params: dict[str, Any], warmup: int, repeats: int, device,
                   progress=None):
     """(wall seconds per run, pipeline stage seconds per run, the last GenerationResult)."""
-    from engine.pipelines import run
+    from diffserve.engine.pipelines import run
 
     for _ in range(warmup):
         run(slug, dict(params), components)
@@ -504,14 +504,14 @@ def diffusers_pipeline(slug: str, prepared: Prepared):
 
 
 def _scheduler(slug: str, components, name: str):
-    from engine.schedulers import make_scheduler
+    from diffserve.engine.schedulers import make_scheduler
 
     return make_scheduler(name, components.config.scheduler_config)
 
 
 def diffusers_call(slug: str, pipe, components, params: dict[str, Any]) -> np.ndarray:
     """Run the request through diffusers (fresh scheduler, same seed); float NHWC images."""
-    from benchmarks.figures import figures
+    from diffserve.benchmarks.figures import figures
 
     pipe.scheduler = _scheduler(slug, components, params["scheduler"])
     kwargs = dict(prompt=params["prompt"], negative_prompt=params.get("negative_prompt"),
@@ -570,15 +570,15 @@ def _progress(total: int, desc: str):
 
 def run_engine_bench(cfg: EngineBenchConfig, on_update: Callable[[dict[str, Any]], None] | None = None
                      ) -> dict[str, Any]:
-    """Run the benchmark and return the report (see ``benchmarks.report`` for its rendering).
+    """Run the benchmark and return the report (see ``diffserve.benchmarks.report`` for its rendering).
 
     ``on_update(report)`` is called after every entry with the report so far (its entries still carry
     in-memory arrays under ``_`` keys: ``public_report`` drops them), so a run cut off keeps what it measured.
     """
-    from benchmarks.environment import environment
-    from benchmarks.record import new_report
-    from engine.catalog import get_model
-    from engine.runtime_torch import resolve_device_dtype
+    from diffserve.benchmarks.environment import environment
+    from diffserve.benchmarks.record import new_report
+    from diffserve.engine.catalog import get_model
+    from diffserve.engine.runtime_torch import resolve_device_dtype
 
     spec = get_model(cfg.slug)
     sd_pipeline = diffusers_pipeline_name(cfg.slug) is not None
@@ -609,7 +609,7 @@ def run_engine_bench(cfg: EngineBenchConfig, on_update: Callable[[dict[str, Any]
     full = None
     checkpoint = cfg.checkpoint
     if cfg.full_size:
-        from benchmarks.full_size import full_size_setup
+        from diffserve.benchmarks.full_size import full_size_setup
 
         full = full_size_setup(cfg.slug, device=str(device), precision=precision,
                                skeleton_root=Path(cfg.work_dir) / "full-size", config_dir=cfg.config_dir,
@@ -623,7 +623,7 @@ def run_engine_bench(cfg: EngineBenchConfig, on_update: Callable[[dict[str, Any]
         checkpoint = full.checkpoint
     else:
         if checkpoint is None:
-            from engine.tiny.demo import demo_checkpoints
+            from diffserve.engine.tiny.demo import demo_checkpoints
 
             checkpoint = demo_checkpoints()[cfg.slug]
         report["settings"]["checkpoint"] = str(checkpoint)
@@ -782,7 +782,7 @@ def denoiser_probe(components, params: dict[str, Any]) -> list[np.ndarray]:
     Two calls in a row with different inputs catch a replay that returns a stale output (a broken
     CUDA graph passes a check made on one input it has already seen).
     """
-    from engine.pipelines.common import encode_prompt_sd15, encode_prompt_sdxl, sdxl_time_ids
+    from diffserve.engine.pipelines.common import encode_prompt_sd15, encode_prompt_sdxl, sdxl_time_ids
 
     cfg = components.config
     width, height = int(params["img_width"]), int(params["img_height"])
@@ -926,7 +926,7 @@ def time_warmup_runs(slug: str, components, request: dict[str, Any], warmup: int
                      progress=None) -> list[float]:
     """Wall seconds of each untimed warm-up run, so what the first runs pay (lazy ``torch.compile``,
     CUDA graph capture, autotuning, allocator growth) is reported apart from the timed runs."""
-    from engine.pipelines import run
+    from diffserve.engine.pipelines import run
 
     out = []
     for _ in range(warmup):
@@ -959,15 +959,15 @@ def fp32_reference_images(slug: str, request: dict[str, Any], checkpoint: Path |
     """The request's images from eager torch in fp32 (full size: fp32 copies of the benchmarked weights)."""
     import copy
 
-    from engine.pipelines import run
+    from diffserve.engine.pipelines import run
 
     if full is not None:
-        from benchmarks.full_size import InMemoryTorchComponents
+        from diffserve.benchmarks.full_size import InMemoryTorchComponents
 
         raw = {k: copy.deepcopy(m).float() for k, m in full.raw.items()}
         components = InMemoryTorchComponents(full.checkpoint, raw, full.device, torch.float32)
     else:
-        from engine.runtime_torch import TorchComponents
+        from diffserve.engine.runtime_torch import TorchComponents
 
         components = TorchComponents(checkpoint, device=str(device), precision="fp32")
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -993,15 +993,15 @@ def prepare_optimized(spec: str, checkpoint: Path | None, full, device: torch.de
     import copy
 
     if full is not None:
-        from benchmarks.full_size import InMemoryTorchComponents
+        from diffserve.benchmarks.full_size import InMemoryTorchComponents
 
         raw = dict(full.raw) if take_modules else {k: copy.deepcopy(m) for k, m in full.raw.items()}
         components = InMemoryTorchComponents(full.checkpoint, raw, full.device, full.dtype, optimizations=spec)
     else:
-        from engine.runtime_torch import TorchComponents
+        from diffserve.engine.runtime_torch import TorchComponents
 
         components = TorchComponents(checkpoint, device=str(device), precision=precision, optimizations=spec)
-    from engine.torch_optimize import sdpa_backends
+    from diffserve.engine.torch_optimize import sdpa_backends
 
     report = components.optimization_report
     info = {"applied": report.applied, "fallbacks": report.fallbacks, "warmup_s": report.warmup_seconds,

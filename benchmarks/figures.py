@@ -1,15 +1,15 @@
 """Each slug's benchmark constants, as its model family states them (``ModelFamily.benchmarks``).
 
-The families (``engine.models``) hold the per-slug numbers; the catalog says which family serves a slug.
-This only looks them up: it imports no torch, so ``benchmarks.floors`` and the reports stay light.
+The families (``diffserve.engine.models``) hold the per-slug numbers; the catalog says which family serves a slug.
+This only looks them up: it imports no torch, so ``diffserve.benchmarks.floors`` and the reports stay light.
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
-from engine.models import FAMILIES
-from engine.models.core import BenchmarkFigures, ModelFamily
+from diffserve.engine.models import FAMILIES
+from diffserve.engine.models.core import BenchmarkFigures, ModelFamily
 
 
 def all_figures() -> Iterator[tuple[str, ModelFamily, BenchmarkFigures]]:

@@ -1,7 +1,7 @@
 """Compute floors: the least time a request can take on an H100, from its FLOPs (DESIGN.md).
 
 The per-slug numbers of DESIGN.md's "Compute floors" section (each reference request and its
-floor, the denoisers' TFLOP per evaluation) live with their model families (``engine.models``,
+floor, the denoisers' TFLOP per evaluation) live with their model families (``diffserve.engine.models``,
 ``BenchmarkFigures``); this module holds the formula and the hardware constants. A floor is
 ``FLOPs of the request / 800 TFLOP/s`` (H100 SXM dense bf16): no real run reaches it, so
 ``fraction_of_floor = floor_ms / measured_ms`` (1.0 = at the floor) says how much of the
@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from benchmarks.figures import all_figures, denoiser_tflop, figures
+from diffserve.benchmarks.figures import all_figures, denoiser_tflop, figures
 
 H100_DENSE_BF16_TFLOPS = 800.0
 """Peak dense bf16 tensor-core throughput the floors assume (H100 SXM)."""

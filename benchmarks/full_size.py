@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from engine.runtime_torch import (
+from diffserve.engine.runtime_torch import (
     TextEncoderModule, TorchComponents, UNetModule, VaeDecoderModule, VaeEncoderModule, resolve_device_dtype,
 )
 
@@ -56,7 +56,7 @@ _TRANSFORMERS_CLASSES = {"CLIPTextModel", "CLIPTextModelWithProjection"}
 
 
 def _slug_architectures() -> dict[str, dict[str, str]]:
-    from benchmarks.figures import all_figures
+    from diffserve.benchmarks.figures import all_figures
 
     return {slug: dict(fig.full_size) for slug, _, fig in all_figures() if fig.full_size}
 
@@ -70,7 +70,7 @@ not timed at full size."""
 
 def end_to_end_at_full_size(slug: str) -> bool:
     """Whether every network of ``slug``'s pipeline has a config here, so it runs end to end at full size."""
-    from benchmarks.figures import figures
+    from diffserve.benchmarks.figures import figures
 
     fig = figures(slug)
     return fig is not None and fig.full_size_end_to_end
@@ -134,8 +134,8 @@ def count_parameters(name: str, config_dir: Path | None = None) -> int:
 
 def write_skeleton_checkpoint(slug: str, root: Path, config_dir: Path | None = None) -> Path:
     """A weight-less diffusers directory for ``slug``: configs, scheduler config, offline tokenizers."""
-    from engine.catalog import get_model
-    from engine.tiny.checkpoints import SD15_SCHEDULER, SDXL_SCHEDULER, build_clip_tokenizer
+    from diffserve.engine.catalog import get_model
+    from diffserve.engine.tiny.checkpoints import SD15_SCHEDULER, SDXL_SCHEDULER, build_clip_tokenizer
 
     arch = SLUG_ARCHITECTURES[slug]
     family = get_model(slug).architecture
@@ -207,8 +207,8 @@ def save_checkpoint(slug: str, out_dir: Path, *, device: str | None = None, prec
     """
     import diffusers
 
-    from engine.catalog import get_model
-    from engine.checkpoint import read_architecture
+    from diffserve.engine.catalog import get_model
+    from diffserve.engine.checkpoint import read_architecture
 
     spec = get_model(slug)
     if not end_to_end_at_full_size(slug):
@@ -221,7 +221,7 @@ def save_checkpoint(slug: str, out_dir: Path, *, device: str | None = None, prec
     config = read_architecture(skeleton)
     from transformers import CLIPTokenizer
 
-    from engine.schedulers import make_scheduler
+    from diffserve.engine.schedulers import make_scheduler
 
     scheduler = make_scheduler("PNDM" if spec.architecture == "sd15" else "Euler", config.scheduler_config)
     tokenizer = CLIPTokenizer.from_pretrained(skeleton / "tokenizer")
@@ -252,8 +252,8 @@ def save_checkpoint(slug: str, out_dir: Path, *, device: str | None = None, prec
 def full_size_setup(slug: str, *, device: str | None, precision: str | None, skeleton_root: Path,
                     config_dir: Path | None = None, optimizations: str | None = None) -> FullSizeSetup:
     """Every network of ``slug`` at full size with random weights, built on ``device``; ``optimizations``
-    (an ``engine.torch_optimize`` spec, e.g. ``vae=fp16``) for the components built over them."""
-    from engine.catalog import get_model
+    (an ``diffserve.engine.torch_optimize`` spec, e.g. ``vae=fp16``) for the components built over them."""
+    from diffserve.engine.catalog import get_model
 
     if slug not in SLUG_ARCHITECTURES:
         raise ValueError(f"no full-size architecture for {slug!r}; have: {', '.join(SLUG_ARCHITECTURES)}")

@@ -1,8 +1,8 @@
 """Full size end to end on one host: random full-size weights -> export -> Triton -> real HTTP requests.
 
-``python -m benchmarks.full_size_e2e --slugs sd1.5-scifi,sd1.5-img2img --work-dir DIR`` runs, as a new user
+``python -m diffserve.benchmarks.full_size_e2e --slugs sd1.5-scifi,sd1.5-img2img --work-dir DIR`` runs, as a new user
 would, each step as its own ``diffserve`` process: ``bench checkpoint``'s writer (full-size random weights,
-``benchmarks.full_size.save_checkpoint``), ``diffserve export --model ...`` (the deployment defaults: fused
+``diffserve.benchmarks.full_size.save_checkpoint``), ``diffserve export --model ...`` (the deployment defaults: fused
 only, one instance), ``diffserve serve --repository`` (Triton and the API), then one ``POST /v1/<slug>`` per
 slug at 512x512 (1024² for Vega), 20 steps. It writes one JSON: export seconds and peak RSS of the export
 process, seconds until the server was ready (Triton's load), each request's latency, the peak RSS of the
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.figures import all_figures, figures
-from engine.processes import ChildProcess
+from diffserve.benchmarks.figures import all_figures, figures
+from diffserve.engine.processes import ChildProcess
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,10 @@ SIZES = sizes()
 def write_checkpoints(slugs: list[str], work_dir: Path, tiny: bool) -> dict[str, Path]:
     """One checkpoint per architecture (the two SD1.5 slugs share one, as a deployment of one fine-tune would)."""
     if tiny:
-        from engine.tiny.demo import demo_checkpoints
+        from diffserve.engine.tiny.demo import demo_checkpoints
 
         return {s: p for s, p in demo_checkpoints().items() if s in slugs}
-    from benchmarks.full_size import SLUG_ARCHITECTURES, save_checkpoint
+    from diffserve.benchmarks.full_size import SLUG_ARCHITECTURES, save_checkpoint
 
     out = {}
     for slug in slugs:
@@ -141,7 +141,7 @@ def image_checks(content: bytes) -> dict[str, Any]:
 def serve_and_request(repository: Path, slugs: list[str], log: Path, timeout_s: float) -> dict[str, Any]:
     import httpx
 
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--repository", str(repository), "--port", "0"]
+    cmd = [sys.executable, "-m", "diffserve.api.cli", "serve", "--repository", str(repository), "--port", "0"]
     t0 = time.perf_counter()
     log.unlink(missing_ok=True)  # this run's output only
     server = ChildProcess(cmd, name="diffserve serve", log=log).start()
@@ -172,13 +172,13 @@ def run(slugs: list[str], work_dir: Path, *, tiny: bool = False, timeout_s: floa
     checkpoints = write_checkpoints(slugs, work_dir, tiny)
     checkpoint_s = time.perf_counter() - t0
     repository = work_dir / "repository"
-    cmd = [sys.executable, "-m", "api.cli", "export", "--repository", str(repository), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "diffserve.api.cli", "export", "--repository", str(repository), "--device", "cpu"]
     keys: dict[Path, str] = {}  # slugs on one checkpoint share its key (and nothing else: fused loads per slug)
     for slug, path in checkpoints.items():
         key = keys.setdefault(Path(path).resolve(), slug.replace("-", "_").replace(".", "_"))
         cmd += ["--model", f"{slug}={path}:{key}"]
     export_s, export_rss = _run_measured(cmd, work_dir / "export.log")
-    from triton_serving.manifest import read_manifest
+    from diffserve.triton_serving.manifest import read_manifest
 
     manifest = read_manifest(repository)
     served = serve_and_request(repository, slugs, work_dir / "serve.log", timeout_s)

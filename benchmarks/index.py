@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks import floors
-from benchmarks.record import RESULTS_DIR, device_tag, is_tiny, runtime_label, stored_reports
-from benchmarks.report import format_ms, format_num, format_pct
+from diffserve.benchmarks import floors
+from diffserve.benchmarks.record import RESULTS_DIR, device_tag, is_tiny, runtime_label, stored_reports
+from diffserve.benchmarks.report import format_ms, format_num, format_pct
 
 
 def results_index(results_dir: Path | None = None) -> str:

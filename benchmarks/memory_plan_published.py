@@ -3,9 +3,9 @@
 Writes a header-only skeleton of each slug (safetensors headers with the real tensor shapes of the full-size
 configs in ``benchmarks/configs``, data left sparse on disk; networks without a config there get one tensor
 of their published parameter count, and files that ship as ``.bin``/``.onnx``/``.pt`` a sparse file of their
-published size, as each slug's family states them in ``BenchmarkFigures``) and runs ``engine.memory_plan``
+published size, as each slug's family states them in ``BenchmarkFigures``) and runs ``diffserve.engine.memory_plan``
 on it, as ``diffserve models check --device cuda`` does on downloaded weights.
-``python -m benchmarks.memory_plan_published --out benchmarks/results``.
+``python -m diffserve.benchmarks.memory_plan_published --out benchmarks/results``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import struct
 import tempfile
 from pathlib import Path
 
-from benchmarks.figures import figures
-from benchmarks.full_size import SLUG_ARCHITECTURES, build_module, load_config
-from engine.memory_plan import GB, plan_deployment
+from diffserve.benchmarks.figures import figures
+from diffserve.benchmarks.full_size import SLUG_ARCHITECTURES, build_module, load_config
+from diffserve.engine.memory_plan import GB, plan_deployment
 
 
 def _write_header(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:

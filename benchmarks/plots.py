@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from benchmarks.record import runtime_label, stage_names
+from diffserve.benchmarks.record import runtime_label, stage_names
 
 logger = logging.getLogger(__name__)
 

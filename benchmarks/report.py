@@ -3,9 +3,9 @@
 ``render_markdown`` turns an engine, serve or capacity report into the markdown a reader
 compares results with (the environment header, the tables, the notes, the formulas of a
 capacity plan in ``FORMULAS_MD``); ``write_report`` stores ``<stem>.json``, ``<stem>.md`` and
-the plots (``benchmarks.plots``) under ``benchmarks/results/`` or ``--out``, the stem naming
+the plots (``diffserve.benchmarks.plots``) under ``benchmarks/results/`` or ``--out``, the stem naming
 kind, slug, device, precision and time; ``rerender_markdown`` rewrites every ``.md`` from its
-JSON alone. The number formatters (``format_ms`` ...) are shared with ``benchmarks.index``.
+JSON alone. The number formatters (``format_ms`` ...) are shared with ``diffserve.benchmarks.index``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from benchmarks import floors
-from benchmarks.plots import render_plots
-from benchmarks.record import (
+from diffserve.benchmarks import floors
+from diffserve.benchmarks.plots import render_plots
+from diffserve.benchmarks.record import (
     RESULTS_DIR, SCHEMA_VERSION, device_tag, is_tiny, load_report, runtime_label, stage_names,
 )
 
@@ -94,11 +94,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     if kind == "capacity":
         return render_capacity_markdown(report)
     if kind == "batch-sweep":
-        from benchmarks.batch_sweep import sweep_markdown
+        from diffserve.benchmarks.batch_sweep import sweep_markdown
 
         return sweep_markdown(report)
     if kind == "batching":
-        from benchmarks.batching_bench import batching_markdown
+        from diffserve.benchmarks.batching_bench import batching_markdown
 
         return batching_markdown(report)
     raise ValueError(f"unknown report kind {kind!r}")

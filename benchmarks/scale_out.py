@@ -5,14 +5,14 @@ Owns the whole run as child processes on loopback, never importing ``api``: one 
 repository (``sd1.5-scifi``, fused, tiny demo checkpoint), one API replica (``diffserve serve
 --role api``) and N workers (``diffserve worker``), each on its own ``diffserve triton``. For
 N = 1 and then N = 2 (the second pair is started beside the first) it warms every worker, runs
-``benchmarks.serve_bench``'s closed loop against the API at each concurrency and keeps the
+``diffserve.benchmarks.serve_bench``'s closed loop against the API at each concurrency and keeps the
 series, tagged with N. Every child runs in its own process group and the whole group is
 stopped (SIGTERM, then SIGKILL) in ``finally``, so no server outlives the run; each Triton
 also dies with its ``diffserve triton`` through its lifeline. The report is a ``serve`` report
 (one series per N) plus a ``scale_out`` table and the N=2 / N=1 ratio, written by
-``benchmarks.report`` as ``serve-<slug>-<device>-tiny-scale-out-<date>``.
+``diffserve.benchmarks.report`` as ``serve-<slug>-<device>-tiny-scale-out-<date>``.
 
-Run: ``python -m benchmarks.scale_out [--concurrency 1,2,4,8] [--requests 8] [--workers 1,2]``.
+Run: ``python -m diffserve.benchmarks.scale_out [--concurrency 1,2,4,8] [--requests 8] [--workers 1,2]``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.processes import ChildNotReady, ChildProcess
+from diffserve.engine.processes import ChildNotReady, ChildProcess
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Child:
 
 
 def _diffserve(*args: str) -> list[str]:
-    return [sys.executable, "-m", "api.cli", *args]
+    return [sys.executable, "-m", "diffserve.api.cli", *args]
 
 
 def _child_env(threads: int | None) -> dict[str, str]:
@@ -225,8 +225,8 @@ def scale_out_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 async def run_scale_out(cfg: ScaleOutConfig) -> dict[str, Any]:
-    from benchmarks.serve_bench import ServeBenchConfig, run_serve_bench
-    from export.repository import build_demo_repository
+    from diffserve.benchmarks.serve_bench import ServeBenchConfig, run_serve_bench
+    from diffserve.export.repository import build_demo_repository
 
     own_root = cfg.work_dir is None
     root = Path(tempfile.mkdtemp(prefix="scale-out-")) if own_root else Path(cfg.work_dir)
@@ -306,16 +306,16 @@ def scale_out_notes(report: dict[str, Any], extra: list[str] = ()) -> list[str]:
 
 
 def report_stem(report: dict[str, Any]) -> str:
-    from benchmarks.record import device_tag
+    from diffserve.benchmarks.record import device_tag
 
     stamp = report["created_utc"].replace(":", "").replace("-", "").replace("+0000", "Z")[:15]
     return f"serve-{SLUG}-{device_tag(report)}-tiny-scale-out-{stamp}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.report import render_markdown, write_report
+    from diffserve.benchmarks.report import render_markdown, write_report
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scale_out", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m diffserve.benchmarks.scale_out", description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", default="1,2", help="worker + Triton pairs per phase, ascending (default 1,2)")
     p.add_argument("--concurrency", default="1,2,4,8", help="closed-loop concurrencies (default 1,2,4,8)")
     p.add_argument("--requests", type=int, default=8, help="requests per concurrency, at least (default 8)")

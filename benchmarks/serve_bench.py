@@ -8,8 +8,8 @@ Targets:
   ``status_url`` until COMPLETED, then ``response_url`` and the output image are fetched; a
   request's latency runs until its image bytes have arrived;
 * **Triton's pipeline models directly** (``--triton``: gRPC streaming through
-  ``triton_serving.client.TritonPipelineClient``, the client the API's Triton backend uses; a
-  Triton server started here serves ``export.repository``'s demo repository of the swept
+  ``diffserve.triton_serving.client.TritonPipelineClient``, the client the API's Triton backend uses; a
+  Triton server started here serves ``diffserve.export.repository``'s demo repository of the swept
   slugs), once per pipeline mode — ``bls`` (components are separate Triton
   models) and ``fused`` (components in-process in the pipeline model) — to compare the modes;
   with ``fused_variants`` the fused model runs once per variant, reloaded with step batching on
@@ -21,7 +21,7 @@ open-loop (Poisson arrivals at each offered rate; a request's latency counts fro
 scheduled arrival, so a server that falls behind is not hidden). One untimed request warms
 each series first (model loading is not a latency sample). With ``predict`` (open loop), a
 series first times requests back to back (its service-time distribution) and reports, per
-offered rate, the p95 that ``benchmarks.capacity``'s M/G/c model predicts beside the measured one.
+offered rate, the p95 that ``diffserve.benchmarks.capacity``'s M/G/c model predicts beside the measured one.
 
 Per level: p50/p95/p99 latency, requests and images per second, errors by kind, and the split
 of each request from the API's own metrics (``GET /v2/requests/{id}`` ``metrics``):
@@ -57,8 +57,8 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import numpy as np
 
-from benchmarks import floors
-from engine.processes import ChildNotReady, ChildProcess
+from diffserve.benchmarks import floors
+from diffserve.engine.processes import ChildNotReady, ChildProcess
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class ServeBenchConfig:
     (DIFFSERVE_MAX_CONCURRENT_JOBS, default 1)."""
 
     def __post_init__(self) -> None:
-        from engine.catalog import get_model
+        from diffserve.engine.catalog import get_model
 
         if not (self.url or self.start_server or self.triton):
             raise ValueError("nothing to load: give --url, --start-server, or --triton")
@@ -170,7 +170,7 @@ class Record:
 
 def http_payload(slug: str, params: dict[str, Any], image_bytes: bytes) -> dict[str, Any]:
     """The JSON body for the API: the validated request with its images as data URIs."""
-    from engine.catalog import get_model
+    from diffserve.engine.catalog import get_model
 
     spec = get_model(slug)
     body = {k: v for k, v in params.items() if v is not None}
@@ -432,7 +432,7 @@ def demo_repository(slugs: tuple[str, ...], work_dir: Path, modes: tuple[str, ..
                     runtime: str = "onnxruntime", pipeline_instances: int = 2, ort_threads: int = 0) -> Path:
     """The tiny demo checkpoints of ``slugs`` in a model repository of their own under ``work_dir``
     (one per slugs, modes and runtime, so sweeps do not rebuild each other's; cached; torch needs no export)."""
-    from export.repository import build_demo_repository
+    from diffserve.export.repository import build_demo_repository
 
     repo = Path(work_dir) / ("triton-repository-" + "+".join(sorted(slugs)) + "-" + "+".join(modes) + f"-{runtime}")
     return build_demo_repository(repo, slugs, modes=modes, runtime=runtime, pipeline_instances=pipeline_instances,
@@ -452,7 +452,7 @@ def started_api_server(cfg: ServeBenchConfig, triton_url: str | None = None,
     statistics cover the API's requests too.
     """
     data_dir = Path(tempfile.mkdtemp(prefix="api-", dir=_ensure(Path(cfg.work_dir))))
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+    cmd = [sys.executable, "-m", "diffserve.api.cli", "serve", "--host", "127.0.0.1", "--port", "0",
            "--backend", cfg.server_backend, "--data-dir", str(data_dir)]
     if cfg.server_backend == "triton":
         cmd += ["--triton-url", str(triton_url), "--repository", str(repository)]
@@ -550,7 +550,7 @@ async def run_levels(cfg: ServeBenchConfig, series: dict[str, Any], send: Callab
 def predicted_vs_measured(series: dict[str, Any], servers: int) -> list[dict[str, Any]]:
     """Per offered rate of an open-loop series: the queueing model's latency from the series'
     service-time samples beside the measured latency."""
-    from benchmarks.capacity import predict_latency
+    from diffserve.benchmarks.capacity import predict_latency
 
     samples = (series.get("service") or {}).get("samples_ms") or []
     rows = []
@@ -681,7 +681,7 @@ def variant_rows(series_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _served_checkpoints(cfg: ServeBenchConfig) -> dict[str, Path] | None:
     """``{slug: checkpoint}`` every target of this run serves, when known here (for the baseline)."""
-    from engine.tiny.demo import demo_checkpoints
+    from diffserve.engine.tiny.demo import demo_checkpoints
 
     triton_here = cfg.triton or (cfg.start_server and cfg.server_backend == "triton")
     if cfg.url or (triton_here and (cfg.triton_url or cfg.triton_repository)):
@@ -706,7 +706,7 @@ def engine_baseline(cfg: ServeBenchConfig, slug: str, runtime: str, request: dic
     if cfg.engine_baseline == "none":
         return None
     if cfg.engine_baseline != "auto":
-        from benchmarks.record import load_report
+        from diffserve.benchmarks.record import load_report
 
         report = load_report(Path(cfg.engine_baseline))
         if report.get("kind") != "engine" or report["settings"]["slug"] != slug:
@@ -720,9 +720,9 @@ def engine_baseline(cfg: ServeBenchConfig, slug: str, runtime: str, request: dic
                 "source": f"engine report {Path(cfg.engine_baseline).name} ({rt['runtime']})"}
     if not checkpoints or slug not in checkpoints or runtime not in ("torch", "onnxruntime"):
         return None
-    from benchmarks.engine_bench import EngineBenchConfig, prepare_runtime, stats_ms, time_pipeline
-    from engine.catalog import get_model
-    from engine.runtime_torch import DTYPES, resolve_device_dtype
+    from diffserve.benchmarks.engine_bench import EngineBenchConfig, prepare_runtime, stats_ms, time_pipeline
+    from diffserve.engine.catalog import get_model
+    from diffserve.engine.runtime_torch import DTYPES, resolve_device_dtype
 
     device, dtype = resolve_device_dtype(cfg.device, cfg.precision, get_model(slug).architecture)
     precision = next(name for name, d in DTYPES.items() if d == dtype)
@@ -778,9 +778,9 @@ def mode_rows(series_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     import torch
 
-    from benchmarks.engine_bench import demo_image, public_request, reference_request, with_images
-    from benchmarks.environment import environment
-    from benchmarks.record import new_report
+    from diffserve.benchmarks.engine_bench import demo_image, public_request, reference_request, with_images
+    from diffserve.benchmarks.environment import environment
+    from diffserve.benchmarks.record import new_report
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -880,7 +880,7 @@ async def _triton_server(cfg: ServeBenchConfig, stack: contextlib.ExitStack, rep
         if cfg.start_server and cfg.server_backend == "triton" and cfg.triton_repository is None:
             raise ValueError("an API started on an external Triton needs its --triton-repository (for the manifest)")
         return cfg.triton_url, cfg.triton_repository, None
-    from triton_serving.server import TritonServer, TritonServerConfig
+    from diffserve.triton_serving.server import TritonServer, TritonServerConfig
 
     repo = cfg.triton_repository or await asyncio.to_thread(demo_repository, cfg.slugs, cfg.work_dir, cfg.modes,
                                                             cfg.triton_runtime, cfg.triton_pipeline_instances,
@@ -898,8 +898,8 @@ async def _triton_server(cfg: ServeBenchConfig, stack: contextlib.ExitStack, rep
 
 async def _triton_series(cfg: ServeBenchConfig, url: str, report: dict[str, Any],
                          requests: dict[str, dict[str, Any]], image) -> None:
-    from triton_serving.client import TritonPipelineClient
-    from benchmarks.engine_bench import with_images
+    from diffserve.triton_serving.client import TritonPipelineClient
+    from diffserve.benchmarks.engine_bench import with_images
 
     pipelines = await asyncio.to_thread(discover_pipelines, url, cfg.slugs)
     backend = TritonPipelineClient(url, pipelines, timeout_s=cfg.timeout_s)

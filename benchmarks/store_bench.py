@@ -1,12 +1,12 @@
 """``diffserve bench store``: what a durable submission costs on this disk.
 
-A ``POST /v2`` answers after one SQLite transaction has committed the job's row (``api.jobs``:
+A ``POST /v2`` answers after one SQLite transaction has committed the job's row (``diffserve.api.jobs``:
 WAL journal, ``BEGIN IMMEDIATE``, one INSERT of the request's JSON). This times that commit,
 one writer, in a fresh database per mode, with ``synchronous=FULL`` (the WAL fsynced at every
 commit: an accepted job survives a power loss) and ``NORMAL`` (fsync only at checkpoints: a
 power loss can roll back the last commits), and prints the median and p95. The difference is
 the fsync; it depends on the disk and its write cache, so measure where you deploy. (The
-benchmarks layer does not import ``api``; the statements mirror ``api.jobs.JobStore.create``.)
+benchmarks layer does not import ``api``; the statements mirror ``diffserve.api.jobs.JobStore.create``.)
 """
 
 from __future__ import annotations

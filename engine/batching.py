@@ -2,7 +2,7 @@
 
 Requests join and leave at step boundaries. Each request brings its own loop (a step object with
 ``model_inputs()``, ``advance(output)``, ``rows``, ``shape_key``, ``done``/``total``/``finished``;
-``engine.pipelines.common.DenoiseLoop`` is the one the SD pipelines use), so its scheduler,
+``diffserve.engine.pipelines.common.DenoiseLoop`` is the one the SD pipelines use), so its scheduler,
 generator (the same noise as alone), guidance scale and step count stay its own; the batcher only
 concatenates the model inputs of the loops it picks, runs the denoiser once, and hands each loop
 its rows of the output.
@@ -47,8 +47,8 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import torch
 
-from engine.options import BatchingOptions  # noqa: F401  (the batcher's options, re-exported)
-from engine.pipelines.common import Cancelled
+from diffserve.engine.options import BatchingOptions  # noqa: F401  (the batcher's options, re-exported)
+from diffserve.engine.pipelines.common import Cancelled
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class StepBatcher:
             report: dict[str, int] | None = None) -> torch.Tensor:
         """Run ``loop`` to the end with the other requests; returns its final latents.
 
-        ``control`` is an ``engine.pipelines.RunControl`` (its ``on_step`` and ``is_cancelled`` are used),
+        ``control`` is an ``diffserve.engine.pipelines.RunControl`` (its ``on_step`` and ``is_cancelled`` are used),
         so this is a ``RunControl.driver``. ``report`` receives ``requests`` and ``rows``: the most of each
         in one denoiser call this loop took part in. Raises what failed this request: ``Cancelled``,
         ``DeadlineExceeded`` or the denoiser's or step's own error.
@@ -378,7 +378,7 @@ class PipelineRunner:
     """Runs requests on one set of components, as many in flight as the batcher takes.
 
     With ``options`` (batching on), the requests of a slug whose pipeline loop is a ``DenoiseLoop``
-    (``engine.pipelines.step_batched``: the SD pipelines) go through one ``StepBatcher`` over the UNet, each
+    (``diffserve.engine.pipelines.step_batched``: the SD pipelines) go through one ``StepBatcher`` over the UNet, each
     in its caller's thread for its own text encoding and VAE; every other request (Omni-Zero, OminiControl,
     or all of them with batching off) runs one at a time. One copy of the weights serves them all: at full
     size the memory cost of more requests in flight is their activations (one batched UNet call of
@@ -393,7 +393,7 @@ class PipelineRunner:
 
     def batches(self, slug: str) -> bool:
         """Whether ``slug``'s requests are step-batched here."""
-        from engine.pipelines import step_batched
+        from diffserve.engine.pipelines import step_batched
 
         return self.batcher is not None and step_batched(slug)
 
@@ -402,9 +402,9 @@ class PipelineRunner:
         return self.options.max_batch if self.options is not None and self.batches(slug) else 1
 
     def run(self, slug: str, params: dict[str, Any], control: Any = None):
-        """``engine.pipelines.run`` for one request, batched with the others where ``batches(slug)``; the
+        """``diffserve.engine.pipelines.run`` for one request, batched with the others where ``batches(slug)``; the
         result's ``batch`` says how. Raises what failed this request only."""
-        from engine.pipelines import RunControl, run
+        from diffserve.engine.pipelines import RunControl, run
 
         control = control if control is not None else RunControl()
         if not self.batches(slug):

@@ -20,8 +20,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from engine.models import OMINICONTROL, OMNI_ZERO, SD, ModelFamily
-from engine.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, canonical_scheduler_name
+from diffserve.engine.models import OMINICONTROL, OMNI_ZERO, SD, ModelFamily
+from diffserve.engine.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, canonical_scheduler_name
 
 
 class ParamType(str, Enum):
@@ -57,13 +57,13 @@ class Param:
 @dataclass(frozen=True)
 class ModelSpec:
     """One served slug's API contract: its parameters as the Segmind page states them, how a request
-    maps onto the pipeline's arguments, and which model family (``engine.models``) serves it."""
+    maps onto the pipeline's arguments, and which model family (``diffserve.engine.models``) serves it."""
 
     slug: str
     title: str
     seed_document: str
     family: ModelFamily
-    """The model family that serves this slug (``engine.models``): its pipelines, published artifacts,
+    """The model family that serves this slug (``diffserve.engine.models``): its pipelines, published artifacts,
     tiny writer and benchmark constants."""
     pipeline: str
     """Which of the family's pipelines runs this slug (a key of ``ModelFamily.pipelines``)."""
@@ -79,7 +79,7 @@ class ModelSpec:
     """(width, height) of every output image where the page offers no size parameters (the pipeline's
     fixed size); read by the pipeline and by export shape profiles."""
     arguments: Mapping[str, str] = field(default_factory=dict, compare=False)
-    """API parameter -> keyword argument of the pipeline's ``generate``; read by ``engine.pipelines.run``.
+    """API parameter -> keyword argument of the pipeline's ``generate``; read by ``diffserve.engine.pipelines.run``.
     Every parameter is either here or one of ``RESPONSE_PARAMS``."""
 
     def __post_init__(self) -> None:
@@ -283,7 +283,7 @@ _LIMIT_NOTE = "implementation limit; the Segmind page states none"
 RESPONSE_PARAMS = ("base64", "image_format", "image_quality")
 """Parameters that shape the response (encoding, format, quality), applied by the API, never by a pipeline."""
 
-# The keyword arguments of ``engine.models.sd.txt2img.generate``, shared by img2img.
+# The keyword arguments of ``diffserve.engine.models.sd.txt2img.generate``, shared by img2img.
 _SD_ARGUMENTS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "img_width": "width", "img_height": "height",
     "num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale", "samples": "num_images",

@@ -6,7 +6,7 @@ configs, and the ``condition_lora/`` folder OminiControl adds to a FLUX director
 into a ``CheckpointArchitecture`` that every runtime (torch, ONNX Runtime, TensorRT, Triton BLS) reads the
 same way. Only configs, tokenizers and file names are touched here, never network weights, so
 reading a checkpoint stays cheap. Omni-Zero's additions to an SDXL directory have their own
-reader, ``engine.models.omni_zero.checkpoint``, which ``read_architecture`` calls for SDXL checkpoints.
+reader, ``diffserve.engine.models.omni_zero.checkpoint``, which ``read_architecture`` calls for SDXL checkpoints.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.models.omni_zero.checkpoint import OmniZeroConfig, read_omni_zero_config
+from diffserve.engine.models.omni_zero.checkpoint import OmniZeroConfig, read_omni_zero_config
 
 CONDITION_LORA_DIR = "condition_lora"
 """Folder of a FLUX checkpoint holding the OminiControl subject LoRA (one ``.safetensors`` file)."""
@@ -77,7 +77,7 @@ class CheckpointArchitecture:
     max_sequence_length: int = 0
     """FLUX: T5 tokens per prompt (512 as in the reference pipelines, or the tokenizer's own limit)."""
     omni_zero: OmniZeroConfig | None = None
-    """Omni-Zero checkpoints only: image encoder, adapters, face and depth models (``engine.models.omni_zero.checkpoint``)."""
+    """Omni-Zero checkpoints only: image encoder, adapters, face and depth models (``diffserve.engine.models.omni_zero.checkpoint``)."""
 
 
 def read_architecture(checkpoint: str | Path) -> CheckpointArchitecture:

@@ -4,7 +4,7 @@ Pipelines in ``engine/pipelines/`` own the math (tokenisation, guidance, schedul
 call the networks only through this small protocol, so the same loop runs with in-process
 torch modules, ONNX Runtime sessions, TensorRT engines or Triton BLS calls. Every method takes
 and returns float32 CPU-or-device torch tensors; an implementation casts to its own precision
-inside. ``config`` is the checkpoint's ``engine.checkpoint.CheckpointArchitecture``, read once from the local
+inside. ``config`` is the checkpoint's ``diffserve.engine.checkpoint.CheckpointArchitecture``, read once from the local
 diffusers directory by every runtime alike; ``NamedTensorComponents`` adapts any runtime that
 maps (component, named tensors) -> named tensors to this protocol.
 
@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from engine.checkpoint import CheckpointArchitecture, load_tokenizer, read_architecture
+from diffserve.engine.checkpoint import CheckpointArchitecture, load_tokenizer, read_architecture
 
 
 class TextEncoderOutput(NamedTuple):
@@ -44,7 +44,7 @@ class Components(Protocol):
     config: CheckpointArchitecture
     device: torch.device
     condition_mode: str
-    """OminiControl's condition mode (``engine.options.OMINICONTROL_CONDITION_MODES``)."""
+    """OminiControl's condition mode (``diffserve.engine.options.OMINICONTROL_CONDITION_MODES``)."""
 
     def tokenizer(self, index: int) -> Any:
         """The CLIP tokenizer of text encoder ``index`` (0, or 1 for SDXL's second encoder)."""
@@ -161,12 +161,12 @@ class NamedTensorComponents:
     """``Components`` over any runtime that maps (component, named inputs) -> named outputs.
 
     Subclasses implement ``run_component`` for one runtime (torch modules, ONNX Runtime,
-    TensorRT, Triton BLS); tensor names are those of ``engine.descriptors``. Tokenizers are
+    TensorRT, Triton BLS); tensor names are those of ``diffserve.engine.descriptors``. Tokenizers are
     loaded from the checkpoint directory, which every runtime keeps for its configs.
     """
 
     device_scheduler: bool = False
-    """Pipelines run the scheduler as precomputed weights on the device (``engine.planned_loop``)."""
+    """Pipelines run the scheduler as precomputed weights on the device (``diffserve.engine.planned_loop``)."""
     condition_mode: str = "joint"
     """OminiControl's condition mode (``EngineOptions.ominicontrol_condition``), set by whoever builds these."""
 

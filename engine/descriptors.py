@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from engine.catalog import CATALOG, ModelSpec
-from engine.checkpoint import CheckpointArchitecture
-from engine.models import ModelFamily
-from engine.options import OMINICONTROL_CONDITION_MODES  # re-exported
+from diffserve.engine.catalog import CATALOG, ModelSpec
+from diffserve.engine.checkpoint import CheckpointArchitecture
+from diffserve.engine.models import ModelFamily
+from diffserve.engine.options import OMINICONTROL_CONDITION_MODES  # re-exported
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
 

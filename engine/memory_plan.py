@@ -2,7 +2,7 @@
 
 Weights are read from the checkpoint's file headers (a safetensors header lists every tensor's dtype and
 shape; no weight is read), counted as parameters and priced at the precision each network is served in
-(``engine.options.network_precisions``): a float32 file served in fp16 costs 2 bytes a parameter. Files
+(``diffserve.engine.options.network_precisions``): a float32 file served in fp16 costs 2 bytes a parameter. Files
 without a header (a ``.bin``, an ``.onnx``) count their size as stored. Activations are an estimate for the
 slug's largest allowed request (its largest resolution and image count, classifier-free guidance doubling
 the denoiser batch), from per-megapixel constants named below; the per-process overhead is a CUDA context
@@ -16,8 +16,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.catalog import get_model
-from engine.options import default_precision, vae_forces_upcast
+from diffserve.engine.catalog import get_model
+from diffserve.engine.options import default_precision, vae_forces_upcast
 
 GB = 1e9
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -183,6 +183,6 @@ class DevicePlan:
 
 def plan_deployment(checkpoints: dict[str, Path], memory_gb: float, device: str = "cuda",
                     precision: str | None = None) -> DevicePlan:
-    """One fused instance of every slug on each GPU (``export.cli.deployment_options``): the per-GPU plan.
+    """One fused instance of every slug on each GPU (``diffserve.export.cli.deployment_options``): the per-GPU plan.
     Slugs sharing a checkpoint (the two SD1.5 slugs of one folder) still load one copy each."""
     return DevicePlan(int(memory_gb * GB), [plan_slug(s, p, device, precision) for s, p in checkpoints.items()])

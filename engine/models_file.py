@@ -15,7 +15,7 @@ in the engine's internal layout that the rest of the stack loads (``materialize`
 ``$DIFFSERVE_HOME/models/<slug>-<fingerprint>/``, cached by a fingerprint of the inputs (paths,
 sizes, modification times and the converter's version), so a second start costs a stat per file.
 
-Each slug's artifacts are handled by its family's ``published`` module (``engine.models.<family>.published``)
+Each slug's artifacts are handled by its family's ``published`` module (``diffserve.engine.models.<family>.published``)
 exposing ``ROLES``, ``check``, ``materialize`` and ``write_tiny``, imported on first use. ``omni-zero`` and ``ominicontrol`` also accept ``checkpoint``: a directory
 already in the engine's layout, used as it is.
 """
@@ -33,9 +33,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
 
-from engine import home_dir
-from engine.catalog import CATALOG, get_model
-from engine.published import ArtifactProblem
+from diffserve.engine import home_dir
+from diffserve.engine.catalog import CATALOG, get_model
+from diffserve.engine.published import ArtifactProblem
 
 logger = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """The engine's options, as one typed object that travels with the artifacts.
 
 ``EngineOptions`` is built once, by the command line that exports or serves (``export/cli.py``,
-``api/cli.py``), from settings and flags; ``export.repository`` writes it into the repository
+``api/cli.py``), from settings and flags; ``diffserve.export.repository`` writes it into the repository
 manifest and into every model's ``config.pbtxt`` parameters (``options``, JSON), and the Triton
 stubs parse it back and hand it to the engine. The engine reads no environment variable on the
 request path: what a pipeline or a runtime needs to know comes from here.
 
-``BatchingOptions`` are the step batcher's limits (``engine.batching``); they live here, torch-free, so the
+``BatchingOptions`` are the step batcher's limits (``diffserve.engine.batching``); they live here, torch-free, so the
 ONNX Runtime component stub can parse ``EngineOptions`` without importing torch.
 
 ``network_precisions`` is the one rule for the dtype of each network on a device (fp16 for the
@@ -30,7 +30,7 @@ ONNX_FP32_COMPONENTS = ("face_detector", "face_recognizer")
 
 @dataclass(frozen=True)
 class BatchingOptions:
-    """The step batcher's limits (``engine.batching.StepScheduler``)."""
+    """The step batcher's limits (``diffserve.engine.batching.StepScheduler``)."""
 
     max_batch: int = 8
     """Most rows in one denoiser call (a CFG request with N samples takes 2N rows)."""
@@ -78,14 +78,14 @@ class EngineOptions:
     ominicontrol_condition: str = "joint"
     """One of ``OMINICONTROL_CONDITION_MODES``; the cached mode needs its own exported components."""
     torch_optimizations: str = ""
-    """``engine.torch_optimize`` spec (fuse_qkv, channels_last, compile, cuda_graphs, ...)."""
+    """``diffserve.engine.torch_optimize`` spec (fuse_qkv, channels_last, compile, cuda_graphs, ...)."""
     ort_arena: bool = False
     """ONNX Runtime's CPU memory arena: off, since it keeps each model process at its high-water mark
     (2 GB for a 1024² VAE) and a repository runs one process per model."""
     ort_threads: int = 0
     """ONNX Runtime intra-op threads (0: ORT's default, one per core)."""
     batching: bool = True
-    """Step-level batching (``engine.batching``) of the requests in flight in one fused pipeline instance: one
+    """Step-level batching (``diffserve.engine.batching``) of the requests in flight in one fused pipeline instance: one
     UNet call per tick over every request of the same shapes. Off: the instance runs one request at a time."""
     max_batch: int = 8
     """Most UNet rows in one batched call (a CFG request with N samples takes 2N rows); also how many requests

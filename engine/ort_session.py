@@ -2,11 +2,11 @@
 
 This module owns opening an ONNX Runtime session (graph optimisation, CPU arena, threads, the
 execution providers for a device) and running it on numpy arrays. It is kept apart from
-``engine.runtime_onnx``, which adapts these sessions to the torch-tensor ``Components`` protocol,
+``diffserve.engine.runtime_onnx``, which adapts these sessions to the torch-tensor ``Components`` protocol,
 because the Triton component models that run ONNX Runtime import only this module: one python
 backend stub process per model instance, and torch imported in each would make every one of them
 start slower and hold more memory than the session it serves. Options come from the caller
-(``engine.options.EngineOptions``: device, arena, threads), never from the environment.
+(``diffserve.engine.options.EngineOptions``: device, arena, threads), never from the environment.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One generation request after validation, and its wire form between a client and a pipeline model.
 
-The API validates a request once against the catalog (``engine.catalog.validate``) and decodes
+The API validates a request once against the catalog (``diffserve.engine.catalog.validate``) and decodes
 its images; ``GenerationRequest`` carries the result: the slug, the complete validated parameters
 without the image ones, and the images as uint8 [H, W, 3] arrays. ``encode`` gives what a Triton
 pipeline model takes (``REQUEST``: JSON ``{"slug", "params"}``; one UINT8 tensor per image,
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.catalog import InvalidRequest, get_model
+from diffserve.engine.catalog import InvalidRequest, get_model
 
 REQUEST_TENSOR = "REQUEST"
 """Name of the pipeline model's JSON input."""
@@ -70,7 +70,7 @@ class GenerationRequest:
                    {k: params[k] for k in image_params if params.get(k) is not None})
 
     def pipeline_params(self) -> dict[str, Any]:
-        """What ``engine.pipelines.run`` takes: the parameters plus every image parameter (``None`` when absent)."""
+        """What ``diffserve.engine.pipelines.run`` takes: the parameters plus every image parameter (``None`` when absent)."""
         return {**self.params, **{n: self.images.get(n) for n in get_model(self.slug).image_params}}
 
     def encode(self) -> tuple[bytes, dict[str, np.ndarray]]:

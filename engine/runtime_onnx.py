@@ -1,7 +1,7 @@
 """ONNX Runtime implementation of ``Components``, from the artifacts ``diffserve export`` writes.
 
 Used by the fused Triton pipeline models, the engine benchmarks and the export checks; the Triton
-component models that run ONNX Runtime skip this module and call ``engine.ort_session`` directly,
+component models that run ONNX Runtime skip this module and call ``diffserve.engine.ort_session`` directly,
 which stays free of torch (this module adapts its numpy sessions to torch tensors). Inputs and
 outputs are bound by the descriptor names; fp16 models receive fp16 inputs and return float32 to
 the pipeline.
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.components import NamedTensorComponents
-from engine.ort_session import OrtSession
-from engine.options import EngineOptions
+from diffserve.engine.components import NamedTensorComponents
+from diffserve.engine.ort_session import OrtSession
+from diffserve.engine.options import EngineOptions
 
 logger = logging.getLogger(__name__)
 

@@ -2,18 +2,18 @@
 
 Loads each network with ``from_pretrained(<local dir>/<component>)`` — the same code path for
 the tiny random-weight test checkpoints and for real deployments — and wraps it in a small
-module whose positional inputs and tuple outputs follow ``engine.descriptors``; ONNX export
+module whose positional inputs and tuple outputs follow ``diffserve.engine.descriptors``; ONNX export
 traces these same wrappers. fp32 on CPU; fp16 or bf16 on GPU (bf16 by default for FLUX, whose
 transformer and T5 overflow in fp16). Attention uses PyTorch SDPA (diffusers' default processor
 on torch 2).
 
 Which networks a checkpoint holds is its family's business: ``load_component_modules`` asks the family
-that recognizes the checkpoint (``engine.models.family_of_checkpoint``, ``ModelFamily.load_modules``,
+that recognizes the checkpoint (``diffserve.engine.models.family_of_checkpoint``, ``ModelFamily.load_modules``,
 ``engine/models/<family>/modules.py``). The Stable Diffusion networks (CLIP text encoders, UNet, VAE)
 load here, in ``load_base_modules``, for every family that has them: an Omni-Zero checkpoint adds its
-image encoder, adapters, ControlNets, face and depth models (``engine.models.omni_zero.modules``); a
+image encoder, adapters, ControlNets, face and depth models (``diffserve.engine.models.omni_zero.modules``); a
 FLUX checkpoint loads its T5 and transformer, with the OminiControl subject LoRA found under
-``condition_lora/`` or given as ``condition_lora`` (``engine.models.ominicontrol.modules``).
+``condition_lora/`` or given as ``condition_lora`` (``diffserve.engine.models.ominicontrol.modules``).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.checkpoint import read_architecture, weights_variant
-from engine.components import NamedTensorComponents
-from engine.descriptors import component_descriptors, resolution_axes
-from engine.models import family_of_checkpoint
-from engine.options import default_precision
-from engine.torch_optimize import CompiledRunner, TorchOptimizations, apply_optimizations
+from diffserve.engine.checkpoint import read_architecture, weights_variant
+from diffserve.engine.components import NamedTensorComponents
+from diffserve.engine.descriptors import component_descriptors, resolution_axes
+from diffserve.engine.models import family_of_checkpoint
+from diffserve.engine.options import default_precision
+from diffserve.engine.torch_optimize import CompiledRunner, TorchOptimizations, apply_optimizations
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def from_pretrained(cls, path: Path, dtype: torch.dtype):
     """``cls.from_pretrained`` of one component folder, with its fp16 weight variant when the run wants it
-    (``engine.checkpoint.weights_variant``: published folders often ship ``*.fp16.safetensors`` too)."""
+    (``diffserve.engine.checkpoint.weights_variant``: published folders often ship ``*.fp16.safetensors`` too)."""
     variant = weights_variant(path, dtype)
     if variant:
         logger.info("%s: loading the %s weight variant", path, variant)
@@ -48,7 +48,7 @@ def from_pretrained(cls, path: Path, dtype: torch.dtype):
 def resolve_device_dtype(device: str | None, precision: str | None,
                          family: str | None = None) -> tuple[torch.device, torch.dtype]:
     """The torch device and dtype of a run: ``precision`` (``fp32``/``fp16``/``bf16``), else
-    ``engine.options.default_precision`` of the checkpoint architecture ``family`` (``sd15``, ``sdxl``,
+    ``diffserve.engine.options.default_precision`` of the checkpoint architecture ``family`` (``sd15``, ``sdxl``,
     ``flux``) on that device."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -155,7 +155,7 @@ def load_component_modules(checkpoint: str | Path, dtype: torch.dtype = torch.fl
 class TorchComponents(NamedTensorComponents):
     """``Components`` backed by diffusers/transformers torch modules.
 
-    ``optimizations`` (a ``engine.torch_optimize`` spec string or ``TorchOptimizations``) fuses,
+    ``optimizations`` (a ``diffserve.engine.torch_optimize`` spec string or ``TorchOptimizations``) fuses,
     re-lays-out and compiles the networks; compiled components are warmed up here, at load.
     """
 

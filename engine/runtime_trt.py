@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.components import NamedTensorComponents
+from diffserve.engine.components import NamedTensorComponents
 
 logger = logging.getLogger(__name__)
 

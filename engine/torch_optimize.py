@@ -19,7 +19,7 @@ A ``TorchOptimizations`` spec is a comma-separated list, e.g. ``fuse_qkv,channel
     ``max-autotune`` over ``max-autotune-no-cudagraphs``); implies ``compile``.
 ``device_scheduler``
     The denoising loop runs the scheduler as precomputed weights on the device
-    (``engine.planned_loop``): no host synchronisation between steps. Schedulers that draw their
+    (``diffserve.engine.planned_loop``): no host synchronisation between steps. Schedulers that draw their
     own noise (``Euler a``, ``DDPM``, ...) keep the stock step with a log line.
 ``vae=fp32|fp16|bf16``
     The VAE's own precision (default: the model precision, fp32 where the VAE config forces upcast).
@@ -51,7 +51,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from engine import home_dir
+from diffserve.engine import home_dir
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class TorchOptimizations:
     warmup_sizes: tuple[tuple[int, int], ...] = ()
     """(width, height) compiled at load besides the descriptors' opt shapes."""
     device_scheduler: bool = False
-    """Pipelines run the scheduler as a planned loop (``engine.planned_loop``: one matrix-vector product per step)."""
+    """Pipelines run the scheduler as a planned loop (``diffserve.engine.planned_loop``: one matrix-vector product per step)."""
 
     @classmethod
     def parse(cls, spec: str | None) -> "TorchOptimizations":
@@ -250,7 +250,7 @@ class CompiledRunner:
 
 def apply_optimizations(modules: dict[str, nn.Module], opts: TorchOptimizations, device: torch.device,
                         ) -> tuple[dict[str, Callable[..., Any]], OptimizationReport]:
-    """Optimise ``modules`` (wrappers of ``engine.runtime_torch``) in place; the callables to run them with.
+    """Optimise ``modules`` (wrappers of ``diffserve.engine.runtime_torch``) in place; the callables to run them with.
 
     Fusion and channels-last change the modules themselves; compilation returns a runner per
     compiled component (the module stays reachable for its configs and weights).

@@ -1,7 +1,7 @@
 """``diffserve export`` and ``diffserve triton``: build a model repository, run Triton on it.
 
 The one command line of the export package (``api/cli.py`` attaches these sub-commands); the
-work is done by ``export.repository`` and ``triton_serving.server``.
+work is done by ``diffserve.export.repository`` and ``diffserve.triton_serving.server``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def deployment_options(*, device: str | None = None, precision: str | None = Non
     """
     import torch
 
-    from export.repository import DEMO_OPTIONS, RepositoryOptions
+    from diffserve.export.repository import DEMO_OPTIONS, RepositoryOptions
 
     if device is None:
         device = "cpu" if demo or not torch.cuda.is_available() else "cuda"
@@ -48,8 +48,8 @@ def deployment_options(*, device: str | None = None, precision: str | None = Non
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.onnx_export import ExportError
-    from export.repository import Deployment, build_demo_repository, build_repository
+    from diffserve.export.onnx_export import ExportError
+    from diffserve.export.repository import Deployment, build_demo_repository, build_repository
 
     try:
         options = deployment_options(
@@ -90,9 +90,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def build_repository_from_models(models_file: Path, repository: Path, options, gpu_memory_gb: float | None = None):
     """The repository of a ``models.toml``: its complete slugs exported, the others logged and recorded in the
     manifest (``diffserve models check`` says what to do about them). A CUDA deployment whose memory plan
-    (``engine.memory_plan``) does not fit the GPU is refused before anything is exported or loaded."""
-    from engine.models_file import load_models_file
-    from export.repository import build_repository, deployments_from_config
+    (``diffserve.engine.memory_plan``) does not fit the GPU is refused before anything is exported or loaded."""
+    from diffserve.engine.models_file import load_models_file
+    from diffserve.export.repository import build_repository, deployments_from_config
 
     deployments, unavailable = deployments_from_config(load_models_file(models_file))
     for slug, problems in unavailable.items():
@@ -113,7 +113,7 @@ def memory_plan(checkpoints: dict[str, Path], device: str, precision: str | None
                 gpu_memory_gb: float | None = None, gpus: tuple[int, ...] = ()):
     """The per-GPU plan of one fused instance per slug, against ``gpu_memory_gb`` or the smallest GPU named
     (None on a CPU deployment, or when no size is given and no GPU is visible)."""
-    from engine.memory_plan import plan_deployment
+    from diffserve.engine.memory_plan import plan_deployment
 
     if not device.startswith("cuda"):
         return None
@@ -127,9 +127,9 @@ def memory_plan(checkpoints: dict[str, Path], device: str, precision: str | None
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
-    from engine import home_dir
-    from export.repository import build_demo_repository
-    from triton_serving.server import TritonServerConfig, serve_until_stopped
+    from diffserve.engine import home_dir
+    from diffserve.export.repository import build_demo_repository
+    from diffserve.triton_serving.server import TritonServerConfig, serve_until_stopped
 
     repo = args.repository
     if args.demo:
@@ -200,7 +200,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--force", action="store_true", help="re-export even when artifacts are up to date")
     exp.set_defaults(func=cmd_export)
 
-    from triton_serving.server import MODEL_CONTROL_MODES
+    from diffserve.triton_serving.server import MODEL_CONTROL_MODES
 
     tri = sub.add_parser("triton", help="run tritonserver (from the nvidia-pytriton wheel) on a model repository "
                                         "until Ctrl-C/SIGTERM")

@@ -1,8 +1,8 @@
 """Export checkpoint components to ONNX (and TensorRT plans where TensorRT and a GPU exist).
 
 Each component is traced from the same wrapper module the torch runtime runs
-(``engine.runtime_torch``), with input/output names and dynamic axes from its descriptor
-(``engine.descriptors``). Artifact paths are a pure function of (component, precision,
+(``diffserve.engine.runtime_torch``), with input/output names and dynamic axes from its descriptor
+(``diffserve.engine.descriptors``). Artifact paths are a pure function of (component, precision,
 toolkit versions); a sidecar JSON records the source fingerprint, so re-running export skips
 what is up to date.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.descriptors import ComponentDescriptor
+from diffserve.engine.descriptors import ComponentDescriptor
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ SOURCE_DIRS = {"text_encoder": ("text_encoder",), "text_encoder_2": ("text_encod
                "transformer": ("transformer", "condition_lora"), "transformer_cached": ("transformer",),
                "condition_kv": ("transformer", "condition_lora"),
                "vae_encoder": ("vae",), "vae_decoder": ("vae",)}
-# Omni-Zero (engine.models.omni_zero.checkpoint). The face models ship as ONNX and are not traced.
+# Omni-Zero (diffserve.engine.models.omni_zero.checkpoint). The face models ship as ONNX and are not traced.
 SOURCE_DIRS.update({"image_encoder": ("image_encoder",), "ip_projection": ("ip_adapter",),
                     "controlnet_unet": ("unet", "controlnet_identity", "controlnet_depth", "ip_adapter"),
                     "depth_estimator": ("depth_estimator",), "face_detector": ("face_analysis",),
@@ -231,7 +231,7 @@ def copy_onnx_component(source: Path, desc: ComponentDescriptor, checkpoint: Pat
 
 def _compare_sessions(source: Path, renamed: Path, desc: ComponentDescriptor) -> float:
     """The renamed copy computes what the original does (names aside)."""
-    from engine.ort_session import OrtSession
+    from diffserve.engine.ort_session import OrtSession
 
     original, copy = OrtSession(source), OrtSession(renamed)
     feeds = {k: v.numpy() for k, v in example_inputs(desc, "min", seed=1).items()}
@@ -312,7 +312,7 @@ def compare_with_torch(module: torch.nn.Module, desc: ComponentDescriptor, path:
                        with_scale: bool = False) -> float | tuple[float, float]:
     """Max-abs-diff between ONNX Runtime and torch on fresh random inputs at the profile's min shapes (NaN
     when either output is not finite); with ``with_scale``, also the largest |torch output|."""
-    from engine.ort_session import OrtSession
+    from diffserve.engine.ort_session import OrtSession
 
     session = OrtSession(path, device="cuda" if torch.device(device).type == "cuda" else "cpu")
     inputs = example_inputs(desc, "min", seed=1)

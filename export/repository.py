@@ -6,11 +6,11 @@ directory and dynamic batching. For each slug: a decoupled pipeline model named 
 (Triton accepts ``.`` and ``-`` in model names) in the first requested mode, plus
 ``<slug>__<mode>`` for each further mode. Every ``config.pbtxt`` is generated from the
 catalog and the component descriptors, its ``parameters`` from the typed dataclasses of
-``triton_serving.stub_params``. ``export_components`` is the one export loop over a checkpoint's
+``diffserve.triton_serving.stub_params``. ``export_components`` is the one export loop over a checkpoint's
 components (the engine benchmark uses it too); it and the model writing log one line per
 checkpoint and per slug. ``repository.json`` records what was built, for the server launcher
 and the API, and which configured slugs were left out and why (``deployments_from_config``:
-a ``models.toml`` checked and materialized by ``engine.models_file``).
+a ``models.toml`` checked and materialized by ``diffserve.engine.models_file``).
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import home_dir
-from engine.catalog import CATALOG, ModelSpec, get_model
-from engine.checkpoint import read_architecture
-from engine.descriptors import ComponentDescriptor, component_descriptors, needed_components
-from engine.options import PRECISIONS, BatchingOptions, EngineOptions, default_precision, network_precisions
-from export.onnx_export import (
+from diffserve.engine import home_dir
+from diffserve.engine.catalog import CATALOG, ModelSpec, get_model
+from diffserve.engine.checkpoint import read_architecture
+from diffserve.engine.descriptors import ComponentDescriptor, component_descriptors, needed_components
+from diffserve.engine.options import PRECISIONS, BatchingOptions, EngineOptions, default_precision, network_precisions
+from diffserve.export.onnx_export import (
     ExportError, ExportResult, build_tensorrt_engine, copy_onnx_component, export_component, tensorrt_toolkit,
 )
-from triton_serving.manifest import MANIFEST
-from triton_serving.stub_params import (
+from diffserve.triton_serving.manifest import MANIFEST
+from diffserve.triton_serving.stub_params import (
     COMPONENT_RUNTIMES, FUSED_RUNTIMES, PIPELINE_MODES, ComponentModelParams, PipelineModelParams,
 )
 
@@ -67,7 +67,7 @@ class RepositoryOptions:
     runtime: str = "onnxruntime"
     modes: tuple[str, ...] = ("bls", "fused")
     precision: str = ""
-    """Precision of the denoisers and text encoders; empty: ``engine.options.default_precision`` per family and
+    """Precision of the denoisers and text encoders; empty: ``diffserve.engine.options.default_precision`` per family and
     device (fp32 on CPU; fp16 for SD, bf16 for FLUX on CUDA). The VAE stays fp32 where its config forces upcast."""
     device: str = "cpu"
     gpus: tuple[int, ...] = ()
@@ -79,7 +79,7 @@ class RepositoryOptions:
     max_queue_delay_us: int = 2000
     fused_runtime: str = "onnxruntime"
     torch_optimizations: str = ""
-    """``engine.torch_optimize`` spec for torch component models and torch fused pipelines."""
+    """``diffserve.engine.torch_optimize`` spec for torch component models and torch fused pipelines."""
     ominicontrol_condition: str = "joint"
     ort_arena: bool = False
     ort_threads: int = 0
@@ -108,7 +108,7 @@ class RepositoryOptions:
         self.gpus = tuple(int(g) for g in self.gpus)
         self.batch_buckets = tuple(int(b) for b in self.batch_buckets)
         BatchingOptions(max_batch=self.max_batch, buckets=self.batch_buckets)  # refuse bad limits before exporting
-        from engine.torch_optimize import TorchOptimizations
+        from diffserve.engine.torch_optimize import TorchOptimizations
 
         self.torch_optimizations = TorchOptimizations.parse(self.torch_optimizations).spec()
 
@@ -126,10 +126,10 @@ class RepositoryOptions:
 
     def batch_capacity(self, slug: str, mode: str) -> int:
         """Requests one pipeline model works on at once: each fused instance takes ``max_batch`` of a slug it
-        step-batches (``engine.batching.PipelineRunner.capacity``), any other instance one."""
+        step-batches (``diffserve.engine.batching.PipelineRunner.capacity``), any other instance one."""
         instances = self.pipeline_instances * (len(self.gpus) if mode == "fused" and self.gpus else 1)
         if mode == "fused" and self.batching:
-            from engine.pipelines import step_batched
+            from diffserve.engine.pipelines import step_batched
 
             if step_batched(slug):
                 return instances * self.max_batch
@@ -275,7 +275,7 @@ def export_components(checkpoint: Path, specs: list[ModelSpec], out_dir: Callabl
     """Export every component that ``specs`` need from ``checkpoint`` (cached by source fingerprint).
 
     ``out_dir(component)`` is the directory its artifacts go under; ``precision`` is one precision for every
-    network or ``{component: precision}`` (``engine.options.network_precisions``); ``modules`` are the torch
+    network or ``{component: precision}`` (``diffserve.engine.options.network_precisions``); ``modules`` are the torch
     modules to trace (default: loaded from the checkpoint). Logs one line for the whole set.
     """
     checkpoint = Path(checkpoint)
@@ -284,7 +284,7 @@ def export_components(checkpoint: Path, specs: list[ModelSpec], out_dir: Callabl
     names = needed_components(config, specs, condition_mode)
     precisions = precision if isinstance(precision, dict) else dict.fromkeys(names, precision)
     if modules is None:  # loaded in each network's target dtype: no fp32 copy of an fp16/bf16 network
-        from engine.runtime_torch import DTYPES, load_component_modules
+        from diffserve.engine.runtime_torch import DTYPES, load_component_modules
 
         modules = {}
         for p in sorted(set(precisions.values())):
@@ -411,7 +411,7 @@ def shared_deployments(checkpoints: dict[str, Path], cache_root: Path | None = N
     """One deployment per slug, keyed by the content of its checkpoint: slugs whose checkpoints hold the
     same files (the demo's two SD1.5 slugs: one single file and the diffusers folder it was written
     from) share one checkpoint and one set of component models."""
-    from engine.models_file import content_digest
+    from diffserve.engine.models_file import content_digest
 
     first_by_digest: dict[str, tuple[str, Path]] = {}
     out = []
@@ -437,9 +437,9 @@ DEMO_KEYS = {slug: spec.family.demo_key(spec) for slug, spec in CATALOG.items()}
 
 
 def deployments_from_config(config, cache_root: Path | None = None) -> tuple[list[Deployment], dict[str, list[str]]]:
-    """Deployments of the complete slugs of a models file (``engine.models_file``), materialized,
+    """Deployments of the complete slugs of a models file (``diffserve.engine.models_file``), materialized,
     and ``{slug: [problem, ...]}`` of the slugs left out — the check ``diffserve models check`` runs."""
-    from engine.models_file import prepare
+    from diffserve.engine.models_file import prepare
 
     prepared = prepare(config, cache_root)
     return shared_deployments(prepared.checkpoints, cache_root), prepared.unavailable()
@@ -456,7 +456,7 @@ DEMO_OPTIONS = {"modes": ("bls", "fused"), "pipeline_instances": 1}
 def build_demo_repository(repository: Path | None = None, slugs: tuple[str, ...] | None = None,
                           **options) -> RepositoryReport:
     """Tiny checkpoints for every slug (or only ``slugs``), exported into a repository (seconds, cached)."""
-    from engine.tiny.demo import demo_checkpoints
+    from diffserve.engine.tiny.demo import demo_checkpoints
 
     repo = repository or default_demo_repository()
     checkpoints = {s: p for s, p in demo_checkpoints().items() if slugs is None or s in slugs}

@@ -58,7 +58,7 @@ def diffserve_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(diffserve_home) -> dict[str, Path]:
-    from engine.tiny.demo import build_demo_checkpoints
+    from diffserve.engine.tiny.demo import build_demo_checkpoints
 
     return build_demo_checkpoints(diffserve_home / "checkpoints")
 
@@ -101,7 +101,7 @@ def demo_repository(tmp_path_factory, tiny_checkpoints):
     One pipeline instance per model keeps the server to ~35 python stubs on a 2-core CI machine;
     tests that need two concurrent pipelines reload a model with a second instance.
     """
-    from export.repository import build_demo_repository, default_demo_repository
+    from diffserve.export.repository import build_demo_repository, default_demo_repository
 
     # Where `diffserve serve --demo` looks, so the demo test finds its exports done.
     return build_demo_repository(default_demo_repository())
@@ -115,7 +115,7 @@ def triton(demo_repository, tmp_path_factory):
     with another config; its ports are fixed at construction, so a test that stops it can start
     it again on the same addresses. Tests leave it as they found it.
     """
-    from triton_serving.server import TritonServer, TritonServerConfig
+    from diffserve.triton_serving.server import TritonServer, TritonServerConfig
 
     log = tmp_path_factory.mktemp("triton-log") / "triton.log"
     # Triton's python backend now and then never finalizes one decoupled pipeline instance (gdb: its

@@ -15,7 +15,7 @@ DEVICE = "cpu"  # set from --device by tests/conftest.py
 
 def torch_components(checkpoint: str | Path, **kwargs):
     """``TorchComponents`` on the session's device, fp32 unless the test asks otherwise."""
-    from engine.runtime_torch import TorchComponents
+    from diffserve.engine.runtime_torch import TorchComponents
 
     kwargs.setdefault("device", DEVICE)
     kwargs.setdefault("precision", "fp32")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.processes import ChildNotReady, ChildProcess
+from diffserve.engine.processes import ChildNotReady, ChildProcess
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 Every manifest parses as YAML; every ``diffserve`` command line in them (compose ``command``,
 Kubernetes container ``command``, the Dockerfile's ``CMD``) parses with the real CLI parser
-(``api.cli.build_parser()``: sub-commands, flags, choices and required arguments); every
-``DIFFSERVE_*`` name they mention is a field of ``api.settings.Settings`` or a variable the code
+(``diffserve.api.cli.build_parser()``: sub-commands, flags, choices and required arguments); every
+``DIFFSERVE_*`` name they mention is a field of ``diffserve.api.settings.Settings`` or a variable the code
 reads by that name; the Redis configs carry the persistence that "no accepted job lost" rests
 on; the KEDA triggers watch the demand sets the job store keeps; probes hit the ports the commands
 listen on. Nothing is started: this is a check of names, not a deployment.
@@ -103,7 +103,7 @@ def command_problems(argv: list[str], parser: argparse.ArgumentParser) -> list[s
 
 def known_variables() -> tuple[set[str], str]:
     """Settings' fields as DIFFSERVE_* names, and the source text of every package (for the others)."""
-    from api.settings import Settings
+    from diffserve.api.settings import Settings
 
     names = {"DIFFSERVE_" + name.upper() for name in Settings.model_fields}
     source = "\n".join(p.read_text() for pkg in ("engine", "triton_serving", "export", "api", "benchmarks")
@@ -133,7 +133,7 @@ def test_every_manifest_parses():
 
 
 def test_every_diffserve_command_and_flag_exists():
-    from api.cli import build_parser
+    from diffserve.api.cli import build_parser
 
     commands = diffserve_commands()
     used = {argv[0] for _, argv in commands} | {" ".join(argv[:3]) for _, argv in commands if argv[:2] == ["serve", "--role"]}
@@ -274,8 +274,8 @@ def test_webhook_secret_is_a_file_in_the_api_pods_only():
 
 
 def test_keda_watches_every_slugs_demand_set():
-    from api.redis_jobs import RedisJobStore
-    from engine.catalog import CATALOG
+    from diffserve.api.redis_jobs import RedisJobStore
+    from diffserve.engine.catalog import CATALOG
 
     store = RedisJobStore("redis://127.0.0.1:1")  # no connection is made: only the key names are used
     (scaled,) = [d for d in _docs(DEPLOY / "k8s" / "keda-scaledobject.yaml") if d["kind"] == "ScaledObject"]
@@ -340,7 +340,7 @@ services:
 
 
 def test_the_checkers_accept_todays_flags_and_name_what_is_missing(tmp_path):
-    from api.cli import build_parser
+    from diffserve.api.cli import build_parser
 
     parser = build_parser()
     services = yaml.safe_load(FRAGMENT)["services"]

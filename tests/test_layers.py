@@ -120,9 +120,9 @@ def graph():
 
 def test_the_reader_sees_lazy_and_relative_imports(tmp_path):
     source = tmp_path / "mod.py"
-    source.write_text("import os\nfrom . import sibling\n\ndef f():\n    from api.cli import main\n")
+    source.write_text("import os\nfrom . import sibling\n\ndef f():\n    from diffserve.api.cli import main\n")
     names = [name for name, _ in imported_names(source, "engine.pkg.mod")]
-    assert names == ["os", "engine.pkg.sibling", "api.cli.main"]
+    assert names == ["os", "engine.pkg.sibling", "diffserve.api.cli.main"]
 
 
 def test_the_cycle_finder_finds_a_circle():
@@ -133,7 +133,7 @@ def test_the_cycle_finder_finds_a_circle():
 
 def test_every_package_is_read(graph):
     assert {m.split(".")[0] for m in graph} == set(PACKAGES)
-    assert "engine.catalog" in graph and "api.cli" in graph  # a regression here would blind the tests below
+    assert "diffserve.engine.catalog" in graph and "diffserve.api.cli" in graph  # a regression here would blind the tests below
 
 
 def test_no_import_cycles(graph):
@@ -161,8 +161,8 @@ def test_engine_never_imports_http_or_triton_modules():
 def test_only_api_cli_composes_the_command_line(graph):
     """The sub-command parsers of export and benchmarks are composed by api/cli.py alone."""
     composers = sorted(src for src, edges in graph.items()
-                       if {"export.cli", "benchmarks.cli"} & set(edges) and src.split(".")[0] != "tests")
-    assert composers == ["api.cli"]
+                       if {"diffserve.export.cli", "diffserve.benchmarks.cli"} & set(edges) and src.split(".")[0] != "tests")
+    assert composers == ["diffserve.api.cli"]
 
 
 CHILD_PROCESS_HOME = "engine/processes.py"

@@ -1,5 +1,5 @@
 """A webhook receiver for the tests: a real HTTP server on loopback, and the signature check a
-receiver makes, written from the Standard Webhooks spec with ``hmac`` (not with api.webhooks)."""
+receiver makes, written from the Standard Webhooks spec with ``hmac`` (not with diffserve.api.webhooks)."""
 
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ what it serves.
 ``export`` builds the artifacts (ONNX files, TensorRT plans, a model repository); this package runs
 them. ``distribution`` finds the ``tritonserver`` shipped in the nvidia-pytriton wheel and prepares
 what its python-backend stubs need (backend directory, Python shim, environment); ``server`` is the
-``TritonServer`` process (an ``engine.processes.ChildProcess`` in a lifeline group) and
+``TritonServer`` process (an ``diffserve.engine.processes.ChildProcess`` in a lifeline group) and
 ``serve_until_stopped``; ``supervisor`` restarts a server that died, with backoff; ``client`` sends
-``engine.request.GenerationRequest``s to the pipeline models over gRPC; ``manifest`` reads the
+``diffserve.engine.request.GenerationRequest``s to the pipeline models over gRPC; ``manifest`` reads the
 ``repository.json`` of a built repository; ``stub_params`` holds the typed ``config.pbtxt``
 parameters and exit hook that the exporter writes and the stub templates under
 ``model_repository/templates`` read back.

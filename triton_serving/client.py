@@ -1,7 +1,7 @@
 """A client for the pipeline models of a repository built by ``diffserve export``.
 
 Each request opens one bidirectional gRPC stream to the slug's decoupled pipeline model, sends
-the validated request in the wire form of ``engine.request.GenerationRequest`` (parameters as
+the validated request in the wire form of ``diffserve.engine.request.GenerationRequest`` (parameters as
 JSON, images as UINT8 [H, W, 3] tensors), forwards every ``PROGRESS``
 response to the caller, and returns the final ``IMAGES``/``SEED``/``INFO``. Cancelling the
 awaiting task cancels the gRPC call; Triton then marks the request cancelled and the pipeline
@@ -80,7 +80,7 @@ class TritonPipelineClient:
 
     @classmethod
     def from_repository(cls, grpc_url: str, repository: str | Path, **kw) -> TritonPipelineClient:
-        from triton_serving.manifest import read_manifest
+        from diffserve.triton_serving.manifest import read_manifest
 
         return cls(grpc_url, read_manifest(repository)["pipelines"], **kw)
 
@@ -98,12 +98,12 @@ class TritonPipelineClient:
                     on_progress: Callable[[int, int], None] | None = None, want_float: bool = False) -> TritonOutput:
         """One pipeline-model request.
 
-        ``params`` are validated (``engine.catalog.validate``), their image values uint8 [H, W, 3]
+        ``params`` are validated (``diffserve.engine.catalog.validate``), their image values uint8 [H, W, 3]
         arrays or None; a request that cannot be one is rejected before it is sent.
         """
         import tritonclient.grpc.aio as grpcclient
 
-        from engine.request import REQUEST_TENSOR, GenerationRequest, MalformedRequest
+        from diffserve.engine.request import REQUEST_TENSOR, GenerationRequest, MalformedRequest
 
         try:
             payload, images = GenerationRequest.from_params(self.pipelines[model]["slug"], params).encode()

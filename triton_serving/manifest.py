@@ -1,6 +1,6 @@
 """``repository.json``: what a built model repository serves, read by whoever serves it.
 
-``export.repository`` writes it beside the model directories; the pipeline client, the API's Triton
+``diffserve.export.repository`` writes it beside the model directories; the pipeline client, the API's Triton
 backend and the benchmarks read it back here (``read_manifest``) to learn each pipeline model's slug
 and defaults without importing the exporter (and with it torch).
 """

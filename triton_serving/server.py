@@ -1,7 +1,7 @@
 """The ``tritonserver`` process: start it on a model repository, watch its output, stop it.
 
 This module owns one server's life: choosing its ports, its command line, spawning it (an
-:class:`engine.processes.ChildProcess` in a lifeline group, so it and its python-backend stubs die
+:class:`diffserve.engine.processes.ChildProcess` in a lifeline group, so it and its python-backend stubs die
 with the process that started them), writing its whole output to a log file and its warnings and
 errors to the ``diffserve.triton`` logger, waiting for readiness, and shutting it down (SIGTERM,
 then SIGKILL of the whole group) with its work directory and shared-memory regions removed.
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from engine.processes import ChildProcess
-from triton_serving.distribution import (
+from diffserve.engine.processes import ChildProcess
+from diffserve.triton_serving.distribution import (
     TritonDistribution, TritonLaunchError, find_libpython, prepare_launch, running_python_version,
 )
 

@@ -1,6 +1,6 @@
 """What the Triton stubs share: their typed ``config.pbtxt`` parameters and their exit hook.
 
-``export.repository`` writes one ``PipelineModelParams`` or ``ComponentModelParams`` into each
+``diffserve.export.repository`` writes one ``PipelineModelParams`` or ``ComponentModelParams`` into each
 model's ``config.pbtxt`` ``parameters`` (``to_parameters``); the stub templates under
 ``model_repository/templates/`` read the same dataclass back from the model config Triton hands
 them (``from_model_config``), so a parameter's name and type are written once. The module imports
@@ -71,7 +71,7 @@ class ComponentModelParams(_StubParams):
     checkpoint: str
     """The diffusers checkpoint directory (the torch runtime loads the module from it)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """``engine.options.EngineOptions.to_dict()``: device, this network's precision, torch and ORT settings."""
+    """``diffserve.engine.options.EngineOptions.to_dict()``: device, this network's precision, torch and ORT settings."""
     artifact: str = ""
     """ONNX file or TensorRT plan, relative to the version directory (empty for the torch runtime)."""
 
@@ -97,7 +97,7 @@ class PipelineModelParams(_StubParams):
     artifacts: dict[str, str] = field(default_factory=dict)
     """Component name -> absolute path of its ONNX file (``fused`` with ONNX Runtime)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """``engine.options.EngineOptions.to_dict()`` (parsed by the stub with ``EngineOptions.from_dict``)."""
+    """``diffserve.engine.options.EngineOptions.to_dict()`` (parsed by the stub with ``EngineOptions.from_dict``)."""
 
     def __post_init__(self) -> None:
         if self.mode not in PIPELINE_MODES:

@@ -3,7 +3,7 @@
 ``TritonSupervisor`` owns the policy (how often to look, how long to wait between attempts, when
 the wait resets) and the state a liveness probe reads (restarts so far, the last failure, how long
 the server has been down). Starting, stopping and reaping the server are ``TritonServer``'s; that
-the server and its stubs die with this process is the lifeline's (``engine.processes``).
+the server and its stubs die with this process is the lifeline's (``diffserve.engine.processes``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from triton_serving.server import TritonServer
+    from diffserve.triton_serving.server import TritonServer
 
 __all__ = ["TritonSupervisor"]
 

@@ -1,6 +1,6 @@
 -- KEYS: seq counter, job, stream (of the job's slug and priority), queued index, inputs.
 -- ARGV[5..]: id, slug, params, owner, want_base64, output_format, priority, aging ms, then input
--- name/bytes pairs. The claim rank (api.jobs.claim_rank) is computed on the server's clock (the
+-- name/bytes pairs. The claim rank (diffserve.api.jobs.claim_rank) is computed on the server's clock (the
 -- stream entry's milliseconds), the same for every replica; the sequence number orders jobs of one
 -- millisecond. The queued index is scored by it, so positions are the order claim takes jobs in.
 -- Returns false (nothing written) when a job with this id exists already.

@@ -23,10 +23,10 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import AppState, OwnedJobDep, StateDep, read_job
-from api.jobs import CANCELLED_BY_CLIENT, Job, JobStatus
-from api.redis_client import StoreUnavailable
-from api.routes.requests import _ERRORS, _status_body, result_body
+from diffserve.api.deps import AppState, OwnedJobDep, StateDep, read_job
+from diffserve.api.jobs import CANCELLED_BY_CLIENT, Job, JobStatus
+from diffserve.api.redis_client import StoreUnavailable
+from diffserve.api.routes.requests import _ERRORS, _status_body, result_body
 
 logger = logging.getLogger(__name__)
 

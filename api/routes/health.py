@@ -13,9 +13,9 @@ import logging
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from api.deps import StateDep
-from api.metrics import CONTENT_TYPE_LATEST
-from api.schemas import Health, Readiness
+from diffserve.api.deps import StateDep
+from diffserve.api.metrics import CONTENT_TYPE_LATEST
+from diffserve.api.schemas import Health, Readiness
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 Both validate against the catalog, check credits, fetch and decode image inputs before anything
 is queued (a bad image is a 400 at once), and submit a job to the runner; ``/v1`` then awaits
 that job, so both share one queue and one concurrency bound. ``/v2`` also takes an
-``Idempotency-Key`` (``api.idempotency``: a retry gets the original request id, no second job)
-and a ``webhook`` field (``api.webhooks``: vetted here, recorded in the outbox with the job).
+``Idempotency-Key`` (``diffserve.api.idempotency``: a retry gets the original request id, no second job)
+and a ``webhook`` field (``diffserve.api.webhooks``: vetted here, recorded in the outbox with the job).
 
 ``generation_router(slugs)`` gives every served slug its own two operations (``POST
 /v1/sd1.5-scifi`` with that slug's request schema from the catalog, and the same for ``/v2``),
@@ -26,17 +26,17 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from api import idempotency, webhooks
-from api.deps import AppState, Caller, JsonBodyDep, ServedModelDep, StateDep, SubmitterDep, served_model
-from api.errors import ApiError
-from api.images import ImageInputError, load_image
-from api.jobs import Job, JobStatus
-from api.quotas import InsufficientCredits
-from api.runner import ClientGone, JobOutcome, QueueFull, Submission, SyncTimeout
-from api.schemas import Base64ImageResponse, ErrorResponse, SubmitResponse, request_body_openapi
-from api.urls import output_urls, result_url, status_url
-from engine.catalog import ModelSpec, ValidationError, get_model
-from engine.imageio import CONTENT_TYPES
+from diffserve.api import idempotency, webhooks
+from diffserve.api.deps import AppState, Caller, JsonBodyDep, ServedModelDep, StateDep, SubmitterDep, served_model
+from diffserve.api.errors import ApiError
+from diffserve.api.images import ImageInputError, load_image
+from diffserve.api.jobs import Job, JobStatus
+from diffserve.api.quotas import InsufficientCredits
+from diffserve.api.runner import ClientGone, JobOutcome, QueueFull, Submission, SyncTimeout
+from diffserve.api.schemas import Base64ImageResponse, ErrorResponse, SubmitResponse, request_body_openapi
+from diffserve.api.urls import output_urls, result_url, status_url
+from diffserve.engine.catalog import ModelSpec, ValidationError, get_model
+from diffserve.engine.imageio import CONTENT_TYPES
 
 _ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in {
     400: "Invalid parameters, body or image input", 401: "Missing or invalid API key",
@@ -223,7 +223,7 @@ def generation_router(slugs: Iterable[str]) -> APIRouter:
 
 
 def _label(router: APIRouter, version: str, slug: str | None) -> None:
-    """Metrics labels of the route just added (read by ``api.app.RequestGuard``)."""
+    """Metrics labels of the route just added (read by ``diffserve.api.app.RequestGuard``)."""
     route = router.routes[-1]
     route.metrics_path = f"/{version}/{{slug}}"
     route.metrics_slug = slug

@@ -30,14 +30,14 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.datastructures import UploadFile
 
-from api.deps import JsonBodyDep, StateDep, SubmitterDep, served_model
-from api.errors import ApiError, BodyTooLarge, _describe_validation
-from api.openai_schemas import ImagesResponse, OpenAIErrorResponse, OpenAIImage
-from api.redis_client import StoreUnavailable
-from api.routes.models import _prepare, run_sync
-from api.runner import ClientGone
-from api.urls import output_urls
-from engine.catalog import CATALOG, ModelSpec
+from diffserve.api.deps import JsonBodyDep, StateDep, SubmitterDep, served_model
+from diffserve.api.errors import ApiError, BodyTooLarge, _describe_validation
+from diffserve.api.openai_schemas import ImagesResponse, OpenAIErrorResponse, OpenAIImage
+from diffserve.api.redis_client import StoreUnavailable
+from diffserve.api.routes.models import _prepare, run_sync
+from diffserve.api.runner import ClientGone
+from diffserve.api.urls import output_urls
+from diffserve.engine.catalog import CATALOG, ModelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ import re
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from api.deps import AppState, OwnedJobDep, StateDep, StoreDep, read_job
-from api.errors import ApiError
-from api.jobs import Job, JobStatus
-from api.queue import JobQueue
-from api.schemas import ErrorResponse, Progress, ResultResponse, StatusResponse
-from api.urls import output_urls
-from engine.imageio import CONTENT_TYPES
+from diffserve.api.deps import AppState, OwnedJobDep, StateDep, StoreDep, read_job
+from diffserve.api.errors import ApiError
+from diffserve.api.jobs import Job, JobStatus
+from diffserve.api.queue import JobQueue
+from diffserve.api.schemas import ErrorResponse, Progress, ResultResponse, StatusResponse
+from diffserve.api.urls import output_urls
+from diffserve.engine.imageio import CONTENT_TYPES
 
 router = APIRouter(prefix="/v2/requests", tags=["requests"])
 

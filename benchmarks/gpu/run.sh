@@ -70,5 +70,5 @@ mkdir -p "$OUT"
     echo "run.sh: OUT=$OUT DRY_RUN=${DRY_RUN:-0} BUDGET_S=${BUDGET_S:-default} STEPS=${STEPS:-all} commit=${GIT_COMMIT:-?}"
     [[ ${DRY_RUN:-0} != 0 ]] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     "$py" -c "import sys, torch, diffusers, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
-    "$py" -m benchmarks.gpu.runner --out "$OUT"
+    "$py" -m diffserve.benchmarks.gpu.runner --out "$OUT"
 } 2>&1 | tee "$OUT/run.log"

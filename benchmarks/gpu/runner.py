@@ -1,6 +1,6 @@
 """The GPU figures in one device call: a plan ordered by value, a deadline, and what it measured kept.
 
-``benchmarks/gpu/run.sh`` runs ``python -m benchmarks.gpu.runner``. This module owns the plan
+``benchmarks/gpu/run.sh`` runs ``python -m diffserve.benchmarks.gpu.runner``. This module owns the plan
 (``PLAN``, most valuable first: Segmind-Vega at 1024², SD1.5 at 512x768, the denoiser's throughput
 against batch size, OminiControl and Omni-Zero networks, SD1.5 at 512²), the time guard that fits it
 into one call of the device machine, and the summary. Each step is its own process (a crash, an
@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.processes import ChildProcess
+from diffserve.engine.processes import ChildProcess
 
-logger = logging.getLogger("benchmarks.gpu")
+logger = logging.getLogger("diffserve.benchmarks.gpu")
 
 TINY_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "tiny"
 FAST_GPU = "fast,nowarmup"
@@ -65,7 +65,7 @@ def tolerances() -> dict[str, float]:
     reordered sums amplified by the sampler), per slug as its family states them (``BenchmarkFigures.
     gpu_tolerance``). Judged in fp32 runs only: fp16/bf16 against the fp32 reference differ by rounding
     far above these, and are reported, not judged."""
-    from benchmarks.figures import all_figures
+    from diffserve.benchmarks.figures import all_figures
 
     return {slug: fig.gpu_tolerance for slug, _, fig in all_figures() if fig.gpu_tolerance is not None}
 
@@ -91,7 +91,7 @@ class Step:
     """Our VAE precision (``EngineBenchConfig.vae_precision``): diffusers' own where its pipeline ignores
     the config's ``force_upcast`` (StableDiffusionPipeline), so the ratio compares like with like."""
     kind: str = "engine"
-    """``engine`` (one ``bench engine`` run) or ``batch-sweep`` (``benchmarks.batch_sweep``)."""
+    """``engine`` (one ``bench engine`` run) or ``batch-sweep`` (``diffserve.benchmarks.batch_sweep``)."""
     max_s: float | None = None
     """Seconds after which the step is stopped on the GPU (keeping the entries it finished), so one slow
     compile cannot eat the steps after it."""
@@ -138,9 +138,9 @@ def _dry_run() -> bool:
 
 def step_config(step: Step, dry_run: bool, work_dir: Path):
     """The ``EngineBenchConfig`` of ``step``: the GPU settings, or the dry run's CPU settings."""
-    from benchmarks.engine_bench import EngineBenchConfig
+    from diffserve.benchmarks.engine_bench import EngineBenchConfig
 
-    from engine.catalog import get_model
+    from diffserve.engine.catalog import get_model
 
     params = dict(step.params)
     if dry_run:
@@ -163,14 +163,14 @@ def run_step(step: Step, out_dir: Path, dry_run: bool) -> Path:
     The report so far is written to ``<stem>.partial.json`` after every entry, and the final one to
     ``<stem>.json``, so the orchestrator finds what a step cut off at the deadline measured.
     """
-    from benchmarks.report import default_stem, write_report
-    from engine import home_dir
+    from diffserve.benchmarks.report import default_stem, write_report
+    from diffserve.engine import home_dir
 
     meta = {"step": step.name, "resolution": step.resolution, "dry_run": dry_run, "note": step.note,
             "commit": _git_commit()}
     if step.kind == "batch-sweep":
         return _run_sweep(step, out_dir, dry_run, meta)
-    from benchmarks.engine_bench import public_report, run_engine_bench
+    from diffserve.benchmarks.engine_bench import public_report, run_engine_bench
 
     stem = None
 
@@ -192,7 +192,7 @@ def run_step(step: Step, out_dir: Path, dry_run: bool) -> Path:
 
 
 def _stem(report: dict[str, Any], step: Step, dry_run: bool) -> str:
-    from benchmarks.report import default_stem
+    from diffserve.benchmarks.report import default_stem
 
     stem = default_stem(report).replace(f"engine-{step.slug}-", f"engine-{step.slug}-{step.resolution}-", 1)
     return ("dryrun-" if dry_run else "") + stem
@@ -201,7 +201,7 @@ def _stem(report: dict[str, Any], step: Step, dry_run: bool) -> str:
 def _run_sweep(step: Step, out_dir: Path, dry_run: bool, meta: dict[str, Any]) -> Path:
     import datetime as _dt
 
-    from benchmarks.batch_sweep import run_batch_sweep, sweep_markdown
+    from diffserve.benchmarks.batch_sweep import run_batch_sweep, sweep_markdown
 
     report = run_batch_sweep(device="cpu" if dry_run else "cuda", precision="fp32" if dry_run else step.precision,
                              batches=(1, 2) if dry_run else (1, 2, 4, 8, 16), repeats=1 if dry_run else 10,
@@ -225,7 +225,7 @@ def _r(value: Any, digits: int = 4) -> Any:
 
 def summarize_report(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per entry (diffusers, eager torch, each optimised spec) of an engine report."""
-    from benchmarks import floors
+    from diffserve.benchmarks import floors
 
     slug, device = report["settings"]["slug"], report["settings"]["device"]
     precision = report["settings"]["precision"]
@@ -394,7 +394,7 @@ def _git_commit() -> str | None:
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
-        from benchmarks.report import git_info
+        from diffserve.benchmarks.report import git_info
 
         info = git_info()
         commit = info.get("commit")
@@ -465,7 +465,7 @@ class Orchestrator:
     def _run_child(self, step: Step, timeout: float) -> dict[str, Any]:
         work = self.work_dir / step.name
         work.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "benchmarks.gpu.runner", "--step", step.name, "--step-out", str(work)]
+        cmd = [sys.executable, "-m", "diffserve.benchmarks.gpu.runner", "--step", step.name, "--step-out", str(work)]
         t0 = time.time()
         # Own process group: a step cut off at the deadline takes its compile workers with it.
         proc = ChildProcess(cmd, name=f"step {step.name}", pipe_output=False).start()
@@ -521,7 +521,7 @@ def select_steps(names: str | None) -> tuple[Step, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu.runner", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m diffserve.benchmarks.gpu.runner", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results/gpu-run",
                         help="where the JSONs and the summary go (default $OUT)")
     parser.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S") or 0) or None,

@@ -1,4 +1,4 @@
-"""The model families, one folder each, registered here (see ``engine.models.core``).
+"""The model families, one folder each, registered here (see ``diffserve.engine.models.core``).
 
 * ``sd`` — Stable Diffusion 1.5 and SDXL text-to-image and SD1.5 img2img (``sd1.5-scifi``,
   ``sd1.5-img2img``, ``segmind-vega``);
@@ -12,17 +12,17 @@ and one line in ``FAMILIES``; its slugs go in the catalog. Its checkpoint hooks 
 
 from __future__ import annotations
 
-from engine.models.core import ModelFamily
-from engine.models.omni_zero import OMNI_ZERO
-from engine.models.ominicontrol import OMINICONTROL
-from engine.models.sd import SD
+from diffserve.engine.models.core import ModelFamily
+from diffserve.engine.models.omni_zero import OMNI_ZERO
+from diffserve.engine.models.ominicontrol import OMINICONTROL
+from diffserve.engine.models.sd import SD
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD, OMNI_ZERO, OMINICONTROL)}
 
 
 
 def family_of_checkpoint(architecture) -> ModelFamily:
-    """The one registered family that recognizes a checkpoint of this ``engine.checkpoint.CheckpointArchitecture``
+    """The one registered family that recognizes a checkpoint of this ``diffserve.engine.checkpoint.CheckpointArchitecture``
     (``ModelFamily.recognizes``): for callers holding a checkpoint directory and no slug."""
     found = [f for f in FAMILIES.values() if f.recognizes(architecture)]
     if len(found) != 1:

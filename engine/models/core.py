@@ -2,7 +2,7 @@
 
 A family is a folder under ``engine/models/``: its pipelines, the check and conversion of its published
 artifacts, its tiny random-weight writer and its benchmark constants. The folder's ``__init__`` builds
-one ``ModelFamily`` object and ``engine.models`` registers it; the catalog (``engine.catalog``, the API
+one ``ModelFamily`` object and ``diffserve.engine.models`` registers it; the catalog (``diffserve.engine.catalog``, the API
 contract) points each slug at its family object and names the family pipeline that serves it. Code
 outside a family asks the family object, so no slug- or family-keyed table restates the catalog.
 
@@ -22,7 +22,7 @@ from typing import Any, Mapping
 class BenchmarkFigures:
     """One slug's benchmark constants (read by ``benchmarks/``; the formulas and the hardware stay there).
 
-    The numbers are DESIGN.md's ("Compute floors") and the README's; ``benchmarks.floors`` turns them
+    The numbers are DESIGN.md's ("Compute floors") and the README's; ``diffserve.benchmarks.floors`` turns them
     into per-request floors at 800 TFLOP/s (H100 dense bf16).
     """
 
@@ -40,7 +40,7 @@ class BenchmarkFigures:
     reference_steps: int | None = None
     """Denoising steps of ``reference_request`` where ``floor_ms`` is a constant."""
     published: str | None = None
-    """Key of ``benchmarks.floors.PUBLISHED_H100``: the best published H100 figure shown next to ours."""
+    """Key of ``diffserve.benchmarks.floors.PUBLISHED_H100``: the best published H100 figure shown next to ours."""
     diffusers_pipeline: str | None = None
     """diffusers' pipeline class a user would run instead (the engine benchmark's baseline); None: none."""
     full_size: Mapping[str, str] = field(default_factory=dict)
@@ -65,7 +65,7 @@ class BenchmarkFigures:
     sweep_shape: tuple[int, int] | None = None
     """(width, height) of the UNet batch sweep; None: not swept."""
     e2e_size: int | None = None
-    """Square size of the full-size end-to-end request (``benchmarks.full_size_e2e``); None: not run."""
+    """Square size of the full-size end-to-end request (``diffserve.benchmarks.full_size_e2e``); None: not run."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,18 +120,18 @@ class ModelFamily:
     # Each reads a module of the family's folder by convention, imported on first use (so a family
     # object still imports nothing heavy and nothing above it):
     #   ``descriptors``: ``recognizes(architecture)``, ``component_descriptors(config, specs)``,
-    #                    ``needed_components(config, specs, condition_mode)`` (engine.descriptors asks);
-    #   ``modules``:     ``load_modules(root, dtype, components, **options)`` (engine.runtime_torch asks).
-    # ``architecture``/``config`` is an ``engine.checkpoint.CheckpointArchitecture``; ``specs`` are
-    # ``engine.catalog.ModelSpec``s (passed in: a family never imports the catalog).
+    #                    ``needed_components(config, specs, condition_mode)`` (diffserve.engine.descriptors asks);
+    #   ``modules``:     ``load_modules(root, dtype, components, **options)`` (diffserve.engine.runtime_torch asks).
+    # ``architecture``/``config`` is an ``diffserve.engine.checkpoint.CheckpointArchitecture``; ``specs`` are
+    # ``diffserve.engine.catalog.ModelSpec``s (passed in: a family never imports the catalog).
 
     def recognizes(self, architecture: Any) -> bool:
         """Whether a checkpoint of this ``CheckpointArchitecture`` is one of this family's (exactly one
-        registered family recognizes a checkpoint: ``engine.models.family_of_checkpoint``)."""
+        registered family recognizes a checkpoint: ``diffserve.engine.models.family_of_checkpoint``)."""
         return bool(self.module("descriptors").recognizes(architecture))
 
     def component_descriptors(self, config: Any, specs: list[Any]) -> dict[str, Any]:
-        """``{component: engine.descriptors.ComponentDescriptor}`` of a checkpoint of this family serving
+        """``{component: diffserve.engine.descriptors.ComponentDescriptor}`` of a checkpoint of this family serving
         ``specs`` (shape profiles span every size and batch the specs allow)."""
         return self.module("descriptors").component_descriptors(config, specs)
 

@@ -1,6 +1,6 @@
 """Running a slug's denoising pipeline, and the machinery every family's pipelines share.
 
-Each family's pipelines live in its folder (``engine.models.<family>``); this package holds what they
+Each family's pipelines live in its folder (``diffserve.engine.models.<family>``); this package holds what they
 share (``common``: prompt encoding, noise, the CFG loop as a ``DenoiseLoop``, decoding, ``RunControl``)
 and ``run``, which finds the pipeline of a slug through its family object (``ModelSpec.family``).
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from engine.catalog import get_model
-from engine.components import Components
-from engine.pipelines.common import Cancelled, GenerationResult, RunControl
+from diffserve.engine.catalog import get_model
+from diffserve.engine.components import Components
+from diffserve.engine.pipelines.common import Cancelled, GenerationResult, RunControl
 
 __all__ = ["Cancelled", "GenerationResult", "RunControl", "pipeline_module", "run", "step_batched"]
 
@@ -36,6 +36,6 @@ def step_batched(slug: str) -> bool:
 
 def run(slug: str, params: dict[str, Any], components: Components,
         control: RunControl | None = None) -> GenerationResult:
-    """Run one validated request (``engine.catalog.validate``) whose image parameters are decoded uint8 arrays."""
+    """Run one validated request (``diffserve.engine.catalog.validate``) whose image parameters are decoded uint8 arrays."""
     arguments = get_model(slug).pipeline_arguments(params)
     return pipeline_module(slug).generate(components, **arguments, control=control)

@@ -16,9 +16,9 @@ import numpy as np
 import PIL.Image
 import torch
 
-from engine.catalog import InvalidRequest
-from engine.components import Components
-from engine.planned_loop import PlannedLoop, SchedulerPlan, try_plan
+from diffserve.engine.catalog import InvalidRequest
+from diffserve.engine.components import Components
+from diffserve.engine.planned_loop import PlannedLoop, SchedulerPlan, try_plan
 
 
 class Cancelled(RuntimeError):
@@ -34,7 +34,7 @@ class RunControl:
     is_cancelled: Callable[[], bool] | None = None
     """Polled before every UNet step; True stops the run with ``Cancelled``."""
     driver: Callable[["DenoiseLoop", "RunControl"], torch.Tensor] | None = None
-    """Runs a ``DenoiseLoop`` to its final latents (``engine.batching.StepBatcher.run``: batched with
+    """Runs a ``DenoiseLoop`` to its final latents (``diffserve.engine.batching.StepBatcher.run``: batched with
     other requests); None runs it in the calling thread, alone. Pipelines whose loop is not a
     ``DenoiseLoop`` (FLUX, Omni-Zero) ignore it."""
 
@@ -57,7 +57,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage: encode_text, encode_image, denoise, decode, total."""
     batch: dict[str, int] = field(default_factory=dict)
-    """Step batching of this run (``engine.batching.PipelineRunner``): ``requests`` and ``rows``, the most of
+    """Step batching of this run (``diffserve.engine.batching.PipelineRunner``): ``requests`` and ``rows``, the most of
     each in one UNet call it took part in; empty when it ran alone."""
 
     def to_uint8(self) -> np.ndarray:
@@ -245,7 +245,7 @@ class DenoiseLoop:
 
     ``model_inputs()`` gives this step's UNet arguments (twice the rows under CFG) and
     ``advance(noise_pred)`` applies the request's guidance and scheduler step to the UNet's output
-    for those rows. ``denoise`` drives it alone; ``engine.batching.StepBatcher`` drives many at once,
+    for those rows. ``denoise`` drives it alone; ``diffserve.engine.batching.StepBatcher`` drives many at once,
     concatenating the inputs of the loops whose ``shape_key`` agree into one UNet call. Everything
     that makes a request's image — scheduler, generator, guidance — stays inside the loop, so its
     output is the same alone or batched (up to the UNet's rounding at another batch size).

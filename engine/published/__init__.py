@@ -1,7 +1,7 @@
 """Published model artifacts, as their publishers lay them out, turned into what the engine loads.
 
 A deployer names each artifact of a slug by its role (``checkpoint``, ``base``, ``ip_adapter_plus``,
-``subject_lora`` …) in the models file (``engine.models_file``); the modules here check
+``subject_lora`` …) in the models file (``diffserve.engine.models_file``); the modules here check
 those files against the architecture the slug needs and assemble the engine's checkpoint
 directory from them — links to files used as published, conversions where the engine needs
 another form (an LDM single-file checkpoint, ZoeDepth's original ``.pt``) — so nothing is

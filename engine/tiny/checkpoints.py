@@ -6,8 +6,8 @@ so they load through exactly the code path real checkpoints use. Shapes keep the
 where it matters to the serving stack: 4 latent channels, a VAE that downsamples by 8, 77-token
 CLIP prompts, SDXL's two encoders, pooled embeds and time ids. The pieces here (VAE and CLIP
 configs, the tokenizer, ``SEED``, the version marker) are shared by the families' tiny writers: the
-SD family's single files and folders, Omni-Zero's SDXL base (``engine.models.omni_zero.tiny``) and
-FLUX.1-schnell with its subject LoRA (``engine.models.ominicontrol.tiny``); ``engine.tiny.demo``
+SD family's single files and folders, Omni-Zero's SDXL base (``diffserve.engine.models.omni_zero.tiny``) and
+FLUX.1-schnell with its subject LoRA (``diffserve.engine.models.ominicontrol.tiny``); ``diffserve.engine.tiny.demo``
 writes one set of artifacts per family.
 """
 

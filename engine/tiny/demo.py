@@ -3,7 +3,7 @@ page's example request.
 
 ``diffserve demo``, ``serve --demo``, ``export --demo``, the benchmarks and the tests all take
 their checkpoints and payloads from here, so they exercise one and the same set — and, because
-the artifacts are written in their publishers' layouts and materialized by ``engine.models_file``,
+the artifacts are written in their publishers' layouts and materialized by ``diffserve.engine.models_file``,
 the same loading code as a real download.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine import home_dir
-from engine.catalog import CATALOG
+from diffserve.engine import home_dir
+from diffserve.engine.catalog import CATALOG
 
 DEMO_MODELS_FILE = "models.toml"
 """The demo's models file, written next to the tiny published artifacts it names."""
@@ -27,14 +27,14 @@ def write_demo_artifacts(root: str | Path) -> Path:
     file (sd1.5-scifi) and diffusers folders; Omni-Zero the SDXL base, IP-Adapter, InstantID, ControlNets,
     antelopev2 and ZoeDepth ``.pt``; OminiControl the FLUX.1-schnell folder and the subject LoRA.
     """
-    from engine.models import FAMILIES
+    from diffserve.engine.models import FAMILIES
 
     root = Path(root)
     tables: dict[str, dict[str, Path]] = {}
     for family in FAMILIES.values():
         slugs = [slug for slug, spec in CATALOG.items() if spec.family is family]
         tables.update(family.write_tiny(root / family.name, slugs))
-    lines = ["# The tiny demo models, written by engine.tiny.demo in their publishers' layouts.\n"]
+    lines = ["# The tiny demo models, written by diffserve.engine.tiny.demo in their publishers' layouts.\n"]
     for slug in CATALOG:
         lines.append(f'["{slug}"]')
         lines += [f'{role} = "{Path(path).relative_to(root).as_posix()}"' for role, path in tables[slug].items()]
@@ -50,7 +50,7 @@ def build_demo_checkpoints(root: str | Path) -> dict[str, Path]:
     """Tiny checkpoints for every slug: ``{slug: engine checkpoint dir}``, materialized from the demo's
     ``models.toml`` (``root/published/``) into ``root/materialized/`` by the same code a real download goes
     through."""
-    from engine.models_file import load_models_file, prepare
+    from diffserve.engine.models_file import load_models_file, prepare
 
     root = Path(root)
     prepared = prepare(load_models_file(write_demo_artifacts(root / "published")), root / "materialized")
@@ -94,7 +94,7 @@ def demo_payloads() -> dict[str, dict[str, Any]]:
     import base64
 
     inputs = home_dir() / "demo-inputs"
-    from engine.models import FAMILIES
+    from diffserve.engine.models import FAMILIES
 
     files = {"<local>": demo_input_image(inputs / "sd-img2img-input.jpeg")}
     for family in FAMILIES.values():

@@ -1,6 +1,6 @@
 """The job-store contract fixtures: ``kind`` runs a test on each store, ``queue`` is that store.
 
-``queue`` is a fresh :class:`api.queue.JobQueue`: SQLite in a temp dir, or Redis (a real
+``queue`` is a fresh :class:`diffserve.api.queue.JobQueue`: SQLite in a temp dir, or Redis (a real
 ``redis-server``, tests/redis_server.py) under a namespace of its own.
 """
 
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from api.jobs import Job, JobStore
-from api.queue import JobQueue
+from diffserve.api.jobs import Job, JobStore
+from diffserve.api.queue import JobQueue
 from tests.redis_server import redis_server, redis_url  # noqa: F401
 
 KINDS = ("sqlite", "redis")
@@ -39,7 +39,7 @@ def make_queue(kind: str, namespace: str, tmp_path, request: pytest.FixtureReque
         if kind == "sqlite":
             store = JobStore(tmp_path / "jobs.sqlite3", outputs_dir=tmp_path / "outputs", **kw)
         else:
-            from api.redis_jobs import RedisJobStore
+            from diffserve.api.redis_jobs import RedisJobStore
 
             store = RedisJobStore(request.getfixturevalue("redis_url"), namespace=namespace, **kw)
         stores.append(store)

@@ -13,11 +13,11 @@ import uuid
 
 import pytest
 
-from api.idempotency import (
+from diffserve.api.idempotency import (
     IN_FLIGHT_S, IdempotencyConflict, IdempotencyStore, RedisIdempotencyStore, SqliteIdempotencyStore, check_key,
     fingerprint, submit_once,
 )
-from api.jobs import DuplicateJob, new_job_id
+from diffserve.api.jobs import DuplicateJob, new_job_id
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def make_keys(kind: str, tmp_path, request: pytest.FixtureRequest):
         if kind == "sqlite":
             keys = SqliteIdempotencyStore(tmp_path / "idempotency.sqlite", retention_s, clock=clock)
         else:
-            from api.redis_client import connect
+            from diffserve.api.redis_client import connect
 
             keys = RedisIdempotencyStore(connect(request.getfixturevalue("redis_url")), namespace, retention_s,
                                          clock=clock)

@@ -1,4 +1,4 @@
-"""Tests for api.images: SSRF guard, pinned fetching, size/time limits and decoding.
+"""Tests for diffserve.api.images: SSRF guard, pinned fetching, size/time limits and decoding.
 
 Real sockets only, and only loopback ones: HTTP(S) servers run in threads on
 127.0.0.1 / 127.0.0.2 / ::1 and count the connections they accept.  For
@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from api.images import (
+from diffserve.api.images import (
     ImageFetchPolicy,
     ImageInputError,
     check_address,

@@ -1,4 +1,4 @@
-"""Stored job inputs (``api.inputs``): the ``.npy`` bytes kept with a job give back exactly the
+"""Stored job inputs (``diffserve.api.inputs``): the ``.npy`` bytes kept with a job give back exactly the
 decoded pixels, only uint8 RGB arrays are stored, and anything else read back is ``InputsLost``."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 
-from api.inputs import InputsLost, pixels_from_bytes, pixels_to_bytes, stored_reference
+from diffserve.api.inputs import InputsLost, pixels_from_bytes, pixels_to_bytes, stored_reference
 
 NAMES = ("image", "base_image", "mask")
 

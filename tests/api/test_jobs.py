@@ -1,4 +1,4 @@
-"""Tests for api.jobs.JobStore (real SQLite files in a temp dir, injectable clock)."""
+"""Tests for diffserve.api.jobs.JobStore (real SQLite files in a temp dir, injectable clock)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from api.jobs import CANCELLED_BY_CLIENT, SYNC_PARAM, InvalidJobTransition, Job, JobStatus, JobStore
-from api.settings import owner_from_api_key
+from diffserve.api.jobs import CANCELLED_BY_CLIENT, SYNC_PARAM, InvalidJobTransition, Job, JobStatus, JobStore
+from diffserve.api.settings import owner_from_api_key
 
 
 class FakeClock:

@@ -13,8 +13,8 @@ from dataclasses import replace
 
 import pytest
 
-from api.jobs import CANCELLED_BY_CLIENT, JobStatus
-from api.queue import JobQueue
+from diffserve.api.jobs import CANCELLED_BY_CLIENT, JobStatus
+from diffserve.api.queue import JobQueue
 from tests.api.conftest import take
 
 SLUG = "sd1.5-scifi"
@@ -212,7 +212,7 @@ def test_a_waiting_job_ages_past_later_higher_priority_ones(make_queue) -> None:
 
 
 def test_create_under_a_chosen_id_refuses_a_duplicate(queue: JobQueue) -> None:
-    from api.jobs import DuplicateJob, new_job_id
+    from diffserve.api.jobs import DuplicateJob, new_job_id
 
     job_id = new_job_id()
     job = queue.create(SLUG, {"prompt": "first"}, job_id=job_id, inputs={"image": b"pixels"})

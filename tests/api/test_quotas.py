@@ -1,4 +1,4 @@
-"""The credit ledger and the rate limiter as plain logic (``api.quotas``): no server, a fake clock."""
+"""The credit ledger and the rate limiter as plain logic (``diffserve.api.quotas``): no server, a fake clock."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from api.quotas import CreditLedger, InsufficientCredits, RateLimiter, retry_after_header
+from diffserve.api.quotas import CreditLedger, InsufficientCredits, RateLimiter, retry_after_header
 
 
 # -- credits ---------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from api.jobs import JobStatus
-from api.redis_client import StoreUnavailable, connect, lua, read_password_file
-from api.redis_jobs import RedisJobStore
+from diffserve.api.jobs import JobStatus
+from diffserve.api.redis_client import StoreUnavailable, connect, lua, read_password_file
+from diffserve.api.redis_jobs import RedisJobStore
 from tests.redis_server import RedisServer
 
 PASSWORD = "s3cret-for-the-test"

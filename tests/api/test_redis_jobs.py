@@ -1,4 +1,4 @@
-"""Tests for api.redis_jobs.RedisJobStore against a real redis-server (tests/redis_server.py)."""
+"""Tests for diffserve.api.redis_jobs.RedisJobStore against a real redis-server (tests/redis_server.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 import pytest
 import redis
 
-from api.jobs import CANCELLED_BY_CLIENT, JobStatus
-from api.redis_client import StoreUnavailable
-from api.redis_jobs import CompletionLost, RedisJobStore
+from diffserve.api.jobs import CANCELLED_BY_CLIENT, JobStatus
+from diffserve.api.redis_client import StoreUnavailable
+from diffserve.api.redis_jobs import CompletionLost, RedisJobStore
 from tests.redis_server import redis_server, redis_url  # noqa: F401
 
 # Reclaim after 1 s silent; heartbeats every 0.1 s, so a loaded CI machine has 0.9 s of slack.

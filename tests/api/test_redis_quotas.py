@@ -1,4 +1,4 @@
-"""Tests for api.redis_quotas against a real redis-server (tests/redis_server.py)."""
+"""Tests for diffserve.api.redis_quotas against a real redis-server (tests/redis_server.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import threading
 
 import pytest
 
-from api.quotas import InsufficientCredits
-from api.redis_client import StoreUnavailable
-from api.redis_jobs import CompletionLost, RedisJobStore
-from api.redis_quotas import RedisCreditLedger, RedisRateLimiter
+from diffserve.api.quotas import InsufficientCredits
+from diffserve.api.redis_client import StoreUnavailable
+from diffserve.api.redis_jobs import CompletionLost, RedisJobStore
+from diffserve.api.redis_quotas import RedisCreditLedger, RedisRateLimiter
 from tests.redis_server import redis_server, redis_url  # noqa: F401
 
 

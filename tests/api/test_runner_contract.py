@@ -19,16 +19,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from api.backend import (
+from diffserve.api.backend import (
     BackendError, BackendResult, BackendTimeout, BackendUnavailable, GenerationFailed, InputRejected,
 )
-from api.jobs import CANCELLED_BY_CLIENT, JobStatus
-from api.metrics import ApiMetrics
-from api.queue import JobQueue
-from api.quotas import CreditLedger, InsufficientCredits
-from api.redis_client import StoreUnavailable
-from api.runner import JobRunner, QueueFull, Submission, SyncTimeout
-from engine.catalog import get_model
+from diffserve.api.jobs import CANCELLED_BY_CLIENT, JobStatus
+from diffserve.api.metrics import ApiMetrics
+from diffserve.api.queue import JobQueue
+from diffserve.api.quotas import CreditLedger, InsufficientCredits
+from diffserve.api.redis_client import StoreUnavailable
+from diffserve.api.runner import JobRunner, QueueFull, Submission, SyncTimeout
+from diffserve.engine.catalog import get_model
 
 OWNER = "owner-a"
 
@@ -111,7 +111,7 @@ def make_runner(kind: str, namespace: str, make_queue, tmp_path, request) -> Cal
         if kind == "sqlite":
             ledger = CreditLedger(tmp_path / "credits.sqlite", credits, {})
         else:
-            from api.redis_quotas import RedisCreditLedger
+            from diffserve.api.redis_quotas import RedisCreditLedger
 
             ledger = RedisCreditLedger(request.getfixturevalue("redis_url"), credits, {}, namespace=namespace)
         options = dict(max_concurrent_jobs=1, max_queued_jobs=100, job_timeout_s=30.0, cancel_poll_s=0.01,

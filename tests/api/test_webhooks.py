@@ -17,12 +17,12 @@ import uuid
 import httpx
 import pytest
 
-from api.webhooks import (
+from diffserve.api.webhooks import (
     Delivery, RedisWebhookOutbox, RetrySchedule, SqliteWebhookOutbox, WebhookDeliverer, WebhookError,
     WebhookOptions, WebhookOutbox, decode_secret, generate_secret, requested_webhook, sign, signed_headers,
 )
-from api.images import ImageFetchPolicy
-from api.metrics import ApiMetrics
+from diffserve.api.images import ImageFetchPolicy
+from diffserve.api.metrics import ApiMetrics
 from tests.webhook_receiver import Receiver, verify
 
 SLUG = "sd1.5-scifi"
@@ -43,7 +43,7 @@ def test_secrets_are_checked_at_start() -> None:
                      ("whsec_c2hvcnQ=", "24 to 64 bytes")):
         with pytest.raises(ValueError, match=why):
             decode_secret(bad)
-    from api.settings import Settings
+    from diffserve.api.settings import Settings
 
     with pytest.raises(ValueError, match="whsec_"):
         Settings(webhook_secret="plain-text")
@@ -52,7 +52,7 @@ def test_secrets_are_checked_at_start() -> None:
 
 
 def test_webhook_secret_file_gives_one_secret_or_secrets_per_key(tmp_path, monkeypatch) -> None:
-    from api.settings import Settings, owner_from_api_key
+    from diffserve.api.settings import Settings, owner_from_api_key
 
     one, per_a = generate_secret(), generate_secret()
     single = tmp_path / "single"
@@ -75,7 +75,7 @@ def test_webhook_secret_file_gives_one_secret_or_secrets_per_key(tmp_path, monke
 
 
 def test_webhook_secret_file_problems_stop_start_up(tmp_path) -> None:
-    from api.settings import Settings
+    from diffserve.api.settings import Settings
 
     secret = tmp_path / "secret"
     secret.write_text(generate_secret())
@@ -121,7 +121,7 @@ def make_outbox(kind: str, tmp_path, request: pytest.FixtureRequest):
         if kind == "sqlite":
             outbox = SqliteWebhookOutbox(tmp_path / "webhooks.sqlite")
         else:
-            from api.redis_client import connect
+            from diffserve.api.redis_client import connect
 
             outbox = RedisWebhookOutbox(connect(request.getfixturevalue("redis_url")), namespace)
         made.append(outbox)

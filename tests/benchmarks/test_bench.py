@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import capacity, floors, full_size
-from benchmarks.engine_bench import EngineBenchConfig, reference_request, run_engine_bench
-from benchmarks.index import results_index
-from benchmarks.report import render_markdown, write_report
+from diffserve.benchmarks import capacity, floors, full_size
+from diffserve.benchmarks.engine_bench import EngineBenchConfig, reference_request, run_engine_bench
+from diffserve.benchmarks.index import results_index
+from diffserve.benchmarks.report import render_markdown, write_report
 from tests.devices import torch_components
 
 # The catalog's smallest sd1.5-scifi request: 20 steps at 512x512 (about 2 s on two CPU cores).
@@ -79,8 +79,8 @@ def test_floors_reproduce_design_numbers_at_the_reference_requests():
 
 def test_every_catalog_slug_has_its_familys_benchmark_figures_and_they_resolve():
     # The families hold the per-slug benchmark constants; benchmarks/ keeps no slug-keyed table of its own.
-    from benchmarks.figures import all_figures
-    from engine.catalog import CATALOG
+    from diffserve.benchmarks.figures import all_figures
+    from diffserve.engine.catalog import CATALOG
 
     seen = set()
     for slug, family, fig in all_figures():
@@ -175,7 +175,7 @@ def test_engine_bench_img2img_and_vega(tiny_checkpoints, work_dir, results_dir):
 
 def _tiny_configs(root: Path) -> Path:
     """The full-size config names filled with tiny configs: the full-size code path, in seconds."""
-    from engine.tiny.checkpoints import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, TEXT_ENCODER_CONFIG, VAE_CONFIG
+    from diffserve.engine.tiny.checkpoints import SD15_UNET_CONFIG, SDXL_UNET_CONFIG, TEXT_ENCODER_CONFIG, VAE_CONFIG
 
     text = {**TEXT_ENCODER_CONFIG, "vocab_size": 1000, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
             "model_type": "clip_text_model"}
@@ -225,8 +225,8 @@ def test_engine_bench_full_size_path_on_tiny_configs(tmp_path, work_dir, results
 
 
 def test_full_size_checkpoint_loads_like_a_real_one(tmp_path):
-    from benchmarks.cli import main
-    from benchmarks.full_size import save_checkpoint
+    from diffserve.benchmarks.cli import main
+    from diffserve.benchmarks.full_size import save_checkpoint
 
     config_dir = _tiny_configs(tmp_path / "configs")
     path = save_checkpoint("sd1.5-scifi", tmp_path / "ckpt", config_dir=config_dir)
@@ -272,7 +272,7 @@ def test_engine_bench_ominicontrol_times_every_network_call(tiny_checkpoints, wo
 def test_serve_bench_api_and_triton_modes(tiny_checkpoints, work_dir, results_dir):
     import asyncio
 
-    from benchmarks.serve_bench import ServeBenchConfig, run_serve_bench
+    from diffserve.benchmarks.serve_bench import ServeBenchConfig, run_serve_bench
 
     # One Triton serves the API (--backend triton) and the direct bls/fused sweeps; img2img at
     # strength 0.1 runs 2 denoising steps, so the sweep stays short.
@@ -367,7 +367,7 @@ def test_capacity_from_an_engine_report_is_one_point():
 def test_cli_commands_and_results_index(tmp_path, capsys):
     import shutil
 
-    from benchmarks.cli import main
+    from diffserve.benchmarks.cli import main
 
     # capacity and report read the committed reports (CPU and H200 engine runs of both SD slugs), copied
     # into a directory of the test's own: the test runs alone or in any order.
@@ -391,7 +391,7 @@ def test_load_shapes_and_level_summary_on_a_fake_endpoint():
     import asyncio
     import random
 
-    from benchmarks.serve_bench import Record, closed_loop, open_loop, request_split, summarize_level
+    from diffserve.benchmarks.serve_bench import Record, closed_loop, open_loop, request_split, summarize_level
 
     in_flight, peak = 0, 0
 
@@ -420,7 +420,7 @@ def test_load_shapes_and_level_summary_on_a_fake_endpoint():
 
 
 def test_serve_config_checks_and_which_checkpoints_the_baseline_uses(tiny_checkpoints):
-    from benchmarks.serve_bench import ServeBenchConfig, _served_checkpoints
+    from diffserve.benchmarks.serve_bench import ServeBenchConfig, _served_checkpoints
 
     with pytest.raises(ValueError, match="nothing to load"):
         ServeBenchConfig()
@@ -439,7 +439,7 @@ def test_serve_config_checks_and_which_checkpoints_the_baseline_uses(tiny_checkp
 
 
 def test_fused_variant_rows_compare_each_level_with_unbatched_and_with_its_lowest_level():
-    from benchmarks.serve_bench import variant_rows
+    from diffserve.benchmarks.serve_bench import variant_rows
 
     def series(endpoint, images_per_s, batch=None):
         return {"slug": "sd1.5-scifi", "target": "triton", "endpoint": endpoint, "levels": [

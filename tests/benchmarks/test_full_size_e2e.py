@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.full_size_e2e import main
+from diffserve.benchmarks.full_size_e2e import main
 
 
 pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)

@@ -45,7 +45,7 @@ def test_script_parses():
 
 
 def test_plan_is_ordered_by_value():
-    from benchmarks.gpu.runner import PLAN
+    from diffserve.benchmarks.gpu.runner import PLAN
 
     assert tuple(s.name for s in PLAN) == PLAN_ORDER
     vega, sd15 = PLAN[0], PLAN[1]
@@ -130,7 +130,7 @@ def test_dry_run_writes_every_step(tmp_path):
 
 @pytest.mark.slow
 def test_a_step_killed_mid_way_keeps_the_entries_it_finished(tmp_path):
-    from benchmarks.gpu.runner import CRASH_AFTER_ENTRIES
+    from diffserve.benchmarks.gpu.runner import CRASH_AFTER_ENTRIES
 
     # The step dies (as at the deadline or on an out-of-memory kill) right after its first entry.
     proc = _run(tmp_path, BUDGET_S="1100", STEPS="sd1.5-scifi-512x768", **{CRASH_AFTER_ENTRIES: "1"})
@@ -157,7 +157,7 @@ def test_time_guard_skips_what_cannot_finish(tmp_path):
 
 
 def test_unknown_step_is_refused():
-    from benchmarks.gpu.runner import PLAN, select_steps
+    from diffserve.benchmarks.gpu.runner import PLAN, select_steps
 
     assert select_steps(None) == PLAN and select_steps("segmind-vega") == (PLAN[0],)
     with pytest.raises(SystemExit, match="unknown step"):
@@ -167,7 +167,7 @@ def test_unknown_step_is_refused():
 # -- the checks that give the GPU figures a meaning ------------------------------------------------------
 
 def test_image_check_fails_nan_and_uniform_images():
-    from benchmarks.engine_bench import image_check
+    from diffserve.benchmarks.engine_bench import image_check
 
     rng = np.random.default_rng(0)
     assert image_check(rng.random((1, 8, 8, 3)))["ok"]
@@ -179,7 +179,7 @@ def test_image_check_fails_nan_and_uniform_images():
 
 
 def test_denoiser_check_fails_a_stale_replay_and_a_wrong_step():
-    from benchmarks.engine_bench import DENOISER_CHECK_REL_L2, denoiser_check
+    from diffserve.benchmarks.engine_bench import DENOISER_CHECK_REL_L2, denoiser_check
 
     rng = np.random.default_rng(0)
     eager = [rng.standard_normal((2, 4, 8, 8)).astype(np.float32) for _ in range(2)]
@@ -198,7 +198,7 @@ def test_denoiser_check_fails_a_stale_replay_and_a_wrong_step():
 def test_compile_counters_see_graph_breaks_and_recompiles():
     import torch
 
-    from benchmarks.engine_bench import CompileCounters
+    from diffserve.benchmarks.engine_bench import CompileCounters
 
     def f(x):
         y = x * 2

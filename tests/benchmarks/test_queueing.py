@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import capacity
+from diffserve.benchmarks import capacity
 
 
 pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
@@ -70,7 +70,7 @@ def test_predictions_unstable_queues_and_the_fewest_gpus():
 
 
 def test_capacity_cli_predicts_from_a_closed_loop_report(tmp_path, capsys):
-    from benchmarks.cli import main
+    from diffserve.benchmarks.cli import main
 
     report = {"kind": "serve", "schema_version": 1, "created_utc": "2025-01-01T00:00:00+00:00",
               "environment": {"gpu": None}, "settings": {"loop": "closed"},
@@ -99,8 +99,8 @@ def test_open_loop_run_reports_predicted_and_measured_p95(tiny_checkpoints, tmp_
     """A real `diffserve serve` on Triton (fused), Poisson arrivals at two rates (under the Triton lock)."""
     import asyncio
 
-    from benchmarks.report import render_markdown
-    from benchmarks.serve_bench import ServeBenchConfig, run_serve_bench
+    from diffserve.benchmarks.report import render_markdown
+    from diffserve.benchmarks.serve_bench import ServeBenchConfig, run_serve_bench
 
     # img2img at strength 0.1 runs 2 denoising steps: a short service time, so low rates stay stable.
     cfg = ServeBenchConfig(slugs=("sd1.5-img2img",), start_server=True, server_backend="triton", endpoints=("sync",),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.scale_out import ScaleOutConfig, scale_out_markdown, scale_out_rows
+from diffserve.benchmarks.scale_out import ScaleOutConfig, scale_out_markdown, scale_out_rows
 
 
 def _series(workers: int, ips: list[float]) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from benchmarks.store_bench import run, submit_latency_ms
+from diffserve.benchmarks.store_bench import run, submit_latency_ms
 
 
 def test_store_bench_times_both_modes(tmp_path: Path) -> None:

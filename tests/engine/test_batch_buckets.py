@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.batch_buckets import BucketedModule, batch_buckets
+from diffserve.engine.batch_buckets import BucketedModule, batch_buckets
 
 
 def test_buckets_cover_every_batch_the_batcher_can_form():

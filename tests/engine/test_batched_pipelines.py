@@ -15,10 +15,10 @@ import time
 import numpy as np
 import pytest
 
-from engine.batching import BatchingOptions, StepBatcher
-from engine.models.sd import img2img as sd15_img2img, txt2img
-from engine.pipelines import RunControl
-from engine.schedulers import SCHEDULER_NAMES
+from diffserve.engine.batching import BatchingOptions, StepBatcher
+from diffserve.engine.models.sd import img2img as sd15_img2img, txt2img
+from diffserve.engine.pipelines import RunControl
+from diffserve.engine.schedulers import SCHEDULER_NAMES
 
 TOLERANCE = {"sd1.5-scifi": 2e-4, "sd1.5-img2img": 2e-4, "segmind-vega": 1e-3}
 REQUESTS = (  # seed, steps, guidance, samples

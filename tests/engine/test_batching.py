@@ -12,8 +12,8 @@ import threading
 import pytest
 import torch
 
-from engine.batching import BatchingOptions, DeadlineExceeded, Entry, StepBatcher, StepScheduler
-from engine.pipelines.common import Cancelled
+from diffserve.engine.batching import BatchingOptions, DeadlineExceeded, Entry, StepBatcher, StepScheduler
+from diffserve.engine.pipelines.common import Cancelled
 
 
 class FakeLoop:

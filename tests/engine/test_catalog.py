@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.catalog import CATALOG, ParamType, UnknownModelError, ValidationError, get_model, validate
-from engine.schedulers import SCHEDULER_NAMES
+from diffserve.engine.catalog import CATALOG, ParamType, UnknownModelError, ValidationError, get_model, validate
+from diffserve.engine.schedulers import SCHEDULER_NAMES
 
 # (slug, param): (required, default, minimum, maximum, choices) as the seed pages state them.
 SEED_FACTS = {

@@ -1,4 +1,4 @@
-"""A checkpoint directory's layout reads into the facts the pipelines need (engine.checkpoint)."""
+"""A checkpoint directory's layout reads into the facts the pipelines need (diffserve.engine.checkpoint)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from engine.checkpoint import (
+from diffserve.engine.checkpoint import (
     CONDITION_LORA_DIR, FLUX_MAX_SEQUENCE_LENGTH, find_condition_lora, load_tokenizer, read_architecture,
     tokenizer_dir,
 )

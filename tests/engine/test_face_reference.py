@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.models.omni_zero import face_analysis as fa
+from diffserve.engine.models.omni_zero import face_analysis as fa
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ import PIL.Image
 import pytest
 import torch
 
-from engine.catalog import get_model, validate
-from engine.models.ominicontrol import flux, pipeline as ominicontrol
-from engine.pipelines import RunControl, run
+from diffserve.engine.catalog import get_model, validate
+from diffserve.engine.models.ominicontrol import flux, pipeline as ominicontrol
+from diffserve.engine.pipelines import RunControl, run
 from tests.devices import torch_components
 
 TOL = 1e-4
@@ -122,7 +122,7 @@ def test_cached_condition_kv_equals_recomputed_and_is_computed_once(components, 
 
 
 def test_condition_mode_comes_from_the_components_not_the_environment(components, subject, monkeypatch):
-    from engine.descriptors import needed_components
+    from diffserve.engine.descriptors import needed_components
 
     kw = dict(image=subject, prompt=PROMPT, width=64, height=64, num_inference_steps=1, seed=2)
     monkeypatch.setenv("DIFFSERVE_OMINICONTROL_CONDITION", "cached")  # no longer read
@@ -154,8 +154,8 @@ def test_condition_branch_is_flux_on_the_condition_tokens_alone_with_the_lora_me
 
     from diffusers.models.embeddings import apply_rotary_emb
 
-    from engine.models.ominicontrol.condition import ConditionKVModule, read_condition_lora
-    from engine.checkpoint import find_condition_lora
+    from diffserve.engine.models.ominicontrol.condition import ConditionKVModule, read_condition_lora
+    from diffserve.engine.checkpoint import find_condition_lora
 
     transformer = flux_pipe.transformer
     lora = read_condition_lora(find_condition_lora(flux_dir), transformer)
@@ -211,8 +211,8 @@ def test_seed_page_example_runs_through_the_catalog(components, subject):
 def test_lora_file_is_in_the_diffusers_peft_format(flux_dir, flux_pipe, tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 
-    from engine.models.ominicontrol.condition import read_condition_lora
-    from engine.checkpoint import find_condition_lora
+    from diffserve.engine.models.ominicontrol.condition import read_condition_lora
+    from diffserve.engine.checkpoint import find_condition_lora
 
     path = find_condition_lora(flux_dir)
     weights = load_file(path)
@@ -248,8 +248,8 @@ def test_lora_file_is_in_the_diffusers_peft_format(flux_dir, flux_pipe, tmp_path
 
 
 def test_explicit_lora_path_overrides_the_checkpoint_one(flux_dir, tmp_path):
-    from engine.runtime_torch import load_component_modules
-    from engine.models.ominicontrol.tiny import build_condition_lora
+    from diffserve.engine.runtime_torch import load_component_modules
+    from diffserve.engine.models.ominicontrol.tiny import build_condition_lora
 
     transformer = load_component_modules(flux_dir, components=["transformer"])["transformer"].transformer
     other = build_condition_lora(tmp_path / "other.safetensors", transformer, seed=5)
@@ -261,10 +261,10 @@ def test_explicit_lora_path_overrides_the_checkpoint_one(flux_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(flux_dir, tmp_path_factory):
-    from engine.checkpoint import read_architecture
-    from engine.descriptors import component_descriptors, needed_components
-    from engine.runtime_torch import load_component_modules
-    from export.onnx_export import export_component
+    from diffserve.engine.checkpoint import read_architecture
+    from diffserve.engine.descriptors import component_descriptors, needed_components
+    from diffserve.engine.runtime_torch import load_component_modules
+    from diffserve.export.onnx_export import export_component
 
     config = read_architecture(flux_dir)
     specs = [get_model("ominicontrol")]
@@ -284,7 +284,7 @@ def test_every_flux_component_exports_to_onnx_equal_to_torch(exported):
 
 
 def test_ominicontrol_runs_the_same_through_onnx_runtime(components, flux_dir, exported, subject):
-    from engine.runtime_onnx import OnnxComponents
+    from diffserve.engine.runtime_onnx import OnnxComponents
 
     onnx = OnnxComponents(flux_dir, {name: r.path for name, r in exported.items()})
     kw = dict(image=subject, prompt=PROMPT, width=128, height=128, num_inference_steps=2, seed=11)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.engine_bench import denoiser_check, denoiser_probe, image_check
-from engine.pipelines import run
+from diffserve.benchmarks.engine_bench import denoiser_check, denoiser_probe, image_check
+from diffserve.engine.pipelines import run
 from tests.devices import torch_components
 from tests.engine.test_torch_optimize import _params
 

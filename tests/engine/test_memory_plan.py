@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from benchmarks.full_size import EXPECTED_PARAMS_M, build_module, load_config
-from engine.memory_plan import GB, DevicePlan, plan_deployment, plan_slug, safetensors_params
+from diffserve.benchmarks.full_size import EXPECTED_PARAMS_M, build_module, load_config
+from diffserve.engine.memory_plan import GB, DevicePlan, plan_deployment, plan_slug, safetensors_params
 
 _DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
@@ -79,9 +79,9 @@ def test_a_deployment_that_does_not_fit_names_what_to_move(tmp_path):
 
 
 def test_models_check_prints_the_plan_and_export_refuses_what_does_not_fit(tmp_path, diffserve_home, capsys):
-    from api.cli import main
-    from engine.tiny.demo import demo_models_file
-    from triton_serving.manifest import read_manifest
+    from diffserve.api.cli import main
+    from diffserve.engine.tiny.demo import demo_models_file
+    from diffserve.triton_serving.manifest import read_manifest
 
     models = demo_models_file()
     assert main(["models", "check", "--models", str(models), "--device", "cuda", "--gpu-memory-gb", "141"]) == 0

@@ -1,4 +1,4 @@
-"""models.toml: parsing, the artifact checks, single-file conversion, materialization (engine.models_file)."""
+"""models.toml: parsing, the artifact checks, single-file conversion, materialization (diffserve.engine.models_file)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import models_file
-from engine.models_file import ModelsFileError, load_models_file, parse_models_file
+from diffserve.engine import models_file
+from diffserve.engine.models_file import ModelsFileError, load_models_file, parse_models_file
 from tests.devices import torch_components
 
 
@@ -44,8 +44,8 @@ def test_demo_models_are_complete(demo_models):
 def test_single_file_equals_diffusers_folder(tiny_checkpoints, demo_models):
     """sd1.5-scifi is an LDM single file converted by diffusers' single-file loading; sd1.5-img2img the
     diffusers folder it was written from: the same pipeline output, bit for bit."""
-    from engine.catalog import get_model
-    from engine.pipelines import run
+    from diffserve.engine.catalog import get_model
+    from diffserve.engine.pipelines import run
 
     entries = load_models_file(demo_models).entries
     assert entries["sd1.5-scifi"]["checkpoint"].suffix == ".safetensors"
@@ -93,7 +93,7 @@ def test_wrong_shape_single_file_is_named(tmp_path, demo_models):
 
 
 def test_sd15_full_size_shapes_are_859_5m():
-    from engine.models.sd.published import _count_m, expected_ldm_shapes
+    from diffserve.engine.models.sd.published import _count_m, expected_ldm_shapes
 
     shapes = expected_ldm_shapes("sd15")
     unet = {k: s for k, s in shapes.items() if k.startswith("model.diffusion_model.")}
@@ -105,7 +105,7 @@ def test_sd15_full_size_shapes_are_859_5m():
 def test_clip_vocabulary_from_the_shipped_bpe(tmp_path):
     from transformers import CLIPTokenizer
 
-    from engine.models.sd.published import local_config_dir
+    from diffserve.engine.models.sd.published import local_config_dir
 
     tok = CLIPTokenizer.from_pretrained(local_config_dir("sd15", tmp_path) / "tokenizer")
     assert len(tok) == 49408 and tok.bos_token_id == 49406 and tok.eos_token_id == 49407
@@ -125,7 +125,7 @@ def test_materialize_is_cached_and_follows_the_inputs(tmp_path, demo_models):
 
 
 def test_models_check_cli_exit_codes(tmp_path, demo_models, capsys):
-    from api.cli import main
+    from diffserve.api.cli import main
 
     assert main(["models", "check", "--models", str(demo_models)]) == 0
     assert "5 of 5 configured slugs complete" in capsys.readouterr().out

@@ -4,7 +4,7 @@ The reference is written here from Yuanshi9815/OminiControl's ``transformer_forw
 (``generate(kv_cache=False)``): text, image and condition tokens are three branches; every branch's
 queries attend to the keys of all three in one attention; the condition branch uses the
 image-stream weights with the subject LoRA merged in (on its rows only), timestep 0, and each
-branch its own AdaLN modulation. It shares no code with ``engine.models.ominicontrol.condition``. The cached
+branch its own AdaLN modulation. It shares no code with ``diffserve.engine.models.ominicontrol.condition``. The cached
 (independent-condition) mode's gap and speed-up are measured and printed (``-s``) for the README.
 """
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.components import ConditionTokens
-from engine.models.ominicontrol import pipeline as ominicontrol
+from diffserve.engine.components import ConditionTokens
+from diffserve.engine.models.ominicontrol import pipeline as ominicontrol
 from tests.devices import torch_components
 
 TOL = 1e-4
@@ -154,7 +154,7 @@ def test_joint_transformer_call_equals_the_reference(components, flux_dir):
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(2, 16, 64, generator=g), torch.tensor([0.7, 0.3]), torch.randn(2, 7, 32, generator=g),
             torch.randn(2, 32, generator=g))
-    from engine.models.ominicontrol import flux
+    from diffserve.engine.models.ominicontrol import flux
 
     img_ids, txt_ids = flux.latent_ids(4, 4), torch.zeros(7, 3)
     cond, cond_ids = torch.randn(2, 16, 64, generator=g), flux.latent_ids(4, 4, ominicontrol.POSITION_DELTA)

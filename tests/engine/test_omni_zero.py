@@ -16,11 +16,11 @@ import PIL.Image
 import pytest
 import torch
 
-from engine.catalog import validate
-from engine.models.omni_zero.face_analysis import NoFaceDetected
-from engine.models.omni_zero import pipeline as omni_zero
-from engine.pipelines import RunControl, run
-from engine.models.omni_zero.tiny import featureless_image, synthetic_portrait
+from diffserve.engine.catalog import validate
+from diffserve.engine.models.omni_zero.face_analysis import NoFaceDetected
+from diffserve.engine.models.omni_zero import pipeline as omni_zero
+from diffserve.engine.pipelines import RunControl, run
+from diffserve.engine.models.omni_zero.tiny import featureless_image, synthetic_portrait
 from tests.devices import torch_components
 
 TOL = 1e-4
@@ -130,7 +130,7 @@ def test_ip_adapter_unet_matches_diffusers_loader_with_the_reference_scales(omni
     """Our adapter attention and placement equal diffusers' IP-Adapter UNet under the reference's scales."""
     from diffusers import UNet2DConditionModel
 
-    from engine.models.omni_zero.checkpoint import find_ip_adapters, read_ip_adapter
+    from diffserve.engine.models.omni_zero.checkpoint import find_ip_adapters, read_ip_adapter
 
     identity_s, style_s, composition_s = 0.7, 0.9, 0.6
     files = find_ip_adapters(omni_dir)
@@ -332,8 +332,8 @@ def test_seed_page_example_runs_through_the_catalog(components, images):
 
 def test_traced_components_export_to_onnx_equal_to_torch(omni_dir, components, tmp_path):
     """The new traced components export through export_component; the step graph stays shape-general."""
-    from engine.ort_session import OrtSession
-    from export.onnx_export import example_inputs, export_component
+    from diffserve.engine.ort_session import OrtSession
+    from diffserve.export.onnx_export import example_inputs, export_component
 
     names = ["image_encoder", "ip_projection", "depth_estimator", "controlnet_unet"]
     for name in names:

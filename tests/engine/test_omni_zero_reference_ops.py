@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.models.omni_zero import pipeline as omni_zero
-from engine.models.omni_zero.tiny import build_tiny_omni_zero, synthetic_portrait
+from diffserve.engine.models.omni_zero import pipeline as omni_zero
+from diffserve.engine.models.omni_zero.tiny import build_tiny_omni_zero, synthetic_portrait
 from tests.devices import torch_components
 
 

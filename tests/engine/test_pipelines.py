@@ -7,10 +7,10 @@ import PIL.Image
 import pytest
 import torch
 
-from engine.catalog import validate
-from engine.models.sd import img2img as sd15_img2img, txt2img
-from engine.pipelines import Cancelled, RunControl, run
-from engine.schedulers import SCHEDULER_NAMES, make_scheduler
+from diffserve.engine.catalog import validate
+from diffserve.engine.models.sd import img2img as sd15_img2img, txt2img
+from diffserve.engine.pipelines import Cancelled, RunControl, run
+from diffserve.engine.schedulers import SCHEDULER_NAMES, make_scheduler
 
 TOL = 1e-4
 REFERENCE_SCHEDULERS = ["DDIM", "Euler a", "DPM Multi", "UniPC", "dpmpp_2m", "DPM2 Karras", "Heun"]

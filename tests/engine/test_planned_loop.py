@@ -17,13 +17,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine.catalog import validate
-from engine.pipelines import RunControl, run
-from engine.pipelines.common import step_kwargs
-from engine.runtime_torch import TorchComponents
-from engine.planned_loop import PlannedLoop, SchedulerPlan, plan_scheduler, try_plan
-from engine.schedulers import SCHEDULER_NAMES, make_scheduler
-from engine.torch_optimize import TorchOptimizations
+from diffserve.engine.catalog import validate
+from diffserve.engine.pipelines import RunControl, run
+from diffserve.engine.pipelines.common import step_kwargs
+from diffserve.engine.runtime_torch import TorchComponents
+from diffserve.engine.planned_loop import PlannedLoop, SchedulerPlan, plan_scheduler, try_plan
+from diffserve.engine.schedulers import SCHEDULER_NAMES, make_scheduler
+from diffserve.engine.torch_optimize import TorchOptimizations
 from tests.engine.test_torch_optimize import _image, _params
 from tests.devices import torch_components
 
@@ -72,7 +72,7 @@ def test_the_plan_reproduces_every_deterministic_scheduler(name, begin, caplog):
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(begin * sched.order)
     x0 = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)) * sched.init_noise_sigma
-    with caplog.at_level(logging.INFO, logger="engine.planned_loop"):
+    with caplog.at_level(logging.INFO, logger="diffserve.engine.planned_loop"):
         plan = try_plan(sched, timesteps, init_sigma=float(sched.init_noise_sigma), noise=None)
     if name in STOCHASTIC:
         assert plan is None
@@ -193,7 +193,7 @@ def test_schedulers_that_draw_noise(components):
 
 
 def test_a_planned_run_stops_between_steps_when_cancelled(components):
-    from engine.pipelines import Cancelled
+    from diffserve.engine.pipelines import Cancelled
 
     _, planned = components("sd1.5-scifi")
     seen: list[int] = []

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from engine.processes import ChildNotReady, ChildProcess
+from diffserve.engine.processes import ChildNotReady, ChildProcess
 
 
 def py(code: str, **kwargs) -> ChildProcess:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import find_condition_lora
-from engine.models.ominicontrol import published
+from diffserve.engine.checkpoint import find_condition_lora
+from diffserve.engine.models.ominicontrol import published
 from tests.devices import torch_components
 
 SLUG = "ominicontrol"

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.models.omni_zero import published
-from engine.models.omni_zero.tiny import build_tiny_omni_zero, synthetic_portrait
+from diffserve.engine.models.omni_zero import published
+from diffserve.engine.models.omni_zero.tiny import build_tiny_omni_zero, synthetic_portrait
 from tests.devices import torch_components
 
 SLUG = "omni-zero"
@@ -42,7 +42,7 @@ def test_complete_set_passes_check(artifacts):
 
 
 def test_generate_from_published_equals_the_engine_tiny_checkpoint(artifacts, tmp_path):
-    from engine.models.omni_zero import pipeline as omni_zero
+    from diffserve.engine.models.omni_zero import pipeline as omni_zero
 
     root = artifacts["base"].parent
     # The transformers ZoeDepth folder holds the same weights with the engine tiny's preprocessor config.
@@ -60,7 +60,7 @@ def test_generate_from_published_equals_the_engine_tiny_checkpoint(artifacts, tm
 def test_zoedepth_pt_converts_to_exactly_the_transformers_weights(artifacts, tmp_path):
     from transformers import ZoeDepthForDepthEstimation
 
-    from engine.models.omni_zero import zoedepth
+    from diffserve.engine.models.omni_zero import zoedepth
 
     converted = ZoeDepthForDepthEstimation.from_pretrained(zoedepth.convert(artifacts["depth_estimator"],
                                                                             tmp_path / "zoe"))
@@ -70,7 +70,7 @@ def test_zoedepth_pt_converts_to_exactly_the_transformers_weights(artifacts, tmp
 
 
 def test_materialized_pt_route_loads_and_generates(artifacts, tmp_path):
-    from engine.models.omni_zero import pipeline as omni_zero
+    from diffserve.engine.models.omni_zero import pipeline as omni_zero
 
     components = torch_components(published.materialize(SLUG, artifacts, tmp_path / "m"))
     assert components.config.omni_zero.depth_processor["do_pad"] is True
@@ -85,7 +85,7 @@ def test_transformers_zoedepth_without_preprocessor_config_keeps_zoedepth_paddin
     shutil.copytree(artifacts["base"].parent / "zoedepth-tiny", folder)
     (folder / "preprocessor_config.json").unlink()
     out = published.materialize(SLUG, dict(artifacts, depth_estimator=folder), tmp_path / "m")
-    from engine.checkpoint import read_architecture
+    from diffserve.engine.checkpoint import read_architecture
 
     processor = read_architecture(out).omni_zero.depth_processor
     assert processor["do_pad"] is True and processor["size"] == {"height": 384, "width": 512}

@@ -1,4 +1,4 @@
-"""``engine.pipelines.run``: the catalog maps a request onto ``generate``; images arrive as uint8 arrays."""
+"""``diffserve.engine.pipelines.run``: the catalog maps a request onto ``generate``; images arrive as uint8 arrays."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import engine.pipelines
-from engine.models import SD
-from engine.catalog import CATALOG, RESPONSE_PARAMS, InvalidRequest, ModelSpec, Param, ParamType, get_model, validate
-from engine.pipelines import RunControl, pipeline_module, run
-from engine.pipelines.common import image_to_tensor
+import diffserve.engine.pipelines
+from diffserve.engine.models import SD
+from diffserve.engine.catalog import CATALOG, RESPONSE_PARAMS, InvalidRequest, ModelSpec, Param, ParamType, get_model, validate
+from diffserve.engine.pipelines import RunControl, pipeline_module, run
+from diffserve.engine.pipelines.common import image_to_tensor
 
 REQUESTS = {
     "sd1.5-scifi": {"prompt": "city", "samples": 2, "img_width": 768},
@@ -90,7 +90,7 @@ def test_a_spec_must_route_every_parameter():
 def test_run_calls_generate_with_the_mapped_arguments_and_the_control(slug, monkeypatch):
     calls = []
     fake = SimpleNamespace(generate=lambda components, **kw: calls.append((components, kw)) or "result")
-    monkeypatch.setattr(engine.pipelines, "pipeline_module", lambda s: fake)
+    monkeypatch.setattr(diffserve.engine.pipelines, "pipeline_module", lambda s: fake)
     params = validate(slug, REQUESTS[slug])
     control = RunControl()
     assert run(slug, params, "components", control) == "result"

@@ -4,8 +4,8 @@ import diffusers
 import pytest
 import torch
 
-from engine.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, canonical_scheduler_name, make_scheduler
-from engine.tiny.checkpoints import SD15_SCHEDULER
+from diffserve.engine.schedulers import SCHEDULER_NAMES, UnknownSchedulerError, canonical_scheduler_name, make_scheduler
+from diffserve.engine.tiny.checkpoints import SD15_SCHEDULER
 
 EXPECTED = {
     "DDIM": "DDIMScheduler", "DDPM": "DDPMScheduler", "PNDM": "PNDMScheduler", "LMS": "LMSDiscreteScheduler",

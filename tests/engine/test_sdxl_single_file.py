@@ -1,5 +1,5 @@
 """SDXL single-file checkpoints (segmind-vega, omni-zero's base): the SGM layout written by
-engine.models.sd.ldm_keys, converted by diffusers' single-file loading (engine.models.sd.published), equals the
+diffserve.engine.models.sd.ldm_keys, converted by diffusers' single-file loading (diffserve.engine.models.sd.published), equals the
 diffusers folder it was written from."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import models_file
-from engine.models.sd.published import materialize_checkpoint, write_tiny_single_file, write_tiny_sdxl_single_file
-from engine.tiny.checkpoints import build_tiny_sd15, build_tiny_sdxl
+from diffserve.engine import models_file
+from diffserve.engine.models.sd.published import materialize_checkpoint, write_tiny_single_file, write_tiny_sdxl_single_file
+from diffserve.engine.tiny.checkpoints import build_tiny_sd15, build_tiny_sdxl
 from tests.devices import torch_components
 
 COMPONENTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
@@ -29,7 +29,7 @@ def sdxl(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_layout_is_sgm(sdxl):
-    from engine.models.sd.published import read_shapes
+    from diffserve.engine.models.sd.published import read_shapes
 
     keys = set(read_shapes(sdxl["single"]))
     assert "model.diffusion_model.label_emb.0.0.weight" in keys
@@ -52,8 +52,8 @@ def test_converted_weights_equal_the_folder(sdxl):
 
 
 def test_single_file_output_equals_folder_output(sdxl):
-    from engine.catalog import get_model
-    from engine.pipelines import run
+    from diffserve.engine.catalog import get_model
+    from diffserve.engine.pipelines import run
 
     params = get_model("segmind-vega").validate({"prompt": "a city at night", "negative_prompt": "blurry",
                                                   "num_inference_steps": 20, "seed": 11})

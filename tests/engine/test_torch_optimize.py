@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.catalog import validate
-from engine.pipelines import run
-from engine.models.omni_zero.tiny import synthetic_portrait
-from engine.torch_optimize import PRESETS, TorchOptimizations
+from diffserve.engine.catalog import validate
+from diffserve.engine.pipelines import run
+from diffserve.engine.models.omni_zero.tiny import synthetic_portrait
+from diffserve.engine.torch_optimize import PRESETS, TorchOptimizations
 from tests.devices import torch_components
 
 TOL = 1e-4
@@ -89,7 +89,7 @@ def test_fused_projections_and_channels_last_match_eager(slug, tiny_checkpoints)
 def test_compiled_components_are_warmed_up_at_load_and_match_eager(sd15_dir, diffserve_home, caplog):
     import torch._dynamo.utils as dynamo_utils
 
-    caplog.set_level(logging.WARNING, logger="engine.torch_optimize")
+    caplog.set_level(logging.WARNING, logger="diffserve.engine.torch_optimize")
     # device="cpu": on a CPU device the CUDA graphs are dropped with a log line (asserted below).
     eager = torch_components(sd15_dir, device="cpu")
     # The VAE decoder: the smallest compile of the pipeline's networks (CPU inductor compiles C++).
@@ -116,7 +116,7 @@ def test_compiled_components_are_warmed_up_at_load_and_match_eager(sd15_dir, dif
 
 
 def test_missing_compiler_falls_back_to_eager_with_a_log_line(sd15_dir, monkeypatch, caplog):
-    caplog.set_level(logging.WARNING, logger="engine.torch_optimize")
+    caplog.set_level(logging.WARNING, logger="diffserve.engine.torch_optimize")
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setattr("shutil.which", lambda name: None)
     components = torch_components(sd15_dir, optimizations="compile")
@@ -140,7 +140,7 @@ def test_local_backend_compiles_at_start_not_on_a_request(sd15_dir):
 
     import torch._dynamo.utils as dynamo_utils
 
-    from api.backend_local import EngineBackend
+    from diffserve.api.backend_local import EngineBackend
 
     backend = EngineBackend({"sd1.5-scifi": sd15_dir, "sd1.5-img2img": sd15_dir},
                             optimizations="fuse_qkv,channels_last,compile,components=vae_decoder")

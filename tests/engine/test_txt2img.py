@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.catalog import get_model, validate
-from engine.checkpoint import read_architecture
-from engine.models.sd import txt2img
-from engine.pipelines import Cancelled, RunControl, run
-from engine.schedulers import make_scheduler
+from diffserve.engine.catalog import get_model, validate
+from diffserve.engine.checkpoint import read_architecture
+from diffserve.engine.models.sd import txt2img
+from diffserve.engine.pipelines import Cancelled, RunControl, run
+from diffserve.engine.schedulers import make_scheduler
 
 
 class Recording:

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.catalog import get_model
-from engine.checkpoint import read_architecture
-from engine.descriptors import component_descriptors, needed_components
-from engine.ort_session import OrtSession, session_providers
-from engine.runtime_onnx import OnnxComponents
-from engine.runtime_torch import load_component_modules
-from export.onnx_export import (
+from diffserve.engine.catalog import get_model
+from diffserve.engine.checkpoint import read_architecture
+from diffserve.engine.descriptors import component_descriptors, needed_components
+from diffserve.engine.ort_session import OrtSession, session_providers
+from diffserve.engine.runtime_onnx import OnnxComponents
+from diffserve.engine.runtime_torch import load_component_modules
+from diffserve.export.onnx_export import (
     ExportError, _finalize_onnx, artifact_path, build_tensorrt_engine, check_parity, export_component, onnx_toolkit,
     tensorrt_fingerprint,
 )
@@ -50,7 +50,7 @@ def test_artifact_path_is_a_pure_function_and_reexport_skips(sd15_exports, sd15_
 
 
 def test_onnx_runtime_pipeline_equals_torch_pipeline(sd15_exports, sd15_dir):
-    from engine.models.sd import txt2img
+    from diffserve.engine.models.sd import txt2img
 
     _, _, _, results = sd15_exports
     onnx = OnnxComponents(sd15_dir, {name: r.path for name, r in results.items()})
@@ -96,11 +96,11 @@ def test_profiles_cover_every_catalog_resolution_and_batch(sd15_dir):
 def test_export_components_reuses_the_cached_artifacts_and_logs_one_line(sd15_exports, sd15_dir, caplog):
     import logging
 
-    from engine.descriptors import family_specs
-    from export.repository import export_components
+    from diffserve.engine.descriptors import family_specs
+    from diffserve.export.repository import export_components
 
     out, _, modules, results = sd15_exports
-    caplog.set_level(logging.DEBUG, logger="export")
+    caplog.set_level(logging.DEBUG, logger="diffserve.export")
     specs = family_specs(read_architecture(sd15_dir))  # what the fixture's descriptors were made for
     exported = export_components(sd15_dir, specs, lambda _component: out, "fp32", modules=modules,
                                  label="sd1.5-img2img")
@@ -182,7 +182,7 @@ def test_cuda_without_its_execution_provider_is_an_error(sd15_exports):
 
 
 def test_ort_session_imports_no_torch():
-    """The ONNX Runtime component stubs open sessions through ``engine.ort_session`` and read ``engine.options``:
+    """The ONNX Runtime component stubs open sessions through ``diffserve.engine.ort_session`` and read ``diffserve.engine.options``:
     both stay free of torch, so those stubs start without it."""
-    code = "import sys, engine.options, engine.ort_session; sys.exit('torch' in sys.modules)"
+    code = "import sys, diffserve.engine.options, diffserve.engine.ort_session; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

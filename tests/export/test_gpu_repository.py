@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.options import EngineOptions, network_precisions
-from export.repository import Deployment, RepositoryOptions, build_repository
+from diffserve.engine.options import EngineOptions, network_precisions
+from diffserve.export.repository import Deployment, RepositoryOptions, build_repository
 from tests.export.test_repository import _model_config
-from triton_serving.manifest import read_manifest
-from triton_serving.stub_params import PipelineModelParams, instance_device
+from diffserve.triton_serving.manifest import read_manifest
+from diffserve.triton_serving.stub_params import PipelineModelParams, instance_device
 
 
 @pytest.fixture(scope="module")

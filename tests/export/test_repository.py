@@ -10,12 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from engine.catalog import get_model, validate
-from engine.request import GenerationRequest, MalformedRequest
-from engine.options import EngineOptions
-from export.repository import Deployment, RepositoryOptions, build_repository
-from triton_serving.manifest import read_manifest
-from triton_serving.stub_params import ComponentModelParams, PipelineModelParams
+from diffserve.engine.catalog import get_model, validate
+from diffserve.engine.request import GenerationRequest, MalformedRequest
+from diffserve.engine.options import EngineOptions
+from diffserve.export.repository import Deployment, RepositoryOptions, build_repository
+from diffserve.triton_serving.manifest import read_manifest
+from diffserve.triton_serving.stub_params import ComponentModelParams, PipelineModelParams
 
 
 def _model_config(path):
@@ -65,7 +65,7 @@ def test_stub_parameters_refuse_a_config_of_the_other_kind(torch_repository):
 
 def test_stub_module_imports_no_torch():
     """The ONNX Runtime component stub imports it; torch would cost each process ~200 MB."""
-    code = "import sys, triton_serving.stub_params; sys.exit('torch' in sys.modules or 'numpy' in sys.modules)"
+    code = "import sys, diffserve.triton_serving.stub_params; sys.exit('torch' in sys.modules or 'numpy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -7,16 +7,16 @@ import signal
 import sys
 from pathlib import Path
 
-from engine.processes import ChildNotReady, ChildProcess
+from diffserve.engine.processes import ChildNotReady, ChildProcess
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def start_cli(args: list[str], log: Path, *, env: dict[str, str] | None = None, ready: str = "ready at",
               url_after: str = "ready at", timeout_s: float = 600.0) -> tuple[ChildProcess, str]:
-    """``python -m api.cli ARGS`` with ``env`` added to the environment, its stderr appended to ``log``;
+    """``python -m diffserve.api.cli ARGS`` with ``env`` added to the environment, its stderr appended to ``log``;
     returns the process and the URL its stdout printed after ``url_after`` on the line with ``ready``."""
-    child = ChildProcess([sys.executable, "-m", "api.cli", *args], name=f"diffserve {args[0]}", cwd=REPO,
+    child = ChildProcess([sys.executable, "-m", "diffserve.api.cli", *args], name=f"diffserve {args[0]}", cwd=REPO,
                          env=dict(os.environ, **(env or {})), stderr=log).start()
     try:
         line = child.wait_ready(ready, timeout_s)
@@ -28,7 +28,7 @@ def start_cli(args: list[str], log: Path, *, env: dict[str, str] | None = None, 
 
 
 class ServeProcess:
-    """``python -m api.cli serve ARGS`` with ``env`` added to the environment; ``url`` is the
+    """``python -m diffserve.api.cli serve ARGS`` with ``env`` added to the environment; ``url`` is the
     address it printed once ready. Its log (stderr) goes to ``log``."""
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path):

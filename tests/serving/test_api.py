@@ -27,11 +27,11 @@ import pytest
 import uvicorn
 from segmind import InferenceFailed, SegmindClient, SegmindError
 
-from api.app import create_app
-from api.backend_local import EngineBackend
-from engine.tiny.demo import DEMO_PARAMS, demo_input_image
-from api.settings import Settings
-from engine.catalog import CATALOG
+from diffserve.api.app import create_app
+from diffserve.api.backend_local import EngineBackend
+from diffserve.engine.tiny.demo import DEMO_PARAMS, demo_input_image
+from diffserve.api.settings import Settings
+from diffserve.engine.catalog import CATALOG
 from tests.redis_server import redis_server  # noqa: F401 - fixture
 
 KEY = "test-key"

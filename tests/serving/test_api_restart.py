@@ -16,7 +16,7 @@ import httpx
 import PIL.Image
 import pytest
 
-from engine.processes import ChildProcess
+from diffserve.engine.processes import ChildProcess
 from tests.serving.processes import start_cli
 
 pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)

@@ -20,11 +20,11 @@ import PIL.Image
 import pytest
 from segmind import InferenceFailed, SegmindClient
 
-from engine.tiny.demo import DEMO_PARAMS
-from engine.catalog import CATALOG, get_model
-from engine.imageio import CONTENT_TYPES
-from engine.models.omni_zero.tiny import write_demo_inputs
-from engine.processes import ChildProcess
+from diffserve.engine.tiny.demo import DEMO_PARAMS
+from diffserve.engine.catalog import CATALOG, get_model
+from diffserve.engine.imageio import CONTENT_TYPES
+from diffserve.engine.models.omni_zero.tiny import write_demo_inputs
+from diffserve.engine.processes import ChildProcess
 from tests.serving.processes import start_cli
 
 pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
@@ -50,7 +50,7 @@ SEED_PAYLOADS = {  # the seed pages' examples; the img2img input URL points at a
         "negative_prompt": "(worst quality, low quality)", "samples": 1, "scheduler": "UniPC",
         "num_inference_steps": 25, "guidance_scale": 9, "seed": 1232788698, "img_width": 1024,
         "img_height": 1024, "base64": False},
-    # The seed pages' examples with their image URLs on the loopback server (engine.tiny.demo.DEMO_PARAMS).
+    # The seed pages' examples with their image URLs on the loopback server (diffserve.engine.tiny.demo.DEMO_PARAMS).
     "omni-zero": {k: {"<omni-base>": "{url}/omni-zero-base.png", "<omni-style>": "{url}/omni-zero-style.png",
                       "<omni-identity>": "{url}/omni-zero-identity.png"}.get(v, v) if isinstance(v, str) else v
                   for k, v in DEMO_PARAMS["omni-zero"].items()},
@@ -177,10 +177,10 @@ def test_omni_zero_errors_through_triton(api, image_url):
 def holding_triton(tmp_path_factory):
     """A Triton server whose ``sd1.5-scifi`` pipeline model (the real pipeline model's config) holds
     every request until Triton cancels it (``holding_pipeline_model.py``)."""
-    from export.repository import RepositoryOptions, pipeline_config
-    from triton_serving.manifest import MANIFEST
-    from triton_serving.server import TritonServer, TritonServerConfig
-    from triton_serving.stub_params import PipelineModelParams
+    from diffserve.export.repository import RepositoryOptions, pipeline_config
+    from diffserve.triton_serving.manifest import MANIFEST
+    from diffserve.triton_serving.server import TritonServer, TritonServerConfig
+    from diffserve.triton_serving.stub_params import PipelineModelParams
 
     repo = tmp_path_factory.mktemp("holding-repository")
     params = PipelineModelParams(slug="sd1.5-scifi", mode="fused", checkpoint="", fused_runtime="torch")

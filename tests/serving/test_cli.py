@@ -17,7 +17,7 @@ pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (test
 
 def diffserve(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, DIFFSERVE_HOME=str(home))
-    return subprocess.run([sys.executable, "-m", "api.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "diffserve.api.cli", *args], capture_output=True, text=True, env=env,
                           timeout=600, cwd=Path(__file__).resolve().parents[2])
 
 
@@ -57,15 +57,15 @@ def test_generate_rejects_an_unknown_optimization_and_a_missing_gpu_in_one_line(
 def test_demo_serves_through_triton_and_the_sdk_and_stops(demo_repository, diffserve_home):
     """`make demo`: starts `serve --demo` (which starts its own Triton on the demo repository),
     one seed example per slug through the official SDK, images saved, everything stopped."""
-    from engine.catalog import CATALOG, get_model
+    from diffserve.engine.catalog import CATALOG, get_model
 
     proc = diffserve("demo", home=diffserve_home)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (diffserve_home / "demo-serve.log").read_text()  # the server's whole output
     assert "diffserve API ready at" in proc.stdout and "Triton ready" in log
     # The terminal gets one line per stage and slug, not the server's log (Triton's, the runner's, warnings).
-    assert "api.runner" in log and "api.runner" not in proc.stdout and "Warning" not in proc.stdout
-    assert "export.repository: models omni-zero: bls, fused" in proc.stdout
+    assert "diffserve.api.runner" in log and "diffserve.api.runner" not in proc.stdout and "Warning" not in proc.stdout
+    assert "diffserve.export.repository: models omni-zero: bls, fused" in proc.stdout
     assert "HTTP Request" not in proc.stdout + proc.stderr
     written = {p.name: p for p in (diffserve_home / "demo-outputs").iterdir()}
     for slug in list(CATALOG):

@@ -17,9 +17,9 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from api.app import create_app
-from api.backend_local import EngineBackend
-from api.settings import Settings
+from diffserve.api.app import create_app
+from diffserve.api.backend_local import EngineBackend
+from diffserve.api.settings import Settings
 from tests.serving.test_api import ServerThread, wait_status
 
 KEY = "events-key"

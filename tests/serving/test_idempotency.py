@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from api.jobs import JobStore
-from api.webhooks import generate_secret
+from diffserve.api.jobs import JobStore
+from diffserve.api.webhooks import generate_secret
 from tests.redis_server import redis_server  # noqa: F401 - fixture
 from tests.serving.processes import ServeProcess
 from tests.webhook_receiver import Receiver, verify
@@ -69,7 +69,7 @@ def replicas(redis_server, tmp_path_factory):  # noqa: F811 - the imported fixtu
 
 
 def job_count(redis_url: str, namespace: str) -> int:
-    from api.redis_jobs import RedisJobStore
+    from diffserve.api.redis_jobs import RedisJobStore
 
     store = RedisJobStore(redis_url, namespace=namespace)
     try:
@@ -119,8 +119,8 @@ def test_racing_duplicates_through_two_replicas_make_one_job(replicas, redis_ser
 
 
 def test_a_webhook_accepted_by_one_replica_is_delivered_once(replicas, redis_server) -> None:  # noqa: F811
-    from api.redis_client import connect
-    from api.webhooks import RedisWebhookOutbox
+    from diffserve.api.redis_client import connect
+    from diffserve.api.webhooks import RedisWebhookOutbox
 
     (runs, queues), namespace = replicas
     hook = Receiver()

@@ -17,10 +17,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from api.app import create_app
-from api.backend_local import EngineBackend
-from api.settings import Settings
-from engine.batching import BatchingOptions
+from diffserve.api.app import create_app
+from diffserve.api.backend_local import EngineBackend
+from diffserve.api.settings import Settings
+from diffserve.engine.batching import BatchingOptions
 from tests.serving.test_api import ServerThread
 
 REQUESTS = [{"prompt": f"city {i}", "seed": 10 + i, "num_inference_steps": 20 + i, "img_width": 512,

@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
-from api.app import create_app
-from api.backend_local import EngineBackend
-from api.settings import Settings
+from diffserve.api.app import create_app
+from diffserve.api.backend_local import EngineBackend
+from diffserve.api.settings import Settings
 from tests.serving.test_api import ServerThread, decode_image, jpeg_bytes
 
 KEY = "openai-key"

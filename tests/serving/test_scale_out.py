@@ -55,7 +55,7 @@ class Proc:
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory):
-    from export.repository import build_demo_repository
+    from diffserve.export.repository import build_demo_repository
 
     return build_demo_repository(tmp_path_factory.mktemp("scale-repo") / "repo", slugs=(SLUG,),
                                  modes=("fused",)).repository
@@ -71,7 +71,7 @@ def redis_proc(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tritons(repository, tmp_path_factory):
-    from triton_serving.server import TritonServer, TritonServerConfig
+    from diffserve.triton_serving.server import TritonServer, TritonServerConfig
 
     logs = tmp_path_factory.mktemp("scale-triton")
     servers = [TritonServer(TritonServerConfig(repository=repository, log_file=logs / f"triton-{i}.log",

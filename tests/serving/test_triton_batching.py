@@ -14,10 +14,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from api.backend_triton import TritonBackend
-from api.settings import Settings
-from engine.catalog import validate
-from triton_serving.manifest import read_manifest
+from diffserve.api.backend_triton import TritonBackend
+from diffserve.api.settings import Settings
+from diffserve.engine.catalog import validate
+from diffserve.triton_serving.manifest import read_manifest
 
 pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
 

@@ -64,7 +64,7 @@ def restarts(client: httpx.Client) -> float:
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory) -> Path:
-    from export.repository import build_demo_repository
+    from diffserve.export.repository import build_demo_repository
 
     root = tmp_path_factory.mktemp("lifetime")
     return build_demo_repository(root / "repo", slugs=(SLUG,), modes=("fused",)).repository

@@ -8,9 +8,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from api.backend_triton import TritonBackend
-from engine.catalog import validate
-from export.repository import Deployment, RepositoryOptions, build_repository
+from diffserve.api.backend_triton import TritonBackend
+from diffserve.engine.catalog import validate
+from diffserve.export.repository import Deployment, RepositoryOptions, build_repository
 
 
 pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (test
 
 @pytest.fixture(scope="module")
 def cached_ominicontrol(tmp_path_factory, tiny_checkpoints, monkeypatch_module):
-    from triton_serving.server import TritonServer, TritonServerConfig
+    from diffserve.triton_serving.server import TritonServer, TritonServerConfig
 
     # The environment says joint (the variable the engine used to read); the repository says cached.
     monkeypatch_module.setenv("DIFFSERVE_OMINICONTROL_CONDITION", "joint")

@@ -1,4 +1,4 @@
-"""Real-server tests for triton_serving.server (no mocks): the tritonserver from the pytriton wheel.
+"""Real-server tests for diffserve.triton_serving.server (no mocks): the tritonserver from the pytriton wheel.
 
 Start-up policy under test: with model_control_mode="none", a model whose initialize() raises makes
 Triton exit, and TritonServer.start() raises TritonLaunchError containing the model's error text.
@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # also work under a bare `pytest` invocation
     sys.path.insert(0, str(ROOT))
 
-from triton_serving.distribution import find_libpython  # noqa: E402
-from triton_serving.server import TritonLaunchError, TritonServer, TritonServerConfig, find_free_port  # noqa: E402
+from diffserve.triton_serving.distribution import find_libpython  # noqa: E402
+from diffserve.triton_serving.server import TritonLaunchError, TritonServer, TritonServerConfig, find_free_port  # noqa: E402
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (ships tritonserver) is not installed")
 
@@ -62,7 +62,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-import engine  # noqa: F401  (project root importable)
+import diffserve.engine  # noqa: F401  (project root importable)
 import ds_test_helper
 
 
@@ -311,13 +311,13 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
     import re
     import signal
 
-    from engine.processes import ChildNotReady, ChildProcess
+    from diffserve.engine.processes import ChildNotReady, ChildProcess
 
     repo = tmp_path / "repo"
     add_model(repo, "add_one", ADD_ONE)
     grpc_port, log = find_free_port(), tmp_path / "triton.log"
     proc = ChildProcess(
-        [sys.executable, "-m", "api.cli", "triton", "--repository", str(repo), "--grpc-port", str(grpc_port),
+        [sys.executable, "-m", "diffserve.api.cli", "triton", "--repository", str(repo), "--grpc-port", str(grpc_port),
          "--exit-timeout", "20", "--log-file", str(log), "--", "--log-info=true"],
         name="diffserve triton", cwd=ROOT, stderr=Path(os.devnull),
     ).start()

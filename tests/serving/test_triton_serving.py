@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from api.backend import BackendUnavailable
-from api.backend_triton import TritonBackend
-from engine.catalog import validate
-from export.repository import TRITON_SLUGS
-from engine.pipelines import run
-from engine.models.omni_zero.tiny import synthetic_portrait
+from diffserve.api.backend import BackendUnavailable
+from diffserve.api.backend_triton import TritonBackend
+from diffserve.engine.catalog import validate
+from diffserve.export.repository import TRITON_SLUGS
+from diffserve.engine.pipelines import run
+from diffserve.engine.models.omni_zero.tiny import synthetic_portrait
 from tests.devices import torch_components
 
 pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
@@ -242,7 +242,7 @@ def _stream_error(triton, model: str, request: bytes | None, images: dict[str, n
 
 def test_malformed_requests_are_rejected_by_the_pipeline_model(triton, big_image):
     """The model trusts the API's validation, not the wire: it refuses what cannot be a validated request."""
-    from engine.request import GenerationRequest
+    from diffserve.engine.request import GenerationRequest
 
     params = request_params("sd1.5-img2img", big_image[:64, :64])
     payload, images = GenerationRequest.from_params("sd1.5-img2img", params).encode()
@@ -260,7 +260,7 @@ def test_malformed_requests_are_rejected_by_the_pipeline_model(triton, big_image
 
 
 def test_images_that_are_not_uint8_hw3_are_refused_before_sending(backend, big_image):
-    from api.backend import InputRejected
+    from diffserve.api.backend import InputRejected
 
     params = request_params("sd1.5-img2img", big_image)
     for image in (big_image.astype(np.float32), np.dstack([big_image, big_image[..., :1]])):
@@ -271,7 +271,7 @@ def test_images_that_are_not_uint8_hw3_are_refused_before_sending(backend, big_i
 
 
 def test_portrait_without_a_face_is_rejected_as_invalid_input(backend, big_image):
-    from api.backend import InputRejected
+    from diffserve.api.backend import InputRejected
 
     params = request_params("omni-zero", big_image) | {"identity_image": np.full((128, 96, 3), 90, np.uint8)}
     for model in ("omni-zero", "omni-zero__fused"):
@@ -299,7 +299,7 @@ def test_a_stub_whose_exit_handlers_hang_still_unloads(repository, tmp_path):
     templates end their process before those handlers run."""
     import shutil
 
-    from triton_serving.server import TritonServer, TritonServerConfig
+    from diffserve.triton_serving.server import TritonServer, TritonServerConfig
 
     name = "tiny_sd15_vae_decoder"
     repo = tmp_path / "repo"

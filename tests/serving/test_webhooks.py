@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.webhooks import generate_secret
+from diffserve.api.webhooks import generate_secret
 from tests.redis_server import redis_server  # noqa: F401 - fixture
 from tests.serving.processes import ServeProcess
 from tests.webhook_receiver import Receiver, verify

@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton (ships tritonserver) is not installed")
 
-from engine.processes import ChildProcess  # noqa: E402
+from diffserve.engine.processes import ChildProcess  # noqa: E402
 from tests.redis_server import redis_server  # noqa: E402, F401
 from tests.serving.processes import start_cli  # noqa: E402
 from tests.serving.test_triton_lifetime import (  # noqa: E402
@@ -54,7 +54,7 @@ def stop(proc: ChildProcess) -> None:
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory) -> Path:
-    from export.repository import build_demo_repository
+    from diffserve.export.repository import build_demo_repository
 
     root = tmp_path_factory.mktemp("worker-lifetime")
     return build_demo_repository(root / "repo", slugs=(SLUG,), modes=("fused",)).repository

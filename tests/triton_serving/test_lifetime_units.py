@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from engine.processes import ChildProcess
-from triton_serving.distribution import TritonLaunchError
-from triton_serving.supervisor import TritonSupervisor
+from diffserve.engine.processes import ChildProcess
+from diffserve.triton_serving.distribution import TritonLaunchError
+from diffserve.triton_serving.supervisor import TritonSupervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # A parent that puts a child and a grandchild into a Lifeline group, prints their pids, then waits.
 PARENT = """\
 import re, time
-from engine.processes import ChildProcess
+from diffserve.engine.processes import ChildProcess
 child = ChildProcess(["sh", "-c", "sleep 120 & echo $!; wait"], lifeline=True).start()
 grandchild = int(child.wait_ready(re.compile(r"^[0-9]+$"), 30))
 print(child.pgid, child.pid, grandchild, flush=True)

@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
-from engine.models.core import ModelFamily
-from engine.models.ominicontrol import figures
+from diffserve.engine.models.core import ModelFamily
+from diffserve.engine.models.ominicontrol import figures
 
 
 OMINICONTROL = ModelFamily(

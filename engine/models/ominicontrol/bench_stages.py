@@ -1,4 +1,4 @@
-"""OminiControl's networks timed alone at full size (``benchmarks.engine_bench``, ``--full-size``).
+"""OminiControl's networks timed alone at full size (``diffserve.benchmarks.engine_bench``, ``--full-size``).
 
 FLUX's T5/CLIP text encoders and 16-channel VAE have no full-size config (``benchmarks/configs``), so the
 pipeline does not run end to end there: the transformer is timed and the request estimated from it
@@ -16,7 +16,7 @@ import torch
 def network_stages(raw: dict[str, torch.nn.Module], params: dict[str, Any], device: torch.device, dtype: torch.dtype,
                    fmt: str) -> tuple[dict[str, Callable[[], Any]], Callable[[dict[str, float]], float], str]:
     """One call per stage on the full-size modules ``raw``; the end-to-end estimate from the stages' medians (ms)."""
-    from engine.imageio import encode_image
+    from diffserve.engine.imageio import encode_image
 
     g = torch.Generator("cpu").manual_seed(0)
 
@@ -57,9 +57,9 @@ def time_condition_cache(transformer: torch.nn.Module, params: dict[str, Any], d
                          dtype: torch.dtype, repeats: int, joint_step: dict[str, Any],
                          time_stages: Callable[..., dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """OminiControl's condition at full size, in both of our modes, on the networks (no T5/CLIP/VAE configs);
-    ``time_stages(calls, repeats, device)`` is the benchmark's timer (``benchmarks.engine_bench.time_stages``).
+    ``time_stages(calls, repeats, device)`` is the benchmark's timer (``diffserve.benchmarks.engine_bench.time_stages``).
 
-    The default (``engine.models.ominicontrol.condition.FluxTransformerModule`` with condition tokens) reproduces the
+    The default (``diffserve.engine.models.ominicontrol.condition.FluxTransformerModule`` with condition tokens) reproduces the
     reference as shipped: every step runs text, image and the 1024 condition tokens (rank-16 LoRA on
     the condition rows, timestep 0) through one joint attention. The opt-in cached mode computes the
     condition keys/values once (``ConditionKVModule``) and then runs a step over text and image tokens
@@ -68,7 +68,7 @@ def time_condition_cache(transformer: torch.nn.Module, params: dict[str, Any], d
     condition_kv + steps x cached step. Installs the condition attention processors on ``transformer``
     (run last).
     """
-    from engine.models.ominicontrol.condition import (
+    from diffserve.engine.models.ominicontrol.condition import (
         ConditionKVModule, FluxCachedConditionTransformerModule, FluxTransformerModule, condition_lora_targets,
     )
 

@@ -243,7 +243,7 @@ class ConditionedFluxAttnProcessor:
     _attention_backend = None
     _parallel_config = None
     reads_fused_projections = True
-    """Projects q/k/v through ``_get_qkv_projections``, so ``engine.torch_optimize`` may fuse them."""
+    """Projects q/k/v through ``_get_qkv_projections``, so ``diffserve.engine.torch_optimize`` may fuse them."""
 
     def __init__(self, block: int):
         self.block = block

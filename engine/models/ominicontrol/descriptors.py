@@ -5,9 +5,9 @@ condition tokens (joint mode) or cached condition keys/values (cached mode), and
 
 from __future__ import annotations
 
-from engine.catalog import ModelSpec
-from engine.checkpoint import CheckpointArchitecture
-from engine.descriptors import ComponentDescriptor, TensorSpec, span, text_encoder_names, vae_names
+from diffserve.engine.catalog import ModelSpec
+from diffserve.engine.checkpoint import CheckpointArchitecture
+from diffserve.engine.descriptors import ComponentDescriptor, TensorSpec, span, text_encoder_names, vae_names
 
 CACHED_CONDITION_COMPONENTS = ("condition_kv", "transformer_cached")
 """The cached condition mode's components (``EngineOptions.ominicontrol_condition="cached"``)."""

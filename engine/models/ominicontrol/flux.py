@@ -4,7 +4,7 @@ Reproduces ``diffusers.FluxPipeline`` without true CFG (schnell is guidance-dist
 latents are packed into 2x2 patches (64-wide tokens) with (0, row, column) position ids, and
 ``FlowMatchEulerDiscreteScheduler`` integrates the predicted velocity over the sigmas
 ``linspace(1, 1/n, n)`` (schnell's config: no shift). The pieces are public so OminiControl
-(``engine.models.ominicontrol.pipeline``) runs this same loop with condition tokens; ``generate`` is the
+(``diffserve.engine.models.ominicontrol.pipeline``) runs this same loop with condition tokens; ``generate`` is the
 plain loop, not served under a slug of its own.
 """
 
@@ -16,12 +16,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.catalog import InvalidRequest, resolve_seed
-from engine.components import Components, ConditionKV, ConditionTokens
-from engine.pipelines.common import (
+from diffserve.engine.catalog import InvalidRequest, resolve_seed
+from diffserve.engine.components import Components, ConditionKV, ConditionTokens
+from diffserve.engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, device_plan, make_generator, randn, tokenize,
 )
-from engine.planned_loop import PlannedLoop
+from diffserve.engine.planned_loop import PlannedLoop
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The OminiControl family's networks as torch modules (``ModelFamily.load_modules``): FLUX.1's CLIP and T5
 text encoders, the transformer with the OminiControl subject LoRA on its condition tokens (joint mode)
-or computing/using cached condition keys and values (cached mode), and the VAE (``engine.runtime_torch``).
+or computing/using cached condition keys and values (cached mode), and the VAE (``diffserve.engine.runtime_torch``).
 
 The LoRA is the one ``.safetensors`` file under the checkpoint's ``condition_lora/`` (e.g. a copy of or
 link to ``subject_512.safetensors``), or the ``condition_lora`` path given.
@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.checkpoint import CONDITION_LORA_DIR, find_condition_lora
-from engine.models.ominicontrol.descriptors import CACHED_CONDITION_COMPONENTS
-from engine.runtime_torch import TextEncoderModule, from_pretrained, load_base_modules
+from diffserve.engine.checkpoint import CONDITION_LORA_DIR, find_condition_lora
+from diffserve.engine.models.ominicontrol.descriptors import CACHED_CONDITION_COMPONENTS
+from diffserve.engine.runtime_torch import TextEncoderModule, from_pretrained, load_base_modules
 
 logger = logging.getLogger(__name__)
 
 FLUX_COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", *CACHED_CONDITION_COMPONENTS)
-"""The networks loaded here; the VAE loads with ``engine.runtime_torch.load_base_modules``."""
+"""The networks loaded here; the VAE loads with ``diffserve.engine.runtime_torch.load_base_modules``."""
 
 
 class T5EncoderModule(nn.Module):
@@ -55,7 +55,7 @@ def load_flux_modules(root: Path, dtype: torch.dtype, wanted: set[str],
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from engine.models.ominicontrol.condition import (
+    from diffserve.engine.models.ominicontrol.condition import (
         ConditionKVModule, FluxCachedConditionTransformerModule, FluxTransformerModule, LoRALinear,
         read_condition_lora,
     )

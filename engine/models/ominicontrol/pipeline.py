@@ -4,7 +4,7 @@ The input image is center-cropped to a square, resized to 512², VAE-encoded and
 1024 condition tokens whose RoPE ids are shifted by ``POSITION_DELTA`` = (0, 32) columns, so the
 subject sits beside the generated image rather than on it. The condition tokens run through
 every block at timestep 0 with the subject LoRA on them alone. Schnell's flow-matching Euler loop
-is ``engine.models.ominicontrol.flux``'s; only image tokens are decoded.
+is ``diffserve.engine.models.ominicontrol.flux``'s; only image tokens are decoded.
 
 Two condition modes (``condition_mode``; the default from ``components.condition_mode``, which the
 serving stubs set from ``EngineOptions.ominicontrol_condition``):
@@ -28,11 +28,11 @@ import numpy as np
 import PIL.Image
 import torch
 
-from engine.catalog import InvalidRequest, get_model, resolve_seed
-from engine.components import Components, ConditionKV, ConditionTokens
-from engine.descriptors import OMINICONTROL_CONDITION_MODES
-from engine.models.ominicontrol import flux
-from engine.pipelines.common import (
+from diffserve.engine.catalog import InvalidRequest, get_model, resolve_seed
+from diffserve.engine.components import Components, ConditionKV, ConditionTokens
+from diffserve.engine.descriptors import OMINICONTROL_CONDITION_MODES
+from diffserve.engine.models.ominicontrol import flux
+from diffserve.engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, image_to_tensor, make_generator, sample_latent_dist,
 )
 

@@ -7,7 +7,7 @@ PEFT keys prefixed ``transformer.`` (``transformer.single_transformer_blocks.0.a
 ``lora_B``), rank 16 with alpha 16 in the release configs. ``check`` reads only key names and
 shapes, against a meta-device transformer built from the base's config: a LoRA for another
 base (a UNet's keys, or FLUX layers of other widths) is named as such. ``materialize`` links
-the base's parts and the LoRA into ``condition_lora/``, the layout ``engine.checkpoint`` reads.
+the base's parts and the LoRA into ``condition_lora/``, the layout ``diffserve.engine.checkpoint`` reads.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from engine.checkpoint import CONDITION_LORA_DIR
-from engine.published import ArtifactProblem, mark_tiny, tiny_is_current
+from diffserve.engine.checkpoint import CONDITION_LORA_DIR
+from diffserve.engine.published import ArtifactProblem, mark_tiny, tiny_is_current
 
 TINY_VERSION = 1
 """Bump when the tiny artifacts written by ``write_tiny`` change, so cached copies are rewritten."""
@@ -56,7 +56,7 @@ def check(slug: str, artifacts: Mapping[str, Path]) -> list[ArtifactProblem]:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from engine.models.ominicontrol.condition import condition_lora_targets
+    from diffserve.engine.models.ominicontrol.condition import condition_lora_targets
 
     problems = []
     paths = {r: Path(p) for r, p in artifacts.items()}
@@ -149,7 +149,7 @@ def materialize(slug: str, artifacts: Mapping[str, Path], out: Path, **_deps) ->
 
 def write_tiny(root: Path) -> dict[str, Path]:
     """The tiny FLUX.1-schnell folder and the subject LoRA at ``OminiControl/omini/subject_512.safetensors``."""
-    from engine.models.ominicontrol.tiny import build_tiny_flux
+    from diffserve.engine.models.ominicontrol.tiny import build_tiny_flux
 
     root = Path(root)
     base, lora = root / "FLUX.1-schnell", root / "OminiControl" / "omini" / "subject_512.safetensors"

@@ -1,7 +1,7 @@
 """Tiny random-weight FLUX.1-schnell directories and OminiControl subject LoRAs (no weights can be
 downloaded here).
 
-FLUX's structure at toy width under the shared seed (``engine.tiny.checkpoints``): 16 latent channels
+FLUX's structure at toy width under the shared seed (``diffserve.engine.tiny.checkpoints``): 16 latent channels
 with FLUX's shift factor, double and single transformer blocks, an offline 512-token T5 tokenizer and
 CLIP, saved with ``save_pretrained``; and a LoRA in OminiControl's released key format.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import CONDITION_LORA_DIR
-from engine.tiny.checkpoints import (
+from diffserve.engine.checkpoint import CONDITION_LORA_DIR
+from diffserve.engine.tiny.checkpoints import (
     SEED, VAE_CONFIG, _is_current, _mark, build_clip_tokenizer, clip_text_encoder,
 )
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.models.core import ModelFamily
-from engine.models.omni_zero import figures
+from diffserve.engine.models.core import ModelFamily
+from diffserve.engine.models.omni_zero import figures
 
 
 # ---- Family hooks that need code (issue #22; the checkpoint hooks read ``descriptors`` and ``modules``) ----

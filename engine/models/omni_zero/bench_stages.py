@@ -1,4 +1,4 @@
-"""Omni-Zero's networks timed alone at full size (``benchmarks.engine_bench``, ``--full-size``).
+"""Omni-Zero's networks timed alone at full size (``diffserve.benchmarks.engine_bench``, ``--full-size``).
 
 The IP-Adapter image encoder and the face models have no full-size config (``benchmarks/configs``), so
 the pipeline does not run end to end there: the networks that have one are timed and the request is
@@ -16,7 +16,7 @@ import torch
 def network_stages(raw: dict[str, torch.nn.Module], params: dict[str, Any], device: torch.device, dtype: torch.dtype,
                    fmt: str) -> tuple[dict[str, Callable[[], Any]], Callable[[dict[str, float]], float], str]:
     """One call per stage on the full-size modules ``raw``; the end-to-end estimate from the stages' medians (ms)."""
-    from engine.imageio import encode_image
+    from diffserve.engine.imageio import encode_image
 
     g = torch.Generator("cpu").manual_seed(0)
 

@@ -12,7 +12,7 @@
 ```
 
 Real deployments copy or link the released files into these places under their release names;
-the tiny test checkpoints (``engine.models.omni_zero.tiny``) use the same layout. This module reads
+the tiny test checkpoints (``diffserve.engine.models.omni_zero.tiny``) use the same layout. This module reads
 only configs and tensor shapes (no network is built), so ``read_architecture`` stays cheap.
 """
 

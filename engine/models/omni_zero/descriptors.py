@@ -1,22 +1,22 @@
 """The Omni-Zero family's components (``ModelFamily.component_descriptors`` / ``needed_components``):
-the SDXL base set (``engine.descriptors.sd_descriptors``) extended with the image encoder, adapter
+the SDXL base set (``diffserve.engine.descriptors.sd_descriptors``) extended with the image encoder, adapter
 projections, the fused ControlNet+UNet step, the face models and the depth estimator.
 """
 
 from __future__ import annotations
 
-from engine.catalog import ModelSpec
-from engine.checkpoint import CheckpointArchitecture
-from engine.descriptors import ComponentDescriptor, TensorSpec, sd_descriptors, span, text_encoder_names, vae_names
-from engine.models import OMNI_ZERO
-from engine.models.omni_zero.checkpoint import (
+from diffserve.engine.catalog import ModelSpec
+from diffserve.engine.checkpoint import CheckpointArchitecture
+from diffserve.engine.descriptors import ComponentDescriptor, TensorSpec, sd_descriptors, span, text_encoder_names, vae_names
+from diffserve.engine.models import OMNI_ZERO
+from diffserve.engine.models.omni_zero.checkpoint import (
     FACE_EMBEDDING_DIM, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, OMNI_ZERO_COMPONENTS, SIZE_MULTIPLE, depth_input_size,
     depth_padding,
 )
 
 
 def recognizes(architecture: CheckpointArchitecture) -> bool:
-    """An SDXL checkpoint with Omni-Zero's additions (``engine.models.omni_zero.checkpoint``)."""
+    """An SDXL checkpoint with Omni-Zero's additions (``diffserve.engine.models.omni_zero.checkpoint``)."""
     return architecture.omni_zero is not None
 
 
@@ -47,7 +47,7 @@ def omni_zero_descriptors(config: CheckpointArchitecture, specs: list[ModelSpec]
     letterboxed 640x640 image and, like insightface's SCRFD exports, returns per-anchor rows
     without a batch axis (a Triton model for it has ``max_batch_size: 0``).
     """
-    from engine.models.omni_zero.face_analysis import ANCHORS_PER_CELL, DET_SIZE, STRIDES  # cv2: on first use
+    from diffserve.engine.models.omni_zero.face_analysis import ANCHORS_PER_CELL, DET_SIZE, STRIDES  # cv2: on first use
 
     o = config.omni_zero
     f = config.vae_scale_factor

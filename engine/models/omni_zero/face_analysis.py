@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engine.catalog import InvalidRequest
+from diffserve.engine.catalog import InvalidRequest
 
 DET_SIZE = 640
 """Square detector input (``det_size=(640, 640)``); images are letterboxed into it."""

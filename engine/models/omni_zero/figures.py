@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.models.core import BenchmarkFigures
+from diffserve.engine.models.core import BenchmarkFigures
 
 BENCHMARKS = {
     "omni-zero": BenchmarkFigures(

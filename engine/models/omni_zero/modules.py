@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.omni_zero.checkpoint import (
+from diffserve.engine.models.omni_zero.checkpoint import (
     CONTROLNET_DEPTH_DIR, CONTROLNET_IDENTITY_DIR, DEPTH_ESTIMATOR_DIR, FACE_ANALYSIS_DIR, IMAGE_ENCODER_DIR,
     OMNI_ZERO_COMPONENTS, find_ip_adapters, read_ip_adapter,
 )
@@ -252,7 +252,7 @@ class OnnxModelModule(nn.Module):
 
     def __init__(self, path: str | Path):
         super().__init__()
-        from engine.ort_session import OrtSession
+        from diffserve.engine.ort_session import OrtSession
 
         self.path = Path(path)
         self.onnx_source = self.path  # export copies this file instead of tracing
@@ -271,7 +271,7 @@ def load_modules(root: Path, dtype: torch.dtype, components: list[str] | None = 
     """``components`` of an Omni-Zero checkpoint (``ModelFamily.load_modules``; default: the SDXL text
     encoders and VAE and every Omni-Zero component). Its denoiser is ``controlnet_unet``: the plain UNet
     loads only when asked for."""
-    from engine.runtime_torch import load_base_modules
+    from diffserve.engine.runtime_torch import load_base_modules
 
     root = Path(root)
     wanted = set(components or ["text_encoder", "text_encoder_2", "vae_encoder", "vae_decoder",
@@ -282,8 +282,8 @@ def load_modules(root: Path, dtype: torch.dtype, components: list[str] | None = 
 
 
 def load_omni_zero_modules(root: str | Path, dtype: torch.dtype, wanted: set[str]) -> dict[str, nn.Module]:
-    """The Omni-Zero component modules of a checkpoint (see ``engine.models.omni_zero.checkpoint``)."""
-    from engine.models.omni_zero.face_analysis import find_face_models
+    """The Omni-Zero component modules of a checkpoint (see ``diffserve.engine.models.omni_zero.checkpoint``)."""
+    from diffserve.engine.models.omni_zero.face_analysis import find_face_models
 
     root = Path(root)
     kw = {"torch_dtype": dtype}

@@ -42,20 +42,20 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from engine.catalog import InvalidRequest, resolve_seed
-from engine.components import Components, IPTokens
-from engine.models.omni_zero.face_analysis import (
+from diffserve.engine.catalog import InvalidRequest, resolve_seed
+from diffserve.engine.components import Components, IPTokens
+from diffserve.engine.models.omni_zero.face_analysis import (
     DET_SIZE, Face, NoFaceDetected, align_face, decode_detections, draw_keypoints, largest_face, letterbox,
     recognition_input,
 )
-from engine.models.omni_zero.checkpoint import (
+from diffserve.engine.models.omni_zero.checkpoint import (
     MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, depth_input_size, depth_padding, fit_size,
 )
-from engine.pipelines.common import (
+from diffserve.engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, decode_latents, device_plan, encode_prompt_sdxl, image_to_tensor,
     make_generator, planned_advance, planned_input, randn, sample_latent_dist, sdxl_time_ids,
 )
-from engine.planned_loop import PlannedLoop, SchedulerPlan
+from diffserve.engine.planned_loop import PlannedLoop, SchedulerPlan
 
 __all__ = ["NoFaceDetected", "generate"]
 
@@ -319,7 +319,7 @@ def generate(
     if cfg.omni_zero is None:
         # A deployment error, not a bad request (ValueError would reach the client as a 400).
         raise RuntimeError("this checkpoint has no Omni-Zero parts (image encoder, adapters, ControlNets, face and "
-                           "depth models); see engine.models.omni_zero.checkpoint for the layout")
+                           "depth models); see diffserve.engine.models.omni_zero.checkpoint for the layout")
     timer = StageTimer(components.device)
 
     # 1. Check inputs

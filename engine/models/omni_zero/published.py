@@ -1,14 +1,14 @@
 """Omni-Zero's published artifacts: checked against the SDXL base and assembled into the engine's layout.
 
-Roles (``ROLES``): ``base`` (SDXL; materialized by ``engine.models.sd.published`` when a single file and
+Roles (``ROLES``): ``base`` (SDXL; materialized by ``diffserve.engine.models.sd.published`` when a single file and
 passed here as ``base_dir``), ``image_encoder`` (h94/IP-Adapter ``models/image_encoder/``),
 ``ip_adapter_plus`` (``sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors``), ``instantid_adapter``
 (InstantX/InstantID ``ip-adapter.bin``), ``identitynet`` (InstantID ``ControlNetModel/``),
 ``depth_controlnet`` (diffusers/controlnet-zoe-depth-sdxl-1.0), ``face_models`` (antelopev2 as
 unzipped, searched recursively) and ``depth_estimator`` (``lllyasviel/Annotators`` ``ZoeD_M12_N.pt``
 or a transformers ZoeDepth folder). ``materialize`` builds the directory of
-``engine.models.omni_zero.checkpoint`` from links to the published files — the loaders stay the one
-code path for every checkpoint — and converts only the ZoeDepth ``.pt`` (``engine.models.omni_zero.zoedepth``).
+``diffserve.engine.models.omni_zero.checkpoint`` from links to the published files — the loaders stay the one
+code path for every checkpoint — and converts only the ZoeDepth ``.pt`` (``diffserve.engine.models.omni_zero.zoedepth``).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from engine.models.omni_zero.checkpoint import (
+from diffserve.engine.models.omni_zero.checkpoint import (
     CONTROLNET_DEPTH_DIR, CONTROLNET_IDENTITY_DIR, DEPTH_ESTIMATOR_DIR, FACE_ANALYSIS_DIR, FACE_EMBEDDING_DIM,
     IMAGE_ENCODER_DIR, INSTANTID_PUBLISHED_NAME, IP_ADAPTER_DIR,
 )
-from engine.published import ArtifactProblem, mark_tiny, tiny_is_current
+from diffserve.engine.published import ArtifactProblem, mark_tiny, tiny_is_current
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _unet_layers(unet_config: dict) -> list[tuple[str, int]]:
 
 def _adapter_shapes(path: Path) -> dict[str, dict[str, tuple[int, ...]]]:
     """Shapes of an IP-Adapter file's tensors by section (``image_proj``, ``ip_adapter``)."""
-    from engine.models.omni_zero.checkpoint import read_ip_adapter
+    from diffserve.engine.models.omni_zero.checkpoint import read_ip_adapter
 
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -155,7 +155,7 @@ def _onnx_signature(path: Path) -> tuple[list[list], int, list[list]]:
 
 
 def _check_face_models(slug, path) -> list[ArtifactProblem]:
-    from engine.models.omni_zero.face_analysis import FACE_SIZE, find_face_models
+    from diffserve.engine.models.omni_zero.face_analysis import FACE_SIZE, find_face_models
 
     fix = WHERE["face_models"]
     try:
@@ -179,7 +179,7 @@ def _check_face_models(slug, path) -> list[ArtifactProblem]:
 def _check_depth_estimator(slug, path) -> list[ArtifactProblem]:
     fix = WHERE["depth_estimator"]
     if path.is_file():
-        from engine.models.omni_zero import zoedepth
+        from diffserve.engine.models.omni_zero import zoedepth
 
         try:
             state = zoedepth.read_original(path)
@@ -235,7 +235,7 @@ def check(slug: str, artifacts: Mapping[str, Path]) -> list[ArtifactProblem]:
                 cross_dim = int(config["cross_attention_dim"])
                 layers = _unet_layers(config)
     elif base is not None:  # a single file: its architecture is checked as segmind-vega's would be
-        from engine.models.sd import published as sd
+        from diffserve.engine.models.sd import published as sd
 
         problems += sd.check_checkpoint(slug, "base", base, "sdxl")
         # The adapters are then checked by width only.
@@ -287,19 +287,19 @@ def _controlnet_dir(source: Path, out: Path) -> None:
 
 
 def materialize(slug: str, artifacts: Mapping[str, Path], out: Path, *, base_dir: Path | None = None) -> Path:
-    """Assemble ``out`` in ``engine.models.omni_zero.checkpoint``'s layout; ``base_dir``: the SDXL diffusers folder.
+    """Assemble ``out`` in ``diffserve.engine.models.omni_zero.checkpoint``'s layout; ``base_dir``: the SDXL diffusers folder.
 
     Links only, except the ZoeDepth ``.pt``, converted to a transformers folder, and a transformers
     ZoeDepth folder without ``preprocessor_config.json``, given ZoeDepth's documented one.
     """
-    from engine.models.omni_zero.checkpoint import ZOEDEPTH_PROCESSOR_DEFAULTS
+    from diffserve.engine.models.omni_zero.checkpoint import ZOEDEPTH_PROCESSOR_DEFAULTS
 
     a = {role: Path(p) for role, p in artifacts.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(base_dir) if base_dir is not None else a["base"]
     if base.is_file():  # an SDXL single file: converted into diffusers folders beside the links
-        from engine.models.sd import published as sd
+        from diffserve.engine.models.sd import published as sd
 
         base = sd.materialize_checkpoint(base, out / SINGLE_FILE_BASE_DIR, "sdxl")
     if not (base / "model_index.json").is_file():
@@ -316,7 +316,7 @@ def materialize(slug: str, artifacts: Mapping[str, Path], out: Path, *, base_dir
     depth = a["depth_estimator"]
     target = out / DEPTH_ESTIMATOR_DIR
     if depth.is_file():
-        from engine.models.omni_zero import zoedepth
+        from diffserve.engine.models.omni_zero import zoedepth
 
         if target.is_symlink():
             target.unlink()
@@ -343,8 +343,8 @@ def write_tiny(root: Path) -> dict[str, Path]:
     import torch
     from transformers import ZoeDepthForDepthEstimation
 
-    from engine.models.omni_zero import zoedepth
-    from engine.models.omni_zero.tiny import build_landmark_models, build_tiny_omni_zero
+    from diffserve.engine.models.omni_zero import zoedepth
+    from diffserve.engine.models.omni_zero.tiny import build_landmark_models, build_tiny_omni_zero
 
     root = Path(root)
     ip, instantid, annotators = root / "IP-Adapter", root / "InstantID", root / "Annotators"

@@ -1,9 +1,9 @@
-"""A tiny random-weight Omni-Zero checkpoint, in the real layout (``engine.models.omni_zero.checkpoint``).
+"""A tiny random-weight Omni-Zero checkpoint, in the real layout (``diffserve.engine.models.omni_zero.checkpoint``).
 
 Every part has its release's structure at toy width, saved the way the release ships it, so the
 tiny directory loads through the same code as a real one:
 
-* SDXL base: the tiny SDXL configs of ``engine.tiny.checkpoints``, the UNet at half width and with SDXL's two
+* SDXL base: the tiny SDXL configs of ``diffserve.engine.tiny.checkpoints``, the UNet at half width and with SDXL's two
   attention layers per down block (``down_blocks.2.attentions.1`` and ``up_blocks.0.attentions.1``
   must exist: the composition and style adapters live there);
 * ``image_encoder/``: a CLIPVisionModelWithProjection (ViT; penultimate hidden states feed the
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.models.omni_zero.face_analysis import ANCHORS_PER_CELL, ARCFACE_TEMPLATE, DET_SIZE, FACE_SIZE, STRIDES, letterbox
-from engine.models.omni_zero.checkpoint import (
+from diffserve.engine.models.omni_zero.face_analysis import ANCHORS_PER_CELL, ARCFACE_TEMPLATE, DET_SIZE, FACE_SIZE, STRIDES, letterbox
+from diffserve.engine.models.omni_zero.checkpoint import (
     CONTROLNET_DEPTH_DIR, CONTROLNET_IDENTITY_DIR, DEPTH_ESTIMATOR_DIR, FACE_ANALYSIS_DIR, FACE_EMBEDDING_DIM,
     IMAGE_ENCODER_DIR, IP_ADAPTER_DIR, fit_size,
 )
@@ -341,7 +341,7 @@ def build_tiny_omni_zero(path: str | Path, *, force: bool = False) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from engine.tiny import checkpoints as tiny
+    from diffserve.engine.tiny import checkpoints as tiny
 
     path = Path(path)
     if not force and _is_current(path):

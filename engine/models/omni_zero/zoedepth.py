@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from engine.models.omni_zero.checkpoint import ZOEDEPTH_PROCESSOR_DEFAULTS
+from diffserve.engine.models.omni_zero.checkpoint import ZOEDEPTH_PROCESSOR_DEFAULTS
 
 logger = logging.getLogger(__name__)
 

@@ -5,15 +5,15 @@
 * ``published`` — diffusers folders and LDM single files, checked and converted with the
   architecture configs in ``configs/`` (``ldm_keys``: the single-file key layout);
 * ``descriptors`` and ``modules`` — its checkpoints' networks (``ModelFamily`` hooks): the shared SD
-  base set of ``engine.descriptors`` and ``engine.runtime_torch`` (CLIP text encoders, UNet, VAE).
+  base set of ``diffserve.engine.descriptors`` and ``diffserve.engine.runtime_torch`` (CLIP text encoders, UNet, VAE).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from engine.models.core import ModelFamily
-from engine.models.sd import figures
+from diffserve.engine.models.core import ModelFamily
+from diffserve.engine.models.sd import figures
 
 
 class SdFamily(ModelFamily):

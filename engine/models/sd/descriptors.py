@@ -1,12 +1,12 @@
 """The Stable Diffusion family's components (``ModelFamily.component_descriptors`` / ``needed_components``):
-the shared base set of ``engine.descriptors`` — CLIP text encoder(s), the UNet, the VAE.
+the shared base set of ``diffserve.engine.descriptors`` — CLIP text encoder(s), the UNet, the VAE.
 """
 
 from __future__ import annotations
 
-from engine.catalog import ModelSpec
-from engine.checkpoint import CheckpointArchitecture
-from engine.descriptors import ComponentDescriptor, sd_descriptors, text_encoder_names, vae_names
+from diffserve.engine.catalog import ModelSpec
+from diffserve.engine.checkpoint import CheckpointArchitecture
+from diffserve.engine.descriptors import ComponentDescriptor, sd_descriptors, text_encoder_names, vae_names
 
 
 def recognizes(architecture: CheckpointArchitecture) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.models.core import BenchmarkFigures
+from diffserve.engine.models.core import BenchmarkFigures
 
 _SD15_FULL_SIZE = {"text_encoder": "clip_vit_l_text_encoder", "unet": "sd15_unet", "vae": "sd_vae"}
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.catalog import InvalidRequest, resolve_seed
-from engine.components import Components
-from engine.pipelines.common import (
+from diffserve.engine.catalog import InvalidRequest, resolve_seed
+from diffserve.engine.components import Components
+from diffserve.engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, check_size, decode_latents, denoise, encode_prompt_sd15,
     image_to_tensor, make_generator, randn, sample_latent_dist,
 )
-from engine.schedulers import make_scheduler
+from diffserve.engine.schedulers import make_scheduler
 
 STEP_BATCHED = True
 """The loop is a ``DenoiseLoop``: ``control.driver`` may batch it with other requests."""

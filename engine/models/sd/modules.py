@@ -1,5 +1,5 @@
 """The Stable Diffusion family's networks as torch modules (``ModelFamily.load_modules``): the shared
-base set of ``engine.runtime_torch`` — CLIP text encoder(s), the UNet, the VAE."""
+base set of ``diffserve.engine.runtime_torch`` — CLIP text encoder(s), the UNet, the VAE."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.runtime_torch import load_base_modules
+from diffserve.engine.runtime_torch import load_base_modules
 
 SD_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 """Every network an SD1.5 or SDXL checkpoint may hold (SD1.5 has no ``text_encoder_2``)."""

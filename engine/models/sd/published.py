@@ -5,7 +5,7 @@ One role, ``checkpoint``: either a diffusers directory as its publisher ships it
 weights possibly only or also as ``*.fp16.safetensors`` variants) or an original single-file
 checkpoint (``.safetensors``/``.ckpt`` with LDM keys, as fine-tunes are shared). A directory
 is used as published: the engine's directory links to its entries, and the runtime picks the
-fp16 weight variant when the run precision is fp16/bf16 (``engine.checkpoint.weights_variant``).
+fp16 weight variant when the run precision is fp16/bf16 (``diffserve.engine.checkpoint.weights_variant``).
 A single file is converted once by diffusers' own single-file loading, with the architecture's
 configs, scheduler and tokenizer shipped in ``configs/`` next to this module and
 ``local_files_only=True`` — nothing is fetched. Which shipped architecture a single file has is
@@ -27,8 +27,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-from engine.published import ArtifactProblem
-from engine.models.sd.ldm_keys import SD15_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ldm_shapes
+from diffserve.engine.published import ArtifactProblem
+from diffserve.engine.models.sd.ldm_keys import SD15_TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ldm_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ class Architecture:
 
 ARCHITECTURES = {
     "sd15": Architecture("sd15", "sd15", "Stable Diffusion 1.5", 859.5),
-    "tiny-sd15": Architecture("tiny-sd15", "sd15", "the tiny demo SD1.5 (engine.tiny)"),
-    "tiny-sdxl": Architecture("tiny-sdxl", "sdxl", "the tiny demo SDXL (engine.tiny)"),
+    "tiny-sd15": Architecture("tiny-sd15", "sd15", "the tiny demo SD1.5 (diffserve.engine.tiny)"),
+    "tiny-sdxl": Architecture("tiny-sdxl", "sdxl", "the tiny demo SDXL (diffserve.engine.tiny)"),
     "segmind-vega": Architecture("segmind-vega", "sdxl", "Segmind-Vega", 745.2),
     "sdxl-base": Architecture("sdxl-base", "sdxl", "SDXL base 1.0", 2567.5),
 }
@@ -79,7 +79,7 @@ _WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mo
 
 def family_of(slug: str) -> str:
     """The architecture ``slug``'s checkpoint must have (the catalog's ``ModelSpec.architecture``)."""
-    from engine.catalog import get_model
+    from diffserve.engine.catalog import get_model
 
     return get_model(slug).architecture
 
@@ -375,7 +375,7 @@ def _write_clip_vocab(out: Path) -> None:
     """CLIP's ``vocab.json`` and ``merges.txt`` from its BPE merges list, built as CLIP builds its vocabulary:
     the 256 byte symbols, the same with ``</w>``, one token per merge (the first 48 894 merges), then
     ``<|startoftext|>`` and ``<|endoftext|>`` — 49 408 tokens, the ids of openai/clip-vit-large-patch14."""
-    from engine.tiny.checkpoints import _bytes_to_unicode
+    from diffserve.engine.tiny.checkpoints import _bytes_to_unicode
 
     lines = gzip.open(BPE_FILE, "rt", encoding="utf-8").read().split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]
@@ -442,7 +442,7 @@ def write_tiny_single_file(path: Path, source: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
-    from engine.models.sd.ldm_keys import to_ldm_state_dict
+    from diffserve.engine.models.sd.ldm_keys import to_ldm_state_dict
 
     unet = UNet2DConditionModel.from_pretrained(source / "unet")
     vae = AutoencoderKL.from_pretrained(source / "vae")
@@ -462,7 +462,7 @@ def write_tiny_sdxl_single_file(path: Path, source: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine.models.sd.ldm_keys import to_sdxl_ldm_state_dict
+    from diffserve.engine.models.sd.ldm_keys import to_sdxl_ldm_state_dict
 
     unet = UNet2DConditionModel.from_pretrained(source / "unet")
     vae = AutoencoderKL.from_pretrained(source / "vae")
@@ -481,7 +481,7 @@ def write_tiny(root: Path) -> dict[str, Path]:
     ``sd1.5-scifi``: an LDM single file (``scifi-fine-tune.safetensors``); ``sd1.5-img2img``: a
     stable-diffusion-v1-5-style diffusers folder; ``segmind-vega``: a Segmind-Vega-style folder.
     """
-    from engine.tiny.checkpoints import build_tiny_sd15, build_tiny_sdxl
+    from diffserve.engine.tiny.checkpoints import build_tiny_sd15, build_tiny_sdxl
 
     root = Path(root)
     sd15 = build_tiny_sd15(root / "stable-diffusion-v1-5")

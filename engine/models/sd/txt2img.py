@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.catalog import CATALOG, ModelSpec, resolve_seed
-from engine.components import Components
-from engine.pipelines.common import (
+from diffserve.engine.catalog import CATALOG, ModelSpec, resolve_seed
+from diffserve.engine.components import Components
+from diffserve.engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, check_size, decode_latents, denoise, encode_prompt_sd15,
     encode_prompt_sdxl, make_generator, randn, sdxl_time_ids,
 )
-from engine.schedulers import make_scheduler
+from diffserve.engine.schedulers import make_scheduler
 
 FAMILIES = ("sd15", "sdxl")
 STEP_BATCHED = True

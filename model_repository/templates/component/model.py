@@ -5,7 +5,7 @@ Runs the component with ONNX Runtime, TensorRT or torch, as the ``runtime`` para
 steps of concurrent pipeline requests — which are concatenated along the batch axis when their
 other dimensions agree, run as one batch, and split back into one response per request.
 Models served unbatched (``max_batch_size: 0``, the face detector) run one request at a time.
-Its ``config.pbtxt`` parameters are ``triton_serving.stub_params.ComponentModelParams``; the ONNX Runtime
+Its ``config.pbtxt`` parameters are ``diffserve.triton_serving.stub_params.ComponentModelParams``; the ONNX Runtime
 path imports no torch.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from engine.options import EngineOptions
-from triton_serving.stub_params import ComponentModelParams, exit_without_teardown, instance_device
+from diffserve.engine.options import EngineOptions
+from diffserve.triton_serving.stub_params import ComponentModelParams, exit_without_teardown, instance_device
 
 logger = logging.getLogger("diffserve.component")
 
@@ -36,12 +36,12 @@ class TritonPythonModel:
         options = EngineOptions.from_dict(params.options)
         self.device = instance_device(options.device, args)
         if params.runtime == "onnxruntime":
-            from engine.ort_session import OrtSession
+            from diffserve.engine.ort_session import OrtSession
 
             self._run = OrtSession(version_dir / params.artifact, threads=options.ort_threads, device=self.device,
                                    arena=options.ort_arena).run
         elif params.runtime == "tensorrt":
-            from engine.runtime_trt import TrtSession
+            from diffserve.engine.runtime_trt import TrtSession
 
             self._run = TrtSession(version_dir / params.artifact, device=self.device).run
         else:
@@ -52,8 +52,8 @@ class TritonPythonModel:
     def _torch_runner(self, params, options):
         import torch
 
-        from engine.runtime_torch import DTYPES, load_component_modules
-        from engine.torch_optimize import TorchOptimizations, apply_optimizations
+        from diffserve.engine.runtime_torch import DTYPES, load_component_modules
+        from diffserve.engine.torch_optimize import TorchOptimizations, apply_optimizations
 
         device = torch.device(self.device)
         dtype = DTYPES[options.precision_of(self.component)]
@@ -75,12 +75,12 @@ class TritonPythonModel:
 
     def _compile_every_batch(self, module, params, device, dtype):
         """Static-shape graphs: every batch the dynamic batcher can form is padded to a bucket compiled here,
-        at load, never inside a request (``engine.batch_buckets``)."""
+        at load, never inside a request (``diffserve.engine.batch_buckets``)."""
         import torch
 
-        from engine.batch_buckets import BucketedModule, batch_buckets
-        from engine.checkpoint import read_architecture
-        from engine.descriptors import component_descriptors
+        from diffserve.engine.batch_buckets import BucketedModule, batch_buckets
+        from diffserve.engine.checkpoint import read_architecture
+        from diffserve.engine.descriptors import component_descriptors
 
         desc = component_descriptors(read_architecture(params.checkpoint))[self.component]
         low, _, high = desc.profile["batch"]

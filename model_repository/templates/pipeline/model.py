@@ -1,6 +1,6 @@
 """Triton python-backend pipeline model: one slug's denoising loop, served by Triton.
 
-Runs ``engine.pipelines.run`` — the same code as the in-process engine — with a
+Runs ``diffserve.engine.pipelines.run`` — the same code as the in-process engine — with a
 ``Components`` object chosen by the ``mode`` parameter of ``config.pbtxt``:
 
 * ``bls``: every network call is a BLS request to a component model (separate instance counts;
@@ -10,7 +10,7 @@ Runs ``engine.pipelines.run`` — the same code as the in-process engine — wit
 The model is decoupled and takes many requests in flight: ``execute`` parses each request and hands
 it to a pool of worker threads, then returns at once (a model that runs one request at a time runs it
 in ``execute``, and Triton's queue holds the others); a worker runs it through the instance's
-``engine.batching.PipelineRunner`` and sends its responses through the request's response sender — a
+``diffserve.engine.batching.PipelineRunner`` and sends its responses through the request's response sender — a
 ``PROGRESS`` response after every UNet step, then one final response with ``IMAGES`` (uint8 NHWC),
 ``SEED`` and ``INFO`` (JSON: timings, and ``batch``, the most requests and UNet rows of one batched
 call it took part in), and ``IMAGES_FLOAT`` when the client asks for it. Between steps it polls for
@@ -22,10 +22,10 @@ SD slugs: ``max_batch`` worker threads, each with its own text encoding and VAE,
 OminiControl, a bls pipeline (its UNet model's dynamic batcher merges steps instead) and batching off
 run one request at a time.
 
-Wire format: ``engine.request.GenerationRequest`` — ``REQUEST`` is JSON ``{"slug", "params"}``
+Wire format: ``diffserve.engine.request.GenerationRequest`` — ``REQUEST`` is JSON ``{"slug", "params"}``
 with the parameters the API validated; image parameters travel as separate UINT8 [H, W, 3] inputs
 named after the parameter. The model trusts the values and refuses (INVALID_ARG) only what cannot
-be a validated request. Its ``config.pbtxt`` parameters are ``triton_serving.stub_params.PipelineModelParams``.
+be a validated request. Its ``config.pbtxt`` parameters are ``diffserve.triton_serving.stub_params.PipelineModelParams``.
 """
 
 import atexit
@@ -38,14 +38,14 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from engine.batching import PipelineRunner
-from engine.catalog import InvalidRequest, get_model
-from engine.components import NamedTensorComponents
-from engine.descriptors import component_descriptors
-from engine.pipelines import Cancelled, RunControl
-from engine.request import REQUEST_TENSOR, GenerationRequest
-from engine.options import EngineOptions
-from triton_serving.stub_params import PipelineModelParams, exit_without_teardown, instance_device
+from diffserve.engine.batching import PipelineRunner
+from diffserve.engine.catalog import InvalidRequest, get_model
+from diffserve.engine.components import NamedTensorComponents
+from diffserve.engine.descriptors import component_descriptors
+from diffserve.engine.pipelines import Cancelled, RunControl
+from diffserve.engine.request import REQUEST_TENSOR, GenerationRequest
+from diffserve.engine.options import EngineOptions
+from diffserve.triton_serving.stub_params import PipelineModelParams, exit_without_teardown, instance_device
 
 logger = logging.getLogger("diffserve.pipeline")
 
@@ -84,14 +84,14 @@ class BlsComponents(NamedTensorComponents):
 
 def fused_components(params, options, device):
     if params.fused_runtime == "torch":
-        from engine.runtime_torch import TorchComponents
+        from diffserve.engine.runtime_torch import TorchComponents
 
         # options.precision is the denoisers' and text encoders'; TorchComponents keeps a force_upcast VAE
         # in fp32, as options.precisions records. Compiled components are warmed up here, at load.
         components = TorchComponents(params.checkpoint, device=device, precision=options.precision,
                                      optimizations=options.torch_optimizations or None)
     else:
-        from engine.runtime_onnx import OnnxComponents
+        from diffserve.engine.runtime_onnx import OnnxComponents
 
         components = OnnxComponents(params.checkpoint, params.artifacts, options=options)
     components.condition_mode = options.ominicontrol_condition
