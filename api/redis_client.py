@@ -94,4 +94,4 @@ def guarded(what: str) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
 @functools.cache
 def lua(name: str) -> str:
     """The source of ``api/lua/<name>.lua`` (read once per process)."""
-    return resources.files("api").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
