@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+import diffserve
+
+REPO_ROOT = diffserve.IMPORT_ROOT  # the checkout (where PYTHONPATH finds diffserve), or site-packages
 _PACKAGES = ("diffserve", "torch", "diffusers", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt",
              "tritonclient", "nvidia-pytriton", "numpy", "fastapi", "uvicorn", "httpx")
 

@@ -32,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffserve
 from diffserve.engine.processes import ChildNotReady, ChildProcess
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = diffserve.IMPORT_ROOT  # the checkout (where PYTHONPATH finds diffserve), or site-packages
 SLUG = "sd1.5-scifi"
 REQUEST = {"prompt": "a city at night", "num_inference_steps": 20, "img_width": 512, "img_height": 512}
 

@@ -57,12 +57,13 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import numpy as np
 
+import diffserve
 from diffserve.benchmarks import floors
 from diffserve.engine.processes import ChildNotReady, ChildProcess
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = diffserve.IMPORT_ROOT  # the checkout (where PYTHONPATH finds diffserve), or site-packages
 ENDPOINTS = ("sync", "async")
 _READY_RE = re.compile(r"diffserve API ready at (\S+)")
 _VARIANT_RE = re.compile(r"(batched|unbatched)(-x([1-9][0-9]*))?")

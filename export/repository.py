@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffserve
 from diffserve.engine import home_dir
 from diffserve.engine.catalog import CATALOG, ModelSpec, get_model
 from diffserve.engine.checkpoint import read_architecture
@@ -40,7 +41,7 @@ from diffserve.triton_serving.stub_params import (
 
 logger = logging.getLogger(__name__)
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository" / "templates"
+TEMPLATES = diffserve.TEMPLATES  # the Triton stubs: model_repository/templates, or diffserve/templates installed
 RUNTIMES = COMPONENT_RUNTIMES
 MODES = PIPELINE_MODES
 _TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",

@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffserve
+
 __all__ = [
     "PROJECT_ROOT",
     "TritonDistribution",
@@ -45,8 +47,9 @@ __all__ = [
 
 LOGGER = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-"""Always importable from the stubs' model.py files (the templates import engine and triton_serving)."""
+PROJECT_ROOT = diffserve.IMPORT_ROOT
+"""Always importable from the stubs' model.py files (the templates import diffserve.engine and
+diffserve.triton_serving): the checkout's root, or the site-packages holding an installed diffserve."""
 
 
 class TritonLaunchError(RuntimeError):
