@@ -2,9 +2,11 @@
 
 Every ``import`` statement of every module is read with ``ast`` — at module level and inside
 functions alike, since a lazy import is still a dependency — and resolved to a module of this
-project. Layers, lowest first: ``engine`` → ``triton_serving`` → ``export`` → ``benchmarks`` → ``api``;
-the Triton stub templates under ``model_repository`` sit on top and may import ``engine`` and
-``triton_serving``, never the exporter.
+project. Every module is named as installed, ``diffserve.<layer>...``. Layers, lowest first:
+``engine`` → ``triton_serving`` → ``export`` → ``benchmarks`` → ``api``; the Triton stub templates
+(``model_repository/templates``, installed as ``diffserve.templates``) sit on top and may import
+``engine`` and ``triton_serving``, never the exporter. The namespace package ``diffserve`` itself
+imports no layer, so any layer may import it; its ``__main__`` is the command line (on top).
 """
 
 from __future__ import annotations
@@ -15,28 +17,42 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("engine", "triton_serving", "export", "benchmarks", "api", "model_repository")
+NAMESPACE = "diffserve"
+# layer -> its folder in the checkout (installed as diffserve.<layer>; package-dir in pyproject.toml)
+FOLDERS = {"engine": "engine", "triton_serving": "triton_serving", "export": "export",
+           "benchmarks": "benchmarks", "api": "api", "templates": "model_repository/templates"}
+PACKAGES = tuple(FOLDERS)
 LAYER = {name: i for i, name in enumerate(PACKAGES)}
 FORBIDDEN = {
-    "engine": {"triton_serving", "export", "benchmarks", "api", "model_repository"},
-    "triton_serving": {"export", "benchmarks", "api", "model_repository"},
-    "export": {"benchmarks", "api", "model_repository"},
-    "benchmarks": {"api", "model_repository"},
-    "model_repository": {"export", "benchmarks", "api"},
+    "engine": {"triton_serving", "export", "benchmarks", "api", "templates", "__main__"},
+    "triton_serving": {"export", "benchmarks", "api", "templates", "__main__"},
+    "export": {"benchmarks", "api", "templates", "__main__"},
+    "benchmarks": {"api", "templates", "__main__"},
+    "api": {"templates", "__main__"},
+    "templates": {"export", "benchmarks", "api", "__main__"},
+    "": set(PACKAGES) | {"__main__"},  # diffserve/__init__.py: below every layer
 }
 THIRD_PARTY_FORBIDDEN_IN_ENGINE = ("fastapi", "tritonclient", "triton_python_backend_utils", "uvicorn", "starlette")
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+def layer(module: str) -> str:
+    """``diffserve.engine.catalog`` -> ``engine``; the namespace package itself -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == NAMESPACE else "" if module == NAMESPACE else parts[0]
+
+
+def _module_name(path: Path, folder: Path, prefix: str) -> str:
+    parts = (*prefix.split("."), *path.relative_to(folder).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def project_modules() -> dict[str, Path]:
     modules = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            modules[_module_name(path)] = path
+    for path in sorted((ROOT / NAMESPACE).glob("*.py")):
+        modules[_module_name(path, ROOT / NAMESPACE, NAMESPACE)] = path
+    for package, folder in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            modules[_module_name(path, ROOT / folder, f"{NAMESPACE}.{package}")] = path
     return modules
 
 
@@ -121,8 +137,8 @@ def graph():
 def test_the_reader_sees_lazy_and_relative_imports(tmp_path):
     source = tmp_path / "mod.py"
     source.write_text("import os\nfrom . import sibling\n\ndef f():\n    from diffserve.api.cli import main\n")
-    names = [name for name, _ in imported_names(source, "engine.pkg.mod")]
-    assert names == ["os", "engine.pkg.sibling", "diffserve.api.cli.main"]
+    names = [name for name, _ in imported_names(source, "diffserve.engine.pkg.mod")]
+    assert names == ["os", "diffserve.engine.pkg.sibling", "diffserve.api.cli.main"]
 
 
 def test_the_cycle_finder_finds_a_circle():
@@ -132,7 +148,8 @@ def test_the_cycle_finder_finds_a_circle():
 
 
 def test_every_package_is_read(graph):
-    assert {m.split(".")[0] for m in graph} == set(PACKAGES)
+    assert {layer(m) for m in graph} == set(PACKAGES) | {"", "__main__"}
+    assert "diffserve.templates.pipeline.model" in graph
     assert "diffserve.engine.catalog" in graph and "diffserve.api.cli" in graph  # a regression here would blind the tests below
 
 
@@ -143,14 +160,14 @@ def test_no_import_cycles(graph):
 def test_layers_import_only_downward(graph):
     upward = [f"{src} -> {dst} (line {line})"
               for src, edges in graph.items() for dst, line in edges.items()
-              if dst.split(".")[0] in FORBIDDEN.get(src.split(".")[0], ())]
+              if layer(dst) in FORBIDDEN.get(layer(src), ())]
     assert upward == []
 
 
 def test_engine_never_imports_http_or_triton_modules():
     offenders = []
     for module, path in project_modules().items():
-        if module.split(".")[0] != "engine":
+        if layer(module) != "engine":
             continue
         for name, line in imported_names(path, module):
             if name.split(".")[0] in THIRD_PARTY_FORBIDDEN_IN_ENGINE:
@@ -161,7 +178,7 @@ def test_engine_never_imports_http_or_triton_modules():
 def test_only_api_cli_composes_the_command_line(graph):
     """The sub-command parsers of export and benchmarks are composed by api/cli.py alone."""
     composers = sorted(src for src, edges in graph.items()
-                       if {"diffserve.export.cli", "diffserve.benchmarks.cli"} & set(edges) and src.split(".")[0] != "tests")
+                       if {"diffserve.export.cli", "diffserve.benchmarks.cli"} & set(edges) )
     assert composers == ["diffserve.api.cli"]
 
 
@@ -199,8 +216,8 @@ def test_no_child_process_code_outside_the_helper():
     Triton launcher, the benchmarks, the demo, the tests) goes through its ChildProcess. One-shot
     commands run to completion (``subprocess.run``) are not child-process handling."""
     offenders = []
-    for package in (*PACKAGES, "tests"):
-        for path in sorted((ROOT / package).rglob("*.py")):
+    for folder in (NAMESPACE, *FOLDERS.values(), "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
             where = path.relative_to(ROOT).as_posix()
             if where != CHILD_PROCESS_HOME:
                 offenders += [f"{where}:{hit}" for hit in child_process_code(path.read_text(encoding="utf-8"))]
