@@ -124,3 +124,21 @@ def test_the_installed_command_checks_and_exports_the_demo(installed, tmp_path):
     assert stub.read_text() == (ROOT / "model_repository" / "templates" / "pipeline" / "model.py").read_text()
     assert "from diffserve.engine" in stub.read_text()
     assert "sd1.5-scifi" in json.loads((repo / "repository.json").read_text())["pipelines"]
+
+
+def test_an_editable_install_imports_the_checkout(tmp_path):
+    """``pip install -e .``: setuptools' finder maps diffserve.<pkg> onto the top-level folders."""
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = venv / "bin" / "python"
+    purelib = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    # the build backend (setuptools, --no-build-isolation) and the dependencies come from this interpreter
+    (purelib / "zz_diffserve_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n", encoding="utf-8")
+    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-build-isolation", "-q",
+          "-e", str(ROOT)], cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    code = ("import json, diffserve.engine, diffserve.api.cli, diffserve.export.repository as r; "
+            "print(json.dumps([diffserve.engine.__file__, diffserve.api.cli.__file__, str(r.TEMPLATES)]))")
+    files = json.loads(_run([str(python), "-c", code], cwd=tmp_path, env=env).stdout.strip().splitlines()[-1])
+    assert [Path(f).resolve() for f in files] == [ROOT / "engine" / "__init__.py", ROOT / "api" / "cli.py",
+                                                   ROOT / "model_repository" / "templates"]
