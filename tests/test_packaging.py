@@ -28,4 +28,14 @@ def test_onnxruntime_builds_are_exclusive_extras():
 def test_make_install_and_the_image_get_one_onnxruntime():
     assert '-e ".[dev,cpu]"' in (ROOT / "Makefile").read_text()
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
-    assert 'ARG EXTRAS="cpu"' in dockerfile and 'pip install -e ".[${EXTRAS}]"' in dockerfile
+    assert 'ARG EXTRAS="cpu"' in dockerfile and 'pip install "/tmp/src[${EXTRAS}]"' in dockerfile  # a plain install
+
+
+def test_one_namespace_every_folder_installs_under_diffserve():
+    """package-dir maps each top-level folder onto diffserve.<folder>; the console script follows."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    package_dir = config["tool"]["setuptools"]["package-dir"]
+    folders = ("engine", "triton_serving", "export", "benchmarks", "api")
+    assert {f"diffserve.{f}": f for f in folders}.items() <= package_dir.items()
+    assert package_dir["diffserve.templates"] == "model_repository/templates"
+    assert config["project"]["scripts"] == {"diffserve": "diffserve.api.cli:main"}

@@ -79,7 +79,7 @@ def test_the_lua_scripts_ship_as_package_data() -> None:
     import tomllib
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
-    assert "lua/*.lua" in pyproject["tool"]["setuptools"]["package-data"]["api"]
+    assert "lua/*.lua" in pyproject["tool"]["setuptools"]["package-data"]["diffserve.api"]
     names = ("jobs_prelude", "jobs_create", "jobs_claim", "jobs_heartbeat", "jobs_progress", "jobs_complete",
              "jobs_fail", "jobs_cancel", "quota_reserve", "quota_settle", "quota_take")
     assert all("redis.call" in lua(name) for name in names)
