@@ -222,3 +222,31 @@ def test_no_child_process_code_outside_the_helper():
             if where != CHILD_PROCESS_HOME:
                 offenders += [f"{where}:{hit}" for hit in child_process_code(path.read_text(encoding="utf-8"))]
     assert offenders == []
+
+
+FAMILY_PREFIX = "diffserve.engine.models."
+FAMILY_DOORS = {
+    # The checkpoint reader builds CheckpointArchitecture, whose omni_zero field is Omni-Zero's own config:
+    # the architecture is read before any family is chosen (engine.models.family_of_checkpoint needs it).
+    ("diffserve.engine.checkpoint", "diffserve.engine.models.omni_zero.checkpoint"),
+}
+
+
+def test_family_folders_are_reached_through_their_family_object(graph):
+    """Outside engine/models a family's modules are reached through its ModelFamily (engine.models and the
+    catalog's ModelSpec.family), so a new family adds its folder and one registration line, nothing else."""
+    families = {m.split(".")[3] for m in graph if m.startswith(FAMILY_PREFIX) and m.count(".") >= 4}
+    assert {"sd", "omni_zero", "ominicontrol"} <= families
+    reached = [f"{src} -> {dst} (line {line})"
+               for src, edges in graph.items() if not src.startswith(FAMILY_PREFIX.rstrip("."))
+               for dst, line in edges.items()
+               if dst.startswith(FAMILY_PREFIX) and dst.split(".")[3] in families and (src, dst) not in FAMILY_DOORS]
+    assert reached == []
+
+
+def test_family_objects_do_not_import_the_catalog(graph):
+    """The catalog points at the family objects; a family object that read the catalog would close a circle."""
+    registry = [m for m in graph if m == "diffserve.engine.models" or m == "diffserve.engine.models.core"
+                or (m.startswith(FAMILY_PREFIX) and m.count(".") == 3)]
+    assert len(registry) >= 5
+    assert [m for m in registry if "diffserve.engine.catalog" in graph[m]] == []

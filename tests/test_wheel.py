@@ -81,7 +81,7 @@ from importlib import resources
 from pathlib import Path
 import diffserve, diffserve.engine
 from diffserve.api.redis_client import lua
-from diffserve.engine.published import sd
+from diffserve.engine.models.sd import published as sd
 from diffserve.export.repository import TEMPLATES
 from diffserve.triton_serving.distribution import PROJECT_ROOT
 out = tempfile.mkdtemp()
