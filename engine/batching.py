@@ -43,7 +43,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Protocol, Sequence
+from typing import Any, Callable, Hashable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -72,9 +72,22 @@ class BatchedLoop(Protocol):
     @property
     def shape_key(self) -> Hashable: ...
 
-    def model_inputs(self) -> Sequence[torch.Tensor | None]: ...
+    def model_inputs(self) -> Sequence[Any] | Mapping[str, Any]:
+        """This step's denoiser arguments (positional or keyword; ``None`` and ``Shared`` allowed).
+        A loop may name the component it calls in ``denoiser`` (default ``unet``)."""
 
     def advance(self, output: torch.Tensor) -> None: ...
+
+
+class Shared:
+    """A denoiser input that every row of a call shares instead of concatenating (the rotary position
+    ids of one resolution, say). The loops' ``shape_key`` must make it equal across the requests of a
+    call; the call takes the first request's value."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
 
 
 # -- the policy ------------------------------------------------------------------------------------
@@ -185,20 +198,35 @@ class _Request:
     """Most rows (before padding) in one denoiser call this request took part in."""
 
 
-def concat_inputs(inputs: list[Sequence[torch.Tensor | None]], pad_to: int) -> list[torch.Tensor | None]:
-    """Concatenate per-request denoiser arguments along the batch axis, padded to ``pad_to`` rows."""
-    merged: list[torch.Tensor | None] = []
-    for parts in zip(*inputs):
-        if parts[0] is None:
-            if any(p is not None for p in parts):
-                raise ValueError("requests disagree on which denoiser inputs they pass")
-            merged.append(None)
-            continue
-        x = torch.cat(parts)
-        if x.shape[0] < pad_to:
-            x = torch.cat([x, x[-1:].expand(pad_to - x.shape[0], *x.shape[1:])])
-        merged.append(x)
-    return merged
+def _merge(parts: Sequence[Any], pad_to: int) -> Any:
+    first = parts[0]
+    if first is None:
+        if any(p is not None for p in parts):
+            raise ValueError("requests disagree on which denoiser inputs they pass")
+        return None
+    if isinstance(first, Shared):
+        if not all(isinstance(p, Shared) for p in parts):
+            raise ValueError("requests disagree on which denoiser inputs are shared")
+        return first.value
+    x = torch.cat(parts)
+    if x.shape[0] < pad_to:
+        x = torch.cat([x, x[-1:].expand(pad_to - x.shape[0], *x.shape[1:])])
+    return x
+
+
+def concat_inputs(inputs: list[Sequence[Any] | Mapping[str, Any]], pad_to: int) -> tuple[list[Any], dict[str, Any]]:
+    """Concatenate per-request denoiser arguments along the batch axis, padded to ``pad_to`` rows.
+
+    Each request gives its arguments as a sequence (positional) or a mapping (keyword); ``None`` stays
+    ``None`` and a ``Shared`` value is passed once. Returns ``(args, kwargs)`` for the denoiser call."""
+    if isinstance(inputs[0], Mapping):
+        names = list(inputs[0])
+        if any(not isinstance(i, Mapping) or list(i) != names for i in inputs):
+            raise ValueError("requests disagree on the denoiser's keyword inputs")
+        return [], {name: _merge([i[name] for i in inputs], pad_to) for name in names}
+    if any(isinstance(i, Mapping) or len(i) != len(inputs[0]) for i in inputs):
+        raise ValueError("requests disagree on the denoiser's inputs")
+    return [_merge(parts, pad_to) for parts in zip(*inputs)], {}
 
 
 class StepBatcher:
@@ -332,10 +360,11 @@ class StepBatcher:
             self._advance(entry, output[start:start + entry.rows])
             start += entry.rows
 
-    def _call(self, inputs: list[Sequence[torch.Tensor | None]], pad_to: int, rows: int) -> torch.Tensor:
+    def _call(self, inputs: list[Sequence[Any] | Mapping[str, Any]], pad_to: int, rows: int) -> torch.Tensor:
         self.calls = (self.calls + [rows])[-64:]
         with torch.inference_mode():
-            output = self.denoiser(*concat_inputs(inputs, pad_to))
+            args, kwargs = concat_inputs(inputs, pad_to)
+            output = self.denoiser(*args, **kwargs)
         if output.shape[0] != pad_to:
             raise RuntimeError(f"the denoiser returned {output.shape[0]} rows for {pad_to}")
         return output
@@ -377,29 +406,53 @@ class StepBatcher:
 class PipelineRunner:
     """Runs requests on one set of components, as many in flight as the batcher takes.
 
-    With ``options`` (batching on), the requests of a slug whose pipeline loop is a ``DenoiseLoop``
-    (``diffserve.engine.pipelines.step_batched``: the SD pipelines) go through one ``StepBatcher`` over the UNet, each
-    in its caller's thread for its own text encoding and VAE; every other request (Omni-Zero, OminiControl,
-    or all of them with batching off) runs one at a time. One copy of the weights serves them all: at full
-    size the memory cost of more requests in flight is their activations (one batched UNet call of
-    ``max_batch`` rows), not another instance's weights and CUDA context.
+    With ``options`` (batching on), the requests of a slug whose pipeline builds a batchable loop
+    (``diffserve.engine.pipelines.step_batched``) go through one ``StepBatcher`` per denoiser (the loop's
+    ``denoiser``: the component it calls, ``unet`` when it names none), each in its caller's thread for its
+    own stages before and after the loop; every other request (or all of them with batching off) runs one
+    at a time. One copy of the weights serves them all: at full size the memory cost of more requests in
+    flight is their activations (one batched denoiser call of ``max_batch`` rows), not another
+    instance's weights and CUDA context.
     """
 
     def __init__(self, components: Any, options: BatchingOptions | None = None, *, name: str = "batcher"):
         self.components = components
         self.options = options
-        self.batcher = StepBatcher(components.unet, options, name=name) if options is not None else None
+        self.batchers: dict[str, StepBatcher] = {}
+        """Denoiser component name -> its batcher, made on the first request that needs it."""
+        self._name = name
+        self._closed = False
+        self._lock = threading.Lock()
         self._alone = threading.Lock()
+
+    @property
+    def batcher(self) -> StepBatcher | None:
+        """The batcher of the first denoiser used (a checkpoint's pipelines share one denoiser)."""
+        return next(iter(self.batchers.values()), None)
+
+    def batcher_for(self, denoiser: str) -> StepBatcher:
+        with self._lock:
+            if self.batchers.get(denoiser) is None:
+                if self.options is None or self._closed:
+                    raise RuntimeError("batching is off" if self.options is None else "the runner is closed")
+                self.batchers[denoiser] = StepBatcher(getattr(self.components, denoiser), self.options,
+                                                      name=f"{self._name}-{denoiser}")
+            return self.batchers[denoiser]
 
     def batches(self, slug: str) -> bool:
         """Whether ``slug``'s requests are step-batched here."""
         from diffserve.engine.pipelines import step_batched
 
-        return self.batcher is not None and step_batched(slug)
+        return self.options is not None and step_batched(slug)
 
     def capacity(self, slug: str) -> int:
         """Requests of ``slug`` worth having in flight: ``max_batch`` when they batch, else 1."""
         return self.options.max_batch if self.options is not None and self.batches(slug) else 1
+
+    def drive(self, loop: BatchedLoop, control: Any = None, deadline: float | None = None,
+              report: dict[str, int] | None = None) -> torch.Tensor:
+        """A ``RunControl.driver``: ``loop`` through the batcher of its denoiser."""
+        return self.batcher_for(getattr(loop, "denoiser", "unet")).run(loop, control, deadline, report)
 
     def run(self, slug: str, params: dict[str, Any], control: Any = None):
         """``diffserve.engine.pipelines.run`` for one request, batched with the others where ``batches(slug)``; the
@@ -411,12 +464,15 @@ class PipelineRunner:
             with self._alone:
                 return run(slug, params, self.components, control)
         report: dict[str, int] = {}
-        driven = dataclasses.replace(control, driver=functools.partial(self.batcher.run, report=report))
+        driven = dataclasses.replace(control, driver=functools.partial(self.drive, report=report))
         result = run(slug, params, self.components, driven)
         result.batch = dict(report)
         return result
 
     def close(self) -> None:
-        """Fail the requests still in the batcher and stop its thread."""
-        if self.batcher is not None:
-            self.batcher.close()
+        """Fail the requests still in the batchers and stop their threads."""
+        with self._lock:
+            self._closed = True
+            batchers = list(self.batchers.values())
+        for batcher in batchers:
+            batcher.close()

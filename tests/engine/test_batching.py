@@ -12,7 +12,8 @@ import threading
 import pytest
 import torch
 
-from diffserve.engine.batching import BatchingOptions, DeadlineExceeded, Entry, StepBatcher, StepScheduler
+from diffserve.engine.batching import (BatchingOptions, DeadlineExceeded, Entry, PipelineRunner, Shared, StepBatcher,
+                                      StepScheduler, concat_inputs)
 from diffserve.engine.pipelines.common import Cancelled
 
 
@@ -291,3 +292,64 @@ def test_run_raises_the_request_s_own_error_and_close_fails_what_is_left():
     assert isinstance(left.error, RuntimeError)
     with pytest.raises(RuntimeError, match="closed"):
         b.submit(FakeLoop(2, steps=1))
+
+
+class KeywordLoop(FakeLoop):
+    """A loop whose denoiser takes keyword inputs, one of them shared by every row (position ids)."""
+
+    denoiser = "transformer"
+
+    def model_inputs(self):
+        x, _ = super().model_inputs()
+        return {"x": x, "ids": Shared(torch.arange(4)), "nothing": None}
+
+
+def test_keyword_and_shared_inputs_are_merged_once_per_call():
+    seen = []
+
+    def denoiser(*, x, ids, nothing):
+        assert nothing is None
+        seen.append((x.shape[0], ids.tolist()))
+        return x + 1000
+
+    b = batcher(denoiser, max_batch=4, buckets=(4,))
+    loops = [KeywordLoop(i, steps=1) for i in range(3)]
+    for loop in loops:
+        b.submit(loop)
+    drain(b)
+    assert seen == [(4, [0, 1, 2, 3])]  # three rows padded to the bucket; the shared ids passed once, unbatched
+    assert [int(loop.latents[0, 0]) for loop in loops] == [1000, 1001, 1002]
+
+
+def test_loops_that_disagree_on_their_inputs_fail_alone_not_together():
+    class Positional(FakeLoop):
+        def model_inputs(self):
+            return (super().model_inputs()[0],)
+
+    b = batcher(lambda *args, **kwargs: (args[0] if args else kwargs["x"]) + 1000, max_batch=8)
+    mixed = [KeywordLoop(0, steps=1), Positional(1, steps=1)]
+    requests = [b.submit(loop)[1] for loop in mixed]
+    drain(b)
+    # the merged call is refused; retried one by one, each runs alone
+    assert all(r.done.is_set() and r.error is None for r in requests)
+    with pytest.raises(ValueError, match="disagree"):
+        concat_inputs([{"x": torch.zeros(1)}, {"y": torch.zeros(1)}], 1)
+
+
+def test_the_runner_keeps_one_batcher_per_denoiser_and_closing_refuses_more():
+    class Components:
+        unet = FakeDenoiser()
+
+        @staticmethod
+        def transformer(*, x, ids, nothing):
+            return x + 1000
+
+    runner = PipelineRunner(Components(), BatchingOptions(max_batch=4))
+    runner.drive(FakeLoop(0, steps=2))
+    runner.drive(KeywordLoop(1, steps=2))
+    assert set(runner.batchers) == {"unet", "transformer"}
+    assert len(Components.unet.calls) == 2
+    runner.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.drive(FakeLoop(2, steps=1))
+    assert PipelineRunner(Components(), None).batches("sd1.5-scifi") is False
