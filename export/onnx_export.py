@@ -9,6 +9,7 @@ what is up to date.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -85,6 +87,16 @@ def _is_current(path: Path, fingerprint: str) -> bool:
     return path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint
 
 
+def current_export(desc: ComponentDescriptor, checkpoint: Path, out_root: Path, precision: str) -> ExportResult | None:
+    """The up-to-date artifact of ``desc`` under ``out_root`` (traced at ``precision``, or a shipped ONNX
+    file copied as fp32), or None: a caller can skip loading the module at all."""
+    for p in dict.fromkeys((precision, "fp32")):
+        path = artifact_path(out_root, desc.component, p, onnx_toolkit())
+        if _is_current(path, source_fingerprint(checkpoint, desc, p)):
+            return ExportResult(desc.component, path, skipped=True, seconds=0.0)
+    return None
+
+
 def example_inputs(desc: ComponentDescriptor, which: str = "opt", seed: int = 0,
                    batch: int | None = None) -> dict[str, torch.Tensor]:
     """Random inputs of a profile's shapes; token ids stay inside a small vocabulary."""
@@ -130,9 +142,16 @@ class ExportResult:
     max_abs_diff: float | None = None
 
 
-def export_component(module: torch.nn.Module, desc: ComponentDescriptor, checkpoint: Path, out_root: Path,
-                     precision: str = "fp32", *, verify: bool = True, force: bool = False) -> ExportResult:
-    """Trace ``module`` to ONNX under ``out_root``; skip when the artifact is up to date."""
+def export_component(module: torch.nn.Module | Callable[[], torch.nn.Module], desc: ComponentDescriptor,
+                     checkpoint: Path, out_root: Path, precision: str = "fp32", *, verify: bool = True,
+                     force: bool = False) -> ExportResult:
+    """Trace ``module`` to ONNX under ``out_root``; skip when the artifact is up to date.
+
+    ``module`` may be a loader (a callable returning the module): it is called only when the artifact
+    is out of date, and the module it gives is released once the parity check has its torch outputs,
+    before the ONNX Runtime session opens — the host then holds one copy of the weights at a time
+    (a full-size SD1.5 UNet is 3.4 GB in fp32), not the torch module and the session side by side.
+    """
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     path = artifact_path(out_root, desc.component, precision, onnx_toolkit())
@@ -150,7 +169,8 @@ def export_component(module: torch.nn.Module, desc: ComponentDescriptor, checkpo
     path.parent.mkdir(parents=True)
     dtype = DTYPES[precision]
     device = torch.device("cuda" if precision != "fp32" and torch.cuda.is_available() else "cpu")
-    module = module.to(device, dtype).eval()  # a no-op when loaded in its target dtype (export_components)
+    owned = not isinstance(module, torch.nn.Module)
+    module = (module() if owned else module).to(device, dtype).eval()  # a no-op in its target dtype
     # Trace with batch 2 so no size-1 broadcast is baked into the graph.
     inputs = example_inputs(desc, "opt", batch=min(2, desc.max_batch))
     args = tuple(t.to(device, dtype if t.is_floating_point() and name != "timestep" else t.dtype)
@@ -172,7 +192,11 @@ def export_component(module: torch.nn.Module, desc: ComponentDescriptor, checkpo
     _finalize_onnx(tmp, path)
     result = ExportResult(desc.component, path, skipped=False, seconds=time.perf_counter() - t0)
     if verify:
-        result.max_abs_diff, scale = compare_with_torch(module, desc, path, dtype, device, with_scale=True)
+        inputs, reference = torch_reference(module, desc, dtype, device)
+        if owned:
+            del module
+            gc.collect()
+        result.max_abs_diff, scale = compare_with_reference(path, desc, inputs, reference, device)
         check_parity(desc.component, precision, result.max_abs_diff, scale)
         logger.debug("%s exported in %.1fs, max |onnx - torch| = %.2e", desc.component, result.seconds,
                      result.max_abs_diff)
@@ -312,26 +336,39 @@ def compare_with_torch(module: torch.nn.Module, desc: ComponentDescriptor, path:
                        with_scale: bool = False) -> float | tuple[float, float]:
     """Max-abs-diff between ONNX Runtime and torch on fresh random inputs at the profile's min shapes (NaN
     when either output is not finite); with ``with_scale``, also the largest |torch output|."""
-    from diffserve.engine.ort_session import OrtSession
+    inputs, reference = torch_reference(module, desc, dtype, device)
+    diff, scale = compare_with_reference(path, desc, inputs, reference, device)
+    return (diff, scale) if with_scale else diff
 
-    session = OrtSession(path, device="cuda" if torch.device(device).type == "cuda" else "cpu")
+
+def torch_reference(module: torch.nn.Module, desc: ComponentDescriptor, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], list[np.ndarray]]:
+    """The parity check's inputs (random, at the profile's min shapes) and ``module``'s float32 outputs."""
     inputs = example_inputs(desc, "min", seed=1)
     with torch.inference_mode():
         args = [t.to(device, dtype if t.is_floating_point() and n != "timestep" else t.dtype)
                 for n, t in inputs.items()]
         ref = module(*args)
     ref = ref if isinstance(ref, tuple) else (ref,)
+    return inputs, [r.float().cpu().numpy() for r in ref]
+
+
+def compare_with_reference(path: Path, desc: ComponentDescriptor, inputs: dict[str, torch.Tensor],
+                           reference: list[np.ndarray], device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(max |onnx - torch|, max |torch|) of the ONNX model at ``path`` on ``inputs``; NaN when either
+    output is not finite."""
+    from diffserve.engine.ort_session import OrtSession
+
+    session = OrtSession(path, device="cuda" if torch.device(device).type == "cuda" else "cpu")
     got = session.run({k: v.numpy() for k, v in inputs.items()})
     diff, scale = 0.0, 0.0
-    for name, r in zip(desc.output_names, ref):
-        want = r.float().cpu().numpy()
+    for name, want in zip(desc.output_names, reference):
         have = got[name].astype(np.float32)
         if not (np.isfinite(want).all() and np.isfinite(have).all()):
-            diff = math.nan
-            break
+            return math.nan, scale
         diff = max(diff, float(np.abs(have - want).max()))
         scale = max(scale, float(np.abs(want).max()))
-    return (diff, scale) if with_scale else diff
+    return diff, scale
 
 
 def tensorrt_fingerprint(onnx_path: Path, desc: ComponentDescriptor, precision: str) -> str:

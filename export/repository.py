@@ -32,7 +32,8 @@ from diffserve.engine.checkpoint import read_architecture
 from diffserve.engine.descriptors import ComponentDescriptor, component_descriptors, needed_components
 from diffserve.engine.options import PRECISIONS, BatchingOptions, EngineOptions, default_precision, network_precisions
 from diffserve.export.onnx_export import (
-    ExportError, ExportResult, build_tensorrt_engine, copy_onnx_component, export_component, tensorrt_toolkit,
+    ExportError, ExportResult, build_tensorrt_engine, copy_onnx_component, current_export, export_component,
+    tensorrt_toolkit,
 )
 from diffserve.triton_serving.manifest import MANIFEST
 from diffserve.triton_serving.stub_params import (
@@ -269,6 +270,26 @@ class ExportedComponent:
     """What the runtime loads: the ONNX file, or the TensorRT plan built from it."""
 
 
+def _export_one(checkpoint: Path, component: str, desc: ComponentDescriptor, root: Path, precision: str, module: Any | None,
+                *, verify: bool, force: bool) -> ExportResult:
+    """Export one component; without ``module``, loaded here in its target dtype (no fp32 copy of an fp16 or
+    bf16 network) and handed to ``export_component`` to own, so it is freed before the parity check opens
+    its ONNX Runtime session. One network is in memory at a time."""
+    loaded = module is None
+    if loaded:
+        from diffserve.engine.runtime_torch import DTYPES, load_component_modules
+
+        module = load_component_modules(checkpoint, DTYPES[precision], components=[component])[component]
+    source = getattr(module, "onnx_source", None)
+    if source is not None:  # ships as ONNX (face models): copied with renamed I/O
+        return copy_onnx_component(source, desc, checkpoint, root, precision, force=force)
+    if loaded:  # hand over the only reference: export_component frees the module before its parity session
+        handoff = [module]
+        del module
+        return export_component(handoff.pop, desc, checkpoint, root, precision, verify=verify, force=force)
+    return export_component(module, desc, checkpoint, root, precision, verify=verify, force=force)
+
+
 def export_components(checkpoint: Path, specs: list[ModelSpec], out_dir: Callable[[str], Path],
                       precision: str | dict[str, str], *, modules: dict[str, Any] | None = None,
                       tensorrt: bool = False, verify: bool = True, force: bool = False, label: str = "",
@@ -284,24 +305,14 @@ def export_components(checkpoint: Path, specs: list[ModelSpec], out_dir: Callabl
     descs = component_descriptors(config, specs)
     names = needed_components(config, specs, condition_mode)
     precisions = precision if isinstance(precision, dict) else dict.fromkeys(names, precision)
-    if modules is None:  # loaded in each network's target dtype: no fp32 copy of an fp16/bf16 network
-        from diffserve.engine.runtime_torch import DTYPES, load_component_modules
-
-        modules = {}
-        for p in sorted(set(precisions.values())):
-            group = [c for c in names if precisions[c] == p]
-            modules.update(load_component_modules(checkpoint, DTYPES[p], components=group))
     t0 = time.perf_counter()
     out: dict[str, ExportedComponent] = {}
     for component in names:
         root = out_dir(component)
-        source = getattr(modules[component], "onnx_source", None)
-        if source is not None:  # ships as ONNX (face models): copied with renamed I/O
-            result = copy_onnx_component(source, descs[component], checkpoint, root, precisions[component],
-                                         force=force)
-        else:
-            result = export_component(modules[component], descs[component], checkpoint, root, precisions[component],
-                                      verify=verify, force=force)
+        result = None if force else current_export(descs[component], checkpoint, root, precisions[component])
+        if result is None:
+            result = _export_one(checkpoint, component, descs[component], root, precisions[component],
+                                 None if modules is None else modules[component], verify=verify, force=force)
         artifact = result.path
         if tensorrt:
             artifact = build_tensorrt_engine(result.path, descs[component], root, precisions[component], force)

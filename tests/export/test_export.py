@@ -186,3 +186,45 @@ def test_ort_session_imports_no_torch():
     both stay free of torch, so those stubs start without it."""
     code = "import sys, diffserve.engine.options, diffserve.engine.ort_session; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_export_components_loads_one_network_at_a_time_frees_it_before_parity_and_nothing_when_cached(
+        sd15_dir, tmp_path, monkeypatch):
+    """A full-size export holds one copy of one network's weights at a time: each module is loaded just
+    before its export and released once the parity check has its torch outputs, before the ONNX Runtime
+    session (a second copy) opens; an up-to-date repository loads nothing."""
+    import gc
+    import weakref
+
+    from diffserve.engine import runtime_torch
+    from diffserve.engine.ort_session import OrtSession as RealSession
+    from diffserve.export import onnx_export
+    from diffserve.export.repository import export_components
+
+    loaded: list[tuple[list[str], weakref.ref]] = []
+    real_load = runtime_torch.load_component_modules
+
+    def load(checkpoint, dtype, components=None, **kw):
+        modules = real_load(checkpoint, dtype, components=components, **kw)
+        loaded.extend((list(modules), weakref.ref(m)) for m in modules.values())
+        return modules
+
+    alive_at_session: list[list[str]] = []
+
+    def session(path, *args, **kwargs):
+        gc.collect()
+        alive_at_session.append([names[0] for names, ref in loaded if ref() is not None])
+        return RealSession(path, *args, **kwargs)
+
+    monkeypatch.setattr(runtime_torch, "load_component_modules", load)
+    monkeypatch.setattr("diffserve.engine.ort_session.OrtSession", session)
+    spec = [get_model("sd1.5-scifi")]
+    out = export_components(sd15_dir, spec, lambda c: tmp_path / c, "fp32")
+    assert [names for names, _ in loaded] == [["text_encoder"], ["unet"], ["vae_decoder"]]  # one at a time
+    assert alive_at_session == [[], [], []]  # each module freed before its parity session opened
+    assert all(e.onnx.max_abs_diff is not None and e.onnx.max_abs_diff <= 1e-4 for e in out.values())
+    loaded.clear()
+    again = export_components(sd15_dir, spec, lambda c: tmp_path / c, "fp32")
+    assert loaded == [] and all(e.onnx.skipped for e in again.values())  # cached: nothing loaded
+    assert onnx_export.current_export(component_descriptors(read_architecture(sd15_dir))["unet"], sd15_dir,
+                                      tmp_path / "unet", "fp32").path == again["unet"].onnx.path
