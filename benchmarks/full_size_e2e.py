@@ -167,7 +167,10 @@ def serve_and_request(repository: Path, slugs: list[str], log: Path, timeout_s: 
 
 
 def run(slugs: list[str], work_dir: Path, *, tiny: bool = False, timeout_s: float = 6 * 3600) -> dict[str, Any]:
+    from diffserve.benchmarks.environment import environment
+
     work_dir.mkdir(parents=True, exist_ok=True)
+    load_at_start = os.getloadavg()
     t0 = time.perf_counter()
     checkpoints = write_checkpoints(slugs, work_dir, tiny)
     checkpoint_s = time.perf_counter() - t0
@@ -182,9 +185,14 @@ def run(slugs: list[str], work_dir: Path, *, tiny: bool = False, timeout_s: floa
 
     manifest = read_manifest(repository)
     served = serve_and_request(repository, slugs, work_dir / "serve.log", timeout_s)
+    weights = sum(f.stat().st_size for root in {Path(p).resolve() for p in checkpoints.values()}
+                  for f in root.rglob("*.safetensors")) / 2**30
     return {"kind": "full-size-e2e", "tiny": tiny, "slugs": slugs, "host_cpus": os.cpu_count(),
+            "environment": environment(), "load_average": {"start": load_at_start, "end": os.getloadavg()},
+            "weights_gib": round(weights, 2),
             "checkpoint_s": round(checkpoint_s, 1), "export_s": round(export_s, 1),
             "export_peak_rss_gib": round(export_rss, 2),
+            "export_peak_rss_over_weights": round(export_rss / weights, 2) if weights else None,
             "repository": {"pipelines": sorted(manifest["pipelines"]), "components": sorted(manifest["components"]),
                            "engine_options": manifest.get("engine_options", {})},
             "triton_ready_s": served["ready_s"], "serving_peak_rss_gib": served["serving_peak_rss_gib"],
