@@ -107,13 +107,16 @@ class Components(Protocol):
         """Adapter tokens: the face adapter's of [B, 1, 512] embeddings, the Plus adapter's of image hidden states."""
 
     def controlnet_unet(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                        text_embeds: torch.Tensor, time_ids: torch.Tensor, tokens: "IPTokens", ip_scales: torch.Tensor,
+                        text_embeds: torch.Tensor, time_ids: torch.Tensor, identity_tokens: torch.Tensor,
+                        style_tokens: torch.Tensor, composition_tokens: torch.Tensor, ip_scales: torch.Tensor,
                         identity_image: torch.Tensor, depth_image: torch.Tensor,
                         controlnet_scales: torch.Tensor) -> torch.Tensor:
         """Noise prediction with IdentityNet and depth ControlNet residuals and IP-Adapter attention.
 
-        ``ip_scales`` [B, 3] (identity, style, composition) and ``controlnet_scales`` [B, 2] (identity,
-        depth) hold one row per batch row; control images are [B, 3, H, W] in [0, 1].
+        Every input holds one row per batch row (so a step batcher can concatenate requests): the
+        adapters' tokens (``IPTokens``' fields, [B, tokens, cross_attention_dim]), ``ip_scales`` [B, 3]
+        (identity, style, composition), ``controlnet_scales`` [B, 2] (identity, depth), control images
+        [B, 3, H, W] in [0, 1].
         """
 
     def face_detector(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -250,12 +253,12 @@ class NamedTensorComponents:
         })
         return IPTokens(out["identity_tokens"], out["style_tokens"], out["composition_tokens"])
 
-    def controlnet_unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, tokens, ip_scales,
-                        identity_image, depth_image, controlnet_scales):
+    def controlnet_unet(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, identity_tokens,
+                        style_tokens, composition_tokens, ip_scales, identity_image, depth_image, controlnet_scales):
         return self.run_component("controlnet_unet", {
             "sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states,
-            "text_embeds": text_embeds, "time_ids": time_ids, "identity_tokens": tokens.identity,
-            "style_tokens": tokens.style, "composition_tokens": tokens.composition, "ip_scales": ip_scales,
+            "text_embeds": text_embeds, "time_ids": time_ids, "identity_tokens": identity_tokens,
+            "style_tokens": style_tokens, "composition_tokens": composition_tokens, "ip_scales": ip_scales,
             "identity_image": identity_image, "depth_image": depth_image, "controlnet_scales": controlnet_scales,
         })["noise_pred"]
 

@@ -167,7 +167,7 @@ def test_ip_adapter_unet_matches_diffusers_loader_with_the_reference_scales(omni
             "image_embeds": [face[:, None], style[:, None], composition[:, None]]}).sample
     tokens = components.ip_projection(face, style, composition)
     ours = components.controlnet_unet(
-        sample, timestep, text, text_embeds, time_ids, tokens,
+        sample, timestep, text, text_embeds, time_ids, *tokens,
         torch.tensor([[identity_s, style_s, composition_s]] * rows), torch.zeros(rows, 3, 64, 128),
         torch.zeros(rows, 3, 64, 128), torch.zeros(rows, 2))
     assert np.abs((ours - ref).numpy()).max() <= TOL
@@ -175,7 +175,7 @@ def test_ip_adapter_unet_matches_diffusers_loader_with_the_reference_scales(omni
     for column in range(3):
         scales = torch.tensor([[identity_s, style_s, composition_s]] * rows)
         scales[:, column] = 0.0
-        other = components.controlnet_unet(sample, timestep, text, text_embeds, time_ids, tokens, scales,
+        other = components.controlnet_unet(sample, timestep, text, text_embeds, time_ids, *tokens, scales,
                                            torch.zeros(rows, 3, 64, 128), torch.zeros(rows, 3, 64, 128),
                                            torch.zeros(rows, 2))
         assert np.abs((other - ours).numpy()).max() > 10 * TOL

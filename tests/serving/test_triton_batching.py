@@ -107,7 +107,7 @@ def test_a_cancelled_request_leaves_the_others_in_its_batch_undisturbed(backend,
 def test_the_job_runner_keeps_the_batch_capacity_of_the_served_pipelines_in_flight(triton, demo_repository, tmp_path):
     pipelines = read_manifest(demo_repository.repository)["pipelines"]
     assert pipelines[MODEL]["batch_capacity"] == 8  # one instance, max_batch 8
-    assert pipelines["omni-zero__fused"]["batch_capacity"] == 1  # not step-batched: one at a time
+    assert pipelines["omni-zero__fused"]["batch_capacity"] == 8  # step-batched too (its controlnet_unet)
     assert pipelines["sd1.5-scifi"]["batch_capacity"] == 1  # bls: one request per instance
     settings = Settings(data_dir=tmp_path)
     # The demo serves bls under the slugs' own names; a deployment of fused models (`serve --models`) batches.
