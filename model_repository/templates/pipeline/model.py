@@ -17,9 +17,9 @@ call it took part in), and ``IMAGES_FLOAT`` when the client asks for it. Between
 client cancellation; an error answers its own request only.
 
 A fused instance with batching on (``EngineOptions.batching``, from ``config.pbtxt``) step-batches the
-SD slugs: ``max_batch`` worker threads, each with its own text encoding and VAE, share one
-``StepBatcher`` over the UNet — one copy of the weights per instance whatever the load. Omni-Zero,
-OminiControl, a bls pipeline (its UNet model's dynamic batcher merges steps instead) and batching off
+SD slugs and OminiControl: ``max_batch`` worker threads, each with its own text encoding and VAE, share one
+``StepBatcher`` over the UNet (OminiControl: the transformer) — one copy of the weights per instance whatever
+the load. Omni-Zero, a bls pipeline (its UNet model's dynamic batcher merges steps instead) and batching off
 run one request at a time.
 
 Wire format: ``diffserve.engine.request.GenerationRequest`` — ``REQUEST`` is JSON ``{"slug", "params"}``
