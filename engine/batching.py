@@ -73,7 +73,8 @@ class BatchedLoop(Protocol):
     def shape_key(self) -> Hashable: ...
 
     def model_inputs(self) -> Sequence[Any] | Mapping[str, Any]:
-        """This step's denoiser arguments (positional or keyword; ``None`` and ``Shared`` allowed).
+        """This step's denoiser arguments (positional or keyword; ``None``, ``Shared`` and NamedTuples of
+        inputs, merged field by field, allowed).
         A loop may name the component it calls in ``denoiser`` (default ``unet``)."""
 
     def advance(self, output: torch.Tensor) -> None: ...
@@ -208,6 +209,10 @@ def _merge(parts: Sequence[Any], pad_to: int) -> Any:
         if not all(isinstance(p, Shared) for p in parts):
             raise ValueError("requests disagree on which denoiser inputs are shared")
         return first.value
+    if isinstance(first, tuple) and hasattr(first, "_fields"):  # a NamedTuple of inputs: field by field
+        if any(type(p) is not type(first) for p in parts):
+            raise ValueError("requests disagree on the type of a denoiser input")
+        return type(first)(*(_merge(list(fields), pad_to) for fields in zip(*parts)))
     x = torch.cat(parts)
     if x.shape[0] < pad_to:
         x = torch.cat([x, x[-1:].expand(pad_to - x.shape[0], *x.shape[1:])])

@@ -35,8 +35,8 @@ class RunControl:
     """Polled before every UNet step; True stops the run with ``Cancelled``."""
     driver: Callable[["DenoiseLoop", "RunControl"], torch.Tensor] | None = None
     """Runs a ``DenoiseLoop`` to its final latents (``diffserve.engine.batching.StepBatcher.run``: batched with
-    other requests); None runs it in the calling thread, alone. Omni-Zero's ``OmniZeroLoop`` is driven the
-    same way; pipelines whose loop is no such step object (FLUX) ignore it."""
+    other requests); None runs it in the calling thread, alone. Omni-Zero's ``OmniZeroLoop`` and FLUX's
+    ``FluxLoop`` are driven the same way."""
 
     def step_done(self, done: int, total: int) -> None:
         if self.on_step is not None:

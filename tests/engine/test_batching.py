@@ -336,6 +336,24 @@ def test_loops_that_disagree_on_their_inputs_fail_alone_not_together():
         concat_inputs([{"x": torch.zeros(1)}, {"y": torch.zeros(1)}], 1)
 
 
+def test_a_named_tuple_input_is_merged_field_by_field():
+    from typing import NamedTuple
+
+    class Condition(NamedTuple):
+        rows: torch.Tensor
+        ids: object
+        absent: object
+
+    parts = [(torch.full((n, 2), float(n)), Condition(torch.full((n, 1), float(n)), Shared(torch.arange(3)), None))
+             for n in (1, 2)]
+    args, kwargs = concat_inputs(parts, 4)
+    x, cond = args
+    assert not kwargs and x.shape == (4, 2) and isinstance(cond, Condition)
+    assert cond.rows[:, 0].tolist() == [1, 2, 2, 2] and cond.ids.tolist() == [0, 1, 2] and cond.absent is None
+    with pytest.raises(ValueError, match="disagree"):
+        concat_inputs([(Condition(torch.zeros(1), None, None),), ((torch.zeros(1), None, None),)], 1)
+
+
 def test_the_runner_keeps_one_batcher_per_denoiser_and_closing_refuses_more():
     class Components:
         unet = FakeDenoiser()

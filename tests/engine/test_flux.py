@@ -292,3 +292,52 @@ def test_ominicontrol_runs_the_same_through_onnx_runtime(components, flux_dir, e
         ours = ominicontrol.generate(components, condition_mode=mode, **kw).images
         via_onnx = ominicontrol.generate(onnx, condition_mode=mode, **kw).images
         assert np.abs(ours - via_onnx).max() <= TOL, mode
+
+
+def test_ominicontrol_batches_through_onnx_runtime(flux_dir, exported, subject, monkeypatch):
+    """Step batching on the ONNX transformers (dynamic batch axis): three requests (different seeds, step
+    counts, samples, condition images, lora scales, strengths) share calls and each equals its image alone
+    within TOL, in both condition modes (as ``test_batched_ominicontrol.py`` for torch; condition images
+    encoded at 128² to stay fast)."""
+    import functools
+    import threading
+    import time
+
+    from diffserve.engine.batching import BatchingOptions, StepBatcher
+    from diffserve.engine.runtime_onnx import OnnxComponents
+
+    monkeypatch.setattr(ominicontrol, "encode_condition", functools.partial(ominicontrol.encode_condition, size=128))
+
+    onnx = OnnxComponents(flux_dir, {name: r.path for name, r in exported.items()})
+    conditions = [subject, 255 - subject[..., :3], subject[::-1, ::2]]
+    requests = [dict(seed=1, num_inference_steps=2, num_images=1),
+                dict(seed=2, num_inference_steps=3, num_images=2, lora_scale=0.5, condition_strength=0.5),
+                dict(seed=3, num_inference_steps=2, num_images=1, condition_strength=0.0)]
+
+    def generate(i, mode, control):
+        return ominicontrol.generate(onnx, image=conditions[i], prompt=f"{PROMPT} {i}", width=64, height=64,
+                                     condition_mode=mode, control=control, **requests[i]).images
+
+    for mode in ("joint", "cached"):
+        batcher = StepBatcher(onnx.transformer, BatchingOptions(max_batch=8), start_thread=False)
+        results, errors = {}, []
+
+        def call(i):
+            try:
+                results[i] = generate(i, mode, RunControl(driver=batcher.run))
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        while len(batcher.scheduler.waiting) < 3 and not errors:  # all joined: tick
+            time.sleep(0.001)
+        while any(t.is_alive() for t in threads):
+            if not batcher.tick():
+                time.sleep(0.001)
+        assert not errors, errors
+        assert batcher.calls == [4, 4, 2], mode
+        for i in range(3):
+            alone = generate(i, mode, RunControl())
+            assert np.abs(results[i] - alone).max() <= TOL, (mode, i)

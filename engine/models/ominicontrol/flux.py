@@ -10,12 +10,14 @@ plain loop, not served under a slug of its own.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from diffserve.engine.batching import Shared
 from diffserve.engine.catalog import InvalidRequest, resolve_seed
 from diffserve.engine.components import Components, ConditionKV, ConditionTokens
 from diffserve.engine.pipelines.common import (
@@ -114,6 +116,98 @@ def flow_match_scheduler(components: Components, num_inference_steps: int, image
     return scheduler
 
 
+def ids_key(ids: torch.Tensor) -> tuple:
+    """A key equal for equal position ids (their shape and a digest of their values): what lets requests share
+    one ``Shared`` id tensor in a batched call."""
+    return tuple(ids.shape), hashlib.sha1(ids.detach().float().cpu().numpy().tobytes()).hexdigest()
+
+
+class FluxLoop:
+    """One request's FLUX loop as a step object: the transformer's velocity, then the request's own
+    flow-matching Euler step (or its device-scheduler plan).
+
+    ``model_inputs()`` gives one step's ``transformer`` arguments and ``advance(velocity)`` takes the
+    step, as ``diffserve.engine.pipelines.common.DenoiseLoop`` does for the UNet; ``denoise`` drives it
+    alone, a ``diffserve.engine.batching.StepBatcher`` over the ``transformer`` with other requests. The
+    scheduler (its sigmas and mu), the plan, the embeddings and the condition stay the request's own; what
+    is shared in a batched call are the position ids (image, text, condition), the same for every request
+    of one ``shape_key``.
+
+    ``condition(step)`` supplies OminiControl's condition (tokens, or cached keys/values; per row, lora
+    scale and bias included), and its ``shape_key`` says which conditions can share a call; a condition
+    without one runs alone (its key is unique to this loop).
+    """
+
+    denoiser = "transformer"
+
+    def __init__(self, components: Components, scheduler, latents: torch.Tensor, embeds: FluxPromptEmbeds,
+                 img_ids: torch.Tensor, condition: Callable[[int], ConditionTokens | ConditionKV | None] | None = None):
+        self.scheduler = scheduler
+        self.timesteps = scheduler.timesteps
+        self.embeds = embeds
+        self.img_ids = img_ids
+        self.condition = condition
+        self.total = len(self.timesteps)
+        self.done = 0
+        self.latents = latents
+        plan = device_plan(components, scheduler, self.timesteps, scale_input=False)
+        self._planned = PlannedLoop(plan, latents) if plan is not None else None
+        self._key: tuple | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+    @property
+    def rows(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def shape_key(self) -> tuple:
+        """Loops with equal keys can share one transformer call: same token and embedding shapes, the same
+        position ids, the same kind of condition."""
+        if self._key is None:
+            if self.condition is None:
+                cond = None
+            else:
+                cond = getattr(self.condition, "shape_key", None)
+                if cond is None:
+                    cond = ("alone", id(self))
+            self._key = (tuple(self.latents.shape[1:]), tuple(self.embeds.sequence.shape[1:]),
+                         tuple(self.embeds.pooled.shape[1:]), ids_key(self.img_ids), ids_key(self.embeds.text_ids),
+                         cond, self.latents.dtype, self.latents.device)
+        return self._key
+
+    def inputs(self) -> tuple:
+        """(hidden_states, sigma [rows], sequence, pooled, img_ids, text_ids, condition) of the current step."""
+        i = self.done
+        if self._planned is not None:
+            hidden = self._planned.model_input(i)
+            sigma = self._planned.timestep(i, self.rows) / 1000
+        else:
+            hidden = self.latents
+            # the transformer scales it back by 1000
+            sigma = self.timesteps[i].expand(self.rows).to(self.latents.dtype) / 1000
+        cond = self.condition(i) if self.condition is not None else None
+        return hidden, sigma, self.embeds.sequence, self.embeds.pooled, self.img_ids, self.embeds.text_ids, cond
+
+    def model_inputs(self) -> tuple:
+        """``inputs()`` for a batched call: the position ids passed once (``Shared``), per-row tensors concatenated."""
+        hidden, sigma, sequence, pooled, img_ids, text_ids, cond = self.inputs()
+        if isinstance(cond, ConditionTokens):
+            cond = cond._replace(ids=Shared(cond.ids))
+        return hidden, sigma, sequence, pooled, Shared(img_ids), Shared(text_ids), cond
+
+    def advance(self, velocity: torch.Tensor) -> None:
+        """x <- x + (sigma_next - sigma) v for this loop's rows."""
+        i = self.done
+        if self._planned is not None:
+            self.latents = self._planned.advance(i, velocity)
+        else:
+            self.latents = self.scheduler.step(velocity, self.timesteps[i], self.latents, return_dict=False)[0]
+        self.done = i + 1
+
+
 def denoise(
     components: Components,
     scheduler,
@@ -123,35 +217,20 @@ def denoise(
     control: RunControl,
     condition: Callable[[int], ConditionTokens | ConditionKV | None] | None = None,
 ) -> torch.Tensor:
-    """Flow-matching Euler: velocity from the transformer, then x <- x + (sigma_next - sigma) v.
+    """Flow-matching Euler: velocity from the transformer, then x <- x + (sigma_next - sigma) v; alone here, or
+    by ``control.driver`` (a step batcher over the transformer) with other requests.
 
     ``condition(step)`` supplies OminiControl's condition for a step (its tokens, or cached
     keys/values); ``None`` runs plain FLUX.
     """
-    timesteps = scheduler.timesteps
-    total = len(timesteps)
-    plan = device_plan(components, scheduler, timesteps, scale_input=False)
-    if plan is not None:
-        loop = PlannedLoop(plan, latents)
-        for i in range(total):
-            control.check()
-            sigma = loop.timestep(i, latents.shape[0]) / 1000
-            cond = condition(i) if condition is not None else None
-            velocity = components.transformer(loop.model_input(i), sigma, embeds.sequence, embeds.pooled, img_ids,
-                                              embeds.text_ids, cond)
-            latents = loop.advance(i, velocity)
-            control.step_done(i + 1, total)
-        return latents
-
-    for i, t in enumerate(timesteps):
+    loop = FluxLoop(components, scheduler, latents, embeds, img_ids, condition)
+    if control.driver is not None:
+        return control.driver(loop, control)
+    while not loop.finished:
         control.check()
-        sigma = t.expand(latents.shape[0]).to(latents.dtype) / 1000  # the transformer scales it back by 1000
-        cond = condition(i) if condition is not None else None
-        velocity = components.transformer(latents, sigma, embeds.sequence, embeds.pooled, img_ids,
-                                          embeds.text_ids, cond)
-        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
-        control.step_done(i + 1, total)
-    return latents
+        loop.advance(components.transformer(*loop.inputs()))
+        control.step_done(loop.done, loop.total)
+    return loop.latents
 
 
 def decode(components: Components, latents: torch.Tensor, width: int, height: int) -> np.ndarray:

@@ -36,6 +36,10 @@ from diffserve.engine.pipelines.common import (
     GenerationResult, RunControl, StageTimer, image_to_tensor, make_generator, sample_latent_dist,
 )
 
+STEP_BATCHED = True
+"""Concurrent requests share the transformer's calls (``flux.FluxLoop`` through a ``StepBatcher``), in both
+condition modes."""
+
 OUTPUT_SIZE = get_model("ominicontrol").output_size
 """(width, height) of the generated image: 512x512, the subject model's training and demo size."""
 CONDITION_SIZE = 512
@@ -76,6 +80,14 @@ class SubjectCondition:
         self.cache = cache
         self.mode = mode
         self._kv: ConditionKV | None = None
+
+    @property
+    def shape_key(self) -> tuple:
+        """Conditions with equal keys can share one transformer call (``flux.FluxLoop.shape_key``): the same
+        mode and token count, and in the joint mode the same condition position ids (passed once per call).
+        Everything else — tokens, cached keys/values, lora scale, bias — is per row."""
+        ids = flux.ids_key(self.ids) if self.mode == "joint" else None
+        return self.mode, tuple(self.tokens.shape[1:]), ids, self.tokens.dtype
 
     def compute(self) -> ConditionKV:
         key, value = self.components.condition_kv(self.tokens, self.ids, self.pooled, self.lora_scale)

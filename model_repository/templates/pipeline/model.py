@@ -16,11 +16,12 @@ in ``execute``, and Triton's queue holds the others); a worker runs it through t
 call it took part in), and ``IMAGES_FLOAT`` when the client asks for it. Between steps it polls for
 client cancellation; an error answers its own request only.
 
-A fused instance with batching on (``EngineOptions.batching``, from ``config.pbtxt``) step-batches the
-SD slugs and Omni-Zero: ``max_batch`` worker threads, each with its own text encoding and VAE (and
-Omni-Zero's image preprocessing), share one ``StepBatcher`` over the denoiser (the UNet, Omni-Zero's
-``controlnet_unet``) — one copy of the weights per instance whatever the load. OminiControl, a bls
-pipeline (its UNet model's dynamic batcher merges steps instead) and batching off run one request at a time.
+A fused instance with batching on (``EngineOptions.batching``, from ``config.pbtxt``) step-batches
+every slug: ``max_batch`` worker threads, each with its own stages before and after the loop (text
+encoding, VAE, Omni-Zero's image preprocessing), share one ``StepBatcher`` per denoiser (the UNet,
+Omni-Zero's ``controlnet_unet``, OminiControl's transformer) — one copy of the weights per instance
+whatever the load. A bls pipeline (its UNet model's dynamic batcher merges steps instead) and batching off
+run one request at a time.
 
 Wire format: ``diffserve.engine.request.GenerationRequest`` — ``REQUEST`` is JSON ``{"slug", "params"}``
 with the parameters the API validated; image parameters travel as separate UINT8 [H, W, 3] inputs
