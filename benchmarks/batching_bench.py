@@ -6,7 +6,11 @@ CPU or GPU as the local backend did before batching; *batched*: the same threads
 ``RunControl.driver`` set to one ``diffserve.engine.batching.StepBatcher`` over the UNet, as the local backend
 runs now. Per point: images/s over the wall time of all requests, p50/p95 of request latency, and the
 process's CPU seconds per image — on a machine other processes share, wall-clock figures depend on
-how many threads each mode keeps runnable; CPU seconds per image do not.
+how many threads each mode keeps runnable; CPU seconds per image do not. Also per point: the mean
+UNet rows per denoiser call (batched), and the largest pixel difference of the request of seed 0 from
+the same request run alone before the sweep (0 unbatched; batched, the UNet's rounding at another batch
+size). The GPU plan (``diffserve.benchmarks.gpu.runner``, step ``batching-sweep``) runs it on full-size
+random-weight components of SD1.5 and Vega, writing its report after every point.
 The default request is the catalog's smallest for ``sd1.5-scifi`` (512², 20 steps, CFG), on the
 tiny demo checkpoint unless ``--checkpoint`` names another.
 """

@@ -2,7 +2,8 @@
 
 ``benchmarks/gpu/run.sh`` runs ``python -m diffserve.benchmarks.gpu.runner``. This module owns the plan
 (``PLAN``, most valuable first: Segmind-Vega at 1024², SD1.5 at 512x768, the denoiser's throughput
-against batch size, OminiControl and Omni-Zero networks, SD1.5 at 512²), the time guard that fits it
+against batch size, step-level batching of whole requests at concurrency 1-16, OminiControl and Omni-Zero
+networks, SD1.5 at 512²), the time guard that fits it
 into one call of the device machine, and the summary. Each step is its own process (a crash, an
 out-of-memory or the deadline loses that step alone), and a step's report is written to disk after
 *every entry* (diffusers, eager, each optimised spec), so a step cut off at the deadline keeps the
@@ -22,7 +23,8 @@ entry alone (the optimised entry takes the eager weights over instead of copying
 ``benchmarks/configs/tiny/`` in place of the full-size ones, fp32, 2 denoising steps (or the
 catalog's minimum: 20 for SD1.5 and Vega, 4 for OminiControl), no warm-up and 1 timed run, and the
 ``fast`` preset without ``compile``/``cuda_graphs`` (inductor on a CPU takes minutes per network;
-``tests/engine/test_torch_optimize.py`` covers it), so the script is checked by
+``tests/engine/test_torch_optimize.py`` covers it), the batching sweep at 128², 2 steps, concurrency 1
+and 2 (``DRY_BATCHING``), so the script is checked by
 the tests (``tests/benchmarks/test_gpu_script.py``) without a GPU.
 """
 
