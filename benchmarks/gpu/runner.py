@@ -181,8 +181,9 @@ def step_config(step: Step, dry_run: bool, work_dir: Path):
         device="cpu" if dry_run else "cuda", precision="fp32" if dry_run else step.precision,
         config_dir=TINY_CONFIGS if dry_run else None,
         warmup=0 if dry_run else 2,  # GPU: the first run compiles, the second records the CUDA graphs
-        # GPU: 3 timed runs and 5 calls per stage (5 and 10 before the batching sweep joined the plan: the H200
-        # run of 2026-12-04 took 472 s of 500, and these counts are what gives the sweep its ~40 s)
+        eager_warmup=None if dry_run else 1,  # diffusers and eager: nothing to compile or record
+        # GPU: 3 timed runs and 5 calls per stage (5 and 10, and 2 warm-ups for every entry, before the batching
+        # sweep joined the plan: the H200 run of 2026-12-04 took 472 s of 500; benchmarks/README.md "GPU run")
         repeats=1 if dry_run else GPU_REPEATS, stage_repeats=1 if dry_run else GPU_STAGE_REPEATS,
         threads=1 if dry_run else None)
 

@@ -57,6 +57,11 @@ def test_plan_is_ordered_by_value():
     assert sd15.vae == "fp16" and vega.vae is None  # like for like: diffusers' SD1.5 pipeline decodes in fp16
     assert next(s for s in PLAN if s.slug == "ominicontrol").precision == "bf16"
     assert [s.fp32_reference for s in PLAN if s.kind == "engine"] == [True, True, False, False, False]
+    from diffserve.benchmarks.gpu.runner import step_config
+
+    gpu = step_config(vega, False, Path("/nonexistent"))  # the request counts that fit the plan into BUDGET_S
+    assert (gpu.warmup, gpu.eager_warmup, gpu.repeats, gpu.stage_repeats) == (2, 1, 3, 5)
+    assert step_config(vega, True, Path("/nonexistent")).eager_warmup is None  # dry run: warmup 0 for all
     batching = next(s for s in PLAN if s.kind == "batching-sweep")
     assert batching.precision == "fp16" and tuple(batching.params["concurrency"]) == (1, 2, 4, 8, 16)
     assert batching.params["slugs"]["sd1.5-scifi"]["num_inference_steps"] == 20
