@@ -61,13 +61,13 @@ sweep's eager column is NCHW, so the batched calls compare with it)."""
 DRY_BATCHING = {"concurrency": (1, 2), "requests": 1, "size": 128}
 """The dry run's batching sweep: concurrency 1 and 2, one request per client, 128², 2 steps."""
 DRY_STEPS = 2
+"""Denoising steps of a dry run, raised to the catalog's minimum where it has one."""
 GPU_REPEATS = 3
-"""Timed runs per engine entry on the GPU (after 2 warm-ups)."""
+"""Timed runs per engine entry on the GPU (after 2 warm-ups for ``fast``, 1 for diffusers and eager)."""
 GPU_STAGE_REPEATS = 5
 """Calls per stage timed alone on the GPU."""
 GPU_SWEEP_REPEATS = 5
 """Calls per point of the UNet batch sweep (eager and graph replay each)."""
-"""Denoising steps of a dry run, raised to the catalog's minimum where it has one."""
 CRASH_AFTER_ENTRIES = "DIFFSERVE_GPU_RUN_CRASH_AFTER_ENTRIES"
 """Tests only: a step process dies at once when this many entries are written (a step cut off mid-way)."""
 STEPS_ARCHIVE = "steps.tar"
