@@ -69,6 +69,9 @@ class EngineBenchConfig:
     params: dict[str, Any] = field(default_factory=dict)
     """Overrides of the reference request (the seed page's example)."""
     warmup: int = 1
+    eager_warmup: int | None = None
+    """Warm-up runs of the diffusers baseline and the torch entries without optimizations (default ``warmup``):
+    only an optimised entry needs more than one (its first run compiles, the second records CUDA graphs)."""
     repeats: int = 5
     stage_repeats: int = 10
     baseline: bool = True
@@ -99,7 +102,7 @@ class EngineBenchConfig:
         if self.vae_precision is not None:
             TorchOptimizations.parse(f"vae={self.vae_precision}")  # refuses an unknown precision here
         self.optimizations = tuple(TorchOptimizations.parse(s + self._vae_token(s)).spec() for s in self.optimizations)
-        if self.repeats < 1 or self.warmup < 0 or self.stage_repeats < 1:
+        if self.repeats < 1 or self.warmup < 0 or self.stage_repeats < 1 or (self.eager_warmup or 0) < 0:
             raise ValueError("repeats and stage_repeats must be >= 1 and warmup >= 0")
 
     def _vae_token(self, spec: str = "") -> str:
@@ -593,7 +596,8 @@ def run_engine_bench(cfg: EngineBenchConfig, on_update: Callable[[dict[str, Any]
     report = new_report("engine", environment(device))
     report["settings"] = {
         "slug": cfg.slug, "runtimes": list(cfg.runtimes), "device": str(device), "precision": precision,
-        "full_size": cfg.full_size, "checkpoint": None, "warmup": cfg.warmup, "repeats": cfg.repeats,
+        "full_size": cfg.full_size, "checkpoint": None, "warmup": cfg.warmup,
+        "eager_warmup": cfg.warmup if cfg.eager_warmup is None else cfg.eager_warmup, "repeats": cfg.repeats,
         "stage_repeats": cfg.stage_repeats, "baseline": "diffusers" if cfg.baseline else None,
         "optimizations": list(cfg.optimizations), "fp32_reference": cfg.fp32_reference,
         "torch_threads": torch.get_num_threads(),
@@ -657,8 +661,9 @@ def run_engine_bench(cfg: EngineBenchConfig, on_update: Callable[[dict[str, Any]
                 report["baseline_note"] = f"diffusers has no pipeline for {cfg.slug}'s request; no baseline"
                 continue
             _reset_peak(device)
-            with _progress(cfg.warmup + cfg.repeats, f"{cfg.slug} diffusers") as bar:
-                d_walls, d_images, notes = time_diffusers(cfg.slug, prepared, request, cfg.warmup, cfg.repeats, bar)
+            warmup = cfg.warmup if cfg.eager_warmup is None else cfg.eager_warmup
+            with _progress(warmup + cfg.repeats, f"{cfg.slug} diffusers") as bar:
+                d_walls, d_images, notes = time_diffusers(cfg.slug, prepared, request, warmup, cfg.repeats, bar)
             report["baseline"] = {"name": "diffusers", **notes, "end_to_end": stats_ms(d_walls), "_images": d_images,
                                   "image_check": image_check(d_images), **_peak(device)}
             _notify(on_update, report)
@@ -890,9 +895,10 @@ def _bench_runtime(cfg: EngineBenchConfig, entry: dict[str, Any], prepared: Prep
     vae_dtype = getattr(prepared.components, "vae_dtype", None)
     if vae_dtype is not None:
         entry["vae_dtype"] = str(vae_dtype).replace("torch.", "")
-    with _progress(cfg.warmup + cfg.repeats + 5, f"{cfg.slug} {prepared.runtime}") as bar:
+    warmup = cfg.warmup if cfg.eager_warmup is None or entry.get("optimizations") else cfg.eager_warmup
+    with _progress(warmup + cfg.repeats + 5, f"{cfg.slug} {prepared.runtime}") as bar:
         _reset_peak(device)
-        warm = time_warmup_runs(cfg.slug, prepared.components, request, cfg.warmup, prepared.device, bar)
+        warm = time_warmup_runs(cfg.slug, prepared.components, request, warmup, prepared.device, bar)
         walls, stage_runs, result = time_pipeline(cfg.slug, prepared.components, request, 0,
                                                   cfg.repeats, prepared.device, bar)
         if sd_pipeline:

@@ -101,6 +101,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         from diffserve.benchmarks.batching_bench import batching_markdown
 
         return batching_markdown(report)
+    if kind == "batching-sweep":
+        from diffserve.benchmarks.batching_bench import sweep_markdown as batching_sweep_markdown
+
+        return batching_sweep_markdown(report)
     raise ValueError(f"unknown report kind {kind!r}")
 
 

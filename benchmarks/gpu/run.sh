@@ -6,8 +6,9 @@
 #   segmind-vega 1024x1024, 25 steps, UniPC, CFG 9
 #   sd1.5-scifi  512x768, 30 steps, dpmpp_2m, CFG 5 (VAE fp16 on both sides: like for like)
 #   the UNets' throughput against batch size (SD1.5 512², Vega 1024², 1-16 images per call)
-#   if time is left: ominicontrol 512x512, 8 steps, bf16; omni-zero 1024x1024, 10 steps (networks
-#   only); sd1.5-scifi 512x512
+#   if time is left: step-level batching of whole requests, batched vs unbatched at concurrency 1-16
+#   (SD1.5 512² 20 steps, Vega 1024² 10 steps); ominicontrol 512x512, 8 steps, bf16; omni-zero
+#   1024x1024, 10 steps (networks only); sd1.5-scifi 512x512
 #
 # The plan, the time guard and the summary are benchmarks/gpu/runner.py. Each step is its own
 # process with the time left as its limit and writes its report after every entry; a step that
@@ -69,6 +70,8 @@ mkdir -p "$OUT"
 {
     echo "run.sh: OUT=$OUT DRY_RUN=${DRY_RUN:-0} BUDGET_S=${BUDGET_S:-default} STEPS=${STEPS:-all} commit=${GIT_COMMIT:-?}"
     [[ ${DRY_RUN:-0} != 0 ]] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-    "$py" -c "import sys, torch, diffusers, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+    # The versions from the packages' metadata: importing torch, diffusers and transformers here cost
+    # seconds of the budget that every step's own process pays again.
+    "$py" -c "import sys; from importlib.metadata import version as v; print('python', sys.version.split()[0], *(f'{p} {v(p)}' for p in ('torch', 'diffusers', 'transformers')))"
     "$py" -m diffserve.benchmarks.gpu.runner --out "$OUT"
 } 2>&1 | tee "$OUT/run.log"

@@ -2,7 +2,8 @@
 
 ``benchmarks/gpu/run.sh`` runs ``python -m diffserve.benchmarks.gpu.runner``. This module owns the plan
 (``PLAN``, most valuable first: Segmind-Vega at 1024², SD1.5 at 512x768, the denoiser's throughput
-against batch size, OminiControl and Omni-Zero networks, SD1.5 at 512²), the time guard that fits it
+against batch size, step-level batching of whole requests at concurrency 1-16, OminiControl and Omni-Zero
+networks, SD1.5 at 512²), the time guard that fits it
 into one call of the device machine, and the summary. Each step is its own process (a crash, an
 out-of-memory or the deadline loses that step alone), and a step's report is written to disk after
 *every entry* (diffusers, eager, each optimised spec), so a step cut off at the deadline keeps the
@@ -22,7 +23,8 @@ entry alone (the optimised entry takes the eager weights over instead of copying
 ``benchmarks/configs/tiny/`` in place of the full-size ones, fp32, 2 denoising steps (or the
 catalog's minimum: 20 for SD1.5 and Vega, 4 for OminiControl), no warm-up and 1 timed run, and the
 ``fast`` preset without ``compile``/``cuda_graphs`` (inductor on a CPU takes minutes per network;
-``tests/engine/test_torch_optimize.py`` covers it), so the script is checked by
+``tests/engine/test_torch_optimize.py`` covers it), the batching sweep at 128², 2 steps, concurrency 1
+and 2 (``DRY_BATCHING``), so the script is checked by
 the tests (``tests/benchmarks/test_gpu_script.py``) without a GPU.
 """
 
@@ -52,8 +54,20 @@ FAST_GPU = "fast,nowarmup"
 only the request's shape compiles, in the first warm-up run, reported apart as that run's excess."""
 FAST_DRY = "fuse_qkv,channels_last,device_scheduler"
 """The dry run's stand-in for ``fast``: everything but ``compile`` and ``cuda_graphs``."""
+BATCHING_OPTIMIZE = "fuse_qkv,device_scheduler"
+"""The batching sweep's ``diffserve.engine.torch_optimize`` spec, GPU and dry run alike: ``fast`` less
+``compile``/``cuda_graphs`` (a compile per batch shape) and ``channels_last`` (eager NHWC group norms; the
+sweep's eager column is NCHW, so the batched calls compare with it)."""
+DRY_BATCHING = {"concurrency": (1, 2), "requests": 1, "size": 128}
+"""The dry run's batching sweep: concurrency 1 and 2, one request per client, 128², 2 steps."""
 DRY_STEPS = 2
 """Denoising steps of a dry run, raised to the catalog's minimum where it has one."""
+GPU_REPEATS = 3
+"""Timed runs per engine entry on the GPU (after 2 warm-ups for ``fast``, 1 for diffusers and eager)."""
+GPU_STAGE_REPEATS = 5
+"""Calls per stage timed alone on the GPU."""
+GPU_SWEEP_REPEATS = 5
+"""Calls per point of the UNet batch sweep (eager and graph replay each)."""
 CRASH_AFTER_ENTRIES = "DIFFSERVE_GPU_RUN_CRASH_AFTER_ENTRIES"
 """Tests only: a step process dies at once when this many entries are written (a step cut off mid-way)."""
 STEPS_ARCHIVE = "steps.tar"
@@ -91,7 +105,8 @@ class Step:
     """Our VAE precision (``EngineBenchConfig.vae_precision``): diffusers' own where its pipeline ignores
     the config's ``force_upcast`` (StableDiffusionPipeline), so the ratio compares like with like."""
     kind: str = "engine"
-    """``engine`` (one ``bench engine`` run) or ``batch-sweep`` (``diffserve.benchmarks.batch_sweep``)."""
+    """``engine`` (one ``bench engine`` run), ``batch-sweep`` (``diffserve.benchmarks.batch_sweep``) or
+    ``batching-sweep`` (``diffserve.benchmarks.batching_bench`` per slug of ``params["slugs"]``)."""
     max_s: float | None = None
     """Seconds after which the step is stopped on the GPU (keeping the entries it finished), so one slow
     compile cannot eat the steps after it."""
@@ -116,6 +131,18 @@ PLAN: tuple[Step, ...] = (
     Step("unet-batch-sweep", "sd1.5-scifi", "512x512+1024x1024", {}, "fp16", max_s=80, min_s=45, kind="batch-sweep",
          note="the denoiser alone over 1-16 images per call (2-32 rows under CFG), eager and CUDA-graph replay: "
               "the ceiling of step-level batching"),
+    Step("batching-sweep", "sd1.5-scifi", "512x512+1024x1024",
+         {"slugs": {"sd1.5-scifi": {"img_width": 512, "img_height": 512, "num_inference_steps": 20,
+                                    "scheduler": "dpmpp_2m", "guidance_scale": 5},
+                    "segmind-vega": {"img_width": 1024, "img_height": 1024, "num_inference_steps": 10,
+                                     "scheduler": "UniPC", "guidance_scale": 9}},
+          "concurrency": (1, 2, 4, 8, 16), "requests": 1},
+         "fp16", (BATCHING_OPTIMIZE,), max_s=85, min_s=50, optional=True, kind="batching-sweep",
+         note="whole requests through the engine's StepBatcher against the same client threads each running its "
+              "pipeline alone: concurrency 1-16 closed-loop clients, 1 request each, into one set of full-size "
+              "components (fp16, fused QKV and the device scheduler; eager: compiling each batch shape would take "
+              "~70 s each); Vega at 10 steps (the catalog's fewest is 20) to fit the budget; the request of seed 0 "
+              "batched against the same request alone (max pixel difference, fp16)"),
     Step("ominicontrol-512x512", "ominicontrol", "512x512", {"steps": 8}, "bf16", fp32_reference=False,
          max_s=90, min_s=70, optional=True,
          note="networks only (no full-size T5, CLIP-L or FLUX-VAE configs yet, so diffusers' FluxPipeline and "
@@ -154,7 +181,11 @@ def step_config(step: Step, dry_run: bool, work_dir: Path):
         device="cpu" if dry_run else "cuda", precision="fp32" if dry_run else step.precision,
         config_dir=TINY_CONFIGS if dry_run else None,
         warmup=0 if dry_run else 2,  # GPU: the first run compiles, the second records the CUDA graphs
-        repeats=1 if dry_run else 5, stage_repeats=1 if dry_run else 10, threads=1 if dry_run else None)
+        eager_warmup=None if dry_run else 1,  # diffusers and eager: nothing to compile or record
+        # GPU: 3 timed runs and 5 calls per stage (5 and 10, and 2 warm-ups for every entry, before the batching
+        # sweep joined the plan: the H200 run of 2026-12-04 took 472 s of 500; benchmarks/README.md "GPU run")
+        repeats=1 if dry_run else GPU_REPEATS, stage_repeats=1 if dry_run else GPU_STAGE_REPEATS,
+        threads=1 if dry_run else None)
 
 
 def run_step(step: Step, out_dir: Path, dry_run: bool) -> Path:
@@ -170,6 +201,8 @@ def run_step(step: Step, out_dir: Path, dry_run: bool) -> Path:
             "commit": _git_commit()}
     if step.kind == "batch-sweep":
         return _run_sweep(step, out_dir, dry_run, meta)
+    if step.kind == "batching-sweep":
+        return _run_batching(step, out_dir, dry_run, meta)
     from diffserve.benchmarks.engine_bench import public_report, run_engine_bench
 
     stem = None
@@ -204,7 +237,7 @@ def _run_sweep(step: Step, out_dir: Path, dry_run: bool, meta: dict[str, Any]) -
     from diffserve.benchmarks.batch_sweep import run_batch_sweep, sweep_markdown
 
     report = run_batch_sweep(device="cpu" if dry_run else "cuda", precision="fp32" if dry_run else step.precision,
-                             batches=(1, 2) if dry_run else (1, 2, 4, 8, 16), repeats=1 if dry_run else 10,
+                             batches=(1, 2) if dry_run else (1, 2, 4, 8, 16), repeats=1 if dry_run else GPU_SWEEP_REPEATS,
                              config_dir=TINY_CONFIGS if dry_run else None, cuda_graphs=not dry_run,
                              size=(256, 256) if dry_run else None)
     report["gpu_run"] = meta
@@ -214,6 +247,81 @@ def _run_sweep(step: Step, out_dir: Path, dry_run: bool, meta: dict[str, Any]) -
     path = out_dir / f"{stem}.json"
     _write_atomic(path, json.dumps(report, indent=2, default=str) + "\n")
     _write_atomic(out_dir / f"{stem}.md", sweep_markdown(report))
+    return path
+
+
+def _run_batching(step: Step, out_dir: Path, dry_run: bool, meta: dict[str, Any]) -> Path:
+    """Each slug of ``step.params["slugs"]`` at full size: ``run_batching_bench`` on its components. The report
+    so far (the points finished) is written to ``<stem>.partial.json`` after every point."""
+    import datetime as _dt
+    import gc
+
+    import torch
+
+    from diffserve.benchmarks.batching_bench import run_batching_bench, sweep_markdown
+    from diffserve.benchmarks.environment import environment
+    from diffserve.benchmarks.full_size import full_size_setup
+    from diffserve.benchmarks.record import new_report
+    from diffserve.engine import home_dir
+
+    device = "cpu" if dry_run else "cuda"
+    precision = "fp32" if dry_run else step.precision
+    if dry_run:
+        torch.set_num_threads(1)  # as the engine steps' dry run: a shared CPU oversubscribed is seconds per call
+    concurrency = DRY_BATCHING["concurrency"] if dry_run else tuple(step.params["concurrency"])
+    requests = DRY_BATCHING["requests"] if dry_run else int(step.params["requests"])
+    report = new_report("batching-sweep", environment(torch.device(device)))
+    report["settings"] = {"device": device, "precision": precision, "concurrency": list(concurrency),
+                          "requests_per_client": requests, "optimizations": step.optimize[0],
+                          "configs": str(TINY_CONFIGS) if dry_run else "benchmarks/configs"}
+    report["note"] = ("closed-loop client threads, each sending its requests back to back into one set of full-size "
+                      "random-weight torch components: unbatched, every thread runs its pipeline alone; batched, "
+                      "the threads' denoising loops go through one StepBatcher (one UNet call per tick over every "
+                      "request in step). Max pixel diff vs alone: the request of seed 0 against the same request "
+                      "run alone before the sweep (pixels in 0..1)")
+    report["sweeps"] = []
+    report["gpu_run"] = meta
+    dev_name = "cpu" if dry_run else _device_name(False).lower().replace("nvidia ", "").replace(" ", "-")
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stem = f"{'dryrun-' if dry_run else ''}batching-sweep-{dev_name}-{precision}-{stamp}"
+    partial = out_dir / f"{stem}.partial.json"
+
+    def save(done: list[dict[str, Any]], current: dict[str, Any] | None) -> None:
+        now = [{k: v for k, v in current.items() if k != "environment"}] if current else []
+        body = dict(report, sweeps=done + now, gpu_run={**meta, "partial": True})
+        _write_atomic(partial, json.dumps(body, indent=2, default=str) + "\n")
+        points = sum(len(sw["points"]) for sw in body["sweeps"])
+        if os.environ.get(CRASH_AFTER_ENTRIES) == str(points):
+            os._exit(137)  # the tests' stand-in for a step killed mid-way (OOM, the deadline)
+
+    done: list[dict[str, Any]] = []
+    for slug, params in step.params["slugs"].items():
+        params = dict(params)
+        width, height, steps = params.pop("img_width"), params.pop("img_height"), params.pop("num_inference_steps")
+        if dry_run:
+            width = height = DRY_BATCHING["size"]
+            steps = DRY_STEPS
+        full = full_size_setup(slug, device=device, precision=precision,
+                               skeleton_root=home_dir() / "bench" / "full-size",
+                               config_dir=TINY_CONFIGS if dry_run else None, optimizations=step.optimize[0])
+        try:
+            sweep = run_batching_bench(
+                slug=slug, components=full.components, params=params, width=width, height=height, steps=steps,
+                requests=requests, concurrency=concurrency, max_batch=2 * max(concurrency),
+                command=f"gpu plan step {step.name}", on_point=lambda r: save(done, r))
+        finally:
+            del full
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        sweep.pop("environment", None)
+        done.append(sweep)
+        save(done, None)
+    report["sweeps"] = done
+    path = out_dir / f"{stem}.json"
+    _write_atomic(path, json.dumps(report, indent=2, default=str) + "\n")
+    _write_atomic(out_dir / f"{stem}.md", sweep_markdown(report))
+    partial.unlink(missing_ok=True)
     return path
 
 
@@ -281,6 +389,18 @@ def summarize_sweep(report: dict[str, Any]) -> list[dict[str, Any]]:
             for sw in report["sweeps"] for p in sw["points"]]
 
 
+def summarize_batching(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (slug, concurrency, mode) point of a batching-sweep report."""
+    rows = []
+    for sw in report["sweeps"]:
+        s = sw["settings"]
+        for p in sw["points"]:
+            rows.append({"entry": f"{s['slug']} {s['width']}x{s['height']} c{p['concurrency']} {p['mode']}",
+                         "slug": s["slug"], "resolution": f"{s['width']}x{s['height']}", "steps": s["steps"],
+                         **p})
+    return rows
+
+
 def checks_cell(row: dict[str, Any]) -> str:
     """What the speed of a row means: image finite and not uniform, denoiser step = eager, compile counters."""
     parts = []
@@ -311,7 +431,7 @@ def render_summary(summary: dict[str, Any], step_markdown: dict[str, str]) -> st
              "| step | entry | median | p90 | ours / diffusers | speed-up | it/s (e2e / UNet) | fraction of floor "
              "| max diff vs fp32 | first-run excess (compile) | peak GB | checks |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    sweeps = []
+    sweeps, batching = [], []
     for st in summary["steps"]:
         if st["status"] not in ("ok", "partial"):
             lines.append(f"| {st['name']} | {st['status']}: {st.get('reason') or ''} | | | | | | | | | | |")
@@ -319,6 +439,11 @@ def render_summary(summary: dict[str, Any], step_markdown: dict[str, str]) -> st
         if st.get("kind") == "batch-sweep":
             sweeps.append(st)
             lines.append(f"| {st['name']} | see the batch table below | | | | | | | | | | |")
+            continue
+        if st.get("kind") == "batching-sweep":
+            batching.append(st)
+            lines.append(f"| {st['name']} | {'partial: ' + (st.get('reason') or '') + '; ' if st['status'] == 'partial' else ''}"
+                         "see the batching table below | | | | | | | | | | |")
             continue
         if st["status"] == "partial":
             lines.append(f"| {st['name']} | partial: {st.get('reason') or ''} | | | | | | | | | | |")
@@ -354,6 +479,23 @@ def render_summary(summary: dict[str, Any], step_markdown: dict[str, str]) -> st
                          f"| {_fmt(row.get('throughput_vs_batch_1'), '{:.2f}x')} "
                          f"| {_fmt(row.get('fraction_of_floor'), '{:.1%}')} | {_fmt(row.get('peak_memory_gb'), '{:.2f}')} "
                          f"| {check} |")
+    for st in batching:
+        lines += ["", f"{st['name']}: whole requests from closed-loop client threads (1 request each) into one set "
+                  "of full-size components, through the engine's StepBatcher (batched) or each pipeline alone "
+                  "(unbatched); mean UNet rows per call (2 per image under CFG); max pixel diff: the request of "
+                  "seed 0 against the same request alone (0..1).", "",
+                  "| network | steps | concurrency | mode | images/s | vs unbatched | p50 | p95 | mean UNet rows/call "
+                  "| max pixel diff vs alone | peak GB |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in st["entries"]:
+            if row.get("status", "ok") != "ok":
+                lines.append(f"| {row['slug']} {row['resolution']} | {row['steps']} | {row['concurrency']} "
+                             f"| {row['mode']} | {row['status']}: {row.get('reason') or ''} | | | | | | |")
+                continue
+            lines.append(f"| {row['slug']} {row['resolution']} | {row['steps']} | {row['concurrency']} | {row['mode']} "
+                         f"| {_fmt(row.get('images_per_s'), '{:.2f}')} | {_fmt(row.get('over_unbatched'), '{:.2f}x')} "
+                         f"| {_fmt(row.get('p50_s'), '{:.2f} s')} | {_fmt(row.get('p95_s'), '{:.2f} s')} "
+                         f"| {_fmt(row.get('mean_call_rows'))} | {_fmt(row.get('max_pixel_diff_vs_alone'), '{:.1e}')} "
+                         f"| {_fmt(row.get('peak_memory_gb'), '{:.2f}')} |")
     lines += ["", "Ours / diffusers below 1 = faster (same process, same modules, same seed). Fraction of floor = "
               "H100 compute floor (benchmarks/floors.py, 800 TFLOP/s dense bf16) / measured median; GPU only. "
               "Max diff vs fp32: largest pixel difference (0..1) from eager fp32 on the same weights; README "
@@ -490,7 +632,8 @@ class Orchestrator:
         md = src.with_suffix(".md")
         if md.is_file():
             self.step_markdown[step.name] = md.read_text(encoding="utf-8")
-        entries = summarize_sweep(report) if step.kind == "batch-sweep" else summarize_report(report)
+        entries = {"batch-sweep": summarize_sweep, "batching-sweep": summarize_batching}.get(
+            step.kind, summarize_report)(report)
         out = {"status": status, "wall_s": wall, "json": src.name, "entries": entries,
                "floor_ms": (report.get("floor") or {}).get("floor_ms"), "steps_run": report.get("steps")}
         if status == "partial":

@@ -206,12 +206,16 @@ def _tiny_configs(root: Path) -> Path:
 def test_engine_bench_full_size_path_on_tiny_configs(tmp_path, work_dir, results_dir):
     config_dir = _tiny_configs(tmp_path / "configs")
     report = run_engine_bench(EngineBenchConfig(
-        device="cpu", slug="sd1.5-scifi", full_size=True, config_dir=config_dir, params=SMALL, warmup=0, repeats=1,
-        stage_repeats=1, work_dir=work_dir, threads=1, optimizations=("channels_last, fuse_qkv",)))
+        device="cpu", slug="sd1.5-scifi", full_size=True, config_dir=config_dir, params=SMALL, warmup=1,
+        eager_warmup=0, repeats=1, stage_repeats=1, work_dir=work_dir, threads=1,
+        optimizations=("channels_last, fuse_qkv",)))
     assert report["settings"]["full_size"] and set(report["full_size"]["parameters_m"]) == {
         "text_encoder", "unet", "vae"}
     _check_engine(report, 1)
     eager, optimized = report["runtimes"]
+    # warm-ups: the optimised entry's own (a compile, CUDA graphs), none for eager and diffusers (eager_warmup)
+    assert report["settings"]["warmup"] == 1 and report["settings"]["eager_warmup"] == 0
+    assert eager["warmup"]["runs_s"] == [] and len(optimized["warmup"]["runs_s"]) == 1
     assert "optimizations" not in eager and optimized["runtime"] == "torch"
     assert optimized["optimizations"] == report["settings"]["optimizations"][0] == "fuse_qkv,channels_last"
     info = optimized["optimization"]

@@ -19,11 +19,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "run.sh"
-PLAN_ORDER = ("segmind-vega-1024x1024", "sd1.5-scifi-512x768", "unet-batch-sweep", "ominicontrol-512x512",
-              "omni-zero-1024x1024", "sd1.5-scifi-512x512")
-DRY_STEPS = ("sd1.5-scifi-512x768", "unet-batch-sweep", "ominicontrol-512x512", "omni-zero-1024x1024")
-"""The dry run's steps: one of each kind (an end-to-end pipeline, the batch sweep, both networks-only
-slugs). Vega runs the same code as SD1.5 at four times the pixels: left to the GPU run."""
+PLAN_ORDER = ("segmind-vega-1024x1024", "sd1.5-scifi-512x768", "unet-batch-sweep", "batching-sweep",
+              "ominicontrol-512x512", "omni-zero-1024x1024", "sd1.5-scifi-512x512")
+DRY_STEPS = ("sd1.5-scifi-512x768", "unet-batch-sweep", "batching-sweep", "ominicontrol-512x512",
+             "omni-zero-1024x1024")
+"""The dry run's steps: one of each kind (an end-to-end pipeline, the batch sweep, the batching sweep, both
+networks-only slugs). Vega runs the same code as SD1.5 at four times the pixels: left to the GPU run (the
+batching sweep runs its Vega part too, at 128²: the SDXL inputs through the batcher)."""
 NETWORK_STEPS = ("ominicontrol-512x512", "omni-zero-1024x1024")
 
 
@@ -55,6 +57,17 @@ def test_plan_is_ordered_by_value():
     assert sd15.vae == "fp16" and vega.vae is None  # like for like: diffusers' SD1.5 pipeline decodes in fp16
     assert next(s for s in PLAN if s.slug == "ominicontrol").precision == "bf16"
     assert [s.fp32_reference for s in PLAN if s.kind == "engine"] == [True, True, False, False, False]
+    from diffserve.benchmarks.gpu.runner import step_config
+
+    gpu = step_config(vega, False, Path("/nonexistent"))  # the request counts that fit the plan into BUDGET_S
+    assert (gpu.warmup, gpu.eager_warmup, gpu.repeats, gpu.stage_repeats) == (2, 1, 3, 5)
+    assert step_config(vega, True, Path("/nonexistent")).eager_warmup is None  # dry run: warmup 0 for all
+    batching = next(s for s in PLAN if s.kind == "batching-sweep")
+    assert batching.precision == "fp16" and tuple(batching.params["concurrency"]) == (1, 2, 4, 8, 16)
+    assert batching.params["slugs"]["sd1.5-scifi"]["num_inference_steps"] == 20
+    assert batching.params["slugs"]["sd1.5-scifi"]["img_width"] == 512
+    assert batching.params["slugs"]["segmind-vega"]["img_width"] == 1024
+    assert batching.min_s <= batching.max_s and batching.optional
 
 
 @pytest.mark.slow
@@ -111,6 +124,23 @@ def test_dry_run_writes_every_step(tmp_path):
         assert "graph_ms" not in e  # no CUDA graphs off CUDA
     assert [e["throughput_vs_batch_1"] for e in sweep if e["batch"] == 1] == [1.0, 1.0]
 
+    batching = steps["batching-sweep"]
+    assert batching["json"].startswith("dryrun-batching-sweep-cpu-fp32-")
+    assert [(e["slug"], e["concurrency"], e["mode"]) for e in batching["entries"]] == [
+        (slug, c, mode) for slug in ("sd1.5-scifi", "segmind-vega") for c in (1, 2) for mode in ("unbatched", "batched")]
+    for e in batching["entries"]:
+        assert e["status"] == "ok" and e["images_per_s"] > 0 and e["p95_s"] >= e["p50_s"] > 0
+        assert e["requests"] == e["concurrency"] and e["steps"] == 2 and e["resolution"] == "128x128"
+        if e["mode"] == "batched":
+            assert 2 <= e["mean_call_rows"] <= 2 * e["concurrency"]  # CFG: 2 rows per request
+        else:
+            assert e["mean_call_rows"] is None
+            assert e["max_pixel_diff_vs_alone"] == 0.0  # the same request alone, in another thread
+        assert e["max_pixel_diff_vs_alone"] < 1e-3  # fp32: batched rows only reorder sums
+    report = reports[batching["json"]]
+    assert [sw["settings"]["slug"] for sw in report["sweeps"]] == ["sd1.5-scifi", "segmind-vega"]
+    assert report["settings"]["optimizations"] == "fuse_qkv,device_scheduler"
+
     for name in NETWORK_STEPS:
         (e,) = steps[name]["entries"]
         assert e["status"] == "ok" and e["estimated_ms"] > 0 and e["denoiser_its"] > 0
@@ -121,6 +151,9 @@ def test_dry_run_writes_every_step(tmp_path):
     assert "ominicontrol-512x512, the condition (1024 tokens, 4 steps" in md
     assert "DRY RUN" in md and "| step | entry | median | p90 | ours / diffusers |" in md
     assert "| network | batch | eager | CUDA graph | image-steps/s |" in md
+    assert "| network | steps | concurrency | mode | images/s | vs unbatched |" in md
+    assert "| sd1.5-scifi 128x128 | 2 | 2 | batched |" in md
+    assert "# Step-level batching at full size (cpu, fp32)" in md  # the step's own markdown
     for name in steps:
         assert f"| {name} |" in md
     assert md.count("# Engine benchmark:") == 3  # every engine step's own markdown follows the table
@@ -149,11 +182,46 @@ def test_time_guard_skips_what_cannot_finish(tmp_path):
     proc = _run(tmp_path, BUDGET_S="0.001", STEPS="sd1.5-scifi,ominicontrol-512x512")
     assert proc.returncode == 1  # nothing measured
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert [s["name"] for s in summary["steps"]] == ["sd1.5-scifi-512x768", "unet-batch-sweep",
+    assert [s["name"] for s in summary["steps"]] == ["sd1.5-scifi-512x768", "unet-batch-sweep", "batching-sweep",
                                                       "ominicontrol-512x512", "sd1.5-scifi-512x512"]
     for s in summary["steps"]:
         assert s["status"] == "skipped" and s["reason"].startswith("time guard: needs ~")
     assert "skipped: time guard" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_batching_sweep_keeps_the_points_it_finished(tmp_path, monkeypatch):
+    """The batching step writes its report after every point: a step stopped mid-way keeps them, and the
+    summary renders them."""
+    import types
+
+    from diffserve.benchmarks import batching_bench, full_size
+    from diffserve.benchmarks.gpu import runner
+
+    point = {"concurrency": 1, "mode": "unbatched", "status": "ok", "requests": 1, "images_per_s": 2.0, "p50_s": 0.5,
+             "p95_s": 0.5, "mean_call_rows": None, "max_pixel_diff_vs_alone": 0.0, "over_unbatched": 1.0}
+
+    def fake_bench(*, slug, on_point, width, height, steps, **_):
+        sweep = {"kind": "batching", "environment": {}, "settings": {"slug": slug, "width": width, "height": height,
+                                                                      "steps": steps}, "points": [point]}
+        on_point(sweep)
+        raise SystemExit("killed after the first point")  # as the deadline or an out-of-memory kill
+
+    monkeypatch.setattr(full_size, "full_size_setup", lambda *a, **k: types.SimpleNamespace(components=None))
+    monkeypatch.setattr(batching_bench, "run_batching_bench", fake_bench)
+    (step,) = runner.select_steps("batching-sweep")
+    with pytest.raises(SystemExit):
+        runner.run_step(step, tmp_path, dry_run=True)
+    (partial,) = tmp_path.glob("dryrun-batching-sweep-cpu-fp32-*.partial.json")
+    report = json.loads(partial.read_text())
+    assert report["gpu_run"]["partial"] is True and report["kind"] == "batching-sweep"
+    (row,) = runner.summarize_batching(report)
+    assert row["entry"] == "sd1.5-scifi 128x128 c1 unbatched" and row["images_per_s"] == 2.0
+    summary = {"dry_run": True, "device": "cpu", "started_utc": "now", "elapsed_s": 1, "budget_s": 10,
+               "steps": [{"name": step.name, "kind": step.kind, "status": "partial", "reason": "stopped",
+                          "entries": [row]}]}
+    md = runner.render_summary(summary, {})
+    assert "| batching-sweep | partial: stopped; see the batching table below |" in md
+    assert "| sd1.5-scifi 128x128 | 2 | 1 | unbatched | 2.00 | 1.00x | 0.50 s | 0.50 s | — | 0.0e+00 | — |" in md
 
 
 def test_unknown_step_is_refused():
