@@ -12,8 +12,6 @@ and the same with the denoiser run by ONNX Runtime (its exported graph, batch ax
 from __future__ import annotations
 
 import functools
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from diffserve.engine.models.omni_zero import pipeline as omni_zero
 from diffserve.engine.models.omni_zero.tiny import synthetic_portrait
 from diffserve.engine.pipelines import RunControl, run, step_batched
 from tests.devices import torch_components
+from tests.engine.batching_harness import run_together
 
 SLUG = "omni-zero"
 SMALL = 64
@@ -102,26 +101,12 @@ def _batched(components):
     # The runner's batcher for Omni-Zero's denoiser, ticked here once all three have joined.
     batcher = runner.batchers["controlnet_unet"] = StepBatcher(components.controlnet_unet, runner.options,
                                                                 start_thread=False)
-    results, errors, steps = {}, [], {i: [] for i in range(len(REQUESTS))}
+    steps = {i: [] for i in range(len(REQUESTS))}
 
     def call(i, request):
-        try:
-            control = RunControl(on_step=lambda d, t: steps[i].append((d, t)))
-            results[i] = runner.run(SLUG, _params(i, request), control)
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
+        return runner.run(SLUG, _params(i, request), RunControl(on_step=lambda d, t: steps[i].append((d, t))))
 
-    threads = [threading.Thread(target=call, args=(i, r)) for i, r in enumerate(REQUESTS)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 120
-    while len(batcher.scheduler.waiting) < len(REQUESTS) and not errors:  # all joined: tick
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    while any(t.is_alive() for t in threads):
-        if not batcher.tick():
-            time.sleep(0.001)
-    assert not errors, errors
+    results = run_together(batcher, [functools.partial(call, i, r) for i, r in enumerate(REQUESTS)], timeout=120)
     for i, request in enumerate(REQUESTS):
         total = request["number_of_steps"]
         assert steps[i] == [(d + 1, total) for d in range(total)]  # each its own progress
