@@ -38,3 +38,15 @@ def run_together(batcher: StepBatcher, calls: Sequence[Callable[[], Any]], timeo
             time.sleep(0.001)
     assert not errors, errors
     return [results[i] for i in range(len(calls))]
+
+
+class DeviceScheduled:
+    """The same components with the scheduler run as a precomputed plan (``device_scheduler``)."""
+
+    device_scheduler = True
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

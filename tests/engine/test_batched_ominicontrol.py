@@ -23,7 +23,7 @@ from diffserve.engine.catalog import validate
 from diffserve.engine.models.ominicontrol import pipeline as ominicontrol
 from diffserve.engine.pipelines import RunControl, run, step_batched
 from tests.devices import torch_components
-from tests.engine.batching_harness import run_together
+from tests.engine.batching_harness import DeviceScheduled, run_together
 
 TOLERANCE = 1e-4
 """Max pixel difference batched against alone (fp32; the rows of one call are summed in another order)."""
@@ -49,18 +49,6 @@ def images():
 def small_condition(monkeypatch):
     monkeypatch.setattr(ominicontrol, "encode_condition",
                         functools.partial(ominicontrol.encode_condition, size=128))
-
-
-class DeviceScheduled:
-    """The same components with the scheduler run as a precomputed plan (``device_scheduler``)."""
-
-    device_scheduler = True
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def _generate(components, request, images, mode, control):

@@ -22,8 +22,8 @@ from diffserve.engine.catalog import validate
 from diffserve.engine.models.omni_zero import pipeline as omni_zero
 from diffserve.engine.models.omni_zero.tiny import synthetic_portrait
 from diffserve.engine.pipelines import RunControl, run, step_batched
-from tests.devices import torch_components
-from tests.engine.batching_harness import run_together
+from tests.engine.omni_zero_fixtures import components, omni_dir, one_thread  # noqa: F401, F811 - fixtures
+from tests.engine.batching_harness import DeviceScheduled, run_together
 
 SLUG = "omni-zero"
 SMALL = 64
@@ -40,24 +40,6 @@ REQUESTS = (  # API parameters besides the images
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def omni_dir(tiny_checkpoints):
-    return tiny_checkpoints[SLUG]
-
-
-@pytest.fixture(scope="module")
-def components(omni_dir):
-    return torch_components(omni_dir)
-
-
 @pytest.fixture(autouse=True)
 def small_images(monkeypatch):
     """The catalog path at 64 px: ``run`` calls the module's ``generate``, here with a smaller ``max_side``."""
@@ -68,18 +50,6 @@ def _params(i: int, request: dict) -> dict:
     params = validate(SLUG, dict(request, identity_image="<tensor>", style_image="<tensor>", base_image="<tensor>"))
     return params | {"identity_image": synthetic_portrait(96, 128), "base_image": synthetic_portrait(96, 128, shade=-20),
                      "style_image": synthetic_portrait(128, 128, shade=40 - 30 * i)}
-
-
-class DeviceScheduled:
-    """The same components with the scheduler run as a precomputed plan (``device_scheduler``)."""
-
-    device_scheduler = True
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 class OnnxDenoiser:

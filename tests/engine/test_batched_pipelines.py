@@ -18,7 +18,7 @@ from diffserve.engine.batching import BatchingOptions, StepBatcher
 from diffserve.engine.models.sd import img2img as sd15_img2img, txt2img
 from diffserve.engine.pipelines import RunControl
 from diffserve.engine.schedulers import SCHEDULER_NAMES
-from tests.engine.batching_harness import run_together
+from tests.engine.batching_harness import DeviceScheduled, run_together
 
 TOLERANCE = {"sd1.5-scifi": 2e-4, "sd1.5-img2img": 2e-4, "segmind-vega": 1e-3}
 REQUESTS = (  # seed, steps, guidance, samples
@@ -26,18 +26,6 @@ REQUESTS = (  # seed, steps, guidance, samples
     dict(seed=2, num_inference_steps=3, guidance_scale=3.0, num_images=2),
     dict(seed=3, num_inference_steps=4, guidance_scale=1.0, num_images=1),
 )
-
-
-class DeviceScheduled:
-    """The same components with the scheduler run as a precomputed plan (``device_scheduler``)."""
-
-    device_scheduler = True
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def _generate(slug, components, request, control, input_image):
