@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import PIL.Image
@@ -240,8 +240,75 @@ def step_kwargs(scheduler, generator: torch.Generator, eta: float = 0.0) -> dict
     return kwargs
 
 
-class DenoiseLoop:
-    """One request's denoising loop as a step object: scale input, UNet, classifier-free guidance, step.
+class GuidedLoop:
+    """A request's classifier-free-guided loop over a diffusers scheduler, as a step object.
+
+    Holds what every such loop has: the scheduler (or, with ``components.device_scheduler``, its
+    precomputed ``PlannedLoop``), the timesteps, the latents, the guidance scale and the progress
+    (``done`` of ``total``). ``step_input()`` gives the current step's (model input, timestep) —
+    twice the rows under guidance — and ``advance(noise_pred)`` guides the denoiser's output for
+    those rows and takes the scheduler step, with ``step_kwargs(i)`` passed to ``scheduler.step``.
+    A subclass adds its own denoiser inputs (``model_inputs``), ``shape_key`` and the kwargs.
+    ``run_loop`` drives one alone; ``diffserve.engine.batching.StepBatcher`` drives many at once.
+    """
+
+    denoiser = "unet"
+    """The component the loop's ``model_inputs`` are for."""
+
+    def __init__(self, scheduler, timesteps: torch.Tensor, latents: torch.Tensor, guidance_scale: float,
+                 planned: PlannedLoop | None = None):
+        self.scheduler = scheduler
+        self.timesteps = timesteps
+        self.latents = latents
+        self.guidance_scale = guidance_scale
+        self.guidance = guidance_scale > 1.0
+        self.total = len(timesteps)
+        self.done = 0
+        self._planned = planned
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+    @property
+    def rows(self) -> int:
+        """Rows this loop adds to a denoiser call."""
+        return self.latents.shape[0] * (2 if self.guidance else 1)
+
+    def step_kwargs(self, i: int) -> dict:
+        """Extra keyword arguments of step ``i``'s ``scheduler.step`` (not used by a planned loop)."""
+        return {}
+
+    def step_input(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model input, timestep [rows]) of the current step."""
+        i = self.done
+        if self._planned is not None:
+            model_input = planned_input(self._planned, i, self.guidance)
+            timestep = self._planned.timestep(i, model_input.shape[0])
+        else:
+            t = self.timesteps[i]
+            model_input = torch.cat([self.latents] * 2) if self.guidance else self.latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            timestep = t.to(torch.float32).expand(model_input.shape[0])
+        return model_input, timestep
+
+    def advance(self, noise_pred: torch.Tensor) -> None:
+        """Guide the denoiser's output for this loop's rows and take the scheduler step."""
+        i = self.done
+        if self._planned is not None:
+            self.latents = planned_advance(self._planned, i, noise_pred, self.guidance_scale)
+        else:
+            if self.guidance:
+                # Classifier-free guidance, eq. (6) of Ho & Salimans 2022.
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + self.guidance_scale * (cond - uncond)
+            self.latents = self.scheduler.step(noise_pred, self.timesteps[i], self.latents, **self.step_kwargs(i),
+                                               return_dict=False)[0]
+        self.done = i + 1
+
+
+class DenoiseLoop(GuidedLoop):
+    """One SD request's denoising loop as a step object: scale input, UNet, classifier-free guidance, step.
 
     ``model_inputs()`` gives this step's UNet arguments (twice the rows under CFG) and
     ``advance(noise_pred)`` applies the request's guidance and scheduler step to the UNet's output
@@ -257,17 +324,7 @@ class DenoiseLoop:
     def __init__(self, components: Components, scheduler, latents: torch.Tensor, timesteps: torch.Tensor,
                  embeds: PromptEmbeds, guidance_scale: float, generator: torch.Generator,
                  time_ids: torch.Tensor | None = None):
-        self.scheduler = scheduler
-        self.timesteps = timesteps
-        self.embeds = embeds
-        self.guidance_scale = guidance_scale
-        self.guidance = guidance_scale > 1.0
-        self.time_ids = time_ids
-        self.total = len(timesteps)
-        self.done = 0
-        self.latents = latents
-        self._extra = step_kwargs(scheduler, generator)
-        self._planned: PlannedLoop | None = None
+        planned = None
         plan = device_plan(components, scheduler, timesteps, noise=None)
         if plan is not None:
             noise = None
@@ -275,17 +332,15 @@ class DenoiseLoop:
                 # The step would draw one latents-shaped N(0, I) per step from the request's generator
                 # (SDE-DPM++): the same draws, in the same order, before the loop.
                 noise = torch.stack([randn(tuple(latents.shape), generator)
-                                     for _ in range(self.total)]).to(latents.device)
-            self._planned = PlannedLoop(plan, latents, noise)
+                                     for _ in range(len(timesteps))]).to(latents.device)
+            planned = PlannedLoop(plan, latents, noise)
+        super().__init__(scheduler, timesteps, latents, guidance_scale, planned)
+        self.embeds = embeds
+        self.time_ids = time_ids
+        self._extra = step_kwargs(scheduler, generator)
 
-    @property
-    def finished(self) -> bool:
-        return self.done >= self.total
-
-    @property
-    def rows(self) -> int:
-        """Rows this loop adds to a UNet call."""
-        return self.latents.shape[0] * (2 if self.guidance else 1)
+    def step_kwargs(self, i: int) -> dict:
+        return self._extra
 
     @property
     def shape_key(self) -> tuple:
@@ -298,30 +353,28 @@ class DenoiseLoop:
     def model_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
                                     torch.Tensor | None]:
         """(sample, timestep [rows], encoder_hidden_states, text_embeds, time_ids) of the current step."""
-        i = self.done
-        if self._planned is not None:
-            model_input = planned_input(self._planned, i, self.guidance)
-            timestep = self._planned.timestep(i, model_input.shape[0])
-        else:
-            t = self.timesteps[i]
-            model_input = torch.cat([self.latents] * 2) if self.guidance else self.latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            timestep = t.to(torch.float32).expand(model_input.shape[0])
+        model_input, timestep = self.step_input()
         return model_input, timestep, self.embeds.hidden, self.embeds.pooled, self.time_ids
 
-    def advance(self, noise_pred: torch.Tensor) -> None:
-        """Guide the UNet's output for this loop's rows and take the scheduler step."""
-        i = self.done
-        if self._planned is not None:
-            self.latents = planned_advance(self._planned, i, noise_pred, self.guidance_scale)
-        else:
-            if self.guidance:
-                # Classifier-free guidance, eq. (6) of Ho & Salimans 2022.
-                uncond, cond = noise_pred.chunk(2)
-                noise_pred = uncond + self.guidance_scale * (cond - uncond)
-            self.latents = self.scheduler.step(noise_pred, self.timesteps[i], self.latents, **self._extra,
-                                               return_dict=False)[0]
-        self.done = i + 1
+
+def run_loop(components: Components, loop, control: RunControl) -> torch.Tensor:
+    """Run a step-object loop (``diffserve.engine.batching.BatchedLoop``) to its final latents: by
+    ``control.driver`` (a step batcher) with other requests, or alone here.
+
+    Alone, the loop's ``denoiser`` component (default ``unet``) takes its ``inputs()`` where it has
+    one (the call's arguments without the batcher's ``Shared`` wrappers), else its ``model_inputs()``;
+    positional or keyword.
+    """
+    if control.driver is not None:
+        return control.driver(loop, control)
+    denoiser = getattr(components, getattr(loop, "denoiser", "unet"))
+    inputs = getattr(loop, "inputs", loop.model_inputs)
+    while not loop.finished:
+        control.check()
+        args = inputs()
+        loop.advance(denoiser(**args) if isinstance(args, Mapping) else denoiser(*args))
+        control.step_done(loop.done, loop.total)
+    return loop.latents
 
 
 def denoise(
@@ -335,15 +388,9 @@ def denoise(
     control: RunControl,
     time_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the denoising loop: alone here, or by ``control.driver`` (a step batcher) with other requests."""
+    """Run the SD denoising loop: alone here, or by ``control.driver`` (a step batcher) with other requests."""
     loop = DenoiseLoop(components, scheduler, latents, timesteps, embeds, guidance_scale, generator, time_ids)
-    if control.driver is not None:
-        return control.driver(loop, control)
-    while not loop.finished:
-        control.check()
-        loop.advance(components.unet(*loop.model_inputs()))
-        control.step_done(loop.done, loop.total)
-    return loop.latents
+    return run_loop(components, loop, control)
 
 
 def device_plan(components: Components, scheduler, timesteps: torch.Tensor, **kwargs) -> SchedulerPlan | None:

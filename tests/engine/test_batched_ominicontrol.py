@@ -14,8 +14,6 @@ The ONNX Runtime components are checked in ``test_flux.py`` (they reuse its expo
 from __future__ import annotations
 
 import functools
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from diffserve.engine.catalog import validate
 from diffserve.engine.models.ominicontrol import pipeline as ominicontrol
 from diffserve.engine.pipelines import RunControl, run, step_batched
 from tests.devices import torch_components
+from tests.engine.batching_harness import DeviceScheduled, run_together
 
 TOLERANCE = 1e-4
 """Max pixel difference batched against alone (fp32; the rows of one call are summed in another order)."""
@@ -52,18 +51,6 @@ def small_condition(monkeypatch):
                         functools.partial(ominicontrol.encode_condition, size=128))
 
 
-class DeviceScheduled:
-    """The same components with the scheduler run as a precomputed plan (``device_scheduler``)."""
-
-    device_scheduler = True
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 def _generate(components, request, images, mode, control):
     request = dict(request)
     image = images[request.pop("image")]
@@ -74,26 +61,9 @@ def _generate(components, request, images, mode, control):
 def _batched(components, images, mode):
     """Every request's images when the three run through one batcher together; and the call sizes."""
     batcher = StepBatcher(components.transformer, BatchingOptions(max_batch=16), start_thread=False)
-    results, errors = {}, []
-
-    def call(i, request):
-        try:
-            results[i] = _generate(components, request, images, mode, RunControl(driver=batcher.run))
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=call, args=(i, r)) for i, r in enumerate(REQUESTS)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while len(batcher.scheduler.waiting) < len(REQUESTS) and not errors:  # all joined: tick
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    while any(t.is_alive() for t in threads):
-        if not batcher.tick():
-            time.sleep(0.001)
-    assert not errors, errors
-    return results, batcher.calls
+    calls = [functools.partial(_generate, components, request, images, mode, RunControl(driver=batcher.run))
+             for request in REQUESTS]
+    return run_together(batcher, calls), batcher.calls
 
 
 @pytest.mark.parametrize("mode, device_scheduler", [("joint", False), ("joint", True), ("cached", False)])
@@ -121,26 +91,11 @@ def test_the_runner_batches_ominicontrol_requests_on_the_transformer(components,
     batcher = runner.batchers["transformer"] = StepBatcher(components.transformer, options, start_thread=False)
     params = [validate("ominicontrol", {"image": "https://example.invalid/x.png", "prompt": f"a photo {i}",
                                         "steps": 4, "seed": i}) | {"image": images[i]} for i in range(2)]
-    results, errors = {}, []
-
-    def call(i):
-        try:
-            results[i] = runner.run("ominicontrol", params[i], RunControl())
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while len(batcher.scheduler.waiting) < 2 and not errors:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    while any(t.is_alive() for t in threads):
-        if not batcher.tick():
-            time.sleep(0.001)
-    runner.close()
-    assert not errors, errors
+    try:
+        results = run_together(batcher, [functools.partial(runner.run, "ominicontrol", p, RunControl())
+                                         for p in params])
+    finally:
+        runner.close()
     assert set(runner.batchers) == {"transformer"} and batcher.calls == [2, 2, 2, 2]
     for i in range(2):
         assert results[i].batch == {"requests": 2, "rows": 2}

@@ -12,8 +12,6 @@ and the same with the denoiser run by ONNX Runtime (its exported graph, batch ax
 from __future__ import annotations
 
 import functools
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +22,8 @@ from diffserve.engine.catalog import validate
 from diffserve.engine.models.omni_zero import pipeline as omni_zero
 from diffserve.engine.models.omni_zero.tiny import synthetic_portrait
 from diffserve.engine.pipelines import RunControl, run, step_batched
-from tests.devices import torch_components
+from tests.engine.omni_zero_fixtures import components, omni_dir, one_thread  # noqa: F401, F811 - fixtures
+from tests.engine.batching_harness import DeviceScheduled, run_together
 
 SLUG = "omni-zero"
 SMALL = 64
@@ -41,24 +40,6 @@ REQUESTS = (  # API parameters besides the images
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def omni_dir(tiny_checkpoints):
-    return tiny_checkpoints[SLUG]
-
-
-@pytest.fixture(scope="module")
-def components(omni_dir):
-    return torch_components(omni_dir)
-
-
 @pytest.fixture(autouse=True)
 def small_images(monkeypatch):
     """The catalog path at 64 px: ``run`` calls the module's ``generate``, here with a smaller ``max_side``."""
@@ -69,18 +50,6 @@ def _params(i: int, request: dict) -> dict:
     params = validate(SLUG, dict(request, identity_image="<tensor>", style_image="<tensor>", base_image="<tensor>"))
     return params | {"identity_image": synthetic_portrait(96, 128), "base_image": synthetic_portrait(96, 128, shade=-20),
                      "style_image": synthetic_portrait(128, 128, shade=40 - 30 * i)}
-
-
-class DeviceScheduled:
-    """The same components with the scheduler run as a precomputed plan (``device_scheduler``)."""
-
-    device_scheduler = True
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 class OnnxDenoiser:
@@ -102,26 +71,12 @@ def _batched(components):
     # The runner's batcher for Omni-Zero's denoiser, ticked here once all three have joined.
     batcher = runner.batchers["controlnet_unet"] = StepBatcher(components.controlnet_unet, runner.options,
                                                                 start_thread=False)
-    results, errors, steps = {}, [], {i: [] for i in range(len(REQUESTS))}
+    steps = {i: [] for i in range(len(REQUESTS))}
 
     def call(i, request):
-        try:
-            control = RunControl(on_step=lambda d, t: steps[i].append((d, t)))
-            results[i] = runner.run(SLUG, _params(i, request), control)
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
+        return runner.run(SLUG, _params(i, request), RunControl(on_step=lambda d, t: steps[i].append((d, t))))
 
-    threads = [threading.Thread(target=call, args=(i, r)) for i, r in enumerate(REQUESTS)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 120
-    while len(batcher.scheduler.waiting) < len(REQUESTS) and not errors:  # all joined: tick
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    while any(t.is_alive() for t in threads):
-        if not batcher.tick():
-            time.sleep(0.001)
-    assert not errors, errors
+    results = run_together(batcher, [functools.partial(call, i, r) for i, r in enumerate(REQUESTS)], timeout=120)
     for i, request in enumerate(REQUESTS):
         total = request["number_of_steps"]
         assert steps[i] == [(d + 1, total) for d in range(total)]  # each its own progress

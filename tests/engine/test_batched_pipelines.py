@@ -9,8 +9,7 @@ checkpoints at 64x64 with 2-4 steps, so the whole file stays fast.
 
 from __future__ import annotations
 
-import threading
-import time
+import functools
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from diffserve.engine.batching import BatchingOptions, StepBatcher
 from diffserve.engine.models.sd import img2img as sd15_img2img, txt2img
 from diffserve.engine.pipelines import RunControl
 from diffserve.engine.schedulers import SCHEDULER_NAMES
+from tests.engine.batching_harness import DeviceScheduled, run_together
 
 TOLERANCE = {"sd1.5-scifi": 2e-4, "sd1.5-img2img": 2e-4, "segmind-vega": 1e-3}
 REQUESTS = (  # seed, steps, guidance, samples
@@ -26,18 +26,6 @@ REQUESTS = (  # seed, steps, guidance, samples
     dict(seed=2, num_inference_steps=3, guidance_scale=3.0, num_images=2),
     dict(seed=3, num_inference_steps=4, guidance_scale=1.0, num_images=1),
 )
-
-
-class DeviceScheduled:
-    """The same components with the scheduler run as a precomputed plan (``device_scheduler``)."""
-
-    device_scheduler = True
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def _generate(slug, components, request, control, input_image):
@@ -50,27 +38,9 @@ def _generate(slug, components, request, control, input_image):
 def _batched(slug, components, scheduler, input_image):
     """Every request's images when the three run through one batcher together; and the call sizes."""
     batcher = StepBatcher(components.unet, BatchingOptions(max_batch=16), start_thread=False)
-    results, errors = {}, []
-
-    def call(i, request):
-        try:
-            control = RunControl(driver=batcher.run)
-            results[i] = _generate(slug, components, dict(request, scheduler=scheduler), control, input_image)
-        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=call, args=(i, r)) for i, r in enumerate(REQUESTS)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 60
-    while len(batcher.scheduler.waiting) < len(REQUESTS) and not errors:  # all joined: tick
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    while any(t.is_alive() for t in threads):
-        if not batcher.tick():
-            time.sleep(0.001)
-    assert not errors, errors
-    return results, batcher.calls
+    calls = [functools.partial(_generate, slug, components, dict(request, scheduler=scheduler),
+                               RunControl(driver=batcher.run), input_image) for request in REQUESTS]
+    return run_together(batcher, calls), batcher.calls
 
 
 SLUGS = [("sd1.5-scifi", "sd15"), ("sd1.5-img2img", "sd15"), ("segmind-vega", "sdxl")]

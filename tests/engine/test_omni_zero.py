@@ -21,29 +21,10 @@ from diffserve.engine.models.omni_zero.face_analysis import NoFaceDetected
 from diffserve.engine.models.omni_zero import pipeline as omni_zero
 from diffserve.engine.pipelines import RunControl, run
 from diffserve.engine.models.omni_zero.tiny import featureless_image, synthetic_portrait
-from tests.devices import torch_components
+from tests.engine.omni_zero_fixtures import components, omni_dir, one_thread  # noqa: F401, F811 - fixtures
 
 TOL = 1e-4
 SMALL = 64  # max_side for the quick tests (the served rule is 1024)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks at ~1024 px are memory-bound; on a shared CPU two threads mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def omni_dir(tiny_checkpoints):
-    return tiny_checkpoints["omni-zero"]
-
-
-@pytest.fixture(scope="module")
-def components(omni_dir):
-    return torch_components(omni_dir)
 
 
 @pytest.fixture(scope="module")

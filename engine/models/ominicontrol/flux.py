@@ -21,7 +21,7 @@ from diffserve.engine.batching import Shared
 from diffserve.engine.catalog import InvalidRequest, resolve_seed
 from diffserve.engine.components import Components, ConditionKV, ConditionTokens
 from diffserve.engine.pipelines.common import (
-    GenerationResult, RunControl, StageTimer, device_plan, make_generator, randn, tokenize,
+    GenerationResult, RunControl, StageTimer, device_plan, make_generator, randn, run_loop, tokenize,
 )
 from diffserve.engine.planned_loop import PlannedLoop
 
@@ -179,7 +179,8 @@ class FluxLoop:
         return self._key
 
     def inputs(self) -> tuple:
-        """(hidden_states, sigma [rows], sequence, pooled, img_ids, text_ids, condition) of the current step."""
+        """(hidden_states, sigma [rows], sequence, pooled, img_ids, text_ids, condition) of the current step: the
+        call's arguments when the loop runs alone (``run_loop``)."""
         i = self.done
         if self._planned is not None:
             hidden = self._planned.model_input(i)
@@ -223,14 +224,7 @@ def denoise(
     ``condition(step)`` supplies OminiControl's condition for a step (its tokens, or cached
     keys/values); ``None`` runs plain FLUX.
     """
-    loop = FluxLoop(components, scheduler, latents, embeds, img_ids, condition)
-    if control.driver is not None:
-        return control.driver(loop, control)
-    while not loop.finished:
-        control.check()
-        loop.advance(components.transformer(*loop.inputs()))
-        control.step_done(loop.done, loop.total)
-    return loop.latents
+    return run_loop(components, FluxLoop(components, scheduler, latents, embeds, img_ids, condition), control)
 
 
 def decode(components: Components, latents: torch.Tensor, width: int, height: int) -> np.ndarray:

@@ -52,15 +52,15 @@ from diffserve.engine.models.omni_zero.checkpoint import (
     MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, depth_input_size, depth_padding, fit_size,
 )
 from diffserve.engine.pipelines.common import (
-    GenerationResult, RunControl, StageTimer, decode_latents, device_plan, encode_prompt_sdxl, image_to_tensor,
-    make_generator, planned_advance, planned_input, randn, sample_latent_dist, sdxl_time_ids,
+    GenerationResult, GuidedLoop, RunControl, StageTimer, decode_latents, device_plan, encode_prompt_sdxl,
+    image_to_tensor, make_generator, randn, run_loop, sample_latent_dist, sdxl_time_ids,
 )
 from diffserve.engine.planned_loop import PlannedLoop
 
 __all__ = ["NoFaceDetected", "OmniZeroLoop", "STEP_BATCHED", "generate"]
 
 STEP_BATCHED = True
-"""Requests run their loop as an ``OmniZeroLoop``, which a step batcher drives with others (``denoise``)."""
+"""Requests run their loop as an ``OmniZeroLoop``, which a step batcher drives with others (``run_loop``)."""
 
 # "Align Your Steps" (Sabour et al. 2024) 10-step noise levels for SDXL.
 AYS_SDXL_SIGMAS = (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
@@ -429,7 +429,7 @@ def generate(
     )
     with timer.stage("denoise"):
         loop = OmniZeroLoop(components, sched, latents, timesteps, sigmas, brownian, step_inputs, guidance_scale)
-        latents = denoise(components, loop, control)
+        latents = run_loop(components, loop, control)
 
     # 10. Decode
     with timer.stage("decode"):
@@ -437,13 +437,13 @@ def generate(
     return GenerationResult(images=images, seed=seed, steps=len(timesteps), timings=timer.finish())
 
 
-class OmniZeroLoop:
+class OmniZeroLoop(GuidedLoop):
     """One Omni-Zero request's denoising loop as a step object (``diffserve.engine.batching.BatchedLoop``).
 
-    Like the SD pipelines' ``DenoiseLoop``, it holds everything that makes the request's image: its
-    scheduler (or, with ``components.device_scheduler``, the scheduler's plan), its Brownian-tree SDE
-    noise, its guidance scale and its ``controlnet_unet`` inputs. Every one of those inputs has one
-    row per UNet row — text, pooled text and time ids, the three adapters' tokens, ``ip_scales``
+    Like the SD pipelines' ``DenoiseLoop`` (both are ``GuidedLoop``s), it holds everything that makes the
+    request's image: its scheduler (or, with ``components.device_scheduler``, the scheduler's plan), its
+    Brownian-tree SDE noise, its guidance scale and its ``controlnet_unet`` inputs. Every one of those inputs
+    has one row per UNet row — text, pooled text and time ids, the three adapters' tokens, ``ip_scales``
     [rows, 3], the identity and depth control images, ``controlnet_scales`` [rows, 2] — so a batcher
     concatenates requests along dim 0 and each request's rows see exactly its own values. The
     strengths are therefore not part of ``shape_key``; the shapes are (one resolution per call).
@@ -454,31 +454,16 @@ class OmniZeroLoop:
     def __init__(self, components: Components, scheduler, latents: torch.Tensor, timesteps: torch.Tensor,
                  sigmas: torch.Tensor, brownian: BrownianNoise, step_inputs: dict[str, torch.Tensor],
                  guidance_scale: float):
-        self.scheduler = scheduler
-        self.timesteps = timesteps
-        self.sigmas = sigmas
-        self.brownian = brownian
-        self.step_inputs = step_inputs
-        self.guidance_scale = guidance_scale
-        self.guidance = guidance_scale > 1.0
-        self.total = len(timesteps)
-        self.done = 0
-        self.latents = latents
-        self._planned: PlannedLoop | None = None
+        planned = None
         plan = device_plan(components, scheduler, timesteps, noise=True)
         if plan is not None:
             # The solver as a plan: every step's Brownian noise goes to the device up front.
             noise = torch.stack([brownian(sigmas[i], sigmas[i + 1]) for i in range(plan.steps)]).to(latents)
-            self._planned = PlannedLoop(plan, latents, noise)
-
-    @property
-    def finished(self) -> bool:
-        return self.done >= self.total
-
-    @property
-    def rows(self) -> int:
-        """Rows this loop adds to a ``controlnet_unet`` call."""
-        return self.latents.shape[0] * (2 if self.guidance else 1)
+            planned = PlannedLoop(plan, latents, noise)
+        super().__init__(scheduler, timesteps, latents, guidance_scale, planned)
+        self.sigmas = sigmas
+        self.brownian = brownian
+        self.step_inputs = step_inputs
 
     @property
     def shape_key(self) -> tuple:
@@ -488,40 +473,9 @@ class OmniZeroLoop:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """This step's ``controlnet_unet`` keyword arguments, ``rows`` rows each."""
-        i = self.done
-        if self._planned is not None:
-            model_input = planned_input(self._planned, i, self.guidance)
-            timestep = self._planned.timestep(i, model_input.shape[0])
-        else:
-            t = self.timesteps[i]
-            model_input = torch.cat([self.latents] * 2) if self.guidance else self.latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            timestep = t.to(torch.float32).expand(model_input.shape[0])
+        model_input, timestep = self.step_input()
         return dict(sample=model_input, timestep=timestep, **self.step_inputs)
 
-    def advance(self, noise_pred: torch.Tensor) -> None:
-        """Guide the output for this loop's rows and take the SDE solver step with the request's noise."""
-        i = self.done
-        if self._planned is not None:
-            self.latents = planned_advance(self._planned, i, noise_pred, self.guidance_scale)
-        else:
-            if self.guidance:
-                # Classifier-free guidance, eq. (6) of Ho & Salimans 2022.
-                uncond, cond = noise_pred.chunk(2)
-                noise_pred = uncond + self.guidance_scale * (cond - uncond)
-            variance_noise = self.brownian(self.sigmas[i], self.sigmas[i + 1]).to(self.latents)
-            self.latents = self.scheduler.step(noise_pred, self.timesteps[i], self.latents,
-                                               variance_noise=variance_noise, return_dict=False)[0]
-        self.done = i + 1
-
-
-def denoise(components: Components, loop: OmniZeroLoop, control: RunControl) -> torch.Tensor:
-    """Run ``loop`` to its final latents: alone here, or by ``control.driver`` with other requests."""
-    if control.driver is not None:
-        return control.driver(loop, control)
-    denoiser = getattr(components, loop.denoiser)
-    while not loop.finished:
-        control.check()
-        loop.advance(denoiser(**loop.model_inputs()))
-        control.step_done(loop.done, loop.total)
-    return loop.latents
+    def step_kwargs(self, i: int) -> dict:
+        """The SDE solver step's noise: the request's Brownian increment over (sigma_i, sigma_i+1)."""
+        return dict(variance_noise=self.brownian(self.sigmas[i], self.sigmas[i + 1]).to(self.latents))
