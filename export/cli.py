@@ -180,7 +180,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      help="what the component models run (default: torch on CUDA, onnxruntime on CPU)")
     exp.add_argument("--modes", help="pipeline modes, comma separated; the first is served under the slug's own "
                                      "name (default: fused, one copy of each slug's weights per device; "
-                                     "bls,fused with --demo)")
+                                     "fused,bls with --demo)")
     exp.add_argument("--fused-runtime", choices=["onnxruntime", "torch"],
                      help="what fused pipelines run (default: torch on CUDA, onnxruntime on CPU)")
     exp.add_argument("--torch-optimize", dest="torch_optimizations", default="", metavar="SPEC",

@@ -461,8 +461,10 @@ def default_demo_repository() -> Path:
     return home_dir() / "demo_repository"
 
 
-DEMO_OPTIONS = {"modes": ("bls", "fused"), "pipeline_instances": 1}
-"""One instance per pipeline model: the demo runs on CPU hosts, where ~35 python stubs is plenty."""
+DEMO_OPTIONS = {"modes": ("fused", "bls"), "pipeline_instances": 1}
+"""The demo serves each slug's step-batching fused model under the slug's own name, as a deployment does,
+and keeps the bls models beside it (``<slug>__bls``) to show that mode; one instance per pipeline model:
+the demo runs on CPU hosts, where ~35 python stubs is plenty."""
 
 
 def build_demo_repository(repository: Path | None = None, slugs: tuple[str, ...] | None = None,

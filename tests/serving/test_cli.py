@@ -65,7 +65,7 @@ def test_demo_serves_through_triton_and_the_sdk_and_stops(demo_repository, diffs
     assert "diffserve API ready at" in proc.stdout and "Triton ready" in log
     # The terminal gets one line per stage and slug, not the server's log (Triton's, the runner's, warnings).
     assert "diffserve.api.runner" in log and "diffserve.api.runner" not in proc.stdout and "Warning" not in proc.stdout
-    assert "diffserve.export.repository: models omni-zero: bls, fused" in proc.stdout
+    assert "diffserve.export.repository: models omni-zero: fused, bls" in proc.stdout
     assert "HTTP Request" not in proc.stdout + proc.stderr
     written = {p.name: p for p in (diffserve_home / "demo-outputs").iterdir()}
     for slug in list(CATALOG):

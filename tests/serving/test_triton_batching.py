@@ -22,7 +22,7 @@ from diffserve.triton_serving.manifest import read_manifest
 pytestmark = pytest.mark.triton_server  # one Triton at a time under xdist (tests/conftest.py)
 
 
-MODEL = "sd1.5-scifi__fused"
+MODEL = "sd1.5-scifi"
 TOL = 2e-4  # README: reordered fp32 sums in a batched UNet call, SD1.5
 REQUESTS = [  # different seeds, schedulers, step counts, guidance and sample counts; one resolution
     {"prompt": "futuristic city", "scheduler": "dpmpp_2m", "num_inference_steps": 20, "guidance_scale": 7.5,
@@ -107,11 +107,11 @@ def test_a_cancelled_request_leaves_the_others_in_its_batch_undisturbed(backend,
 def test_the_job_runner_keeps_the_batch_capacity_of_the_served_pipelines_in_flight(triton, demo_repository, tmp_path):
     pipelines = read_manifest(demo_repository.repository)["pipelines"]
     assert pipelines[MODEL]["batch_capacity"] == 8  # one instance, max_batch 8
-    assert pipelines["omni-zero__fused"]["batch_capacity"] == 8  # step-batched too (its controlnet_unet)
-    assert pipelines["sd1.5-scifi"]["batch_capacity"] == 1  # bls: one request per instance
+    assert pipelines["omni-zero"]["batch_capacity"] == 8  # step-batched too (its controlnet_unet)
+    assert pipelines["sd1.5-scifi__bls"]["batch_capacity"] == 1  # bls: one request per instance
     settings = Settings(data_dir=tmp_path)
-    # The demo serves bls under the slugs' own names; a deployment of fused models (`serve --models`) batches.
-    assert settings.job_concurrency(TritonBackend(triton.grpc_url, pipelines)) == 1
-    fused = {name: info | {"default": info["mode"] == "fused"} for name, info in pipelines.items()}
-    assert settings.job_concurrency(TritonBackend(triton.grpc_url, fused)) == 8
-    assert Settings(data_dir=tmp_path, max_concurrent_jobs=3).job_concurrency(TritonBackend(triton.grpc_url, fused)) == 3
+    # The demo serves the step-batching fused models under the slugs' own names, as `serve --models` does.
+    assert settings.job_concurrency(TritonBackend(triton.grpc_url, pipelines)) == 8
+    assert Settings(data_dir=tmp_path, max_concurrent_jobs=3).job_concurrency(TritonBackend(triton.grpc_url, pipelines)) == 3
+    bls = {name: info | {"default": info["mode"] == "bls"} for name, info in pipelines.items()}
+    assert settings.job_concurrency(TritonBackend(triton.grpc_url, bls)) == 1

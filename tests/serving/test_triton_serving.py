@@ -97,7 +97,7 @@ def test_triton_serves_every_slug_equal_to_the_engine_in_both_modes(slug, backen
     params = request_params(slug, big_image)
     reference = run(slug, dict(params), engine_components[slug])
     outputs = {}
-    for model in (slug, f"{slug}__fused"):
+    for model in (f"{slug}__bls", slug):
         steps = []
         out = asyncio.run(backend.infer(model, dict(params), request_id=f"t-{model}", want_float=True,
                                         on_progress=lambda d, t: steps.append((d, t))))
@@ -105,7 +105,7 @@ def test_triton_serves_every_slug_equal_to_the_engine_in_both_modes(slug, backen
         assert out.images.shape == reference.images.shape and out.images.dtype == np.uint8
         assert np.abs(out.images_float - reference.images).max() <= TOL, model
         assert steps[-1] == (reference.steps, reference.steps) and len(steps) == reference.steps
-        assert out.info["mode"] == ("fused" if model.endswith("__fused") else "bls")
+        assert out.info["mode"] == ("bls" if model.endswith("__bls") else "fused")  # the slug's own name: fused
         outputs[model] = out
     bls, fused = outputs.values()
     assert np.abs(bls.images_float - fused.images_float).max() <= TOL
@@ -126,16 +126,16 @@ def test_concurrent_requests_share_unet_batches(backend, client, big_image):
     patched = json.loads(json.dumps(original))
     patched["dynamic_batching"]["max_queue_delay_microseconds"] = "300000"
     client.load_model(model, config=json.dumps(patched))
-    pipeline = client.get_model_config("sd1.5-scifi", as_json=True)["config"]
+    pipeline = client.get_model_config("sd1.5-scifi__bls", as_json=True)["config"]
     two = json.loads(json.dumps(pipeline))
     two["instance_group"][0]["count"] = 2
-    client.load_model("sd1.5-scifi", config=json.dumps(two))
+    client.load_model("sd1.5-scifi__bls", config=json.dumps(two))
     try:
         before = _unet_stats(client)
         params = request_params("sd1.5-scifi", big_image) | {"samples": 1, "img_height": 512}
 
         async def both():
-            return await asyncio.gather(*(backend.generate("sd1.5-scifi", dict(params, seed=s), request_id=f"c{s}")
+            return await asyncio.gather(*(backend.infer("sd1.5-scifi__bls", dict(params, seed=s), request_id=f"c{s}")
                                           for s in (1, 2)))
 
         first, second = asyncio.run(both())
@@ -148,13 +148,13 @@ def test_concurrent_requests_share_unet_batches(backend, client, big_image):
         assert grown.get(4, 0) > 0  # a batch of 4 = both requests' CFG pairs together
     finally:
         client.load_model(model, config=json.dumps(original))
-        client.load_model("sd1.5-scifi", config=json.dumps(pipeline))
+        client.load_model("sd1.5-scifi__bls", config=json.dumps(pipeline))
 
 
 def test_fused_torch_pipeline_runs_optimized_components_compiled_at_load(backend, client, engine_components,
                                                                           big_image):
     # The demo repository's fused models run ONNX Runtime; reload one on torch with optimizations.
-    model = "sd1.5-scifi__fused"
+    model = "sd1.5-scifi"
     original = client.get_model_config(model, as_json=True)["config"]
     patched = json.loads(json.dumps(original))
     spec = "fuse_qkv,channels_last,compile,device_scheduler,components=vae_decoder"
@@ -181,7 +181,7 @@ def test_cancelled_request_stops_between_steps(backend, client, big_image):
     seen = []
 
     async def cancel_after_three():
-        task = asyncio.ensure_future(backend.infer("sd1.5-scifi", params, request_id="cancel-me",
+        task = asyncio.ensure_future(backend.infer("sd1.5-scifi__bls", params, request_id="cancel-me",
                                                    on_progress=lambda d, t: seen.append(d)))
         while len(seen) < 3:
             await asyncio.sleep(0.01)
@@ -207,12 +207,12 @@ def test_failing_component_gives_an_error_response_and_the_next_request_succeeds
     client.unload_model("tiny_sd15_unet")
     try:
         with pytest.raises(BackendUnavailable) as info:
-            asyncio.run(backend.generate("sd1.5-scifi", dict(params), request_id="no-unet"))
+            asyncio.run(backend.infer("sd1.5-scifi__bls", dict(params), request_id="no-unet"))
         assert "tiny_sd15_unet" in str(info.value)
-        assert client.is_model_ready("sd1.5-scifi")  # the pipeline model survived
+        assert client.is_model_ready("sd1.5-scifi__bls")  # the pipeline model survived
     finally:
         client.load_model("tiny_sd15_unet")
-    out = asyncio.run(backend.generate("sd1.5-scifi", dict(params), request_id="after"))
+    out = asyncio.run(backend.infer("sd1.5-scifi__bls", dict(params), request_id="after"))
     assert len(out.images) == 1
 
 
@@ -274,7 +274,7 @@ def test_portrait_without_a_face_is_rejected_as_invalid_input(backend, big_image
     from diffserve.api.backend import InputRejected
 
     params = request_params("omni-zero", big_image) | {"identity_image": np.full((128, 96, 3), 90, np.uint8)}
-    for model in ("omni-zero", "omni-zero__fused"):
+    for model in ("omni-zero__bls", "omni-zero"):
         with pytest.raises(InputRejected) as info:
             asyncio.run(backend.infer(model, dict(params), request_id=f"noface-{model}"))
         assert "face" in str(info.value).lower()
