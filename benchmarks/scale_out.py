@@ -299,8 +299,9 @@ def scale_out_notes(report: dict[str, Any], extra: list[str] = ()) -> list[str]:
     notes += [
         "Tiny random-weight demo checkpoint: the numbers describe the serving path, not image quality "
         "or full-size model latency.",
-        "Each worker runs one job at a time (DIFFSERVE_MAX_CONCURRENT_JOBS default 1), so the split's API "
-        "queue is the wait for a free worker. A phase with N workers is warmed with 2N concurrent requests "
+        "Each worker keeps its Triton's batch capacity in flight (DIFFSERVE_MAX_CONCURRENT_JOBS defaults to "
+        "it: max_batch for the step-batching fused model), so the split's API queue is the wait for a free "
+        "job slot. A phase with N workers is warmed with 2N concurrent requests "
         "first, then one more untimed request per series. The N=2 phase adds a second worker + Triton pair "
         "to the running N=1 deployment.", *extra]
     return notes

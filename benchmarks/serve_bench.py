@@ -121,7 +121,7 @@ class ServeBenchConfig:
     service_requests: int = 16
     servers: int = 1
     """Servers the queueing model assumes: workers (GPUs) x jobs each runs at once
-    (DIFFSERVE_MAX_CONCURRENT_JOBS, default 1)."""
+    (DIFFSERVE_MAX_CONCURRENT_JOBS; its default is the backend's batch capacity)."""
 
     def __post_init__(self) -> None:
         from diffserve.engine.catalog import get_model
@@ -868,8 +868,9 @@ async def run_serve_bench(cfg: ServeBenchConfig) -> dict[str, Any]:
     report["modes"] = mode_rows(report["series"])
     report["fused_variants"] = variant_rows(report["series"])
     if cfg.loop == "closed" and any(s["target"] == "api" for s in report["series"]):
-        report["notes"].append("the API runs at most DIFFSERVE_MAX_CONCURRENT_JOBS jobs at once (default 1): "
-                               "beyond it, requests wait in the API queue (see the split)")
+        report["notes"].append("the API runs at most DIFFSERVE_MAX_CONCURRENT_JOBS jobs at once (default: the backend's "
+                               "batch capacity, max_batch for a step-batching model, else 1): beyond it, requests "
+                               "wait in the API queue (see the split)")
     return report
 
 
