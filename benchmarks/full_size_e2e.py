@@ -189,7 +189,7 @@ def run(slugs: list[str], work_dir: Path, *, tiny: bool = False, timeout_s: floa
                   for f in root.rglob("*.safetensors")) / 2**30
     return {"kind": "full-size-e2e", "tiny": tiny, "slugs": slugs, "host_cpus": os.cpu_count(),
             "environment": environment(), "load_average": {"start": load_at_start, "end": os.getloadavg()},
-            "weights_gib": round(weights, 2),
+            "weights_gib": round(weights, 4),
             "checkpoint_s": round(checkpoint_s, 1), "export_s": round(export_s, 1),
             "export_peak_rss_gib": round(export_rss, 2),
             "export_peak_rss_over_weights": round(export_rss / weights, 2) if weights else None,
